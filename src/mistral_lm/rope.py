@@ -1,0 +1,35 @@
+"""Rotary position embeddings in the Hugging Face half-split layout.
+
+Pure functions. Angles are computed in float32 from absolute positions: in half precision,
+`position * inv_freq` loses integer precision past a few thousand tokens, and the rotation of
+nearby positions would collide.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def inv_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """(head_dim // 2,) float32: theta ** (-2i / head_dim)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (theta**exponents)
+
+
+def cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for `position_ids` (B, T) -> two (B, T, head_dim) float32 tensors."""
+    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D): half-split layout
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by the (B, T, D) tables; computed in float32, returned in x's dtype."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
