@@ -1,0 +1,114 @@
+"""Attention kernels behind one signature, chosen by `attn_implementation`.
+
+Every function takes q (B, H, Q, D), k and v (B, H_kv, K, D), a boolean mask (B, 1, Q, K) that
+is True where attention is allowed, and returns (output (B, Q, H, D), weights or None). The mask
+already encodes causality, the sliding window, padding and empty cache slots (see masks.py), so
+the kernels never need to know about any of them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+AttentionFn = Callable[..., "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, H_kv, K, D) -> (B, H_kv * n_rep, K, D), each kv head serving n_rep query heads."""
+    if n_rep == 1:
+        return x
+    b, h, k, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, k, d).reshape(b, h * n_rep, k, d)
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    dropout: float = 0.0, training: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference path; the only one that returns attention weights. Softmax runs in float32."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, H, Q, K)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = F.dropout(weights, p=dropout, training=training)
+    return torch.matmul(weights, v).transpose(1, 2), weights
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    dropout: float = 0.0, training: bool = False,
+) -> tuple[torch.Tensor, None]:
+    """torch's fused scaled_dot_product_attention; GQA is handled by the kernel, not by copies."""
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.transpose(1, 2), None
+
+
+def flash_attention_2(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    dropout: float = 0.0, training: bool = False,
+) -> tuple[torch.Tensor, None]:
+    """flash-attn's kernel for the masks it can express; SDPA for the rest.
+
+    flash-attn takes no arbitrary mask, only `causal` plus a window. That is exact when the keys
+    are the queries themselves in order with nothing masked but the future and the window (a
+    prefill without padding); a rolling cache or padding needs the explicit mask, so those steps
+    run on SDPA (itself flash-backed on CUDA).
+    """
+    from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+
+    q_len, k_len = q.shape[2], k.shape[2]
+    expected = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril()
+    window = _window_of(mask)
+    if q_len == k_len and window is not None and torch.equal(mask[:, 0], _band(expected, window)):
+        out = flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout if training else 0.0,
+            softmax_scale=scale, causal=True, window_size=(window - 1, 0),
+        )
+        return out, None
+    return sdpa_attention(q, k, v, mask, scale, dropout, training)
+
+
+def _window_of(mask: torch.Tensor) -> int | None:
+    """Number of keys the last query row sees (its window, for a plain banded causal mask)."""
+    return int(mask[0, 0, -1].sum()) if mask.numel() else None
+
+
+def _band(causal: torch.Tensor, window: int) -> torch.Tensor:
+    return causal & ~causal.tril(-window)
+
+
+ATTENTION_FUNCTIONS: dict[str, AttentionFn] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flash_attention_2": flash_attention_2,
+}
+
+
+def check_implementation(name: str | None, dtype: torch.dtype | None = None) -> str:
+    """Validate an `attn_implementation` choice up front, with the fix in the message."""
+    name = name or "sdpa"
+    if name not in ATTENTION_FUNCTIONS:
+        raise ConfigError(f"attn_implementation must be one of {sorted(ATTENTION_FUNCTIONS)}, got {name!r}")
+    if name == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(
+                "attn_implementation='flash_attention_2' needs the flash-attn package "
+                "(pip install flash-attn --no-build-isolation); use 'sdpa' otherwise"
+            )
+        if not torch.cuda.is_available():
+            raise ConfigError("attn_implementation='flash_attention_2' needs a CUDA GPU; use 'sdpa' on CPU")
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            raise ConfigError(
+                f"flash_attention_2 runs in float16 or bfloat16, not {dtype}; pass torch_dtype=torch.float16"
+            )
+    return name

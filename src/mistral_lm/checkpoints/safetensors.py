@@ -1,0 +1,135 @@
+"""Hugging Face checkpoint folders: discovery, lazy (mmapped) reading, sharded writing.
+
+Reading never unpickles: safetensors files are parsed by the safetensors library, and the
+legacy `pytorch_model.bin` only through `torch.load(weights_only=True)`, which refuses
+arbitrary Python objects. Every failure becomes a CheckpointError that names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PT_WEIGHTS = "pytorch_model.bin"
+PT_INDEX = "pytorch_model.bin.index.json"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a checkpoint folder, safetensors first, in shard order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (PT_WEIGHTS, PT_INDEX)):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            return _shards_from_index(folder / index)
+    found = sorted(p.name for p in folder.iterdir())
+    raise CheckpointError(
+        f"no weights in {folder}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {PT_WEIGHTS} or {PT_INDEX}; found {found}"
+    )
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read the shard index {index}: {exc}") from exc
+    shards = []
+    for name in names:
+        shard = (index.parent / name).resolve()
+        if index.parent.resolve() not in shard.parents:
+            raise CheckpointError(f"shard index {index} points outside its folder: {name!r}")
+        if not shard.is_file():
+            raise CheckpointError(f"shard {name} listed in {index.name} is missing")
+        shards.append(shard)
+    return shards
+
+
+def iter_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every tensor of a checkpoint folder, one shard at a time."""
+    for file in weight_files(folder):
+        if file.suffix == ".safetensors":
+            yield from _iter_safetensors(file)
+        else:
+            yield from _load_pickle_free(file).items()
+
+
+def _iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{file} is not a valid safetensors file: {exc}") from exc
+
+
+def _load_pickle_free(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(
+            f"{file} could not be loaded with torch.load(weights_only=True) (it is truncated, or holds "
+            f"objects other than tensors, which we never unpickle): {exc}"
+        ) from exc
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{file} does not hold a flat name -> tensor dictionary")
+    return data
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5_000_000_000, '200MiB' -> 209_715_200, ints pass through."""
+    if isinstance(size, int):
+        return size
+    match = _SIZE.match(size)
+    if not match:
+        raise CheckpointError(f"cannot parse size {size!r}; use e.g. '5GB', '500MB' or a byte count")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
+
+def save_state_dict(
+    state_dict: dict[str, torch.Tensor], folder: str | os.PathLike, max_shard_size: int | str = "5GB"
+) -> list[Path]:
+    """Write safetensors, sharded with an index above `max_shard_size` (Transformers' layout)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*folder.glob("model*.safetensors"), folder / SAFE_INDEX]:
+        stale.unlink(missing_ok=True)
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.detach().to("cpu").contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SAFE_WEIGHTS), metadata={"format": "pt"})
+        return [folder / SAFE_WEIGHTS]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return [folder / n for n in names]

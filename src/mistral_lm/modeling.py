@@ -1,0 +1,389 @@
+"""The Mistral decoder in plain PyTorch, with Hugging Face module names.
+
+Notation: B batch, T new tokens this step, K keys attended, H query heads, H_kv key/value
+heads, D head_dim, C hidden_size, V vocab_size.
+
+Attribute names equal Transformers' state-dict keys (`model.layers.0.self_attn.q_proj.weight`),
+so `load_state_dict(strict=True)` is the whole checkpoint story.
+
+Float32 islands, each for a reason:
+- RMSNorm statistics: a mean of squares over C values overflows or loses precision in fp16.
+- RoPE angles and rotation (rope.py): position * frequency needs more than fp16's 11 bits.
+- Softmax in the eager path: scores of 4096 keys sum badly in half precision.
+- The loss: cross-entropy over V logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import rope
+from .attention import ATTENTION_FUNCTIONS
+from .cache import CachePlan, KVCache
+from .config import MistralConfig
+from .errors import InputError
+from .masks import attention_mask as build_mask
+from .masks import positions_from_padding
+from .pretrained import MistralPreTrainedModel
+
+_ACTIVATIONS = {
+    "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+# --------------------------------------------------------------------------- outputs
+class _Output:
+    """Frozen-ish dataclass outputs with attribute access, `out[0]` and `out["logits"]`."""
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | str) -> Any:
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]
+
+
+@dataclass
+class BaseModelOutputWithPast(_Output):
+    last_hidden_state: torch.Tensor
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class CausalLMOutputWithPast(_Output):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class SequenceClassifierOutputWithPast(_Output):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+# --------------------------------------------------------------------------- layers
+class MistralRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * xf.to(x.dtype)
+
+
+class MistralMLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: MistralConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = _ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MistralAttention(nn.Module):
+    def __init__(self, config: MistralConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        c, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(c, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(c, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(c, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, c, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+        cache: KVCache | None, plan: CachePlan | None, attn_implementation: str,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+        if cache is not None and plan is not None:
+            k, v = cache.update(self.layer_idx, k, v, plan)  # (B, H_kv, K, D)
+        attend = ATTENTION_FUNCTIONS[attn_implementation]
+        out, weights = attend(q, k, v, mask, self.scaling, self.config.attention_dropout, self.training)
+        return self.o_proj(out.reshape(b, t, -1)), weights  # out: (B, T, H, D)
+
+
+class MistralDecoderLayer(nn.Module):
+    def __init__(self, config: MistralConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = MistralAttention(config, layer_idx)
+        self.mlp = MistralMLP(config)
+        self.input_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+        cache: KVCache | None, plan: CachePlan | None, attn_implementation: str,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn, weights = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, plan, attn_implementation)
+        h = h + attn
+        return h + self.mlp(self.post_attention_layernorm(h)), weights
+
+
+# --------------------------------------------------------------------------- models
+class MistralModel(MistralPreTrainedModel):
+    """The decoder stack: embeddings, layers, final norm. Returns hidden states."""
+
+    def __init__(self, config: MistralConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(MistralDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def make_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        """A cache for `batch_size` rows: `sliding_window` slots, or `max_length` without a window."""
+        cfg = self.config
+        rolling = cfg.sliding_window is not None and (max_length is None or max_length > cfg.sliding_window)
+        size = cfg.sliding_window if rolling else (max_length or min(cfg.max_position_embeddings, 256))
+        devices = [layer.input_layernorm.weight.device for layer in self.layers]
+        dtype = self.embed_tokens.weight.dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        return KVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, size,
+                       rolling=rolling, dtype=dtype, device=devices)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPast:
+        cfg = self.config
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        use_cache = (past_key_values is not None or (cfg.use_cache and not self.training)) if use_cache is None else use_cache
+        h = self._embed(input_ids, inputs_embeds)
+        b, t, _ = h.shape
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, KVCache):
+            raise InputError(
+                f"past_key_values must be the cache returned by this model (a KVCache), got {type(cache).__name__}"
+            )
+        if cache is None and use_cache:
+            cache = self.make_cache(b)
+        past = cache.get_seq_length() if cache is not None else 0
+        valid = self._new_token_validity(attention_mask, b, t, past, h.device)
+        if position_ids is None:
+            position_ids = self._positions(attention_mask, b, t, past, h.device)
+        elif position_ids.shape[-1] != t:
+            raise InputError(f"position_ids has length {position_ids.shape[-1]}, but the input has {t} tokens")
+        position_ids = position_ids.expand(b, t)
+        if cache is not None:
+            plan = cache.plan(position_ids, valid)
+            k_pos, k_valid = plan.key_positions, plan.key_valid
+        else:
+            plan, k_pos, k_valid = None, position_ids, valid
+        mask = build_mask(position_ids, k_pos, k_valid, cfg.sliding_window)
+        cos, sin = rope.cos_sin(position_ids, rope.inv_frequencies(cfg.head_dim, cfg.rope_theta, h.device))
+        impl = "eager" if output_attentions else self.attn_implementation
+        all_hidden: list[torch.Tensor] = []
+        all_attn: list[torch.Tensor] = []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(h)
+            device = layer.input_layernorm.weight.device
+            if h.device != device:  # layers split over devices by device_map
+                h, cos, sin, mask = (x.to(device) for x in (h, cos, sin, mask))
+            h, weights = layer(h, cos, sin, mask, cache, plan, impl)
+            if output_attentions:
+                all_attn.append(weights)
+        h = self.norm(h.to(self.norm.weight.device))
+        if output_hidden_states:
+            all_hidden.append(h)
+        return BaseModelOutputWithPast(
+            last_hidden_state=h,
+            past_key_values=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+        )
+
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise InputError(
+                    f"inputs_embeds must be (batch, seq, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}"
+                )
+            return inputs_embeds
+        assert input_ids is not None
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise InputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise InputError(f"input_ids must be (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
+        return self.embed_tokens(input_ids.to(self.embed_tokens.weight.device))
+
+    @staticmethod
+    def _new_token_validity(
+        attention_mask: torch.Tensor | None, b: int, t: int, past: int, device: torch.device
+    ) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.ones(b, t, dtype=torch.bool, device=device)
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] not in (t, past + t):
+            raise InputError(
+                f"attention_mask must be (batch={b}, past+new={past + t}) or (batch, new={t}), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        return attention_mask[:, -t:].to(device=device, dtype=torch.bool)
+
+    @staticmethod
+    def _positions(attention_mask: torch.Tensor | None, b: int, t: int, past: int, device: torch.device) -> torch.Tensor:
+        if attention_mask is None or attention_mask.shape[1] != past + t:
+            return torch.arange(past, past + t, device=device).expand(b, t)
+        return positions_from_padding(attention_mask.to(device))[:, -t:]
+
+
+def _select_last(h: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    if isinstance(logits_to_keep, int):
+        return h if logits_to_keep == 0 else h[:, -logits_to_keep:]
+    return h[:, logits_to_keep]
+
+
+class MistralForCausalLM(MistralPreTrainedModel):
+    """Decoder + language-model head; `generate` comes from MistralPreTrainedModel."""
+
+    def __init__(self, config: MistralConfig) -> None:
+        super().__init__(config)
+        self.model = MistralModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         output_attentions, output_hidden_states)
+        h = _select_last(out.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(h.to(self.lm_head.weight.device) if h.device != self.lm_head.weight.device else h)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of token i predicting label i+1; label -100 is ignored."""
+    if labels.shape != logits.shape[:2]:
+        raise InputError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+    shifted = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
+    return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
+
+
+class MistralForSequenceClassification(MistralPreTrainedModel):
+    """Scores the last non-pad token of each row with a `score` head of `num_labels` outputs."""
+
+    def __init__(self, config: MistralConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MistralModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutputWithPast:
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         output_attentions, output_hidden_states)
+        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        b = logits.shape[0]
+        pad = self.config.pad_token_id
+        if pad is None and b != 1:
+            raise InputError("cannot pool a batch of more than one row without config.pad_token_id")
+        if pad is None or input_ids is None:
+            last = torch.full((b,), logits.shape[1] - 1, device=logits.device)
+        else:
+            # the rightmost non-pad token handles left and right padding alike
+            ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+            not_pad = (ids != pad).to(logits.device, torch.long)
+            last = (torch.arange(ids.shape[-1], device=logits.device) * not_pad).argmax(-1)
+        pooled = logits[torch.arange(b, device=logits.device), last]
+        loss = None if labels is None else self._loss(pooled, labels.to(pooled.device))
+        return SequenceClassifierOutputWithPast(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
+
+    def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+            self.config.problem_type = problem  # as Transformers does: decided once, then fixed
+        if problem == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(pooled.squeeze(), labels.squeeze().to(pooled.dtype))
+            return F.mse_loss(pooled, labels.to(pooled.dtype))
+        if problem == "single_label_classification":
+            return F.cross_entropy(pooled.view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(pooled, labels.to(pooled.dtype))

@@ -1,0 +1,339 @@
+"""MistralPreTrainedModel: loading, saving, placement and `generate` for every model class.
+
+This is the one place where dtype and device are decided. A model is built on the `meta`
+device (no memory), the checkpoint's mmapped tensors are validated against the model's own
+parameter shapes and then *assigned* (no copy when dtypes agree), and only then is anything
+moved. Peak memory while loading is therefore about one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .attention import check_implementation
+from .checkpoints.safetensors import iter_tensors, save_state_dict
+from .config import MistralConfig
+from .errors import CheckpointError, ConfigError
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
+           "float": torch.float32}
+# Keys some checkpoints carry that hold no learned state.
+_IGNORED_KEYS = ("rotary_emb.inv_freq",)
+# Loader options of Transformers' from_pretrained that need nothing from us here.
+_ACCEPTED_NOOP_OPTIONS = ("low_cpu_mem_usage", "trust_remote_code", "local_files_only", "revision",
+                          "use_safetensors", "cache_dir", "force_download", "token", "offload_folder")
+
+
+def resolve_dtype(dtype: Any) -> torch.dtype | None:
+    """torch dtype from a dtype, 'bfloat16', 'torch.float16' or None ('auto' handled by callers)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name in _DTYPES:
+            return _DTYPES[name]
+    raise ConfigError(f"unsupported dtype {dtype!r}; use torch.float32, torch.float16 or torch.bfloat16")
+
+
+class MistralPreTrainedModel(nn.Module):
+    """Base of every model class: config, weight init, from/save_pretrained, generate."""
+
+    config_class = MistralConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config: MistralConfig) -> None:
+        super().__init__()
+        if not isinstance(config, MistralConfig):
+            raise ConfigError(f"expected a MistralConfig, got {type(config).__name__}")
+        self.config = config
+        self.attn_implementation = "sdpa"
+        self.quantization_config: Any = None
+
+    # ------------------------------------------------------------------ init and ties
+    def post_init(self) -> None:
+        """Initialize weights not yet initialized (as Transformers does), then tie embeddings."""
+        for module in self.modules():
+            if getattr(module, "_weights_initialized", False):
+                continue
+            self._init_weights(module)
+            module._weights_initialized = True
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.is_meta:
+            return
+        with torch.no_grad():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+
+    def tie_weights(self) -> None:
+        head = getattr(self, "lm_head", None)
+        if head is not None and self.config.tie_word_embeddings:
+            head.weight = self.model.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens if hasattr(self, "model") else self.embed_tokens  # type: ignore[return-value]
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return getattr(self, "lm_head", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.parameters() if p.dtype.is_floating_point)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen: set[int] = set()
+        total = 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (exclude_embeddings and "embed_tokens" in name):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Greedy or sampled continuation; see mistral_lm.generation.generate."""
+        from .generation import generate
+
+        return generate(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_config(cls, config: MistralConfig, *, torch_dtype: Any = None, attn_implementation: str | None = None):
+        dtype = resolve_dtype(torch_dtype) or torch.float32
+        model = cls(config).to(dtype)
+        model.attn_implementation = check_implementation(attn_implementation, dtype)
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        config: MistralConfig | None = None,
+        torch_dtype: Any = None,
+        dtype: Any = None,
+        device_map: Any = None,
+        attn_implementation: str | None = None,
+        use_flash_attention_2: bool = False,
+        quantization_config: Any = None,
+        gguf_file: str | None = None,
+        progress: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Load an HF folder (safetensors, sharded or not; or pytorch_model.bin) or a .gguf file.
+
+        `torch_dtype`/`dtype`: None -> float32, "auto" -> the checkpoint's dtype.
+        `device_map`: None/"cpu", a device, "auto" (GPUs by free memory, then CPU) or a dict of
+        module-name prefixes to devices. Other keywords override config fields.
+        """
+        for name in _ACCEPTED_NOOP_OPTIONS:
+            kwargs.pop(name, None)
+        unknown = [k for k in kwargs if k not in MistralConfig().to_dict()]
+        if unknown:
+            raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}")
+        path = Path(pretrained_model_name_or_path)
+        if gguf_file is not None:
+            path = path / gguf_file
+        if not path.exists():
+            raise CheckpointError(
+                f"{path} does not exist (this library never downloads: pass a local folder or .gguf file)"
+            )
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ConfigError("pass only one of torch_dtype and dtype")
+        wanted = torch_dtype if torch_dtype is not None else dtype
+        if use_flash_attention_2:
+            attn_implementation = "flash_attention_2"
+        if path.suffix == ".gguf":
+            model = cls._from_gguf(path, wanted, kwargs, quantization_config)
+        else:
+            model = cls._from_folder(path, config, wanted, kwargs, progress)
+        model.attn_implementation = check_implementation(attn_implementation, model.dtype)
+        if quantization_config is not None and path.suffix != ".gguf":
+            from .quantization import quantize_model
+
+            model = quantize_model(model, quantization_config)
+        place_model(model, device_map)
+        return model.eval()
+
+    @classmethod
+    def _from_folder(cls, folder: Path, config: MistralConfig | None, wanted: Any, overrides: dict, progress: bool | None):
+        config = config or MistralConfig.from_pretrained(folder, **overrides)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = _expected_tensors(model)
+        target = None if wanted == "auto" else (resolve_dtype(wanted) or torch.float32)
+        tensors: dict[str, torch.Tensor] = {}
+        bar = tqdm(desc=f"Loading {folder.name}", total=len(expected), unit="tensor", disable=progress is False or None,
+                   leave=False)
+        for name, tensor in iter_tensors(folder):
+            key = _to_model_key(name, expected, cls)
+            if key is None:
+                continue
+            tensors[key] = tensor
+            bar.update()
+        bar.close()
+        if target is None:  # "auto": the checkpoint's own floating dtype
+            target = next((t.dtype for t in tensors.values() if t.dtype.is_floating_point), torch.float32)
+        _load_into(model, tensors, expected, target, source=str(folder))
+        return model
+
+    @classmethod
+    def _from_gguf(cls, path: Path, wanted: Any, overrides: dict, quantization_config: Any):
+        from .checkpoints.gguf import load_gguf
+
+        target = resolve_dtype(None if wanted == "auto" else wanted) or torch.float32
+        checkpoint = load_gguf(path, dequantize=True, dtype=target)
+        config = checkpoint.config
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = _expected_tensors(model)
+        tensors = {}
+        for name, tensor in checkpoint.tensors.items():
+            key = _to_model_key(name, expected, cls)
+            if key is not None:
+                tensors[key] = tensor
+        _load_into(model, tensors, expected, target, source=str(path))
+        if quantization_config is not None:
+            from .quantization import quantize_model
+
+            model = quantize_model(model, quantization_config)
+        return model
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True, state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Write config.json and safetensors weights in the Transformers layout."""
+        if not safe_serialization:
+            raise CheckpointError("only safetensors output is written (safe_serialization=True)")
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = dict(state_dict if state_dict is not None else self.state_dict())
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        self.config.architectures = [type(self).__name__]
+        self.config.torch_dtype = self.dtype
+        if self.quantization_config is not None:
+            self.config.extra["quantization_config"] = self.quantization_config.to_dict()
+        self.config.save_pretrained(folder)
+        save_state_dict(state, folder, max_shard_size)
+
+
+def _expected_tensors(model: nn.Module) -> dict[str, torch.Size]:
+    """Names and shapes the model needs; a tied lm_head needs no tensor of its own."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return {k: v.shape for k, v in state.items()}
+
+
+def _to_model_key(name: str, expected: dict[str, torch.Size], cls: type) -> str | None:
+    """Map a checkpoint key onto the model's names (base <-> head prefixes); None to skip it."""
+    if name in expected:
+        return name
+    if name.endswith(_IGNORED_KEYS):
+        return None
+    if name.startswith("model.") and name[len("model."):] in expected:
+        return name[len("model."):]  # a causal-LM checkpoint loaded into MistralModel
+    if "model." + name in expected:
+        return "model." + name  # a base-model checkpoint loaded under a head
+    if name in ("lm_head.weight", "score.weight") and name not in expected:
+        return None  # the other head: a causal-LM checkpoint fine-tuned for classification, or back
+    raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint: {cls.__name__} has no such parameter")
+
+
+def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size],
+               dtype: torch.dtype, source: str) -> None:
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key]:
+            raise CheckpointError(
+                f"tensor {key!r} in {source} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key])}"
+            )
+        if tensor.dtype != dtype and tensor.dtype.is_floating_point:
+            tensors[key] = tensor.to(dtype)
+    missing = [k for k in expected if k not in tensors]
+    fresh = [k for k in missing if k == "score.weight"]  # a new classification head starts random
+    if len(missing) > len(fresh):
+        raise CheckpointError(f"tensors missing from {source}: {[k for k in missing if k not in fresh][:10]}")
+    if fresh:
+        warnings.warn(f"{fresh} not in {source}; initialized at random: train before use", stacklevel=3)
+        config = model.config
+        for key in fresh:
+            tensors[key] = torch.empty(expected[key], dtype=dtype).normal_(0.0, config.initializer_range)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+
+
+# ------------------------------------------------------------------ placement
+def place_model(model: nn.Module, device_map: Any) -> None:
+    """Move the model per `device_map`; layers on different devices hand activations along."""
+    if device_map is None or isinstance(device_map, (torch.device, int)) or (
+        isinstance(device_map, str) and device_map not in ("auto", "balanced", "sequential")
+    ):
+        device = torch.device("cpu" if device_map is None else device_map)
+        model.to(device)
+        return
+    if isinstance(device_map, str):
+        device_map = auto_device_map(model)
+    if not isinstance(device_map, dict):
+        raise ConfigError(f"device_map must be 'auto', a device or a dict, got {type(device_map).__name__}")
+    for name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        if not own:
+            continue
+        device = _device_for(name, device_map)
+        for _, tensor in own:
+            tensor.data = tensor.data.to(device)
+    model.tie_weights()
+
+
+def _device_for(name: str, device_map: dict[str, Any]) -> torch.device:
+    best = None
+    for prefix in device_map:
+        if prefix == "" or name == prefix or name.startswith(prefix + "."):
+            if best is None or len(prefix) > len(best):
+                best = prefix
+    if best is None:
+        raise ConfigError(f"device_map has no entry for module {name!r}")
+    value = device_map[best]
+    return torch.device(f"cuda:{value}" if isinstance(value, int) else value)
+
+
+def auto_device_map(model: nn.Module) -> dict[str, str]:
+    """Fill GPUs (most free memory first) layer by layer, then the CPU."""
+    if not torch.cuda.is_available():
+        return {"": "cpu"}
+    free = sorted(((torch.cuda.mem_get_info(i)[0] * 0.9, f"cuda:{i}") for i in range(torch.cuda.device_count())),
+                  reverse=True)
+    blocks = [(n, m) for n, m in model.named_modules() if n.count(".") <= 2 and (
+        n.endswith(("embed_tokens", "norm", "lm_head", "score")) or n.rsplit(".", 1)[-1].isdigit())]
+    device_map: dict[str, str] = {}
+    for name, module in blocks:
+        size = sum(p.numel() * p.element_size() for p in module.parameters())
+        while free and free[0][0] < size:
+            free.pop(0)
+        device = free[0][1] if free else "cpu"
+        if free:
+            free[0] = (free[0][0] - size, device)
+        device_map[name] = device
+    return device_map
