@@ -1,0 +1,234 @@
+"""generate(): validated settings, chunked prefill, a decode loop, streaming.
+
+Every argument is checked before any tensor work, so a bad value fails in microseconds with a
+message naming it rather than after a long prefill. Prompts are prefilled in chunks of at most
+`sliding_window` tokens into a rolling cache of `sliding_window` slots: peak memory is O(window)
+however long the prompt or the generation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import sampling
+from .errors import GenerationError
+
+_DEFAULT_CHUNK = 1024  # prefill chunk for models without a window: bounds the mask's size
+
+
+@dataclass
+class GenerationConfig:
+    """Settings of one generate() call; field names and defaults follow Transformers."""
+
+    max_new_tokens: int | None = None
+    max_length: int = 20
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    num_return_sequences: int = 1
+    use_cache: bool = True
+    seed: int | None = None
+    prefill_chunk_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def update(self, **kwargs: Any) -> GenerationConfig:
+        known = {f.name for f in fields(self)} - {"extra"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"generate() got unexpected keyword arguments {unknown}")
+        values = {**asdict(self), **kwargs}
+        return GenerationConfig(**values)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise GenerationError naming the first invalid setting."""
+        def bad(msg: str) -> GenerationError:
+            return GenerationError(msg)
+
+        if self.max_new_tokens is not None and (not _is_int(self.max_new_tokens) or self.max_new_tokens < 0):
+            raise bad(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        if not _is_int(self.max_length) or self.max_length < 0:
+            raise bad(f"max_length must be a non-negative integer, got {self.max_length!r}")
+        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            raise bad(f"min_new_tokens must be a non-negative integer, got {self.min_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise bad(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.do_sample and self.temperature == 0:
+            raise bad("temperature=0 with do_sample=True: use do_sample=False for greedy decoding")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise bad(f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
+            raise bad(f"num_return_sequences must be >= 1, got {self.num_return_sequences!r}")
+        if self.num_return_sequences > 1 and not self.do_sample:
+            raise bad("num_return_sequences > 1 needs do_sample=True: greedy decoding would repeat one answer")
+        if self.prefill_chunk_size is not None and (not _is_int(self.prefill_chunk_size) or self.prefill_chunk_size < 1):
+            raise bad(f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}")
+        ids = self.eos_ids + ([self.pad_token_id] if self.pad_token_id is not None else [])
+        for token in ids:
+            if not _is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
+                raise bad(f"special token id {token!r} is out of range for vocab_size {vocab_size}")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> GenerationConfig:
+        """Read generation_config.json (unknown keys are kept aside, not applied)."""
+        file = Path(folder) / "generation_config.json"
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise GenerationError(f"cannot read {file}: {exc}") from exc
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prompt(inputs: Any, input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if inputs is not None and input_ids is not None:
+        raise GenerationError("pass the prompt once: positionally or as input_ids")
+    ids = inputs if inputs is not None else input_ids
+    if isinstance(ids, Mapping):  # a BatchEncoding passed positionally
+        attention_mask = ids.get("attention_mask", attention_mask)
+        ids = ids["input_ids"]
+    if not isinstance(ids, torch.Tensor):
+        raise GenerationError(f"input_ids must be a torch tensor, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise GenerationError(f"input_ids must hold integer token ids, got {ids.dtype}")
+    ids = ids[None] if ids.dim() == 1 else ids
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise GenerationError(f"input_ids must be (batch, length) with length >= 1, got {tuple(ids.shape)}")
+    if attention_mask is not None:
+        attention_mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
+        if attention_mask.shape != ids.shape:
+            raise GenerationError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(ids.shape)}"
+            )
+    return ids, attention_mask
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    inputs: torch.Tensor | Mapping | None = None,
+    generation_config: GenerationConfig | None = None,
+    *,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    streamer: Any = None,
+    generator: torch.Generator | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Continue each prompt row; returns (B * num_return_sequences, prompt + new) token ids.
+
+    >>> out = model.generate(**tokenizer(["Hello"], return_tensors="pt"), max_new_tokens=8)  # doctest: +SKIP
+    """
+    cfg = model.config
+    base = generation_config or getattr(model, "generation_config", None) or GenerationConfig(
+        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id
+    )
+    gen = base.update(**kwargs)
+    gen.validate(cfg.vocab_size)
+    ids, mask = _prompt(inputs, input_ids, attention_mask)
+    if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
+        raise GenerationError(f"input_ids hold ids outside [0, {cfg.vocab_size}) (vocab_size)")
+    prompt_len = ids.shape[1]
+    max_new = gen.max_new_tokens if gen.max_new_tokens is not None else gen.max_length - prompt_len
+    if max_new < 0:
+        raise GenerationError(
+            f"max_length={gen.max_length} is shorter than the prompt ({prompt_len} tokens); set max_new_tokens"
+        )
+    if streamer is not None and ids.shape[0] * gen.num_return_sequences != 1:
+        raise GenerationError("streamers support batch size 1 only")
+
+    device = model.device
+    ids = ids.to(device)
+    mask = torch.ones_like(ids) if mask is None else mask.to(device=device, dtype=torch.long)
+    if gen.num_return_sequences > 1:
+        ids = ids.repeat_interleave(gen.num_return_sequences, dim=0)
+        mask = mask.repeat_interleave(gen.num_return_sequences, dim=0)
+    if gen.do_sample and generator is None and gen.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(gen.seed)
+    eos = gen.eos_ids
+    pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0)
+    if streamer is not None:
+        streamer.put(ids.cpu())
+
+    step = _Stepper(model, ids.shape[0], prompt_len + max_new, gen)
+    logits = step.prefill(ids, mask) if max_new else None
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    eos_tensor = torch.tensor(eos, device=device, dtype=torch.long)
+    for produced in range(max_new):
+        assert logits is not None
+        scores = logits.float()
+        if produced < gen.min_new_tokens:
+            scores = sampling.suppress(scores, eos)
+        scores = sampling.process(
+            scores, ids, do_sample=gen.do_sample, temperature=gen.temperature, top_k=gen.top_k,
+            top_p=gen.top_p, repetition_penalty_value=gen.repetition_penalty,
+        )
+        token = sampling.sample(scores, generator) if gen.do_sample else sampling.greedy(scores)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if eos:
+            finished |= torch.isin(token, eos_tensor)
+        if produced + 1 == max_new or bool(finished.all()):
+            break
+        logits = step.decode(ids, mask)
+    if streamer is not None:
+        streamer.end()
+    return ids
+
+
+class _Stepper:
+    """Runs the model for prefill and decode, with the cache or (use_cache=False) without."""
+
+    def __init__(self, model: Any, batch: int, total: int, gen: GenerationConfig) -> None:
+        self.model = model
+        decoder = model.model
+        self.cache = decoder.make_cache(batch, max_length=total) if gen.use_cache else None
+        window = model.config.sliding_window
+        self.chunk = gen.prefill_chunk_size or (window if window is not None else _DEFAULT_CHUNK)
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            return self.decode(ids, mask)
+        out = None
+        for start in range(0, ids.shape[1], self.chunk):
+            end = min(start + self.chunk, ids.shape[1])
+            out = self.model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=1)
+        assert out is not None
+        return out.logits[:, -1]
+
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            return self.model(ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits[:, -1]
+        out = self.model(ids[:, -1:], attention_mask=mask, past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1]

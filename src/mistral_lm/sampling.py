@@ -1,0 +1,73 @@
+"""Logits processors and samplers: pure functions of (logits, ids, settings).
+
+Each processor follows the definition Transformers documents, in the same order (repetition
+penalty, then temperature, top-k, top-p), so seeded sampling is comparable across libraries.
+Filtering sets logits to -inf; at least one token always survives.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: scores of tokens already in `ids` are divided by `penalty` if positive, multiplied if negative."""
+    if penalty == 1.0:
+        return logits
+    seen = torch.gather(logits, 1, ids)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(1, ids, seen)
+
+
+def temperature_scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest logits per row (ties with the k-th are kept); k=0 keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= 1 - p  # the low tail whose mass is at most 1 - p
+    remove_sorted[..., -1] = False  # the most likely token always stays
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def suppress(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """Forbid `token_ids` (used to hold back EOS until min_new_tokens)."""
+    if not token_ids:
+        return logits
+    logits = logits.clone()
+    logits[:, token_ids] = float("-inf")
+    return logits
+
+
+def process(
+    logits: torch.Tensor, ids: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int,
+    top_p: float, repetition_penalty_value: float,
+) -> torch.Tensor:
+    """All processors in Transformers' order; warpers only apply when sampling."""
+    logits = repetition_penalty(logits, ids, repetition_penalty_value)
+    if do_sample:
+        logits = top_p_filter(top_k_filter(temperature_scale(logits, temperature), top_k), top_p)
+    return logits
+
+
+def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row, drawn from softmax(logits) with an explicit generator."""
+    probs = logits.float().softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
