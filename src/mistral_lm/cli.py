@@ -1,0 +1,185 @@
+"""`mistral-lm` command line: a table of subcommands that parse arguments and call the library.
+
+Errors a user can cause (missing or corrupt model file, bad flag values) print one line and
+exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import MistralLMError
+
+
+def load(model_path: str | None, dtype: str, quantize: str = "none") -> tuple[Any, Any]:
+    """Model and tokenizer from a folder or .gguf file; the embedded default model when None."""
+    from .modeling import MistralForCausalLM
+    from .tokenizer import MistralTokenizer
+
+    if model_path is None:
+        from .defaults import default_model_path
+
+        model_path = str(default_model_path())
+    path = Path(model_path)
+    if not path.exists():
+        raise MistralLMError(f"model not found: {path}")
+    quantization_config = None
+    if quantize != "none":
+        from .quantization import BitsAndBytesConfig
+
+        quantization_config = {
+            "int8": BitsAndBytesConfig(load_in_8bit=True),
+            "int4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="int4"),
+            "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+        }[quantize]
+    start = time.perf_counter()
+    print(f"loading {path.name} ...", end="", file=sys.stderr, flush=True)
+    model = MistralForCausalLM.from_pretrained(path, torch_dtype=dtype, quantization_config=quantization_config)
+    tokenizer = MistralTokenizer.from_pretrained(path)
+    print(f" {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
+    return model, tokenizer
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    do_sample = args.temperature > 0
+    kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, seed=args.seed,
+                                  repetition_penalty=args.repetition_penalty)
+    if do_sample:
+        kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return kwargs
+
+
+def _reply(model: Any, tokenizer: Any, ids: torch.Tensor, args: argparse.Namespace) -> str:
+    """Generate, streaming text to stdout as it comes; return the new text."""
+    from .streamers import TextStreamer
+
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = model.generate(ids, streamer=streamer, eos_token_id=_stop_ids(model, tokenizer), **_sampling(args))
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = {tokenizer.eos_token_id, model.config.eos_token_id}
+    return sorted(i for i in ids if isinstance(i, int))
+
+
+def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]], raw: bool) -> torch.Tensor:
+    if raw or not getattr(tokenizer, "chat_template", None):
+        return tokenizer(messages[-1]["content"], return_tensors="pt")["input_ids"]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model, tokenizer = load(args.model, args.dtype, args.quantize)
+    ids = _prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}], args.raw)
+    start = time.perf_counter()
+    text = _reply(model, tokenizer, ids, args)
+    elapsed = time.perf_counter() - start
+    n = len(tokenizer.encode(text, add_special_tokens=False))
+    print(f"\n[{n} tokens in {elapsed:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model, tokenizer = load(args.model, args.dtype, args.quantize)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    print("chat: /reset clears the conversation, /exit quits", file=sys.stderr)
+    while True:
+        if interactive:
+            print(">>> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = messages[:1] if args.system else []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = _reply(model, tokenizer, _prompt_ids(tokenizer, messages, raw=False), args)
+        print(flush=True)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model, _ = load(args.model, args.dtype)
+    print(model.config.to_json_string(), end="")
+    print(f"parameters: {model.num_parameters():,}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """GGUF (or HF folder) -> an HF safetensors folder that transformers loads."""
+    model, tokenizer = load(args.model, args.dtype)
+    out = Path(args.output)
+    model.save_pretrained(out, max_shard_size=args.max_shard_size)
+    tokenizer.save_pretrained(out)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.app import serve
+
+    return serve(model_path=args.model, host=args.host, port=args.port, api_key=args.api_key,
+                 dtype=args.dtype) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mistral-lm", description="Run Mistral-family models locally.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(fn=fn)
+        p.add_argument("--model", help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        return p
+
+    def sampling_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=50)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--repetition-penalty", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "nf4"])
+
+    gen = add("generate", cmd_generate, "continue or answer one prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--raw", action="store_true", help="no chat template: plain continuation")
+    sampling_flags(gen)
+    chat = add("chat", cmd_chat, "interactive chat (reads stdin)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    sampling_flags(chat)
+    add("info", cmd_info, "print the config and parameter count")
+    conv = add("convert", cmd_convert, "write an HF safetensors folder")
+    conv.add_argument("output")
+    conv.add_argument("--max-shard-size", default="5GB")
+    serve = add("serve", cmd_serve, "OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except MistralLMError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
