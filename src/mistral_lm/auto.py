@@ -16,9 +16,9 @@ from .errors import ConfigError
 def _config_for(path: str | os.PathLike, gguf_file: str | None = None, **overrides: Any) -> MistralConfig:
     target = Path(path) / gguf_file if gguf_file else Path(path)
     if target.suffix == ".gguf":
-        from .checkpoints.gguf import load_gguf
+        from .checkpoints.gguf import config_from_gguf, read_gguf
 
-        return load_gguf(target, dequantize=False).config
+        return config_from_gguf(read_gguf(target))
     return MistralConfig.from_pretrained(target, **overrides)
 
 
