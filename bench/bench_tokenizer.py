@@ -1,0 +1,84 @@
+"""Encode/decode throughput: mistral_lm's tokenizer vs sentencepiece vs tokenizers (transformers' fast one).
+
+All three tokenize the same lines (tests/data/tokenizer_corpus.txt, repeated) with the Mistral-7B
+v0.1 tokenizer from the mistral-common wheel; ids are checked equal before timing. Prints a
+markdown table; ratio = throughput / ours.
+
+    python bench/bench_tokenizer.py [--repeat 60] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import sentencepiece
+import transformers
+
+from mistral_lm.tokenizer import MistralTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = Path(str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"))
+
+
+def best_time(fn: Callable[[], object], rounds: int) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=60, help="copies of the corpus lines")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; the best is reported")
+    args = parser.parse_args()
+
+    lines = (ROOT / "tests" / "data" / "tokenizer_corpus.txt").read_bytes().decode("utf-8").split("\n") * args.repeat
+    megabytes = sum(len(line.encode()) for line in lines) / 1e6
+
+    ours = MistralTokenizer.from_pretrained(MODEL)
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(MODEL))
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as folder:  # transformers' own conversion of the same file
+        shutil.copy(MODEL, Path(folder) / "tokenizer.model")
+        fast = transformers.AutoTokenizer.from_pretrained(folder)
+
+    ids = reference.encode(lines)
+    assert ours(lines, add_special_tokens=False).input_ids == ids
+    plain = [i for i, line in enumerate(lines) if not any(s in line for s in ("<s>", "</s>", "<unk>"))]
+    assert all(fast(lines[i], add_special_tokens=False).input_ids == ids[i] for i in plain[:2000])
+
+    encoders = {
+        "mistral_lm `tok(lines)`": lambda: ours(lines, add_special_tokens=False),
+        "sentencepiece `encode(lines)`": lambda: reference.encode(lines),
+        "transformers fast `tok(lines)`": lambda: fast(lines, add_special_tokens=False),
+        "tokenizers `encode_batch_fast`":
+            lambda: fast.backend_tokenizer.encode_batch_fast(lines, add_special_tokens=False),
+    }
+    decoders = {
+        "mistral_lm `batch_decode`": lambda: ours.batch_decode(ids),
+        "sentencepiece `decode(ids)`": lambda: reference.decode(ids),
+        "transformers fast `batch_decode`": lambda: fast.batch_decode(ids),
+    }
+    print(f"{len(lines)} lines, {megabytes:.2f} MB of UTF-8, best of {args.rounds}\n")
+    for title, table in (("encode", encoders), ("decode", decoders)):
+        rates = {name: megabytes / best_time(fn, args.rounds) for name, fn in table.items()}
+        baseline = next(iter(rates.values()))
+        print(f"| {title} | MB/s | ratio vs ours |\n| --- | ---: | ---: |")
+        for name, rate in rates.items():
+            print(f"| {name} | {rate:.2f} | {rate / baseline:.2f} |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
