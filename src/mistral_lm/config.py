@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,12 @@ class MistralConfig:
         rope_scaling = kwargs.pop("rope_scaling", None)
         id2label = kwargs.pop("id2label", None)
         kwargs.pop("label2id", None)
+        if id2label is not None and kwargs.get("num_labels", len(id2label)) != len(id2label):
+            # as in Transformers: an explicit num_labels (e.g. from_pretrained(..., num_labels=5))
+            # wins over the id2label of config.json, and the labels become LABEL_0, LABEL_1, ...
+            warnings.warn(f"num_labels={kwargs['num_labels']!r} does not match id2label's {len(id2label)} "
+                          "labels; using generic labels", stacklevel=2)
+            id2label = None
         for name, default in _DEFAULTS.items():
             setattr(self, name, kwargs.pop(name, default))
         self.architectures: list[str] | None = kwargs.pop("architectures", None)

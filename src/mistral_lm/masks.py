@@ -24,6 +24,8 @@ def positions_from_padding(attention_mask: torch.Tensor, offset: torch.Tensor | 
     Example: mask [[0, 0, 1, 1, 1]] -> positions [[0, 0, 0, 1, 2]].
     """
     mask = attention_mask.long()
+    if isinstance(offset, torch.Tensor) and offset.dim() == 1:
+        offset = offset[:, None]  # one offset per row, not per column
     positions = mask.cumsum(-1) - 1 + offset
     return positions.clamp(min=0).masked_fill(mask == 0, 0)
 

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ PT_INDEX = "pytorch_model.bin.index.json"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_FLOAT_CODES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
@@ -53,36 +55,64 @@ def _shards_from_index(index: Path) -> list[Path]:
         raise CheckpointError(f"cannot read the shard index {index}: {exc}") from exc
     shards = []
     for name in names:
-        shard = (index.parent / name).resolve()
-        if index.parent.resolve() not in shard.parents:
+        # Judged by the name, not by the resolved path: a Hugging Face cache snapshot holds its
+        # shards as symlinks into ../../blobs, and those must load.
+        relative = Path(os.path.normpath(name)) if isinstance(name, str) else None
+        if relative is None or relative.is_absolute() or relative.parts[:1] == ("..",):
             raise CheckpointError(f"shard index {index} points outside its folder: {name!r}")
+        shard = index.parent / relative
         if not shard.is_file():
             raise CheckpointError(f"shard {name} listed in {index.name} is missing")
         shards.append(shard)
     return shards
 
 
-def iter_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every tensor of a checkpoint folder, one shard at a time."""
+def iter_tensors(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every tensor of a checkpoint folder, one shard at a time.
+
+    With `dtype`, floating tensors come converted to it, one at a time (see _iter_safetensors).
+    """
     for file in weight_files(folder):
         if file.suffix == ".safetensors":
-            yield from _iter_safetensors(file)
+            yield from _iter_safetensors(file, dtype)
         else:
-            yield from _load_pickle_free(file).items()
+            for name, tensor in _load_pickle_free(file).items():
+                yield name, _cast(tensor, dtype)
 
 
-def _iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(file: Path, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors mmapped as they are; tensors to convert are read with pread instead.
+
+    Pages of a mapping stay resident until the file is closed, so converting from the mapping
+    would hold the whole source shard and its converted copy at once (1.5x a float32 file when
+    loading it as bfloat16); pread holds only one source tensor at a time.
+    """
     try:
         with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
+            names = list(handle.keys())
+            convert = dtype is not None and any(_needs_cast(handle.get_slice(n).get_dtype(), dtype) for n in names)
+        with safe_open(str(file), framework="pt", backend="pread" if convert else "mmap") as handle:
+            for name in names:
+                yield name, _cast(handle.get_tensor(name), dtype)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{file} is not a valid safetensors file: {exc}") from exc
 
 
+def _needs_cast(code: str, dtype: torch.dtype) -> bool:
+    """Whether a tensor stored as safetensors dtype `code` ('F32', 'BF16', 'I64', ...) becomes `dtype`."""
+    return code.startswith(("F", "BF")) and _FLOAT_CODES.get(code) != dtype
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None or not tensor.dtype.is_floating_point or tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)
+
+
 def _load_pickle_free(file: Path) -> dict[str, torch.Tensor]:
     try:
-        data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        # mmap needs the zip format of torch >= 1.6; older (legacy) files are read whole
+        data = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(
             f"{file} could not be loaded with torch.load(weights_only=True) (it is truncated, or holds "
