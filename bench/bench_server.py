@@ -1,0 +1,147 @@
+"""Server throughput: 32 concurrent streaming clients vs one client, same model, one run.
+
+The server runs in its own process (so the clients' JSON parsing does not share its GIL) on
+127.0.0.1; clients stream /v1/completions with temperature 0 and count the tokens that `usage`
+reports. Continuous batching should make the 32-client total several times the one-client rate:
+a decode step for 32 rows costs far less than 32 steps of one row.
+
+    python bench/bench_server.py                  # the packaged SmolLM2-135M (or a random model without it)
+    python bench/bench_server.py --model PATH     # any folder or .gguf
+    python bench/bench_server.py --random         # a random 4-layer Mistral, no download needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+RANDOM = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+              num_attention_heads=8, num_key_value_heads=2, sliding_window=256, max_position_embeddings=2048)
+
+
+def random_model(folder: Path) -> Path:
+    """A random Mistral with the v1 SentencePiece tokenizer from the mistral-common wheel."""
+    import mistral_common
+    import torch
+
+    from mistral_lm import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(**RANDOM)).save_pretrained(folder)
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
+    return folder
+
+
+def start_server(model: Path | None, port: int, threads: int | None) -> subprocess.Popen:
+    code = ("import sys, torch\n"
+            f"if {threads!r}: torch.set_num_threads({threads!r})\n"
+            "from mistral_lm.server.app import serve\n"
+            f"serve({str(model) if model else None!r}, port={port}, log_level='warning', max_queue=256)\n")
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def wait_ready(url: str, server: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with status {server.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the server did not become ready")
+
+
+def stream_one(url: str, prompt: str, max_tokens: int) -> int:
+    """Stream one completion; return its completion tokens (from the final usage chunk)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    produced = None
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    produced = event["usage"]["completion_tokens"]
+    assert produced is not None, "no usage chunk"
+    return produced
+
+
+def phase(url: str, clients: int, requests_each: int, max_tokens: int) -> dict[str, float]:
+    """`clients` concurrent clients, each sending `requests_each` streams one after the other."""
+    before = httpx.get(url + "/health").json()
+
+    def client(c: int) -> int:
+        return sum(stream_one(url, f"Story {c}.{r}: Once upon a time, in a city by the sea,", max_tokens)
+                   for r in range(requests_each))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        tokens = sum(pool.map(client, range(clients)))
+    elapsed = time.perf_counter() - start
+    after = httpx.get(url + "/health").json()
+    steps = after["decode_steps"] - before["decode_steps"]
+    rows = after["decoded_rows"] - before["decoded_rows"]
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "rows_per_step": rows / max(steps, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a model folder or .gguf file (default: the packaged SmolLM2)")
+    parser.add_argument("--random", action="store_true", help="serve a random 4-layer Mistral instead")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=2, help="requests per client in each phase")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads in the server (default: torch's)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else None
+        if args.random:
+            model = random_model(Path(tmp))
+        elif model is None:
+            from mistral_lm.defaults import default_model_path
+            from mistral_lm.errors import CheckpointError
+
+            try:
+                model = default_model_path()
+            except CheckpointError as exc:
+                print(f"no default model ({exc}); using a random one", file=sys.stderr)
+                model = random_model(Path(tmp))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        server = start_server(model, port, args.threads)
+        try:
+            wait_ready(url, server)
+            stream_one(url, "Warm up.", 8)
+            one = phase(url, 1, args.requests, args.max_tokens)
+            many = phase(url, args.clients, args.requests, args.max_tokens)
+        finally:
+            server.terminate()
+            server.wait(30)
+
+    label = "random 4-layer Mistral" if model == Path(tmp) else model.name
+    print(f"model: {label}, max_tokens {args.max_tokens}, {args.requests} requests per client")
+    print(f"{'clients':>8} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'rows/forward':>13}")
+    for clients, r in ((1, one), (args.clients, many)):
+        print(f"{clients:>8} {r['tokens']:>8} {r['seconds']:>8.2f} {r['tok_s']:>9.1f} {r['rows_per_step']:>13.1f}")
+    print(f"throughput ratio, {args.clients} clients vs 1: {many['tok_s'] / one['tok_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
