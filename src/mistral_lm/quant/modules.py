@@ -1,0 +1,414 @@
+"""Weight-only quantized Linears and `quantize_model`, the module swap.
+
+Every module casts its input to `compute_dtype`, runs its matmul, casts back to the input's
+dtype and adds the bias. Codes live in non-persistent buffers in whatever layout the kernel
+wants; the state dict carries a *portable* form instead (`portable_names`), because torch's
+packed int4 layout depends on the device and even on the CPU's vector width. So
+``quantize_model(fresh_model, config).load_state_dict(saved)`` restores a quantized model on
+any machine, including one built on the meta device.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, InputError
+from .config import GROUP_SIZES, BitsAndBytesConfig
+from .functional import (CODEBOOKS, dequantize_4bit_codebook, dequantize_int4, dequantize_int8,
+                         pack_nibbles, quantize_4bit_codebook, quantize_int4, quantize_int8,
+                         unpack_nibbles)
+from .kernels import (INT4_ROW_ALIGN, dequantize_int4_t, int4_kernel_rows, int4_mm, int8_kernel_rows,
+                      int8_mm, pack_int4, unpack_int4)
+
+
+class QuantizedLinear(nn.Module):
+    """Base class: cast to `compute_dtype`, `_matmul`, cast back, add the bias.
+
+    Subclasses define `portable_names` / `_portable_shapes` / `_portable_state` /
+    `_load_portable` (the state-dict form), `_matmul` and `dequantize`.
+    """
+
+    portable_names: tuple[str, ...] = ()
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise InputError(f"{type(self).__name__} expects inputs with last dimension "
+                             f"{self.in_features}, got shape {tuple(x.shape)}")
+        flat = x.reshape(-1, self.in_features).to(self.compute_dtype)     # (M, K)
+        y = self._matmul(flat).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, K) in compute_dtype -> (M, N) in compute_dtype."""
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (N, K) weight this module multiplies by."""
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        """Bytes held for the weight: codes, scales and zeros, padding included; not the bias."""
+        return sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}")
+
+    # ---------------------------------------------------------------- portable state
+    def _portable_shapes(self) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _portable_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _load_portable(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        return next(self.buffers(recurse=False)).device
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, tensor in self._portable_state().items():
+            destination[prefix + name] = tensor
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        keys = {name: prefix + name for name in self.portable_names}
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in keys.values()]
+        absent = [key for key in keys.values() if key not in state_dict]
+        if absent:
+            missing_keys.extend(absent)
+            return
+        state = {name: state_dict[key] for name, key in keys.items()}
+        wrong = [f"{keys[name]}: expected shape {shape}, got {tuple(state[name].shape)}"
+                 for name, shape in self._portable_shapes().items() if tuple(state[name].shape) != shape]
+        if wrong:
+            error_msgs.append("; ".join(wrong))
+            return
+        self._load_portable(state)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedLinear:
+        """`.to(dtype)` / `.half()` leave codes and scales alone: the compute dtype belongs to the
+        quantization, not to the surrounding model. A device move re-packs through the portable
+        form, since packed layouts differ between devices. The bias follows `fn` as usual."""
+        if self.bias is not None:
+            self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=False)
+        source = self._device()
+        target = fn(torch.empty(0, device=source)).device
+        if target != source:
+            state = self._portable_state()
+            if source.type == "meta":  # to_empty(): nothing to copy, only storage to make
+                self._load_portable({k: torch.zeros_like(v, device=target) for k, v in state.items()})
+            else:
+                self._load_portable({k: v.to(target) for k, v in state.items()})
+        return self
+
+
+class Int8Linear(QuantizedLinear):
+    """Symmetric per-output-channel int8 weight: w = weight[n, k] * weight_scale[n].
+
+    Small M runs torch's `_weight_int8pack_mm` (bfloat16, K % 16 == 0); otherwise, and from
+    INT8_DENSE_MIN_ROWS rows on, the weight is expanded into the compute dtype for F.linear.
+    1 byte/param + 2 or 4 bytes per output row.
+    """
+
+    portable_names = ("weight", "weight_scale")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 compute_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype, device)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                             persistent=False)
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=compute_dtype, device=device),
+                             persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
+        """Quantize an nn.Linear (scales rounded to `compute_dtype` before codes are chosen)."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
+                     linear.weight.device)
+        weight, scale = quantize_int8(linear.weight.detach(), compute_dtype)
+        module._load_portable({"weight": weight, "weight_scale": scale})
+        _copy_bias(module, linear)
+        return module
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < self._kernel_rows and x.dtype == torch.bfloat16:
+            return int8_mm(x, self.weight, self.weight_scale)
+        return F.linear(x, self.weight.to(x.dtype) * self.weight_scale[:, None])
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.weight, self.weight_scale)
+
+    def _portable_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": (self.out_features, self.in_features), "weight_scale": (self.out_features,)}
+
+    def _portable_state(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "weight_scale": self.weight_scale}
+
+    def _load_portable(self, state: dict[str, torch.Tensor]) -> None:
+        self.weight = state["weight"].to(torch.int8).contiguous()
+        self.weight_scale = state["weight_scale"].to(self.compute_dtype).contiguous()
+        self._kernel_rows = int8_kernel_rows(self.weight.device, self.in_features)
+
+
+class Int4Linear(QuantizedLinear):
+    """Group-wise affine 4-bit weight: w = (q - 8) * scale[n, g] + zero[n, g], q in [0, 15].
+
+    In memory: `packed`, torch's int4 layout for the current device (rows padded to a multiple
+    of 64), and `scale_and_zero` (K / group_size, N, 2) in the compute dtype, the kernel's
+    operand. 0.5 + 4 / group_size bytes/param with bfloat16 scales (0.5625 at group 64). Small
+    M runs the int4 kernel; prefill (INT4_DENSE_MIN_ROWS rows on) expands the weight once.
+    State dict: weight_packed (N, K/2) `pack_nibbles` bytes, weight_scale and weight_zero (N, G).
+    """
+
+    portable_names = ("weight_packed", "weight_scale", "weight_zero")
+    _planes = 1  # copies of x the kernel sees; GGUFLinear's Q8_0 splits a byte into 2 planes
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64,
+                 compute_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype, device)
+        if group_size not in GROUP_SIZES or in_features % group_size:
+            raise ConfigError(f"group_size must be one of {GROUP_SIZES} and divide in_features "
+                              f"({in_features}), got {group_size}")
+        self.group_size = group_size
+        self.register_buffer("packed", None, persistent=False)
+        self.register_buffer("scale_and_zero", None, persistent=False)
+        self._load_portable({name: torch.zeros(shape, dtype=torch.uint8 if name == "weight_packed" else compute_dtype,
+                                               device=device)
+                             for name, shape in self._portable_shapes().items()})
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
+        """Quantize an nn.Linear with min/max groups (see `quantize_int4`)."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size,
+                     compute_dtype, linear.weight.device)
+        q, scale, zero = quantize_int4(linear.weight.detach(), group_size, compute_dtype)
+        module._load_portable({"weight_packed": pack_nibbles(q), "weight_scale": scale, "weight_zero": zero})
+        _copy_bias(module, linear)
+        return module
+
+    @property
+    def _columns(self) -> int:
+        return self.in_features * self._planes
+
+    @property
+    def _rows(self) -> int:
+        return -(-self.out_features // INT4_ROW_ALIGN) * INT4_ROW_ALIGN
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        wide = x.repeat(1, self._planes) if self._planes > 1 else x.contiguous()  # (M, planes*K)
+        if x.shape[0] < self._kernel_rows and x.dtype == torch.bfloat16:
+            y = int4_mm(wide, self.packed, self.group_size, self.scale_and_zero)
+        else:
+            y = wide @ dequantize_int4_t(self.packed, self.scale_and_zero, self.group_size, self._rows,
+                                         self._columns, x.dtype)
+        return y if self._rows == self.out_features else y[:, : self.out_features]
+
+    def dequantize(self) -> torch.Tensor:
+        w = dequantize_int4(*self._codes_scale_zero())
+        if self._planes == 1:
+            return w
+        return w.reshape(self.out_features, self._planes, self.in_features).sum(dim=1)
+
+    def _codes_scale_zero(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, planes*K) codes and the two (N, G) operands, without the padding rows."""
+        q = unpack_int4(self.packed, self._rows, self._columns)[: self.out_features]
+        scale, zero = self.scale_and_zero[:, : self.out_features].permute(2, 1, 0)
+        return q, scale, zero
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
+
+    def _portable_shapes(self) -> dict[str, tuple[int, ...]]:
+        groups = (self.out_features, self._columns // self.group_size)
+        return {"weight_packed": (self.out_features, self._columns // 2), "weight_scale": groups,
+                "weight_zero": groups}
+
+    def _portable_state(self) -> dict[str, torch.Tensor]:
+        q, scale, zero = self._codes_scale_zero()
+        return {"weight_packed": pack_nibbles(q), "weight_scale": scale.contiguous(),
+                "weight_zero": zero.contiguous()}
+
+    def _load_portable(self, state: dict[str, torch.Tensor]) -> None:
+        pad = self._rows - self.out_features
+        q = F.pad(unpack_nibbles(state["weight_packed"].to(torch.uint8)), (0, 0, 0, pad), value=8)
+        scale_zero = torch.stack([state["weight_scale"], state["weight_zero"]], dim=-1)   # (N, G, 2)
+        scale_zero = F.pad(scale_zero.to(self.compute_dtype), (0, 0, 0, 0, 0, pad))
+        self.packed = pack_int4(q)
+        self.scale_and_zero = scale_zero.transpose(0, 1).contiguous()                     # (G, rows, 2)
+        self._kernel_rows = int4_kernel_rows(self.packed.device)
+
+
+@functools.cache
+def _pair_table(quant_type: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256,) integers whose bytes are the two codebook values of a packed byte, in `dtype`:
+    one gather then decodes two weights (measured ~2x faster than indexing nibbles)."""
+    codebook = CODEBOOKS[quant_type].to(device)
+    byte = torch.arange(256, device=device)
+    pairs = torch.stack([codebook[byte >> 4], codebook[byte & 15]], dim=-1).to(dtype)  # (256, 2)
+    return pairs.view(torch.int32 if dtype.itemsize == 2 else torch.int64).reshape(256)
+
+
+class NF4Linear(QuantizedLinear):
+    """bitsandbytes' 4-bit formats: w = codebook[q] * absmax[n, g] over blocks of `blocksize`.
+
+    `quant_type` "nf4" (NormalFloat) or "fp4"; blocksize 64 and float32 absmax as bitsandbytes
+    stores them (0.5625 bytes/param). No torch kernel takes a codebook, so the codes are decoded
+    with a byte -> value-pair gather. For small M the absmax is applied after the matmul: the
+    unscaled codes multiply a block-diagonal copy of x, giving each row's per-block partial
+    sums, which are scaled and summed in float32; that skips writing a scaled (N, K) weight.
+    """
+
+    portable_names = ("weight_packed", "weight_absmax")
+    split_max_rows = 4  # absmax-after-matmul below this M (CPU time at M=1: 0.47 vs 0.63 ms, 1536x576)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant_type: str = "nf4",
+                 blocksize: int = 64, compute_dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype, device)
+        if quant_type not in CODEBOOKS:
+            raise ConfigError(f"quant_type must be one of {tuple(CODEBOOKS)}, got {quant_type!r}")
+        if blocksize not in GROUP_SIZES or in_features % blocksize:
+            raise ConfigError(f"blocksize must be one of {GROUP_SIZES} and divide in_features "
+                              f"({in_features}), got {blocksize}")
+        self.quant_type = quant_type
+        self.blocksize = blocksize
+        shapes = self._portable_shapes()
+        self.register_buffer("weight_packed", torch.zeros(shapes["weight_packed"], dtype=torch.uint8, device=device),
+                             persistent=False)
+        self.register_buffer("weight_absmax", torch.zeros(shapes["weight_absmax"], device=device), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> NF4Linear:
+        """Quantize an nn.Linear (see `quantize_4bit_codebook`)."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, quant_type, blocksize,
+                     compute_dtype, linear.weight.device)
+        q, absmax = quantize_4bit_codebook(linear.weight.detach(), CODEBOOKS[quant_type], blocksize)
+        module._load_portable({"weight_packed": pack_nibbles(q), "weight_absmax": absmax})
+        _copy_bias(module, linear)
+        return module
+
+    def _codes(self, dtype: torch.dtype) -> torch.Tensor:
+        """Unscaled codebook values (N, K) in `dtype`."""
+        table = _pair_table(self.quant_type, dtype, self.weight_packed.device)
+        pairs = torch.index_select(table, 0, self.weight_packed.reshape(-1).int())
+        return pairs.view(dtype).reshape(self.out_features, self.in_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        m, n, blocks = x.shape[0], self.out_features, self.in_features // self.blocksize
+        codes = self._codes(x.dtype)
+        if m >= self.split_max_rows:
+            scaled = codes.reshape(n, blocks, -1).mul_(self.weight_absmax.to(x.dtype)[..., None])
+            return F.linear(x, scaled.reshape(n, -1))
+        eye = torch.eye(blocks, dtype=x.dtype, device=x.device)
+        diag = (x.reshape(m, blocks, -1, 1) * eye[None, :, None, :]).permute(1, 2, 0, 3)  # (G, B, M, G)
+        partial = (codes @ diag.reshape(self.in_features, m * blocks)).reshape(n, m, blocks)
+        return (partial.float() * self.weight_absmax[:, None, :]).sum(dim=-1).T.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_4bit_codebook(unpack_nibbles(self.weight_packed), self.weight_absmax,
+                                        CODEBOOKS[self.quant_type])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, quant_type={self.quant_type}, blocksize={self.blocksize}"
+
+    def _portable_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight_packed": (self.out_features, self.in_features // 2),
+                "weight_absmax": (self.out_features, self.in_features // self.blocksize)}
+
+    def _portable_state(self) -> dict[str, torch.Tensor]:
+        return {"weight_packed": self.weight_packed, "weight_absmax": self.weight_absmax}
+
+    def _load_portable(self, state: dict[str, torch.Tensor]) -> None:
+        self.weight_packed = state["weight_packed"].to(torch.uint8).contiguous()
+        self.weight_absmax = state["weight_absmax"].float().contiguous()
+
+
+def _copy_bias(module: QuantizedLinear, linear: nn.Linear) -> None:
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+
+def _is_skipped(name: str, skip: list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def quantize_linear(linear: nn.Linear, config: BitsAndBytesConfig, name: str = "linear") -> QuantizedLinear:
+    """The quantized twin of one nn.Linear under `config`; empty (for a later load) if on meta."""
+    group = config.group_size
+    if config.load_in_4bit and linear.in_features % group:
+        raise ConfigError(
+            f"{name}: in_features {linear.in_features} is not a multiple of group_size {group}; "
+            f"choose a group_size in {GROUP_SIZES} that divides it, or add {name!r} to llm_int8_skip_modules"
+        )
+    dtype = config.compute_dtype
+    if linear.weight.is_meta:
+        args = (linear.in_features, linear.out_features, linear.bias is not None)
+        if config.load_in_8bit:
+            return Int8Linear(*args, dtype, "meta")
+        if config.bnb_4bit_quant_type == "int4":
+            return Int4Linear(*args, group, dtype, "meta")
+        return NF4Linear(*args, config.bnb_4bit_quant_type, group, dtype, "meta")
+    if config.load_in_8bit:
+        return Int8Linear.from_linear(linear, dtype)
+    if config.bnb_4bit_quant_type == "int4":
+        return Int4Linear.from_linear(linear, group, dtype)
+    return NF4Linear.from_linear(linear, config.bnb_4bit_quant_type, group, dtype)
+
+
+def quantize_model(model: nn.Module, config: BitsAndBytesConfig | dict[str, Any]) -> nn.Module:
+    """Replace every nn.Linear except `config.skip_modules` (name suffixes) in place; return `model`.
+
+    A model built on the meta device gets empty quantized modules, to be filled by
+    `load_state_dict` from a quantized checkpoint. Sets `model.quantization_config` if the
+    model has that attribute, so `save_pretrained` can record it.
+
+    >>> toy = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    >>> type(quantize_model(toy, BitsAndBytesConfig(load_in_8bit=True))[0]).__name__
+    'Int8Linear'
+    """
+    if isinstance(config, dict):
+        config = BitsAndBytesConfig.from_dict(config)
+    if not (config.load_in_8bit or config.load_in_4bit):
+        raise ConfigError("quantize_model needs load_in_8bit=True or load_in_4bit=True in the config")
+    if isinstance(model, nn.Linear):
+        return quantize_linear(model, config)
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not _is_skipped(name, config.skip_modules)]
+    for name, linear in targets:
+        model.set_submodule(name, quantize_linear(linear, config, name))
+    if hasattr(model, "quantization_config"):
+        model.quantization_config = config
+    return model
+
+
+def load_quantized_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                              config: BitsAndBytesConfig | dict[str, Any], strict: bool = True) -> nn.Module:
+    """Quantize `model`'s structure (its float weights are not used) and load a saved quantized
+    state dict into it: the inverse of ``quantize_model(m, config).state_dict()``."""
+    model = quantize_model(model, config)
+    try:
+        model.load_state_dict(state_dict, strict=strict, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"quantized state dict does not match the model: {exc}") from exc
+    return model

@@ -1,0 +1,432 @@
+"""Weight-only quantization: config, numeric definitions, torch-kernel conventions, modules, GGUF.
+
+The oracles are brute-force definitions (nearest level over every code), bitsandbytes'
+construction of NF4, `gguf.quants.dequantize` for llama.cpp blocks, and F.linear with each
+module's own dequantized weight.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from mistral_lm.errors import CheckpointError, ConfigError, InputError
+from mistral_lm.quant import config as config_module
+from mistral_lm.quant import kernels
+from mistral_lm.quant.functional import FP4_CODEBOOK, NF4_CODEBOOK, pack_nibbles, unpack_nibbles
+from mistral_lm.quantization import (BitsAndBytesConfig, GGUFLinear, Int4Linear, Int8Linear, NF4Linear,
+                                     dequantize_4bit_codebook, dequantize_int4, dequantize_int8,
+                                     load_quantized_state_dict, quantize_4bit_codebook, quantize_int4,
+                                     quantize_int8, quantize_model)
+
+Q = gguf.GGMLQuantizationType
+N, K = 96, 256  # N is not a multiple of 64: the int4 row padding is exercised everywhere
+
+# name -> module factory from an nn.Linear, for the tests every scheme must pass
+SCHEMES = {
+    "int8": lambda lin, dt: Int8Linear.from_linear(lin, dt),
+    "int4": lambda lin, dt: Int4Linear.from_linear(lin, 64, dt),
+    "int4-g32": lambda lin, dt: Int4Linear.from_linear(lin, 32, dt),
+    "nf4": lambda lin, dt: NF4Linear.from_linear(lin, "nf4", 64, dt),
+    "fp4": lambda lin, dt: NF4Linear.from_linear(lin, "fp4", 64, dt),
+    "Q4_1": lambda lin, dt: _gguf_module(lin, Q.Q4_1, dt),
+    "Q8_0": lambda lin, dt: _gguf_module(lin, Q.Q8_0, dt),
+}
+
+
+def _raw(weight: torch.Tensor, ggml_type: Q) -> SimpleNamespace:
+    data = gguf.quants.quantize(weight.detach().numpy(), ggml_type)
+    return SimpleNamespace(ggml_type=ggml_type, shape=tuple(weight.shape), data=data)
+
+
+def _gguf_module(linear: nn.Linear, ggml_type: Q, dtype: torch.dtype) -> GGUFLinear:
+    return GGUFLinear.from_quantized(_raw(linear.weight, ggml_type), linear.bias, compute_dtype=dtype)
+
+
+def _assert_matches_reference(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, compute: torch.dtype) -> None:
+    """y vs F.linear(x, weight) with x rounded as the module rounds it. All float32: 1e-5 of the
+    output scale; any bfloat16: 2^-7 (products, partial sums or the output are bf16-rounded)."""
+    ref = F.linear(x.to(compute).double(), weight.double())
+    exact = compute == x.dtype == torch.float32
+    tol = (1e-5 if exact else 2**-7) * ref.abs().max().item()
+    assert y.dtype == x.dtype
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=tol)
+
+
+# ------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("value, expected", [
+    (None, torch.bfloat16), (torch.float16, torch.float16), ("float16", torch.float16),
+    ("torch.float16", torch.float16), ("bfloat16", torch.bfloat16), ("torch.float32", torch.float32),
+])
+def test_config_compute_dtype(value, expected):
+    assert BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=value).compute_dtype == expected
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(load_in_8bit=True, load_in_4bit=True), "load_in_8bit and load_in_4bit"),
+    (dict(load_in_4bit=True, bnb_4bit_quant_type="int3"), "bnb_4bit_quant_type"),
+    (dict(load_in_4bit=True, bnb_4bit_compute_dtype="float17"), "bnb_4bit_compute_dtype"),
+    (dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.int8), "bnb_4bit_compute_dtype"),
+    (dict(load_in_4bit=True, group_size=48), "group_size"),
+    (dict(load_in_4bit=True, group_size=True), "group_size"),
+    (dict(load_in_8bit="yes"), "load_in_8bit"),
+    (dict(load_in_8bit=True, llm_int8_skip_modules="lm_head"), "llm_int8_skip_modules"),
+    (dict(load_in_8bit=True, llm_int8_threshold=-1.0), "llm_int8_threshold"),
+])
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        BitsAndBytesConfig(**kwargs)
+
+
+def test_config_dict_round_trip_and_transformers_dict():
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="int4", bnb_4bit_compute_dtype="float32",
+                             llm_int8_skip_modules=["lm_head", "score"], group_size=128)
+    again = BitsAndBytesConfig.from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict() and again.compute_dtype == torch.float32
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_compute_dtype=torch.float16).to_dict()
+    ours = BitsAndBytesConfig.from_dict(theirs)
+    assert (ours.load_in_4bit, ours.bnb_4bit_quant_type, ours.compute_dtype) == (True, "nf4", torch.float16)
+    assert ours.skip_modules == ["lm_head"]
+
+
+def test_config_from_dict_rejects_unknown_keys_and_methods():
+    with pytest.raises(ConfigError, match="bogus"):
+        BitsAndBytesConfig.from_dict({"load_in_8bit": True, "bogus": 1})
+    with pytest.raises(ConfigError, match="gptq"):
+        BitsAndBytesConfig.from_dict({"quant_method": "gptq"})
+
+
+def test_config_warns_once_for_options_not_honored(monkeypatch):
+    monkeypatch.setattr(config_module, "_warned", set())
+    with pytest.warns(UserWarning, match="bnb_4bit_use_double_quant"):
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True)
+
+
+# ------------------------------------------------------------------- numeric definitions
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int8_codes_are_the_nearest_levels(scale_dtype):
+    w = torch.randn(N, K) * torch.rand(N, 1) * 3
+    w[3] = 0  # an all-zero row
+    q, scale = quantize_int8(w, scale_dtype)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127 and scale.dtype == scale_dtype
+    levels = torch.arange(-127, 128).float() * scale.float()[:, None]            # (N, 255)
+    best = (w[:, :, None] - levels[:, None, :]).abs().amin(-1)                   # brute force
+    torch.testing.assert_close((w - dequantize_int8(q, scale)).abs(), best, rtol=0, atol=1e-6)
+    assert torch.equal(dequantize_int8(q, scale)[3], torch.zeros(K))
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_codes_are_the_nearest_levels(scale_dtype, group_size):
+    w = torch.randn(N, K) + torch.randn(N, 1)  # offsets: the zero point matters
+    w[5, :group_size] = 0.75                   # a constant group
+    q, scale, zero = quantize_int4(w, group_size, scale_dtype)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == (N, K // group_size)
+    deq = dequantize_int4(q, scale, zero)
+    s = scale.float().repeat_interleave(group_size, 1)
+    z = zero.float().repeat_interleave(group_size, 1)
+    levels = (torch.arange(16).float() - 8) * s[..., None] + z[..., None]        # (N, K, 16)
+    best = (w[..., None] - levels).abs().amin(-1)
+    torch.testing.assert_close((w - deq).abs(), best, rtol=0, atol=1e-6)
+    slack = torch.finfo(scale_dtype).eps * (z.abs() + 8 * s)  # scale/zero rounding
+    assert bool(((w - deq).abs() <= s / 2 + slack + 1e-6).all())
+    assert torch.equal(deq[5, :group_size], torch.full((group_size,), float(zero[5, 0])))
+    assert abs(float(zero[5, 0]) - 0.75) <= 0.75 * torch.finfo(scale_dtype).eps
+
+
+def test_nf4_codebook_is_bitsandbytes_normal_map():
+    """bitsandbytes' create_normal_map: 8 positive and 7 negative N(0,1) quantiles from
+    offset 0.9677083 to 0.5, a zero, normalized by the largest."""
+    offset = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    torch.testing.assert_close(NF4_CODEBOOK.double(), values / values.max(), rtol=0, atol=1e-6)
+
+
+def test_fp4_codebook_is_signed_e2m1_with_bitsandbytes_subnormal():
+    assert torch.equal(FP4_CODEBOOK[8:], -FP4_CODEBOOK[:8])
+    normal = [(1 + m / 2) * 2**e / 12 for e in (1, 2, 3) for m in (0, 1)]  # 1/6 .. 1
+    torch.testing.assert_close(FP4_CODEBOOK[:8].sort().values, torch.tensor(sorted([0, 1 / 192] + normal)))
+
+
+@pytest.mark.parametrize("codebook", [NF4_CODEBOOK, FP4_CODEBOOK], ids=["nf4", "fp4"])
+def test_codebook_codes_are_the_nearest_entries(codebook):
+    w = torch.randn(N, K) * 2
+    w[7, :64] = 0  # an all-zero block
+    q, absmax = quantize_4bit_codebook(w, codebook, 64)
+    torch.testing.assert_close(absmax, w.abs().reshape(N, -1, 64).amax(-1))
+    deq = dequantize_4bit_codebook(q, absmax, codebook)
+    levels = codebook * absmax.repeat_interleave(64, 1)[..., None]               # (N, K, 16)
+    best = (w[..., None] - levels).abs().amin(-1)
+    torch.testing.assert_close((w - deq).abs(), best, rtol=0, atol=1e-6)
+    assert torch.equal(deq[7, :64], torch.zeros(64))
+
+
+def test_pack_nibbles_order_and_round_trip():
+    assert pack_nibbles(torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)).tolist() == [[0x12, 0xF0]]
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
+
+
+# --------------------------------------------------------------- torch kernel conventions
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernel_convention(dtype):
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    scale = torch.rand(N).to(dtype)
+    x = torch.randn(5, K).to(dtype)
+    _assert_matches_reference(kernels.int8_mm(x, q, scale), x, dequantize_int8(q, scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_convention_is_q_minus_8_times_scale_plus_zero(dtype):
+    rows = 128
+    q = torch.randint(0, 16, (rows, K), dtype=torch.uint8)
+    scale, zero = torch.rand(rows, K // 64).to(dtype), torch.randn(rows, K // 64).to(dtype)
+    x = torch.randn(5, K).to(dtype)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+    y = kernels.int4_mm(x, kernels.pack_int4(q), 64, sz)
+    _assert_matches_reference(y, x, dequantize_int4(q, scale, zero), dtype)
+
+
+def test_int4_unpack_reads_back_the_codes():
+    q = torch.randint(0, 16, (128, K), dtype=torch.uint8)
+    packed = kernels.pack_int4(q)
+    assert torch.equal(kernels.unpack_int4(packed, 128, K), q)
+    assert torch.equal(kernels._unpack_through_kernel(packed, 128, K), q)
+    expected_rows = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability())
+    if expected_rows is not None:  # the layouts documented in kernels.py are the ones found
+        assert kernels._cpu_block_rows() == expected_rows
+
+
+def test_int4_dense_operand_is_the_transposed_weight():
+    q = torch.randint(0, 16, (128, K), dtype=torch.uint8)
+    scale, zero = torch.rand(128, K // 32), torch.randn(128, K // 32)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+    wt = kernels.dequantize_int4_t(kernels.pack_int4(q), sz, 32, 128, K, torch.float32)
+    torch.testing.assert_close(wt, dequantize_int4(q, scale, zero).T, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- modules
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 64])  # decode kernels, small batches, the dense prefill path
+def test_forward_equals_linear_with_dequantized_weight(scheme, compute, x_dtype, rows):
+    lin = nn.Linear(K, N, bias=True)
+    module = SCHEMES[scheme](lin, compute)
+    x = torch.randn(2, rows, K).to(x_dtype)
+    y = module(x)
+    assert y.shape == (2, rows, N)
+    weight, bias = module.dequantize(), lin.bias.detach()
+    _assert_matches_reference((y - bias.to(x_dtype)).reshape(-1, N), x.reshape(-1, K), weight, compute)
+
+
+@pytest.mark.parametrize("scheme, bound", [("int8", 0.01), ("int4", 0.1), ("nf4", 0.12), ("fp4", 0.2),
+                                           ("Q4_1", 0.1), ("Q8_0", 0.01)])
+def test_dequantized_weight_is_close_to_the_original(scheme, bound):
+    lin = nn.Linear(K, N)
+    weight = lin.weight.detach()
+    err = (SCHEMES[scheme](lin, torch.float32).dequantize() - weight).norm() / weight.norm()
+    assert float(err) < bound
+
+
+def test_int8_with_in_features_the_kernel_cannot_take():
+    """The bf16 int8 kernel returns garbage for K % 16 != 0; the module must not call it."""
+    lin = nn.Linear(40, 32)
+    module = Int8Linear.from_linear(lin)
+    x = torch.randn(3, 40)
+    _assert_matches_reference(module(x) - lin.bias.detach(), x, module.dequantize(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("scheme, low, high", [("int8", 1.0, 1.01), ("int4", 0.55, 0.6), ("nf4", 0.55, 0.6),
+                                               ("fp4", 0.55, 0.6), ("Q4_1", 0.6, 0.63)])
+def test_bytes_per_parameter(scheme, low, high):
+    module = SCHEMES[scheme](nn.Linear(512, 1024), torch.bfloat16)
+    assert low <= module.weight_bytes() / (512 * 1024) <= high
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_state_dict_round_trip_through_safetensors(scheme):
+    source = SCHEMES[scheme](nn.Linear(K, N), torch.bfloat16)
+    blob = st_save(source.state_dict())
+    target = SCHEMES[scheme](nn.Linear(K, N), torch.bfloat16)  # other weights, same structure
+    target.load_state_dict(st_load(blob))
+    x = torch.randn(3, K)
+    assert torch.equal(target(x), source(x))
+    assert all(t.dtype in (torch.int8, torch.uint8, torch.bfloat16, torch.float32)
+               for t in source.state_dict().values())
+
+
+def test_int4_state_dict_is_the_portable_form():
+    lin = nn.Linear(K, N)
+    q, scale, zero = quantize_int4(lin.weight.detach(), 64, torch.bfloat16)
+    state = Int4Linear.from_linear(lin, 64).state_dict()
+    assert torch.equal(state["weight_packed"], pack_nibbles(q))
+    assert torch.equal(state["weight_scale"], scale) and torch.equal(state["weight_zero"], zero)
+
+
+def test_load_state_dict_reports_missing_and_misshapen_keys():
+    state = Int4Linear.from_linear(nn.Linear(K, N)).state_dict()
+    with pytest.raises(RuntimeError, match="weight_zero"):
+        Int4Linear(K, N).load_state_dict({k: v for k, v in state.items() if k != "weight_zero"})
+    with pytest.raises(RuntimeError, match="weight_packed: expected shape"):
+        Int4Linear(K, 2 * N).load_state_dict(state)
+
+
+def test_dtype_casts_keep_the_quantization_and_device_moves_repack():
+    module = Int4Linear.from_linear(nn.Linear(K, N, bias=False))
+    x = torch.randn(3, K)
+    before = module(x)
+    model = nn.Sequential(module).to(torch.float16).float().to("cpu")
+    assert module.compute_dtype == torch.bfloat16 and module.scale_and_zero.dtype == torch.bfloat16
+    assert torch.equal(model(x), before)
+    assert Int8Linear.from_linear(nn.Linear(K, N)).half().bias.dtype == torch.float16  # the bias follows
+    empty = nn.Sequential(Int4Linear(K, N, device="meta")).to_empty(device="cpu")
+    assert empty[0].packed.device.type == "cpu" and empty[0](x).shape == (3, N)
+
+
+def test_input_with_the_wrong_width_is_an_input_error():
+    with pytest.raises(InputError, match="last dimension 256"):
+        Int8Linear(K, N)(torch.randn(2, K + 1))
+
+
+def test_extra_repr_names_the_scheme():
+    assert "group_size=32" in repr(Int4Linear(K, N, group_size=32))
+    assert "quant_type=fp4, blocksize=64" in repr(NF4Linear(K, N, quant_type="fp4"))
+    assert "ggml_type=Q4_1" in repr(SCHEMES["Q4_1"](nn.Linear(K, N), torch.bfloat16))
+
+
+# -------------------------------------------------------------------------- quantize_model
+class _Toy(nn.Module):
+    """Mistral's Linear names in miniature, with a head to skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.ModuleDict({"up_proj": nn.Linear(64, 128), "down_proj": nn.Linear(128, 64)})
+        self.my_lm_head = nn.Linear(64, 64)  # shares the suffix text, not the module name
+        self.lm_head = nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mlp["down_proj"](F.silu(self.mlp["up_proj"](x)))
+        return self.lm_head(self.my_lm_head(h))
+
+
+@pytest.mark.parametrize("cfg, cls", [
+    (BitsAndBytesConfig(load_in_8bit=True), Int8Linear),
+    (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="int4"), Int4Linear),
+    (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"), NF4Linear),
+])
+def test_quantize_model_swaps_linears_and_skips_lm_head(cfg, cls):
+    toy = quantize_model(_Toy(), cfg)
+    assert isinstance(toy.lm_head, nn.Linear) and not isinstance(toy.lm_head, cls)
+    assert all(isinstance(m, cls) for m in (toy.mlp["up_proj"], toy.mlp["down_proj"], toy.my_lm_head))
+    custom = quantize_model(_Toy(), BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["up_proj"]))
+    assert type(custom.mlp["up_proj"]) is nn.Linear and isinstance(custom.lm_head, Int8Linear)
+    seq = quantize_model(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), cfg.to_dict())
+    assert isinstance(seq[0], cls) and isinstance(seq[2], cls)
+
+
+def test_quantize_model_errors_teach_the_fix():
+    with pytest.raises(ConfigError, match="load_in_8bit=True or load_in_4bit=True"):
+        quantize_model(_Toy(), BitsAndBytesConfig())
+    with pytest.raises(ConfigError, match=r"mlp\.up_proj.*llm_int8_skip_modules"):
+        quantize_model(_Toy(), BitsAndBytesConfig(load_in_4bit=True, group_size=128))
+
+
+@pytest.mark.parametrize("cfg", [BitsAndBytesConfig(load_in_8bit=True),
+                                 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="int4"),
+                                 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4")])
+def test_quantized_checkpoint_loads_into_a_meta_built_model(cfg):
+    source = quantize_model(_Toy(), cfg)
+    blob = st_save(source.state_dict())
+    with torch.device("meta"):
+        skeleton = _Toy()
+    target = load_quantized_state_dict(skeleton, st_load(blob), cfg)
+    x = torch.randn(4, 64)
+    assert torch.equal(target(x), source(x))
+    with pytest.raises(CheckpointError, match="mlp.up_proj.weight"):
+        with torch.device("meta"):
+            load_quantized_state_dict(_Toy(), {k: v for k, v in st_load(blob).items() if "up_proj" not in k}, cfg)
+
+
+# Measured relative logit errors over seeds 0-2: int8 0.009-0.012, int4 0.15-0.18, nf4 0.14-0.19
+# (hidden 64 is a single group per row, so 4-bit errors are larger than on real models).
+@pytest.mark.parametrize("quant, bound", [("int8", 0.03), ("int4", 0.25), ("nf4", 0.25)])
+def test_tiny_mistral_logits_stay_close_to_full_precision(quant, bound):
+    from mistral_lm import MistralForCausalLM
+
+    from .conftest import tiny_config
+
+    model = MistralForCausalLM(tiny_config(tie_word_embeddings=True)).eval()
+    for p in model.parameters():  # weights of a trained model's scale, not 0.02-std init noise
+        p.data.normal_(0, 0.2)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        kwargs = {"load_in_8bit": True} if quant == "int8" else {"load_in_4bit": True, "bnb_4bit_quant_type": quant}
+        quantized = quantize_model(model, BitsAndBytesConfig(**kwargs, bnb_4bit_compute_dtype="float32"))
+        logits = quantized(input_ids=ids).logits
+    assert isinstance(quantized.model.layers[0].mlp.down_proj, (Int8Linear, Int4Linear, NF4Linear))
+    assert quantized.quantization_config.to_dict()["load_in_8bit"] == (quant == "int8")
+    assert float((logits - full).norm() / full.norm()) < bound
+
+
+# ------------------------------------------------------------------------------------ GGUF
+def _random_q4_k(rows: int, cols: int) -> np.ndarray:
+    """Q4_K blocks with random codes, scales and mins (gguf cannot quantize to Q4_K)."""
+    blocks = np.random.default_rng(0).integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
+    blocks[..., 0:2] = np.full((rows, cols // 256), 0.01, np.float16).view(np.uint8).reshape(rows, -1, 2)
+    blocks[..., 2:4] = np.full((rows, cols // 256), 0.005, np.float16).view(np.uint8).reshape(rows, -1, 2)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("ggml_type", [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0])
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_gguf_linear_equals_gguf_dequantize(ggml_type, compute):
+    w = torch.randn(N, K) * 0.1 + 0.02
+    if ggml_type == Q.Q4_K:
+        qt = SimpleNamespace(ggml_type=int(ggml_type), shape=(N, K), data=_random_q4_k(N, K))
+    else:
+        qt = _raw(w, ggml_type)
+    reference = torch.from_numpy(gguf.quants.dequantize(qt.data, ggml_type)).reshape(N, K)
+    module = GGUFLinear.from_quantized(qt, compute_dtype=compute)
+    if compute == torch.float32:  # float16 d and m become float32 scale and zero exactly
+        assert torch.equal(module.dequantize(), reference)
+    else:
+        torch.testing.assert_close(module.dequantize(), reference, rtol=2**-8, atol=2**-8 * reference.abs().max())
+    for rows in (1, 7, 64):
+        x = torch.randn(rows, K)
+        _assert_matches_reference(module(x), x, reference, compute)
+
+
+def test_gguf_linear_rejects_unsupported_types_and_bad_sizes():
+    assert GGUFLinear.supports(Q.Q4_1) and not GGUFLinear.supports(Q.Q6_K)
+    with pytest.raises(CheckpointError, match="Q6_K"):
+        GGUFLinear.from_quantized(SimpleNamespace(ggml_type=Q.Q6_K, shape=(N, K), data=np.zeros((N, 210))))
+    with pytest.raises(CheckpointError, match="bytes per row"):
+        GGUFLinear.from_quantized(SimpleNamespace(ggml_type=Q.Q4_1, shape=(N, K), data=np.zeros((N, 100))))
+
+
+def test_gguf_linear_state_dict_round_trip_and_bias():
+    bias = torch.randn(N)
+    source = GGUFLinear.from_quantized(_raw(torch.randn(N, K), Q.Q8_0), bias=bias)
+    target = GGUFLinear(K, N, Q.Q8_0, bias=True)
+    target.load_state_dict(source.state_dict())
+    x = torch.randn(2, K)
+    assert torch.equal(target(x), source(x))
+    torch.testing.assert_close(source(x) - bias, F.linear(x, source.dequantize()), rtol=0.02, atol=0.05)
