@@ -54,7 +54,7 @@ def _gguf_module(linear: nn.Linear, ggml_type: Q, dtype: torch.dtype) -> GGUFLin
 
 def _assert_matches_reference(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, compute: torch.dtype) -> None:
     """y vs F.linear(x, weight) with x rounded as the module rounds it. All float32: 1e-5 of the
-    output scale; any bfloat16: 2^-7 (products, partial sums or the output are bf16-rounded)."""
+    output scale; otherwise 2^-7 (operands, partial sums or the output are 16-bit rounded)."""
     ref = F.linear(x.to(compute).double(), weight.double())
     exact = compute == x.dtype == torch.float32
     tol = (1e-5 if exact else 2**-7) * ref.abs().max().item()
@@ -236,6 +236,15 @@ def test_forward_equals_linear_with_dequantized_weight(scheme, compute, x_dtype,
     _assert_matches_reference((y - bias.to(x_dtype)).reshape(-1, N), x.reshape(-1, K), weight, compute)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_float16_compute_runs_the_dense_path(scheme):
+    """float16 skips the int4/int8 kernels (no vectorized float16 path there) and must still match."""
+    lin = nn.Linear(K, N, bias=False)
+    module = SCHEMES[scheme](lin, torch.float16)
+    x = torch.randn(3, K)
+    _assert_matches_reference(module(x), x, module.dequantize(), torch.float16)
+
+
 @pytest.mark.parametrize("scheme, bound", [("int8", 0.01), ("int4", 0.1), ("nf4", 0.12), ("fp4", 0.2),
                                            ("Q4_1", 0.1), ("Q8_0", 0.01)])
 def test_dequantized_weight_is_close_to_the_original(scheme, bound):
@@ -300,9 +309,12 @@ def test_dtype_casts_keep_the_quantization_and_device_moves_repack():
     assert empty[0].packed.device.type == "cpu" and empty[0](x).shape == (3, N)
 
 
-def test_input_with_the_wrong_width_is_an_input_error():
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear, NF4Linear])
+def test_a_fresh_module_runs_and_checks_its_input_width(cls):
+    module = cls(K, N)
+    assert torch.equal(module(torch.randn(2, K)), torch.zeros(2, N))  # zero codes and scales
     with pytest.raises(InputError, match="last dimension 256"):
-        Int8Linear(K, N)(torch.randn(2, K + 1))
+        module(torch.randn(2, K + 1))
 
 
 def test_extra_repr_names_the_scheme():

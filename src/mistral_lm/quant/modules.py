@@ -33,7 +33,8 @@ class QuantizedLinear(nn.Module):
     `_load_portable` (the state-dict form), `_matmul` and `dequantize`.
     """
 
-    portable_names: tuple[str, ...] = ()
+    portable_names: tuple[str, ...] = ()  # the state-dict entries
+    _buffer_names: tuple[str, ...] = ()   # the in-memory (kernel-layout) buffers
 
     def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype,
                  device: torch.device | str | None) -> None:
@@ -76,6 +77,14 @@ class QuantizedLinear(nn.Module):
 
     def _load_portable(self, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
+
+    def _init_storage(self, device: torch.device | str | None, dtypes: dict[str, torch.dtype]) -> None:
+        """Register the in-memory buffers and fill them with zero codes of the right shapes, for
+        `from_linear` or a state-dict load to replace."""
+        for name in self._buffer_names:
+            self.register_buffer(name, None, persistent=False)
+        self._load_portable({name: torch.zeros(shape, dtype=dtypes[name], device=device)
+                             for name, shape in self._portable_shapes().items()})
 
     def _device(self) -> torch.device:
         return next(self.buffers(recurse=False)).device
@@ -129,15 +138,12 @@ class Int8Linear(QuantizedLinear):
     1 byte/param + 2 or 4 bytes per output row.
     """
 
-    portable_names = ("weight", "weight_scale")
+    portable_names = _buffer_names = ("weight", "weight_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  compute_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
         super().__init__(in_features, out_features, bias, compute_dtype, device)
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
-                             persistent=False)
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=compute_dtype, device=device),
-                             persistent=False)
+        self._init_storage(device, {"weight": torch.int8, "weight_scale": compute_dtype})
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
@@ -180,6 +186,7 @@ class Int4Linear(QuantizedLinear):
     """
 
     portable_names = ("weight_packed", "weight_scale", "weight_zero")
+    _buffer_names = ("packed", "scale_and_zero")
     _planes = 1  # copies of x the kernel sees; GGUFLinear's Q8_0 splits a byte into 2 planes
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64,
@@ -189,11 +196,8 @@ class Int4Linear(QuantizedLinear):
             raise ConfigError(f"group_size must be one of {GROUP_SIZES} and divide in_features "
                               f"({in_features}), got {group_size}")
         self.group_size = group_size
-        self.register_buffer("packed", None, persistent=False)
-        self.register_buffer("scale_and_zero", None, persistent=False)
-        self._load_portable({name: torch.zeros(shape, dtype=torch.uint8 if name == "weight_packed" else compute_dtype,
-                                               device=device)
-                             for name, shape in self._portable_shapes().items()})
+        self._init_storage(device, {"weight_packed": torch.uint8, "weight_scale": compute_dtype,
+                                    "weight_zero": compute_dtype})
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64,
@@ -278,7 +282,7 @@ class NF4Linear(QuantizedLinear):
     sums, which are scaled and summed in float32; that skips writing a scaled (N, K) weight.
     """
 
-    portable_names = ("weight_packed", "weight_absmax")
+    portable_names = _buffer_names = ("weight_packed", "weight_absmax")
     split_max_rows = 4  # absmax-after-matmul below this M (CPU time at M=1: 0.47 vs 0.63 ms, 1536x576)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quant_type: str = "nf4",
@@ -292,10 +296,7 @@ class NF4Linear(QuantizedLinear):
                               f"({in_features}), got {blocksize}")
         self.quant_type = quant_type
         self.blocksize = blocksize
-        shapes = self._portable_shapes()
-        self.register_buffer("weight_packed", torch.zeros(shapes["weight_packed"], dtype=torch.uint8, device=device),
-                             persistent=False)
-        self.register_buffer("weight_absmax", torch.zeros(shapes["weight_absmax"], device=device), persistent=False)
+        self._init_storage(device, {"weight_packed": torch.uint8, "weight_absmax": torch.float32})
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
@@ -404,8 +405,9 @@ def quantize_model(model: nn.Module, config: BitsAndBytesConfig | dict[str, Any]
 
 def load_quantized_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
                               config: BitsAndBytesConfig | dict[str, Any], strict: bool = True) -> nn.Module:
-    """Quantize `model`'s structure (its float weights are not used) and load a saved quantized
-    state dict into it: the inverse of ``quantize_model(m, config).state_dict()``."""
+    """Swap `model`'s Linears and load a saved quantized state dict into them: the inverse of
+    ``quantize_model(m, config).state_dict()``. Build `model` on the meta device, so no float
+    weights are quantized only to be overwritten."""
     model = quantize_model(model, config)
     try:
         model.load_state_dict(state_dict, strict=strict, assign=True)
