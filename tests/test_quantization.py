@@ -21,7 +21,7 @@ from torch import nn
 
 from mistral_lm.errors import CheckpointError, ConfigError, InputError
 from mistral_lm.quant import config as config_module
-from mistral_lm.quant import kernels
+from mistral_lm.quant import kernels, modules
 from mistral_lm.quant.functional import FP4_CODEBOOK, NF4_CODEBOOK, pack_nibbles, unpack_nibbles
 from mistral_lm.quantization import (BitsAndBytesConfig, GGUFLinear, Int4Linear, Int8Linear, NF4Linear,
                                      dequantize_4bit_codebook, dequantize_int4, dequantize_int8,
@@ -236,8 +236,18 @@ def test_forward_equals_linear_with_dequantized_weight(scheme, compute, x_dtype,
     _assert_matches_reference((y - bias.to(x_dtype)).reshape(-1, N), x.reshape(-1, K), weight, compute)
 
 
+@pytest.mark.parametrize("scheme", ["int4", "nf4", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 64])
+def test_large_weights_are_expanded_in_row_chunks(monkeypatch, scheme, rows):
+    monkeypatch.setattr(modules, "_CHUNK_ROWS", 64)  # N = 96: a full chunk and a partial one
+    lin = nn.Linear(K, N, bias=False)
+    module = SCHEMES[scheme](lin, torch.float32)
+    x = torch.randn(rows, K)
+    _assert_matches_reference(module(x), x, module.dequantize(), torch.float32)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_float16_compute_runs_the_dense_path(scheme):
+def test_float16_compute_matches_the_reference(scheme):
     """float16 skips the int4/int8 kernels (no vectorized float16 path there) and must still match."""
     lin = nn.Linear(K, N, bias=False)
     module = SCHEMES[scheme](lin, torch.float16)

@@ -20,7 +20,8 @@ such form (the kernel's smallest group is 32); other types are not supported eit
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import gguf
 import numpy as np
@@ -84,7 +85,8 @@ def _q8_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 # A decoder maps blocks (N, blocks, bytes) to codes, scale and zero in Int4Linear's convention,
 # 32 codes per scale; Q8_0's carry a leading plane dimension of 2.
-_DECODERS: dict[Q, Any] = {Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q4_K: _q4_k, Q.Q8_0: _q8_0}
+_Decoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+_DECODERS: dict[Q, _Decoder] = {Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q4_K: _q4_k, Q.Q8_0: _q8_0}
 
 
 class GGUFLinear(Int4Linear):
