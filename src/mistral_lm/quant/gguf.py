@@ -12,8 +12,8 @@ exactly Int4Linear's ``w = (q - 8) * scale + zero`` with group_size 32:
           plane l scale d, zero 8d (d*l); their sum is d*q. Same kernel, 1.25 bytes/param.
 
 d, m, dmin are float16 and sc_j, m_j small integers, so with float32 compute every scale and
-zero above is exact. With bfloat16 compute (the fast path) each is rounded once to bfloat16:
-relative 2^-9, i.e. at most ~1/30 of a quantization step. Q6_K's 16-weight sub-blocks have no
+zero above is exact. With bfloat16 compute (the fast path) each is rounded once to bfloat16,
+relative 2^-9 (for a zero-centred block about 1/30 of a quantization step). Q6_K's 16-weight sub-blocks have no
 such form (the kernel's smallest group is 32); other types are not supported either:
 `GGUFLinear.supports` lets a loader dequantize those instead.
 """
@@ -103,10 +103,7 @@ class GGUFLinear(Int4Linear):
     def __init__(self, in_features: int, out_features: int, ggml_type: int, bias: bool = False,
                  compute_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
         if not self.supports(ggml_type):
-            raise CheckpointError(
-                f"GGML type {_name(ggml_type)} has no int4-kernel form; supported: "
-                f"{', '.join(t.name for t in _DECODERS)}. Dequantize it (gguf.quants.dequantize) instead"
-            )
+            raise _unsupported(ggml_type)
         self._planes = 2 if ggml_type == Q.Q8_0 else 1  # read by Int4Linear.__init__ to size buffers
         super().__init__(in_features, out_features, bias, 32, compute_dtype, device)
         self.ggml_type = Q(ggml_type)
@@ -122,7 +119,8 @@ class GGUFLinear(Int4Linear):
         """Build from raw blocks; `qt.shape` is (out_features, in_features)."""
         ggml_type = int(qt.ggml_type)
         out_features, in_features = (int(v) for v in qt.shape)
-        module = cls(in_features, out_features, ggml_type, bias is not None, compute_dtype)
+        if not cls.supports(ggml_type):
+            raise _unsupported(ggml_type)
         block, type_size = gguf.GGML_QUANT_SIZES[Q(ggml_type)]
         raw = np.asarray(qt.data, dtype=np.uint8)
         if in_features % block or raw.size != out_features * in_features // block * type_size:
@@ -130,6 +128,7 @@ class GGUFLinear(Int4Linear):
                 f"{_name(ggml_type)} tensor of shape {tuple(qt.shape)} needs {in_features // block * type_size} "
                 f"bytes per row in blocks of {block} weights; got {raw.shape}"
             )
+        module = cls(in_features, out_features, ggml_type, bias is not None, compute_dtype)
         blocks = torch.from_numpy(raw.copy()).reshape(out_features, in_features // block, type_size)
         q, scale, zero = _DECODERS[Q(ggml_type)](blocks)
         planes = module._planes
@@ -145,6 +144,13 @@ class GGUFLinear(Int4Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ggml_type={self.ggml_type.name}"
+
+
+def _unsupported(ggml_type: int) -> CheckpointError:
+    return CheckpointError(
+        f"GGML type {_name(ggml_type)} has no int4-kernel form; supported: "
+        f"{', '.join(t.name for t in _DECODERS)}. Dequantize it (gguf.quants.dequantize) instead"
+    )
 
 
 def _name(ggml_type: int) -> str:

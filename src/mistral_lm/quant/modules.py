@@ -331,19 +331,19 @@ class NF4Linear(QuantizedLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         m, blocks = x.shape[0], self.in_features // self.blocksize
         table = _pair_table(self.quant_type, x.dtype, x.device)
-        if m < self.split_max_rows:
+        if m < self.split_max_rows:  # column (m, g) of `diag` holds x[m]'s block g, zeros elsewhere
             eye = torch.eye(blocks, dtype=x.dtype, device=x.device)
-            diag = (x.reshape(m, blocks, -1, 1) * eye[None, :, None, :]).permute(1, 2, 0, 3)  # (G, B, M, G)
-            diag = diag.reshape(self.in_features, m * blocks)
+            diag = x.reshape(m, blocks, self.blocksize, 1) * eye[None, :, None, :]      # (M, G, B, G)
+            diag = diag.permute(1, 2, 0, 3).reshape(self.in_features, m * blocks)        # (K, M*G)
 
         def rows(start: int, end: int) -> torch.Tensor:
             pairs = torch.index_select(table, 0, self.weight_packed[start:end].reshape(-1).int())
-            codes = pairs.view(x.dtype).reshape(end - start, blocks, -1)          # unscaled, (n, G, B)
+            codes = pairs.view(x.dtype).reshape(end - start, blocks, self.blocksize)  # unscaled, (n, G, B)
             absmax = self.weight_absmax[start:end]
             if m < self.split_max_rows:
-                partial = (codes.reshape(end - start, -1) @ diag).reshape(-1, m, blocks)
+                partial = (codes.reshape(end - start, -1) @ diag).reshape(end - start, m, blocks)
                 return (partial.float() * absmax[:, None, :]).sum(dim=-1).T.to(x.dtype)
-            return F.linear(x, codes.mul_(absmax.to(x.dtype)[..., None]).reshape(end - start, -1))
+            return F.linear(x, codes.mul_(absmax.to(x.dtype)[..., None]).reshape(end - start, self.in_features))
 
         return _by_row_chunks(m, self.out_features, x, rows)
 
