@@ -469,3 +469,47 @@ def test_gguf_linear_on_the_packaged_smollm2():
                  "model.layers.29.mlp.down_proj.weight"):
         module = GGUFLinear.from_quantized(raw[name], compute_dtype=torch.float32)
         assert torch.equal(module.dequantize(), raw[name].dequantize()), name
+
+
+# --------------------------------------------------------------------------- integration with from_pretrained
+@pytest.mark.parametrize("qc", [
+    dict(load_in_8bit=True), dict(load_in_4bit=True, bnb_4bit_quant_type="int4"),
+])
+def test_quantized_tied_lm_head_keeps_its_codes(qc, tmp_path):
+    """Regression: tie_weights() after quantization put the float embedding into the int8 head."""
+    from mistral_lm import MistralForCausalLM
+
+    from .conftest import tiny_config
+
+    full = MistralForCausalLM(tiny_config(tie_word_embeddings=True, sliding_window=6)).eval()
+    full.save_pretrained(tmp_path)
+    quant = MistralForCausalLM.from_pretrained(  # "auto", as the seed's snippet: it re-ties weights
+        tmp_path, quantization_config=BitsAndBytesConfig(**qc, llm_int8_skip_modules=[]), device_map="auto")
+    assert isinstance(quant.lm_head, modules.QuantizedLinear)
+    assert not isinstance(getattr(quant.lm_head, "weight", None), nn.Parameter)  # not the tied embedding
+    # reference: the float model with every Linear set to its quantized twin's dequantized weight
+    reference = MistralForCausalLM(tiny_config(tie_word_embeddings=False, sliding_window=6)).eval()
+    state = full.state_dict()
+    for name, module in quant.named_modules():
+        if isinstance(module, modules.QuantizedLinear):
+            state[name + ".weight"] = module.dequantize().float()
+    reference.load_state_dict(state)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        ref, got = reference(ids).logits, quant(ids).logits.float()
+    assert ((got - ref).norm() / ref.norm()) < 0.02  # bfloat16 compute rounding only
+
+
+def test_dict_device_map_places_quantized_modules_through_their_own_apply(tmp_path):
+    from mistral_lm import MistralForCausalLM
+
+    from .conftest import tiny_config
+
+    MistralForCausalLM(tiny_config(sliding_window=6)).save_pretrained(tmp_path)
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="int4")
+    plain = MistralForCausalLM.from_pretrained(tmp_path, quantization_config=qc)
+    mapped = MistralForCausalLM.from_pretrained(tmp_path, quantization_config=qc,
+                                                device_map={"model": "cpu", "lm_head": "cpu"})
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, mapped(ids).logits)

@@ -29,7 +29,7 @@ from .config import MistralConfig
 from .errors import InputError
 from .masks import attention_mask as build_mask
 from .masks import positions_from_padding
-from .pretrained import MistralPreTrainedModel
+from .pretrained import MistralPreTrainedModel, module_device
 
 _ACTIVATIONS = {
     "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -314,7 +314,7 @@ class MistralForCausalLM(MistralPreTrainedModel):
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_attentions, output_hidden_states)
         h = _select_last(out.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(h.to(self.lm_head.weight.device) if h.device != self.lm_head.weight.device else h)
+        logits = self.lm_head(h.to(module_device(self.lm_head)))  # no-op on a single device
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)

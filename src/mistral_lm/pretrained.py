@@ -9,9 +9,10 @@ moved. Peak memory while loading is therefore about one copy of the weights.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,11 @@ def _empty_on_meta() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(nn.init, name, fn)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Device of a module's first tensor, parameter or buffer (quantized linears hold only buffers)."""
+    return next(itertools.chain(module.parameters(), module.buffers())).device
 
 
 def resolve_dtype(dtype: Any) -> torch.dtype | None:
@@ -105,8 +111,9 @@ class MistralPreTrainedModel(nn.Module):
                     module.weight[module.padding_idx].zero_()
 
     def tie_weights(self) -> None:
+        """Share the embedding with a float lm_head; a quantized head holds its own codes."""
         head = getattr(self, "lm_head", None)
-        if head is not None and self.config.tie_word_embeddings:
+        if type(head) is nn.Linear and self.config.tie_word_embeddings:
             head.weight = self.model.embed_tokens.weight
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -117,7 +124,7 @@ class MistralPreTrainedModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return module_device(self)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -187,11 +194,11 @@ class MistralPreTrainedModel(nn.Module):
         if use_flash_attention_2:
             attn_implementation = "flash_attention_2"
         if path.suffix == ".gguf":
-            model = cls._from_gguf(path, wanted, kwargs, quantization_config)
+            model = cls._from_gguf(path, wanted, kwargs)
         else:
             model = cls._from_folder(path, config, wanted, kwargs, progress)
         model.attn_implementation = check_implementation(attn_implementation, model.dtype)
-        if quantization_config is not None and path.suffix != ".gguf":
+        if quantization_config is not None:
             from .quantization import quantize_model
 
             model = quantize_model(model, quantization_config)
@@ -201,47 +208,36 @@ class MistralPreTrainedModel(nn.Module):
     @classmethod
     def _from_folder(cls, folder: Path, config: MistralConfig | None, wanted: Any, overrides: dict, progress: bool | None):
         config = config or MistralConfig.from_pretrained(folder, **overrides)
-        with _empty_on_meta():
-            model = cls(config)
-        expected = _expected_tensors(model)
         target = None if wanted == "auto" else (resolve_dtype(wanted) or torch.float32)
-        tensors: dict[str, torch.Tensor] = {}
-        bar = tqdm(desc=f"Loading {folder.name}", total=len(expected), unit="tensor", disable=progress is False or None,
-                   leave=False)
-        for name, tensor in iter_tensors(folder, target):  # converted one at a time
-            key = _to_model_key(name, expected, cls)
-            if key is None:
-                continue
-            tensors[key] = tensor
-            bar.update()
-        bar.close()
-        if target is None:  # "auto": the checkpoint's own floating dtype
-            target = next((t.dtype for t in tensors.values() if t.dtype.is_floating_point), torch.float32)
-        _load_into(model, tensors, expected, target, source=str(folder))
-        return model
+        tensors = tqdm(iter_tensors(folder, target), desc=f"Loading {folder.name}", unit="tensor", leave=False,
+                       disable=True if progress is False else None)  # None: shown on a terminal only
+        return cls._assemble(config, tensors, target, source=str(folder))
 
     @classmethod
-    def _from_gguf(cls, path: Path, wanted: Any, overrides: dict, quantization_config: Any):
+    def _from_gguf(cls, path: Path, wanted: Any, overrides: dict):
         from .checkpoints.gguf import load_gguf
 
         target = resolve_dtype(None if wanted == "auto" else wanted) or torch.float32
         checkpoint = load_gguf(path, dequantize=True, dtype=target)
-        config = checkpoint.config
         for key, value in overrides.items():
-            setattr(config, key, value)
+            setattr(checkpoint.config, key, value)
+        return cls._assemble(checkpoint.config, checkpoint.tensors.items(), target, source=str(path))
+
+    @classmethod
+    def _assemble(cls, config: MistralConfig, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                  dtype: torch.dtype | None, source: str):
+        """Build on meta, map checkpoint names onto ours, validate and assign; dtype None = the checkpoint's."""
         with _empty_on_meta():
             model = cls(config)
         expected = _expected_tensors(model)
-        tensors = {}
-        for name, tensor in checkpoint.tensors.items():
+        tensors: dict[str, torch.Tensor] = {}
+        for name, tensor in named_tensors:
             key = _to_model_key(name, expected, cls)
             if key is not None:
                 tensors[key] = tensor
-        _load_into(model, tensors, expected, target, source=str(path))
-        if quantization_config is not None:
-            from .quantization import quantize_model
-
-            model = quantize_model(model, quantization_config)
+        if dtype is None:  # "auto": the checkpoint's own floating dtype
+            dtype = next((t.dtype for t in tensors.values() if t.dtype.is_floating_point), torch.float32)
+        _load_into(model, tensors, expected, dtype, source=source)
         return model
 
     # ------------------------------------------------------------------ saving
@@ -328,8 +324,8 @@ def place_model(model: nn.Module, device_map: Any) -> None:
         if not own:
             continue
         device = _device_for(name, device_map)
-        for _, tensor in own:
-            tensor.data = tensor.data.to(device)
+        # the module's own _apply: quantized linears re-pack for the target device there
+        module._apply(lambda t, d=device: t.to(d), recurse=False)
     model.tie_weights()
 
 
