@@ -59,35 +59,32 @@ class GenerationConfig:
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise GenerationError naming the first invalid setting."""
-        def bad(msg: str) -> GenerationError:
-            return GenerationError(msg)
-
         if self.max_new_tokens is not None and (not _is_int(self.max_new_tokens) or self.max_new_tokens < 0):
-            raise bad(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+            raise GenerationError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
         if not _is_int(self.max_length) or self.max_length < 0:
-            raise bad(f"max_length must be a non-negative integer, got {self.max_length!r}")
+            raise GenerationError(f"max_length must be a non-negative integer, got {self.max_length!r}")
         if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
-            raise bad(f"min_new_tokens must be a non-negative integer, got {self.min_new_tokens!r}")
+            raise GenerationError(f"min_new_tokens must be a non-negative integer, got {self.min_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise bad(f"temperature must be >= 0, got {self.temperature!r}")
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature!r}")
         if self.do_sample and self.temperature == 0:
-            raise bad("temperature=0 with do_sample=True: use do_sample=False for greedy decoding")
+            raise GenerationError("temperature=0 with do_sample=True: use do_sample=False for greedy decoding")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise bad(f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}")
+            raise GenerationError(f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}")
         if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
-            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
-            raise bad(f"num_return_sequences must be >= 1, got {self.num_return_sequences!r}")
+            raise GenerationError(f"num_return_sequences must be >= 1, got {self.num_return_sequences!r}")
         if self.num_return_sequences > 1 and not self.do_sample:
-            raise bad("num_return_sequences > 1 needs do_sample=True: greedy decoding would repeat one answer")
+            raise GenerationError("num_return_sequences > 1 needs do_sample=True: greedy decoding would repeat one answer")
         if self.prefill_chunk_size is not None and (not _is_int(self.prefill_chunk_size) or self.prefill_chunk_size < 1):
-            raise bad(f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}")
+            raise GenerationError(f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}")
         ids = self.eos_ids + ([self.pad_token_id] if self.pad_token_id is not None else [])
         for token in ids:
             if not _is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
-                raise bad(f"special token id {token!r} is out of range for vocab_size {vocab_size}")
+                raise GenerationError(f"special token id {token!r} is out of range for vocab_size {vocab_size}")
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> GenerationConfig:
