@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,11 @@ SMALL = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this process (VmHWM): getrusage's ru_maxrss survives exec, so a child started
+    from a parent that built the model would report the parent's peak."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def worker(engine: str, folder: str, prompt_len: int, new_tokens: int, runs: int) -> dict:
