@@ -513,3 +513,15 @@ def test_dict_device_map_places_quantized_modules_through_their_own_apply(tmp_pa
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, mapped(ids).logits)
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (192, 96), (1536, 576)])
+def test_direct_cpu_int4_packing_equals_torchs_packer(shape):
+    """`pack_int4` writes torch's blocked CPU layout itself (fast loading); it must produce the
+    very bytes torch's own packer does."""
+    if kernels.int4_layout(torch.device("cpu")) != "cpu" or kernels._cpu_block_rows() is None:
+        pytest.skip("this build has no recognised CPU int4 layout")
+    q = torch.randint(0, 16, shape, dtype=torch.uint8)
+    ours = kernels.pack_int4(q)
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert ours.is_contiguous() and torch.equal(ours, theirs)

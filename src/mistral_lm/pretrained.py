@@ -167,6 +167,7 @@ class MistralPreTrainedModel(nn.Module):
         use_flash_attention_2: bool = False,
         quantization_config: Any = None,
         gguf_file: str | None = None,
+        gguf_native: bool = False,
         progress: bool | None = None,
         **kwargs: Any,
     ):
@@ -175,6 +176,9 @@ class MistralPreTrainedModel(nn.Module):
         `torch_dtype`/`dtype`: None -> float32, "auto" -> the checkpoint's dtype.
         `device_map`: None/"cpu", a device, "auto" (GPUs by free memory, then CPU) or a dict of
         module-name prefixes to devices. Other keywords override config fields.
+        `gguf_native=True` (GGUF only): keep the file's Q4_0/Q4_1/Q4_K/Q8_0 weights in their
+        blocks and compute on them (`GGUFLinear`), instead of dequantizing to `torch_dtype` as
+        Transformers does; other storage types are dequantized.
         """
         for name in _ACCEPTED_NOOP_OPTIONS:
             kwargs.pop(name, None)
@@ -193,8 +197,10 @@ class MistralPreTrainedModel(nn.Module):
         wanted = torch_dtype if torch_dtype is not None else dtype
         if use_flash_attention_2:
             attn_implementation = "flash_attention_2"
+        if gguf_native and (path.suffix != ".gguf" or quantization_config is not None):
+            raise ConfigError("gguf_native=True applies to a .gguf file loaded without a quantization_config")
         if path.suffix == ".gguf":
-            model = cls._from_gguf(path, wanted, kwargs)
+            model = cls._from_gguf(path, wanted, kwargs, gguf_native)
         else:
             model = cls._from_folder(path, config, wanted, kwargs, progress)
         model.attn_implementation = check_implementation(attn_implementation, model.dtype)
@@ -214,27 +220,38 @@ class MistralPreTrainedModel(nn.Module):
         return cls._assemble(config, tensors, target, source=str(folder))
 
     @classmethod
-    def _from_gguf(cls, path: Path, wanted: Any, overrides: dict):
+    def _from_gguf(cls, path: Path, wanted: Any, overrides: dict, native: bool = False):
         from .checkpoints.gguf import load_gguf
 
         target = resolve_dtype(None if wanted == "auto" else wanted) or torch.float32
-        checkpoint = load_gguf(path, dequantize=True, dtype=target)
+        checkpoint = load_gguf(path, dequantize=not native, dtype=target)
         for key, value in overrides.items():
             setattr(checkpoint.config, key, value)
         return cls._assemble(checkpoint.config, checkpoint.tensors.items(), target, source=str(path))
 
     @classmethod
-    def _assemble(cls, config: MistralConfig, named_tensors: Iterable[tuple[str, torch.Tensor]],
+    def _assemble(cls, config: MistralConfig, named_tensors: Iterable[tuple[str, Any]],
                   dtype: torch.dtype | None, source: str):
-        """Build on meta, map checkpoint names onto ours, validate and assign; dtype None = the checkpoint's."""
+        """Build on meta, map checkpoint names onto ours, validate and assign; dtype None = the checkpoint's.
+
+        Tensors still in GGUF blocks (`GGUFQuantizedTensor`) become `GGUFLinear` modules where
+        the kernel has a form for them and are dequantized everywhere else (the embedding)."""
         with _empty_on_meta():
             model = cls(config)
         expected = _expected_tensors(model)
         tensors: dict[str, torch.Tensor] = {}
+        blocks: dict[str, Any] = {}
         for name, tensor in named_tensors:
             key = _to_model_key(name, expected, cls)
-            if key is not None:
+            if key is None:
+                continue
+            if isinstance(tensor, torch.Tensor):
                 tensors[key] = tensor
+            else:
+                blocks[key] = tensor
+        if blocks:
+            native = _install_gguf_linears(model, blocks, tensors, dtype or torch.float32)
+            expected = {k: v for k, v in expected.items() if k.rsplit(".", 1)[0] not in native}
         if dtype is None:  # "auto": the checkpoint's own floating dtype
             dtype = next((t.dtype for t in tensors.values() if t.dtype.is_floating_point), torch.float32)
         _load_into(model, tensors, expected, dtype, source=source)
@@ -255,6 +272,13 @@ class MistralPreTrainedModel(nn.Module):
             state.pop("lm_head.weight", None)
         self.config.architectures = [type(self).__name__]
         self.config.torch_dtype = self.dtype
+        from .quant.gguf import GGUFLinear
+
+        if any(isinstance(m, GGUFLinear) for m in self.modules()):
+            raise CheckpointError(
+                "this model computes on GGUF blocks (gguf_native=True), which have no safetensors form; "
+                "load the file without gguf_native to save it (or run `mistral-lm convert`)"
+            )
         if self.quantization_config is not None:
             self.config.extra["quantization_config"] = self.quantization_config.to_dict()
         self.config.save_pretrained(folder)
@@ -267,6 +291,31 @@ def _expected_tensors(model: nn.Module) -> dict[str, torch.Size]:
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     return {k: v.shape for k, v in state.items()}
+
+
+def _install_gguf_linears(model: nn.Module, blocks: dict[str, Any], tensors: dict[str, torch.Tensor],
+                          dtype: torch.dtype) -> set[str]:
+    """Swap each Linear whose weight came as GGUF blocks for a GGUFLinear on those blocks; put
+    the rest (embeddings, unsupported types) into `tensors` dequantized. Returns the swapped
+    module names. A tied lm_head computes on the embedding's blocks: the same numbers as the
+    float tie, at the quantized size."""
+    from .quant.gguf import GGUFLinear
+
+    head = getattr(model, "lm_head", None)
+    tied = head is not None and model.config.tie_word_embeddings and "lm_head.weight" not in blocks
+    embedding = "model.embed_tokens.weight"
+    if tied and embedding in blocks:
+        blocks = {**blocks, "lm_head.weight": blocks[embedding]}
+    native: set[str] = set()
+    for key, qt in blocks.items():
+        name = key.removesuffix(".weight")
+        module = model.get_submodule(name) if key.endswith(".weight") else None
+        if isinstance(module, nn.Linear) and GGUFLinear.supports(qt.ggml_type):
+            model.set_submodule(name, GGUFLinear.from_quantized(qt))
+            native.add(name)
+        elif key != "lm_head.weight" or not tied:
+            tensors[key] = qt.dequantize(dtype)
+    return native
 
 
 def _to_model_key(name: str, expected: dict[str, torch.Size], cls: type) -> str | None:

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .functional import pack_nibbles
 from .modules import Int4Linear
 
 Q = gguf.GGMLQuantizationType
@@ -128,7 +127,7 @@ class GGUFLinear(Int4Linear):
                 f"{_name(ggml_type)} tensor of shape {tuple(qt.shape)} needs {in_features // block * type_size} "
                 f"bytes per row in blocks of {block} weights; got {raw.shape}"
             )
-        module = cls(in_features, out_features, ggml_type, bias is not None, compute_dtype)
+        module = cls(in_features, out_features, ggml_type, bias is not None, compute_dtype, "meta")
         blocks = torch.from_numpy(raw.copy()).reshape(out_features, in_features // block, type_size)
         q, scale, zero = _DECODERS[Q(ggml_type)](blocks)
         planes = module._planes
@@ -136,8 +135,7 @@ class GGUFLinear(Int4Linear):
         q = q.reshape(planes, out_features, in_features).permute(1, 0, 2).reshape(out_features, -1)
         scale, zero = (t.reshape(planes, out_features, -1).permute(1, 0, 2).reshape(out_features, -1)
                        for t in (scale, zero))
-        module._load_portable({"weight_packed": pack_nibbles(q), "weight_scale": scale.to(compute_dtype),
-                               "weight_zero": zero.to(compute_dtype)})
+        module._set_codes(q, scale.to(compute_dtype), zero.to(compute_dtype))
         if bias is not None:
             module.bias = torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         return module

@@ -222,9 +222,9 @@ class Int4Linear(QuantizedLinear):
                     compute_dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
         """Quantize an nn.Linear with min/max groups (see `quantize_int4`)."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size,
-                     compute_dtype, linear.weight.device)
+                     compute_dtype, "meta")  # storage comes from _set_codes, on the weight's device
         q, scale, zero = quantize_int4(linear.weight.detach(), group_size, compute_dtype)
-        module._load_portable({"weight_packed": pack_nibbles(q), "weight_scale": scale, "weight_zero": zero})
+        module._set_codes(q, scale, zero)
         _copy_bias(module, linear)
         return module
 
@@ -272,9 +272,14 @@ class Int4Linear(QuantizedLinear):
                 "weight_zero": zero.contiguous()}
 
     def _load_portable(self, state: dict[str, torch.Tensor]) -> None:
+        self._set_codes(unpack_nibbles(state["weight_packed"].to(torch.uint8)), state["weight_scale"],
+                        state["weight_zero"])
+
+    def _set_codes(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Fill the kernel buffers from (N, planes*K) codes and (N, G) scales and zeros."""
         pad = self._rows - self.out_features
-        q = F.pad(unpack_nibbles(state["weight_packed"].to(torch.uint8)), (0, 0, 0, pad), value=8)
-        scale_zero = torch.stack([state["weight_scale"], state["weight_zero"]], dim=-1)   # (N, G, 2)
+        q = F.pad(q.to(torch.uint8), (0, 0, 0, pad), value=8)
+        scale_zero = torch.stack([scale, zero], dim=-1)                                    # (N, G, 2)
         scale_zero = F.pad(scale_zero.to(self.compute_dtype), (0, 0, 0, 0, 0, pad))
         self.packed = pack_int4(q)
         self.scale_and_zero = scale_zero.transpose(0, 1).contiguous()                     # (G, rows, 2)

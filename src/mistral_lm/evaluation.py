@@ -1,0 +1,163 @@
+"""Teacher-forced accuracy of a model against a reference: top-1 agreement and perplexity.
+
+Why these two numbers: quantization (int8, int4, nf4, bf16, GGUF-native blocks) changes the
+logits a little; what a user sees is whether greedy decoding picks the same token (top-1
+agreement with the float32 model, position by position on the same text) and how much worse
+the model predicts real text (perplexity, reported relative to float32). Both are measured
+teacher-forced: every position sees the true prefix, so one early disagreement does not
+cascade the way it would in free generation, and the numbers are comparable across modes.
+
+Memory stays bounded for long texts: the sequence goes through the model's KV cache in
+chunks, and of each chunk's (chunk, vocab) logits only two numbers per position are kept, the
+log-probability of the true next token and the argmax id. Keeping all float logits of 2,000
+tokens of a 49k vocab would be 390 MB.
+
+>>> import torch
+>>> from mistral_lm import MistralConfig, MistralForCausalLM
+>>> cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+...                     num_attention_heads=2, num_key_value_heads=1, sliding_window=None)
+>>> model = MistralForCausalLM(cfg).eval()
+>>> scores = token_logprobs(model, torch.randint(0, 64, (1, 20)), chunk_size=8)
+>>> scores.tokens, compare(scores, scores).top1_agreement
+(19, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+__all__ = ["Comparison", "TokenScores", "compare", "perplexity", "reference_text_ids", "token_logprobs"]
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per-position results of teacher-forced evaluation of one sequence of N tokens.
+
+    Position i (0 <= i < N-1) is the prediction made after reading tokens 0..i:
+    `logprobs[i]` = log p(token i+1 | tokens 0..i) (float32), `predictions[i]` = the argmax id,
+    `targets[i]` = token i+1 (kept so `compare` can check both runs scored the same text).
+    All three are 1-D CPU tensors of length N-1.
+    """
+
+    logprobs: torch.Tensor
+    predictions: torch.Tensor
+    targets: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        """Number of scored positions (N - 1)."""
+        return int(self.targets.numel())
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A candidate model's scores against a reference's on the same text.
+
+    `ppl_increase` is relative: 0.02 means the candidate's perplexity is 2 % above the reference's.
+    """
+
+    tokens: int
+    top1_agreement: float
+    ppl: float
+    ppl_reference: float
+    ppl_increase: float
+
+
+def _check_ids(input_ids: Any) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        raise InputError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise InputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise InputError(f"input_ids must be one sequence, (N,) or (1, N), got shape {tuple(input_ids.shape)}")
+    if ids.shape[1] < 2:
+        raise InputError(f"input_ids needs at least 2 tokens (one prediction and its target), got {ids.shape[1]}")
+    return ids.long()
+
+
+@torch.inference_mode()
+def token_logprobs(model: Any, input_ids: torch.Tensor, chunk_size: int = 512) -> TokenScores:
+    """Teacher-forced log-prob of each next token and the model's top-1 prediction.
+
+    `model` is a `MistralForCausalLM` (anything with `.model.make_cache` and the same forward).
+    The first N-1 tokens are fed in chunks of `chunk_size` through one KV cache, exactly as
+    generate() prefills a prompt, so the result equals one unchunked forward up to float
+    rounding; the last token is only a target. Of each chunk's logits, computed in float32
+    whatever the model's dtype, only the true token's log-prob and the argmax are kept.
+    """
+    ids = _check_ids(input_ids)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    vocab = model.config.vocab_size
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise InputError(f"token id {lo if lo < 0 else hi} is out of range for the model's vocab_size {vocab}")
+    n = ids.shape[1]
+    inputs, targets = ids[:, :-1], ids[0, 1:]
+    cache = model.model.make_cache(1, max_length=n - 1)
+    logprobs, predictions = [], []
+    for start in range(0, n - 1, chunk_size):
+        end = min(start + chunk_size, n - 1)
+        logits = model(inputs[:, start:end], past_key_values=cache, use_cache=True).logits[0]
+        if logits.shape[-1] != vocab:
+            raise InputError(f"the model returned {logits.shape[-1]} logits per token, but its vocab_size is {vocab}")
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        chunk_targets = targets[start:end].to(logp.device)
+        logprobs.append(logp.gather(-1, chunk_targets[:, None])[:, 0].cpu())
+        predictions.append(logp.argmax(-1).cpu())
+        del logits, logp  # the next chunk reuses this memory
+    return TokenScores(torch.cat(logprobs), torch.cat(predictions), targets.clone())
+
+
+def perplexity(scores: TokenScores) -> float:
+    """exp(mean negative log-likelihood) over the scored positions, the standard definition."""
+    return math.exp(-float(scores.logprobs.double().mean()))
+
+
+def compare(candidate: TokenScores, reference: TokenScores) -> Comparison:
+    """Top-1 agreement and perplexities of `candidate` against `reference` on the same text.
+
+    Takes scores rather than models so one reference run serves every candidate. Raises
+    InputError when the two runs scored different token sequences: agreement between
+    predictions for different texts would be meaningless.
+    """
+    if not torch.equal(candidate.targets, reference.targets):
+        raise InputError(
+            f"the candidate scored {candidate.tokens} positions and the reference {reference.tokens}, "
+            "not the same token sequence; evaluate both on the same input_ids"
+        )
+    ppl, ppl_ref = perplexity(candidate), perplexity(reference)
+    agreement = float((candidate.predictions == reference.predictions).double().mean())
+    return Comparison(candidate.tokens, agreement, ppl, ppl_ref, ppl / ppl_ref - 1.0)
+
+
+def reference_text_ids(tokenizer: Any, n_tokens: int = 2000) -> torch.Tensor:
+    """`n_tokens` + 1 token ids (shape (1, n_tokens + 1)) of fixed English text, for the accuracy checks.
+
+    The text is Python's own reference documentation, `pydoc_data.topics.topics`, topics
+    concatenated in sorted key order: real English prose (with some code, as a chat model also
+    sees) that ships with every CPython, so the measurement needs no download and no file of
+    ours, and the text was not written by or for this project. Its content follows the Python
+    version, so the exact numbers may shift slightly between Python versions; thresholds on
+    them should keep a margin. The extra token is the target of the last of `n_tokens`
+    predictions.
+    """
+    from pydoc_data.topics import topics
+
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise InputError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    parts: list[str] = []
+    ids: list[int] = []
+    for key in sorted(topics):
+        parts.append(topics[key])
+        ids = tokenizer("\n\n".join(parts))["input_ids"]
+        if len(ids) > n_tokens:
+            return torch.tensor([ids[: n_tokens + 1]], dtype=torch.long)
+    raise InputError(f"pydoc_data.topics has only {len(ids)} tokens with this tokenizer; asked for {n_tokens} + 1")

@@ -1,0 +1,72 @@
+"""from_pretrained(..., gguf_native=True): the GGUF's quantized blocks kept and computed on.
+
+The reference is the same file dequantized to float32 (the Transformers behaviour), so any
+difference is the kernel's bfloat16 arithmetic, not the weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistral_lm import MistralForCausalLM
+from mistral_lm.checkpoints.gguf import GGUFQuantizedTensor, load_gguf
+from mistral_lm.errors import CheckpointError, ConfigError
+from mistral_lm.quantization import BitsAndBytesConfig, GGUFLinear
+
+from .conftest import default_model_or_skip
+
+PATH = default_model_or_skip()
+
+
+@pytest.fixture(scope="module")
+def native() -> MistralForCausalLM:
+    return MistralForCausalLM.from_pretrained(PATH, gguf_native=True)
+
+
+@pytest.fixture(scope="module")
+def dense() -> MistralForCausalLM:
+    return MistralForCausalLM.from_pretrained(PATH)
+
+
+def test_every_quantized_weight_stays_in_its_blocks(native):
+    raw = {k: v for k, v in load_gguf(PATH, dequantize=False).tensors.items() if isinstance(v, GGUFQuantizedTensor)}
+    linears = {name: m for name, m in native.named_modules() if isinstance(m, GGUFLinear)}
+    # every quantized Linear of the file, plus the tied head computing on the embedding's blocks
+    assert set(linears) == {k.removesuffix(".weight") for k in raw if "embed_tokens" not in k} | {"lm_head"}
+    assert linears["lm_head"].ggml_type == raw["model.embed_tokens.weight"].ggml_type
+    assert not any(isinstance(m, torch.nn.Linear) for m in native.modules())
+    for name, module in linears.items():
+        source = raw.get(name + ".weight", raw["model.embed_tokens.weight"])
+        # Q4_1 is 20 bytes per 32 weights, exactly our 4-bit codes + bfloat16 scale and zero
+        if module.ggml_type.name == "Q4_1":
+            assert module.weight_bytes() == source.data.nbytes + (module._rows - module.out_features) * 20 * (
+                module.in_features // 32)
+
+
+def test_native_logits_follow_the_dequantized_model(native, dense):
+    ids = torch.randint(3, native.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = native(ids).logits, dense(ids).logits
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    assert (a - b).abs().max() < 0.05 * b.abs().max()  # bfloat16 activations, same weights
+
+
+def test_native_generate_matches_the_dequantized_model_greedily(native, dense):
+    prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314]])  # any fixed ids will do
+    with torch.inference_mode():
+        ours = native.generate(prompt, max_new_tokens=12, do_sample=False)
+        ref = dense.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert ours.shape == ref.shape
+    assert (ours == ref).float().mean() >= 0.8
+
+
+def test_native_model_refuses_to_save_and_bad_combinations(native, tmp_path):
+    with pytest.raises(CheckpointError, match="gguf_native"):
+        native.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="gguf_native"):
+        MistralForCausalLM.from_pretrained(PATH, gguf_native=True, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    dense_dir = tmp_path / "folder"
+    dense_dir.mkdir()
+    with pytest.raises(ConfigError, match="gguf_native"):
+        MistralForCausalLM.from_pretrained(dense_dir, gguf_native=True)
