@@ -25,13 +25,20 @@ def native() -> MistralForCausalLM:
 
 
 @pytest.fixture(scope="module")
+def unfused() -> MistralForCausalLM:
+    return MistralForCausalLM.from_pretrained(PATH, gguf_native=True, fuse_projections=False)
+
+
+@pytest.fixture(scope="module")
 def dense() -> MistralForCausalLM:
     return MistralForCausalLM.from_pretrained(PATH)
 
 
-def test_every_quantized_weight_stays_in_its_blocks(native):
+def test_every_quantized_weight_stays_in_its_blocks(unfused, native):
     raw = {k: v for k, v in load_gguf(PATH, dequantize=False).tensors.items() if isinstance(v, GGUFQuantizedTensor)}
-    linears = {name: m for name, m in native.named_modules() if isinstance(m, GGUFLinear)}
+    fused = {name: m for name, m in native.named_modules() if isinstance(m, GGUFLinear)}
+    assert {n.rsplit(".", 1)[-1] for n in fused} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+    linears = {name: m for name, m in unfused.named_modules() if isinstance(m, GGUFLinear)}
     # every quantized Linear of the file, plus the tied head computing on the embedding's blocks
     assert set(linears) == {k.removesuffix(".weight") for k in raw if "embed_tokens" not in k} | {"lm_head"}
     assert linears["lm_head"].ggml_type == raw["model.embed_tokens.weight"].ggml_type

@@ -90,6 +90,18 @@ class MistralRMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, with one shortcut: a single half-precision row on the CPU runs as a
+    matrix-vector product, which torch vectorizes for bfloat16 and float16 where its (1, K)
+    matmul does not (measured 1.5-2x faster: 0.03 vs 0.067 ms for 1536 x 576, 2 threads).
+    Modules with hooks keep the normal call so the hooks run."""
+    if (type(module) is nn.Linear and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
+            and module.bias is None and x.numel() == x.shape[-1] and not module._forward_hooks
+            and not module._forward_pre_hooks and module.weight.dtype == x.dtype):
+        return torch.mv(module.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+    return module(x)
+
+
 class MistralMLP(nn.Module):
     """SwiGLU: down(act(gate(x)) * up(x))."""
 
@@ -101,7 +113,11 @@ class MistralMLP(nn.Module):
         self.act_fn = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self._modules:  # fusion.py
+            gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
+        else:
+            gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
+        return linear(self.down_proj, self.act_fn(gate) * up)
 
 
 class MistralAttention(nn.Module):
@@ -124,15 +140,20 @@ class MistralAttention(nn.Module):
         cache: KVCache | None, plan: CachePlan | None, attn_implementation: str,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+        h, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if "qkv_proj" in self._modules:  # fusion.py: one matmul, q and k rotated together
+            qk, v = linear(self.qkv_proj, x).split([(h + h_kv) * d, h_kv * d], dim=-1)
+            q, k = rope.rotate(qk.view(b, t, h + h_kv, d), cos[:, :, None], sin[:, :, None]).split([h, h_kv], dim=2)
+        else:
+            q, k, v = linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)
+            q = rope.rotate(q.view(b, t, h, d), cos[:, :, None], sin[:, :, None])
+            k = rope.rotate(k.view(b, t, h_kv, d), cos[:, :, None], sin[:, :, None])
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, h_kv, d).transpose(1, 2)  # (B, H, T, D)
         if cache is not None and plan is not None:
             k, v = cache.update(self.layer_idx, k, v, plan)  # (B, H_kv, K, D)
         attend = ATTENTION_FUNCTIONS[attn_implementation]
         out, weights = attend(q, k, v, mask, self.scaling, self.config.attention_dropout, self.training)
-        return self.o_proj(out.reshape(b, t, -1)), weights  # out: (B, T, H, D)
+        return linear(self.o_proj, out.reshape(b, t, -1)), weights  # out: (B, T, H, D)
 
 
 class MistralDecoderLayer(nn.Module):
@@ -218,6 +239,7 @@ class MistralModel(MistralPreTrainedModel):
             plan, k_pos, k_valid = None, position_ids, valid
         mask = build_mask(position_ids, k_pos, k_valid, cfg.sliding_window)
         cos, sin = rope.cos_sin(position_ids, rope.inv_frequencies(cfg.head_dim, cfg.rope_theta, h.device))
+        sin = rope.signed_sin(sin)  # the layers' rope.rotate takes the signs folded in
         impl = "eager" if output_attentions else self.attn_implementation
         all_hidden: list[torch.Tensor] = []
         all_attn: list[torch.Tensor] = []
@@ -314,7 +336,7 @@ class MistralForCausalLM(MistralPreTrainedModel):
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_attentions, output_hidden_states)
         h = _select_last(out.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(h.to(module_device(self.lm_head)))  # no-op on a single device
+        logits = linear(self.lm_head, h.to(module_device(self.lm_head)))  # no-op on a single device
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)

@@ -168,6 +168,7 @@ class MistralPreTrainedModel(nn.Module):
         quantization_config: Any = None,
         gguf_file: str | None = None,
         gguf_native: bool = False,
+        fuse_projections: bool = True,
         progress: bool | None = None,
         **kwargs: Any,
     ):
@@ -179,6 +180,10 @@ class MistralPreTrainedModel(nn.Module):
         `gguf_native=True` (GGUF only): keep the file's Q4_0/Q4_1/Q4_K/Q8_0 weights in their
         blocks and compute on them (`GGUFLinear`), instead of dequantizing to `torch_dtype` as
         Transformers does; other storage types are dequantized.
+        Quantized models (either way) default to the quantization's compute dtype (bfloat16)
+        for everything else, as Transformers defaults bitsandbytes models to float16.
+        `fuse_projections`: q/k/v and gate/up run as one matmul each (fusion.py; the state dict
+        keeps Transformers' names). Pass False to keep the separate `q_proj`... modules.
         """
         for name in _ACCEPTED_NOOP_OPTIONS:
             kwargs.pop(name, None)
@@ -195,6 +200,14 @@ class MistralPreTrainedModel(nn.Module):
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
             raise ConfigError("pass only one of torch_dtype and dtype")
         wanted = torch_dtype if torch_dtype is not None else dtype
+        if isinstance(quantization_config, dict):
+            from .quantization import BitsAndBytesConfig
+
+            quantization_config = BitsAndBytesConfig.from_dict(quantization_config)
+        if wanted is None and quantization_config is not None:
+            wanted = quantization_config.compute_dtype
+        elif wanted is None and gguf_native:
+            wanted = torch.bfloat16  # GGUFLinear's default compute dtype
         if use_flash_attention_2:
             attn_implementation = "flash_attention_2"
         if gguf_native and (path.suffix != ".gguf" or quantization_config is not None):
@@ -209,6 +222,10 @@ class MistralPreTrainedModel(nn.Module):
 
             model = quantize_model(model, quantization_config)
         place_model(model, device_map)
+        if fuse_projections and _single_device(device_map):  # layers split over devices stay unfused
+            from .fusion import fuse_projections as fuse
+
+            fuse(model, float_linears=path.suffix == ".gguf")  # GGUF floats are fresh memory, not a map
         return model.eval()
 
     @classmethod
@@ -356,6 +373,12 @@ def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], expected: dic
 
 
 # ------------------------------------------------------------------ placement
+def _single_device(device_map: Any) -> bool:
+    if isinstance(device_map, dict):
+        return len({str(v) for v in device_map.values()}) == 1
+    return device_map not in ("auto", "balanced", "sequential")
+
+
 def place_model(model: nn.Module, device_map: Any) -> None:
     """Move the model per `device_map`; layers on different devices hand activations along."""
     if device_map is None or isinstance(device_map, (torch.device, int)) or (

@@ -23,6 +23,22 @@ def cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.T
     return emb.cos(), emb.sin()
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """`sin` with its first half negated: the table `rotate` takes.
+
+    rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * [-1.., +1..], so folding the signs into the
+    table once per forward turns every layer's rotation into one roll and two multiply-adds
+    (the same products and sums, so bit-identical to `apply_rotary`)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin in float32, returned in x's dtype; tables broadcast to x."""
+    xf = x.float()
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin_signed).to(x.dtype)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
