@@ -26,4 +26,6 @@ test: install
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: install
-	$(PY) bench/run_all.py
+	# matplotlib is the `bench` extra (pyproject.toml); installed only when missing
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q "matplotlib>=3.7"
+	$(PY) bench/bench_perf.py

@@ -17,8 +17,11 @@ import torch
 from .errors import MistralLMError
 
 
-def load(model_path: str | None, dtype: str, quantize: str = "none") -> tuple[Any, Any]:
-    """Model and tokenizer from a folder or .gguf file; the embedded default model when None."""
+def load(model_path: str | None, dtype: str | None, quantize: str = "auto") -> tuple[Any, Any]:
+    """Model and tokenizer from a folder or .gguf file; the embedded default model when None.
+
+    `quantize="auto"` computes on a GGUF file's own 4/8-bit blocks (as llama.cpp does: about
+    4x less memory traffic per token than float32) and leaves other checkpoints as they are."""
     from .modeling import MistralForCausalLM
     from .tokenizer import MistralTokenizer
 
@@ -30,7 +33,11 @@ def load(model_path: str | None, dtype: str, quantize: str = "none") -> tuple[An
     if not path.exists():
         raise MistralLMError(f"model not found: {path}")
     quantization_config = None
-    if quantize != "none":
+    if quantize == "auto":
+        quantize = "gguf" if path.suffix == ".gguf" else "none"
+    if quantize == "gguf" and path.suffix != ".gguf":
+        raise MistralLMError(f"--quantize gguf needs a .gguf file, got {path}")
+    if quantize not in ("none", "gguf"):
         from .quantization import BitsAndBytesConfig
 
         quantization_config = {
@@ -40,7 +47,8 @@ def load(model_path: str | None, dtype: str, quantize: str = "none") -> tuple[An
         }[quantize]
     start = time.perf_counter()
     print(f"loading {path.name} ...", end="", file=sys.stderr, flush=True)
-    model = MistralForCausalLM.from_pretrained(path, torch_dtype=dtype, quantization_config=quantization_config)
+    model = MistralForCausalLM.from_pretrained(path, torch_dtype=dtype, quantization_config=quantization_config,
+                                               gguf_native=quantize == "gguf")
     tokenizer = MistralTokenizer.from_pretrained(path)
     print(f" {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
     return model, tokenizer
@@ -113,7 +121,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    model, _ = load(args.model, args.dtype)
+    model, _ = load(args.model, args.dtype, "none")
     print(model.config.to_json_string(), end="")
     print(f"parameters: {model.num_parameters():,}")
     return 0
@@ -121,7 +129,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """GGUF (or HF folder) -> an HF safetensors folder that transformers loads."""
-    model, tokenizer = load(args.model, args.dtype)
+    model, tokenizer = load(args.model, args.dtype, "none")  # float weights: what a folder holds
     out = Path(args.output)
     model.save_pretrained(out, max_shard_size=args.max_shard_size)
     tokenizer.save_pretrained(out)
@@ -144,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(fn=fn)
         p.add_argument("--model", help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="default: float32, or bfloat16 around quantized weights")
         return p
 
     def sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -154,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--repetition-penalty", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=None)
-        p.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "nf4"])
+        p.add_argument("--quantize", default="auto", choices=["auto", "none", "gguf", "int8", "int4", "nf4"],
+                       help="auto: a GGUF's own blocks (gguf), else none; int8/int4/nf4 quantize at load")
 
     gen = add("generate", cmd_generate, "continue or answer one prompt")
     gen.add_argument("prompt")

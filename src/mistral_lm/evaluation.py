@@ -30,9 +30,16 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 
-__all__ = ["Comparison", "TokenScores", "compare", "perplexity", "reference_text_ids", "token_logprobs"]
+__all__ = ["MODES", "Comparison", "TokenScores", "compare", "mode_kwargs", "perplexity", "reference_text_ids",
+           "token_logprobs"]
+
+# The precision modes the accuracy checks compare with float32, as `from_pretrained` keywords.
+# int4 uses groups of 32 (the default): a Q4_0/Q4_1 GGUF file's block size, so re-quantizing such
+# a file's weights lands on (nearly) the same grid; int4-g64 shows what compounding two 4-bit
+# roundings on different grids costs.
+MODES = ("fp32", "bf16", "int8", "int4", "int4-g64", "nf4", "gguf-native")
 
 
 @dataclass(frozen=True)
@@ -41,12 +48,14 @@ class TokenScores:
 
     Position i (0 <= i < N-1) is the prediction made after reading tokens 0..i:
     `logprobs[i]` = log p(token i+1 | tokens 0..i) (float32), `predictions[i]` = the argmax id,
-    `targets[i]` = token i+1 (kept so `compare` can check both runs scored the same text).
-    All three are 1-D CPU tensors of length N-1.
+    `margins[i]` = top-1 minus top-2 log-prob (how decided the prediction is: changing
+    each logit by less than half of it cannot change the argmax), `targets[i]` = token i+1 (kept
+    so `compare` can check both runs scored the same text). All are 1-D CPU tensors of length N-1.
     """
 
     logprobs: torch.Tensor
     predictions: torch.Tensor
+    margins: torch.Tensor
     targets: torch.Tensor
 
     @property
@@ -60,10 +69,16 @@ class Comparison:
     """A candidate model's scores against a reference's on the same text.
 
     `ppl_increase` is relative: 0.02 means the candidate's perplexity is 2 % above the reference's.
+    `decisive_agreement` is the top-1 agreement restricted to the `decisive_tokens` positions
+    where the reference's top-1 beats its top-2 by at least `decisive_margin` log-prob: near
+    ties flip under any rounding (casting to bfloat16 alone flips some), so this separates
+    "the model changed its mind" from "a coin toss landed the other way".
     """
 
     tokens: int
     top1_agreement: float
+    decisive_agreement: float
+    decisive_tokens: int
     ppl: float
     ppl_reference: float
     ppl_increase: float
@@ -90,7 +105,8 @@ def token_logprobs(model: Any, input_ids: torch.Tensor, chunk_size: int = 512) -
     The first N-1 tokens are fed in chunks of `chunk_size` through one KV cache, exactly as
     generate() prefills a prompt, so the result equals one unchunked forward up to float
     rounding; the last token is only a target. Of each chunk's logits, computed in float32
-    whatever the model's dtype, only the true token's log-prob and the argmax are kept.
+    whatever the model's dtype, only the true token's log-prob, the argmax and its margin over
+    the runner-up are kept.
     """
     ids = _check_ids(input_ids)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -102,18 +118,18 @@ def token_logprobs(model: Any, input_ids: torch.Tensor, chunk_size: int = 512) -
     n = ids.shape[1]
     inputs, targets = ids[:, :-1], ids[0, 1:]
     cache = model.model.make_cache(1, max_length=n - 1)
-    logprobs, predictions = [], []
+    logprobs, predictions, margins = [], [], []
     for start in range(0, n - 1, chunk_size):
         end = min(start + chunk_size, n - 1)
         logits = model(inputs[:, start:end], past_key_values=cache, use_cache=True).logits[0]
-        if logits.shape[-1] != vocab:
-            raise InputError(f"the model returned {logits.shape[-1]} logits per token, but its vocab_size is {vocab}")
         logp = torch.log_softmax(logits.float(), dim=-1)
         chunk_targets = targets[start:end].to(logp.device)
         logprobs.append(logp.gather(-1, chunk_targets[:, None])[:, 0].cpu())
-        predictions.append(logp.argmax(-1).cpu())
+        predictions.append(logp.argmax(-1).cpu())  # argmax: ties go to the lowest id, documented
+        top2 = logp.topk(min(2, vocab), dim=-1).values
+        margins.append((top2[:, 0] - top2[:, -1]).cpu())
         del logits, logp  # the next chunk reuses this memory
-    return TokenScores(torch.cat(logprobs), torch.cat(predictions), targets.clone())
+    return TokenScores(torch.cat(logprobs), torch.cat(predictions), torch.cat(margins), targets.clone())
 
 
 def perplexity(scores: TokenScores) -> float:
@@ -121,7 +137,7 @@ def perplexity(scores: TokenScores) -> float:
     return math.exp(-float(scores.logprobs.double().mean()))
 
 
-def compare(candidate: TokenScores, reference: TokenScores) -> Comparison:
+def compare(candidate: TokenScores, reference: TokenScores, decisive_margin: float = 0.1) -> Comparison:
     """Top-1 agreement and perplexities of `candidate` against `reference` on the same text.
 
     Takes scores rather than models so one reference run serves every candidate. Raises
@@ -133,9 +149,37 @@ def compare(candidate: TokenScores, reference: TokenScores) -> Comparison:
             f"the candidate scored {candidate.tokens} positions and the reference {reference.tokens}, "
             "not the same token sequence; evaluate both on the same input_ids"
         )
+    if not decisive_margin >= 0:
+        raise InputError(f"decisive_margin must be >= 0, got {decisive_margin!r}")
     ppl, ppl_ref = perplexity(candidate), perplexity(reference)
-    agreement = float((candidate.predictions == reference.predictions).double().mean())
-    return Comparison(candidate.tokens, agreement, ppl, ppl_ref, ppl / ppl_ref - 1.0)
+    same = candidate.predictions == reference.predictions
+    decisive = reference.margins >= decisive_margin
+    n_decisive = int(decisive.sum())
+    decisive_agreement = float(same[decisive].double().mean()) if n_decisive else float("nan")
+    return Comparison(candidate.tokens, float(same.double().mean()), decisive_agreement, n_decisive,
+                      ppl, ppl_ref, ppl / ppl_ref - 1.0)
+
+
+def mode_kwargs(mode: str) -> dict[str, Any]:
+    """The `MistralForCausalLM.from_pretrained` keywords of one of `MODES` (a fresh config each call).
+
+    One table shared by the accuracy test and the benchmark, so both measure the same thing.
+    """
+    from .quant.config import BitsAndBytesConfig
+
+    table: dict[str, dict[str, Any]] = {
+        "fp32": {},
+        "bf16": {"torch_dtype": torch.bfloat16},
+        "int8": {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)},
+        "int4": {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="int4")},
+        "int4-g64": {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="int4",
+                                                               group_size=64)},
+        "nf4": {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")},
+        "gguf-native": {"gguf_native": True},
+    }
+    if mode not in table:
+        raise ConfigError(f"unknown mode {mode!r}; choose one of {MODES}")
+    return table[mode]
 
 
 def reference_text_ids(tokenizer: Any, n_tokens: int = 2000) -> torch.Tensor:
@@ -146,8 +190,8 @@ def reference_text_ids(tokenizer: Any, n_tokens: int = 2000) -> torch.Tensor:
     sees) that ships with every CPython, so the measurement needs no download and no file of
     ours, and the text was not written by or for this project. Its content follows the Python
     version, so the exact numbers may shift slightly between Python versions; thresholds on
-    them should keep a margin. The extra token is the target of the last of `n_tokens`
-    predictions.
+    them should keep a margin. The tokenizer's defaults apply (a BOS token first where it adds
+    one). The extra token is the target of the last of `n_tokens` predictions.
     """
     from pydoc_data.topics import topics
 
