@@ -37,7 +37,7 @@ from typing import Any, Callable
 THREADS = 2
 REFERENCE_HF = "hf-bf16"
 REFERENCE_LLAMA = "llama.cpp-q4_1"
-ENGINES = ("ours-fp32", "ours-bf16", "ours-int8", "ours-int4", "ours-gguf-q4_1",
+ENGINES = ("ours-fp32", "ours-bf16", "ours-int8", "ours-int4", "ours-gguf-q4_1", "ours-gguf-q4_1+compile",
            "hf-fp32", "hf-bf16", "llama.cpp-q4_1")
 METRICS = ("load_s", "first_call_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
 # A fixed English text, repeated and cut to the prompt length: real token ids, identical for
@@ -92,16 +92,16 @@ def _torch_loader(engine: str, model_path: Path) -> Callable[[], Any]:
         "ours-int8": {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)},
         "ours-int4": {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="int4")},
         "ours-gguf-q4_1": {"gguf_native": True},
-    }[engine]
+    }[engine.removesuffix("+compile")]
     return lambda: MistralForCausalLM.from_pretrained(model_path, **kwargs)
 
 
-def _torch_generate(model: Any, prompt: Any, new_tokens: int) -> None:
+def _torch_generate(model: Any, prompt: Any, new_tokens: int, **options: Any) -> None:
     """Greedy generation of exactly `new_tokens` tokens (EOS never stops it)."""
     import torch
 
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+                         min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0, **options)
     if out.shape[1] != prompt.shape[1] + new_tokens:
         raise RuntimeError(f"generated {out.shape[1] - prompt.shape[1]} tokens, wanted {new_tokens}")
 
@@ -116,17 +116,14 @@ def torch_worker(engine: str, model_path: Path, ids: list[int], new_tokens: int)
 
     torch.set_num_threads(THREADS)
     load = _torch_loader(engine, model_path)
-    try:
-        model, load_s = _timed(lambda: load().eval())
-    except TypeError as error:
-        if engine == "ours-gguf-q4_1":
-            return {"unavailable": f"from_pretrained(gguf_native=True) not supported yet ({error})"}
-        raise
+    model, load_s = _timed(lambda: load().eval())
     prompt = torch.tensor([ids], dtype=torch.long)
+    # "+compile": decode steps through torch.compile; the first call below pays the compile
+    options = {"compile": True} if engine.endswith("+compile") else {}
     with torch.inference_mode():
-        _, first_s = _timed(lambda: _torch_generate(model, prompt, new_tokens + 1))
-        _, prefill_s = _timed(lambda: _torch_generate(model, prompt, 1))
-        _, total_s = _timed(lambda: _torch_generate(model, prompt, new_tokens + 1))
+        _, first_s = _timed(lambda: _torch_generate(model, prompt, new_tokens + 1, **options))
+        _, prefill_s = _timed(lambda: _torch_generate(model, prompt, 1, **options))
+        _, total_s = _timed(lambda: _torch_generate(model, prompt, new_tokens + 1, **options))
     return _result(load_s, first_s, len(ids), prefill_s, new_tokens, total_s - prefill_s)
 
 

@@ -127,3 +127,29 @@ def test_out_of_vocab_prompt_and_unknown_keyword():
         model.generate(torch.tensor([[1, 500]]), max_new_tokens=2)
     with pytest.raises(TypeError, match="top_q"):
         model.generate(torch.tensor([[1, 2]]), top_q=0.5)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_compiled_decode_generates_what_eager_does(window):
+    """generate(compile=True) runs single-token steps through torch.compile; the tokens must be
+    those of the eager model, for a static cache and for a rolling one (prompt longer than W)."""
+    config = tiny_config(sliding_window=window)
+    eager = MistralForCausalLM(config).eval()
+    compiled = MistralForCausalLM(config).eval()
+    compiled.load_state_dict(eager.state_dict())
+    ids = torch.randint(3, config.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with torch.inference_mode():
+        want = eager.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        got = compiled.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, compile=True)
+        again = compiled.generate(ids[:1, :5], max_new_tokens=4, do_sample=False, compile=True)
+    assert compiled.model._compiled_decode is not None
+    assert torch.equal(got, want)
+    assert torch.equal(again, eager.generate(ids[:1, :5], max_new_tokens=4, do_sample=False))
+
+
+def test_compile_flag_is_validated():
+    model = MistralForCausalLM(tiny_config()).eval()
+    with pytest.raises(GenerationError, match="compile"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, compile="yes")

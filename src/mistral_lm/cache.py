@@ -92,7 +92,9 @@ class KVCache:
         slots = (self.seen + torch.arange(keep_from, t, device=positions.device)) % self.size
         if write_first:
             self._book(slots, positions, valid, keep_from)
-            used = self.size if self.rolling else self.seen + t
+            # a static buffer's single-token steps attend it whole (empty slots are masked): the
+            # same shapes every step, which a compiled decode step needs, for a few masked keys
+            used = self.size if self.rolling or t == 1 else self.seen + t
             plan = CachePlan(self.positions[:, :used], self.valid[:, :used], slots, keep_from, True, used)
         else:
             key_positions = torch.cat([self.positions, positions], dim=1)

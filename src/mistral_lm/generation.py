@@ -21,6 +21,7 @@ from . import sampling
 from .errors import GenerationError
 
 _DEFAULT_CHUNK = 1024  # prefill chunk for models without a window: bounds the mask's size
+_COMPILED_BUCKET = 256  # a compiled decode's static cache grows in these steps
 
 
 @dataclass
@@ -42,6 +43,7 @@ class GenerationConfig:
     use_cache: bool = True
     seed: int | None = None
     prefill_chunk_size: int | None = None
+    compile: bool = False  # ours: torch.compile the decode step (MistralModel.compile_decode)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def update(self, **kwargs: Any) -> GenerationConfig:
@@ -79,6 +81,8 @@ class GenerationConfig:
             raise GenerationError(f"num_return_sequences must be >= 1, got {self.num_return_sequences!r}")
         if self.num_return_sequences > 1 and not self.do_sample:
             raise GenerationError("num_return_sequences > 1 needs do_sample=True: greedy decoding would repeat one answer")
+        if not isinstance(self.compile, bool):
+            raise GenerationError(f"compile must be True or False, got {self.compile!r}")
         if self.prefill_chunk_size is not None and (not _is_int(self.prefill_chunk_size) or self.prefill_chunk_size < 1):
             raise GenerationError(f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}")
         ids = self.eos_ids + ([self.pad_token_id] if self.pad_token_id is not None else [])
@@ -208,6 +212,9 @@ class _Stepper:
     def __init__(self, model: Any, batch: int, total: int, gen: GenerationConfig) -> None:
         self.model = model
         decoder = model.model
+        if gen.compile and gen.use_cache:
+            decoder.compile_decode()
+            total = -(-total // _COMPILED_BUCKET) * _COMPILED_BUCKET  # few distinct shapes, few compiles
         self.cache = decoder.make_cache(batch, max_length=total) if gen.use_cache else None
         window = model.config.sliding_window
         self.chunk = gen.prefill_chunk_size or (window if window is not None else _DEFAULT_CHUNK)
