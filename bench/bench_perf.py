@@ -37,7 +37,8 @@ from typing import Any, Callable
 THREADS = 2
 REFERENCE_HF = "hf-bf16"
 REFERENCE_LLAMA = "llama.cpp-q4_1"
-ENGINES = ("ours-fp32", "ours-bf16", "ours-int8", "ours-int4", "ours-gguf-q4_1", "ours-gguf-q4_1+compile",
+ENGINES = ("ours-fp32", "ours-bf16", "ours-bf16+compile", "ours-int8", "ours-int4", "ours-gguf-q4_1",
+           "ours-gguf-q4_1+compile",
            "hf-fp32", "hf-bf16", "llama.cpp-q4_1")
 METRICS = ("load_s", "first_call_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
 # A fixed English text, repeated and cut to the prompt length: real token ids, identical for
@@ -147,8 +148,10 @@ def llama_worker(model_path: Path, ids: list[int], new_tokens: int) -> dict:
     """One run of llama.cpp on the same GGUF file; needs neither torch nor mistral_lm."""
     from llama_cpp import Llama
 
+    # n_batch = n_ctx: without logits_all, llama-cpp-python keeps an (n_batch, vocab) score
+    # buffer indexed by absolute position, which overflows once the context passes n_batch
     llm, load_s = _timed(lambda: Llama(model_path=str(model_path), n_threads=THREADS, n_threads_batch=THREADS,
-                                       n_ctx=1024, n_batch=512, verbose=False))
+                                       n_ctx=1024, n_batch=1024, verbose=False))
     if len(ids) + new_tokens > llm.n_ctx():
         raise ValueError(f"prompt + new tokens ({len(ids) + new_tokens}) exceed n_ctx {llm.n_ctx()}")
     first_s = sum(_llama_round(llm, ids, new_tokens))

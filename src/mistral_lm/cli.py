@@ -57,7 +57,7 @@ def load(model_path: str | None, dtype: str | None, quantize: str = "auto") -> t
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     do_sample = args.temperature > 0
     kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, seed=args.seed,
-                                  repetition_penalty=args.repetition_penalty)
+                                  repetition_penalty=args.repetition_penalty, compile=args.compile)
     if do_sample:
         kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     return kwargs
@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--repetition-penalty", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the decode step: faster tokens after a one-off compile (~20 s)")
         p.add_argument("--quantize", default="auto", choices=["auto", "none", "gguf", "int8", "int4", "nf4"],
                        help="auto: a GGUF's own blocks (gguf), else none; int8/int4/nf4 quantize at load")
 
