@@ -3,7 +3,9 @@
 Every function takes q (B, H, Q, D), k and v (B, H_kv, K, D), a boolean mask (B, 1, Q, K) that
 is True where attention is allowed, and returns (output (B, Q, H, D), weights or None). The mask
 already encodes causality, the sliding window, padding and empty cache slots (see masks.py), so
-the kernels never need to know about any of them.
+the kernels never need to know about any of them. `mask=None` means plain causal attention of
+Q queries over the same Q keys (a first prefill without padding): kernels that can skip the
+masked half (SDPA's `is_causal`, flash-attn's `causal`) do.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def eager_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
     dropout: float = 0.0, training: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference path; the only one that returns attention weights. Softmax runs in float32."""
+    if mask is None:
+        mask = _causal(q.shape[2], k.shape[2], q.device)
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, H, Q, K)
@@ -42,19 +46,19 @@ def eager_attention(
 
 
 def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
     dropout: float = 0.0, training: bool = False,
 ) -> tuple[torch.Tensor, None]:
     """torch's fused scaled_dot_product_attention; GQA is handled by the kernel, not by copies."""
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0, scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
+        enable_gqa=q.shape[1] != k.shape[1], is_causal=mask is None,
     )
     return out.transpose(1, 2), None
 
 
 def flash_attention_2(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
     dropout: float = 0.0, training: bool = False,
 ) -> tuple[torch.Tensor, None]:
     """flash-attn's kernel for the masks it can express; SDPA for the rest.
@@ -67,6 +71,10 @@ def flash_attention_2(
     from flash_attn import flash_attn_func  # type: ignore[import-not-found]
 
     q_len, k_len = q.shape[2], k.shape[2]
+    if mask is None:
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              dropout_p=dropout if training else 0.0, softmax_scale=scale, causal=True)
+        return out, None
     expected = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril()
     window = _window_of(mask)
     if q_len == k_len and window is not None and torch.equal(mask[:, 0], _band(expected, window)):
@@ -76,6 +84,10 @@ def flash_attention_2(
         )
         return out, None
     return sdpa_attention(q, k, v, mask, scale, dropout, training)
+
+
+def _causal(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()[None, None]
 
 
 def _window_of(mask: torch.Tensor) -> int | None:

@@ -36,6 +36,7 @@ class CachePlan:
     keep_from: int  # new tokens [keep_from:] are stored
     write_first: bool  # attend over the buffer after writing (else over buffer ∪ new)
     used: int  # buffer slots attended in write-first mode
+    fresh: bool = False  # attend-then-store into an empty buffer: the keys are the new tokens alone
 
 
 class KVCache:
@@ -96,6 +97,9 @@ class KVCache:
             # same shapes every step, which a compiled decode step needs, for a few masked keys
             used = self.size if self.rolling or t == 1 else self.seen + t
             plan = CachePlan(self.positions[:, :used], self.valid[:, :used], slots, keep_from, True, used)
+        elif self.seen == 0:  # nothing stored yet: no empty slots to attend (or mask) first
+            plan = CachePlan(positions, valid, slots, keep_from, False, self.size, fresh=True)
+            self._book(slots, positions, valid, keep_from)
         else:
             key_positions = torch.cat([self.positions, positions], dim=1)
             key_valid = torch.cat([self.valid, valid], dim=1)
@@ -119,8 +123,11 @@ class KVCache:
             keys.index_copy_(2, plan.write_slots, k_kept)
             values.index_copy_(2, plan.write_slots, v_kept)
             return keys[:, :, : plan.used], values[:, :, : plan.used]
-        k_all = torch.cat([keys, k.to(keys.dtype)], dim=2)
-        v_all = torch.cat([values, v.to(values.dtype)], dim=2)
+        if plan.fresh:
+            k_all, v_all = k.to(keys.dtype), v.to(values.dtype)
+        else:
+            k_all = torch.cat([keys, k.to(keys.dtype)], dim=2)
+            v_all = torch.cat([values, v.to(values.dtype)], dim=2)
         keys.index_copy_(2, plan.write_slots, k_kept)
         values.index_copy_(2, plan.write_slots, v_kept)
         return k_all, v_all

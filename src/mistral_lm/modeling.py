@@ -149,7 +149,7 @@ class MistralAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * d, c, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
         cache: KVCache | None, plan: CachePlan | None, attn_implementation: str,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, t, _ = x.shape
@@ -178,7 +178,7 @@ class MistralDecoderLayer(nn.Module):
         self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
         cache: KVCache | None, plan: CachePlan | None, attn_implementation: str,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn, weights = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, plan, attn_implementation)
@@ -240,6 +240,7 @@ class MistralModel(MistralPreTrainedModel):
             cache = self.make_cache(b)
         past = cache.get_seq_length() if cache is not None else 0
         valid = self._new_token_validity(attention_mask, b, t, past, h.device)
+        given_positions = position_ids is not None
         if position_ids is None:
             position_ids = self._positions(attention_mask, b, t, past, h.device)
         elif position_ids.shape[-1] != t:
@@ -250,7 +251,12 @@ class MistralModel(MistralPreTrainedModel):
             k_pos, k_valid = plan.key_positions, plan.key_valid
         else:
             plan, k_pos, k_valid = None, position_ids, valid
-        mask = build_mask(position_ids, k_pos, k_valid, cfg.sliding_window)
+        # A first step without padding whose keys are its own tokens is plain causal attention:
+        # None tells the kernels so (SDPA's is_causal skips the masked half; no mask is built).
+        window_covers = cfg.sliding_window is None or cfg.sliding_window >= t
+        plain_causal = (t > 1 and past == 0 and not given_positions and k_pos.shape[1] == t and window_covers
+                        and bool(valid.all()))
+        mask = None if plain_causal else build_mask(position_ids, k_pos, k_valid, cfg.sliding_window)
         cos, sin = rope.cos_sin(position_ids, rope.inv_frequencies(cfg.head_dim, cfg.rope_theta, h.device))
         sin = rope.signed_sin(sin)  # the layers' rope.rotate takes the signs folded in
         impl = "eager" if output_attentions else self.attn_implementation
@@ -264,7 +270,8 @@ class MistralModel(MistralPreTrainedModel):
                 all_hidden.append(h)
             device = layer.input_layernorm.weight.device
             if h.device != device:  # layers split over devices by device_map
-                h, cos, sin, mask = (x.to(device) for x in (h, cos, sin, mask))
+                h, cos, sin = (x.to(device) for x in (h, cos, sin))
+                mask = None if mask is None else mask.to(device)
             h, weights = layer(h, cos, sin, mask, cache, plan, impl)
             if output_attentions:
                 all_attn.append(weights)
