@@ -56,15 +56,22 @@ def main() -> None:
         print(f"{mode}: done in {elapsed:.1f} s", flush=True)
 
     decisive = int((reference.margins >= 0.1).sum())
-    print(f"\nModel: {path.name}; text: pydoc topics, {reference.tokens} tokens ({decisive} decisive); "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| mode | tokens | top-1 agreement vs fp32 | on decisive positions | perplexity | perplexity increase |")
-    print("|---|---:|---:|---:|---:|---:|")
+    lines = [
+        "# Accuracy against float32, teacher-forced", "",
+        f"Command: `python bench/bench_accuracy.py`. Model: {path.name}; text: pydoc topics, "
+        f"{reference.tokens} tokens ({decisive} decisive: float32's top-1 leads its top-2 by >= 0.1 nats); "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
+        "| mode | tokens | top-1 agreement vs fp32 | on decisive positions | perplexity | perplexity increase |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
-        print(f"| {row['mode']} | {row['tokens']} | {100 * row['top1_agreement']:.2f} % | "
-              f"{100 * row['decisive_agreement']:.2f} % | {row['ppl']:.3f} | {row['ppl_increase_pct']:+.2f} % |")
+        lines.append(f"| {row['mode']} | {row['tokens']} | {100 * row['top1_agreement']:.2f} % | "
+                     f"{100 * row['decisive_agreement']:.2f} % | {row['ppl']:.3f} | {row['ppl_increase_pct']:+.2f} % |")
+    print("\n" + "\n".join(lines))
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    markdown = args.out.with_name("ACCURACY.md")
+    markdown.write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {args.out} and {markdown}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from . import rope
 from .attention import ATTENTION_FUNCTIONS
 from .cache import CachePlan, KVCache
 from .config import MistralConfig
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .masks import attention_mask as build_mask
 from .masks import positions_from_padding
 from .pretrained import MistralPreTrainedModel, module_device
@@ -290,12 +290,18 @@ class MistralModel(MistralPreTrainedModel):
     def compile_decode(self, **compile_options: Any) -> None:
         """Run single-token steps through `torch.compile` from now on (idempotent).
 
-        A decode step of a small model is mostly fixed per-operator cost (dispatch, Python), not
-        arithmetic: compiled, the 30 layers of SmolLM2 run as a few fused kernels around the
-        matmuls, measured 110 vs 79 tokens/s (GGUF Q4_1, 2 threads). The first call pays the
-        compile (~20 s on 2 cores; torch caches it on disk for later processes), so this is opt-in:
-        `generate(..., compile=True)` or `mistral-lm generate --compile`.
+        A decode step of a small model on 4-bit weights is mostly fixed per-operator cost
+        (dispatch, Python), not arithmetic: compiled, the 30 layers of SmolLM2 run as a few
+        fused kernels around the matmuls, measured 83.9 vs 63.0 tokens/s on its Q4_1 blocks
+        (bench/RESULTS.md; bfloat16 weights, bound by memory traffic, gain nothing). The first
+        call pays the compile (~20 s on 2 cores; torch caches it on disk for later processes),
+        so this is opt-in: `generate(..., compile=True)` or `mistral-lm generate --compile`.
+        Layers spread over several devices (a device_map) keep the eager loop, which moves
+        activations between them.
         """
+        if len({layer.input_layernorm.weight.device for layer in self.layers}) > 1:
+            raise ConfigError("compiled decoding needs every layer on one device; drop compile=True "
+                              "for a model split by device_map")
         if self._compiled_decode is None:
             self._compiled_decode = torch.compile(self._decode_layers, **compile_options)
 

@@ -282,13 +282,6 @@ class MistralPreTrainedModel(nn.Module):
         """Write config.json and safetensors weights in the Transformers layout."""
         if not safe_serialization:
             raise CheckpointError("only safetensors output is written (safe_serialization=True)")
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = dict(state_dict if state_dict is not None else self.state_dict())
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        self.config.architectures = [type(self).__name__]
-        self.config.torch_dtype = self.dtype
         from .quant.gguf import GGUFLinear
 
         if any(isinstance(m, GGUFLinear) for m in self.modules()):
@@ -296,6 +289,13 @@ class MistralPreTrainedModel(nn.Module):
                 "this model computes on GGUF blocks (gguf_native=True), which have no safetensors form; "
                 "load the file without gguf_native to save it (or run `mistral-lm convert`)"
             )
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = dict(state_dict if state_dict is not None else self.state_dict())
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        self.config.architectures = [type(self).__name__]
+        self.config.torch_dtype = self.dtype
         if self.quantization_config is not None:
             self.config.extra["quantization_config"] = self.quantization_config.to_dict()
         self.config.save_pretrained(folder)
