@@ -99,3 +99,19 @@ def test_single_row_half_precision_shortcut_equals_linear_and_keeps_hooks(dtype)
     module.register_forward_hook(lambda *args: calls.append(1))
     linear(module, x)
     assert calls == [1]
+
+
+def test_quantized_loading_fuses_before_quantizing_and_respects_the_skip_list(tmp_path):
+    """from_pretrained fuses float q/k/v and gate/up first (one quantization per group), except
+    groups with a part the skip list keeps in full precision; results equal the unfused load."""
+    MistralForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    q = dict(load_in_8bit=True, llm_int8_skip_modules=["q_proj", "lm_head"])
+    fused = MistralForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(**q))
+    plain = MistralForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(**q),
+                                               fuse_projections=False)
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert type(attn.q_proj) is nn.Linear and "qkv_proj" not in attn._modules
+    assert type(mlp.gate_up_proj).__name__ == "Int8Linear"
+    ids = torch.randint(0, fused.config.vocab_size, (1, 7))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)

@@ -71,18 +71,23 @@ def _concat_quantized(parts: Sequence[QuantizedLinear]) -> QuantizedLinear | Non
     return fused
 
 
-def fuse_projections(model: nn.Module, float_linears: bool = True) -> int:
+def fuse_projections(model: nn.Module, float_linears: bool = True, skip: Sequence[str] = ()) -> int:
     """Fuse q/k/v and gate/up in every layer where the parts allow it; returns how many fusions
     were made. Idempotent. The fused parent keeps `_fused = {name: [(part, rows), ...]}`.
 
     Fusing copies the weights. Quantized modules own their memory anyway, but float weights
     assigned straight from a memory-mapped checkpoint would then be held twice (the file's
-    pages stay mapped for the tensors left unfused): loaders pass `float_linears=False` there."""
+    pages stay mapped for the tensors left unfused): loaders pass `float_linears=False` there.
+    A group any of whose parts is named in `skip` (module names or suffixes, as a quantization
+    skip list) is left alone, so fusing before quantizing keeps such parts apart."""
     count = 0
-    for module in list(model.modules()):
+    for module_name, module in list(model.named_modules()):
         for attribute, (fused_name, part_names) in FUSIONS.items():
             parent = getattr(module, attribute, None)
             if not isinstance(parent, nn.Module) or fused_name in parent._modules:
+                continue
+            names = [".".join(filter(None, (module_name, attribute, name))) for name in part_names]
+            if any(n == s or n.endswith("." + s) for n in names for s in skip):
                 continue
             parts = [parent._modules.get(name) for name in part_names]
             if any(p is None for p in parts):

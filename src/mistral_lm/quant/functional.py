@@ -69,7 +69,8 @@ def quantize_int4(
     scale = ((hi - lo) / 15).to(scale_dtype)
     zero = (lo + 8 * scale.float()).to(scale_dtype)
     s, z = scale.float()[..., None], zero.float()[..., None]
-    q = torch.where(s > 0, torch.round((w - z) / s) + 8, 8.0).clamp(0, 15)
+    # in place after the first pass: quantizing a model at load time is bound by these passes
+    q = (w - z).div_(torch.where(s > 0, s, 1.0)).round_().add_(8).clamp_(0, 15).masked_fill_(s == 0, 8)
     return q.to(torch.uint8).reshape(weight.shape), scale, zero
 
 
