@@ -9,6 +9,7 @@ moved. Peak memory while loading is therefore about one copy of the weights.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import os
 import warnings
@@ -230,6 +231,7 @@ class MistralPreTrainedModel(nn.Module):
             from .fusion import fuse_projections as fuse_rest
 
             fuse_rest(model, float_linears=path.suffix == ".gguf")  # GGUF floats are fresh memory, not a map
+        _release_freed_memory()
         return model.eval()
 
     @classmethod
@@ -377,6 +379,18 @@ def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], expected: dic
 
 
 # ------------------------------------------------------------------ placement
+def _release_freed_memory() -> None:
+    """Hand the loader's freed temporaries back to the OS (glibc only; a no-op elsewhere).
+
+    Decoding and re-packing quantized blocks leaves the heap fragmented: after loading
+    SmolLM2 on its GGUF blocks, RSS stood at 617 MB for 158 MB of weights, and malloc_trim
+    returned 124 MB of it. Freed memory is not leaked either way; this only makes RSS honest."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _single_device(device_map: Any) -> bool:
     if isinstance(device_map, dict):
         return len({str(v) for v in device_map.values()}) == 1
