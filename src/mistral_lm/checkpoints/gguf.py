@@ -395,12 +395,23 @@ def _match_tensors(file: GGUFFile, config: MistralConfig) -> dict[str, tuple[str
     return expected
 
 
+_DEQUANTIZE_ROWS = 4096  # rows decoded at a time: gguf's numpy decoders hold several float32 copies
+
+
 def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: tuple[int, ...],
                      dtype: torch.dtype) -> torch.Tensor:
-    values = _gguf_dequantize(rows, ggml_type)  # float32, (rows, row_elements)
-    if not values.flags.writeable:  # F32 comes back as a view of the read-only map
-        values = values.copy()
-    return torch.from_numpy(values.reshape(shape)).to(dtype)
+    if rows.ndim < 2 or rows.shape[0] <= _DEQUANTIZE_ROWS:
+        values = _gguf_dequantize(rows, ggml_type)  # float32, (rows, row_elements)
+        if not values.flags.writeable:  # F32 comes back as a view of the read-only map
+            values = values.copy()
+        return torch.from_numpy(values.reshape(shape)).to(dtype)
+    # a large matrix (the embedding) slice by slice, straight into the target dtype: at once,
+    # SmolLM2's 49k-row Q8_0 embedding peaked at ~240 MB of temporaries for a 57 MB result
+    out = torch.empty(shape, dtype=dtype).view(rows.shape[0], -1)
+    for start in range(0, rows.shape[0], _DEQUANTIZE_ROWS):
+        chunk = _gguf_dequantize(rows[start:start + _DEQUANTIZE_ROWS], ggml_type)
+        out[start:start + len(chunk)] = torch.from_numpy(np.array(chunk, copy=not chunk.flags.writeable))
+    return out.view(shape)
 
 
 def _load_tensor(file: GGUFFile, info: TensorInfo, entry: _Entry, config: MistralConfig,

@@ -31,6 +31,7 @@ from ..errors import CheckpointError
 from .modules import Int4Linear
 
 Q = gguf.GGMLQuantizationType
+_DECODE_ROWS = 4096  # rows decoded at a time; a multiple of the 64-row packing block
 
 
 class QuantizedTensor(Protocol):
@@ -128,20 +129,34 @@ class GGUFLinear(Int4Linear):
                 f"bytes per row in blocks of {block} weights; got {raw.shape}"
             )
         module = cls(in_features, out_features, ggml_type, bias is not None, compute_dtype, "meta")
-        blocks = torch.from_numpy(raw.copy()).reshape(out_features, in_features // block, type_size)
-        q, scale, zero = _DECODERS[Q(ggml_type)](blocks)
-        planes = module._planes
-        # (planes, N, blocks, ...) -> plane-major columns: (N, planes * K) codes, (N, planes * K/32) groups
-        q = q.reshape(planes, out_features, in_features).permute(1, 0, 2).reshape(out_features, -1)
-        scale, zero = (t.reshape(planes, out_features, -1).permute(1, 0, 2).reshape(out_features, -1)
-                       for t in (scale, zero))
-        module._set_codes(q, scale.to(compute_dtype), zero.to(compute_dtype))
+        raw = raw.reshape(out_features, -1)
+        packed, scale_zero = [], []
+        # a slice of rows at a time: decoding a whole 49k-row head at once held ~170 MB of temporaries
+        for start in range(0, out_features, _DECODE_ROWS):
+            end = min(out_features, start + _DECODE_ROWS)
+            blocks = torch.from_numpy(raw[start:end].copy()).reshape(end - start, in_features // block, type_size)
+            q, scale, zero = _plane_major(*_DECODERS[Q(ggml_type)](blocks), module._planes, end - start)
+            pad = module._rows - out_features if end == out_features else 0
+            p, sz = module._pack_rows(q, scale.to(compute_dtype), zero.to(compute_dtype), pad)
+            packed.append(p)
+            scale_zero.append(sz)
+        module._set_packed(torch.cat(packed), torch.cat(scale_zero, dim=1))
         if bias is not None:
             module.bias = torch.nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         return module
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ggml_type={self.ggml_type.name}"
+
+
+def _plane_major(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, planes: int,
+                 rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(planes, n, blocks, ...) decoder output -> (n, planes * K) codes and (n, planes * K/32)
+    scales and zeros, each row's planes side by side (the kernel sees x repeated per plane)."""
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(planes, rows, -1).permute(1, 0, 2).reshape(rows, -1)
+
+    return flat(q), flat(scale), flat(zero)
 
 
 def _unsupported(ggml_type: int) -> CheckpointError:

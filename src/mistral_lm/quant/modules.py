@@ -277,12 +277,21 @@ class Int4Linear(QuantizedLinear):
 
     def _set_codes(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Fill the kernel buffers from (N, planes*K) codes and (N, G) scales and zeros."""
-        pad = self._rows - self.out_features
+        self._set_packed(*self._pack_rows(q, scale, zero, self._rows - self.out_features))
+
+    def _pack_rows(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel-layout (packed, scale_and_zero) of some output rows plus `pad` padding rows. Row
+        ranges that start on a 64-row boundary pack independently, so large weights can be built
+        a slice at a time and concatenated."""
         q = F.pad(q.to(torch.uint8), (0, 0, 0, pad), value=8)
-        scale_zero = torch.stack([scale, zero], dim=-1)                                    # (N, G, 2)
+        scale_zero = torch.stack([scale, zero], dim=-1)                                    # (n, G, 2)
         scale_zero = F.pad(scale_zero.to(self.compute_dtype), (0, 0, 0, 0, 0, pad))
-        self.packed = pack_int4(q)
-        self.scale_and_zero = scale_zero.transpose(0, 1).contiguous()                     # (G, rows, 2)
+        return pack_int4(q), scale_zero.transpose(0, 1)                                   # (G, n, 2)
+
+    def _set_packed(self, packed: torch.Tensor, scale_and_zero: torch.Tensor) -> None:
+        self.packed = packed
+        self.scale_and_zero = scale_and_zero.contiguous()                                 # (G, rows, 2)
         self._kernel_rows = int4_kernel_rows(self.packed.device)
 
 
