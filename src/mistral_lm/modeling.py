@@ -292,7 +292,7 @@ class MistralModel(MistralPreTrainedModel):
 
         A decode step of a small model on 4-bit weights is mostly fixed per-operator cost
         (dispatch, Python), not arithmetic: compiled, the 30 layers of SmolLM2 run as a few
-        fused kernels around the matmuls, measured 83.9 vs 63.0 tokens/s on its Q4_1 blocks
+        fused kernels around the matmuls, measured 81-92 vs 61-64 tokens/s on its Q4_1 blocks
         (bench/RESULTS.md; bfloat16 weights, bound by memory traffic, gain nothing). The first
         call pays the compile (~20 s on 2 cores; torch caches it on disk for later processes),
         so this is opt-in: `generate(..., compile=True)` or `mistral-lm generate --compile`.
