@@ -111,12 +111,6 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: CachePlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v (B, H_kv, T, D) for `layer`; return the keys and values to attend."""
         keys, values = self.keys[layer], self.values[layer]
-        if plan.write_first and plan.keep_from == 0:  # the decode step: no slicing, no views
-            keys.index_copy_(2, plan.write_slots, k.to(keys.dtype))
-            values.index_copy_(2, plan.write_slots, v.to(values.dtype))
-            if plan.used == keys.shape[2]:
-                return keys, values
-            return keys[:, :, : plan.used], values[:, :, : plan.used]
         k_kept = k[:, :, plan.keep_from:].to(keys.dtype)
         v_kept = v[:, :, plan.keep_from:].to(values.dtype)
         if plan.write_first:

@@ -219,18 +219,17 @@ class MistralPreTrainedModel(nn.Module):
             model = cls._from_folder(path, config, wanted, kwargs, progress)
         model.attn_implementation = check_implementation(attn_implementation, model.dtype)
         fuse = fuse_projections and _single_device(device_map)  # layers split over devices stay unfused
+        if fuse:
+            from .fusion import fuse_projections as fuse_layers
         if quantization_config is not None:
-            from .fusion import fuse_projections as fuse_float
             from .quantization import quantize_model
 
             if fuse:  # fused float first: one quantization per group instead of a re-pack after
-                fuse_float(model, skip=quantization_config.skip_modules)
+                fuse_layers(model, skip=quantization_config.skip_modules)
             model = quantize_model(model, quantization_config)
         place_model(model, device_map)
         if fuse:
-            from .fusion import fuse_projections as fuse_rest
-
-            fuse_rest(model, float_linears=path.suffix == ".gguf")  # GGUF floats are fresh memory, not a map
+            fuse_layers(model, float_linears=path.suffix == ".gguf")  # GGUF floats are fresh memory, not a map
         _release_freed_memory()
         return model.eval()
 

@@ -26,26 +26,20 @@ def cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.T
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     """`sin` with its first half negated: the table `rotate` takes.
 
-    rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * [-1.., +1..], so folding the signs into the
-    table once per forward turns every layer's rotation into one roll and two multiply-adds
-    (the same products and sums, so bit-identical to `apply_rotary`)."""
+    The half-split rotation cat(-x2, x1) = roll(x, D/2) * [-1.., +1..], so folding the signs into the
+    table once per forward turns every layer's rotation into one roll and two multiply-adds."""
     half = sin.shape[-1] // 2
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin in float32, returned in x's dtype; tables broadcast to x."""
+    """x * cos + cat(-x2, x1) * sin in float32 (x1, x2 the halves of x), returned in x's dtype;
+    the tables broadcast to x."""
     xf = x.float()
     return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin_signed).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the (B, T, D) tables; computed in float32, returned in x's dtype."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    """Rotate x (B, H, T, D) by the (B, T, D) tables of `cos_sin`: `rotate` with the signs
+    folded in here rather than once per forward, as the model does."""
+    return rotate(x, cos[:, None], signed_sin(sin)[:, None])

@@ -400,7 +400,7 @@ _DEQUANTIZE_ROWS = 4096  # rows decoded at a time: gguf's numpy decoders hold se
 
 def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: tuple[int, ...],
                      dtype: torch.dtype) -> torch.Tensor:
-    if rows.ndim < 2 or rows.shape[0] <= _DEQUANTIZE_ROWS:
+    if rows.shape[0] <= _DEQUANTIZE_ROWS:  # rows is (rows, bytes_per_row), as GGUFFile.rows gives
         values = _gguf_dequantize(rows, ggml_type)  # float32, (rows, row_elements)
         if not values.flags.writeable:  # F32 comes back as a view of the read-only map
             values = values.copy()
