@@ -5,7 +5,9 @@ is True where attention is allowed, and returns (output (B, Q, H, D), weights or
 already encodes causality, the sliding window, padding and empty cache slots (see masks.py), so
 the kernels never need to know about any of them. `mask=None` means plain causal attention of
 Q queries over the same Q keys (a first prefill without padding): kernels that can skip the
-masked half (SDPA's `is_causal`, flash-attn's `causal`) do.
+masked half (SDPA's `is_causal`, flash-attn's `causal`) do. `causal=True` says the same of a
+given mask that is causal and banded by `window` alone, for kernels that take a window instead
+of a mask (flash-attn).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 def eager_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-    dropout: float = 0.0, training: bool = False,
+    dropout: float = 0.0, training: bool = False, *, causal: bool = False, window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference path; the only one that returns attention weights. Softmax runs in float32."""
     if mask is None:
@@ -47,7 +49,7 @@ def eager_attention(
 
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-    dropout: float = 0.0, training: bool = False,
+    dropout: float = 0.0, training: bool = False, *, causal: bool = False, window: int | None = None,
 ) -> tuple[torch.Tensor, None]:
     """torch's fused scaled_dot_product_attention; GQA is handled by the kernel, not by copies."""
     out = F.scaled_dot_product_attention(
@@ -59,44 +61,27 @@ def sdpa_attention(
 
 def flash_attention_2(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-    dropout: float = 0.0, training: bool = False,
+    dropout: float = 0.0, training: bool = False, *, causal: bool = False, window: int | None = None,
 ) -> tuple[torch.Tensor, None]:
     """flash-attn's kernel for the masks it can express; SDPA for the rest.
 
     flash-attn takes no arbitrary mask, only `causal` plus a window. That is exact when the keys
     are the queries themselves in order with nothing masked but the future and the window (a
-    prefill without padding); a rolling cache or padding needs the explicit mask, so those steps
-    run on SDPA (itself flash-backed on CUDA).
+    prefill without padding: `mask is None` or `causal`); a rolling cache or padding needs the
+    explicit mask, so those steps run on SDPA (itself flash-backed on CUDA).
     """
+    if mask is not None and not causal:
+        return sdpa_attention(q, k, v, mask, scale, dropout, training)
     from flash_attn import flash_attn_func  # type: ignore[import-not-found]
 
-    q_len, k_len = q.shape[2], k.shape[2]
-    if mask is None:
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                              dropout_p=dropout if training else 0.0, softmax_scale=scale, causal=True)
-        return out, None
-    expected = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril()
-    window = _window_of(mask)
-    if q_len == k_len and window is not None and torch.equal(mask[:, 0], _band(expected, window)):
-        out = flash_attn_func(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout if training else 0.0,
-            softmax_scale=scale, causal=True, window_size=(window - 1, 0),
-        )
-        return out, None
-    return sdpa_attention(q, k, v, mask, scale, dropout, training)
+    band = (window - 1, 0) if window is not None and window < k.shape[2] else (-1, -1)
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                          dropout_p=dropout if training else 0.0, softmax_scale=scale, causal=True, window_size=band)
+    return out, None
 
 
 def _causal(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()[None, None]
-
-
-def _window_of(mask: torch.Tensor) -> int | None:
-    """Number of keys the last query row sees (its window, for a plain banded causal mask)."""
-    return int(mask[0, 0, -1].sum()) if mask.numel() else None
-
-
-def _band(causal: torch.Tensor, window: int) -> torch.Tensor:
-    return causal & ~causal.tril(-window)
 
 
 ATTENTION_FUNCTIONS: dict[str, AttentionFn] = {

@@ -1,4 +1,4 @@
-"""generate(): validated settings, chunked prefill, a decode loop, streaming.
+"""generate(): validated settings, chunked prefill, the decode step, streaming.
 
 Every argument is checked before any tensor work, so a bad value fails in microseconds with a
 message naming it rather than after a long prefill. Prompts are prefilled in chunks of at most
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 
 from . import sampling
-from .errors import GenerationError
+from .cache import KVCache
+from .errors import ConfigError, GenerationError
 
 _DEFAULT_CHUNK = 1024  # prefill chunk for models without a window: bounds the mask's size
 _COMPILED_BUCKET = 256  # a compiled decode's static cache grows in these steps
@@ -172,67 +174,122 @@ def generate(
         mask = mask.repeat_interleave(gen.num_return_sequences, dim=0)
     if gen.do_sample and generator is None and gen.seed is not None:
         generator = torch.Generator(device=device).manual_seed(gen.seed)
-    eos = gen.eos_ids
-    pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0)
     if streamer is not None:
         streamer.put(ids.cpu())
-
-    step = _Stepper(model, ids.shape[0], prompt_len + max_new, gen)
-    logits = step.prefill(ids, mask) if max_new else None
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    eos_tensor = torch.tensor(eos, device=device, dtype=torch.long)
-    for produced in range(max_new):
-        assert logits is not None
-        scores = logits.float()
-        if produced < gen.min_new_tokens:
-            scores = sampling.suppress(scores, eos)
-        scores = sampling.process(
-            scores, ids, do_sample=gen.do_sample, temperature=gen.temperature, top_k=gen.top_k,
-            top_p=gen.top_p, repetition_penalty_value=gen.repetition_penalty,
-        )
-        token = sampling.sample(scores, generator) if gen.do_sample else sampling.greedy(scores)
-        token = torch.where(finished, torch.full_like(token, pad), token)
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+    new: list[torch.Tensor] = []
+    for token in generate_tokens(model, ids, mask, gen, max_new, generator):
+        new.append(token)
         if streamer is not None:
             streamer.put(token.cpu())
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids
+
+
+def generate_tokens(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen: GenerationConfig, max_new: int,
+                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield each step's new token per row, (B,), for up to `max_new` steps: the generator core
+    of generate() and the streamers. `ids`, `mask` (B, T) are the (left-padded) prompts.
+
+    Rows that ended (an EOS) get the pad token until every row has ended. Prompt and output
+    live in one preallocated (B, T + max_new) buffer, which the repetition penalty reads.
+    """
+    if max_new == 0:
+        return
+    b, prompt_len = ids.shape
+    eos = gen.eos_ids
+    pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0)
+    history = torch.full((b, prompt_len + max_new), pad, dtype=torch.long, device=ids.device)
+    history[:, :prompt_len] = ids
+    pick = sampling.make_picker(gen)
+    if gen.use_cache:
+        step = Decoder(model, compile=gen.compile)
+        total = prompt_len + max_new
+        if gen.compile:
+            total = -(-total // _COMPILED_BUCKET) * _COMPILED_BUCKET  # few distinct shapes, few compiles
+        cache = model.make_cache(b, max_length=total)
+        window = model.config.sliding_window
+        chunk = gen.prefill_chunk_size or (window if window is not None else _DEFAULT_CHUNK)
+        logits = prefill(model, cache, ids, mask, chunk)
+        positions = mask.sum(dim=1)  # the next token's: real tokens so far, as masks.positions_from_padding counts
+    else:
+        full_mask = torch.ones_like(history)
+        full_mask[:, :prompt_len] = mask
+        logits = _recompute(model, history[:, :prompt_len], full_mask[:, :prompt_len])
+    finished = torch.zeros(b, dtype=torch.bool, device=ids.device)
+    eos_tensor = torch.tensor(eos, device=ids.device, dtype=torch.long)
+    for produced in range(max_new):
+        end = prompt_len + produced
+        if produced < gen.min_new_tokens:
+            logits = sampling.suppress(logits.float(), eos)
+        token = pick(logits, history[:, :end], generator)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        history[:, end] = token
+        yield token
         if eos:
             finished |= torch.isin(token, eos_tensor)
         if produced + 1 == max_new or bool(finished.all()):
-            break
-        logits = step.decode(ids, mask)
-    if streamer is not None:
-        streamer.end()
-    return ids
+            return
+        if gen.use_cache:
+            logits = step(token, positions, cache)
+            positions = positions + 1
+        else:
+            logits = _recompute(model, history[:, : end + 1], full_mask[:, : end + 1])
 
 
-class _Stepper:
-    """Runs the model for prefill and decode, with the cache or (use_cache=False) without."""
+def prefill(model: Any, cache: KVCache, ids: torch.Tensor, mask: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Read the prompts (B, T) into `cache` in chunks of at most `chunk` tokens; the logits
+    (B, V) after the last one. A rolling cache needs chunks of at most W to stay O(W) in memory."""
+    out = None
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        out = model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+    assert out is not None
+    return out.logits[:, -1]
 
-    def __init__(self, model: Any, batch: int, total: int, gen: GenerationConfig) -> None:
+
+def _recompute(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """use_cache=False: the whole sequence again every step."""
+    return model(ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits[:, -1]
+
+
+class Decoder:
+    """The decode step every driver runs (generate() and the server's engine): one token per
+    row at explicit absolute positions into a cache; returns the next logits (B, V).
+
+    `compile=True` runs the layers through torch.compile: a decode step of a small model on
+    4-bit weights is mostly fixed per-operator cost that compiling fuses away (bench/RESULTS.md);
+    the first call pays the compile, so it is opt-in. The compiled layers are made once per
+    model and reused by later calls.
+    """
+
+    def __init__(self, model: Any, compile: bool = False) -> None:
         self.model = model
-        decoder = model.model
-        if gen.compile and gen.use_cache:
-            decoder.compile_decode()
-            total = -(-total // _COMPILED_BUCKET) * _COMPILED_BUCKET  # few distinct shapes, few compiles
-        self.cache = decoder.make_cache(batch, max_length=total) if gen.use_cache else None
-        window = model.config.sliding_window
-        self.chunk = gen.prefill_chunk_size or (window if window is not None else _DEFAULT_CHUNK)
+        self.layers = compiled_layers(model.model) if compile else None
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.cache is None:
-            return self.decode(ids, mask)
-        out = None
-        for start in range(0, ids.shape[1], self.chunk):
-            end = min(start + self.chunk, ids.shape[1])
-            out = self.model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=self.cache,
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens, positions (B,) -> logits (B, V)."""
+        if self.layers is None:
+            out = self.model(tokens[:, None], position_ids=positions[:, None], past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
-        assert out is not None
-        return out.logits[:, -1]
+            return out.logits[:, -1]
+        decoder = self.model.model
+        h = decoder.embed_tokens(tokens[:, None])
+        step = decoder.prepare_step(h, None, positions[:, None], cache)
+        h = self.layers(h, step, cache)
+        cache.commit(step.plan)
+        return self.model.lm_head(h)[:, -1]
 
-    def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.cache is None:
-            return self.model(ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits[:, -1]
-        out = self.model(ids[:, -1:], attention_mask=mask, past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1)
-        return out.logits[:, -1]
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_layers(decoder: Any) -> Any:
+    """`torch.compile(decoder.decode_layers)`, made once per decoder (idempotent)."""
+    if len({layer.input_layernorm.weight.device for layer in decoder.layers}) > 1:
+        raise ConfigError("compiled decoding needs every layer on one device; drop compile=True "
+                          "for a model split by device_map")
+    if decoder not in _COMPILED:
+        _COMPILED[decoder] = torch.compile(decoder.decode_layers)
+    return _COMPILED[decoder]

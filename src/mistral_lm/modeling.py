@@ -26,10 +26,10 @@ from . import rope
 from .attention import ATTENTION_FUNCTIONS
 from .cache import CachePlan, KVCache
 from .config import MistralConfig
-from .errors import ConfigError, InputError
+from .errors import InputError
 from .masks import attention_mask as build_mask
 from .masks import positions_from_padding
-from .pretrained import MistralPreTrainedModel, module_device
+from .pretrained import MistralPreTrainedModel
 
 _ACTIVATIONS = {
     "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -77,6 +77,39 @@ class SequenceClassifierOutputWithPast(_Output):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+# --------------------------------------------------------------------------- step facts
+@dataclass(frozen=True)
+class Step:
+    """What every layer of one forward step reads, computed once by `make_step`."""
+
+    cos: torch.Tensor  # (B, T, D) float32
+    sin: torch.Tensor  # (B, T, D) float32, signs folded in for rope.rotate
+    mask: torch.Tensor | None  # (B, 1, T, K) True where attention is allowed; None: plain causal
+    causal: bool  # the keys are this step's own tokens, in order, unpadded: mask = causal and window
+    window: int | None  # the sliding window, for kernels that take it instead of a mask
+    plan: CachePlan | None  # what the cache does this step (None without a cache)
+    attn_implementation: str
+
+
+def make_step(config: MistralConfig, positions: torch.Tensor, valid: torch.Tensor, cache: KVCache | None,
+              attn_implementation: str, positions_given: bool = False) -> Step:
+    """Step facts for T new tokens at absolute `positions` (B, T); `valid` (B, T) is False for padding.
+
+    A first step without padding whose keys are its own tokens is plain causal attention: the
+    mask is left out (None) when the window covers every query, so SDPA's `is_causal` skips the
+    masked half and no (T, T) mask is built.
+    """
+    t = positions.shape[1]
+    plan = cache.plan(positions, valid) if cache is not None else None
+    k_pos, k_valid = (plan.key_positions, plan.key_valid) if plan is not None else (positions, valid)
+    window = config.sliding_window
+    causal = (t > 1 and not positions_given and (cache is None or cache.get_seq_length() == 0)
+              and k_pos.shape[1] == t and bool(valid.all()))
+    mask = None if causal and (window is None or window >= t) else build_mask(positions, k_pos, k_valid, window)
+    cos, sin = rope.cos_sin(positions, rope.inv_frequencies(config.head_dim, config.rope_theta, positions.device))
+    return Step(cos, rope.signed_sin(sin), mask, causal, window, plan, attn_implementation)
+
+
 # --------------------------------------------------------------------------- layers
 class MistralRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
@@ -88,31 +121,6 @@ class MistralRMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * xf.to(x.dtype)
-
-
-@torch.library.custom_op("mistral_lm::matvec", mutates_args=())
-def _matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """torch.mv behind an opaque op: inductor would otherwise lower it to a generic reduction
-    (measured slower than its bfloat16 linear) instead of calling the vectorized kernel."""
-    return torch.mv(weight, x)
-
-
-@_matvec.register_fake
-def _(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return weight.new_empty(weight.shape[0])
-
-
-def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, with one shortcut: a single half-precision row on the CPU runs as a
-    matrix-vector product, which torch vectorizes for bfloat16 and float16 where its (1, K)
-    matmul does not. It streams weights at ~23-26 GB/s against ~14-20 for F.linear (1536-3072
-    x 576, 2 threads). Modules with hooks keep the normal call so the hooks run."""
-    if (type(module) is nn.Linear and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
-            and module.bias is None and x.numel() == x.shape[-1] and not module._forward_hooks
-            and not module._forward_pre_hooks and module.weight.dtype == x.dtype):
-        mv = _matvec if torch.compiler.is_compiling() else torch.mv
-        return mv(module.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
-    return module(x)
 
 
 class MistralMLP(nn.Module):
@@ -127,10 +135,10 @@ class MistralMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if "gate_up_proj" in self._modules:  # fusion.py
-            gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
-            gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
-        return linear(self.down_proj, self.act_fn(gate) * up)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class MistralAttention(nn.Module):
@@ -148,25 +156,24 @@ class MistralAttention(nn.Module):
         self.v_proj = nn.Linear(c, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, c, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-        cache: KVCache | None, plan: CachePlan | None, attn_implementation: str,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, step: Step, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, t, _ = x.shape
         h, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        cos, sin = step.cos[:, :, None], step.sin[:, :, None]
         if "qkv_proj" in self._modules:  # fusion.py: one matmul, q and k rotated together
-            qk, v = linear(self.qkv_proj, x).split([(h + h_kv) * d, h_kv * d], dim=-1)
-            q, k = rope.rotate(qk.view(b, t, h + h_kv, d), cos[:, :, None], sin[:, :, None]).split([h, h_kv], dim=2)
+            qk, v = self.qkv_proj(x).split([(h + h_kv) * d, h_kv * d], dim=-1)
+            q, k = rope.rotate(qk.view(b, t, h + h_kv, d), cos, sin).split([h, h_kv], dim=2)
         else:
-            q, k, v = linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)
-            q = rope.rotate(q.view(b, t, h, d), cos[:, :, None], sin[:, :, None])
-            k = rope.rotate(k.view(b, t, h_kv, d), cos[:, :, None], sin[:, :, None])
+            q = rope.rotate(self.q_proj(x).view(b, t, h, d), cos, sin)
+            k = rope.rotate(self.k_proj(x).view(b, t, h_kv, d), cos, sin)
+            v = self.v_proj(x)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, h_kv, d).transpose(1, 2)  # (B, H, T, D)
-        if cache is not None and plan is not None:
-            k, v = cache.update(self.layer_idx, k, v, plan)  # (B, H_kv, K, D)
-        attend = ATTENTION_FUNCTIONS[attn_implementation]
-        out, weights = attend(q, k, v, mask, self.scaling, self.config.attention_dropout, self.training)
-        return linear(self.o_proj, out.reshape(b, t, -1)), weights  # out: (B, T, H, D)
+        if cache is not None and step.plan is not None:
+            k, v = cache.update(self.layer_idx, k, v, step.plan)  # (B, H_kv, K, D)
+        attend = ATTENTION_FUNCTIONS[step.attn_implementation]
+        out, weights = attend(q, k, v, step.mask, self.scaling, self.config.attention_dropout, self.training,
+                              causal=step.causal, window=step.window)
+        return self.o_proj(out.reshape(b, t, -1)), weights  # out: (B, T, H, D)
 
 
 class MistralDecoderLayer(nn.Module):
@@ -177,11 +184,8 @@ class MistralDecoderLayer(nn.Module):
         self.input_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-        cache: KVCache | None, plan: CachePlan | None, attn_implementation: str,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn, weights = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, plan, attn_implementation)
+    def forward(self, h: torch.Tensor, step: Step, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn, weights = self.self_attn(self.input_layernorm(h), step, cache)
         h = h + attn
         return h + self.mlp(self.post_attention_layernorm(h)), weights
 
@@ -230,86 +234,59 @@ class MistralModel(MistralPreTrainedModel):
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         use_cache = (past_key_values is not None or (cfg.use_cache and not self.training)) if use_cache is None else use_cache
         h = self._embed(input_ids, inputs_embeds)
+        cache = self._cache_for(past_key_values, use_cache, h.shape[0])
+        step = self.prepare_step(h, attention_mask, position_ids, cache, "eager" if output_attentions else None)
+        hidden: list[torch.Tensor] | None = [] if output_hidden_states else None
+        attentions: list[torch.Tensor] | None = [] if output_attentions else None
+        h = self.decode_layers(h, step, cache, hidden, attentions)
+        if cache is not None and step.plan is not None:
+            cache.commit(step.plan)
+        return BaseModelOutputWithPast(
+            last_hidden_state=h,
+            past_key_values=cache if use_cache else None,
+            hidden_states=None if hidden is None else tuple(hidden),
+            attentions=None if attentions is None else tuple(attentions),
+        )
+
+    def prepare_step(self, h: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                     cache: KVCache | None, attn_implementation: str | None = None) -> Step:
+        """The facts every layer of this step reads, computed once; the cache is not changed."""
         b, t, _ = h.shape
-        cache = past_key_values
-        if cache is not None and not isinstance(cache, KVCache):
-            raise InputError(
-                f"past_key_values must be the cache returned by this model (a KVCache), got {type(cache).__name__}"
-            )
-        if cache is None and use_cache:
-            cache = self.make_cache(b)
         past = cache.get_seq_length() if cache is not None else 0
         valid = self._new_token_validity(attention_mask, b, t, past, h.device)
-        given_positions = position_ids is not None
+        given = position_ids is not None
         if position_ids is None:
             position_ids = self._positions(attention_mask, b, t, past, h.device)
         elif position_ids.shape[-1] != t:
             raise InputError(f"position_ids has length {position_ids.shape[-1]}, but the input has {t} tokens")
-        position_ids = position_ids.expand(b, t)
-        if cache is not None:
-            plan = cache.plan(position_ids, valid)
-            k_pos, k_valid = plan.key_positions, plan.key_valid
-        else:
-            plan, k_pos, k_valid = None, position_ids, valid
-        # A first step without padding whose keys are its own tokens is plain causal attention:
-        # None tells the kernels so (SDPA's is_causal skips the masked half; no mask is built).
-        window_covers = cfg.sliding_window is None or cfg.sliding_window >= t
-        plain_causal = (t > 1 and past == 0 and not given_positions and k_pos.shape[1] == t and window_covers
-                        and bool(valid.all()))
-        mask = None if plain_causal else build_mask(position_ids, k_pos, k_valid, cfg.sliding_window)
-        cos, sin = rope.cos_sin(position_ids, rope.inv_frequencies(cfg.head_dim, cfg.rope_theta, h.device))
-        sin = rope.signed_sin(sin)  # the layers' rope.rotate takes the signs folded in
-        impl = "eager" if output_attentions else self.attn_implementation
-        if self._compiled_decode is not None and t == 1 and not (output_hidden_states or output_attentions):
-            h = self._compiled_decode(h, cos, sin, mask, cache, plan)
-            return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=cache if use_cache else None)
-        all_hidden: list[torch.Tensor] = []
-        all_attn: list[torch.Tensor] = []
+        return make_step(self.config, position_ids.to(h.device).expand(b, t), valid, cache,
+                         attn_implementation or self.attn_implementation, positions_given=given)
+
+    def decode_layers(self, h: torch.Tensor, step: Step, cache: KVCache | None,
+                      hidden: list[torch.Tensor] | None = None,
+                      attentions: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Every layer, then the final norm, collecting per-layer outputs into the lists given.
+        A driver may compile it for single-token steps (generation.py)."""
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden.append(h)
-            device = layer.input_layernorm.weight.device
-            if h.device != device:  # layers split over devices by device_map
-                h, cos, sin = (x.to(device) for x in (h, cos, sin))
-                mask = None if mask is None else mask.to(device)
-            h, weights = layer(h, cos, sin, mask, cache, plan, impl)
-            if output_attentions:
-                all_attn.append(weights)
-        h = self.norm(h.to(self.norm.weight.device))
-        if output_hidden_states:
-            all_hidden.append(h)
-        return BaseModelOutputWithPast(
-            last_hidden_state=h,
-            past_key_values=cache if use_cache else None,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attn) if output_attentions else None,
-        )
+            if hidden is not None:
+                hidden.append(h)
+            h, weights = layer(h, step, cache)
+            if attentions is not None:
+                attentions.append(weights)
+        h = self.norm(h)
+        if hidden is not None:
+            hidden.append(h)
+        return h
 
-    _compiled_decode: Any = None
-
-    def compile_decode(self, **compile_options: Any) -> None:
-        """Run single-token steps through `torch.compile` from now on (idempotent).
-
-        A decode step of a small model on 4-bit weights is mostly fixed per-operator cost
-        (dispatch, Python), not arithmetic: compiled, the 30 layers of SmolLM2 run as a few
-        fused kernels around the matmuls, measured 81-92 vs 61-64 tokens/s on its Q4_1 blocks
-        (bench/RESULTS.md; bfloat16 weights, bound by memory traffic, gain nothing). The first
-        call pays the compile (~20 s on 2 cores; torch caches it on disk for later processes),
-        so this is opt-in: `generate(..., compile=True)` or `mistral-lm generate --compile`.
-        Layers spread over several devices (a device_map) keep the eager loop, which moves
-        activations between them.
-        """
-        if len({layer.input_layernorm.weight.device for layer in self.layers}) > 1:
-            raise ConfigError("compiled decoding needs every layer on one device; drop compile=True "
-                              "for a model split by device_map")
-        if self._compiled_decode is None:
-            self._compiled_decode = torch.compile(self._decode_layers, **compile_options)
-
-    def _decode_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                       cache: KVCache | None, plan: CachePlan | None) -> torch.Tensor:
-        for layer in self.layers:
-            h, _ = layer(h, cos, sin, mask, cache, plan, self.attn_implementation)
-        return self.norm(h)
+    def _cache_for(self, past_key_values: Any, use_cache: bool, batch_size: int) -> KVCache | None:
+        if past_key_values is not None and not isinstance(past_key_values, KVCache):
+            raise InputError(
+                f"past_key_values must be the cache returned by this model (a KVCache), "
+                f"got {type(past_key_values).__name__}"
+            )
+        if past_key_values is None and use_cache:
+            return self.make_cache(batch_size)
+        return past_key_values
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
@@ -368,6 +345,10 @@ class MistralForCausalLM(MistralPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def make_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        """The decoder's cache (MistralModel.make_cache)."""
+        return self.model.make_cache(batch_size, max_length)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -385,7 +366,7 @@ class MistralForCausalLM(MistralPreTrainedModel):
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_attentions, output_hidden_states)
         h = _select_last(out.last_hidden_state, logits_to_keep)
-        logits = linear(self.lm_head, h.to(module_device(self.lm_head)))  # no-op on a single device
+        logits = self.lm_head(h)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)

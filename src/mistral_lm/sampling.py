@@ -7,7 +7,12 @@ Filtering sets logits to -inf; at least one token always survives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
+
+Picker = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
 def repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -61,6 +66,20 @@ def process(
     if do_sample:
         logits = top_p_filter(top_k_filter(temperature_scale(logits, temperature), top_k), top_p)
     return logits
+
+
+def make_picker(config: Any) -> Picker:
+    """`pick(logits (B, V), history (B, L), generator) -> (B,)` token ids, with `config`'s
+    settings (a GenerationConfig) read once per request rather than on every step."""
+    do_sample, temperature, top_k, top_p = config.do_sample, config.temperature, config.top_k, config.top_p
+    penalty = config.repetition_penalty
+
+    def pick(logits: torch.Tensor, history: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        scores = process(logits.float(), history, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                         top_p=top_p, repetition_penalty_value=penalty)
+        return sample(scores, generator) if do_sample else greedy(scores)
+
+    return pick
 
 
 def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -6,9 +6,10 @@ each forward pass instead of queueing behind each other. Every loop iteration:
 1. drops the rows of cancelled requests (a client that went away frees its rows at once);
 2. prefills up to `prefill_tokens` prompt tokens of waiting requests, each alone in its own
    batch-1 cache; when a prompt is done, the first token of each of its `n` choices is sampled
-   and the cache row is copied into `n` free rows of the batch cache (`_Batch.add`);
-3. runs one forward of every active row, (B, 1) tokens at per-row positions, samples each
-   request's rows with its own settings and generator, and retires finished rows.
+   and the cache row is copied into `n` free rows of the batch cache (`KVCache.append_rows`);
+3. runs the decode step shared with generate() (`generation.Decoder`) on every active row at
+   its own position, samples each request's rows with its own picker and generator, and retires
+   finished rows (`KVCache.select_rows`).
 
 The prefill budget lets a burst of short prompts join together, while a long prompt is read over
 several iterations so running streams keep flowing. Only the engine thread touches tensors;
@@ -31,7 +32,7 @@ import torch
 
 from .. import sampling
 from ..cache import KVCache
-from ..generation import GenerationConfig
+from ..generation import Decoder, GenerationConfig
 from ..tokenizer import StreamingDetokenizer
 from .protocol import CompletionRequest, ProtocolError
 
@@ -77,6 +78,7 @@ class Submission:
         # Its own generator: a seeded request samples the same text however it is batched.
         seed = config.seed if config.seed is not None else secrets.randbits(62)
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.pick = sampling.make_picker(config)
         self.choices: list[_Choice] = []
 
     def cancel(self) -> None:
@@ -110,7 +112,8 @@ class Engine:
         self._prefill: _Prefill | None = None
         self._rows: list[_Choice] = []  # batch row i decodes self._rows[i]
         self._joining: list[tuple[KVCache, list[_Choice]]] = []  # prefilled this iteration, joining together
-        self._batch = _Batch(model.model)
+        self._cache: KVCache = model.make_cache(0)  # row i holds the keys of self._rows[i]
+        self._decode = Decoder(model)
         self._lock = threading.Lock()  # orders submit() against close()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -202,7 +205,7 @@ class Engine:
         while budget > 0 and (used := self._prefill_step(budget)):
             budget -= used
         if self._joining:  # one copy of the batch cache for all of them
-            self._batch.add([(cache, choices[0].position, len(choices)) for cache, choices in self._joining])
+            self._cache.append_rows([(cache, choices[0].position, len(choices)) for cache, choices in self._joining])
             self._rows.extend(c for _, choices in self._joining for c in choices)
             self._joining = []
         if self._rows:
@@ -232,7 +235,7 @@ class Engine:
             submission = self._next_submission()
             if submission is None:
                 return 0
-            cache = self.model.model.make_cache(1, max_length=len(submission.prompt_ids))
+            cache = self.model.make_cache(1, max_length=len(submission.prompt_ids))
             self._prefill = _Prefill(submission, cache)
         p, s = self._prefill, self._prefill.submission
         if s.cancelled:
@@ -247,7 +250,7 @@ class Engine:
             return end - start
         self._prefill = None
         s.choices = [_Choice(s, i, self.tokenizer) for i in range(s.request.n)]
-        tokens = self._pick(s, out.logits[:, -1].float().expand(s.request.n, -1))
+        tokens = self._pick(s, out.logits[:, -1].expand(s.request.n, -1))
         events = [e for choice, t in zip(s.choices, tokens) if (e := choice.add(t)) is not None]
         joining = [c for c in s.choices if c.finish_reason is None]
         if joining:
@@ -257,10 +260,9 @@ class Engine:
 
     def _decode_step(self) -> None:
         device = self.model.device
-        tokens = torch.tensor([[c.tokens[-1]] for c in self._rows], device=device)  # (B, 1)
-        positions = torch.tensor([[c.position] for c in self._rows], device=device)  # (B, 1)
-        out = self.model(tokens, position_ids=positions, past_key_values=self._batch.cache, use_cache=True)
-        logits = out.logits[:, -1].float()  # (B, V)
+        tokens = torch.tensor([c.tokens[-1] for c in self._rows], device=device)  # (B,)
+        positions = torch.tensor([c.position for c in self._rows], device=device)  # (B,)
+        logits = self._decode(tokens, positions, self._cache)  # (B, V)
         self.counts["decode_steps"] += 1
         self.counts["decoded_rows"] += len(self._rows)
         groups: dict[Submission, list[int]] = {}
@@ -275,13 +277,9 @@ class Engine:
 
     def _pick(self, s: Submission, logits: torch.Tensor) -> list[int]:
         """Next token of each of `s`'s rows, with its settings and its own generator."""
-        gen = s.config
-        # OpenAI's API has no repetition penalty, so the processors need no token history.
+        # OpenAI's API has no repetition penalty, so the picker needs no token history.
         no_history = torch.empty(logits.shape[0], 0, dtype=torch.long, device=logits.device)
-        scores = sampling.process(logits, no_history, do_sample=gen.do_sample, temperature=gen.temperature,
-                                  top_k=gen.top_k, top_p=gen.top_p, repetition_penalty_value=gen.repetition_penalty)
-        picked = sampling.sample(scores, s.generator) if gen.do_sample else sampling.greedy(scores)
-        return picked.tolist()
+        return s.pick(logits, no_history, s.generator).tolist()
 
     def _send(self, s: Submission, events: list[Event]) -> None:
         if all(c.finish_reason is not None for c in s.choices):
@@ -317,7 +315,7 @@ class Engine:
         for c in self._rows:
             if c.submission.cancelled:
                 self._finish(c.submission, CANCELLED)
-        self._batch.keep(keep)
+        self._cache.select_rows(keep)
         self._rows = [self._rows[i] for i in keep]
 
     def _fail_in_flight(self, error: str) -> None:
@@ -328,7 +326,7 @@ class Engine:
         for s in dict.fromkeys(pending):
             self._finish(s, error)
         self._rows, self._joining, self._prefill, self._waiting = [], [], None, None
-        self._batch = _Batch(self.model.model)
+        self._cache = self.model.make_cache(0)
 
 
 @dataclass
@@ -403,100 +401,3 @@ class _StopMatcher:
         """At the end of an answer that no stop string ended: the held text, which is no stop after all."""
         held, self.held = self.held, ""
         return held
-
-
-class _Batch:
-    """The batch KV cache: one row per active choice, rows joining and leaving between steps.
-
-    Rows advance in lockstep (one `seen` counter) but hold different requests at different
-    absolute positions; the cache's masks are built from each key's position, so rows only need
-    their keys placed where the next writes will not clobber keys still in use:
-
-    - rolling buffer of W slots: a step writes slot `seen % W` in every row, so a joining row's
-      key at position x goes to slot `(seen + x - next) % W` where `next` is the row's next
-      position: the next write then lands on position next - W, the one key the new token's
-      window no longer sees. Example, W=4, seen=6, a row whose prompt is positions 0-4
-      (next=5): positions 1, 2, 3, 4 go to slots 2, 3, 0, 1, and the write at 6 % 4 = 2 replaces 1.
-    - static buffer: writes go to slot `seen`, so a joining row's m keys go to slots 0..m-1 and
-      `seen` rises to m if needed (slots at or past `seen` are invalid in every row). When rows
-      leave, the rest are compacted (valid keys first) so the buffer tracks the longest live row
-      instead of growing with the server's uptime.
-    """
-
-    def __init__(self, decoder: Any) -> None:
-        self.decoder = decoder
-        self.cache: KVCache = decoder.make_cache(0)
-
-    def add(self, joins: list[tuple[KVCache, int, int]]) -> None:
-        """Append rows: for each (batch-1 cache, its next position, copies), `copies` rows holding its keys."""
-        cache = self.cache
-        placed = []  # (row cache, its slots to copy, their slots in the batch, copies)
-        for row, next_position, copies in joins:
-            positions, valid = row.positions[0], row.valid[0]
-            if cache.rolling:
-                src = (valid & (positions >= next_position - cache.size)).nonzero().squeeze(1)
-                dst = (cache.seen + positions[src] - next_position) % cache.size
-            else:
-                src = valid.nonzero().squeeze(1)
-                dst = torch.arange(len(src), device=src.device)
-                cache.seen = max(cache.seen, len(src))
-            placed.append((row, src, dst, copies))
-        size = cache.size if cache.rolling else max(cache.size, cache.seen)
-
-        def joined(batch: torch.Tensor, sources: list[torch.Tensor], dim: int) -> torch.Tensor:
-            """`batch` padded to `size` slots along `dim`, then the new rows with each source at its `dst`."""
-            blocks = [_pad(batch, dim, size)]
-            for source, (_, src, dst, copies) in zip(sources, placed):
-                shape = list(batch.shape)
-                shape[0], shape[dim] = copies, size
-                block = batch.new_zeros(shape)
-                picked = source.index_select(dim - 1, src.to(source.device))
-                block[(slice(None),) * dim + (dst.to(batch.device),)] = picked
-                blocks.append(block)
-            return torch.cat(blocks)
-
-        rows = [p[0] for p in placed]
-        # (B + joined copies, H_kv, size, D)
-        cache.keys = [joined(k, [r.keys[i][0] for r in rows], 2) for i, k in enumerate(cache.keys)]
-        cache.values = [joined(v, [r.values[i][0] for r in rows], 2) for i, v in enumerate(cache.values)]
-        cache.positions = joined(cache.positions, [r.positions[0] for r in rows], 1)
-        cache.valid = joined(cache.valid, [r.valid[0] for r in rows], 1)
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only `rows`, in this order; the others' slots are freed."""
-        if not rows:
-            self.cache = self.decoder.make_cache(0)
-            return
-        cache = self.cache
-        index = torch.tensor(rows, device=cache.valid.device)
-        if cache.rolling:
-            cache.keys = [k.index_select(0, index.to(k.device)) for k in cache.keys]
-            cache.values = [v.index_select(0, index.to(v.device)) for v in cache.values]
-            cache.positions, cache.valid = cache.positions[index], cache.valid[index]
-            return
-        valid = cache.valid[index]
-        used = int(valid.sum(1).max())
-        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :used]  # valid slots first
-        size = 2 * used  # headroom, so the next steps do not grow the buffer at once
-
-        def compacted(t: torch.Tensor) -> torch.Tensor:
-            picked = t.index_select(0, index.to(t.device))
-            slots = order.to(t.device)
-            if t.dim() == 4:  # (B, H_kv, size, D)
-                slots = slots[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
-                return _pad(picked.gather(2, slots), 2, size)
-            return _pad(picked.gather(1, slots), 1, size)
-
-        cache.keys = [compacted(k) for k in cache.keys]
-        cache.values = [compacted(v) for v in cache.values]
-        cache.positions, cache.valid = compacted(cache.positions), compacted(cache.valid)
-        cache.seen = used
-
-
-def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """`t` with zeros appended along `dim` up to `size` (zeros are invalid, empty slots)."""
-    if t.shape[dim] >= size:
-        return t
-    shape = list(t.shape)
-    shape[dim] = size - t.shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
