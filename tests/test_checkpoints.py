@@ -24,7 +24,7 @@ from mistral_lm import (
     MistralForCausalLM,
     MistralForSequenceClassification,
 )
-from mistral_lm.pretrained import _device_for
+from mistral_lm.placement import _device_for
 
 from .conftest import TINY, tiny_config
 
@@ -507,7 +507,7 @@ def test_loading_peak_rss_is_within_1_3x_the_weights(big_checkpoint):
     assert m["loading"] <= 1.3 * size, m
     # after every weight has been read once: mmapped pages, not a second copy
     assert m["touched"] <= 1.3 * size, m
-    # the meta build must not drag in torch._dynamo (~70 MB, ~1.3 s; see pretrained._empty_on_meta)
+    # the meta build must not drag in torch._dynamo (~70 MB, ~1.3 s; see loading._empty_on_meta)
     assert not m["dynamo"]
 
 

@@ -20,9 +20,9 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from mistral_lm.errors import CheckpointError, ConfigError, InputError
-from mistral_lm.quant import config as config_module
-from mistral_lm.quant import kernels, modules
-from mistral_lm.quant.functional import FP4_CODEBOOK, NF4_CODEBOOK, pack_nibbles, unpack_nibbles
+from mistral_lm.quantization import config as config_module
+from mistral_lm.quantization import kernels, modules
+from mistral_lm.quantization.functional import FP4_CODEBOOK, NF4_CODEBOOK, pack_nibbles, unpack_nibbles
 from mistral_lm.quantization import (BitsAndBytesConfig, GGUFLinear, Int4Linear, Int8Linear, NF4Linear,
                                      dequantize_4bit_codebook, dequantize_int4, dequantize_int8,
                                      load_quantized_state_dict, quantize_4bit_codebook, quantize_int4,

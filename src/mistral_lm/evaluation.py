@@ -165,7 +165,7 @@ def mode_kwargs(mode: str) -> dict[str, Any]:
 
     One table shared by the accuracy test and the benchmark, so both measure the same thing.
     """
-    from .quant.config import BitsAndBytesConfig
+    from .quantization import BitsAndBytesConfig
 
     table: dict[str, dict[str, Any]] = {
         "fp32": {},

@@ -9,18 +9,19 @@ rows on save and merge them back on load).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .quant.modules import QuantizedLinear
+from .matvec import MatvecLinear
+from .quantization.modules import QuantizedLinear
 
 # parent module attribute -> (fused name, the Linears it replaces, in output order)
 FUSIONS = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
            "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
+_FLOAT_LINEARS = (nn.Linear, MatvecLinear)  # float classes fused into one of their own kind
 
 
 def concat_linears(parts: Sequence[nn.Module], float_linears: bool = True) -> nn.Module | None:
@@ -28,7 +29,7 @@ def concat_linears(parts: Sequence[nn.Module], float_linears: bool = True) -> nn
     (different classes, settings, dtypes or devices, hooks, weights not materialized, or float
     Linears with `float_linears=False`)."""
     first = parts[0]
-    if type(first) is nn.Linear and not float_linears:
+    if type(first) in _FLOAT_LINEARS and not float_linears:
         return None
     if any(type(p) is not type(first) or p._forward_hooks or p._forward_pre_hooks for p in parts):
         return None
@@ -37,38 +38,18 @@ def concat_linears(parts: Sequence[nn.Module], float_linears: bool = True) -> nn
     tensors = [t for p in parts for t in (*p.parameters(), *p.buffers())]
     if any(t.is_meta or t.device != tensors[0].device for t in tensors):
         return None
-    if type(first) is nn.Linear:
+    if type(first) in _FLOAT_LINEARS:
         if any(p.weight.dtype != first.weight.dtype for p in parts):  # type: ignore[union-attr]
             return None
-        fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
-                          device="meta")
+        fused = type(first)(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                            device="meta")
         fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
         if first.bias is not None:
             fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
         return fused
     if isinstance(first, QuantizedLinear):
-        return _concat_quantized(parts)  # type: ignore[arg-type]
+        return QuantizedLinear.concat(parts)  # type: ignore[arg-type]
     return None
-
-
-def _settings(module: QuantizedLinear) -> dict[str, Any]:
-    return {k: v for k, v in vars(module).items()
-            if not k.startswith("_") and k not in ("out_features", "training")}
-
-
-def _concat_quantized(parts: Sequence[QuantizedLinear]) -> QuantizedLinear | None:
-    """Quantized formats store everything row by row (codes, scales, zeros per output row), so
-    the fused module is the parts' portable states stacked along rows."""
-    if any(_settings(p) != _settings(parts[0]) for p in parts):
-        return None
-    fused = copy.copy(parts[0])
-    fused._parameters, fused._buffers, fused._modules = dict(fused._parameters), dict(fused._buffers), {}
-    fused.out_features = sum(p.out_features for p in parts)
-    states = [p._portable_state() for p in parts]
-    fused._load_portable({name: torch.cat([s[name] for s in states]) for name in states[0]})
-    if parts[0].bias is not None:
-        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)  # type: ignore[union-attr]
-    return fused
 
 
 def fuse_projections(model: nn.Module, float_linears: bool = True, skip: Sequence[str] = ()) -> int:

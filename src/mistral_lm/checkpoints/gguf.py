@@ -395,12 +395,14 @@ def _match_tensors(file: GGUFFile, config: MistralConfig) -> dict[str, tuple[str
     return expected
 
 
-_DEQUANTIZE_ROWS = 4096  # rows decoded at a time: gguf's numpy decoders hold several float32 copies
+# Rows of a quantized matrix decoded at a time, here and by quantization.gguf.GGUFLinear:
+# decoders hold several float32 copies of what they decode. A multiple of 64, the int4 packing block.
+DECODE_ROWS = 4096
 
 
 def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: tuple[int, ...],
                      dtype: torch.dtype) -> torch.Tensor:
-    if rows.shape[0] <= _DEQUANTIZE_ROWS:  # rows is (rows, bytes_per_row), as GGUFFile.rows gives
+    if rows.shape[0] <= DECODE_ROWS:  # rows is (rows, bytes_per_row), as GGUFFile.rows gives
         values = _gguf_dequantize(rows, ggml_type)  # float32, (rows, row_elements)
         if not values.flags.writeable:  # F32 comes back as a view of the read-only map
             values = values.copy()
@@ -408,8 +410,8 @@ def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: t
     # a large matrix (the embedding) slice by slice, straight into the target dtype: at once,
     # SmolLM2's 49k-row Q8_0 embedding peaked at ~240 MB of temporaries for a 57 MB result
     out = torch.empty(shape, dtype=dtype).view(rows.shape[0], -1)
-    for start in range(0, rows.shape[0], _DEQUANTIZE_ROWS):
-        chunk = _gguf_dequantize(rows[start:start + _DEQUANTIZE_ROWS], ggml_type)
+    for start in range(0, rows.shape[0], DECODE_ROWS):
+        chunk = _gguf_dequantize(rows[start:start + DECODE_ROWS], ggml_type)
         out[start:start + len(chunk)] = torch.from_numpy(np.array(chunk, copy=not chunk.flags.writeable))
     return out.view(shape)
 

@@ -10,8 +10,8 @@ unchanged; what each option means here:
   groups of 32 by default, 0.625 bytes/param with bfloat16 scales and zeros).
 - `bnb_4bit_compute_dtype` (also used by the int8 path): the dtype the matmul runs in. None
   means bfloat16, not bitsandbytes' float32, because torch's CPU int4/int8 kernels are
-  vectorized only for bfloat16 activations (float32 and float16 go through a scalar loop,
-  measured 10-30x slower). Inputs are cast to it and outputs cast back.
+  vectorized only for bfloat16 activations (float32 and float16 go through a scalar loop;
+  bench/RESULTS.md). Inputs are cast to it and outputs cast back.
 
 Accepted but not honored (each warns once when set to a non-default value):
 `llm_int8_threshold` (weight-only int8 never quantizes activations, so there are no activation
@@ -27,12 +27,11 @@ from typing import Any
 
 import torch
 
+from ..dtypes import resolve_dtype
 from ..errors import ConfigError
 
 QUANT_TYPES = ("fp4", "nf4", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16}
 # Transformers keys we read and ignore, with the value that means "nothing asked for".
 _IGNORED = {"llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
             "bnb_4bit_quant_storage": None}
@@ -44,19 +43,6 @@ def _warn_once(option: str, why: str) -> None:
     if option not in _warned:
         _warned.add(option)
         warnings.warn(f"BitsAndBytesConfig: {option} is accepted but not honored: {why}", stacklevel=3)
-
-
-def resolve_dtype(value: Any, field: str = "bnb_4bit_compute_dtype") -> torch.dtype:
-    """torch.float16, "float16" or "torch.float16" -> torch.float16; anything else -> ConfigError."""
-    if isinstance(value, torch.dtype) and value in _DTYPES.values():
-        return value
-    if isinstance(value, str):
-        dtype = _DTYPES.get(value.removeprefix("torch."))
-        if dtype is not None:
-            return dtype
-    raise ConfigError(
-        f"{field} must be a floating torch dtype or its name ({', '.join(_DTYPES)}), got {value!r}"
-    )
 
 
 class BitsAndBytesConfig:
@@ -99,10 +85,9 @@ class BitsAndBytesConfig:
         if bnb_4bit_quant_type not in QUANT_TYPES:
             raise ConfigError(f"bnb_4bit_quant_type must be one of {QUANT_TYPES}, got {bnb_4bit_quant_type!r}")
         if group_size is None:
-            # int4: 32, the block of llama.cpp's Q4 formats. Re-quantizing weights that already
-            # sit on a 32-block grid (e.g. a Q4_1 GGUF) onto 64-blocks measured 77.5 % top-1
-            # agreement with float32 on SmolLM2, against 97.8 % with 32 (bench/bench_accuracy.py).
-            # The codebook formats keep bitsandbytes' blocksize, 64.
+            # int4: 32, the block of llama.cpp's Q4 formats: re-quantizing weights that already sit
+            # on a 32-block grid (e.g. a Q4_1 GGUF) onto 64-blocks loses far more accuracy
+            # (bench/ACCURACY.md). The codebook formats keep bitsandbytes' blocksize, 64.
             group_size = 32 if bnb_4bit_quant_type == "int4" else 64
         if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
             raise ConfigError(
@@ -114,7 +99,7 @@ class BitsAndBytesConfig:
         self.llm_int8_threshold = float(llm_int8_threshold)
         self.llm_int8_skip_modules = list(llm_int8_skip_modules) if llm_int8_skip_modules is not None else None
         self.bnb_4bit_compute_dtype = (
-            None if bnb_4bit_compute_dtype is None else resolve_dtype(bnb_4bit_compute_dtype)
+            None if bnb_4bit_compute_dtype is None else resolve_dtype(bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype")
         )
         self.bnb_4bit_quant_type = bnb_4bit_quant_type
         self.bnb_4bit_use_double_quant = bnb_4bit_use_double_quant

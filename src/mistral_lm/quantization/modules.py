@@ -10,8 +10,9 @@ any machine, including one built on the meta device.
 
 from __future__ import annotations
 
+import copy
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,8 +34,8 @@ _CHUNK_ROWS = 2048  # output rows per expanded slice (a multiple of 64, the int4
 def _by_row_chunks(m: int, n: int, x: torch.Tensor, rows_fn: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
     """(M, N) output assembled from `rows_fn(start, end)` -> (M, end - start) slices.
 
-    Expanding a 4-bit weight writes 2-4 bytes per weight; for lm_head (49152 x 576) that is
-    ~100 MB of fresh temporaries per call, and slicing it measured 3.5x faster."""
+    Expanding a 4-bit weight writes 2-4 bytes per weight, so a large head would allocate its
+    whole float copy per call; slices stay in cache (bench/RESULTS.md)."""
     if n <= _CHUNK_ROWS:
         return rows_fn(0, n)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -106,6 +107,27 @@ class QuantizedLinear(nn.Module):
 
     def _device(self) -> torch.device:
         return next(self.buffers(recurse=False)).device
+
+    @classmethod
+    def concat(cls, parts: Sequence[QuantizedLinear]) -> QuantizedLinear | None:
+        """One module computing cat([p(x) for p in parts], -1), or None if the parts differ in
+        class or settings. Every format stores codes, scales and zeros row by row, so the
+        result is the parts' portable states stacked along rows (fusion.py's q/k/v, gate/up)."""
+        first = parts[0]
+        if any(type(p) is not type(first) or p._settings() != first._settings() for p in parts):
+            return None
+        fused = copy.copy(first)
+        fused._parameters, fused._buffers, fused._modules = dict(fused._parameters), dict(fused._buffers), {}
+        fused.out_features = sum(p.out_features for p in parts)
+        states = [p._portable_state() for p in parts]
+        fused._load_portable({name: torch.cat([s[name] for s in states]) for name in states[0]})
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)  # type: ignore[union-attr]
+        return fused
+
+    def _settings(self) -> dict[str, Any]:
+        """Public attributes that must agree for modules to be stacked (not their sizes)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("out_features", "training")}
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -298,7 +320,7 @@ class Int4Linear(QuantizedLinear):
 @functools.cache
 def _pair_table(quant_type: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(256,) integers whose bytes are the two codebook values of a packed byte, in `dtype`:
-    one gather then decodes two weights (measured ~2x faster than indexing nibbles)."""
+    one gather then decodes two weights, faster than indexing nibbles."""
     codebook = CODEBOOKS[quant_type].to(device)
     byte = torch.arange(256, device=device)
     pairs = torch.stack([codebook[byte >> 4], codebook[byte & 15]], dim=-1).to(dtype)  # (256, 2)
@@ -316,7 +338,7 @@ class NF4Linear(QuantizedLinear):
     """
 
     portable_names = _buffer_names = ("weight_packed", "weight_absmax")
-    split_max_rows = 4  # absmax-after-matmul below this M (CPU time at M=1: 0.47 vs 0.63 ms, 1536x576)
+    split_max_rows = 4  # absmax-after-matmul below this M, where it beats scaling the weight
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quant_type: str = "nf4",
                  blocksize: int = 64, compute_dtype: torch.dtype = torch.bfloat16,

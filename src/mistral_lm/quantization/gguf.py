@@ -15,23 +15,25 @@ d, m, dmin are float16 and sc_j, m_j small integers, so with float32 compute eve
 zero above is exact. With bfloat16 compute (the fast path) each is rounded once to bfloat16,
 relative 2^-9 (for a zero-centred block about 1/30 of a quantization step). Q6_K's 16-weight sub-blocks have no
 such form (the kernel's smallest group is 32); other types are not supported either:
-`GGUFLinear.supports` lets a loader dequantize those instead.
+`GGUFLinear.supports` lets a loader dequantize those instead; `install_gguf_linears` is that
+loader step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import gguf
 import numpy as np
 import torch
+from torch import nn
 
+from ..checkpoints.gguf import DECODE_ROWS, GGUFQuantizedTensor
 from ..errors import CheckpointError
 from .modules import Int4Linear
 
 Q = gguf.GGMLQuantizationType
-_DECODE_ROWS = 4096  # rows decoded at a time; a multiple of the 64-row packing block
 
 
 class QuantizedTensor(Protocol):
@@ -131,9 +133,9 @@ class GGUFLinear(Int4Linear):
         module = cls(in_features, out_features, ggml_type, bias is not None, compute_dtype, "meta")
         raw = raw.reshape(out_features, -1)
         packed, scale_zero = [], []
-        # a slice of rows at a time: decoding a whole 49k-row head at once held ~170 MB of temporaries
-        for start in range(0, out_features, _DECODE_ROWS):
-            end = min(out_features, start + _DECODE_ROWS)
+        # a slice of rows at a time: a whole large head at once would hold several float copies
+        for start in range(0, out_features, DECODE_ROWS):
+            end = min(out_features, start + DECODE_ROWS)
             blocks = torch.from_numpy(raw[start:end].copy()).reshape(end - start, in_features // block, type_size)
             q, scale, zero = _plane_major(*_DECODERS[Q(ggml_type)](blocks), module._planes, end - start)
             pad = module._rows - out_features if end == out_features else 0
@@ -147,6 +149,30 @@ class GGUFLinear(Int4Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ggml_type={self.ggml_type.name}"
+
+
+def install_gguf_linears(model: nn.Module, blocks: dict[str, GGUFQuantizedTensor], tensors: dict[str, torch.Tensor],
+                         dtype: torch.dtype) -> set[str]:
+    """Swap each Linear whose weight came as GGUF blocks for a GGUFLinear on those blocks; put
+    the rest (embeddings, unsupported types) into `tensors` dequantized to `dtype`. Returns the
+    swapped module names. A tied lm_head computes on the embedding's blocks: the same numbers
+    as the float tie, at the quantized size."""
+    config: Any = getattr(model, "config", None)
+    head = getattr(model, "lm_head", None)
+    tied = head is not None and config.tie_word_embeddings and "lm_head.weight" not in blocks
+    embedding = "model.embed_tokens.weight"
+    if tied and embedding in blocks:
+        blocks = {**blocks, "lm_head.weight": blocks[embedding]}
+    native: set[str] = set()
+    for key, qt in blocks.items():
+        name = key.removesuffix(".weight")
+        module = model.get_submodule(name) if key.endswith(".weight") else None
+        if isinstance(module, nn.Linear) and GGUFLinear.supports(qt.ggml_type):
+            model.set_submodule(name, GGUFLinear.from_quantized(qt))
+            native.add(name)
+        elif key != "lm_head.weight" or not tied:
+            tensors[key] = qt.dequantize(dtype)
+    return native
 
 
 def _plane_major(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, planes: int,

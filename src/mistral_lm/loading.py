@@ -1,0 +1,345 @@
+"""`from_pretrained` as a straight line of named steps; the one place where dtype and device are decided.
+
+    options    = LoadOptions.parse(...)             keywords checked, dtype policy applied
+    checkpoint = read_checkpoint(options)           config + tensors (an HF folder, or a .gguf file)
+    model      = build_on_meta(cls, config)         modules without memory or initialization
+    tensors, blocks = match_names(...)              checkpoint names -> the model's; floats | GGUF blocks
+    install_gguf_linears(model, blocks, tensors)    blocks -> GGUFLinear (the rest dequantized)
+    assign(model, tensors, ...)                     validated, assigned, embeddings tied
+    before_placement(options)                       fuse floats, then quantize
+    place_model(model, device_map)                  placement.py
+    after_placement(options, checkpoint)            fuse on the target device, then the matvec swap
+    release_freed_memory()
+
+Assigning is `load_state_dict(assign=True)` on mmapped tensors (no copy when dtypes agree), so
+peak memory while loading is about one copy of the weights. Each transform is a function of its
+own package (fusion.py, quantization/, matvec.py); this module only decides their order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .attention import check_implementation
+from .checkpoints.safetensors import iter_tensors
+from .config import MistralConfig
+from .dtypes import resolve_dtype
+from .errors import CheckpointError, ConfigError
+from .fusion import fuse_projections
+from .matvec import install_matvec
+from .placement import place_model, single_device
+from .quantization import BitsAndBytesConfig, quantize_model
+from .quantization.gguf import install_gguf_linears
+
+# Keys some checkpoints carry that hold no learned state.
+_IGNORED_KEYS = ("rotary_emb.inv_freq",)
+# Loader options of Transformers' from_pretrained that need nothing from us here.
+_ACCEPTED_NOOP_OPTIONS = ("low_cpu_mem_usage", "trust_remote_code", "local_files_only", "revision",
+                          "use_safetensors", "cache_dir", "force_download", "token", "offload_folder")
+# torch.nn.init functions that modules' reset_parameters() call; skipped while building on meta.
+_INITIALIZERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+Transform = Callable[[nn.Module], Any]
+
+
+def from_pretrained(
+    cls: type,
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    config: MistralConfig | None = None,
+    torch_dtype: Any = None,
+    dtype: Any = None,
+    device_map: Any = None,
+    attn_implementation: str | None = None,
+    use_flash_attention_2: bool = False,
+    quantization_config: Any = None,
+    gguf_file: str | None = None,
+    gguf_native: bool = False,
+    fuse_projections: bool = True,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Load an HF folder (safetensors, sharded or not; or pytorch_model.bin) or a .gguf file.
+
+    `torch_dtype`/`dtype`: None -> float32, "auto" -> the checkpoint's dtype.
+    `device_map`: None/"cpu", a device, "auto" (GPUs by free memory, then CPU) or a dict of
+    module-name prefixes to devices. Other keywords override config fields.
+    `gguf_native=True` (GGUF only): keep the file's Q4_0/Q4_1/Q4_K/Q8_0 weights in their
+    blocks and compute on them (`GGUFLinear`), instead of dequantizing to `torch_dtype` as
+    Transformers does; other storage types are dequantized.
+    Quantized models (either way) default to the quantization's compute dtype (bfloat16)
+    for everything else, as Transformers defaults bitsandbytes models to float16.
+    `fuse_projections`: q/k/v and gate/up run as one matmul each (fusion.py; the state dict
+    keeps Transformers' names). Pass False to keep the separate `q_proj`... modules.
+    """
+    options = LoadOptions.parse(
+        pretrained_model_name_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype, device_map=device_map,
+        attn_implementation=attn_implementation, use_flash_attention_2=use_flash_attention_2,
+        quantization_config=quantization_config, gguf_file=gguf_file, gguf_native=gguf_native,
+        fuse_projections=fuse_projections, progress=progress, overrides=kwargs,
+    )
+    checkpoint = read_checkpoint(options)
+    model = build_on_meta(cls, checkpoint.config)
+    expected = expected_tensors(model)  # names and shapes of the float model, before any swap
+    tensors, blocks = match_names(checkpoint, expected, cls)
+    native = install_gguf_linears(model, blocks, tensors, checkpoint.dtype or torch.float32)
+    assign(model, tensors, {k: v for k, v in expected.items() if k.rsplit(".", 1)[0] not in native}, checkpoint)
+    model.attn_implementation = check_implementation(options.attn_implementation, model.dtype)
+    for transform in before_placement(options):
+        model = transform(model)
+    place_model(model, options.device_map)
+    for transform in after_placement(options, checkpoint):
+        model = transform(model)
+    release_freed_memory()
+    return model.eval()
+
+
+def from_config(cls: type, config: MistralConfig, *, torch_dtype: Any = None,
+                attn_implementation: str | None = None) -> nn.Module:
+    """A randomly initialized model in `torch_dtype` (default float32), with the matvec swap."""
+    target = torch.float32 if torch_dtype is None else resolve_dtype(torch_dtype)
+    model = cls(config).to(target)
+    model.attn_implementation = check_implementation(attn_implementation, target)
+    return install_matvec(model)
+
+
+# ------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class LoadOptions:
+    """What `from_pretrained` was asked for, checked; `dtype` is a torch dtype, "auto" or None
+    (None: float32, or the quantization's compute dtype when that applies)."""
+
+    path: Path
+    config: MistralConfig | None
+    dtype: Any
+    device_map: Any
+    attn_implementation: str | None
+    quantization_config: BitsAndBytesConfig | None
+    gguf_native: bool
+    fuse: bool
+    progress: bool | None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix == ".gguf"
+
+    @classmethod
+    def parse(cls, name_or_path: str | os.PathLike, *, config: MistralConfig | None, torch_dtype: Any, dtype: Any,
+              device_map: Any, attn_implementation: str | None, use_flash_attention_2: bool, quantization_config: Any,
+              gguf_file: str | None, gguf_native: bool, fuse_projections: bool, progress: bool | None,
+              overrides: dict[str, Any]) -> LoadOptions:
+        overrides = {k: v for k, v in overrides.items() if k not in _ACCEPTED_NOOP_OPTIONS}
+        unknown = [k for k in overrides if k not in MistralConfig().to_dict()]
+        if unknown:
+            raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}")
+        path = Path(name_or_path) if gguf_file is None else Path(name_or_path) / gguf_file
+        if not path.exists():
+            raise CheckpointError(
+                f"{path} does not exist (this library never downloads: pass a local folder or .gguf file)"
+            )
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ConfigError("pass only one of torch_dtype and dtype")
+        if isinstance(quantization_config, dict):
+            quantization_config = BitsAndBytesConfig.from_dict(quantization_config)
+        if gguf_native and (path.suffix != ".gguf" or quantization_config is not None):
+            raise ConfigError("gguf_native=True applies to a .gguf file loaded without a quantization_config")
+        return cls(
+            path=path, config=config, dtype=_wanted_dtype(torch_dtype if torch_dtype is not None else dtype,
+                                                          quantization_config, gguf_native),
+            device_map=device_map, attn_implementation="flash_attention_2" if use_flash_attention_2 else attn_implementation,
+            quantization_config=quantization_config, gguf_native=gguf_native,
+            fuse=fuse_projections and single_device(device_map),  # layers split over devices stay unfused
+            progress=progress, overrides=overrides,
+        )
+
+
+def _wanted_dtype(wanted: Any, quantization_config: BitsAndBytesConfig | None, gguf_native: bool) -> Any:
+    """The dtype policy: what was asked for; else a quantized model's compute dtype."""
+    if wanted is None and quantization_config is not None:
+        return quantization_config.compute_dtype
+    if wanted is None and gguf_native:
+        return torch.bfloat16  # GGUFLinear's default compute dtype
+    return wanted
+
+
+# ------------------------------------------------------------------ read
+@dataclass
+class Checkpoint:
+    """A checkpoint read but not yet assigned.
+
+    `tensors` yields (checkpoint name, tensor or GGUFQuantizedTensor), lazily for folders.
+    `dtype`: what floats are assigned in; None = the checkpoint's own floating dtype.
+    `fresh_floats`: float tensors own their memory (decoded from GGUF) rather than map the file,
+    so fusing them (a copy) frees the parts instead of holding the weights twice."""
+
+    config: MistralConfig
+    tensors: Iterable[tuple[str, Any]]
+    dtype: torch.dtype | None
+    source: str
+    fresh_floats: bool
+
+
+def read_checkpoint(options: LoadOptions) -> Checkpoint:
+    return _read_gguf(options) if options.is_gguf else _read_folder(options)
+
+
+def _read_folder(options: LoadOptions) -> Checkpoint:
+    folder = options.path
+    config = options.config or MistralConfig.from_pretrained(folder, **options.overrides)
+    target = None if options.dtype == "auto" else (resolve_dtype(options.dtype) if options.dtype is not None
+                                                   else torch.float32)
+    tensors = tqdm(iter_tensors(folder, target), desc=f"Loading {folder.name}", unit="tensor", leave=False,
+                   disable=True if options.progress is False else None)  # None: shown on a terminal only
+    return Checkpoint(config, tensors, target, str(folder), fresh_floats=False)
+
+
+def _read_gguf(options: LoadOptions) -> Checkpoint:
+    from .checkpoints.gguf import load_gguf
+
+    wanted = None if options.dtype == "auto" else options.dtype  # "auto": GGUF floats come as float32
+    target = torch.float32 if wanted is None else resolve_dtype(wanted)
+    checkpoint = load_gguf(options.path, dequantize=not options.gguf_native, dtype=target)
+    for key, value in options.overrides.items():
+        setattr(checkpoint.config, key, value)
+    return Checkpoint(checkpoint.config, checkpoint.tensors.items(), target, str(options.path), fresh_floats=True)
+
+
+# ------------------------------------------------------------------ build and assign
+def build_on_meta(cls: type, config: MistralConfig) -> nn.Module:
+    with _empty_on_meta():
+        return cls(config)
+
+
+@contextlib.contextmanager
+def _empty_on_meta() -> Iterator[None]:
+    """Build modules on `meta` without running their initializers.
+
+    The checkpoint's tensors are assigned next, so initializing is wasted; worse, torch's meta
+    `normal_` (nn.Embedding's init) imports torch._dynamo on first use, which costs a sizeable
+    share of a small model's load time and memory. Transformers' `no_init_weights` patches the
+    same functions, with the same caveat: a module built in another thread meanwhile is not
+    initialized either.
+    """
+    saved = {name: getattr(nn.init, name) for name in _INITIALIZERS}
+    for name in saved:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def expected_tensors(model: nn.Module) -> dict[str, torch.Size]:
+    """Names and shapes the model needs; a tied lm_head needs no tensor of its own."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return {k: v.shape for k, v in state.items()}
+
+
+def match_names(checkpoint: Checkpoint, expected: dict[str, torch.Size],
+                cls: type) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The checkpoint's entries under the model's names, split into float tensors and GGUF
+    blocks; entries with no learned state or for the other head are dropped."""
+    tensors: dict[str, torch.Tensor] = {}
+    blocks: dict[str, Any] = {}
+    for name, tensor in checkpoint.tensors:
+        key = _to_model_key(name, expected, cls)
+        if key is not None:
+            (tensors if isinstance(tensor, torch.Tensor) else blocks)[key] = tensor
+    return tensors, blocks
+
+
+def _to_model_key(name: str, expected: dict[str, torch.Size], cls: type) -> str | None:
+    """Map a checkpoint key onto the model's names (base <-> head prefixes); None to skip it."""
+    if name in expected:
+        return name
+    if name.endswith(_IGNORED_KEYS):
+        return None
+    if name.startswith("model.") and name[len("model."):] in expected:
+        return name[len("model."):]  # a causal-LM checkpoint loaded into MistralModel
+    if "model." + name in expected:
+        return "model." + name  # a base-model checkpoint loaded under a head
+    if name in ("lm_head.weight", "score.weight") and name not in expected:
+        return None  # the other head: a causal-LM checkpoint fine-tuned for classification, or back
+    raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint: {cls.__name__} has no such parameter")
+
+
+def assign(model: nn.Module, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size],
+           checkpoint: Checkpoint) -> None:
+    """Validate shapes, convert dtypes, start a missing classification head at random, then
+    `load_state_dict(assign=True)` and tie the embeddings."""
+    dtype = checkpoint.dtype or next(  # "auto": the checkpoint's own floating dtype
+        (t.dtype for t in tensors.values() if t.dtype.is_floating_point), torch.float32)
+    source = checkpoint.source
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key]:
+            raise CheckpointError(
+                f"tensor {key!r} in {source} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key])}"
+            )
+        if tensor.dtype != dtype and tensor.dtype.is_floating_point:
+            tensors[key] = tensor.to(dtype)
+    missing = [k for k in expected if k not in tensors]
+    fresh = [k for k in missing if k == "score.weight"]  # a new classification head starts random
+    if len(missing) > len(fresh):
+        raise CheckpointError(f"tensors missing from {source}: {[k for k in missing if k not in fresh][:10]}")
+    if fresh:
+        warnings.warn(f"{fresh} not in {source}; initialized at random: train before use", stacklevel=4)
+        config = model.config
+        for key in fresh:
+            tensors[key] = torch.empty(expected[key], dtype=dtype).normal_(0.0, config.initializer_range)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()  # type: ignore[operator]
+
+
+# ------------------------------------------------------------------ transforms, in order
+def before_placement(options: LoadOptions) -> list[Transform]:
+    """Transforms of the assigned model, still where the checkpoint put it. With a quantization
+    config, float q/k/v and gate/up fuse first, so each group is quantized once instead of
+    quantized in parts and re-packed; parts the skip list keeps in full precision stay apart."""
+    config = options.quantization_config
+    if config is None:
+        return []
+    fuse = [functools.partial(_fused, skip=config.skip_modules)] if options.fuse else []
+    return [*fuse, functools.partial(quantize_model, config=config)]
+
+
+def after_placement(options: LoadOptions, checkpoint: Checkpoint) -> list[Transform]:
+    """Transforms on the target device. Fusion copies weights, so it runs where they end up,
+    and fuses float Linears only when the checkpoint's floats are fresh memory (GGUF): fusing
+    floats mapped from a file would hold them twice. Quantized and GGUF-native modules fuse
+    here too. The matvec swap is last, on whatever plain Linears remain or fusion made."""
+    fuse = [functools.partial(_fused, float_linears=checkpoint.fresh_floats)] if options.fuse else []
+    return [*fuse, install_matvec]
+
+
+def _fused(model: nn.Module, **kwargs: Any) -> nn.Module:
+    fuse_projections(model, **kwargs)
+    return model
+
+
+def release_freed_memory() -> None:
+    """Hand the loader's freed temporaries back to the OS (glibc only; a no-op elsewhere).
+
+    Decoding and re-packing quantized blocks leaves the heap fragmented, and RSS then stays far
+    above the weights' size. Freed memory is not leaked either way; this only makes RSS honest."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
