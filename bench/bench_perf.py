@@ -3,6 +3,7 @@
     python bench/bench_perf.py                         # full bench: 5 runs per engine (slow, quiet machine)
     python bench/bench_perf.py --quick --engines ours-fp32,hf-bf16     # smoke run
     python bench/bench_perf.py --llama-python /path/to/venv/bin/python  # where llama-cpp-python lives
+    python bench/bench_perf.py --baseline /tmp/old --engines ours-bf16    # before/after a change, one run
 
 The model is SmolLM2-135M-Instruct (Q4_1 GGUF), batch 1, 2 threads. Every run is a fresh worker
 subprocess, so load time and peak RSS belong to that engine alone; runs are interleaved across
@@ -11,6 +12,14 @@ model, makes one untimed-for-speed warm-up pass (reported as "first call s": a l
 kernel shows there, not hidden), then times a prefill of the prompt and a greedy decode of the
 new tokens, prefill excluded. The table reports medians over runs and writes bench/RESULTS.md and
 bench/perf.png.
+
+`--baseline DIR` (a checkout of another commit, e.g. `git worktree add /tmp/old HEAD~3`) adds an
+`ENGINE@baseline` row for every ours-* engine, run from DIR/src in the same interleaved series, so
+a refactor's before/after shares one machine state.
+
+RESULTS.md is regenerated down to the heading "## Measurements behind the code"; that section
+and what follows it are kept as they are: it records the measurements that explain why code
+paths exist (the code's comments keep the reasons and point here).
 
 The llama.cpp worker runs under another interpreter (llama-cpp-python is not a dependency of
 this project), so the module imports only the standard library at the top, and each worker
@@ -226,10 +235,19 @@ def _error_line(stderr: str, returncode: int) -> str:
     return message.replace("|", "/")[:160]
 
 
-def spawn(python: str, engine: str, model_path: Path, ids_file: Path, new_tokens: int) -> dict:
-    """Run one worker in a fresh interpreter; a failure comes back as {"error": message}."""
+BASELINE = "@baseline"
+KEPT_SECTION = "## Measurements behind the code"
+
+
+def spawn(python: str, engine: str, model_path: Path, ids_file: Path, new_tokens: int,
+          baseline: Path | None = None) -> dict:
+    """Run one worker in a fresh interpreter; a failure comes back as {"error": message}.
+    An `ENGINE@baseline` worker imports mistral_lm from `baseline`/src instead of this checkout."""
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS),
                TOKENIZERS_PARALLELISM="false")
+    if engine.endswith(BASELINE):
+        engine = engine.removesuffix(BASELINE)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(baseline / "src"), env.get("PYTHONPATH")]))
     command = [python, str(Path(__file__).resolve()), "--worker", engine, "--model-path", str(model_path),
                "--ids-file", str(ids_file), "--new-tokens", str(new_tokens)]
     try:
@@ -245,7 +263,7 @@ def spawn(python: str, engine: str, model_path: Path, ids_file: Path, new_tokens
 
 
 def run_all(engines: list[str], runs: int, pythons: dict[str, str | None], skipped: dict[str, str],
-            model_path: Path, ids_file: Path, new_tokens: int) -> dict[str, dict]:
+            model_path: Path, ids_file: Path, new_tokens: int, baseline: Path | None = None) -> dict[str, dict]:
     """Round-robin over engines, `runs` times; an engine that fails or is unavailable stops there.
 
     Returns per engine either {"runs": [result, ...]} or {"note": why there is no number}."""
@@ -255,7 +273,7 @@ def run_all(engines: list[str], runs: int, pythons: dict[str, str | None], skipp
             if "note" in state[engine]:
                 continue
             print(f"[run {index + 1}/{runs}] {engine} ...", file=sys.stderr, flush=True)
-            result = spawn(pythons[engine], engine, model_path, ids_file, new_tokens)
+            result = spawn(pythons[engine], engine, model_path, ids_file, new_tokens, baseline)
             if "error" in result or "unavailable" in result:
                 kind = "error" if "error" in result else "unavailable"
                 state[engine] = {"note": f"{kind}: {result[kind]}"}
@@ -297,6 +315,21 @@ def markdown_table(table: dict[str, dict]) -> str:
             f"| {engine} | {row['load_s']:.2f} | {row['first_call_s']:.2f} | {row['prefill_tok_s']:.1f} | "
             f"{row['decode_tok_s']:.1f} | {row['peak_rss_mb']:.0f} | {_ratio(row, hf, 'decode_tok_s')} | "
             f"{_ratio(row, hf, 'prefill_tok_s')} | {_ratio(row, llama, 'decode_tok_s')} |")
+    return "\n".join(lines)
+
+
+def baseline_table(table: dict[str, dict]) -> str:
+    """Before (ENGINE@baseline) against after (ENGINE), measured in the same interleaved series."""
+    lines = ["| engine | decode before | decode after | after/before | prefill before | prefill after | after/before |",
+             "|" + "---|" * 7]
+    for engine, after in table.items():
+        before = table.get(engine + BASELINE)
+        if before is None or "note" in after or "note" in before:
+            continue
+        lines.append(
+            f"| {engine} | {before['decode_tok_s']:.1f} | {after['decode_tok_s']:.1f} | "
+            f"{_ratio(after, before, 'decode_tok_s')} | {before['prefill_tok_s']:.1f} | "
+            f"{after['prefill_tok_s']:.1f} | {_ratio(after, before, 'prefill_tok_s')} |")
     return "\n".join(lines)
 
 
@@ -384,6 +417,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder for RESULTS.md and perf.png (default: bench/)")
     parser.add_argument("--llama-python", default=None,
                         help="interpreter with llama-cpp-python (default: $LLAMA_CPP_PYTHON, else this one if it has it)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkout of another commit: adds ENGINE@baseline rows run from its src/")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--ids-file", help=argparse.SUPPRESS)
@@ -397,6 +432,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [e for e in args.engine_list if e not in ENGINES]
     if unknown or args.runs < 1:
         parser.error(f"unknown engines {unknown} (known: {', '.join(ENGINES)})" if unknown else "--runs must be >= 1")
+    if args.baseline is not None:
+        if not (args.baseline / "src" / "mistral_lm").is_dir():
+            parser.error(f"--baseline {args.baseline} has no src/mistral_lm")
+        args.engine_list = [name for e in args.engine_list
+                            for name in ((e, e + BASELINE) if e.startswith("ours") else (e,))]
     return args
 
 
@@ -416,13 +456,20 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ids_file = Path(tmp, "ids.json")
         ids_file.write_text(json.dumps(prompt_ids(args.prompt_len)))
-        state = run_all(args.engine_list, args.runs, pythons, skipped, model_path, ids_file, args.new_tokens)
+        state = run_all(args.engine_list, args.runs, pythons, skipped, model_path, ids_file, args.new_tokens,
+                        args.baseline)
     table = medians(state)
     report = machine_header(args, llama_version, model_path) + markdown_table(table) + "\n"
     report += "\nDecode tok/s of each run: " + "; ".join(
         f"{e}: {', '.join(f'{v:.1f}' for v in row['runs'])}" for e, row in table.items() if "runs" in row) + "\n"
+    if args.baseline is not None:
+        report += f"\n## Before and after (baseline: `{args.baseline}`)\n\n" + baseline_table(table) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "RESULTS.md").write_text(report, encoding="utf-8")
+    results = args.out / "RESULTS.md"
+    old = results.read_text(encoding="utf-8") if results.exists() else ""
+    if KEPT_SECTION in old:  # hand-kept measurements: not ours to regenerate
+        report += "\n" + old[old.index(KEPT_SECTION):]
+    results.write_text(report, encoding="utf-8")
     chart = write_chart(table, args.out, "smoke run" if args.quick else f"median of {args.runs} runs")
     print(markdown_table(table))
     print(f"\nwrote {args.out / 'RESULTS.md'} and {chart}")

@@ -121,3 +121,123 @@ def test_cache_batch_mismatch_is_a_clear_error():
     cache = model.model.make_cache(2)
     with pytest.raises(ValueError, match="batch size 2"):
         model(torch.tensor([[1, 2]]), past_key_values=cache)
+
+
+# ------------------------------------------------------------------ the step is a transaction
+def _state(cache: KVCache) -> dict:
+    return {"seen": cache.seen, "positions": cache.positions.clone(), "valid": cache.valid.clone(),
+            "keys": [k.clone() for k in cache.keys], "values": [v.clone() for v in cache.values]}
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt(*args):
+    raise _Interrupt("the step died in layer 1")
+
+
+@pytest.mark.parametrize(
+    "window,prefix,new,size",
+    [
+        (None, 5, 3, None),  # static, multi-token step
+        (None, 5, 1, None),  # static, one token
+        (None, 5, 3, 5),  # static buffer that the step must grow
+        (4, 0, 3, None),  # rolling, first chunk into an empty buffer
+        (4, 6, 3, None),  # rolling, chunk on a full buffer (read then write)
+        (4, 6, 1, None),  # rolling, one token over the oldest slot (write then read)
+    ],
+)
+@torch.no_grad()
+def test_interrupted_step_leaves_the_cache_holding_what_it_held(window, prefix, new, size):
+    """A forward that dies between layers must not leave a cache that claims keys it does not
+    hold: positions, validity and the token count are as before, every key a later query can see
+    is intact, and running the step again gives the logits of a full forward."""
+    model = _model(sliding_window=window)
+    ids = torch.randint(0, 128, (2, prefix + new))
+    cache = model.model.make_cache(2, max_length=size)
+    if prefix:
+        model(ids[:, :prefix], past_key_values=cache)
+    before = _state(cache)
+    handle = model.model.layers[1].register_forward_pre_hook(_interrupt)
+    with pytest.raises(_Interrupt):
+        model(ids[:, prefix:], past_key_values=cache)
+    handle.remove()
+    after = _state(cache)
+    assert after["seen"] == before["seen"] == prefix
+    assert torch.equal(after["positions"], before["positions"]) and torch.equal(after["valid"], before["valid"])
+    # a key a later query (position >= prefix) can see: valid, and inside the window of position `prefix`
+    visible = before["valid"] & (before["positions"] > prefix - (window or 10**9))
+    for name in ("keys", "values"):
+        for b_t, a_t in zip(before[name], after[name]):
+            slots = b_t.shape[2]
+            assert torch.equal(a_t[:, :, :slots].transpose(1, 2)[visible], b_t.transpose(1, 2)[visible])
+    got = model(ids[:, prefix:], past_key_values=cache).logits
+    full = model(ids, use_cache=False).logits[:, prefix:]
+    assert (got - full).abs().max() <= 1e-4
+    assert cache.get_seq_length() == prefix + new
+
+
+def test_plan_changes_nothing_until_commit():
+    cache = _model(sliding_window=4).model.make_cache(1)
+    positions, valid = torch.arange(3)[None], torch.ones(1, 3, dtype=torch.bool)
+    before = _state(cache)
+    plan = cache.plan(positions, valid)
+    plan_again = cache.plan(positions, valid)
+    assert cache.seen == 0 and torch.equal(cache.positions, before["positions"])
+    assert torch.equal(plan.key_positions, plan_again.key_positions) and plan.seen == 3
+
+
+# ------------------------------------------------------------------ rows moved between caches
+def _reference(model, seq: list[int]) -> torch.Tensor:
+    """Next-token logits of `seq` alone, without any cache: the independent reference."""
+    return model(torch.tensor([seq]), use_cache=False).logits[0, -1]
+
+
+@pytest.mark.parametrize("window", [6, None])
+@torch.no_grad()
+def test_rows_moved_into_a_batch_cache_decode_as_they_do_alone(window):
+    """Rows prefilled alone (some left-padded) join a batch cache between decode steps, are
+    copied, reordered and dropped; every row's logits at every step equal that row's own."""
+    from mistral_lm.generation import Decoder
+
+    model = _model(sliding_window=window)
+    decode = Decoder(model)
+    g = torch.Generator().manual_seed(1)
+    seqs = {name: torch.randint(0, 128, (40,), generator=g).tolist() for name in "abc"}
+    batch = model.make_cache(0)
+    rows: list[list] = []  # [name, tokens of it already in the cache]
+
+    def join(name: str, prompt: int, copies: int = 1, pad: int = 0) -> None:
+        ids = torch.tensor([[0] * pad + seqs[name][:prompt]])
+        mask = torch.tensor([[0] * pad + [1] * prompt])
+        source = model.make_cache(1, max_length=ids.shape[1])
+        model(ids, attention_mask=mask, past_key_values=source)
+        batch.append_rows([(source, prompt, copies)])
+        rows.extend([name, prompt] for _ in range(copies))
+
+    def step(times: int) -> None:
+        for _ in range(times):
+            tokens = torch.tensor([seqs[name][n] for name, n in rows])
+            positions = torch.tensor([n for _, n in rows])
+            logits = decode(tokens, positions, batch)
+            for row, (name, n) in enumerate(rows):
+                want = _reference(model, seqs[name][: n + 1])
+                assert (logits[row] - want).abs().max() <= 1e-4, (name, n)
+                rows[row][1] += 1
+
+    join("a", 9)
+    join("b", 3, pad=4)
+    step(3)
+    join("c", 5, copies=2)
+    step(4)
+    batch.select_rows([3, 0, 2])  # drop b and one copy of c, reorder
+    rows[:] = [rows[3], rows[0], rows[2]]
+    step(3)
+    join("b", 7, pad=2)
+    step(5)
+    batch.select_rows([])
+    rows.clear()
+    assert batch.batch_size == 0
+    join("c", 2)
+    step(2)
