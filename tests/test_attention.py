@@ -62,3 +62,13 @@ def test_flash_attention_leaves_padded_and_cached_steps_to_sdpa(monkeypatch):
     out = model(ids, attention_mask=mask)  # padding: the mask is needed
     model(ids[:, :1], past_key_values=out.past_key_values)  # a cached decode step
     assert calls == []
+
+
+def test_attn_implementation_reaches_the_decoder(tmp_path):
+    """Regression: from_pretrained set the choice on the head model only, and the decoder inside
+    kept running SDPA whatever was asked for."""
+    MistralForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    model = MistralForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert model.model.attn_implementation == "eager"
+    model.attn_implementation = "sdpa"
+    assert model.model.attn_implementation == "sdpa"

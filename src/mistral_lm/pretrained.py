@@ -35,6 +35,17 @@ class MistralPreTrainedModel(nn.Module):
         self.attn_implementation = "sdpa"
         self.quantization_config: Any = None
 
+    @property
+    def attn_implementation(self) -> str:
+        return self._attn_implementation
+
+    @attn_implementation.setter
+    def attn_implementation(self, name: str) -> None:
+        """Set for the whole model: a head model and the decoder inside it run the same kernels."""
+        for module in self.modules():
+            if isinstance(module, MistralPreTrainedModel):
+                object.__setattr__(module, "_attn_implementation", name)
+
     # ------------------------------------------------------------------ init and ties
     def post_init(self) -> None:
         """Initialize weights not yet initialized (as Transformers does), then tie embeddings."""
