@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import sampling
+from ._util import is_int
 from .cache import KVCache
 from .errors import ConfigError, GenerationError
 
@@ -63,11 +64,11 @@ class GenerationConfig:
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise GenerationError naming the first invalid setting."""
-        if self.max_new_tokens is not None and (not _is_int(self.max_new_tokens) or self.max_new_tokens < 0):
+        if self.max_new_tokens is not None and (not is_int(self.max_new_tokens) or self.max_new_tokens < 0):
             raise GenerationError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
-        if not _is_int(self.max_length) or self.max_length < 0:
+        if not is_int(self.max_length) or self.max_length < 0:
             raise GenerationError(f"max_length must be a non-negative integer, got {self.max_length!r}")
-        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+        if not is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             raise GenerationError(f"min_new_tokens must be a non-negative integer, got {self.min_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise GenerationError(f"temperature must be >= 0, got {self.temperature!r}")
@@ -75,21 +76,21 @@ class GenerationConfig:
             raise GenerationError("temperature=0 with do_sample=True: use do_sample=False for greedy decoding")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise GenerationError(f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}")
         if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
+        if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             raise GenerationError(f"num_return_sequences must be >= 1, got {self.num_return_sequences!r}")
         if self.num_return_sequences > 1 and not self.do_sample:
             raise GenerationError("num_return_sequences > 1 needs do_sample=True: greedy decoding would repeat one answer")
         if not isinstance(self.compile, bool):
             raise GenerationError(f"compile must be True or False, got {self.compile!r}")
-        if self.prefill_chunk_size is not None and (not _is_int(self.prefill_chunk_size) or self.prefill_chunk_size < 1):
+        if self.prefill_chunk_size is not None and (not is_int(self.prefill_chunk_size) or self.prefill_chunk_size < 1):
             raise GenerationError(f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}")
         ids = self.eos_ids + ([self.pad_token_id] if self.pad_token_id is not None else [])
         for token in ids:
-            if not _is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
+            if not is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
                 raise GenerationError(f"special token id {token!r} is out of range for vocab_size {vocab_size}")
 
     @classmethod
@@ -103,10 +104,6 @@ class GenerationConfig:
         known = {f.name for f in fields(cls)} - {"extra"}
         return cls(**{k: v for k, v in data.items() if k in known},
                    extra={k: v for k, v in data.items() if k not in known})
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _prompt(inputs: Any, input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -40,7 +40,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches p."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False, stable=True)  # ties: lower index dropped first
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cumulative <= 1 - p  # the low tail whose mass is at most 1 - p
     remove_sorted[..., -1] = False  # the most likely token always stays

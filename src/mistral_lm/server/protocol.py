@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .._util import is_int
 from ..generation import GenerationConfig
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -174,7 +175,7 @@ def _prompt(value: Any) -> str | tuple[int, ...]:
         value = value[0]
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and all(_is_int(t) and t >= 0 for t in value):
+    if isinstance(value, list) and value and all(is_int(t) and t >= 0 for t in value):
         return tuple(value)
     if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
         raise ProtocolError("prompt: batches of prompts are not supported; send one request per prompt "
@@ -191,21 +192,17 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _positive_int(body: dict[str, Any], name: str, default: int | None) -> int | None:
     value = body.get(name)
     if value is None:
         return default
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise ProtocolError(f"{name} must be a positive integer, got {value!r}", name)
     return value
 
 
 def _seed(value: Any) -> int | None:
-    if value is not None and (not _is_int(value) or not -2**63 <= value < 2**64):
+    if value is not None and (not is_int(value) or not -2**63 <= value < 2**64):
         raise ProtocolError(f"seed must be a 64-bit integer, got {value!r}", "seed")
     return None if value is None else value % 2**63  # torch seeds are non-negative int64
 
