@@ -517,3 +517,20 @@ def test_loading_with_dtype_conversion_holds_one_source_tensor_at_a_time(big_che
     m = _measure(folder, "bfloat16")
     assert m["weights"] < 0.51 * size
     assert m["touched"] <= 1.15 * (m["weights"] + 4 * m["largest"]), m
+
+
+def test_hf_folder_key_mapping_is_shared_and_framework_free():
+    """One mapping of checkpoint names (prefix, ignored keys, the other head) for torch and Flax."""
+    from mistral_lm.checkpoints import hf_folder
+
+    head = {"model.embed_tokens.weight", "lm_head.weight"}
+    bare = {"embed_tokens.weight"}
+    assert hf_folder.model_key("embed_tokens.weight", head) == "model.embed_tokens.weight"
+    assert hf_folder.model_key("model.embed_tokens.weight", bare) == "embed_tokens.weight"
+    assert hf_folder.model_key("model.embed_tokens.weight", head) == "model.embed_tokens.weight"
+    assert hf_folder.model_key("model.layers.0.self_attn.rotary_emb.inv_freq", head) is None
+    assert hf_folder.skippable("model.layers.0.self_attn.rotary_emb.inv_freq", head)
+    assert hf_folder.skippable("score.weight", head) and hf_folder.skippable("lm_head.weight", bare)
+    assert not hf_folder.skippable("model.layers.9.mlp.up_proj.weight", head)
+    code = "import sys, mistral_lm.checkpoints.hf_folder; assert not {'torch', 'jax'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from mistral_lm import MistralForCausalLM, MistralModel, masks
+from mistral_lm import GenerationConfig, MistralForCausalLM, MistralModel, masks
 from mistral_lm.errors import CheckpointError, GenerationError, InputError
 
 from .conftest import PARITY_CONFIGS, tiny_config
@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from mistral_lm.flax import FlaxMistralForCausalLM, FlaxMistralModel  # noqa: E402
-from mistral_lm.flax.generation import top_k_filter, top_p_filter  # noqa: E402
+from mistral_lm.flax.generation import apply_repetition_penalty, top_k_filter, top_p_filter  # noqa: E402
 from mistral_lm.flax.modeling import build_attention_mask, positions_from_padding  # noqa: E402
 
 TOL = 1e-4  # float32 parity bound asked of the twin
@@ -194,6 +194,28 @@ def test_cached_decoding_equals_full_forward(checkpoint):
 
 
 # --------------------------------------------------------------------------- generation
+def test_ring_cache_holds_window_slots(checkpoint):
+    """With a window, the cache is W slots whatever the length: decoding 3W tokens one at a time
+    keeps every array's shape and still equals the full forward."""
+    model = FlaxMistralForCausalLM.from_pretrained(checkpoint("window"))
+    w = model.config.sliding_window
+    def shapes(cache) -> list[tuple[int, ...]]:
+        return [np.shape(leaf) for leaf in jax.tree_util.tree_leaves(cache)]
+
+    assert shapes(model.init_cache(2, w)) == shapes(model.init_cache(2, 4 * w)) == shapes(model.init_cache(2, 1000))
+    assert model.init_cache(2, 1000).keys[0].shape == (2, w, model.config.num_key_value_heads, model.config.head_dim)
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 3 * w))
+    cache = model.init_cache(2, 3 * w)
+    first = shapes(cache)
+    pieces = []
+    for i in range(3 * w):
+        out = model(ids[:, i:i + 1], past_key_values=cache)
+        cache = out.past_key_values
+        assert shapes(cache) == first
+        pieces.append(np.asarray(out.logits))
+    assert _diff(model(ids).logits, np.concatenate(pieces, axis=1)) <= TOL
+
+
 @pytest.mark.parametrize("name", ["window", "tied"])
 def test_greedy_generate_matches_torch(name, checkpoint):
     folder = checkpoint(name, eos_token_id=None, pad_token_id=0)
@@ -204,6 +226,46 @@ def test_greedy_generate_matches_torch(name, checkpoint):
     out = model.generate(ids.numpy(), attention_mask=mask.numpy(), max_new_tokens=16)
     assert out.sequences.shape == (3, 30)
     np.testing.assert_array_equal(np.asarray(out.sequences), expected.numpy())
+
+
+@pytest.mark.parametrize("name, prefill_chunk_size", [("window", None), ("head_dim", 3), ("gqa", None)])
+def test_long_greedy_generate_matches_torch(name, prefill_chunk_size, checkpoint):
+    """Prompt + new tokens many times the window: the ring buffer wraps during prefill and decode."""
+    folder = checkpoint(name, eos_token_id=None, pad_token_id=0)
+    ref = MistralForCausalLM.from_pretrained(folder).eval()
+    model = FlaxMistralForCausalLM.from_pretrained(folder)
+    ids, mask = _batch(model.config.vocab_size, length=20)
+    args = dict(attention_mask=mask, max_new_tokens=24, prefill_chunk_size=prefill_chunk_size)
+    expected = ref.generate(ids, **args)
+    out = model.generate(ids.numpy(), **{**args, "attention_mask": mask.numpy()})
+    np.testing.assert_array_equal(np.asarray(out.sequences), expected.numpy())
+
+
+@pytest.mark.parametrize("name", ["window", "gqa"])
+def test_repetition_penalty_matches_torch(name, checkpoint):
+    folder = checkpoint(name, eos_token_id=None, pad_token_id=0)
+    ref = MistralForCausalLM.from_pretrained(folder).eval()
+    model = FlaxMistralForCausalLM.from_pretrained(folder)
+    ids, mask = _batch(model.config.vocab_size, length=14)
+    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=16, repetition_penalty=1.3)
+    out = model.generate(ids.numpy(), attention_mask=mask.numpy(), max_new_tokens=16, repetition_penalty=1.3)
+    np.testing.assert_array_equal(np.asarray(out.sequences), expected.numpy())
+    plain = model.generate(ids.numpy(), attention_mask=mask.numpy(), max_new_tokens=16)
+    assert (np.asarray(plain.sequences) != np.asarray(out.sequences)).any()  # the penalty changed something
+
+
+def test_repetition_penalty_matches_sampling_py():
+    from mistral_lm import sampling
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 40)).astype(np.float32) * 3
+    ids = rng.integers(0, 40, (3, 9))
+    seen = np.zeros((3, 40), bool)
+    np.put_along_axis(seen, ids, True, axis=1)
+    for penalty in (0.7, 1.0, 1.3):
+        ours = apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), penalty)
+        ref = sampling.repetition_penalty(torch.from_numpy(logits), torch.from_numpy(ids), penalty)
+        np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=1e-6)
 
 
 def test_greedy_generate_matches_transformers(checkpoint):
@@ -266,10 +328,31 @@ def test_filters_match_brute_force():
 
 def test_generate_rejects_bad_arguments(checkpoint):
     model = FlaxMistralForCausalLM.from_pretrained(checkpoint("gqa"))
-    for bad in (dict(max_new_tokens=0), dict(do_sample=True, temperature=0.0), dict(top_k=0),
-                dict(top_p=1.5), dict(eos_token_id=10**6)):
+    # GenerationConfig.validate() judges, as for PyTorch: max_new_tokens=0 and top_k=0 (off) are valid there
+    for bad in (dict(max_new_tokens=-1), dict(do_sample=True, temperature=0.0), dict(top_k=-1),
+                dict(top_p=1.5), dict(eos_token_id=10**6), dict(repetition_penalty=0.0),
+                dict(generation_config=GenerationConfig(max_new_tokens=None, max_length=2))):
         with pytest.raises(GenerationError):
             model.generate(np.array([[1, 2, 3]]), **bad)
+    with pytest.raises(TypeError, match="num_beams"):
+        model.generate(np.array([[1, 2, 3]]), num_beams=2)
+    np.testing.assert_array_equal(model.generate(np.array([[1, 2, 3]]), max_new_tokens=0).sequences, [[1, 2, 3]])
+
+
+def test_generate_takes_a_generation_config(checkpoint):
+    folder = checkpoint("window", eos_token_id=None, pad_token_id=0)
+    ref = MistralForCausalLM.from_pretrained(folder).eval()
+    model = FlaxMistralForCausalLM.from_pretrained(folder)
+    ids, mask = _batch(model.config.vocab_size, length=14)
+    gen = GenerationConfig(max_new_tokens=16, min_new_tokens=4, eos_token_id=None, pad_token_id=0)
+    expected = ref.generate(ids, attention_mask=mask, generation_config=gen)
+    out = model.generate(ids.numpy(), mask.numpy(), gen)
+    np.testing.assert_array_equal(np.asarray(out.sequences), expected.numpy())
+    keyword = model.generate(ids.numpy(), attention_mask=mask.numpy(), max_new_tokens=16)
+    np.testing.assert_array_equal(np.asarray(out.sequences), np.asarray(keyword.sequences))
+    sampled = model.generate(ids.numpy(), mask.numpy(), GenerationConfig(max_new_tokens=4, do_sample=True, seed=3,
+                                                                         num_return_sequences=2))
+    assert sampled.sequences.shape == (6, 18)
 
 
 # --------------------------------------------------------------------------- dtypes and modes
@@ -310,13 +393,14 @@ def test_outputs_index_like_tuples(checkpoint):
     assert out[0] is out.logits is out["logits"] is logits and cache is out.past_key_values
     plain = model(ids, return_dict=False)
     assert isinstance(plain, tuple) and len(plain) == 1
-    np.testing.assert_array_equal(plain[0], out.logits)
+    np.testing.assert_array_equal(plain[0], model(ids).logits)
+    assert _diff(plain[0], out.logits) <= TOL  # with and without a cache: other XLA fusions, same numbers
     with pytest.raises(InputError, match="vocab_size"):
         model(np.array([[model.config.vocab_size]]))
     bare = FlaxMistralForCausalLM(model.config, _do_init=False)
     with pytest.raises(InputError, match="_do_init=False"):
         bare(ids)
-    np.testing.assert_array_equal(bare(ids, params=model.params).logits, out.logits)
+    np.testing.assert_array_equal(bare(ids, params=model.params).logits, plain[0])
 
 
 # --------------------------------------------------------------------------- files
@@ -367,6 +451,26 @@ def test_checkpoint_errors_name_the_tensor(checkpoint, tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model.safetensors"):
         FlaxMistralForCausalLM.from_pretrained(tmp_path)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        FlaxMistralForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("target", ["../elsewhere.safetensors", "sub/../../elsewhere.safetensors", "absolute"])
+def test_index_pointing_outside_the_folder_is_refused(checkpoint, tmp_path, target):
+    """The Flax loader shares the shard-index guard of the PyTorch one (hf_folder)."""
+    half = MistralForCausalLM.from_pretrained(checkpoint("gqa"))
+    half.save_pretrained(tmp_path / "m", max_shard_size="30KB")
+    folder = tmp_path / "m"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = sorted(folder.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(first.read_bytes())  # a valid file: only its location is wrong
+    target = str(outside) if target == "absolute" else target
+    index["weight_map"] = {k: (target if v == first.name else v) for k, v in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="points outside its folder"):
+        FlaxMistralForCausalLM.from_pretrained(folder)
 
 
 # --------------------------------------------------------------------------- the seed's example

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ._util import is_int
 from .errors import ConfigError
 
 CONFIG_NAME = "config.json"
@@ -144,7 +145,7 @@ class MistralConfig:
         _check_positive_int("num_labels", self.num_labels)
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
-            if value is not None and not _is_int(value):
+            if value is not None and not is_int(value):
                 raise ConfigError(f"{name} must be an int or None, got {value!r}")
 
     # ------------------------------------------------------------------ derived values
@@ -214,10 +215,6 @@ class MistralConfig:
         return f"{type(self).__name__} {self.to_json_string()}"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_positive_int(name: str, value: Any) -> None:
-    if not _is_int(value) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -1,4 +1,6 @@
-"""Hugging Face checkpoint folders: discovery, lazy (mmapped) reading, sharded writing.
+"""Hugging Face checkpoint folders in PyTorch: lazy (mmapped) reading, sharded writing.
+
+Which files a folder holds (and the shard index's guard) is `hf_folder`'s, shared with Flax.
 
 Reading never unpickles: safetensors files are parsed by the safetensors library, and the
 legacy `pytorch_model.bin` only through `torch.load(weights_only=True)`, which refuses
@@ -20,51 +22,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
+from .hf_folder import SAFE_INDEX, SAFE_WEIGHTS, weight_files
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-PT_WEIGHTS = "pytorch_model.bin"
-PT_INDEX = "pytorch_model.bin.index.json"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _FLOAT_CODES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
-def weight_files(folder: str | os.PathLike) -> list[Path]:
-    """The weight files of a checkpoint folder, safetensors first, in shard order."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (PT_WEIGHTS, PT_INDEX)):
-        if (folder / single).is_file():
-            return [folder / single]
-        if (folder / index).is_file():
-            return _shards_from_index(folder / index)
-    found = sorted(p.name for p in folder.iterdir())
-    raise CheckpointError(
-        f"no weights in {folder}: expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {PT_WEIGHTS} or {PT_INDEX}; found {found}"
-    )
-
-
-def _shards_from_index(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = list(dict.fromkeys(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"cannot read the shard index {index}: {exc}") from exc
-    shards = []
-    for name in names:
-        # Judged by the name, not by the resolved path: a Hugging Face cache snapshot holds its
-        # shards as symlinks into ../../blobs, and those must load.
-        relative = Path(os.path.normpath(name)) if isinstance(name, str) else None
-        if relative is None or relative.is_absolute() or relative.parts[:1] == ("..",):
-            raise CheckpointError(f"shard index {index} points outside its folder: {name!r}")
-        shard = index.parent / relative
-        if not shard.is_file():
-            raise CheckpointError(f"shard {name} listed in {index.name} is missing")
-        shards.append(shard)
-    return shards
 
 
 def iter_tensors(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:

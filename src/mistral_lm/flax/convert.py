@@ -16,7 +16,6 @@ Files are read with safetensors' Flax backend: numpy has no bfloat16, and torch 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,14 +26,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
+from ..checkpoints import hf_folder
 from ..errors import CheckpointError
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-# Keys some checkpoints carry that hold no learned state.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-# Heads a checkpoint may carry that the model being loaded does not have.
-_OTHER_HEADS = ("lm_head.weight", "score.weight")
 _SHOWN = 10  # names listed per kind of problem in an error message
 
 Params = dict[str, Any]
@@ -65,18 +59,13 @@ def hf_to_flax(tensors: Mapping[str, jax.Array], shape_tree: Params, source: str
     Raises CheckpointError naming every missing, unexpected and mis-shaped tensor.
     """
     expected = {hf_name(path)[0]: (path, spec) for path, spec in flatten_dict(shape_tree).items()}
-    has_prefix = any(name.startswith("model.") for name in expected)
     found: dict[str, str] = {}  # model name -> checkpoint name
     unexpected = []
     for name in tensors:
-        key = name
-        if has_prefix and not name.startswith("model.") and "model." + name in expected:
-            key = "model." + name  # a base-model checkpoint under a head
-        elif not has_prefix and name.startswith("model."):
-            key = name[len("model."):]  # a causal-LM checkpoint into the bare decoder
-        if key in expected:
+        key = hf_folder.model_key(name, expected)
+        if key is not None:
             found[key] = name
-        elif not (name.endswith(_IGNORED_SUFFIXES) or name in _OTHER_HEADS):
+        elif not hf_folder.skippable(name, expected):
             unexpected.append(name)
     missing = [name for name in expected if name not in found]
     params, misshaped = {}, []
@@ -99,16 +88,11 @@ def hf_to_flax(tensors: Mapping[str, jax.Array], shape_tree: Params, source: str
 
 def load_safetensors(folder: str | os.PathLike) -> dict[str, jax.Array]:
     """Every tensor of a Transformers folder: model.safetensors, or the shards its index lists."""
-    folder = Path(folder)
-    if (folder / SAFE_WEIGHTS).is_file():
-        files = [folder / SAFE_WEIGHTS]
-    elif (folder / SAFE_INDEX).is_file():
-        files = _shards(folder / SAFE_INDEX)
-    else:
-        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "no such folder"
+    files = hf_folder.weight_files(folder)
+    if files[0].suffix != ".safetensors":
         raise CheckpointError(
-            f"no {SAFE_WEIGHTS} or {SAFE_INDEX} in {folder} (found: {found}); the Flax loader reads "
-            "safetensors only: re-save a pytorch_model.bin checkpoint with mistral_lm.MistralForCausalLM"
+            f"{folder} holds {files[0].name} but no {hf_folder.SAFE_WEIGHTS} or {hf_folder.SAFE_INDEX}; the Flax "
+            "loader reads safetensors only: re-save the checkpoint with mistral_lm.MistralForCausalLM"
         )
     tensors = {}
     for file in files:
@@ -121,22 +105,9 @@ def load_safetensors(folder: str | os.PathLike) -> dict[str, jax.Array]:
     return tensors
 
 
-def _shards(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = list(dict.fromkeys(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"cannot read the shard index {index}: {exc}") from exc
-    shards = [index.parent / name for name in names]
-    absent = [s.name for s in shards if not s.is_file()]
-    if absent:
-        raise CheckpointError(f"shards listed in {index} are missing: {absent}")
-    return shards
-
-
 def save_safetensors(state: Mapping[str, jax.Array], folder: str | os.PathLike) -> None:
     """Write one model.safetensors; "format": "pt" because names and layout are PyTorch's."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({name: jnp.asarray(value) for name, value in state.items()}, folder / SAFE_WEIGHTS,
+    save_file({name: jnp.asarray(value) for name, value in state.items()}, folder / hf_folder.SAFE_WEIGHTS,
               metadata={"format": "pt"})

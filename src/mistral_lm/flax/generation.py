@@ -1,10 +1,14 @@
 """Greedy and sampled decoding for FlaxMistralForCausalLM as one jit-compiled program.
 
-Prefill and the whole decode loop (a `jax.lax.while_loop`) run inside a single `jax.jit`, with a
-fixed-size cache of prompt + `max_new_tokens` slots, so every step has static shapes. Settings
-that change the program (lengths, greedy vs sampling, eos/pad ids) are static arguments and
-compile once per combination; temperature, top-k and top-p are traced values, so trying other
-values reuses the compiled program.
+Settings arrive as a `mistral_lm.GenerationConfig` and are validated by its `validate()`, the
+one definition shared with the PyTorch `generate`; `resolve_settings` only derives what the
+program needs. Prefill (in chunks of at most `sliding_window` tokens, as in PyTorch) and the
+whole decode loop (a `jax.lax.while_loop`) run inside a single `jax.jit`. The cache is a ring
+buffer of `sliding_window` slots (or prompt + `max_new_tokens` slots without a window), so every
+step has static shapes and memory does not grow with the generated length. Settings that change
+the program (lengths, greedy vs sampling, eos/pad ids, min_new_tokens) are static arguments and
+compile once per combination; temperature, top-k, top-p and the repetition penalty are traced
+values, so trying other values reuses the compiled program.
 
 The step-i key is `fold_in(prng_key, i)`: the same key gives the same tokens, whatever ran before.
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -21,58 +25,66 @@ from flax import struct
 
 from ..errors import GenerationError
 
+if TYPE_CHECKING:  # generation.py imports torch; Flax code imports it only when generate runs
+    from ..generation import GenerationConfig
+
 Array = jax.Array
 
 
 @struct.dataclass
 class FlaxGenerateOutput:
-    """`sequences` (B, T + max_new_tokens): the prompt, then new ids; pad after a row's eos."""
+    """`sequences` (B * num_return_sequences, T + max_new_tokens): the prompt, then new ids; pad after a row's eos."""
 
     sequences: Array
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Validated arguments of `decode`; top_k = vocab_size and top_p = 1.0 filter nothing."""
+    """The arguments of `decode`; top_k = vocab_size and top_p = 1.0 filter nothing."""
 
     max_new_tokens: int
+    min_new_tokens: int
     do_sample: bool
     temperature: float
     top_k: int
     top_p: float
+    repetition_penalty: float
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
+    prefill_chunk_size: int
 
 
-def resolve_settings(
-    config: Any, *, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None,
-    top_p: float | None, eos_token_id: int | list[int] | None, pad_token_id: int | None,
-) -> GenerationSettings:
-    """Validate the arguments (GenerationError naming the bad one) and fill defaults from the config.
+def default_config(config: Any) -> GenerationConfig:
+    """The settings `generate` starts from: the old keyword defaults (20 new tokens, no top-k) and
+    the model config's special tokens."""
+    from ..generation import GenerationConfig
 
-    eos defaults to `config.eos_token_id`; pad to `config.pad_token_id`, else the first eos, else 0.
+    return GenerationConfig(max_new_tokens=20, top_k=0, eos_token_id=config.eos_token_id,
+                            pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id)
+
+
+def resolve_settings(config: Any, gen: GenerationConfig, prompt_length: int) -> GenerationSettings:
+    """Validate `gen` (GenerationError naming the bad setting) and derive the program's arguments.
+
+    max_new_tokens defaults to max_length - prompt_length, as in PyTorch; pad to the first eos,
+    else 0. `use_cache` and `compile` change nothing here: the Flax program always is both.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise GenerationError(f"temperature must be > 0, got {temperature!r}; use do_sample=False for greedy")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise GenerationError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise GenerationError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    eos = config.eos_token_id if eos_token_id is None else eos_token_id
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-    pad = pad_token_id if pad_token_id is not None else config.pad_token_id
-    if pad is None:
-        pad = eos_ids[0] if eos_ids else 0
-    for name, ids in (("eos_token_id", eos_ids), ("pad_token_id", (pad,))):
-        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < config.vocab_size for i in ids):
-            raise GenerationError(f"{name} must be token ids in [0, {config.vocab_size}), got {ids}")
+    gen.validate(config.vocab_size)
+    max_new = gen.max_new_tokens if gen.max_new_tokens is not None else gen.max_length - prompt_length
+    if max_new < 0:
+        raise GenerationError(
+            f"max_length={gen.max_length} is shorter than the prompt ({prompt_length} tokens); set max_new_tokens"
+        )
+    eos = tuple(gen.eos_ids)
+    pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0)
+    window = config.sliding_window
     return GenerationSettings(
-        max_new_tokens=max_new_tokens, do_sample=bool(do_sample), temperature=float(temperature),
-        top_k=config.vocab_size if top_k is None else min(top_k, config.vocab_size),
-        top_p=1.0 if top_p is None else float(top_p),
-        eos_token_ids=tuple(int(i) for i in eos_ids), pad_token_id=int(pad),
+        max_new_tokens=max_new, min_new_tokens=gen.min_new_tokens, do_sample=bool(gen.do_sample),
+        temperature=float(gen.temperature),
+        top_k=config.vocab_size if gen.top_k == 0 else min(gen.top_k, config.vocab_size),
+        top_p=float(gen.top_p), repetition_penalty=float(gen.repetition_penalty),
+        eos_token_ids=eos, pad_token_id=pad,
+        prefill_chunk_size=gen.prefill_chunk_size or window or prompt_length,
     )
 
 
@@ -102,47 +114,66 @@ def top_p_filter(logits: Array, p: Array | float) -> Array:
     return jnp.where((logits < cutoff) & (p < 1), -jnp.inf, logits)
 
 
-_STATIC = ("program", "max_new_tokens", "do_sample", "eos_token_ids", "pad_token_id")
+_STATIC = ("program", "max_new_tokens", "min_new_tokens", "do_sample", "eos_token_ids", "pad_token_id",
+           "prefill_chunk_size")
+
+
+def apply_repetition_penalty(logits: Array, seen: Array, penalty: Array | float) -> Array:
+    """CTRL's penalty, as `mistral_lm.sampling.repetition_penalty`: scores of seen tokens are
+    divided by `penalty` if positive, multiplied if negative. `seen` (B, V) marks the tokens of
+    the prompt and of the tokens generated so far; penalty 1 changes nothing."""
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def decode(
     program: Any, params: Any, input_ids: Array, attention_mask: Array, prng_key: Array, *,
-    max_new_tokens: int, do_sample: bool, temperature: Array | float, top_k: Array | int, top_p: Array | float,
-    eos_token_ids: tuple[int, ...], pad_token_id: int,
+    max_new_tokens: int, min_new_tokens: int, do_sample: bool, temperature: Array | float, top_k: Array | int,
+    top_p: Array | float, repetition_penalty: Array | float, eos_token_ids: tuple[int, ...], pad_token_id: int,
+    prefill_chunk_size: int,
 ) -> Array:
-    """Prefill, then one token per while_loop step; returns the (B, T + max_new_tokens) sequences.
+    """Chunked prefill, then one token per while_loop step; returns the (B, T + max_new_tokens) sequences.
 
     `program` is the model's hashable `modeling.Program` (its linen module and `init_cache`).
     """
     b, t = input_ids.shape
     module = program.module
     variables = {"params": params}
-    out = module.apply(variables, input_ids, attention_mask, None, program.init_cache(b, t + max_new_tokens))
+    cache = program.init_cache(b, t + max_new_tokens)
+    for start in range(0, t, prefill_chunk_size):  # unrolled: t and the chunk size are static
+        end = min(start + prefill_chunk_size, t)
+        out = module.apply(variables, input_ids[:, start:end], attention_mask[:, start:end], None, cache)
+        cache = out.past_key_values
     step_mask = jnp.ones((b, 1), jnp.int32)
     eos = jnp.asarray(eos_token_ids, jnp.int32)
+    rows = jnp.arange(b)
 
-    def pick(logits: Array, step: Array) -> Array:
+    def pick(logits: Array, seen: Array, step: Array) -> Array:
         logits = logits.astype(jnp.float32)
+        if min_new_tokens and eos_token_ids:  # hold eos back for the first min_new_tokens steps
+            logits = jnp.where(step < min_new_tokens, logits.at[:, eos].set(-jnp.inf), logits)
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         if not do_sample:
             return jnp.argmax(logits, axis=-1)
         logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
         return jax.random.categorical(jax.random.fold_in(prng_key, step), logits, axis=-1)
 
     def cond(state: tuple) -> Array:
-        step, _, _, _, finished = state
+        step, _, _, _, _, finished = state
         return (step < max_new_tokens) & ~jnp.all(finished)
 
     def body(state: tuple) -> tuple:
-        step, sequences, logits, cache, finished = state
-        token = jnp.where(finished, pad_token_id, pick(logits, step)).astype(jnp.int32)  # (B,)
+        step, sequences, seen, logits, cache, finished = state
+        token = jnp.where(finished, pad_token_id, pick(logits, seen, step)).astype(jnp.int32)  # (B,)
         sequences = jax.lax.dynamic_update_slice(sequences, token[:, None], (0, t + step))
+        seen = seen.at[rows, token].set(True)
         if eos_token_ids:
             finished = finished | jnp.isin(token, eos)
         # the token of the last step is fed too: one spare forward keeps the loop body uniform
         out = module.apply(variables, token[:, None], step_mask, None, cache)
-        return step + 1, sequences, out.logits[:, -1], out.past_key_values, finished
+        return step + 1, sequences, seen, out.logits[:, -1], out.past_key_values, finished
 
     sequences = jnp.concatenate([input_ids, jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)], axis=1)
-    state = (jnp.zeros((), jnp.int32), sequences, out.logits[:, -1], out.past_key_values, jnp.zeros((b,), bool))
+    seen = jnp.zeros((b, module.config.vocab_size), bool).at[rows[:, None], input_ids].set(True)  # (B, V)
+    state = (jnp.zeros((), jnp.int32), sequences, seen, out.logits[:, -1], cache, jnp.zeros((b,), bool))
     return jax.lax.while_loop(cond, body, state)[1]

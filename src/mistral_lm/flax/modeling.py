@@ -1,7 +1,7 @@
 """The Mistral decoder in JAX/Flax, a numerical twin of `mistral_lm.modeling`.
 
-Notation: B batch, T new tokens this call, S key slots attended (T without a cache, the cache
-size with one), H query heads, H_kv key/value heads, G = H // H_kv, D head_dim, C hidden_size.
+Notation: B batch, T new tokens this call, N cache slots, S keys attended (T without a cache,
+N + T with one), H query heads, H_kv key/value heads, G = H // H_kv, D head_dim, C hidden_size.
 
 Why flax.linen rather than nnx: the Hugging Face Flax API this twin reproduces is functional —
 `model.params` is a plain pytree, `model(..., params=p)` runs any weights, and `generate` is one
@@ -22,10 +22,12 @@ Semantics shared with the PyTorch model, each one a pitfall of the historical HF
 Float32 islands: RMSNorm statistics, RoPE angles and rotation, attention scores and softmax —
 the same places, for the same reasons, as in the PyTorch model.
 
-The KV cache (`FlaxMistralCache`) is an explicit pytree passed in and returned. It is a plain
-fixed-size buffer of `max_length` slots (no ring buffer): each slot records the absolute position
-and validity of its key, and the window is enforced by the mask, so memory is O(max_length) even
-with a window, but every step has static shapes and compiles once.
+The KV cache (`FlaxMistralCache`) is an explicit pytree passed in and returned, with the torch
+cache's semantics (cache.py): a ring buffer of W = sliding_window slots (memory constant in the
+generated length), or of `max_length` slots without a window. Each slot records the absolute
+position and validity of its key, so the mask comes from positions, never from slot order. A
+step attends over (cached keys ∪ its new keys), then stores the last min(T, slots) new keys, so a
+multi-token step never overwrites a key one of its own queries still needs.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -41,9 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from .._util import is_int
 from ..config import MistralConfig
 from ..errors import InputError
 from . import convert, generation
+
+if TYPE_CHECKING:
+    from ..generation import GenerationConfig
 
 Params = dict[str, Any]
 Array = jax.Array
@@ -104,12 +110,32 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 
 
 # --------------------------------------------------------------------------- cache and outputs
+class CacheStep(NamedTuple):
+    """What one forward does with the cache, computed once and shared by every layer."""
+
+    keep_from: int  # new tokens [keep_from:] are stored
+    slots: Array  # (T - keep_from,) the slots they go to
+    attend_cache: bool  # False for an empty cache: its slots hold nothing to attend
+
+
+def cache_step(length: Array | int, t: int, slots: int, attend_cache: bool = True) -> CacheStep:
+    """Which of T new tokens a cache of `slots` slots keeps, and where.
+
+    Token i of the step (i >= keep_from = max(0, T - slots)) goes to slot (length + i) % slots.
+    Example: 4 slots, 6 tokens stored, a step of 3 -> keep_from 0, slots [2, 3, 0].
+    """
+    keep_from = max(0, t - slots)
+    return CacheStep(keep_from, (length + jnp.arange(keep_from, t)) % slots, attend_cache)
+
+
 @struct.dataclass
 class FlaxMistralCache:
-    """Fixed-size KV cache: one (B, S, H_kv, D) key and value buffer per layer.
+    """KV cache of N slots per layer: a ring buffer of N = W = sliding_window slots, else `max_length`.
 
-    `positions`/`valid` (B, S) describe every slot (absolute position, holds a real token), and
-    `length` counts slots written so far; the next call writes at slots [length, length + T).
+    keys/values: one (B, N, H_kv, D) buffer per layer; `positions`/`valid` (B, N): every slot's
+    absolute position and whether it holds a real token; `length`: tokens stored so far (the next
+    goes to slot length % N); `real_tokens` (B,): real tokens per row so far, the next one's
+    default position. `max_length` (static) is how many tokens the cache accepts in all.
     """
 
     keys: tuple[Array, ...]
@@ -117,9 +143,12 @@ class FlaxMistralCache:
     positions: Array
     valid: Array
     length: Array
+    real_tokens: Array
+    max_length: int = struct.field(pytree_node=False)
+    empty: bool = struct.field(pytree_node=False, default=False)  # from init_cache: nothing to attend yet
 
     @property
-    def max_length(self) -> int:
+    def slots(self) -> int:
         return int(self.positions.shape[1])
 
 
@@ -200,7 +229,7 @@ class FlaxMistralAttention(nn.Module):
     @nn.compact
     def __call__(
         self, x: Array, cos: Array, sin: Array, mask: Array, kv: tuple[Array, Array] | None,
-        start: Array | None, deterministic: bool,
+        step: CacheStep | None, deterministic: bool,
     ) -> tuple[Array, tuple[Array, Array] | None, Array]:
         cfg = self.config
         h, h_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -209,11 +238,15 @@ class FlaxMistralAttention(nn.Module):
         k = _dense(h_kv * d, self, "k_proj")(x).reshape(b, t, h_kv, d)  # (B, T, H_kv, D)
         v = _dense(h_kv * d, self, "v_proj")(x).reshape(b, t, h_kv, d)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is not None:
-            # A plain buffer never overwrites a live key, so writing before attending is safe.
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, start, 0, 0))  # (B, S, H_kv, D)
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, start, 0, 0))
-            kv = (k, v)
+        if kv is not None and step is not None:
+            # attend over (cache ∪ new), then store: a ring slot may hold a key this step still needs
+            k, v = k.astype(kv[0].dtype), v.astype(kv[1].dtype)
+            cached_k, cached_v = kv
+            new = slice(step.keep_from, None)
+            kv = (cached_k.at[:, step.slots].set(k[:, new]), cached_v.at[:, step.slots].set(v[:, new]))
+            if step.attend_cache:
+                k = jnp.concatenate([cached_k, k], axis=1)  # (B, N + T, H_kv, D)
+                v = jnp.concatenate([cached_v, v], axis=1)
         s = k.shape[1]
         q = q.reshape(b, t, h_kv, h // h_kv, d)  # (B, T, H_kv, G, D): query head i uses kv head i // G
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -234,11 +267,11 @@ class FlaxMistralDecoderLayer(nn.Module):
     @nn.compact
     def __call__(
         self, x: Array, cos: Array, sin: Array, mask: Array, kv: tuple[Array, Array] | None,
-        start: Array | None, deterministic: bool,
+        step: CacheStep | None, deterministic: bool,
     ) -> tuple[Array, tuple[Array, Array] | None, Array]:
         kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
         attn, kv, probs = FlaxMistralAttention(**kw, name="self_attn")(
-            FlaxMistralRMSNorm(**kw, name="input_layernorm")(x), cos, sin, mask, kv, start, deterministic
+            FlaxMistralRMSNorm(**kw, name="input_layernorm")(x), cos, sin, mask, kv, step, deterministic
         )
         x = x + attn
         x = x + FlaxMistralMLP(**kw, name="mlp")(FlaxMistralRMSNorm(**kw, name="post_attention_layernorm")(x))
@@ -255,7 +288,7 @@ class FlaxMistralLayerCollection(nn.Module):
     @nn.compact
     def __call__(
         self, x: Array, cos: Array, sin: Array, mask: Array, cache: FlaxMistralCache | None,
-        deterministic: bool, output_attentions: bool, output_hidden_states: bool,
+        step: CacheStep | None, deterministic: bool, output_attentions: bool, output_hidden_states: bool,
     ) -> tuple[Array, list[tuple[Array, Array]], list[Array], list[Array]]:
         new_kv: list[tuple[Array, Array]] = []
         hidden: list[Array] = []
@@ -264,9 +297,8 @@ class FlaxMistralLayerCollection(nn.Module):
             if output_hidden_states:
                 hidden.append(x)
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            start = None if cache is None else cache.length
             layer = FlaxMistralDecoderLayer(self.config, self.dtype, self.param_dtype, name=str(i))
-            x, kv, probs = layer(x, cos, sin, mask, kv, start, deterministic)
+            x, kv, probs = layer(x, cos, sin, mask, kv, step, deterministic)
             if kv is not None:
                 new_kv.append(kv)
             if output_attentions:
@@ -298,28 +330,33 @@ class FlaxMistralModule(nn.Module):
         """`attention_mask` (B, T) marks the new tokens only; cached validity lives in `cache`."""
         cfg = self.config
         valid = attention_mask.astype(bool)
+        t = input_ids.shape[1]
         if position_ids is None:
-            offset = 0 if cache is None else cache.valid.sum(axis=-1, keepdims=True)  # (B, 1) real tokens cached
+            offset = 0 if cache is None else cache.real_tokens[:, None]  # (B, 1) real tokens cached
             position_ids = positions_from_padding(valid, offset)
         position_ids = position_ids.astype(jnp.int32)
-        if cache is None:
+        step = None if cache is None else cache_step(cache.length, t, cache.slots, attend_cache=not cache.empty)
+        if step is None or not step.attend_cache:
             k_pos, k_valid = position_ids, valid
-        else:
-            k_pos = jax.lax.dynamic_update_slice(cache.positions, position_ids, (0, cache.length))
-            k_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.length))
+        else:  # the keys attended: every cache slot, then the new tokens (B, N + T)
+            k_pos = jnp.concatenate([cache.positions, position_ids], axis=1)
+            k_valid = jnp.concatenate([cache.valid, valid], axis=1)
         mask = build_attention_mask(position_ids, k_pos, k_valid, cfg.sliding_window)
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)
         h, new_kv, hidden, attentions = self.layers(
-            self.embed_tokens(input_ids), cos, sin, mask, cache, deterministic, output_attentions,
+            self.embed_tokens(input_ids), cos, sin, mask, cache, step, deterministic, output_attentions,
             output_hidden_states,
         )
         h = self.norm(h)
         if output_hidden_states:
             hidden.append(h)  # Transformers' convention: the last entry is after the final norm
-        if cache is not None:
+        if cache is not None and step is not None:
+            new = slice(step.keep_from, None)
             cache = FlaxMistralCache(
-                keys=tuple(k for k, _ in new_kv), values=tuple(v for _, v in new_kv), positions=k_pos,
-                valid=k_valid, length=cache.length + input_ids.shape[1],
+                keys=tuple(k for k, _ in new_kv), values=tuple(v for _, v in new_kv),
+                positions=cache.positions.at[:, step.slots].set(position_ids[:, new]),
+                valid=cache.valid.at[:, step.slots].set(valid[:, new]), length=cache.length + t,
+                real_tokens=cache.real_tokens + valid.sum(axis=-1, dtype=jnp.int32), max_length=cache.max_length,
             )
         return FlaxBaseModelOutputWithPast(
             last_hidden_state=h, past_key_values=cache,
@@ -369,13 +406,18 @@ class Program:
 
     def init_cache(self, batch_size: int, max_length: int) -> FlaxMistralCache:
         cfg, dtype = self.module.config, self.module.dtype
-        shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)  # (B, S, H_kv, D)
+        window = cfg.sliding_window
+        slots = max_length if window is None else min(window, max_length)  # a ring of W slots
+        shape = (batch_size, slots, cfg.num_key_value_heads, cfg.head_dim)  # (B, N, H_kv, D)
         return FlaxMistralCache(
             keys=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
             values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
-            positions=jnp.zeros((batch_size, max_length), jnp.int32),
-            valid=jnp.zeros((batch_size, max_length), bool),
+            positions=jnp.zeros((batch_size, slots), jnp.int32),
+            valid=jnp.zeros((batch_size, slots), bool),
             length=jnp.zeros((), jnp.int32),
+            real_tokens=jnp.zeros((batch_size,), jnp.int32),
+            max_length=max_length,
+            empty=True,
         )
 
 
@@ -440,7 +482,12 @@ class FlaxMistralPreTrainedModel:
         self._params = params
 
     def init_cache(self, batch_size: int, max_length: int) -> FlaxMistralCache:
-        """An empty cache of `max_length` slots (prompt + every token to be generated), model dtype."""
+        """An empty cache for `max_length` tokens (prompt + every token to be generated), model dtype.
+
+        With a sliding window it holds min(W, max_length) slots whatever `max_length` is.
+        """
+        if not is_int(max_length) or not is_int(batch_size) or max_length < 1 or batch_size < 1:
+            raise InputError(f"batch_size and max_length must be positive integers, got {batch_size!r}, {max_length!r}")
         return self._program.init_cache(batch_size, max_length)
 
     # ------------------------------------------------------------------ forward
@@ -470,8 +517,8 @@ class FlaxMistralPreTrainedModel:
         past = 0 if past_key_values is None else _concrete_int(past_key_values.length)
         if past_key_values is not None and past is not None and past + t > past_key_values.max_length:
             raise InputError(
-                f"the cache holds {past} of {past_key_values.max_length} slots; {t} more tokens do not fit: "
-                f"call init_cache with max_length >= {past + t}"
+                f"the cache has taken {past} of the {past_key_values.max_length} tokens it was made for; {t} more "
+                f"do not fit: call init_cache with max_length >= {past + t}"
             )
         mask = np.ones((b, t), np.int32) if attention_mask is None else _int32(attention_mask)
         mask = mask[None] if mask.ndim == 1 else mask
@@ -551,21 +598,21 @@ class FlaxMistralForCausalLM(FlaxMistralPreTrainedModel):
         self,
         input_ids: Any,
         attention_mask: Any = None,
-        max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
         prng_key: Array | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
         params: Params | None = None,
+        **kwargs: Any,
     ) -> generation.FlaxGenerateOutput:
         """Greedy (`do_sample=False`) or sampled continuation of a (left-padded) batch, under jit.
 
-        Sampling applies temperature, then top-k, then top-p, and draws with `prng_key`
-        (default PRNGKey(0)). Rows that emit an eos id are padded with `pad_token_id` after it;
-        the loop stops early once every row has finished.
+        Settings are a `GenerationConfig` (validated by its `validate()`, as in PyTorch) updated
+        by keyword arguments of the same names; an unknown keyword is a TypeError. Without one,
+        generation starts from 20 new tokens, no top-k, and the model config's eos/pad ids;
+        `top_k=None` / `top_p=None` mean no filter, `eos_token_id=None` / `pad_token_id=None` the
+        config's. The repetition penalty applies first, then (when sampling) temperature, top-k
+        and top-p; draws use `prng_key` (default PRNGKey(seed or 0)). Rows that emit an eos id
+        are padded with the pad id after it; the loop stops early once every row has finished.
 
         >>> out = model.generate(ids, attention_mask=mask, max_new_tokens=8)  # doctest: +SKIP
         >>> out.sequences.shape  # (B, T + 8)  # doctest: +SKIP
@@ -575,11 +622,20 @@ class FlaxMistralForCausalLM(FlaxMistralPreTrainedModel):
         mask = mask[None] if mask.ndim == 1 else mask
         if mask.shape != ids.shape:
             raise InputError(f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}")
-        settings = generation.resolve_settings(
-            self.config, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-            top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        )
-        key = jax.random.PRNGKey(0) if prng_key is None else prng_key
+        for name, off in (("top_k", 0), ("top_p", 1.0)):  # the keyword API's "None: no filter"
+            if name in kwargs and kwargs[name] is None:
+                kwargs[name] = off
+        for name in ("eos_token_id", "pad_token_id"):  # None: the model config's
+            if name in kwargs and kwargs[name] is None:
+                del kwargs[name]
+        gen = (generation_config or generation.default_config(self.config)).update(**kwargs)
+        settings = generation.resolve_settings(self.config, gen, ids.shape[1])
+        if gen.num_return_sequences > 1:
+            n = gen.num_return_sequences
+            ids, mask = jnp.repeat(ids, n, axis=0), jnp.repeat(mask, n, axis=0)  # (B * n, T)
+        if settings.max_new_tokens == 0:
+            return generation.FlaxGenerateOutput(sequences=jnp.asarray(ids))
+        key = jax.random.PRNGKey(gen.seed or 0) if prng_key is None else prng_key
         sequences = generation.decode(self._program, self.params if params is None else params, ids, mask, key,
                                       **vars(settings))
         return generation.FlaxGenerateOutput(sequences=sequences)
