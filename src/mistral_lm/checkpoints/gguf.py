@@ -32,6 +32,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize as _gguf_dequantize
 
+from .._util import is_int
 from ..config import MistralConfig
 from ..errors import CheckpointError, ConfigError
 from ..tokenizer import MistralTokenizer
@@ -216,7 +217,7 @@ def _parse(cur: _Cursor) -> GGUFFile:
             raise cur.error(f"metadata key {key!r} appears twice")
         metadata[key] = cur.value(cur.unpack(_U32, f"value type of {key!r}"), key)
     alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
-    if not _is_int(alignment) or alignment <= 0 or alignment & (alignment - 1):
+    if not is_int(alignment) or alignment <= 0 or alignment & (alignment - 1):
         raise cur.error(f"general.alignment must be a positive power of two, got {alignment!r}")
     infos = [_tensor_info(cur) for _ in range(n_tensors)]
     data_start = -(-cur.pos // alignment) * alignment
@@ -291,7 +292,7 @@ def config_from_gguf(file: GGUFFile) -> MistralConfig:
         value = md.get(key, default)
         if value is _REQUIRED:
             raise CheckpointError(f"{file.path}: metadata {key!r} is missing")
-        if value is not None and not (_is_int(value) or (kind is float and isinstance(value, float))):
+        if value is not None and not (is_int(value) or (kind is float and isinstance(value, float))):
             raise CheckpointError(f"{file.path}: metadata {key!r} must be {kind.__name__}, got {value!r}")
         fields[name] = value
     if fields["vocab_size"] is None:
@@ -470,7 +471,3 @@ def _plain_metadata(md: dict[str, Any]) -> dict[str, Any]:
             value = value.tolist() if isinstance(value, np.ndarray) else value
         plain[key] = value
     return plain
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
