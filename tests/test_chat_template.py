@@ -16,9 +16,9 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as ReferenceTokenizer
 
-from mistral_lm.chat_template import MISTRAL_INSTRUCT_TEMPLATE
 from mistral_lm.errors import TokenizerError
 from mistral_lm.tokenizer import BatchEncoding, MistralTokenizer
+from mistral_lm.tokenizer.chat_template import MISTRAL_INSTRUCT_TEMPLATE
 
 V1 = Path(str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"))
 SEED = [{"role": "user", "content": "What is your favourite condiment?"},

@@ -21,7 +21,7 @@ spm = pytest.importorskip("sentencepiece")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from mistral_lm.checkpoints.gguf import (  # noqa: E402
-    GGUFQuantizedTensor, load_gguf, load_gguf_tokenizer, read_gguf, unpermute_rope_rows)
+    GGUFQuantizedTensor, load_gguf, read_gguf, unpermute_rope_rows)
 from mistral_lm.checkpoints.gguf_tokenizer import gguf_tokenizer_parts  # noqa: E402
 from mistral_lm.defaults import default_model_path  # noqa: E402
 from mistral_lm.errors import CheckpointError, TokenizerError  # noqa: E402
@@ -214,8 +214,8 @@ def test_gpt2_split_matches_transformers_unsplit(smollm, hf_tokenizer, tmp_path)
         assert backend.encode(text).ids == hf_tokenizer(text, add_special_tokens=False)["input_ids"], text
 
 
-def test_load_gguf_tokenizer_gives_the_reference_ids(smollm, hf_tokenizer):
-    tok = load_gguf_tokenizer(smollm)
+def test_gguf_tokenizer_gives_the_reference_ids(smollm, hf_tokenizer):
+    tok = MistralTokenizer.from_pretrained(smollm)
     assert isinstance(tok, MistralTokenizer) and tok.chat_template == hf_tokenizer.chat_template
     assert (tok.bos_token_id, tok.eos_token_id, tok.add_bos_token) == (1, 2, False)
     for text in CORPUS:

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from mistral_lm.errors import GenerationError
 from mistral_lm.streamers import TextIteratorStreamer, TextStreamer
-from mistral_lm.tokenizer import MistralTokenizer, StreamingDetokenizer, _clean_up_cut, _clean_up_tokenization
+from mistral_lm.tokenizer import MistralTokenizer, StreamingDetokenizer
+from mistral_lm.tokenizer.detokenizer import _clean_up_cut, _clean_up_tokenization
 
 V1 = Path(str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"))
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"), max_size=40)

@@ -376,14 +376,23 @@ def test_save_pretrained_round_trips(tok, tmp_path):
     assert loaded(SAMPLES).input_ids == tok(SAMPLES).input_ids
 
 
-def test_gguf_path_is_delegated_to_the_gguf_loader(tok, monkeypatch):
+def test_gguf_path_is_delegated_to_the_gguf_loader(monkeypatch):
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    backend = Tokenizer(models.BPE({"<s>": 0, "</s>": 1, "a": 2, "b": 3}, []))
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<s>", "</s>")])
     seen = []
-    fake = types.ModuleType("mistral_lm.checkpoints.gguf")
-    fake.load_gguf_tokenizer = lambda path: seen.append(Path(path)) or tok
-    monkeypatch.setitem(sys.modules, "mistral_lm.checkpoints.gguf", fake)
-    tok_before = tok.padding_side
-    try:
-        assert MistralTokenizer.from_pretrained("model.Q4_K_M.gguf", padding_side="right") is tok
-        assert seen == [Path("model.Q4_K_M.gguf")] and tok.padding_side == "right"
-    finally:
-        tok.padding_side = tok_before
+    reader = types.ModuleType("mistral_lm.checkpoints.gguf")
+    reader.read_gguf = lambda path: seen.append(Path(path)) or "header"
+    parts = types.ModuleType("mistral_lm.checkpoints.gguf_tokenizer")
+    parts.gguf_tokenizer_parts = lambda file: (backend, {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token":
+                                                         file == "header", "chat_template": "{{ bos_token }}"})
+    monkeypatch.setitem(sys.modules, "mistral_lm.checkpoints.gguf", reader)
+    monkeypatch.setitem(sys.modules, "mistral_lm.checkpoints.gguf_tokenizer", parts)
+    loaded = MistralTokenizer.from_pretrained("model.Q4_K_M.gguf", padding_side="right", eos_token="<s>")
+    assert seen == [Path("model.Q4_K_M.gguf")] and loaded.padding_side == "right"
+    assert (loaded.bos_token, loaded.eos_token, loaded.chat_template) == ("<s>", "<s>", "{{ bos_token }}")
+    assert loaded("ab").input_ids == [0, 2, 3]
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        MistralTokenizer.from_pretrained("model.Q4_K_M.gguf", tokenizer_object=backend)

@@ -35,12 +35,10 @@ from gguf.quants import dequantize as _gguf_dequantize
 from .._util import is_int
 from ..config import MistralConfig
 from ..errors import CheckpointError, ConfigError
-from ..tokenizer import MistralTokenizer
-from .gguf_tokenizer import gguf_tokenizer_parts
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES", "SUPPORTED_TYPES", "GGUFCheckpoint", "GGUFFile", "GGUFQuantizedTensor",
-    "TensorInfo", "config_from_gguf", "load_gguf", "load_gguf_tokenizer", "read_gguf", "unpermute_rope_rows",
+    "TensorInfo", "config_from_gguf", "load_gguf", "read_gguf", "unpermute_rope_rows",
 ]
 
 _MAGIC = b"GGUF"
@@ -449,17 +447,6 @@ def load_gguf(path: str | os.PathLike, *, dequantize: bool = True,
     template = file.metadata.get("tokenizer.chat_template")
     return GGUFCheckpoint(config, tensors, _plain_metadata(file.metadata),
                           template if isinstance(template, str) else None)
-
-
-def load_gguf_tokenizer(path: str | os.PathLike) -> MistralTokenizer:
-    """The MistralTokenizer a GGUF file describes: vocabulary, special tokens, BOS/EOS flags, chat template.
-
-    >>> tok = load_gguf_tokenizer(default_model_path())  # doctest: +SKIP
-    >>> tok.decode(tok("Hello world")["input_ids"])  # doctest: +SKIP
-    'Hello world'
-    """
-    backend, kwargs = gguf_tokenizer_parts(read_gguf(path))
-    return MistralTokenizer(tokenizer_object=backend, **kwargs)
 
 
 def _plain_metadata(md: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,9 @@ Mistral file uses are rebuilt as a `tokenizers.Tokenizer`:
 
 Tokens the file types CONTROL (and the UNKNOWN piece) become special tokens and USER_DEFINED ones
 plain added tokens, so text like "<|im_start|>" maps to one id instead of being cut into pieces.
+
+The tokenizer package calls `gguf_tokenizer_parts(read_gguf(path))`; nothing in `checkpoints/`
+imports the tokenizer.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 
 from ..errors import TokenizerError
 
-if TYPE_CHECKING:  # gguf.py imports this module (load_gguf_tokenizer lives there)
+if TYPE_CHECKING:
     from .gguf import GGUFFile
 
 __all__ = ["gguf_tokenizer_parts"]
@@ -35,7 +38,6 @@ __all__ = ["gguf_tokenizer_parts"]
 # llama.cpp's token types (gguf.TokenType), the same numbers as SentencePiece's piece types.
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
 _SPACE = "\u2581"  # SentencePiece's visible space
-
 
 
 def _gpt2_split() -> list[pre_tokenizers.PreTokenizer]:

@@ -1,5 +1,8 @@
 """Chat templates: sandboxed Jinja rendering, and the built-in Mistral instruct v0.1/v0.2 format.
 
+Pure: `render_chat` turns messages into (text, is_special) pieces and knows nothing of ids; the
+tokenizer encodes the pieces (`MistralTokenizer.apply_chat_template`).
+
 Two guarantees, both tested against mistral-common:
 
 * Templates run in Jinja's `ImmutableSandboxedEnvironment`: a template from a downloaded folder
@@ -18,15 +21,12 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import TokenizerError
-
-if TYPE_CHECKING:
-    from .tokenizer import MistralTokenizer
+from ..errors import TokenizerError
 
 # Mistral-7B-Instruct v0.1/v0.2 (mistral-common's v1 instruct tokenizer): "<s>[INST] user [/INST]
 # answer</s>[INST] ...". An optional first system message is prepended to the first user message,
@@ -60,9 +60,6 @@ MISTRAL_INSTRUCT_TEMPLATE = """\
 {%- endfor %}
 """
 
-# Transformers options that tokenize differently; unsupported here rather than passed to the template.
-_UNSUPPORTED = frozenset({"padding", "truncation", "max_length", "tokenizer_kwargs", "continue_final_message",
-                          "return_assistant_tokens_mask"})
 _ESCAPE = "\ue000"  # private-use character that starts an escaped special-token string
 _INDEX_BASE = 0xF0000  # the escaped string's index, as a supplementary private-use character
 
@@ -98,21 +95,29 @@ def _escape(value: Any, pattern: re.Pattern[str], index: dict[str, int]) -> Any:
     return value
 
 
-def render_chat(tokenizer: MistralTokenizer, messages: Sequence[Mapping[str, Any]], *,
-                add_generation_prompt: bool = False, chat_template: str | None = None,
+def render_chat(messages: Sequence[Mapping[str, Any]], template: str | None, *, special_tokens: Sequence[str],
+                variables: Mapping[str, Any], add_generation_prompt: bool = False,
                 **template_kwargs: Any) -> list[tuple[str, bool]]:
-    """The rendered conversation as (text, is_special_token) pieces, message text always non-special."""
+    """The rendered conversation as (text, is_special_token) pieces, message text always non-special.
+
+    `template` is Jinja source (None: the built-in Mistral template), `special_tokens` the strings
+    that are control tokens, `variables` what the template sees besides the messages (e.g.
+    `bos_token`); `template_kwargs` are passed to the template too.
+
+    >>> render_chat([{"role": "user", "content": "Hi </s>"}], None, special_tokens=["<s>", "</s>"],
+    ...             variables={"bos_token": "<s>", "eos_token": "</s>"})
+    [('<s>', True), ('[INST] Hi </s> [/INST]', False)]
+    """
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not all(
             isinstance(m, Mapping) and isinstance(m.get("role"), str) for m in messages):
         raise TokenizerError("messages must be a list of dicts with a 'role' and a 'content', e.g. "
                              "[{'role': 'user', 'content': 'Hello'}]")
-    specials = [_ESCAPE, *sorted(tokenizer.all_special_tokens, key=len, reverse=True)]
+    specials = [_ESCAPE, *sorted(special_tokens, key=len, reverse=True)]
     index = {s: k for k, s in enumerate(specials)}
     pattern = re.compile("|".join(map(re.escape, specials)))
-    source = chat_template or tokenizer.chat_template or MISTRAL_INSTRUCT_TEMPLATE
-    rendered = _compile(source).render(
+    rendered = _compile(template or MISTRAL_INSTRUCT_TEMPLATE).render(
         messages=[_escape(m, pattern, index) for m in messages], add_generation_prompt=add_generation_prompt,
-        **tokenizer.special_tokens_map, **template_kwargs)
+        **variables, **template_kwargs)
     unescape = re.compile(_ESCAPE + "([\U000f0000-\U000ffffd])")
     pieces, start = [], 0
     for match in pattern.finditer(rendered):  # only the template's own special tokens are left to find
@@ -122,32 +127,3 @@ def render_chat(tokenizer: MistralTokenizer, messages: Sequence[Mapping[str, Any
     pieces.append((rendered[start:], False))
     return [(unescape.sub(lambda m: specials[ord(m[1]) - _INDEX_BASE], text) if not special else text, special)
             for text, special in pieces if text]
-
-
-def apply_chat_template(tokenizer: MistralTokenizer, messages: Sequence[Mapping[str, Any]], tokenize: bool = True,
-                        add_generation_prompt: bool = False, return_tensors: str | None = None,
-                        return_dict: bool = False, chat_template: str | None = None, **template_kwargs: Any) -> Any:
-    """Render `messages` with the tokenizer's template (or the built-in Mistral one) and encode it.
-
-    Returns the string with `tokenize=False`, else the ids: a list, a (1, T) tensor with
-    `return_tensors`, or a `BatchEncoding` (input_ids, attention_mask) with `return_dict=True`.
-
-    >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
-    '<s>[INST] Hi [/INST]'
-    """
-    from .tokenizer import BatchEncoding, _as_tensors
-
-    if _UNSUPPORTED & set(template_kwargs):
-        raise TypeError(f"apply_chat_template() does not support {sorted(_UNSUPPORTED & set(template_kwargs))}; "
-                        "render with tokenize=False and call the tokenizer for padding or truncation")
-    pieces = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                         chat_template=chat_template, **template_kwargs)
-    if not tokenize:
-        return "".join(text for text, _ in pieces)
-    texts = iter(tokenizer._encode_texts([text for text, special in pieces if not special], True))
-    ids = [i for text, special in pieces for i in ([tokenizer._vocab[text]] if special else next(texts))]
-    value = _as_tensors([ids], return_tensors) if return_tensors else ids
-    if not return_dict:
-        return value
-    mask = _as_tensors([[1] * len(ids)], return_tensors) if return_tensors else [1] * len(ids)
-    return BatchEncoding(input_ids=value, attention_mask=mask)

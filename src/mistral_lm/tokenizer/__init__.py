@@ -1,0 +1,410 @@
+"""Mistral's tokenizer (SentencePiece BPE with byte fallback) behind the Transformers call API.
+
+The package splits by concern, with dependencies pointing one way (this facade -> the rest):
+
+- `engines`: text -> ids (sentencepiece for `.model` files, `tokenizers` for tokenizer.json and
+  GGUF vocabularies) and the table that renders each id as bytes;
+- `detokenizer`: ids -> text, one state machine for `decode` and streaming;
+- `files`: folder, file and GGUF loading (GGUF through `checkpoints/`), `save_pretrained`;
+- `chat_template`: pure, sandboxed rendering of messages into (text, is_special) pieces.
+
+Special-token strings typed inside text ("<s>", "[INST]") stay text unless a caller opts in with
+`split_special_tokens=False`: a prompt must not be able to inject control tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import TokenizerError
+from .chat_template import render_chat
+from .detokenizer import StreamingDetokenizer
+from .engines import Engine, SentencePieceEngine, TokenizersEngine, TokenTable, id_list
+from .files import TOKEN_NAMES, file_kwargs, folder_config, read_file, save_folder
+
+if TYPE_CHECKING:
+    import tokenizers
+
+__all__ = ["BatchEncoding", "LlamaTokenizer", "LlamaTokenizerFast", "MistralTokenizer", "StreamingDetokenizer"]
+
+_IGNORED_OPTIONS = frozenset({"use_fast", "trust_remote_code", "legacy"})  # HF options with no effect here
+_SETTINGS = frozenset({"bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token", "add_eos_token",
+                       "chat_template", "padding_side", "model_max_length"})
+# Transformers options of apply_chat_template that tokenize differently; refused rather than passed to the template.
+_CHAT_UNSUPPORTED = frozenset({"padding", "truncation", "max_length", "tokenizer_kwargs", "continue_final_message",
+                               "return_assistant_tokens_mask"})
+_warned: set[str] = set()
+
+
+class BatchEncoding(dict):
+    """The dict `tokenizer(...)` returns, with attribute access (`.input_ids`) and `.to(device)`."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"BatchEncoding has no field {name!r}; fields: {sorted(self)}") from None
+
+    def to(self, device: Any) -> BatchEncoding:
+        """Move the torch tensors to `device` (in place, like Transformers) and return self."""
+        import torch
+
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor):
+                self[key] = value.to(device)
+        return self
+
+
+def _token_property(name: str) -> property:
+    def get(self: MistralTokenizer) -> str | None:
+        return self._tokens[name]
+
+    def set(self: MistralTokenizer, value: str | None) -> None:
+        self._set_token(name, value)
+
+    return property(get, set, doc=f"The {name} token string (None when unset); settable.")
+
+
+def _token_id_property(name: str) -> property:
+    def get(self: MistralTokenizer) -> int | None:
+        token = self._tokens[name]
+        return None if token is None else self._vocab[token]
+
+    def set(self: MistralTokenizer, value: int | None) -> None:
+        self._set_token(name, None if value is None else self._engine.pieces[id_list(value, len(self))[0]])
+
+    return property(get, set, doc=f"Id of the {name} token (None when unset); settable.")
+
+
+class MistralTokenizer:
+    """Mistral's tokenizer with the Transformers API (`tok(texts, padding=True, return_tensors="pt")`).
+
+    Build it with `from_pretrained(folder_or_file)` or from an engine: `sp_model_path` (a
+    SentencePiece `.model`) or `tokenizer_object` (a `tokenizers.Tokenizer`, whose post-processor
+    is ignored: BOS/EOS follow `add_bos_token`/`add_eos_token`). Padding is on the left by
+    default, which is what decoder-only generation needs.
+
+    >>> tok = MistralTokenizer.from_pretrained("path/to/Mistral-7B-v0.1")
+    >>> tok(["Hello world"]).input_ids
+    [[1, 22557, 1526]]
+    """
+
+    bos_token = _token_property("bos")
+    eos_token = _token_property("eos")
+    unk_token = _token_property("unk")
+    pad_token = _token_property("pad")
+    bos_token_id = _token_id_property("bos")
+    eos_token_id = _token_id_property("eos")
+    unk_token_id = _token_id_property("unk")
+    pad_token_id = _token_id_property("pad")
+
+    def __init__(self, *, tokenizer_object: tokenizers.Tokenizer | None = None,
+                 sp_model_path: str | os.PathLike[str] | None = None, bos_token: str | None = None,
+                 eos_token: str | None = None, unk_token: str | None = None, pad_token: str | None = None,
+                 add_bos_token: bool = True, add_eos_token: bool = False, chat_template: str | None = None,
+                 padding_side: str = "left", model_max_length: int | None = None) -> None:
+        if (tokenizer_object is None) == (sp_model_path is None):
+            raise TokenizerError("pass exactly one of tokenizer_object= (a tokenizers.Tokenizer) or "
+                                 "sp_model_path= (a SentencePiece .model file)")
+        if tokenizer_object is not None:
+            self._engine: Engine = TokenizersEngine(tokenizer_object)
+        else:
+            self._engine = SentencePieceEngine(read_file(Path(str(sp_model_path)), "SentencePiece model"))
+        self._vocab = {piece: i for i, piece in enumerate(self._engine.pieces)}
+        given = {"bos": bos_token, "eos": eos_token, "unk": unk_token, "pad": pad_token}
+        self._tokens: dict[str, str | None] = dict.fromkeys(TOKEN_NAMES)
+        for name in TOKEN_NAMES:
+            self._set_token(name, given[name] if given[name] is not None else self._engine.defaults.get(name))
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        self.chat_template = chat_template
+        self.padding_side = padding_side
+        self.model_max_length = model_max_length
+        self.truncation_side = "right"
+        self.clean_up_tokenization_spaces = False
+
+    # ----- loading and saving -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], **overrides: Any) -> MistralTokenizer:
+        """Load a folder (tokenizer.model and/or tokenizer.json, tokenizer_config.json,
+        special_tokens_map.json, chat_template.jinja), a `.model`/`.json` file, or a `.gguf` file.
+
+        `overrides` are constructor keywords (e.g. `padding_side="right"`, `pad_token="</s>"`).
+        A folder with both files loads `tokenizer.model`: sentencepiece is the reference.
+        """
+        for option in _IGNORED_OPTIONS & set(overrides):
+            overrides.pop(option)
+            if option not in _warned:
+                _warned.add(option)
+                warnings.warn(f"from_pretrained({option}=...) has no effect in mistral_lm", stacklevel=2)
+        path = Path(path)
+        if path.suffix == ".gguf":  # vocabulary and settings from the header; overrides are settings only
+            unknown = set(overrides) - _SETTINGS
+            if unknown:
+                raise TypeError(f"from_pretrained() got unexpected keyword arguments {sorted(unknown)}")
+            return cls(**(file_kwargs(path) | overrides))
+        if path.is_file():
+            return cls(**file_kwargs(path), **overrides)
+        if not path.is_dir():
+            raise TokenizerError(f"{str(path)!r} is neither a file nor a folder; mistral_lm never downloads: fetch "
+                                 f"the model first (e.g. `huggingface-cli download <repo> --local-dir ./model`)")
+        model, backend = path / "tokenizer.model", path / "tokenizer.json"
+        if not model.is_file() and not backend.is_file():
+            raise TokenizerError(f"{str(path)!r} has no tokenizer.model (SentencePiece) or tokenizer.json "
+                                 f"(tokenizers) file; found: {sorted(p.name for p in path.iterdir())}")
+        kwargs = file_kwargs(model if model.is_file() else backend) | folder_config(path)
+        return cls(**(kwargs | overrides))
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> tuple[str, ...]:
+        """Write tokenizer.model (SentencePiece engine), tokenizer.json and tokenizer_config.json.
+
+        `from_pretrained` round-trips the folder, and `transformers.AutoTokenizer` loads it with
+        the same ids.
+        """
+        settings = {**{f"{name}_token": self._tokens[name] for name in TOKEN_NAMES},
+                    **{key: getattr(self, key) for key in _SETTINGS - {f"{n}_token" for n in TOKEN_NAMES}},
+                    "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces}
+        return save_folder(Path(folder), self._engine, settings)
+
+    # ----- encoding ---------------------------------------------------------------------------
+
+    def __call__(self, text: str | Sequence[str], *, padding: bool | str = False,
+                 truncation: bool | str | None = None, max_length: int | None = None,
+                 padding_side: str | None = None, return_tensors: str | None = None,
+                 return_attention_mask: bool | None = None, add_special_tokens: bool = True,
+                 split_special_tokens: bool = True) -> BatchEncoding:
+        """Encode a text or a batch of texts.
+
+        `split_special_tokens=True` (the default, unlike Transformers) keeps special-token strings
+        in the text as text, as sentencepiece does; pass False only for trusted text in which
+        "<s>" etc. must become control tokens.
+        """
+        batched = not isinstance(text, str)
+        texts: list[str] = [text] if isinstance(text, str) else list(text)
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TokenizerError(f"text must be a str or a list of str, got an item of type {type(bad).__name__}")
+        limit = self._truncation_limit(truncation, max_length)
+        rows = self._add_special_tokens(self._encode_texts(texts, split_special_tokens), add_special_tokens, limit)
+        rows, masks = self._pad(rows, padding, max_length, padding_side or self.padding_side)
+        out = BatchEncoding(input_ids=rows)
+        if return_attention_mask is not False:
+            out["attention_mask"] = masks
+        for key, value in out.items():
+            out[key] = _as_tensors(value, return_tensors) if return_tensors else value if batched else value[0]
+        return out
+
+    def encode(self, text: str, add_special_tokens: bool = True, **kwargs: Any) -> list[int] | Any:
+        """Ids of one text (a (1, T) tensor with `return_tensors`); keywords as in `__call__`."""
+        return self(text, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
+
+    def _encode_texts(self, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
+        if split_special_tokens:
+            return self._engine.encode(texts)
+        # Opt-in: special-token strings become their ids; the text between them is encoded as
+        # separate texts (each with its dummy prefix), as Transformers does.
+        pattern = re.compile("(" + "|".join(map(re.escape, sorted(self.all_special_tokens, key=len, reverse=True)))
+                             + ")")
+        rows = []
+        for text in texts:
+            parts = pattern.split(text)
+            encoded = iter(self._engine.encode([p for p in parts[0::2] if p]))
+            rows.append([i for k, part in enumerate(parts) if part
+                         for i in ([self._vocab[part]] if k % 2 else next(encoded))])
+        return rows
+
+    def _truncation_limit(self, truncation: bool | str | None, max_length: int | None) -> int | None:
+        if truncation in (None, False, "do_not_truncate"):
+            return None
+        if truncation not in (True, "longest_first", "only_first"):
+            raise TokenizerError(f"truncation={truncation!r} is not supported; use True or False")
+        limit = max_length if max_length is not None else self.model_max_length
+        if limit is None:
+            raise TokenizerError("truncation=True needs max_length=... (this tokenizer has no model_max_length)")
+        return limit
+
+    def _add_special_tokens(self, rows: list[list[int]], add: bool, limit: int | None) -> list[list[int]]:
+        before = [self.bos_token_id] if add and self.add_bos_token and self.bos_token is not None else []
+        after = [self.eos_token_id] if add and self.add_eos_token and self.eos_token is not None else []
+        if limit is not None:  # truncate the text, keep the special tokens (as Transformers does)
+            keep = max(limit - len(before) - len(after), 0)
+            rows = [ids[:keep] if self.truncation_side == "right" else ids[len(ids) - keep:] for ids in rows]
+        return [before + ids + after for ids in rows] if before or after else rows  # type: ignore[operator]
+
+    def _pad(self, rows: list[list[int]], padding: bool | str, max_length: int | None,
+             side: str) -> tuple[list[list[int]], list[list[int]]]:
+        if padding in (False, None, "do_not_pad"):
+            return rows, [[1] * len(r) for r in rows]
+        if padding in (True, "longest"):
+            target = max(map(len, rows), default=0)
+        elif padding == "max_length":
+            if max_length is None:
+                raise TokenizerError('padding="max_length" needs max_length=...; or use padding=True (longest)')
+            target = max_length
+        else:
+            raise TokenizerError(f"padding={padding!r} is not supported; use True, 'longest', 'max_length' or False")
+        if side not in ("left", "right"):
+            raise TokenizerError(f"padding_side must be 'left' or 'right', got {side!r}")
+        pad = self.pad_token_id
+        if pad is None:
+            raise TokenizerError("cannot pad: this tokenizer has no pad token (Mistral ships none). Set one, e.g. "
+                                 "`tokenizer.pad_token = tokenizer.eos_token`, or call with padding=False")
+        padded, masks = [], []
+        for row in rows:
+            fill = max(target - len(row), 0)
+            padded.append([pad] * fill + row if side == "left" else row + [pad] * fill)
+            masks.append([0] * fill + [1] * len(row) if side == "left" else [1] * len(row) + [0] * fill)
+        return padded, masks
+
+    # ----- decoding ---------------------------------------------------------------------------
+
+    def decode(self, token_ids: int | Sequence[int] | Any, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool | None = None) -> str:
+        """Text of the ids (a list, array or 1-D tensor); out-of-range ids raise TokenizerError."""
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        detok = StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens,
+                                     clean_up_tokenization_spaces=clean_up_tokenization_spaces)
+        return detok.add(token_ids) + detok.finish()
+
+    def batch_decode(self, sequences: Sequence[Sequence[int]] | Any, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
+        """`decode` of every row (a list of lists or a 2-D array/tensor)."""
+        rows = sequences.tolist() if hasattr(sequences, "tolist") else sequences
+        return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in rows]
+
+    def convert_ids_to_tokens(self, ids: int | Sequence[int], skip_special_tokens: bool = False) -> str | list[str]:
+        """Vocabulary pieces of ids (SentencePiece pieces keep their "▁")."""
+        pieces = self._engine.pieces
+        out = [pieces[i] for i in id_list(ids, len(pieces)) if not (skip_special_tokens and i in self._special_ids)]
+        return out[0] if isinstance(ids, int) else out
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int | None] | None:
+        """Ids of pieces; an unknown piece maps to the unk id (None without one), as in Transformers."""
+        lookup = [self._vocab.get(t, self.unk_token_id) for t in ([tokens] if isinstance(tokens, str) else tokens)]
+        return lookup[0] if isinstance(tokens, str) else lookup
+
+    # ----- vocabulary and special tokens -------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the base vocabulary (without added tokens), as in Transformers."""
+        return self._engine.vocab_size
+
+    def __len__(self) -> int:
+        return len(self._engine.pieces)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._vocab)
+
+    @property
+    def padding_side(self) -> str:
+        return self._padding_side
+
+    @padding_side.setter
+    def padding_side(self, side: str) -> None:
+        if side not in ("left", "right"):
+            raise TokenizerError(f"padding_side must be 'left' or 'right', got {side!r}")
+        self._padding_side = side
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        return {f"{name}_token": token for name, token in self._tokens.items() if token is not None}
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return sorted(self._special_ids)
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return [self._engine.pieces[i] for i in self.all_special_ids]
+
+    def _set_token(self, name: str, token: str | None) -> None:
+        if token is not None and token not in self._vocab:
+            raise TokenizerError(f"{name}_token={token!r} is not in the vocabulary ({len(self._vocab)} tokens); use "
+                                 f"an existing token, e.g. `tokenizer.pad_token = tokenizer.eos_token`")
+        self._tokens[name] = token
+        self._special_ids = self._engine.special | {self._vocab[t] for t in self._tokens.values() if t is not None}
+
+    @property
+    def token_table(self) -> TokenTable:
+        """How every id renders as bytes (what `StreamingDetokenizer` reads)."""
+        return self._engine.table
+
+    # ----- chat -------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], tokenize: bool = True,
+                            add_generation_prompt: bool = False, return_tensors: str | None = None,
+                            return_dict: bool = False, chat_template: str | None = None,
+                            **template_kwargs: Any) -> Any:
+        """Render `messages` with the tokenizer's template (or the built-in Mistral one) and encode it.
+
+        Returns the string with `tokenize=False`, else the ids: a list, a (1, T) tensor with
+        `return_tensors`, or a `BatchEncoding` (input_ids, attention_mask) with `return_dict=True`.
+        Message text is always encoded as text; only the template's own special tokens become
+        control ids (see `chat_template.render_chat`).
+
+        >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+        '<s>[INST] Hi [/INST]'
+        """
+        refused = sorted(_CHAT_UNSUPPORTED & set(template_kwargs))
+        if refused:
+            raise TypeError(f"apply_chat_template() does not support {refused}; render with tokenize=False and "
+                            "call the tokenizer for padding or truncation")
+        pieces = render_chat(messages, chat_template or self.chat_template, special_tokens=self.all_special_tokens,
+                             variables=self.special_tokens_map, add_generation_prompt=add_generation_prompt,
+                             **template_kwargs)
+        if not tokenize:
+            return "".join(text for text, _ in pieces)
+        ids = self._encode_pieces(pieces)
+        value = _as_tensors([ids], return_tensors) if return_tensors else ids
+        if not return_dict:
+            return value
+        mask = _as_tensors([[1] * len(ids)], return_tensors) if return_tensors else [1] * len(ids)
+        return BatchEncoding(input_ids=value, attention_mask=mask)
+
+    def _encode_pieces(self, pieces: Sequence[tuple[str, bool]]) -> list[int]:
+        """Ids of (text, is_special) pieces: a special piece is one control id, looked up rather than
+        parsed from text; text pieces are encoded as plain text.
+
+        The seam for chat formats that are not templates: an encoder that builds pieces (or ids)
+        from messages itself, as mistral-common's v3/v7 do, replaces `render_chat` above and
+        shares this step.
+        """
+        texts = iter(self._engine.encode([text for text, special in pieces if not special]))
+        return [i for text, special in pieces for i in ([self._vocab[text]] if special else next(texts))]
+
+    def __repr__(self) -> str:
+        return (f"MistralTokenizer(engine={self._engine.name}, vocab={len(self)}, bos={self.bos_token!r}, "
+                f"eos={self.eos_token!r}, pad={self.pad_token!r}, padding_side={self.padding_side!r})")
+
+
+LlamaTokenizer = LlamaTokenizerFast = MistralTokenizer
+
+
+def _as_tensors(rows: list[list[int]], kind: str) -> Any:
+    """Rows as a (B, T) tensor of the requested framework."""
+    if len({len(r) for r in rows}) > 1:
+        raise TokenizerError(f"cannot make one tensor from sequences of lengths {sorted({len(r) for r in rows})}; "
+                             "pass padding=True (and set a pad token) or return_tensors=None")
+    if kind == "pt":
+        import torch
+
+        return torch.tensor(rows, dtype=torch.long)
+    if kind == "np":
+        import numpy as np
+
+        return np.array(rows, dtype=np.int64).reshape(len(rows), -1)
+    if kind == "jax":
+        try:
+            import jax.numpy as jnp
+        except ImportError as err:
+            raise TokenizerError('return_tensors="jax" needs jax: pip install "mistral_lm[flax]"') from err
+        return jnp.array(rows, dtype=jnp.int32).reshape(len(rows), -1)
+    raise TokenizerError(f"return_tensors={kind!r} is not supported; use 'pt', 'np', 'jax' or None")

@@ -1,0 +1,203 @@
+"""Tokenizer engines: text -> ids, and the table that renders every id back to bytes.
+
+An engine is anything with the `Engine` attributes. Two exist. `SentencePieceEngine` encodes
+`.model` files with sentencepiece itself: the reference, so the ids are exact by construction, and
+faster than `tokenizers` on this BPE, whose missing pre-tokenizer leaves the `tokenizers` word
+cache unused (bench/bench_tokenizer.py). `TokenizersEngine` serves `tokenizer.json` folders and the
+`tokenizers.Tokenizer` objects the GGUF reader builds (SentencePiece-style or GPT-2 byte-level).
+Another vocabulary format (e.g. Tekken's tiktoken-style BPE) is one more class here: the facade
+reads only these attributes.
+
+Decoding is not the engines' job: each gives a `TokenTable` (raw bytes per id), which
+`StreamingDetokenizer` renders the same way whatever the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import TokenizerError
+
+if TYPE_CHECKING:
+    import tokenizers
+
+SPACE = "▁"  # SentencePiece's whitespace symbol (U+2581)
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """How every id renders, shared by `decode` and `StreamingDetokenizer`."""
+
+    pieces: tuple[str, ...]  # vocabulary strings; special tokens render as these
+    raw: tuple[bytes, ...]  # "▁" -> b" ", "<0xE2>" -> b"\xe2", GPT-2 byte-level chars -> their bytes
+    dummy_prefix: frozenset[int]  # ids whose leading space is SentencePiece's dummy prefix when first
+    errors: str  # codec error handler: per-byte (SentencePiece) or per-sequence (byte-level BPE)
+
+
+class Engine(Protocol):
+    """What the facade needs from an engine."""
+
+    name: str  # shown in the tokenizer's repr
+    pieces: list[str]  # every id's vocabulary string, added tokens included
+    vocab_size: int  # the base vocabulary, without added tokens (as in Transformers)
+    special: frozenset[int]  # control tokens: kept or skipped as a whole when decoding
+    defaults: dict[str, str]  # "bos"/"eos"/"unk"/"pad" -> token string the model file names
+    table: TokenTable
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Ids of plain texts: special-token strings inside them stay text."""
+
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        """The engine as a `tokenizers.Tokenizer`, for writing tokenizer.json."""
+
+    def model_files(self) -> dict[str, bytes]:
+        """Files besides tokenizer.json that `save_pretrained` writes (name -> content)."""
+
+
+def id_list(ids: Any, size: int) -> list[int]:
+    """Ids from an int, a list, a numpy array or a torch tensor, checked to lie in 0..size-1."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids
+    try:
+        out = [ids] if isinstance(ids, int) else [int(i) for i in ids]
+    except (TypeError, ValueError) as err:
+        raise TokenizerError(f"expected a sequence of token ids (ints), got {str(ids)[:80]}") from err
+    bad = next((i for i in out if not 0 <= i < size), None)
+    if bad is not None:
+        raise TokenizerError(f"token id {bad} is out of range: this vocabulary has ids 0..{size - 1}")
+    return out
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2 byte-level BPE writes byte b as chr(b) when printable, else as chr(256 + k)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {b: chr(b) for b in printable}
+    for k, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + k)
+    return {c: b for b, c in chars.items()}
+
+
+def token_table(pieces: list[str], literal: frozenset[int], *, strips: bool, byte_level: bool) -> TokenTable:
+    """The table of a vocabulary; `literal` ids (special and added tokens) render as their own string."""
+    alphabet = _byte_level_alphabet() if byte_level else {}
+    raw = []
+    for i, piece in enumerate(pieces):
+        byte = None if byte_level or i in literal else _BYTE_PIECE.fullmatch(piece)
+        if i in literal:
+            raw.append(piece.encode())
+        elif byte_level:
+            raw.append(b"".join(bytes([alphabet[c]]) if c in alphabet else c.encode() for c in piece))
+        else:
+            raw.append(bytes([int(byte[1], 16)]) if byte else piece.replace(SPACE, " ").encode())
+    prefix = frozenset(i for i, p in enumerate(pieces) if strips and i not in literal and p.startswith(SPACE))
+    return TokenTable(tuple(pieces), tuple(raw), prefix, "replace" if byte_level else "mistral_lm.per_byte")
+
+
+class SentencePieceEngine:
+    """Encodes with sentencepiece itself (exact by construction)."""
+
+    name = "sentencepiece"
+
+    def __init__(self, model_proto: bytes) -> None:
+        import sentencepiece
+
+        self.proto = model_proto
+        try:
+            self.sp = sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as err:
+            raise TokenizerError(f"not a SentencePiece model file ({len(model_proto)} bytes): {err}") from err
+        self.pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+        self.vocab_size = len(self.pieces)
+        self.special = frozenset(i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i))
+        self.defaults = {name: self.pieces[i] for name, i in
+                         (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id()), ("pad", sp.pad_id()))
+                         if i >= 0}
+        # Probe sentencepiece's own decoder for the dummy-prefix rule instead of parsing the proto.
+        probe = next((i for i, p in enumerate(self.pieces) if p[:1] == SPACE and p[1:2] not in ("", SPACE)
+                      and i not in self.special), None)
+        strips = probe is not None and not sp.decode([probe]).startswith(" ")
+        self.table = token_table(self.pieces, self.special, strips=strips, byte_level=False)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def model_files(self) -> dict[str, bytes]:
+        return {"tokenizer.model": self.proto}
+
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        """The official Mistral `tokenizer.json` layout, for tools that prefer that file (transformers).
+
+        Merges are every split of a piece into two pieces, ranked like sentencepiece's priority:
+        higher score first, ties (Mistral's whitespace-only pieces share one score) by piece id,
+        which reproduces sentencepiece's leftmost-first merging of whitespace runs (tested). Known
+        gap: user-defined symbols (v3+ "[REF]") become plain pieces, not atomic ones; our loader
+        reads tokenizer.model first, so only tokenizer.json-only consumers see it.
+        """
+        from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+        sp, vocab = self.sp, {p: i for i, p in enumerate(self.pieces)}
+        normal = {p: i for p, i in vocab.items() if i not in self.special and not sp.is_byte(i)}
+        ranked = sorted((-sp.get_score(i), i, k, piece[:k], piece[k:]) for piece, i in normal.items()
+                        for k in range(1, len(piece)) if piece[:k] in normal and piece[k:] in normal)
+        backend = Tokenizer(models.BPE(vocab, [(left, right) for *_, left, right in ranked],
+                                       unk_token=self.defaults.get("unk"), byte_fallback=True, fuse_unk=True))
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+        backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
+                                             decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        backend.add_special_tokens([AddedToken(self.pieces[i], special=True, normalized=False)
+                                    for i in sorted(self.special)])
+        return backend
+
+
+class TokenizersEngine:
+    """Encodes with a `tokenizers.Tokenizer` (tokenizer.json folders, GGUF files)."""
+
+    name = "tokenizers"
+
+    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_str(backend.to_str())  # a private copy: we change its options
+        self.backend.encode_special_tokens = True  # special-token strings in text stay text
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        spec = json.loads(self.backend.to_str())
+        added = {t["id"]: t for t in spec.get("added_tokens", [])}
+        size = self.backend.get_vocab_size(with_added_tokens=True)
+        self.pieces = [self.backend.id_to_token(i) or "" for i in range(size)]
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=False)
+        self.special = frozenset(i for i, t in added.items() if t.get("special"))
+        self.defaults: dict[str, str] = {}
+        byte_level, strips = _decoder_style(spec.get("decoder"))
+        self.table = token_table(self.pieces, frozenset(added), strips=strips, byte_level=byte_level)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def model_files(self) -> dict[str, bytes]:
+        return {}
+
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(self.backend.to_str())
+
+
+def _decoder_style(decoder: dict[str, Any] | None) -> tuple[bool, bool]:
+    """(byte_level, strips_dummy_prefix) of a tokenizer.json decoder; the two kinds we render."""
+    parts = (decoder or {}).get("decoders", [decoder]) if (decoder or {}).get("type") == "Sequence" else [decoder]
+    types = {p.get("type") for p in parts if p}
+    if "ByteLevel" in types:
+        return True, False
+    if types & {"ByteFallback", "Metaspace", "Replace"}:
+        return False, any(
+            (p.get("type") == "Strip" and p.get("start", 0) > 0)
+            or (p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never"
+                and p.get("add_prefix_space", True))
+            for p in parts if p
+        )
+    raise TokenizerError(f"unsupported tokenizer decoder {sorted(map(str, types))}: expected a SentencePiece-style "
+                         "decoder (Replace '▁', ByteFallback, Strip) or a GPT-2 ByteLevel decoder")
