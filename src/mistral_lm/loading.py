@@ -84,6 +84,7 @@ def from_pretrained(
     for everything else, as Transformers defaults bitsandbytes models to float16.
     `fuse_projections`: q/k/v and gate/up run as one matmul each (fusion.py; the state dict
     keeps Transformers' names). Pass False to keep the separate `q_proj`... modules.
+    Float Linears come back as `MatvecLinear` (matvec.py): same parameters and state dict.
     """
     options = LoadOptions.parse(
         pretrained_model_name_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype, device_map=device_map,

@@ -37,8 +37,8 @@ import torch
 
 from .functional import pack_nibbles, unpack_nibbles
 
-# Crossovers of kernel vs expand-then-matmul, in CPU time on 1536x576 and 576x1536 (AVX-512):
-# int8 at M ~ 24-32 (0.67 vs 0.51 ms at 32), int4 at M ~ 48 (1.22 vs 0.98 ms at 64).
+# From this many rows M on, expanding the weight and one dense matmul beat the quantized kernel
+# on the CPU (crossovers measured by bench/bench_linear.py; bench/RESULTS.md).
 INT8_DENSE_MIN_ROWS = 32
 INT4_DENSE_MIN_ROWS = 64
 INT4_ROW_ALIGN = 64  # rows are padded to whole 64-row blocks so every CPU block is a full one
@@ -121,8 +121,8 @@ def _unpack_cpu(packed: torch.Tensor, rows: int, n: int, k: int) -> torch.Tensor
 
 
 def _pack_cpu(q: torch.Tensor, rows: int) -> torch.Tensor:
-    """Inverse of `_unpack_cpu`, in three uint8 passes: the aten packer widens to int32 first and
-    took ~3 ms per 1536 x 576 weight, a third of loading a GGUF model natively."""
+    """Inverse of `_unpack_cpu`, in three uint8 passes: the aten packer widens to int32 first,
+    which made packing a large share of loading a GGUF model natively."""
     n, k = q.shape
     blocks = q.reshape(n // rows, rows, k).transpose(1, 2)           # (N/rows, K, rows)
     half = rows // 2
@@ -151,7 +151,7 @@ def dequantize_int4_t(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_
 
     From the CPU layout this is two passes: nibbles to `dtype`, then one fused multiply-add,
     q * scale + (zero - 8 * scale), written straight into the transposed result (the blocks are
-    already k-major, so no transpose pass). Measured ~3x faster than unpack + dequantize + cast.
+    already k-major, so no transpose pass), instead of unpack + dequantize + cast.
     """
     scale, zero = scale_and_zero.float().unbind(-1)                  # (G, rows) each
     shift = zero - 8 * scale
