@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attention import check_implementation
+from .checkpoints.hf_folder import model_key, skippable
 from .checkpoints.safetensors import iter_tensors
 from .config import MistralConfig
 from .dtypes import resolve_dtype
@@ -43,8 +44,6 @@ from .placement import place_model, single_device
 from .quantization import BitsAndBytesConfig, quantize_model
 from .quantization.gguf import install_gguf_linears
 
-# Keys some checkpoints carry that hold no learned state.
-_IGNORED_KEYS = ("rotary_emb.inv_freq",)
 # Loader options of Transformers' from_pretrained that need nothing from us here.
 _ACCEPTED_NOOP_OPTIONS = ("low_cpu_mem_usage", "trust_remote_code", "local_files_only", "revision",
                           "use_safetensors", "cache_dir", "force_download", "token", "offload_folder")
@@ -269,16 +268,9 @@ def match_names(checkpoint: Checkpoint, expected: dict[str, torch.Size],
 
 def _to_model_key(name: str, expected: dict[str, torch.Size], cls: type) -> str | None:
     """Map a checkpoint key onto the model's names (base <-> head prefixes); None to skip it."""
-    if name in expected:
-        return name
-    if name.endswith(_IGNORED_KEYS):
-        return None
-    if name.startswith("model.") and name[len("model."):] in expected:
-        return name[len("model."):]  # a causal-LM checkpoint loaded into MistralModel
-    if "model." + name in expected:
-        return "model." + name  # a base-model checkpoint loaded under a head
-    if name in ("lm_head.weight", "score.weight") and name not in expected:
-        return None  # the other head: a causal-LM checkpoint fine-tuned for classification, or back
+    key = model_key(name, expected)
+    if key is not None or skippable(name, expected):
+        return key
     raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint: {cls.__name__} has no such parameter")
 
 
