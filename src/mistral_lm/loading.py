@@ -1,14 +1,15 @@
 """`from_pretrained` as a straight line of named steps; the one place where dtype and device are decided.
 
     options    = LoadOptions.parse(...)             keywords checked, dtype policy applied
-    checkpoint = read_checkpoint(options)           config + tensors (an HF folder, or a .gguf file)
-    model      = build_on_meta(cls, config)         modules without memory or initialization
-    tensors, blocks = match_names(...)              checkpoint names -> the model's; floats | GGUF blocks
-    install_gguf_linears(model, blocks, tensors)    blocks -> GGUFLinear (the rest dequantized)
-    assign(model, tensors, ...)                     validated, assigned, embeddings tied
+    assemble(cls, options):
+      checkpoint = read_checkpoint(options)         config + tensors (an HF folder, or a .gguf file)
+      model      = build_on_meta(cls, config)       modules without memory or initialization
+      tensors, blocks = match_names(...)            checkpoint names -> the model's; floats | GGUF blocks
+      install_gguf_linears(model, blocks, tensors)  blocks -> GGUFLinear (the rest dequantized)
+      assign(model, tensors, ...)                   validated, assigned, embeddings tied
     before_placement(options)                       fuse floats, then quantize
     place_model(model, device_map)                  placement.py
-    after_placement(options, checkpoint)            fuse on the target device, then the matvec swap
+    after_placement(options, fresh_floats)          fuse on the target device, then the matvec swap
     release_freed_memory()
 
 Assigning is `load_state_dict(assign=True)` on mmapped tensors (no copy when dtypes agree), so
@@ -91,20 +92,28 @@ def from_pretrained(
         quantization_config=quantization_config, gguf_file=gguf_file, gguf_native=gguf_native,
         fuse_projections=fuse_projections, progress=progress, overrides=kwargs,
     )
+    model, fresh_floats = assemble(cls, options)
+    model.attn_implementation = check_implementation(options.attn_implementation, model.dtype)
+    for transform in before_placement(options):
+        model = transform(model)
+    place_model(model, options.device_map)
+    for transform in after_placement(options, fresh_floats):
+        model = transform(model)
+    release_freed_memory()
+    return model.eval()
+
+
+def assemble(cls: type, options: LoadOptions) -> tuple[nn.Module, bool]:
+    """The checkpoint read and assigned into a model built on meta; (model, whether its floats
+    are fresh memory). The checkpoint's own references die on return, before the transforms:
+    a quantized load otherwise keeps the float weights it replaced alive until the end."""
     checkpoint = read_checkpoint(options)
     model = build_on_meta(cls, checkpoint.config)
     expected = expected_tensors(model)  # names and shapes of the float model, before any swap
     tensors, blocks = match_names(checkpoint, expected, cls)
     native = install_gguf_linears(model, blocks, tensors, checkpoint.dtype or torch.float32)
     assign(model, tensors, {k: v for k, v in expected.items() if k.rsplit(".", 1)[0] not in native}, checkpoint)
-    model.attn_implementation = check_implementation(options.attn_implementation, model.dtype)
-    for transform in before_placement(options):
-        model = transform(model)
-    place_model(model, options.device_map)
-    for transform in after_placement(options, checkpoint):
-        model = transform(model)
-    release_freed_memory()
-    return model.eval()
+    return model, checkpoint.fresh_floats
 
 
 def from_config(cls: type, config: MistralConfig, *, torch_dtype: Any = None,
@@ -313,12 +322,12 @@ def before_placement(options: LoadOptions) -> list[Transform]:
     return [*fuse, functools.partial(quantize_model, config=config)]
 
 
-def after_placement(options: LoadOptions, checkpoint: Checkpoint) -> list[Transform]:
+def after_placement(options: LoadOptions, fresh_floats: bool) -> list[Transform]:
     """Transforms on the target device. Fusion copies weights, so it runs where they end up,
     and fuses float Linears only when the checkpoint's floats are fresh memory (GGUF): fusing
     floats mapped from a file would hold them twice. Quantized and GGUF-native modules fuse
     here too. The matvec swap is last, on whatever plain Linears remain or fusion made."""
-    fuse = [functools.partial(_fused, float_linears=checkpoint.fresh_floats)] if options.fuse else []
+    fuse = [functools.partial(_fused, float_linears=fresh_floats)] if options.fuse else []
     return [*fuse, install_matvec]
 
 
