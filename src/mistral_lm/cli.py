@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repetition-penalty", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--compile", action="store_true",
-                       help="torch.compile the decode step: faster tokens after a one-off compile (~20 s)")
+                       help="torch.compile the decode step: faster tokens after a one-off compile")
         p.add_argument("--quantize", default="auto", choices=["auto", "none", "gguf", "int8", "int4", "nf4"],
                        help="auto: a GGUF's own blocks (gguf), else none; int8/int4/nf4 quantize at load")
 

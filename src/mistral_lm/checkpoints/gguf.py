@@ -5,8 +5,8 @@ Three tables carry the translation: `_CONFIG_TABLE` (metadata key -> config fiel
 we dequantize). `unpermute_rope_rows` undoes the one layout change llama.cpp makes to the weights.
 
 Why we parse the header ourselves instead of using `gguf.GGUFReader`: the reader builds a numpy
-view per string and item, about 2 s for SmolLM2's 49k tokens and 49k merges (this parser: 0.07 s),
-and it trusts every count, length and offset in the file. Here each of those is checked against the file
+view per string and item, far slower on a 49k-token vocabulary than this parser
+(bench/RESULTS.md, "Measurements behind the code"), and it trusts every count, length and offset in the file. Here each of those is checked against the file
 size *before* it is used, so a truncated or corrupt file fails fast with a `CheckpointError` that
 names the path and never makes us allocate more than the file could hold. The `gguf` package still
 provides the constants and the block decoders (`gguf.quants.dequantize`).
@@ -406,8 +406,8 @@ def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: t
         if not values.flags.writeable:  # F32 comes back as a view of the read-only map
             values = values.copy()
         return torch.from_numpy(values.reshape(shape)).to(dtype)
-    # a large matrix (the embedding) slice by slice, straight into the target dtype: at once,
-    # SmolLM2's 49k-row Q8_0 embedding peaked at ~240 MB of temporaries for a 57 MB result
+    # a large matrix (the embedding) slice by slice, straight into the target dtype: decoded at
+    # once, its float32 temporaries are several times the result (bench/RESULTS.md)
     out = torch.empty(shape, dtype=dtype).view(rows.shape[0], -1)
     for start in range(0, rows.shape[0], DECODE_ROWS):
         chunk = _gguf_dequantize(rows[start:start + DECODE_ROWS], ggml_type)

@@ -6,7 +6,7 @@ pinned by tests/test_quantization.py against the pure definitions in functional.
 
 ``_weight_int8pack_mm(x (M, K), q int8 (N, K), scale (N,))`` = ``x @ (q * scale[:, None]).T``.
     x and scale must share a dtype. On CPU only bfloat16 is vectorized (float32 / float16 run a
-    scalar loop, 10-25x slower), and with bfloat16 and K % 16 != 0 it reads past each row and
+    scalar loop, an order of magnitude slower: bench/RESULTS.md), and with bfloat16 and K % 16 != 0 it reads past each row and
     returns garbage (NaN / 1e23 seen for K = 24, 40, 70), so it is only called when K % 16 == 0.
 
 ``_convert_weight_to_int4pack_for_cpu(q int32 (N, K) in 0..15, inner_k_tiles)`` -> uint8 (N, K/2)
