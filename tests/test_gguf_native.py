@@ -57,11 +57,17 @@ def test_every_quantized_weight_stays_in_its_blocks(unfused, native):
 
 
 def test_native_logits_follow_the_dequantized_model(native, dense):
+    """The blocks' error against the float32 model is of the order of bfloat16's own: the same
+    file loaded in bfloat16, run on the same CPU's kernels, is the floor it is measured against
+    (native/bf16 error ratio measured 1.8 at the max, 1.6 in RMS, on AVX-512 and on AVX2)."""
     ids = torch.randint(3, native.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    bf16 = MistralForCausalLM.from_pretrained(PATH, torch_dtype=torch.bfloat16)
     with torch.inference_mode():
-        a, b = native(ids).logits, dense(ids).logits
+        a, b, floor = native(ids).logits.float(), dense(ids).logits, bf16(ids).logits.float()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
-    assert (a - b).abs().max() < 0.05 * b.abs().max()  # bfloat16 activations, same weights
+    err, base = (a - b), (floor - b)
+    assert err.abs().max() <= 2.5 * base.abs().max()  # bfloat16 activations, same weights
+    assert err.pow(2).mean().sqrt() <= 2.5 * base.pow(2).mean().sqrt()
 
 
 def test_native_generate_matches_the_dequantized_model_greedily(native, dense):
