@@ -216,42 +216,29 @@ def test_ring_cache_holds_window_slots(checkpoint):
     assert _diff(model(ids).logits, np.concatenate(pieces, axis=1)) <= TOL
 
 
-@pytest.mark.parametrize("name", ["window", "tied"])
-def test_greedy_generate_matches_torch(name, checkpoint):
+@pytest.mark.parametrize("name, length, options", [
+    ("window", 14, {}),
+    ("tied", 14, {}),
+    # prompt + new tokens many times the window: the ring buffer wraps during prefill and decode
+    ("window", 20, dict(max_new_tokens=24)),
+    ("head_dim", 20, dict(max_new_tokens=24, prefill_chunk_size=3)),
+    ("gqa", 20, dict(max_new_tokens=24)),
+    ("window", 14, dict(repetition_penalty=1.3)),
+    ("gqa", 14, dict(repetition_penalty=1.3)),
+])
+def test_greedy_generate_matches_torch(name, length, options, checkpoint):
     folder = checkpoint(name, eos_token_id=None, pad_token_id=0)
     ref = MistralForCausalLM.from_pretrained(folder).eval()
     model = FlaxMistralForCausalLM.from_pretrained(folder)
-    ids, mask = _batch(model.config.vocab_size, length=14)
-    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
-    out = model.generate(ids.numpy(), attention_mask=mask.numpy(), max_new_tokens=16)
-    assert out.sequences.shape == (3, 30)
+    ids, mask = _batch(model.config.vocab_size, length=length)
+    options = {"max_new_tokens": 16, **options}
+    expected = ref.generate(ids, attention_mask=mask, do_sample=False, **options)
+    out = model.generate(ids.numpy(), attention_mask=mask.numpy(), **options)
+    assert out.sequences.shape == (3, length + options["max_new_tokens"])
     np.testing.assert_array_equal(np.asarray(out.sequences), expected.numpy())
-
-
-@pytest.mark.parametrize("name, prefill_chunk_size", [("window", None), ("head_dim", 3), ("gqa", None)])
-def test_long_greedy_generate_matches_torch(name, prefill_chunk_size, checkpoint):
-    """Prompt + new tokens many times the window: the ring buffer wraps during prefill and decode."""
-    folder = checkpoint(name, eos_token_id=None, pad_token_id=0)
-    ref = MistralForCausalLM.from_pretrained(folder).eval()
-    model = FlaxMistralForCausalLM.from_pretrained(folder)
-    ids, mask = _batch(model.config.vocab_size, length=20)
-    args = dict(attention_mask=mask, max_new_tokens=24, prefill_chunk_size=prefill_chunk_size)
-    expected = ref.generate(ids, **args)
-    out = model.generate(ids.numpy(), **{**args, "attention_mask": mask.numpy()})
-    np.testing.assert_array_equal(np.asarray(out.sequences), expected.numpy())
-
-
-@pytest.mark.parametrize("name", ["window", "gqa"])
-def test_repetition_penalty_matches_torch(name, checkpoint):
-    folder = checkpoint(name, eos_token_id=None, pad_token_id=0)
-    ref = MistralForCausalLM.from_pretrained(folder).eval()
-    model = FlaxMistralForCausalLM.from_pretrained(folder)
-    ids, mask = _batch(model.config.vocab_size, length=14)
-    expected = ref.generate(ids, attention_mask=mask, max_new_tokens=16, repetition_penalty=1.3)
-    out = model.generate(ids.numpy(), attention_mask=mask.numpy(), max_new_tokens=16, repetition_penalty=1.3)
-    np.testing.assert_array_equal(np.asarray(out.sequences), expected.numpy())
-    plain = model.generate(ids.numpy(), attention_mask=mask.numpy(), max_new_tokens=16)
-    assert (np.asarray(plain.sequences) != np.asarray(out.sequences)).any()  # the penalty changed something
+    if "repetition_penalty" in options:  # the penalty changed something
+        plain = model.generate(ids.numpy(), attention_mask=mask.numpy(), max_new_tokens=options["max_new_tokens"])
+        assert (np.asarray(plain.sequences) != np.asarray(out.sequences)).any()
 
 
 def test_repetition_penalty_matches_sampling_py():

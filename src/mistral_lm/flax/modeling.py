@@ -45,6 +45,7 @@ from flax import struct
 
 from .._util import is_int
 from ..config import MistralConfig
+from ..dtypes import float_name
 from ..errors import InputError
 from . import convert, generation
 
@@ -642,10 +643,12 @@ class FlaxMistralForCausalLM(FlaxMistralPreTrainedModel):
 
 
 def _float_dtype(dtype: Any, name: str) -> jnp.dtype:
-    resolved = jnp.dtype(dtype.removeprefix("torch.") if isinstance(dtype, str) else dtype)
-    if resolved not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise InputError(f"{name} must be float32, bfloat16 or float16, got {dtype!r}")
-    return resolved
+    """The torch side's name table (dtypes.py), mapped to jax's dtype."""
+    try:
+        spelled = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    except TypeError:
+        spelled = repr(dtype)  # not a dtype at all: float_name names it in its error
+    return jnp.dtype(float_name(spelled, name))
 
 
 def _int32(x: Any) -> Any:
