@@ -64,7 +64,12 @@ def test_native_logits_follow_the_dequantized_model(native, dense):
     bf16 = MistralForCausalLM.from_pretrained(PATH, torch_dtype=torch.bfloat16)
     with torch.inference_mode():
         a, b, floor = native(ids).logits.float(), dense(ids).logits, bf16(ids).logits.float()
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    # top-1 flips only at near ties (float32's top two within 0.1 nats, a fifth of these random
+    # ids): raw agreement measured 0.94 / 0.90 on AVX-512 / AVX2 kernels, bfloat16's own 0.93 / 0.875
+    top2 = b.log_softmax(-1).topk(2, dim=-1).values
+    decisive = (top2[..., 0] - top2[..., 1]) >= 0.1
+    assert decisive.float().mean() > 0.5
+    assert (a.argmax(-1) == b.argmax(-1))[decisive].float().mean() >= 0.95
     err, base = (a - b), (floor - b)
     assert err.abs().max() <= 2.5 * base.abs().max()  # bfloat16 activations, same weights
     assert err.pow(2).mean().sqrt() <= 2.5 * base.pow(2).mean().sqrt()
