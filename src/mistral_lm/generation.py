@@ -46,7 +46,7 @@ class GenerationConfig:
     use_cache: bool = True
     seed: int | None = None
     prefill_chunk_size: int | None = None
-    compile: bool = False  # ours: torch.compile the decode step (MistralModel.compile_decode)
+    compile: bool = False  # ours: torch.compile the decode step (generation.Decoder)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def update(self, **kwargs: Any) -> GenerationConfig:
