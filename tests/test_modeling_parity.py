@@ -8,6 +8,7 @@ import torch
 from mistral_lm import MistralConfig, MistralForCausalLM, MistralForSequenceClassification, MistralModel
 
 from .conftest import PARITY_CONFIGS, tiny_config
+from .test_mistral_format import RELEASE_SHAPES
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-5
@@ -155,3 +156,24 @@ def test_half_precision_close_to_float32(dtype, tmp_path):
         b = half(ids, attention_mask=mask).logits
     assert b.dtype == dtype and torch.isfinite(b).all()
     assert (a - b.float())[mask.bool()].abs().max() < 0.05
+
+
+@pytest.mark.parametrize("direction", ["ours->hf", "hf->ours"])
+@pytest.mark.parametrize("release", sorted(RELEASE_SHAPES))
+def test_released_shapes_match(release, direction, tmp_path):
+    """v0.1 / v0.2 / v0.3 / Nemo / Small, scaled down (tests/test_mistral_format.py's RELEASE_SHAPES):
+    window or none, rope_theta up to 1e8, head_dim != hidden/heads, vocab growth."""
+    config = tiny_config(**RELEASE_SHAPES[release])
+    if direction == "ours->hf":
+        ours = MistralForCausalLM(config).eval()
+        ours.save_pretrained(tmp_path)
+        ref = transformers.MistralForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    else:
+        ref = transformers.MistralForCausalLM(transformers.MistralConfig(**{**config.to_dict(), "dtype": "float32"}))
+        ref.eval().save_pretrained(tmp_path)
+        ours = MistralForCausalLM.from_pretrained(tmp_path).eval()
+    ids, mask = _batch(config.vocab_size)
+    real = mask.bool()
+    with torch.no_grad():
+        err = (ours(ids, attention_mask=mask, use_cache=False).logits - ref(ids, attention_mask=mask).logits)[real]
+    assert err.abs().max() <= TOL, f"{release}: max |logit error| {err.abs().max():.3g}"

@@ -2,7 +2,8 @@
 
     options    = LoadOptions.parse(...)             keywords checked, dtype policy applied
     assemble(cls, options):
-      checkpoint = read_checkpoint(options)         config + tensors (an HF folder, or a .gguf file)
+      checkpoint = read_checkpoint(options)         config + tensors (an HF folder, Mistral's params.json
+                                                    + consolidated*.safetensors, or a .gguf file)
       model      = build_on_meta(cls, config)       modules without memory or initialization
       tensors, blocks = match_names(...)            checkpoint names -> the model's; floats | GGUF blocks
       install_gguf_linears(model, blocks, tensors)  blocks -> GGUFLinear (the rest dequantized)
@@ -35,6 +36,9 @@ from tqdm.auto import tqdm
 
 from .attention import check_implementation
 from .checkpoints.hf_folder import model_key, skippable
+from .checkpoints.mistral_format import config_from_params, is_mistral_folder, read_params, to_hf_tensors
+from .checkpoints.mistral_format import weight_files as mistral_weight_files
+from .checkpoints.safetensors import _iter_safetensors as iter_safetensors_file  # one file, same dtype policy
 from .checkpoints.safetensors import iter_tensors
 from .config import MistralConfig
 from .dtypes import resolve_dtype
@@ -72,7 +76,8 @@ def from_pretrained(
     progress: bool | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Load an HF folder (safetensors, sharded or not; or pytorch_model.bin) or a .gguf file.
+    """Load an HF folder (safetensors, sharded or not; or pytorch_model.bin), a folder in Mistral's
+    own layout (params.json + consolidated*.safetensors, no config.json) or a .gguf file.
 
     `torch_dtype`/`dtype`: None -> float32, "auto" -> the checkpoint's dtype.
     `device_map`: None/"cpu", a device, "auto" (GPUs by free memory, then CPU) or a dict of
@@ -208,11 +213,30 @@ def read_checkpoint(options: LoadOptions) -> Checkpoint:
 
 def _read_folder(options: LoadOptions) -> Checkpoint:
     folder = options.path
+    if is_mistral_folder(folder):
+        return _read_mistral_folder(options)
     config = options.config or MistralConfig.from_pretrained(folder, **options.overrides)
-    target = None if options.dtype == "auto" else (resolve_dtype(options.dtype) if options.dtype is not None
-                                                   else torch.float32)
+    target = _folder_dtype(options)
     tensors = tqdm(iter_tensors(folder, target), desc=f"Loading {folder.name}", unit="tensor", leave=False,
                    disable=True if options.progress is False else None)  # None: shown on a terminal only
+    return Checkpoint(config, tensors, target, str(folder), fresh_floats=False)
+
+
+def _folder_dtype(options: LoadOptions) -> torch.dtype | None:
+    """What a folder's floats are read as: None ("auto") keeps the file's dtype; default float32."""
+    if options.dtype == "auto":
+        return None
+    return resolve_dtype(options.dtype) if options.dtype is not None else torch.float32
+
+
+def _read_mistral_folder(options: LoadOptions) -> Checkpoint:
+    """params.json + consolidated*.safetensors: names mapped, Q/K rows permuted as they stream."""
+    folder = options.path
+    config = options.config or config_from_params(read_params(folder), **options.overrides)
+    target = _folder_dtype(options)
+    raw = (item for file in mistral_weight_files(folder) for item in iter_safetensors_file(file, target))
+    tensors = tqdm(to_hf_tensors(raw, config, str(folder)), desc=f"Loading {folder.name}", unit="tensor",
+                   leave=False, disable=True if options.progress is False else None)
     return Checkpoint(config, tensors, target, str(folder), fresh_floats=False)
 
 
