@@ -3,7 +3,7 @@
 The package splits by concern, with dependencies pointing one way (this facade -> the rest):
 
 - `engines`: text -> ids (sentencepiece for `.model` files, `tokenizers` for tokenizer.json and
-  GGUF vocabularies) and the table that renders each id as bytes;
+  GGUF vocabularies, tiktoken for Tekken's tekken.json) and the table that renders each id as bytes;
 - `detokenizer`: ids -> text, one state machine for `decode` and streaming;
 - `files`: folder, file and GGUF loading (GGUF through `checkpoints/`), `save_pretrained`;
 - `chat_template`: pure, sandboxed rendering of messages into (text, is_special) pieces.
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import TokenizerError
 from .chat_template import render_chat
 from .detokenizer import StreamingDetokenizer
-from .engines import Engine, SentencePieceEngine, TokenizersEngine, TokenTable, id_list
+from .engines import Engine, SentencePieceEngine, TekkenEngine, TokenizersEngine, TokenTable, id_list
 from .files import TOKEN_NAMES, file_kwargs, folder_config, read_file, save_folder
 
 if TYPE_CHECKING:
@@ -85,8 +85,9 @@ class MistralTokenizer:
     """Mistral's tokenizer with the Transformers API (`tok(texts, padding=True, return_tensors="pt")`).
 
     Build it with `from_pretrained(folder_or_file)` or from an engine: `sp_model_path` (a
-    SentencePiece `.model`) or `tokenizer_object` (a `tokenizers.Tokenizer`, whose post-processor
-    is ignored: BOS/EOS follow `add_bos_token`/`add_eos_token`). Padding is on the left by
+    SentencePiece `.model`), `tekken_file` (Mistral's tiktoken-style `tekken.json`) or
+    `tokenizer_object` (a `tokenizers.Tokenizer`, whose post-processor is ignored: BOS/EOS follow
+    `add_bos_token`/`add_eos_token`). Padding is on the left by
     default, which is what decoder-only generation needs.
 
     >>> tok = MistralTokenizer.from_pretrained("path/to/Mistral-7B-v0.1")
@@ -104,15 +105,18 @@ class MistralTokenizer:
     pad_token_id = _token_id_property("pad")
 
     def __init__(self, *, tokenizer_object: tokenizers.Tokenizer | None = None,
-                 sp_model_path: str | os.PathLike[str] | None = None, bos_token: str | None = None,
+                 sp_model_path: str | os.PathLike[str] | None = None,
+                 tekken_file: str | os.PathLike[str] | None = None, bos_token: str | None = None,
                  eos_token: str | None = None, unk_token: str | None = None, pad_token: str | None = None,
                  add_bos_token: bool = True, add_eos_token: bool = False, chat_template: str | None = None,
                  padding_side: str = "left", model_max_length: int | None = None) -> None:
-        if (tokenizer_object is None) == (sp_model_path is None):
-            raise TokenizerError("pass exactly one of tokenizer_object= (a tokenizers.Tokenizer) or "
-                                 "sp_model_path= (a SentencePiece .model file)")
+        if [tokenizer_object, sp_model_path, tekken_file].count(None) != 2:
+            raise TokenizerError("pass exactly one of tokenizer_object= (a tokenizers.Tokenizer), "
+                                 "sp_model_path= (a SentencePiece .model file) or tekken_file= (a tekken.json)")
         if tokenizer_object is not None:
             self._engine: Engine = TokenizersEngine(tokenizer_object)
+        elif tekken_file is not None:
+            self._engine = TekkenEngine(read_file(Path(str(tekken_file)), "Tekken file"), str(tekken_file))
         else:
             self._engine = SentencePieceEngine(read_file(Path(str(sp_model_path)), "SentencePiece model"))
         self._vocab = {piece: i for i, piece in enumerate(self._engine.pieces)}
@@ -132,11 +136,12 @@ class MistralTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], **overrides: Any) -> MistralTokenizer:
-        """Load a folder (tokenizer.model and/or tokenizer.json, tokenizer_config.json,
+        """Load a folder (tokenizer.model, tekken.json and/or tokenizer.json, tokenizer_config.json,
         special_tokens_map.json, chat_template.jinja), a `.model`/`.json` file, or a `.gguf` file.
 
         `overrides` are constructor keywords (e.g. `padding_side="right"`, `pad_token="</s>"`).
-        A folder with both files loads `tokenizer.model`: sentencepiece is the reference.
+        A folder loads the first of tokenizer.model, tekken.json, tokenizer.json: the reference
+        format (sentencepiece, mistral-common's Tekken) wins over its conversion.
         """
         for option in _IGNORED_OPTIONS & set(overrides):
             overrides.pop(option)
@@ -154,11 +159,11 @@ class MistralTokenizer:
         if not path.is_dir():
             raise TokenizerError(f"{str(path)!r} is neither a file nor a folder; mistral_lm never downloads: fetch "
                                  f"the model first (e.g. `huggingface-cli download <repo> --local-dir ./model`)")
-        model, backend = path / "tokenizer.model", path / "tokenizer.json"
-        if not model.is_file() and not backend.is_file():
-            raise TokenizerError(f"{str(path)!r} has no tokenizer.model (SentencePiece) or tokenizer.json "
-                                 f"(tokenizers) file; found: {sorted(p.name for p in path.iterdir())}")
-        kwargs = file_kwargs(model if model.is_file() else backend) | folder_config(path)
+        found = [f for f in (path / "tokenizer.model", path / "tekken.json", path / "tokenizer.json") if f.is_file()]
+        if not found:
+            raise TokenizerError(f"{str(path)!r} has no tokenizer.model (SentencePiece), tekken.json (Tekken) or "
+                                 f"tokenizer.json (tokenizers) file; found: {sorted(p.name for p in path.iterdir())}")
+        kwargs = file_kwargs(found[0]) | folder_config(path)
         return cls(**(kwargs | overrides))
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> tuple[str, ...]:
@@ -319,7 +324,12 @@ class MistralTokenizer:
 
     @property
     def all_special_ids(self) -> list[int]:
-        return sorted(self._special_ids)
+        return list(self._sorted_special_ids)
+
+    @property
+    def special_id_set(self) -> frozenset[int]:
+        """`all_special_ids` as a set, built once per change of the special tokens."""
+        return self._special_ids
 
     @property
     def all_special_tokens(self) -> list[str]:
@@ -330,7 +340,9 @@ class MistralTokenizer:
             raise TokenizerError(f"{name}_token={token!r} is not in the vocabulary ({len(self._vocab)} tokens); use "
                                  f"an existing token, e.g. `tokenizer.pad_token = tokenizer.eos_token`")
         self._tokens[name] = token
-        self._special_ids = self._engine.special | {self._vocab[t] for t in self._tokens.values() if t is not None}
+        self._special_ids = self._engine.special | frozenset(self._vocab[t] for t in self._tokens.values()
+                                                             if t is not None)
+        self._sorted_special_ids = sorted(self._special_ids)
 
     @property
     def token_table(self) -> TokenTable:

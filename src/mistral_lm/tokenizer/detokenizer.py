@@ -72,8 +72,11 @@ class StreamingDetokenizer:
 
     def __init__(self, tokenizer: Vocabulary, *, skip_special_tokens: bool = False,
                  clean_up_tokenization_spaces: bool = False) -> None:
-        self._table = table = tokenizer.token_table
-        self._specials = {i: table.pieces[i].encode() for i in tokenizer.all_special_ids}
+        self._table = tokenizer.token_table
+        # Tekken has 1000 special ids: a tokenizer's cached set (MistralTokenizer.special_id_set) saves
+        # rebuilding it on every decode call.
+        specials = getattr(tokenizer, "special_id_set", None)
+        self._specials = specials if isinstance(specials, frozenset) else frozenset(tokenizer.all_special_ids)
         self._skip_special = skip_special_tokens
         self._clean_up = clean_up_tokenization_spaces
         self._reset()
@@ -94,7 +97,7 @@ class StreamingDetokenizer:
                     texts.append(self._utf8.decode(b"".join(chunks), final=True))
                     chunks = []
                     continue
-                chunks.append(self._specials[i])
+                chunks.append(self._table.pieces[i].encode())
             elif self._first and i in self._table.dummy_prefix:
                 chunks.append(raw[i][1:])
             else:

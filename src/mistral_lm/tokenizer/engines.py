@@ -1,12 +1,12 @@
 """Tokenizer engines: text -> ids, and the table that renders every id back to bytes.
 
-An engine is anything with the `Engine` attributes. Two exist. `SentencePieceEngine` encodes
+An engine is anything with the `Engine` attributes. Three exist. `SentencePieceEngine` encodes
 `.model` files with sentencepiece itself: the reference, so the ids are exact by construction, and
 faster than `tokenizers` on this BPE, whose missing pre-tokenizer leaves the `tokenizers` word
 cache unused (bench/bench_tokenizer.py). `TokenizersEngine` serves `tokenizer.json` folders and the
 `tokenizers.Tokenizer` objects the GGUF reader builds (SentencePiece-style or GPT-2 byte-level).
-Another vocabulary format (e.g. Tekken's tiktoken-style BPE) is one more class here: the facade
-reads only these attributes.
+`TekkenEngine` serves Mistral's `tekken.json` (tiktoken-style byte-level BPE) with tiktoken, as
+mistral-common does. The facade reads only these attributes.
 
 Decoding is not the engines' job: each gives a `TokenTable` (raw bytes per id), which
 `StreamingDetokenizer` renders the same way whatever the engine.
@@ -14,6 +14,7 @@ Decoding is not the engines' job: each gives a `TokenTable` (raw bytes per id), 
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import dataclass
@@ -201,3 +202,147 @@ def _decoder_style(decoder: dict[str, Any] | None) -> tuple[bool, bool]:
         )
     raise TokenizerError(f"unsupported tokenizer decoder {sorted(map(str, types))}: expected a SentencePiece-style "
                          "decoder (Replace '▁', ByteFallback, Strip) or a GPT-2 ByteLevel decoder")
+
+
+# mistral-common's `Tekkenizer.DEPRECATED_SPECIAL_TOKENS`: the control tokens of tekken files
+# (versions up to v7) that carry no `special_tokens` list; the rest up to `num_special_tokens` are fillers.
+_TEKKEN_DEFAULT_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                            "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
+                            "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                            "[TOOL_CONTENT]")
+TEKKEN_VERSIONS = ("v1", "v2", "v3", "v7", "v11", "v13", "v15")  # mistral-common's TokenizerVersion
+
+
+def _tekken_field(data: Any, path: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """`data[a][b]` for path "a.b", checked to be of `kind`; TokenizerError naming the field otherwise."""
+    value = data
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise TokenizerError(f"{where}: field {path!r} is missing")
+        value = value[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise TokenizerError(f"{where}: field {path!r} has type {type(value).__name__}")
+    return value
+
+
+class TekkenEngine:
+    """Encodes Mistral's `tekken.json` with tiktoken, as mistral-common's `Tekkenizer` does.
+
+    Ids 0..num_special_tokens-1 are control tokens (the file's `special_tokens`, or mistral-common's
+    default list for files up to v7, then "<SPECIAL_{i}>" fillers); regular tokens follow, offset by
+    `num_special_tokens`. Only the first `default_vocab_size - default_num_special_tokens` vocab
+    entries are used. Pieces are GPT-2 byte-level strings (unique, and what tokenizer.json uses).
+    """
+
+    name = "tekken"
+
+    def __init__(self, content: bytes, where: str = "tekken.json") -> None:
+        import tiktoken
+
+        try:
+            data = json.loads(content)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TokenizerError(f"{where} is not valid JSON: {err}") from err
+        self.content = content
+        version = _tekken_field(data, "config.version", str, where)
+        if version not in TEKKEN_VERSIONS:
+            raise TokenizerError(f"{where}: field 'config.version' is {version!r}; supported: {list(TEKKEN_VERSIONS)}")
+        pattern = _tekken_field(data, "config.pattern", str, where)
+        size = _tekken_field(data, "config.default_vocab_size", int, where)
+        num_special = _tekken_field(data, "config.default_num_special_tokens", int, where)
+        vocab = _tekken_field(data, "vocab", list, where)
+        inner = size - num_special
+        if num_special < 3 or inner < 256:
+            raise TokenizerError(f"{where}: fields 'config.default_vocab_size' ({size}) and "
+                                 f"'config.default_num_special_tokens' ({num_special}) leave {inner} regular tokens")
+        if len(vocab) < inner:
+            raise TokenizerError(f"{where}: field 'vocab' has {len(vocab)} entries, fewer than "
+                                 f"'config.default_vocab_size' - 'config.default_num_special_tokens' = {inner}")
+        specials_given = data.get("special_tokens")
+        if specials_given is None:
+            if TEKKEN_VERSIONS.index(version) > TEKKEN_VERSIONS.index("v7"):
+                raise TokenizerError(f"{where}: field 'special_tokens' is missing (required from version v11)")
+            specials = list(_TEKKEN_DEFAULT_SPECIALS)
+        else:
+            if not isinstance(specials_given, list):
+                raise TokenizerError(f"{where}: field 'special_tokens' has type {type(specials_given).__name__}")
+            specials = []
+            for k, token in enumerate(specials_given):
+                text = _tekken_field({"t": token}, "t.token_str", str, f"{where} special_tokens[{k}]")
+                if _tekken_field({"t": token}, "t.rank", int, f"{where} special_tokens[{k}]") != k:
+                    raise TokenizerError(f"{where}: field 'special_tokens[{k}].rank' is {token['rank']}, expected {k}")
+                specials.append(text)
+        if len(specials) > num_special or len(set(specials)) != len(specials):
+            raise TokenizerError(f"{where}: field 'special_tokens' has {len(specials)} entries "
+                                 f"({len(set(specials))} distinct) for 'config.default_num_special_tokens' = "
+                                 f"{num_special}")
+        specials += [f"<SPECIAL_{i}>" for i in range(len(specials), num_special)]
+        ranks: dict[bytes, int] = {}
+        for i, entry in enumerate(vocab[:inner]):
+            if not isinstance(entry, dict) or entry.get("rank") != i or not isinstance(entry.get("token_bytes"), str):
+                raise TokenizerError(f"{where}: field 'vocab[{i}]' is not {{'rank': {i}, 'token_bytes': <base64>}}")
+            try:
+                token = base64.b64decode(entry["token_bytes"], validate=True)
+            except ValueError as err:
+                raise TokenizerError(f"{where}: field 'vocab[{i}].token_bytes' is not base64") from err
+            if i < 256 and token != bytes([i]):
+                raise TokenizerError(f"{where}: field 'vocab[{i}].token_bytes' ({token!r}) is not the byte {i}")
+            if token in ranks:
+                raise TokenizerError(f"{where}: field 'vocab[{i}].token_bytes' ({token!r}) is a duplicate of "
+                                     f"vocab[{ranks[token] - num_special}]")
+            ranks[token] = num_special + i  # tiktoken's ranks are the ids: offset, so no pass over its output
+        try:
+            self.tiktoken = tiktoken.Encoding(name=_encoding_name(where), pat_str=pattern, mergeable_ranks=ranks,
+                                              special_tokens={})
+        except ValueError as err:
+            raise TokenizerError(f"{where}: field 'config.pattern' is not a valid pattern: {err}") from err
+        self.version = version
+        self.pattern = pattern
+        self.num_special_tokens = num_special
+        self.ranks = ranks
+        alphabet = {b: c for c, b in _byte_level_alphabet().items()}
+        by_rank = list(ranks)  # built in rank order
+        self.pieces = specials + ["".join(alphabet[b] for b in token) for token in by_rank]
+        self.vocab_size = size
+        self.special = frozenset(range(num_special))
+        self.defaults = {name: token for name, token in (("bos", "<s>"), ("eos", "</s>"), ("unk", "<unk>"),
+                                                          ("pad", "<pad>")) if token in specials}
+        self.table = TokenTable(tuple(self.pieces), tuple([t.encode() for t in specials] + by_rank), frozenset(),
+                                "replace")
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        encode = self.tiktoken.encode_ordinary  # per text: tiktoken's batch call pays a thread hand-off per text
+        return [encode(text) for text in texts]
+
+    def model_files(self) -> dict[str, bytes]:
+        return {"tekken.json": self.content}
+
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        """The same BPE as a byte-level `tokenizers.Tokenizer` (tokenizer.json for transformers).
+
+        Merges are every split of a token into two tokens, ranked by the merged token's rank (then
+        the parts'), which is tiktoken's lowest-rank-first merging; `ignore_merges` takes a whole
+        pre-token that is in the vocabulary as one token, as tiktoken does.
+        """
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        ranks = self.ranks
+        merges = sorted((rank, ranks[token[:k]], ranks[token[k:]], token[:k], token[k:])
+                        for token, rank in ranks.items() if len(token) > 1
+                        for k in range(1, len(token)) if token[:k] in ranks and token[k:] in ranks)
+        pieces = self.pieces
+        backend = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)},
+                                       [(pieces[ranks[a]], pieces[ranks[b]]) for *_, a, b in merges],
+                                       ignore_merges=True))
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(self.pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False)
+                                    for i in sorted(self.special)])
+        return backend
+
+
+def _encoding_name(where: str) -> str:
+    """A tiktoken encoding name from the file name."""
+    return re.sub(r"\W", "_", where.rsplit("/", 1)[-1].removesuffix(".json")) or "tekken"

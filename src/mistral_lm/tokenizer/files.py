@@ -27,8 +27,8 @@ def read_file(path: Path, what: str) -> bytes:
 
 
 def file_kwargs(path: Path) -> dict[str, Any]:
-    """Constructor keywords for one file: a GGUF (its vocabulary and settings), a tokenizer.json, else
-    a SentencePiece model."""
+    """Constructor keywords for one file: a GGUF (its vocabulary and settings), a Tekken file (a .json
+    named like mistral-common's, e.g. tekken.json), a tokenizer.json, else a SentencePiece model."""
     if path.suffix == ".gguf":  # checkpoints/ reads the header and rebuilds the vocabulary
         from ..checkpoints.gguf import read_gguf
         from ..checkpoints.gguf_tokenizer import gguf_tokenizer_parts
@@ -37,12 +37,19 @@ def file_kwargs(path: Path) -> dict[str, Any]:
         return {"tokenizer_object": backend, **settings}
     if path.suffix != ".json":
         return {"sp_model_path": path}
+    if is_tekken(path):
+        return {"tekken_file": path}
     from tokenizers import Tokenizer
 
     try:
         return {"tokenizer_object": Tokenizer.from_str(read_file(path, "tokenizer file").decode())}
     except Exception as err:  # tokenizers raises its own Exception type on malformed files
         raise TokenizerError(f"{str(path)!r} is not a valid tokenizer.json: {err}") from err
+
+
+def is_tekken(path: Path) -> bool:
+    """mistral-common's rule: a .json file with "tekken" in its name."""
+    return path.suffix == ".json" and "tekken" in path.name
 
 
 def folder_config(folder: Path) -> dict[str, Any]:
