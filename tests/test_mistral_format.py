@@ -256,3 +256,46 @@ def test_config_json_wins_over_params_json(tmp_path):
     MistralForCausalLM(config).save_pretrained(tmp_path)
     (tmp_path / "params.json").write_text(json.dumps({"dim": 3}))
     assert MistralForCausalLM.from_pretrained(tmp_path).config.hidden_size == TINY["hidden_size"]
+
+
+# ------------------------------------------------------------------ writing Mistral's layout
+@pytest.mark.parametrize("max_shard_size", ["5GB", 40_000])
+def test_written_layout_equals_independent_writer_and_reloads(max_shard_size, tmp_path):
+    from mistral_lm import MistralConfig
+    from mistral_lm.checkpoints.mistral_format import save_mistral_layout
+    from safetensors.torch import load_file
+
+    config = MistralConfig(**hf_config("gqa_window_head_dim"))
+    model = MistralForCausalLM(config).eval()
+    files = save_mistral_layout(model.state_dict(), config, tmp_path, max_shard_size=max_shard_size)
+    assert (len(files) > 1) == (max_shard_size != "5GB")
+    written = {k: v for f in files for k, v in load_file(str(f)).items()}
+    params = params_from_hf(hf_config("gqa_window_head_dim"))
+    expected = mistral_state_dict(model.state_dict(), params)
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+    assert json.loads((tmp_path / "params.json").read_text()) == {**params, "norm_eps": config.rms_norm_eps}
+    loaded = MistralForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+
+
+def test_cli_convert_layout_mistral_round_trips_the_default_model(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import default_model_or_skip
+
+    gguf = default_model_or_skip()
+    out = tmp_path / "mistral"
+    result = subprocess.run([sys.executable, "-m", "mistral_lm", "convert", str(out), "--layout", "mistral",
+                             "--model", str(gguf)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert (out / "params.json").is_file() and (out / "consolidated.safetensors").is_file()
+    ref = MistralForCausalLM.from_pretrained(gguf).eval()
+    ours = MistralForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, ref.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        err = (ours(ids, use_cache=False).logits - ref(ids, use_cache=False).logits).abs().max()
+    assert err <= TOL, f"max |logit error| {err:.3g}"

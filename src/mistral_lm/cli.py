@@ -128,10 +128,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """GGUF (or HF folder) -> an HF safetensors folder that transformers loads."""
+    """GGUF (or any folder we load) -> an HF safetensors folder that transformers loads, or
+    (`--layout mistral`) params.json + consolidated*.safetensors as mistral-inference reads."""
     model, tokenizer = load(args.model, args.dtype, "none")  # float weights: what a folder holds
     out = Path(args.output)
-    model.save_pretrained(out, max_shard_size=args.max_shard_size)
+    if args.layout == "mistral":
+        from .checkpoints.mistral_format import save_mistral_layout
+
+        save_mistral_layout(model.state_dict(), model.config, out, max_shard_size=args.max_shard_size)
+    else:
+        model.save_pretrained(out, max_shard_size=args.max_shard_size)
     tokenizer.save_pretrained(out)
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -176,9 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     sampling_flags(chat)
     add("info", cmd_info, "print the config and parameter count")
-    conv = add("convert", cmd_convert, "write an HF safetensors folder")
+    conv = add("convert", cmd_convert, "write an HF (or Mistral-layout) safetensors folder")
     conv.add_argument("output")
     conv.add_argument("--max-shard-size", default="5GB")
+    conv.add_argument("--layout", default="hf", choices=["hf", "mistral"],
+                      help="hf: config.json + model*.safetensors; mistral: params.json + consolidated*.safetensors")
     serve = add("serve", cmd_serve, "OpenAI-compatible HTTP server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

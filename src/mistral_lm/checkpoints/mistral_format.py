@@ -7,6 +7,8 @@ Three tables and one permutation turn such a folder into what the HF-named loade
     hf_name              mistral-inference tensor names -> Transformers' names
     to_half_split        Q/K rows: interleaved-pair RoPE -> HF's half-split RoPE
 
+and back for writing (`save_mistral_layout`, `mistral-lm convert --layout mistral`).
+
 Only the first parse of every tensor goes through here; the result is an ordinary stream of
 HF-named tensors, so shape checks, dtype policy and assignment stay in `loading.py`.
 """
@@ -21,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from .._util import is_int
 from ..config import CONFIG_NAME, MistralConfig
 from ..errors import CheckpointError, ConfigError
+from .safetensors import parse_size
 
 PARAMS_NAME = "params.json"
 SINGLE_FILE = "consolidated.safetensors"
@@ -193,3 +197,69 @@ def to_hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: MistralCo
                 )
             tensor = to_half_split(tensor, heads)
         yield key, tensor
+
+
+# ------------------------------------------------------------------ writing
+def to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `to_half_split`: HF half-split Q/K rows -> interleaved pairs.
+
+    One head, head_dim 4, rows named by their HF index: [0, 1, 2, 3] -> [0, 2, 1, 3].
+    w: (n_heads * head_dim, dim) -> same shape.
+    """
+    rows, dim = w.shape
+    # (H, 2, D/2, dim) -> (H, D/2, 2, dim): the half index becomes the pair index
+    return w.view(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def params_from_config(config: MistralConfig) -> dict[str, Any]:
+    """The params.json of a config. The layout has no place for token ids or tied embeddings:
+    the output matrix is written as its own tensor, and bos/eos are the tokenizer's to know."""
+    hf_to_params = {hf: k for k, hf in {**_REQUIRED, **_OPTIONAL}.items() if k != "max_seq_len"}
+    return {k: getattr(config, hf) for hf, k in hf_to_params.items()}
+
+
+def mistral_state_dict(state: dict[str, torch.Tensor], config: MistralConfig) -> dict[str, torch.Tensor]:
+    """An HF-named state dict (a causal LM's) -> Mistral names, Q/K rows interleaved."""
+    embed = state["model.embed_tokens.weight"]
+    head = state.get("lm_head.weight", embed)
+    if head.data_ptr() == embed.data_ptr():  # tied: the layout always carries its own output matrix
+        state = {**state, "lm_head.weight": head.clone()}
+    to_mistral = {hf.format(i=i): m.format(i=i) for m, hf in NAME_TABLE.items()
+                  for i in range(config.num_hidden_layers)}
+    out = {}
+    for hf, tensor in state.items():
+        if hf not in to_mistral:
+            raise CheckpointError(f"{hf!r} has no name in Mistral's layout (only a causal LM can be written)")
+        name = to_mistral[hf]
+        heads_field = _ROPE_HEADS.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
+        if heads_field is not None:
+            tensor = to_interleaved(tensor, getattr(config, heads_field))
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def save_mistral_layout(state: dict[str, torch.Tensor], config: MistralConfig, folder: str | os.PathLike,
+                        max_shard_size: int | str = "5GB") -> list[Path]:
+    """Write params.json and consolidated.safetensors (or consolidated-0000N-of-0000M.safetensors
+    above `max_shard_size`), the layout mistral-inference reads; returns the weight files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("consolidated*.safetensors"):
+        stale.unlink()
+    tensors = mistral_state_dict(state, config)
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"consolidated-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+    (folder / PARAMS_NAME).write_text(json.dumps(params_from_config(config), indent=2) + "\n", encoding="utf-8")
+    return [folder / n for n in names]
