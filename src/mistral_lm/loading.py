@@ -38,8 +38,7 @@ from .attention import check_implementation
 from .checkpoints.hf_folder import model_key, skippable
 from .checkpoints.mistral_format import config_from_params, is_mistral_folder, read_params, to_hf_tensors
 from .checkpoints.mistral_format import weight_files as mistral_weight_files
-from .checkpoints.safetensors import _iter_safetensors as iter_safetensors_file  # one file, same dtype policy
-from .checkpoints.safetensors import iter_tensors
+from .checkpoints.safetensors import iter_safetensors_file, iter_tensors
 from .config import MistralConfig
 from .dtypes import resolve_dtype
 from .errors import CheckpointError, ConfigError

@@ -33,17 +33,17 @@ _FLOAT_CODES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float
 def iter_tensors(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for every tensor of a checkpoint folder, one shard at a time.
 
-    With `dtype`, floating tensors come converted to it, one at a time (see _iter_safetensors).
+    With `dtype`, floating tensors come converted to it, one at a time (see iter_safetensors_file).
     """
     for file in weight_files(folder):
         if file.suffix == ".safetensors":
-            yield from _iter_safetensors(file, dtype)
+            yield from iter_safetensors_file(file, dtype)
         else:
             for name, tensor in _load_pickle_free(file).items():
                 yield name, _cast(tensor, dtype)
 
 
-def _iter_safetensors(file: Path, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors_file(file: Path, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors mmapped as they are; tensors to convert are read with pread instead.
 
     Pages of a mapping stay resident until the file is closed, so converting from the mapping
