@@ -23,8 +23,8 @@ def _batch(vocab: int, pad_rows: bool = True):
     return ids, mask
 
 
-def _pair(name: str, tmp_path, direction: str):
-    config = tiny_config(**PARITY_CONFIGS[name])
+def _pair(config, tmp_path, direction: str):
+    """(ours, transformers') of one config, the second loaded from the first's save_pretrained."""
     if direction == "ours->hf":
         ours = MistralForCausalLM(config).eval()
         ours.save_pretrained(tmp_path)
@@ -40,7 +40,7 @@ def _pair(name: str, tmp_path, direction: str):
 @pytest.mark.parametrize("direction", ["ours->hf", "hf->ours"])
 @pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))
 def test_logits_loss_hidden_states_match(name, direction, tmp_path):
-    ours, ref = _pair(name, tmp_path, direction)
+    ours, ref = _pair(tiny_config(**PARITY_CONFIGS[name]), tmp_path, direction)
     ids, mask = _batch(ours.config.vocab_size)
     # a label counts only when the token before it is real: a pad position's output is unspecified
     context = torch.nn.functional.pad(mask, (1, 0))[:, :-1]
@@ -61,7 +61,7 @@ def test_logits_loss_hidden_states_match(name, direction, tmp_path):
 
 @pytest.mark.parametrize("name", ["window", "gqa"])
 def test_attentions_match_with_eager(name, tmp_path):
-    ours, ref = _pair(name, tmp_path, "ours->hf")
+    ours, ref = _pair(tiny_config(**PARITY_CONFIGS[name]), tmp_path, "ours->hf")
     ref.config._attn_implementation = "eager"
     ids, _ = _batch(ours.config.vocab_size, pad_rows=False)
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_attentions_match_with_eager(name, tmp_path):
 
 
 def test_no_padding_loss_matches_unmasked_labels(tmp_path):
-    ours, ref = _pair("window", tmp_path, "ours->hf")
+    ours, ref = _pair(tiny_config(**PARITY_CONFIGS["window"]), tmp_path, "ours->hf")
     ids, _ = _batch(ours.config.vocab_size, pad_rows=False)
     with torch.no_grad():
         assert (ours(ids, labels=ids).loss - ref(ids, labels=ids).loss).abs() <= TOL
@@ -163,16 +163,8 @@ def test_half_precision_close_to_float32(dtype, tmp_path):
 def test_released_shapes_match(release, direction, tmp_path):
     """v0.1 / v0.2 / v0.3 / Nemo / Small, scaled down (tests/test_mistral_format.py's RELEASE_SHAPES):
     window or none, rope_theta up to 1e8, head_dim != hidden/heads, vocab growth."""
-    config = tiny_config(**RELEASE_SHAPES[release])
-    if direction == "ours->hf":
-        ours = MistralForCausalLM(config).eval()
-        ours.save_pretrained(tmp_path)
-        ref = transformers.MistralForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    else:
-        ref = transformers.MistralForCausalLM(transformers.MistralConfig(**{**config.to_dict(), "dtype": "float32"}))
-        ref.eval().save_pretrained(tmp_path)
-        ours = MistralForCausalLM.from_pretrained(tmp_path).eval()
-    ids, mask = _batch(config.vocab_size)
+    ours, ref = _pair(tiny_config(**RELEASE_SHAPES[release]), tmp_path, direction)
+    ids, mask = _batch(ours.config.vocab_size)
     real = mask.bool()
     with torch.no_grad():
         err = (ours(ids, attention_mask=mask, use_cache=False).logits - ref(ids, attention_mask=mask).logits)[real]

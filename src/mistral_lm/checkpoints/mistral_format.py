@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from .._util import is_int
 from ..config import CONFIG_NAME, MistralConfig
 from ..errors import CheckpointError, ConfigError
-from .safetensors import parse_size
+from .safetensors import split_shards
 
 PARAMS_NAME = "params.json"
 SINGLE_FILE = "consolidated.safetensors"
@@ -246,17 +246,7 @@ def save_mistral_layout(state: dict[str, torch.Tensor], config: MistralConfig, f
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("consolidated*.safetensors"):
         stale.unlink()
-    tensors = mistral_state_dict(state, config)
-    limit = parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
+    shards = split_shards(mistral_state_dict(state, config), max_shard_size)
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"consolidated-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):

@@ -96,6 +96,22 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
 
 
+def split_shards(tensors: dict[str, torch.Tensor], max_shard_size: int | str) -> list[dict[str, torch.Tensor]]:
+    """`tensors` in order, cut into shards of at most `max_shard_size` bytes each (a tensor
+    larger than that gets a shard of its own)."""
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
 def save_state_dict(
     state_dict: dict[str, torch.Tensor], folder: str | os.PathLike, max_shard_size: int | str = "5GB"
 ) -> list[Path]:
@@ -104,16 +120,7 @@ def save_state_dict(
     folder.mkdir(parents=True, exist_ok=True)
     for stale in [*folder.glob("model*.safetensors"), folder / SAFE_INDEX]:
         stale.unlink(missing_ok=True)
-    limit = parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state_dict.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.detach().to("cpu").contiguous()
-        size += nbytes
+    shards = split_shards({k: t.detach().to("cpu").contiguous() for k, t in state_dict.items()}, max_shard_size)
     if len(shards) == 1:
         save_file(shards[0], str(folder / SAFE_WEIGHTS), metadata={"format": "pt"})
         return [folder / SAFE_WEIGHTS]
