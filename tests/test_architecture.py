@@ -40,7 +40,16 @@ def _import_graph() -> dict[str, set[str]]:
                     target = target.rpartition(".")[0]
                 if target and target != name:
                     graph[name].add(target)
+                    graph[name].update(_packages_run_first(target, name, files))
     return graph
+
+
+def _packages_run_first(target: str, importer: str, files: dict) -> set[str]:
+    """Importing `a.b.c` runs `a/__init__` and `a/b/__init__` first, except packages the importer
+    itself lives in (already initializing when it runs)."""
+    parts = target.split(".")
+    packages = {".".join(parts[:i]) for i in range(1, len(parts))}
+    return {p for p in packages if p in files and not (importer == p or importer.startswith(p + "."))}
 
 
 def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -71,6 +80,10 @@ def test_the_graph_sees_relative_and_function_level_imports():
     assert "mistral_lm.tokenizer" in graph["mistral_lm.auto"]  # inside AutoTokenizer.from_pretrained
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
+    # importing a.b.c runs the packages a and a.b first, except the importer's own packages
+    files = dict.fromkeys(["a", "a.b", "a.b.c", "a.d"])
+    assert _packages_run_first("a.b.c", "x", files) == {"a", "a.b"}
+    assert _packages_run_first("a.b.c", "a.d", files) == {"a.b"}
 
 
 def test_no_import_cycles():
