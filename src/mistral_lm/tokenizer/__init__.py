@@ -26,6 +26,7 @@ from .chat_template import render_chat
 from .detokenizer import StreamingDetokenizer
 from .engines import Engine, SentencePieceEngine, TekkenEngine, TokenizersEngine, TokenTable, id_list
 from .files import TOKEN_NAMES, file_kwargs, folder_config, read_file, save_folder
+from .mistral_chat import encode_chat, sentencepiece_chat_version, tekken_chat_version
 
 if TYPE_CHECKING:
     import tokenizers
@@ -113,12 +114,16 @@ class MistralTokenizer:
         if [tokenizer_object, sp_model_path, tekken_file].count(None) != 2:
             raise TokenizerError("pass exactly one of tokenizer_object= (a tokenizers.Tokenizer), "
                                  "sp_model_path= (a SentencePiece .model file) or tekken_file= (a tekken.json)")
+        # mistral-common's chat version (v1/v2/v3/v7) of a Mistral tokenizer file, else None
+        self._chat_version: str | None = None
         if tokenizer_object is not None:
             self._engine: Engine = TokenizersEngine(tokenizer_object)
         elif tekken_file is not None:
             self._engine = TekkenEngine(read_file(Path(str(tekken_file)), "Tekken file"), str(tekken_file))
+            self._chat_version = tekken_chat_version(self._engine.version)
         else:
             self._engine = SentencePieceEngine(read_file(Path(str(sp_model_path)), "SentencePiece model"))
+            self._chat_version = sentencepiece_chat_version(sp_model_path)
         self._vocab = {piece: i for i, piece in enumerate(self._engine.pieces)}
         given = {"bos": bos_token, "eos": eos_token, "unk": unk_token, "pad": pad_token}
         self._tokens: dict[str, str | None] = dict.fromkeys(TOKEN_NAMES)
@@ -362,6 +367,12 @@ class MistralTokenizer:
         Message text is always encoded as text; only the template's own special tokens become
         control ids (see `chat_template.render_chat`).
 
+        A tokenizer loaded from a Mistral file (`*.model.v2/v3/v7`, a v3/v7 `tekken.json`) with no
+        Jinja template encodes as mistral-common does, straight from messages to ids
+        (`mistral_chat.encode_chat`), from v2 on (v1's format is the built-in template);
+        `add_generation_prompt` changes nothing there (the ids end after [/INST]), and
+        `tokenize=False` gives the decoded ids.
+
         >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
         '<s>[INST] Hi [/INST]'
         """
@@ -369,12 +380,25 @@ class MistralTokenizer:
         if refused:
             raise TypeError(f"apply_chat_template() does not support {refused}; render with tokenize=False and "
                             "call the tokenizer for padding or truncation")
+        # v1 keeps the built-in template: it is v1's format (tested equal to mistral-common), and its
+        # stricter role checks (alternating turns) are existing behaviour.
+        if self._chat_version not in (None, "v1") and chat_template is None and self.chat_template is None:
+            given = sorted(k for k, v in template_kwargs.items() if v is not None)
+            if given:
+                raise TokenizerError(f"apply_chat_template(): {given} are not supported by the "
+                                     f"mistral-common {self._chat_version} encoding (tools are not encoded yet)")
+            ids = encode_chat(messages, self._chat_version, self._encode_text, self._special_id)
+            if not tokenize:
+                return self.decode(ids)
+            return self._chat_output(ids, return_tensors, return_dict)
         pieces = render_chat(messages, chat_template or self.chat_template, special_tokens=self.all_special_tokens,
                              variables=self.special_tokens_map, add_generation_prompt=add_generation_prompt,
                              **template_kwargs)
         if not tokenize:
             return "".join(text for text, _ in pieces)
-        ids = self._encode_pieces(pieces)
+        return self._chat_output(self._encode_pieces(pieces), return_tensors, return_dict)
+
+    def _chat_output(self, ids: list[int], return_tensors: str | None, return_dict: bool) -> Any:
         value = _as_tensors([ids], return_tensors) if return_tensors else ids
         if not return_dict:
             return value
@@ -391,6 +415,15 @@ class MistralTokenizer:
         """
         texts = iter(self._engine.encode([text for text, special in pieces if not special]))
         return [i for text, special in pieces for i in ([self._vocab[text]] if special else next(texts))]
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self._engine.encode([text])[0]
+
+    def _special_id(self, token: str) -> int:
+        i = self._vocab.get(token)
+        if i is None or i not in self._engine.special:
+            raise TokenizerError(f"this {self._chat_version} tokenizer has no control token {token!r}")
+        return i
 
     def __repr__(self) -> str:
         return (f"MistralTokenizer(engine={self._engine.name}, vocab={len(self)}, bos={self.bos_token!r}, "
