@@ -156,5 +156,41 @@ def test_a_conversation_may_end_with_an_answer():
 def test_template_variables_are_refused():
     tok = MistralTokenizer.from_pretrained(DATA / "mistral_instruct_tokenizer_240323.model.v3")
     assert tok.apply_chat_template([m(U, "u")], tools=None) == tok.apply_chat_template([m(U, "u")])
-    with pytest.raises(TokenizerError, match="tools"):
-        tok.apply_chat_template([m(U, "u")], tools=[{"type": "function"}])
+    with pytest.raises(TokenizerError, match="only tools="):
+        tok.apply_chat_template([m(U, "u")], documents=[{"text": "d"}])
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city, °C",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}, "strict": True}},
+    {"type": "function", "function": {"name": "no-args_2", "parameters": {}}},
+]
+
+
+@pytest.mark.parametrize("conversation", ["single-user", "system-multi-turn", "consecutive-users", "assistant-first",
+                                          "system-between-users", "unicode-and-whitespace"])
+def test_available_tools_equal_mistral_common(pair, conversation):
+    name, tok, reference = pair
+    version = FILES[name][1]
+    messages = CONVERSATIONS[conversation]
+    if version == "v1":
+        with pytest.raises(TokenizerError, match="v1 tokenizers have no tool tokens"):
+            encode_chat(messages, version, lambda text: tok._engine.encode([text])[0], tok._special_id, tools=TOOLS)
+        return
+    expected = reference.encode_chat_completion(ChatCompletionRequest(messages=messages, tools=TOOLS)).tokens
+    assert tok.apply_chat_template(messages, tools=TOOLS) == expected
+    assert expected.count(tok.convert_tokens_to_ids("[AVAILABLE_TOOLS]")) == 1
+
+
+@pytest.mark.parametrize(("tools", "match"), [
+    ({"type": "function"}, "tools must be a list"),
+    ([{"type": "function"}], r"tools\[0\] must be"),
+    ([{"type": "function", "function": {"name": "bad name"}}], "function name 'bad name'"),
+    ([{"type": "function", "function": {"name": "f", "parameters": "x"}}], "'parameters' a dict"),
+    ([{"type": "function", "function": {"name": "f"}}], "'parameters' a dict"),
+])
+def test_bad_tools_are_clear_errors(tools, match):
+    tok = MistralTokenizer.from_pretrained(DATA / "tekken_240718.json")
+    with pytest.raises(TokenizerError, match=match):
+        tok.apply_chat_template([m(U, "u")], tools=tools)

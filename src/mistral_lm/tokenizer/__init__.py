@@ -383,11 +383,12 @@ class MistralTokenizer:
         # v1 keeps the built-in template: it is v1's format (tested equal to mistral-common), and its
         # stricter role checks (alternating turns) are existing behaviour.
         if self._chat_version not in (None, "v1") and chat_template is None and self.chat_template is None:
-            given = sorted(k for k, v in template_kwargs.items() if v is not None)
+            given = sorted(k for k, v in template_kwargs.items() if v is not None and k != "tools")
             if given:
                 raise TokenizerError(f"apply_chat_template(): {given} are not supported by the "
-                                     f"mistral-common {self._chat_version} encoding (tools are not encoded yet)")
-            ids = encode_chat(messages, self._chat_version, self._encode_text, self._special_id)
+                                     f"mistral-common {self._chat_version} encoding (only tools=)")
+            ids = encode_chat(messages, self._chat_version, self._encode_text, self._special_id,
+                              tools=template_kwargs.get("tools"))
             if not tokenize:
                 return self.decode(ids)
             return self._chat_output(ids, return_tensors, return_dict)

@@ -24,11 +24,14 @@ The rules, as mistral-common applies them:
   text with trailing spaces removed + </s>.
   v7: [SYSTEM_PROMPT] text [/SYSTEM_PROMPT] in place; [INST] text [/INST]; assistant as v3.
 
-Tools, tool calls and tool results are not encoded yet: such messages raise TokenizerError.
+Tools (`tools=[{"type": "function", "function": {...}}]`, from v2 on) go as
+[AVAILABLE_TOOLS] json [/AVAILABLE_TOOLS] right before the last user turn's [INST]. Assistant tool
+calls and tool results are not encoded yet: such messages raise TokenizerError.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -128,8 +131,34 @@ def _normalize(messages: list[tuple[str, str]], version: str) -> tuple[list[tupl
     return merged, _JOIN.join(system) if system else None
 
 
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def _tools_json(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The tools as mistral-common dumps them: type, then function (name, description, parameters)."""
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+        raise TokenizerError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}} dicts, "
+                             f"got {type(tools).__name__}")
+    out = []
+    for k, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping) or tool.get("type", "function") != "function":
+            raise TokenizerError(f"tools[{k}] must be {{'type': 'function', 'function': {{'name': ..., "
+                                 f"'description': ..., 'parameters': {{...}}}}}}, got {tool!r}")
+        name, description = function.get("name"), function.get("description", "")
+        parameters = function.get("parameters")  # required, as in mistral-common
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise TokenizerError(f"tools[{k}]: function name {name!r} must be 1-64 of a-z, A-Z, 0-9, _ and -")
+        if not isinstance(description, str) or not isinstance(parameters, Mapping):
+            raise TokenizerError(f"tools[{k}]: 'description' must be a string and 'parameters' a dict (a JSON "
+                                 f"schema; {{}} for none), got {description!r} and {parameters!r}")
+        out.append({"type": "function", "function": {"name": name, "description": description,
+                                                      "parameters": dict(parameters)}})
+    return json.dumps(out, ensure_ascii=False)
+
+
 def encode_chat(messages: Sequence[Mapping[str, Any]], version: str, encode_text: Callable[[str], list[int]],
-                special_id: Callable[[str], int]) -> list[int]:
+                special_id: Callable[[str], int], tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
     """mistral-common's ids of a conversation for instruct tokenizer `version` (v1, v2, v3 or v7).
 
     `encode_text` encodes plain text without BOS/EOS (control-token strings in it stay text);
@@ -139,6 +168,9 @@ def encode_chat(messages: Sequence[Mapping[str, Any]], version: str, encode_text
     if version not in CHAT_VERSIONS:
         raise TokenizerError(f"chat version {version!r} is not supported; supported: {list(CHAT_VERSIONS)}")
     merged, system = _normalize(_validate(messages), version)
+    if tools and version == "v1":
+        raise TokenizerError("v1 tokenizers have no tool tokens: tools need a v2+ tokenizer")
+    tools_text = _tools_json(tools) if tools else None
     users = [k for k, (role, _) in enumerate(merged) if role == "user"]
     first_user, last_user = (users[0], users[-1]) if users else (-1, -1)
     bos, eos = special_id("<s>"), special_id("</s>")
@@ -153,6 +185,8 @@ def encode_chat(messages: Sequence[Mapping[str, Any]], version: str, encode_text
         elif role == "user":
             if k == last_user and system:
                 text = system + _JOIN + text
+            if k == last_user and tools_text is not None:
+                ids += [special_id("[AVAILABLE_TOOLS]"), *encode_text(tools_text), special_id("[/AVAILABLE_TOOLS]")]
             ids += [special_id("[INST]"), *encode_text(text), special_id("[/INST]")]
         else:
             ids += [*encode_text(text if version == "v1" else text.rstrip(" ")), eos]
