@@ -173,31 +173,45 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(gen.seed)
     if streamer is not None:
         streamer.put(ids.cpu())
-    new: list[torch.Tensor] = []
-    for token in generate_tokens(model, ids, mask, gen, max_new, generator):
-        new.append(token)
+    out = _output_buffer(ids, gen, max_new)
+    produced = 0
+    for token in generate_tokens(model, ids, mask, gen, max_new, generator, out=out):
+        produced += 1
         if streamer is not None:
             streamer.put(token.cpu())
     if streamer is not None:
         streamer.end()
-    return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids
+    return out[:, : prompt_len + produced] if produced else ids
+
+
+def _pad_id(gen: GenerationConfig) -> int:
+    eos = gen.eos_ids
+    return gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0)
+
+
+def _output_buffer(ids: torch.Tensor, gen: GenerationConfig, max_new: int) -> torch.Tensor:
+    """(B, T + max_new) token ids: the prompts, then pad until tokens are written."""
+    out = torch.full((ids.shape[0], ids.shape[1] + max_new), _pad_id(gen), dtype=torch.long, device=ids.device)
+    out[:, : ids.shape[1]] = ids
+    return out
 
 
 def generate_tokens(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen: GenerationConfig, max_new: int,
-                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                    generator: torch.Generator | None = None, out: torch.Tensor | None = None
+                    ) -> Iterator[torch.Tensor]:
     """Yield each step's new token per row, (B,), for up to `max_new` steps: the generator core
     of generate() and the streamers. `ids`, `mask` (B, T) are the (left-padded) prompts.
 
     Rows that ended (an EOS) get the pad token until every row has ended. Prompt and output
-    live in one preallocated (B, T + max_new) buffer, which the repetition penalty reads.
+    live in one preallocated (B, T + max_new) buffer (`out`, made here unless given), which the
+    repetition penalty reads and generate() returns.
     """
     if max_new == 0:
         return
     b, prompt_len = ids.shape
     eos = gen.eos_ids
-    pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0)
-    history = torch.full((b, prompt_len + max_new), pad, dtype=torch.long, device=ids.device)
-    history[:, :prompt_len] = ids
+    pad = _pad_id(gen)
+    history = _output_buffer(ids, gen, max_new) if out is None else out
     pick = sampling.make_picker(gen)
     if gen.use_cache:
         step = Decoder(model, compile=gen.compile)
