@@ -30,3 +30,8 @@ class GenerationError(MistralLMError, ValueError):
 
 class InputError(MistralLMError, ValueError):
     """A forward-pass input has the wrong shape, dtype or value range."""
+
+
+class ToolCallError(TokenizerError):
+    """A model's generated tool call is not the JSON its chat format defines (malformed, truncated,
+    a missing name): the caller decides whether to return the text or retry."""
