@@ -83,3 +83,42 @@ def test_sample_frequencies_follow_softmax():
     draws = torch.stack([sampling.sample(logits, gen) for _ in range(6000)])
     freq = torch.bincount(draws.flatten(), minlength=3).float() / draws.numel()
     assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.02)
+
+
+@settings(max_examples=50, deadline=None)
+@given(history=st.lists(st.lists(st.integers(0, 7), min_size=0, max_size=12), min_size=1, max_size=3),
+       presence=st.floats(-2, 2), frequency=st.floats(-2, 2))
+def test_openai_penalties_follow_openai_formula(history, presence, frequency):
+    """OpenAI's documented formula, written out as a plain loop over the vocabulary:
+    mu[j] -> mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence."""
+    length = min(len(h) for h in history)
+    rows = [h[:length] for h in history]
+    logits = torch.randn(len(rows), 8)
+    out = sampling.openai_penalties(logits, torch.tensor(rows, dtype=torch.long).reshape(len(rows), length),
+                                    presence, frequency)
+    for b, row in enumerate(rows):
+        for j in range(8):
+            c = row.count(j)
+            expected = float(logits[b, j]) - c * frequency - float(c > 0) * presence
+            assert abs(float(out[b, j]) - expected) < 1e-5
+
+
+def test_logit_bias_adds_to_the_named_tokens_only():
+    logits = torch.randn(2, 6)
+    out = sampling.add_bias(logits, {1: 5.0, 4: -100.0})
+    for b in range(2):
+        for j in range(6):
+            assert abs(float(out[b, j]) - (float(logits[b, j]) + {1: 5.0, 4: -100.0}.get(j, 0.0))) < 1e-5
+
+
+def test_picker_applies_bias_and_penalties_to_greedy_picks():
+    """A bias of +100 makes greedy pick that token; a big frequency penalty moves greedy off a repeated token."""
+    from mistral_lm.generation import GenerationConfig
+
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    config = GenerationConfig(do_sample=False)
+    history = torch.tensor([[0, 0]])
+    assert sampling.make_picker(config)(logits, history).tolist() == [0]
+    assert sampling.make_picker(config, logit_bias={3: 100.0})(logits, history).tolist() == [3]
+    assert sampling.make_picker(config, frequency_penalty=0.6)(logits, history).tolist() == [1]  # 3 - 2*0.6 < 2
+    assert sampling.make_picker(config, presence_penalty=0.6)(logits, history).tolist() == [0]  # 3 - 0.6 > 2

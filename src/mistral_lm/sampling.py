@@ -3,6 +3,9 @@
 Each processor follows the definition Transformers documents, in the same order (repetition
 penalty, then temperature, top-k, top-p), so seeded sampling is comparable across libraries.
 Filtering sets logits to -inf; at least one token always survives.
+
+OpenAI's additive adjustments (`logit_bias`, `presence_penalty`, `frequency_penalty`) come first,
+before the repetition penalty and temperature, as vLLM applies them; they also steer greedy picks.
 """
 
 from __future__ import annotations
@@ -22,6 +25,24 @@ def repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float) 
     seen = torch.gather(logits, 1, ids)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return logits.scatter(1, ids, seen)
+
+
+def openai_penalties(logits: torch.Tensor, ids: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's definition: logit[j] -= c[j] * frequency + (c[j] > 0) * presence, where c[j] counts
+    token j in `ids` (B, L): the tokens generated so far, not the prompt's, as OpenAI and vLLM count."""
+    if (presence == 0 and frequency == 0) or ids.shape[1] == 0:
+        return logits
+    counts = torch.zeros_like(logits).scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def add_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """OpenAI's `logit_bias`: `bias[j]` added to every row's logit of token j."""
+    if not bias:
+        return logits
+    ids = torch.tensor(list(bias), device=logits.device)
+    values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits.index_add(1, ids, values.expand(logits.shape[0], -1))
 
 
 def temperature_scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -68,14 +89,20 @@ def process(
     return logits
 
 
-def make_picker(config: Any) -> Picker:
+def make_picker(config: Any, *, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                logit_bias: dict[int, float] | None = None) -> Picker:
     """`pick(logits (B, V), history (B, L), generator) -> (B,)` token ids, with `config`'s
-    settings (a GenerationConfig) read once per request rather than on every step."""
+    settings (a GenerationConfig) read once per request rather than on every step.
+
+    The OpenAI keywords (`openai_penalties`, `add_bias`) count the tokens of `history`: pass the
+    generated tokens only when using them (the server does; generate() leaves them at 0)."""
     do_sample, temperature, top_k, top_p = config.do_sample, config.temperature, config.top_k, config.top_p
     penalty = config.repetition_penalty
+    bias = dict(logit_bias or {})
 
     def pick(logits: torch.Tensor, history: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        scores = process(logits.float(), history, do_sample=do_sample, temperature=temperature, top_k=top_k,
+        scores = add_bias(openai_penalties(logits.float(), history, presence_penalty, frequency_penalty), bias)
+        scores = process(scores, history, do_sample=do_sample, temperature=temperature, top_k=top_k,
                          top_p=top_p, repetition_penalty_value=penalty)
         return sample(scores, generator) if do_sample else greedy(scores)
 
