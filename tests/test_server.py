@@ -185,8 +185,13 @@ def _wait_for(predicate: Any, seconds: float = 20) -> None:
     ({"messages": [{"role": "user", "content": "hi"}], "seed": "x"}, "seed"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
-    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": "x"}, "presence_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"a": 1}}, "logit_bias"),
     ({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}, "bogus"),
 ])
 def test_chat_validation_names_the_field(body: dict[str, Any], param: str) -> None:
@@ -198,10 +203,15 @@ def test_chat_validation_names_the_field(body: dict[str, Any], param: str) -> No
 
 @pytest.mark.parametrize("body, param", [
     ({}, "prompt"),
-    ({"prompt": ["one", "two"]}, "prompt"),
+    ({"prompt": ["one", 2]}, "prompt"),
     ({"prompt": [1, -2]}, "prompt"),
+    ({"prompt": [[1, 2], []]}, "prompt"),
+    ({"prompt": ["x"] * 129}, "prompt"),
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "hi", "echo": True}, "echo"),
+    ({"prompt": "hi", "echo": True, "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "hi", "echo": 1}, "echo"),
+    ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "hi", "logprobs": True}, "logprobs"),
 ])
 def test_completion_validation_names_the_field(body: dict[str, Any], param: str) -> None:
     with pytest.raises(ProtocolError) as err:
@@ -211,7 +221,7 @@ def test_completion_validation_names_the_field(body: dict[str, Any], param: str)
 
 def test_completion_defaults_follow_openai() -> None:
     request = parse_completion({"prompt": ["hello"], "temperature": 0, "stop": "x", "frequency_penalty": 0})
-    assert (request.prompt, request.max_tokens, request.n, request.stop) == ("hello", 16, 1, ("x",))
+    assert (request.prompts, request.max_tokens, request.n, request.stop) == (("hello",), 16, 1, ("x",))
     config = request.generation_config(16, [2])
     assert not config.do_sample and config.top_k == 0  # temperature 0 is greedy; OpenAI has no top-k
     sampled = parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
@@ -401,8 +411,8 @@ def test_chat_and_completion_through_the_openai_client(client: openai.OpenAI, mo
 
 def test_streaming_equals_the_whole_answer(client: openai.OpenAI) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": _prompt(5)}]
-    whole = client.chat.completions.create(model="m", messages=messages, max_tokens=30, temperature=0)
-    stream = client.chat.completions.create(model="m", messages=messages, max_tokens=30, temperature=0, stream=True,
+    whole = client.chat.completions.create(model="tiny-mistral", messages=messages, max_tokens=30, temperature=0)
+    stream = client.chat.completions.create(model="tiny-mistral", messages=messages, max_tokens=30, temperature=0, stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -411,19 +421,19 @@ def test_streaming_equals_the_whole_answer(client: openai.OpenAI) -> None:
     assert reasons == [whole.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
-    text = client.completions.create(model="m", prompt=_prompt(2), max_tokens=20, temperature=0).choices[0].text
-    streamed = client.completions.create(model="m", prompt=_prompt(2), max_tokens=20, temperature=0, stream=True)
+    text = client.completions.create(model="tiny-mistral", prompt=_prompt(2), max_tokens=20, temperature=0).choices[0].text
+    streamed = client.completions.create(model="tiny-mistral", prompt=_prompt(2), max_tokens=20, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == text
 
 
 def test_stop_strings_end_the_answer(client: openai.OpenAI) -> None:
-    full = client.completions.create(model="m", prompt=_prompt(4), max_tokens=30, temperature=0).choices[0]
+    full = client.completions.create(model="tiny-mistral", prompt=_prompt(4), max_tokens=30, temperature=0).choices[0]
     assert len(full.text) > 8, "the test needs a longer answer"
     stop = full.text[5:8]
     expected = full.text[:full.text.find(stop)]
-    cut = client.completions.create(model="m", prompt=_prompt(4), max_tokens=30, temperature=0, stop=[stop, "\x00"])
+    cut = client.completions.create(model="tiny-mistral", prompt=_prompt(4), max_tokens=30, temperature=0, stop=[stop, "\x00"])
     assert (cut.choices[0].text, cut.choices[0].finish_reason) == (expected, "stop")
-    streamed = client.completions.create(model="m", prompt=_prompt(4), max_tokens=30, temperature=0, stop=stop,
+    streamed = client.completions.create(model="tiny-mistral", prompt=_prompt(4), max_tokens=30, temperature=0, stop=stop,
                                          stream=True)
     chunks = list(streamed)
     assert "".join(c.choices[0].text for c in chunks) == expected
@@ -461,19 +471,19 @@ def test_32_concurrent_streams_equal_each_prompt_alone(server: str, engine: Engi
 def test_http_errors_are_openai_shaped(client: openai.OpenAI, server: str) -> None:
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="m", messages=messages, temperature=3)
+        client.chat.completions.create(model="tiny-mistral", messages=messages, temperature=3)
     assert err.value.param == "temperature" and "temperature" in err.value.message
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * CONTEXT}])
+        client.chat.completions.create(model="tiny-mistral", messages=[{"role": "user", "content": "word " * CONTEXT}])
     assert err.value.param == "messages" and "max_position_embeddings" in err.value.message
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model="m", prompt="hi", max_tokens=CONTEXT)
+        client.completions.create(model="tiny-mistral", prompt="hi", max_tokens=CONTEXT)
     assert err.value.param == "max_tokens"
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="m", messages=[{"role": "assistant", "content": "first"}])
+        client.chat.completions.create(model="tiny-mistral", messages=[{"role": "assistant", "content": "first"}])
     assert err.value.param == "messages" and "alternate" in err.value.message  # the chat template refused it
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model="m", prompt=[40000])
+        client.completions.create(model="tiny-mistral", prompt=[40000])
     assert err.value.param == "prompt"
     for key in ("wrong-key", API_KEY + "x", ""):
         bad = openai.OpenAI(base_url=server + "/v1", api_key=key or "none", max_retries=0)
@@ -526,7 +536,7 @@ def test_abuse_leaves_the_server_serving(server: str, engine: Engine, client: op
     _wait_for(lambda: engine.stats()["active_rows"] == 0 and engine.stats()["waiting"] == 0)
     counts = {k: engine.counts[k] - before[k] for k in ("submitted", "completed", "cancelled", "failed")}
     assert counts == {"submitted": 12, "completed": 8, "cancelled": 4, "failed": 0}
-    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "still there?"}],
+    reply = client.chat.completions.create(model="tiny-mistral", messages=[{"role": "user", "content": "still there?"}],
                                            max_tokens=4, temperature=0)
     assert reply.choices[0].finish_reason in ("stop", "length")
 

@@ -15,41 +15,17 @@ from typing import Any, Callable
 import torch
 
 from .errors import MistralLMError
+from .runtime import QUANTIZE_CHOICES
 
 
 def load(model_path: str | None, dtype: str | None, quantize: str = "auto") -> tuple[Any, Any]:
-    """Model and tokenizer from a folder or .gguf file; the embedded default model when None.
+    """`runtime.load_for_inference` (the loader `serve` shares), timed on stderr."""
+    from .runtime import load_for_inference, resolve_model_path
 
-    `quantize="auto"` computes on a GGUF file's own 4/8-bit blocks (as llama.cpp does: about
-    4x less memory traffic per token than float32) and leaves other checkpoints as they are."""
-    from .modeling import MistralForCausalLM
-    from .tokenizer import MistralTokenizer
-
-    if model_path is None:
-        from .defaults import default_model_path
-
-        model_path = str(default_model_path())
-    path = Path(model_path)
-    if not path.exists():
-        raise MistralLMError(f"model not found: {path}")
-    quantization_config = None
-    if quantize == "auto":
-        quantize = "gguf" if path.suffix == ".gguf" else "none"
-    if quantize == "gguf" and path.suffix != ".gguf":
-        raise MistralLMError(f"--quantize gguf needs a .gguf file, got {path}")
-    if quantize not in ("none", "gguf"):
-        from .quantization import BitsAndBytesConfig
-
-        quantization_config = {
-            "int8": BitsAndBytesConfig(load_in_8bit=True),
-            "int4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="int4"),
-            "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
-        }[quantize]
+    path = resolve_model_path(model_path)
     start = time.perf_counter()
     print(f"loading {path.name} ...", end="", file=sys.stderr, flush=True)
-    model = MistralForCausalLM.from_pretrained(path, torch_dtype=dtype, quantization_config=quantization_config,
-                                               gguf_native=quantize == "gguf")
-    tokenizer = MistralTokenizer.from_pretrained(path)
+    model, tokenizer = load_for_inference(path, dtype, quantize)
     print(f" {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
     return model, tokenizer
 
@@ -144,10 +120,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise MistralLMError(f"serving needs the 'serve' extra ({exc.name} is missing): "
+                             "pip install 'mistral_lm[serve]'") from None
     from .server.app import serve
 
-    return serve(model_path=args.model, host=args.host, port=args.port, api_key=args.api_key,
-                 dtype=args.dtype) or 0
+    return serve(model_path=args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
+                 quantize=args.quantize, cors_origins=args.cors_origin) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: float32, or bfloat16 around quantized weights")
         return p
 
+    def quantize_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--quantize", default="auto", choices=list(QUANTIZE_CHOICES),
+                       help="auto: a GGUF's own blocks (gguf), else none; int8/int4/nf4 quantize at load")
+
     def sampling_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -171,8 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step: faster tokens after a one-off compile")
-        p.add_argument("--quantize", default="auto", choices=["auto", "none", "gguf", "int8", "int4", "nf4"],
-                       help="auto: a GGUF's own blocks (gguf), else none; int8/int4/nf4 quantize at load")
+        quantize_flag(p)
 
     gen = add("generate", cmd_generate, "continue or answer one prompt")
     gen.add_argument("prompt")
@@ -191,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None)
+    serve.add_argument("--cors-origin", action="append", default=None,
+                       help="allow browser pages from this origin (repeat for several; '*' for any)")
+    quantize_flag(serve)
     return parser
 
 

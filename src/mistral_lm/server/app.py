@@ -29,8 +29,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from . import protocol
-from .engine import Delta, Engine, Event, Finished, Submission
-from .protocol import CompletionRequest, ProtocolError, ResponseWriter
+from .engine import Delta, Engine, Event, Finished, Ticket
+from .protocol import CompletionRequest, ProtocolError, ResponseWriter, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,10 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20  # a long prompt is ~100 KB of text; megabytes 
 
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The ASGI app serving `engine`; the engine thread starts and stops with the app's lifespan."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors_origins: list[str] | None = None) -> FastAPI:
+    """The ASGI app serving `engine`; the engine thread starts and stops with the app's lifespan.
+
+    `cors_origins` lets browser pages from those origins call the API (none by default)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,6 +52,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
             await run_in_threadpool(engine.close)
 
     app = FastAPI(title="mistral_lm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     created = int(time.time())
     expected = f"Bearer {api_key}".encode() if api_key else None
 
@@ -79,6 +86,32 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         authorize(request)
         return protocol.models_body(model_name, created)
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> dict[str, Any]:
+        authorize(request)
+        protocol.check_model(model_id, model_name)
+        return protocol.model_body(model_name, created)
+
+    # The tokenizer endpoints vLLM serves at the root, which lm-eval's remote tokenizer probes.
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        authorize(request)
+        parsed = protocol.parse_tokenize(await _json_body(request, max_body_bytes))
+        protocol.check_model(parsed.model, model_name)
+        return await run_in_threadpool(engine.tokenize, parsed)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        authorize(request)
+        model, tokens = protocol.parse_detokenize(await _json_body(request, max_body_bytes))
+        protocol.check_model(model, model_name)
+        return {"prompt": engine.detokenize(tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return engine.tokenizer_info()
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         return await complete(request, protocol.parse_chat)
@@ -90,10 +123,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
     async def complete(request: Request, parse: Callable[[Any], CompletionRequest]) -> Any:
         authorize(request)
         parsed = parse(await _json_body(request, max_body_bytes))
+        protocol.check_model(parsed.model, model_name)
         relay = _Relay(asyncio.get_running_loop())
         # Tokenizing a long prompt takes a while: keep it off the event loop.
         relay.submission = await run_in_threadpool(engine.submit, parsed, relay.emit)
-        writer = ResponseWriter(parsed, model_name)
+        writer = ResponseWriter(parsed, model_name, engine.token_bytes)
         if parsed.stream:
             # The background task also covers a stream that ends before its generator ever ran.
             return StreamingResponse(_sse(writer, relay), media_type="text/event-stream",
@@ -109,7 +143,7 @@ class _Relay:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: asyncio.Queue[list[Event]] = asyncio.Queue()
-        self.submission: Submission | None = None
+        self.submission: Ticket | None = None
 
     def emit(self, events: list[Event]) -> None:  # engine thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, events)
@@ -156,7 +190,7 @@ async def _sse(writer: ResponseWriter, relay: _Relay) -> AsyncIterator[bytes]:
         yield _data(chunk)
     async for event in relay.events():
         if isinstance(event, Delta):
-            yield _data(writer.delta_chunk(event.index, event.text, event.finish_reason))
+            yield _data(writer.delta_chunk(event.index, event.text, event.finish_reason, event.logprobs))
         elif event.error is not None:
             yield _data(protocol.error_body(event.error, "server_error"))
         elif (usage := writer.usage_chunk(event.prompt_tokens, event.completion_tokens)) is not None:
@@ -167,15 +201,17 @@ async def _sse(writer: ResponseWriter, relay: _Relay) -> AsyncIterator[bytes]:
 async def _whole(writer: ResponseWriter, relay: _Relay, request: Request) -> dict[str, Any]:
     """A non-streaming answer, while watching for the client to hang up (then cancel the work)."""
     watcher = asyncio.create_task(_on_disconnect(request, relay.cancel))
-    n = writer.request.n
+    n = writer.request.choices
     texts: list[str] = [""] * n
     reasons: list[str | None] = [None] * n
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
     finished: Finished | None = None
     try:
         async for event in relay.events():
             if isinstance(event, Delta):
                 texts[event.index] += event.text
                 reasons[event.index] = event.finish_reason
+                logprobs[event.index] += event.logprobs
             else:
                 finished = event
     finally:
@@ -183,7 +219,7 @@ async def _whole(writer: ResponseWriter, relay: _Relay, request: Request) -> dic
     assert finished is not None, "relay.events() ends with the request's Finished event"
     if finished.error is not None:
         raise ProtocolError(finished.error, status=500, type="server_error")
-    return writer.body(texts, reasons, finished.prompt_tokens, finished.completion_tokens)
+    return writer.body(texts, reasons, finished.prompt_tokens, finished.completion_tokens, logprobs)
 
 
 async def _on_disconnect(request: Request, action: Callable[[], None]) -> None:
@@ -194,24 +230,25 @@ async def _on_disconnect(request: Request, action: Callable[[], None]) -> None:
 
 
 def serve(model_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, *, dtype: str | None = None, max_batch_size: int = 32,
-          max_queue: int = 128, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info") -> None:
+          api_key: str | None = None, *, dtype: str | None = None, quantize: str = "auto", max_batch_size: int = 32,
+          max_queue: int = 128, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors_origins: list[str] | None = None,
+          log_level: str = "info") -> None:
     """Load a model (a folder or .gguf; the embedded default when None) and serve it until interrupted.
+
+    The model loads through `runtime.load_for_inference`, with the defaults `mistral-lm generate`
+    uses (a GGUF file computes on its own quantized blocks unless `quantize` says otherwise).
 
     >>> serve("SmolLM2-135M-Instruct.Q4_1.gguf", port=8000)  # doctest: +SKIP
     """
     import uvicorn
 
-    from ..defaults import default_model_path
-    from ..modeling import MistralForCausalLM
-    from ..tokenizer import MistralTokenizer
+    from ..runtime import load_for_inference, resolve_model_path
 
-    path = Path(model_path) if model_path is not None else default_model_path()
-    model = MistralForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
-    tokenizer = MistralTokenizer.from_pretrained(path)
+    path = resolve_model_path(model_path)
+    model, tokenizer = load_for_inference(path, dtype, quantize)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     app = create_app(engine, path.stem if path.is_file() else path.name, api_key=api_key,
-                     max_body_bytes=max_body_bytes)
+                     max_body_bytes=max_body_bytes, cors_origins=cors_origins)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -6,7 +6,9 @@ each forward pass instead of queueing behind each other. Every loop iteration:
 1. drops the rows of cancelled requests (a client that went away frees its rows at once);
 2. prefills up to `prefill_tokens` prompt tokens of waiting requests, each alone in its own
    batch-1 cache; when a prompt is done, the first token of each of its `n` choices is sampled
-   and the cache row is copied into `n` free rows of the batch cache (`KVCache.append_rows`);
+   and the cache row is copied into `n` free rows of the batch cache (`KVCache.append_rows`).
+   A request with several prompts (a completions list) is one `Submission` per prompt, queued
+   together; their Finished events merge into one (`_Gather`);
 3. runs the decode step shared with generate() (`generation.Decoder`) on every active row at
    its own position, samples each request's rows with its own picker and generator, and retires
    finished rows (`KVCache.select_rows`).
@@ -16,6 +18,11 @@ several iterations so running streams keep flowing. Only the engine thread touch
 other threads call `submit` (tokenization and validation happen in the caller's thread) and
 `Submission.cancel`, and receive results through their `emit` callback, called from the engine
 thread.
+
+Log-probabilities come from the logits of the same forward that picks the token (the prefill's
+last position, or the shared decode step): log-softmax of the raw logits, before the picker's
+penalties and temperature. `echo` with logprobs keeps every prefill position's logits
+(`logits_to_keep=0`) for the prompt's teacher-forced log-probabilities.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import queue
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,20 +41,23 @@ from .. import sampling
 from ..cache import KVCache
 from ..generation import Decoder, GenerationConfig
 from ..tokenizer import StreamingDetokenizer
-from .protocol import CompletionRequest, ProtocolError
+from .protocol import CompletionRequest, ProtocolError, TokenizeRequest, TokenLogprob, token_text
 
 log = logging.getLogger(__name__)
 
 CANCELLED = "the request was cancelled"  # Finished.error of a request whose client went away
+ECHO_CHUNK = 128  # prefill chunk when every position's logits are kept: (chunk, vocab) floats at once
 
 
 @dataclass(frozen=True)
 class Delta:
-    """New text of choice `index`; `finish_reason` ("stop" or "length") is set on its last delta."""
+    """New text of choice `index`; `finish_reason` ("stop" or "length") is set on its last delta.
+    `logprobs` holds the entries of the tokens added since the previous delta (when asked for)."""
 
     index: int
     text: str
     finish_reason: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,9 +77,11 @@ class Submission:
     """A request in the engine. `cancel()` is safe from any thread; its rows go at the next step."""
 
     def __init__(self, request: CompletionRequest, prompt_ids: list[int], config: GenerationConfig, emit: Emit,
-                 device: torch.device) -> None:
+                 device: torch.device, first_index: int = 0, echo_text: str = "") -> None:
         self.request = request
         self.prompt_ids = prompt_ids
+        self.first_index = first_index  # response index of choice 0: prompt number * n
+        self.echo_text = echo_text  # `echo`: the prompt's text, sent before the answer
         self.config = config
         self.emit = emit
         self.max_new_tokens: int = config.max_new_tokens or 0  # always set by Engine.submit
@@ -78,11 +90,69 @@ class Submission:
         # Its own generator: a seeded request samples the same text however it is batched.
         seed = config.seed if config.seed is not None else secrets.randbits(62)
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.pick = sampling.make_picker(config)
+        self.pick = sampling.make_picker(config, presence_penalty=request.presence_penalty,
+                                         frequency_penalty=request.frequency_penalty,
+                                         logit_bias=dict(request.logit_bias))
         self.choices: list[_Choice] = []
+        self._offsets: list[int] | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        return self.request.echo and self.request.logprobs is not None
+
+    def echo_offsets(self, first: int, count: int, tokenizer: Any) -> list[int]:
+        """Text offsets of prompt tokens first .. first+count-1: the prompt's decoded text before each
+        (a streaming detokenizer over the prompt, so a character split over byte tokens counts once)."""
+        if self._offsets is None:
+            detok = StreamingDetokenizer(tokenizer, skip_special_tokens=True)
+            self._offsets, chars = [], 0
+            for token in self.prompt_ids:
+                self._offsets.append(chars)
+                chars += len(detok.add(token))
+        return self._offsets[first: first + count]
+
+
+class Ticket:
+    """What `Engine.submit` returns: the request's submissions (one per prompt); `cancel()` from any thread."""
+
+    def __init__(self, submissions: list[Submission]) -> None:
+        self.submissions = submissions
+
+    def cancel(self) -> None:
+        for s in self.submissions:
+            s.cancel()
+
+
+class _Gather:
+    """The emit of a request's submissions: one Finished (summed counts, first error) after the last
+    prompt's; a failed or cancelled prompt cancels its siblings, whose answer is then moot."""
+
+    def __init__(self, emit: Emit) -> None:
+        self.emit = emit
+        self.submissions: list[Submission] = []
+        self.done = self.prompt_tokens = self.completion_tokens = 0
+        self.error: str | None = None
+
+    def __call__(self, events: list[Event]) -> None:  # engine thread
+        out: list[Event] = []
+        for e in events:
+            if not isinstance(e, Finished):
+                out.append(e)
+                continue
+            self.done += 1
+            self.prompt_tokens += e.prompt_tokens
+            self.completion_tokens += e.completion_tokens
+            if e.error is not None and self.error is None:
+                self.error = e.error
+                for s in self.submissions:
+                    s.cancel()
+            if self.done == len(self.submissions):
+                out.append(Finished(self.prompt_tokens, self.completion_tokens, self.error))
+        if out:
+            self.emit(out)
 
 
 class Engine:
@@ -122,10 +192,35 @@ class Engine:
             ("submitted", "completed", "cancelled", "failed", "decode_steps", "decoded_rows"), 0)
 
     # ------------------------------------------------------------------ any thread
-    def submit(self, request: CompletionRequest, emit: Emit) -> Submission:
+    def submit(self, request: CompletionRequest, emit: Emit) -> Ticket:
         """Tokenize and check `request`, then queue it. Raises ProtocolError (400, 429 or 503)."""
-        ids, field_name = self._encode(request)
-        if len(ids) >= self.context:
+        prompts = self._encode(request)
+        if request.n > self.max_batch_size:
+            raise ProtocolError(f"n={request.n} exceeds the server's batch of {self.max_batch_size} rows", "n")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t, _ in request.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise ProtocolError(f"logit_bias names token {bad}, outside [0, {vocab}) (vocab_size)", "logit_bias")
+        gather = _Gather(emit)
+        for p, (ids, field_name, echo_text) in enumerate(prompts):
+            config = request.generation_config(self._max_new(request, ids, field_name), self.eos)
+            gather.submissions.append(Submission(request, ids, config, gather, self.model.device,
+                                                 first_index=p * request.n, echo_text=echo_text))
+        with self._lock:
+            if self._closing:  # before start() requests wait in the queue; after close() nothing will serve them
+                raise ProtocolError("the server is shutting down", status=503, type="server_error")
+            if self._incoming.maxsize - self._incoming.qsize() < len(gather.submissions):  # only we put
+                raise ProtocolError("too many requests are waiting; retry later", status=429,
+                                    type="rate_limit_error", code="queue_full")
+            for submission in gather.submissions:
+                self._incoming.put_nowait(submission)
+            self.counts["submitted"] += len(gather.submissions)
+        return Ticket(gather.submissions)
+
+    def _max_new(self, request: CompletionRequest, ids: list[int], field_name: str) -> int:
+        """The request's max_tokens for this prompt, checked against the context (None: all the room left)."""
+        needed = 0 if request.max_tokens == 0 else 1  # max_tokens 0 (echo): only the prompt is read
+        if len(ids) + needed > self.context:
             raise ProtocolError(
                 f"the prompt is {len(ids)} tokens but the model's context (max_position_embeddings) is "
                 f"{self.context}, which must also hold at least one new token; shorten the {field_name}", field_name)
@@ -134,20 +229,7 @@ class Engine:
             raise ProtocolError(
                 f"max_tokens={request.max_tokens} plus the prompt's {len(ids)} tokens exceeds the context of "
                 f"{self.context} tokens; ask for at most {room}", "max_tokens")
-        if request.n > self.max_batch_size:
-            raise ProtocolError(f"n={request.n} exceeds the server's batch of {self.max_batch_size} rows", "n")
-        config = request.generation_config(request.max_tokens or room, self.eos)
-        submission = Submission(request, ids, config, emit, self.model.device)
-        with self._lock:
-            if self._closing:  # before start() requests wait in the queue; after close() nothing will serve them
-                raise ProtocolError("the server is shutting down", status=503, type="server_error")
-            try:
-                self._incoming.put_nowait(submission)
-            except queue.Full:
-                raise ProtocolError("too many requests are waiting; retry later", status=429,
-                                    type="rate_limit_error", code="queue_full") from None
-            self.counts["submitted"] += 1
-        return submission
+        return room if request.max_tokens is None else request.max_tokens
 
     def stats(self) -> dict[str, int]:
         """Counters for /health: active rows, waiting requests and lifetime totals."""
@@ -166,25 +248,63 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    def _encode(self, request: CompletionRequest) -> tuple[list[int], str]:
-        """Prompt token ids, and the request field they came from (for error messages)."""
+    def _encode(self, request: CompletionRequest) -> list[tuple[list[int], str, str]]:
+        """(token ids, the request field they came from, the text `echo` sends) of each prompt."""
         if request.messages is not None:
             try:
                 ids = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True)
             except ValueError as exc:  # the template refused the conversation (e.g. roles out of order)
                 raise ProtocolError(f"messages cannot be rendered with the model's chat template: {exc}",
                                     "messages") from exc
-            return list(ids), "messages"
-        if isinstance(request.prompt, str):
-            ids = list(self.tokenizer.encode(request.prompt))
-        else:
-            ids = list(request.prompt or ())
-            vocab = self.model.config.vocab_size
-            if any(t >= vocab for t in ids):
-                raise ProtocolError(f"prompt holds token ids outside [0, {vocab}) (vocab_size)", "prompt")
-        if not ids:
-            raise ProtocolError("prompt encodes to no tokens", "prompt")
-        return ids, "prompt"
+            return [(list(ids), "messages", "")]
+        out = []
+        for prompt in request.prompts or ():
+            if isinstance(prompt, str):
+                ids, text = list(self.tokenizer.encode(prompt)), prompt
+            else:
+                ids, vocab = list(prompt), self.model.config.vocab_size
+                if any(t >= vocab for t in ids):
+                    raise ProtocolError(f"prompt holds token ids outside [0, {vocab}) (vocab_size)", "prompt")
+                text = self.tokenizer.decode(ids, skip_special_tokens=True) if request.echo else ""
+            if not ids:
+                raise ProtocolError("prompt encodes to no tokens", "prompt")
+            out.append((ids, "prompt", text if request.echo else ""))
+        return out
+
+    # The tokenizer endpoints (vLLM's shapes); any thread, the tokenizer is not the engine thread's.
+    def tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
+        """POST /tokenize: {"count", "max_model_len", "tokens", "token_strs"}."""
+        if request.messages is not None:
+            try:
+                ids = list(self.tokenizer.apply_chat_template(list(request.messages),
+                                                              add_generation_prompt=request.add_generation_prompt))
+            except ValueError as exc:
+                raise ProtocolError(f"messages cannot be rendered with the model's chat template: {exc}",
+                                    "messages") from exc
+        else:  # special-token strings become their ids, as in vLLM (lm-eval finds the EOS id this way)
+            ids = list(self.tokenizer.encode(request.prompt or "", add_special_tokens=request.add_special_tokens,
+                                             split_special_tokens=False))
+        strs = [token_text(self.token_bytes(t)) for t in ids] if request.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.context, "tokens": ids, "token_strs": strs}
+
+    def detokenize(self, tokens: tuple[int, ...]) -> str:
+        """POST /detokenize: the text of `tokens` (special tokens included, as vLLM does)."""
+        if any(t >= len(self.tokenizer) for t in tokens):
+            raise ProtocolError(f"tokens holds ids outside [0, {len(self.tokenizer)}) (the tokenizer's size)",
+                                "tokens")
+        return self.tokenizer.decode(list(tokens))
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """GET /tokenizer_info: the special tokens, chat template and context, as vLLM reports them."""
+        t = self.tokenizer
+        return {"tokenizer_class": type(t).__name__, "bos_token": t.bos_token, "eos_token": t.eos_token,
+                "pad_token": t.pad_token, "unk_token": t.unk_token, "chat_template": t.chat_template,
+                "model_max_length": self.context, "vocab_size": len(t)}
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes token `token` stands for (b"" for ids past the tokenizer's vocabulary)."""
+        raw = self.tokenizer.token_table.raw
+        return raw[token] if 0 <= token < len(raw) else b""
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
@@ -237,26 +357,50 @@ class Engine:
                 return 0
             cache = self.model.make_cache(1, max_length=len(submission.prompt_ids))
             self._prefill = _Prefill(submission, cache)
+            if submission.prompt_logprobs:  # nothing predicts the first token
+                self._prefill.logprobs.append(TokenLogprob(submission.prompt_ids[0], None, (), 0))
         p, s = self._prefill, self._prefill.submission
         if s.cancelled:
             self._prefill = None
             self._finish(s, CANCELLED)
             return 0
-        start, end = p.done, min(p.done + budget, p.done + self.chunk, len(s.prompt_ids))
+        chunk_limit = min(self.chunk, ECHO_CHUNK) if s.prompt_logprobs else self.chunk
+        start, end = p.done, min(p.done + budget, p.done + chunk_limit, len(s.prompt_ids))
         chunk = torch.tensor([s.prompt_ids[start:end]], device=self.model.device)
-        out = self.model(chunk, past_key_values=p.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(chunk, past_key_values=p.cache, use_cache=True, logits_to_keep=0 if s.prompt_logprobs else 1)
+        if s.prompt_logprobs:
+            p.logprobs += self._prompt_logprobs(s, out.logits[0, : len(s.prompt_ids) - 1 - start], start)
         p.done = end
         if end < len(s.prompt_ids):
             return end - start
         self._prefill = None
-        s.choices = [_Choice(s, i, self.tokenizer) for i in range(s.request.n)]
-        tokens = self._pick(s, out.logits[:, -1].expand(s.request.n, -1))
-        events = [e for choice, t in zip(s.choices, tokens) if (e := choice.add(t)) is not None]
+        s.choices = [_Choice(s, s.first_index + i, self.tokenizer, p.logprobs) for i in range(s.request.n)]
+        if s.max_new_tokens == 0:  # echo only: the prompt and its log-probabilities
+            events: list[Event] = [e for c in s.choices if (e := c.close()) is not None]
+        else:
+            tokens, entries = self._pick(s, out.logits[:, -1].expand(s.request.n, -1), s.choices)
+            events = [e for choice, t, lp in zip(s.choices, tokens, entries) if (e := choice.add(t, lp)) is not None]
         joining = [c for c in s.choices if c.finish_reason is None]
         if joining:
             self._joining.append((p.cache, joining))
         self._send(s, events)
         return end - start
+
+    def _prompt_logprobs(self, s: Submission, logits: torch.Tensor, start: int) -> list[TokenLogprob]:
+        """Teacher-forced entries of prompt tokens start+1 .. start+len(logits) from their predictions' logits."""
+        targets = s.prompt_ids[start + 1: start + 1 + logits.shape[0]]
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
+        chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
+        top = self._top(logp, s.request.logprobs or 0)
+        offsets = s.echo_offsets(start + 1, len(targets), self.tokenizer)
+        return [TokenLogprob(t, lp, alts, off) for t, lp, alts, off in zip(targets, chosen, top, offsets)]
+
+    @staticmethod
+    def _top(logp: torch.Tensor, k: int) -> list[tuple[tuple[int, float], ...]]:
+        if k == 0:
+            return [()] * logp.shape[0]
+        values, ids = logp.topk(k, dim=-1)
+        return [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
     def _decode_step(self) -> None:
         device = self.model.device
@@ -269,17 +413,26 @@ class Engine:
         for row, choice in enumerate(self._rows):
             groups.setdefault(choice.submission, []).append(row)
         for s, rows in groups.items():
-            picks = self._pick(s, logits[rows])
-            events = [e for row, t in zip(rows, picks) if (e := self._rows[row].add(t)) is not None]
+            picks, entries = self._pick(s, logits[rows], [self._rows[row] for row in rows])
+            events = [e for row, t, lp in zip(rows, picks, entries) if (e := self._rows[row].add(t, lp)) is not None]
             self._send(s, events)
         self._keep_rows([i for i, c in enumerate(self._rows)
                          if c.finish_reason is None and not c.submission.cancelled])
 
-    def _pick(self, s: Submission, logits: torch.Tensor) -> list[int]:
-        """Next token of each of `s`'s rows, with its settings and its own generator."""
-        # OpenAI's API has no repetition penalty, so the picker needs no token history.
-        no_history = torch.empty(logits.shape[0], 0, dtype=torch.long, device=logits.device)
-        return s.pick(logits, no_history, s.generator).tolist()
+    def _pick(self, s: Submission, logits: torch.Tensor, choices: list[_Choice]
+              ) -> tuple[list[int], list[tuple[float, tuple[tuple[int, float], ...]] | None]]:
+        """Next token of each of `s`'s rows, with its settings and its own generator, and (when
+        asked for) each token's log-probability and the top alternatives, from the same logits."""
+        # The picker's history is what OpenAI's penalties count: the tokens generated so far (the
+        # rows of one request stay in step, so they have equal lengths).
+        history = torch.tensor([c.tokens for c in choices], dtype=torch.long, device=logits.device)
+        history = history.reshape(len(choices), -1)
+        tokens = s.pick(logits, history, s.generator)
+        if s.request.logprobs is None:
+            return tokens.tolist(), [None] * len(choices)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # the raw logits: before penalties and temperature
+        chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
+        return tokens.tolist(), list(zip(chosen, self._top(logp, s.request.logprobs)))
 
     def _send(self, s: Submission, events: list[Event]) -> None:
         if all(c.finish_reason is not None for c in s.choices):
@@ -334,33 +487,44 @@ class _Prefill:
     submission: Submission
     cache: KVCache
     done: int = 0  # prompt tokens already in the cache
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's, with echo and logprobs
 
 
 class _Choice:
-    """One of a request's `n` answers: its tokens, its text so far, and why it ended."""
+    """One of a request's `n` answers: its tokens, its text so far, and why it ended.
 
-    def __init__(self, submission: Submission, index: int, tokenizer: Any) -> None:
+    With `echo`, the first delta carries the prompt's text (and its log-probabilities) before the
+    answer's; text offsets count from the start of that text."""
+
+    def __init__(self, submission: Submission, index: int, tokenizer: Any,
+                 prompt_logprobs: list[TokenLogprob] | None = None) -> None:
         self.submission = submission
         self.index = index
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self._text = StreamingDetokenizer(tokenizer, skip_special_tokens=True)  # never splits a character
         self._stops = _StopMatcher(submission.request.stop)
+        self._prefix = submission.echo_text
+        self._chars = len(self._prefix)  # text so far, before stop strings cut it: the next token's offset
+        self._logprobs: list[TokenLogprob] = list(prompt_logprobs or ())  # not yet sent
 
     @property
     def position(self) -> int:
         """Absolute position of the last token, the one the next forward reads."""
         return len(self.submission.prompt_ids) + len(self.tokens) - 1
 
-    def add(self, token: int) -> Delta | None:
-        """Record a sampled token; the Delta to send, if any text or the end came of it."""
+    def add(self, token: int, logprob: tuple[float, tuple[tuple[int, float], ...]] | None = None) -> Delta | None:
+        """Record a sampled token; the Delta to send, if any text, log-probability or the end came of it."""
         config = self.submission.config
         self.tokens.append(token)
-        eos = token in config.eos_ids  # ends the answer; its text is not part of it
+        eos = token in config.eos_ids  # ends the answer; neither its text nor its logprob is part of it
         at_limit = len(self.tokens) >= self.submission.max_new_tokens
+        if logprob is not None and not eos:
+            self._logprobs.append(TokenLogprob(token, logprob[0], logprob[1], self._chars))
         piece = "" if eos else self._text.add(token)
         if eos or at_limit:
             piece += self._text.finish()
+        self._chars += len(piece)
         text, stopped = self._stops.feed(piece)
         if stopped or eos:
             self.finish_reason = "stop"
@@ -368,7 +532,19 @@ class _Choice:
             self.finish_reason = "length"
         if self.finish_reason is not None and not stopped:
             text += self._stops.release()
-        return Delta(self.index, text, self.finish_reason) if text or self.finish_reason else None
+        return self._delta(text)
+
+    def close(self) -> Delta | None:
+        """End an answer of max_tokens 0 (only the echoed prompt)."""
+        self.finish_reason = "length"
+        return self._delta("")
+
+    def _delta(self, text: str) -> Delta | None:
+        text, self._prefix = self._prefix + text, ""
+        logprobs, self._logprobs = tuple(self._logprobs), []
+        if text or logprobs or self.finish_reason:
+            return Delta(self.index, text, self.finish_reason, logprobs)
+        return None
 
 
 class _StopMatcher:

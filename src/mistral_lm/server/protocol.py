@@ -6,8 +6,11 @@ OpenAI does), which the transport turns into a 400 with OpenAI's error body; the
 then raises `BadRequestError` with `.param` set.
 
 Fields OpenAI defines but this server does not implement are accepted only at their neutral value
-(`logprobs: false`, `presence_penalty: 0`, ...), so a client never gets silently different
+(`tools: []`, `response_format: {"type": "text"}`, ...), so a client never gets silently different
 behaviour from what it asked for. Unknown fields are rejected for the same reason.
+
+Log-probabilities are the log-softmax of the model's raw logits, before temperature, penalties and
+`logit_bias` (what vLLM reports by default): the model's own belief, comparable across requests.
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._util import is_int
 from ..generation import GenerationConfig
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_N = 16  # choices per request; each one is a batch row
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; vLLM's default max_logprobs for completions too
+MAX_PROMPTS = 128  # prompts in one /v1/completions request (lm-eval batches send dozens)
 
 
 class ProtocolError(ValueError):
@@ -46,13 +52,16 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 class CompletionRequest:
     """One validated /v1/completions or /v1/chat/completions request.
 
-    Exactly one of `messages` (chat: rendered with the model's chat template) and `prompt`
-    (text, or token ids) is set. `max_tokens=None` means "up to the context length".
+    Exactly one of `messages` (chat: rendered with the model's chat template) and `prompts`
+    (texts or token-id lists; a completion answers each with `n` choices, choice index
+    `prompt * n + i`) is set. `max_tokens=None` means "up to the context length"; 0 is allowed
+    only with `echo`. `logprobs` is None (no log-probabilities) or how many alternatives to list
+    per token (chat's `top_logprobs`, completions' integer `logprobs`).
     """
 
     chat: bool
     messages: tuple[dict[str, str], ...] | None
-    prompt: str | tuple[int, ...] | None
+    prompts: tuple[str | tuple[int, ...], ...] | None
     max_tokens: int | None
     temperature: float
     top_p: float
@@ -61,6 +70,17 @@ class CompletionRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    model: str | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def choices(self) -> int:
+        """Choices in the response: `n` per prompt."""
+        return self.n * (len(self.prompts) if self.prompts is not None else 1)
 
     def generation_config(self, max_new_tokens: int, eos_token_id: list[int]) -> GenerationConfig:
         """The library's settings for this request: temperature 0 is greedy, and no top-k (OpenAI has none)."""
@@ -76,16 +96,16 @@ class CompletionRequest:
 # Fields accepted only at a neutral value: name -> the values that change nothing (empty: any value,
 # for fields that only label a request).
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}), "user": (), "echo": (None, False), "suffix": (None, ""),
+    "user": (), "suffix": (None, ""),
     "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, False, True),
     "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"), "store": (None, False),
     "metadata": (), "best_of": (None, 1),
 }
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options"}
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
-_COMPLETION_FIELDS = _COMMON | {"prompt"}
-_ROLES = ("system", "user", "assistant")
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options",
+           "logprobs", "presence_penalty", "frequency_penalty", "logit_bias"}
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+_COMPLETION_FIELDS = _COMMON | {"prompt", "echo"}
+_ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
 
 
 def parse_chat(body: Any) -> CompletionRequest:
@@ -94,19 +114,31 @@ def parse_chat(body: Any) -> CompletionRequest:
     if "max_tokens" in body and "max_completion_tokens" in body:
         raise ProtocolError("set max_tokens or max_completion_tokens, not both", "max_completion_tokens")
     max_field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    return _request(body, chat=True, messages=_messages(body.get("messages")), prompt=None,
-                    max_tokens=_positive_int(body, max_field, None))
+    wants = _boolean(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is not None and not wants:
+        raise ProtocolError("top_logprobs needs logprobs: true", "top_logprobs")
+    logprobs = _count(body, "top_logprobs", MAX_TOP_LOGPROBS) if wants else None
+    return _request(body, chat=True, messages=_messages(body.get("messages")), prompts=None,
+                    max_tokens=_positive_int(body, max_field, None), logprobs=logprobs, echo=False)
 
 
 def parse_completion(body: Any) -> CompletionRequest:
     """Validate a /v1/completions body. OpenAI's default max_tokens here is 16."""
     body = _object(body, _COMPLETION_FIELDS)
-    return _request(body, chat=False, messages=None, prompt=_prompt(body.get("prompt")),
-                    max_tokens=_positive_int(body, "max_tokens", 16))
+    echo = _boolean(body, "echo")
+    if isinstance(body.get("logprobs"), bool):  # chat's boolean sent to the legacy endpoint
+        raise ProtocolError("logprobs must be an integer in [0, 20] here (how many alternatives per token)",
+                            "logprobs")
+    max_tokens = _count(body, "max_tokens", None) if echo else _positive_int(body, "max_tokens", 16)
+    return _request(body, chat=False, messages=None, prompts=_prompts(body.get("prompt")),
+                    max_tokens=16 if max_tokens is None else max_tokens,
+                    logprobs=_count(body, "logprobs", MAX_TOP_LOGPROBS, default=None), echo=echo)
 
 
 def _request(body: dict[str, Any], *, chat: bool, messages: tuple[dict[str, str], ...] | None,
-             prompt: str | tuple[int, ...] | None, max_tokens: int | None) -> CompletionRequest:
+             prompts: tuple[str | tuple[int, ...], ...] | None, max_tokens: int | None, logprobs: int | None,
+             echo: bool) -> CompletionRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ProtocolError("model must be a string", "model")
@@ -119,10 +151,14 @@ def _request(body: dict[str, Any], *, chat: bool, messages: tuple[dict[str, str]
     if n > MAX_N:
         raise ProtocolError(f"n must be at most {MAX_N}, got {n}", "n")
     return CompletionRequest(
-        chat=chat, messages=messages, prompt=prompt, max_tokens=max_tokens,
+        chat=chat, messages=messages, prompts=prompts, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, low=0.0, high=2.0, low_open=False),
         top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
         n=n, seed=_seed(body.get("seed")), stop=_stop(body.get("stop")), stream=stream, include_usage=include_usage,
+        model=model, logprobs=logprobs, echo=echo,
+        presence_penalty=_number(body, "presence_penalty", 0.0, low=-2.0, high=2.0, low_open=False),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, low=-2.0, high=2.0, low_open=False),
+        logit_bias=_logit_bias(body.get("logit_bias")),
     )
 
 
@@ -154,6 +190,7 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
         role = message.get("role")
         if role not in _ROLES:
             raise ProtocolError(f"{where}.role must be one of {list(_ROLES)}, got {role!r}", f"{where}.role")
+        role = "system" if role == "developer" else role
         out.append({"role": role, "content": _content(message.get("content"), f"{where}.content")})
     return tuple(out)
 
@@ -169,18 +206,40 @@ def _content(value: Any, where: str) -> str:
     raise ProtocolError(f"{where} must be a string or a list of text parts", where)
 
 
-def _prompt(value: Any) -> str | tuple[int, ...]:
-    """A string or a list of token ids; a batch of one is unwrapped."""
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]
+def _prompts(value: Any) -> tuple[str | tuple[int, ...], ...]:
+    """OpenAI's four prompt shapes: a string, a list of strings, a list of ids, a list of id lists."""
     if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and all(is_int(t) and t >= 0 for t in value):
-        return tuple(value)
-    if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
-        raise ProtocolError("prompt: batches of prompts are not supported; send one request per prompt "
-                            "(concurrent requests share the model's forward passes anyway)", "prompt")
-    raise ProtocolError("prompt must be a string or a non-empty list of token ids", "prompt")
+        return (value,)
+    if isinstance(value, list) and value and all(is_int(t) for t in value):
+        return (_ids(value, "prompt"),)
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        if len(value) > MAX_PROMPTS:
+            raise ProtocolError(f"prompt holds {len(value)} prompts; at most {MAX_PROMPTS} per request", "prompt")
+        return tuple(p if isinstance(p, str) else _ids(p, f"prompt[{i}]") for i, p in enumerate(value))
+    raise ProtocolError("prompt must be a string, a list of strings, a list of token ids or a list of token-id "
+                        "lists", "prompt")
+
+
+def _ids(value: list[Any], where: str) -> tuple[int, ...]:
+    if not value or not all(is_int(t) and t >= 0 for t in value):
+        raise ProtocolError(f"{where} must be a non-empty list of non-negative token ids", "prompt")
+    return tuple(value)
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias in [-100, 100]}; ids are checked against the vocabulary by the engine."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ProtocolError("logit_bias must be an object mapping token ids to numbers in [-100, 100]", "logit_bias")
+    out = []
+    for key, bias in value.items():
+        ok = isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias)
+        if not (isinstance(key, str) and key.isdigit()) or not ok or not -100 <= bias <= 100:
+            raise ProtocolError(f"logit_bias[{key!r}]={bias!r}: keys must be token ids, values numbers in "
+                                "[-100, 100]", "logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(out)
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -198,6 +257,17 @@ def _positive_int(body: dict[str, Any], name: str, default: int | None) -> int |
         return default
     if not is_int(value) or value < 1:
         raise ProtocolError(f"{name} must be a positive integer, got {value!r}", name)
+    return value
+
+
+def _count(body: dict[str, Any], name: str, high: int | None, default: int | None = 0) -> int | None:
+    """A non-negative integer of at most `high`, or `default` when absent."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not is_int(value) or value < 0 or (high is not None and value > high):
+        limit = f"[0, {high}]" if high is not None else ">= 0"
+        raise ProtocolError(f"{name} must be an integer in {limit}, got {value!r}", name)
     return value
 
 
@@ -228,16 +298,36 @@ def _boolean(body: dict[str, Any], name: str) -> bool:
 
 
 # --------------------------------------------------------------------------- responses
+class TokenLogprob(NamedTuple):
+    """One token's log-probability as the engine reports it (ids and floats; the writer formats them)."""
+
+    token: int
+    logprob: float | None  # None for a prompt's first token: nothing predicts it
+    top: tuple[tuple[int, float], ...]  # the most likely tokens at this position, best first
+    offset: int  # characters of the choice's text (echoed prompt included) before this token
+
+
+def token_text(raw: bytes) -> str:
+    """A token's bytes as text; a piece of a UTF-8 character is written as OpenAI does, "bytes:\\xe2"."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 class ResponseWriter:
     """Builds the bodies of one response: a whole JSON object, or the chunks of a stream.
 
-    Takes the engine's events as plain values (`index, text, finish_reason` per delta; token
-    counts at the end), so the transport never assembles OpenAI shapes itself.
+    Takes the engine's events as plain values (`index, text, finish_reason, logprobs` per delta;
+    token counts at the end), so the transport never assembles OpenAI shapes itself.
+    `token_bytes(id)` renders log-probability entries (the tokenizer's bytes of a token).
     """
 
-    def __init__(self, request: CompletionRequest, model: str) -> None:
+    def __init__(self, request: CompletionRequest, model: str,
+                 token_bytes: Callable[[int], bytes] = lambda token: b"") -> None:
         self.request = request
         self.model = model
+        self.token_bytes = token_bytes
         self.id = ("chatcmpl-" if request.chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self.object = "chat.completion" if request.chat else "text_completion"
@@ -246,12 +336,13 @@ class ResponseWriter:
         """Chat streams open each choice with the assistant role, as OpenAI does."""
         if not self.request.chat:
             return []
-        return [self._chunk([self._choice(i, {"role": "assistant", "content": ""}, None)])
-                for i in range(self.request.n)]
+        return [self._chunk([self._choice(i, {"role": "assistant", "content": ""}, None, None)])
+                for i in range(self.request.choices)]
 
-    def delta_chunk(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def delta_chunk(self, index: int, text: str, finish_reason: str | None,
+                    logprobs: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
         delta: Any = ({"content": text} if text else {}) if self.request.chat else text
-        return self._chunk([self._choice(index, delta, finish_reason)])
+        return self._chunk([self._choice(index, delta, finish_reason, self.logprobs(logprobs))])
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any] | None:
         """The extra last chunk `stream_options.include_usage` asks for: no choices, just usage."""
@@ -260,24 +351,43 @@ class ResponseWriter:
         return {**self._chunk([]), "usage": usage(prompt_tokens, completion_tokens)}
 
     def body(self, texts: list[str], finish_reasons: list[str | None], prompt_tokens: int,
-             completion_tokens: int) -> dict[str, Any]:
+             completion_tokens: int, logprobs: list[list[TokenLogprob]] | None = None) -> dict[str, Any]:
         """The non-streaming response, with every choice's whole text."""
-        if self.request.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                        "logprobs": None} for i, (text, reason) in enumerate(zip(texts, finish_reasons))]
-        else:
-            choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-                       for i, (text, reason) in enumerate(zip(texts, finish_reasons))]
+        entries = logprobs if logprobs is not None else [[] for _ in texts]
+        key = "message" if self.request.chat else "text"
+        choices = [{"index": i, key: {"role": "assistant", "content": text} if self.request.chat else text,
+                    "finish_reason": reason, "logprobs": self.logprobs(tuple(lp))}
+                   for i, (text, reason, lp) in enumerate(zip(texts, finish_reasons, entries))]
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+    def logprobs(self, entries: tuple[TokenLogprob, ...]) -> dict[str, Any] | None:
+        """Chat's `{"content": [...]}` or the completions' legacy `{tokens, token_logprobs, ...}`."""
+        if self.request.logprobs is None:
+            return None
+        if self.request.chat:
+            return {"content": [{**self._entry(e.token, e.logprob),
+                                 "top_logprobs": [self._entry(t, lp) for t, lp in e.top]} for e in entries],
+                    "refusal": None}
+        texts = [token_text(self.token_bytes(e.token)) for e in entries]
+        tops: list[dict[str, float] | None] = []
+        for e, text in zip(entries, texts):  # OpenAI: the alternatives, plus the chosen token
+            tops.append(None if e.logprob is None else
+                        {**{token_text(self.token_bytes(t)): lp for t, lp in e.top}, text: e.logprob})
+        return {"tokens": texts, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
+                "text_offset": [e.offset for e in entries]}
+
+    def _entry(self, token: int, logprob: float | None) -> dict[str, Any]:
+        raw = self.token_bytes(token)
+        return {"token": token_text(raw), "logprob": logprob, "bytes": list(raw)}
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.request.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def _choice(self, index: int, delta: Any, finish_reason: str | None) -> dict[str, Any]:
+    def _choice(self, index: int, delta: Any, finish_reason: str | None, logprobs: Any) -> dict[str, Any]:
         key = "delta" if self.request.chat else "text"
-        return {"index": index, key: delta, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, key: delta, "finish_reason": finish_reason, "logprobs": logprobs}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -285,5 +395,62 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def model_body(model: str, created: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "mistral_lm"}
+
+
 def models_body(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "mistral_lm"}]}
+    return {"object": "list", "data": [model_body(model, created)]}
+
+
+def check_model(requested: str | None, served: str) -> None:
+    """A request naming another model gets OpenAI's 404 `model_not_found` (no name: the served one)."""
+    if requested is not None and requested != served:
+        raise ProtocolError(f"the model {requested!r} does not exist; this server serves {served!r}", "model",
+                            status=404, code="model_not_found")
+
+
+# --------------------------------------------------------------------------- tokenizer endpoints
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """vLLM's /tokenize body: a `prompt`, or chat `messages` rendered with the chat template."""
+
+    model: str | None
+    prompt: str | None
+    messages: tuple[dict[str, str], ...] | None
+    add_special_tokens: bool
+    add_generation_prompt: bool
+    return_token_strs: bool
+
+
+def parse_tokenize(body: Any) -> TokenizeRequest:
+    body = _object(body, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+                          "return_token_strs"})
+    if ("prompt" in body) == ("messages" in body):
+        raise ProtocolError("send exactly one of prompt (a string) and messages", "prompt")
+    prompt = body.get("prompt")
+    if "prompt" in body and not isinstance(prompt, str):
+        raise ProtocolError("prompt must be a string", "prompt")
+    messages = _messages(body["messages"]) if "messages" in body else None
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ProtocolError("model must be a string", "model")
+    # vLLM's defaults: a prompt gets the tokenizer's special tokens, a chat rendering has them already.
+    add_special = body.get("add_special_tokens", messages is None)
+    add_generation = body.get("add_generation_prompt", True)
+    for name, value in (("add_special_tokens", add_special), ("add_generation_prompt", add_generation)):
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{name} must be true or false, got {value!r}", name)
+    return TokenizeRequest(model, prompt, messages, add_special, add_generation, _boolean(body, "return_token_strs"))
+
+
+def parse_detokenize(body: Any) -> tuple[str | None, tuple[int, ...]]:
+    """vLLM's /detokenize body: {"tokens": [ids]} -> (model, ids)."""
+    body = _object(body, {"model", "tokens"})
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(is_int(t) and t >= 0 for t in tokens):
+        raise ProtocolError("tokens must be a list of non-negative token ids", "tokens")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ProtocolError("model must be a string", "model")
+    return model, tuple(tokens)
