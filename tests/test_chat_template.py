@@ -122,7 +122,7 @@ def test_return_types(tok):
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate.*got user at position 1"),
     ([{"role": "assistant", "content": "a"}], "alternate.*got assistant at position 0"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], "Only user and assistant.*system"),
-    ([{"role": "tool", "content": "{}"}], "Only user and assistant.*tool"),
+    ([{"role": "tool", "content": "{}"}], "v1 format has no tool tokens.*position 0"),
 ])
 def test_bad_role_order_is_a_clear_error(tok, messages, message):
     with pytest.raises(TokenizerError, match=message):
@@ -159,3 +159,11 @@ def test_template_sources_and_helpers(tok):
         assert tok.apply_chat_template(SEED, tokenize=False, add_generation_prompt=True) == "3 True"
     finally:
         tok.chat_template = None
+
+
+def test_a_template_failing_on_the_messages_is_a_tokenizer_error(tok):
+    """A None content used to escape as jinja's TypeError from inside the template."""
+    with pytest.raises(TokenizerError, match="rendering these messages failed: TypeError"):
+        tok.apply_chat_template([{"role": "user", "content": None}])
+    with pytest.raises(TokenizerError, match="rendering these messages failed: UndefinedError"):
+        tok.apply_chat_template(SEED, chat_template="{{ messages[0].nope.deeper }}")

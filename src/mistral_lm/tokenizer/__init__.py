@@ -26,7 +26,7 @@ from .chat_template import render_chat
 from .detokenizer import StreamingDetokenizer
 from .engines import Engine, SentencePieceEngine, TekkenEngine, TokenizersEngine, TokenTable, id_list
 from .files import TOKEN_NAMES, file_kwargs, folder_config, read_file, save_folder
-from .mistral_chat import encode_chat, sentencepiece_chat_version, tekken_chat_version
+from .mistral_chat import encode_chat, parse_tool_calls, sentencepiece_chat_version, tekken_chat_version
 
 if TYPE_CHECKING:
     import tokenizers
@@ -398,6 +398,22 @@ class MistralTokenizer:
         if not tokenize:
             return "".join(text for text, _ in pieces)
         return self._chat_output(self._encode_pieces(pieces), return_tensors, return_dict)
+
+    def parse_tool_calls(self, ids: Sequence[int] | Any) -> tuple[str | None, list[dict[str, str]]]:
+        """A generated reply split into its text and its tool calls, for Mistral formats that have a
+        [TOOL_CALLS] control token: `(content or None, [{"id", "name", "arguments"}, ...])`, with
+        `arguments` a JSON string and 9-character ids (made up when the model wrote none).
+
+        The inverse of `apply_chat_template`'s assistant turn (see `mistral_chat.parse_tool_calls`);
+        raises ToolCallError when the model's JSON is malformed or cut short.
+        """
+        tool_calls_id = self._vocab.get("[TOOL_CALLS]")
+        if tool_calls_id is None or tool_calls_id not in self._engine.special:
+            raise TokenizerError("this tokenizer has no [TOOL_CALLS] control token: its model does not call tools "
+                                 "in a Mistral format")
+        stop = {self.eos_token_id} if self.eos_token_id is not None else set()
+        return parse_tool_calls(id_list(ids, len(self)), lambda part: self.decode(part, skip_special_tokens=True),
+                                tool_calls_id, stop_ids=stop)
 
     def _chat_output(self, ids: list[int], return_tensors: str | None, return_dict: bool) -> Any:
         value = _as_tensors([ids], return_tensors) if return_tensors else ids

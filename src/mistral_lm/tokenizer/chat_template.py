@@ -23,8 +23,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from ..errors import TokenizerError
 
@@ -41,7 +42,10 @@ MISTRAL_INSTRUCT_TEMPLATE = """\
 {%- endif %}
 {{- bos_token }}
 {%- for message in loop_messages %}
-    {%- if message['role'] not in ['user', 'assistant'] %}
+    {%- if message['tool_calls'] is defined and message['tool_calls'] or message['role'] == 'tool' %}
+        {{- raise_exception('the Mistral instruct v1 format has no tool tokens: tool calls and results need a v2+ '
+                            ~ 'tokenizer; got one at position ' ~ loop.index0) }}
+    {%- elif message['role'] not in ['user', 'assistant'] %}
         {{- raise_exception('Only user and assistant roles are supported, after an optional first system message; '
                             ~ 'got role ' ~ message['role'] ~ ' at position ' ~ loop.index0) }}
     {%- elif (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
@@ -115,9 +119,14 @@ def render_chat(messages: Sequence[Mapping[str, Any]], template: str | None, *, 
     specials = [_ESCAPE, *sorted(special_tokens, key=len, reverse=True)]
     index = {s: k for k, s in enumerate(specials)}
     pattern = re.compile("|".join(map(re.escape, specials)))
-    rendered = _compile(template or MISTRAL_INSTRUCT_TEMPLATE).render(
-        messages=[_escape(m, pattern, index) for m in messages], add_generation_prompt=add_generation_prompt,
-        **variables, **template_kwargs)
+    try:
+        rendered = _compile(template or MISTRAL_INSTRUCT_TEMPLATE).render(
+            messages=[_escape(m, pattern, index) for m in messages], add_generation_prompt=add_generation_prompt,
+            **variables, **template_kwargs)
+    except SecurityError:  # a template reaching outside the sandbox says so itself
+        raise
+    except (TypeError, TemplateError) as err:  # e.g. a None content the template concatenates
+        raise TokenizerError(f"chat template: rendering these messages failed: {type(err).__name__}: {err}") from err
     unescape = re.compile(_ESCAPE + "([\U000f0000-\U000ffffd])")
     pieces, start = [], 0
     for match in pattern.finditer(rendered):  # only the template's own special tokens are left to find
