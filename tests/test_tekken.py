@@ -223,3 +223,47 @@ def test_truncated_or_inconsistent_vocab(tmp_path: Path) -> None:
     del data["config"]
     with pytest.raises(TokenizerError, match="config.version"):
         MistralTokenizer.from_pretrained(_write(tmp_path, data))
+
+
+def test_a_tekken_file_under_another_name(tmp_path: Path) -> None:
+    """mistral-common finds Tekken by name only; a renamed copy is recognised by its layout."""
+    renamed = tmp_path / "tokenizer_nemo.json"
+    renamed.write_bytes((DATA / FILES[1]).read_bytes())
+    tok, ref = MistralTokenizer.from_pretrained(renamed), Tekkenizer.from_file(DATA / FILES[1])
+    assert tok.encode(CORPUS[:50]) == [ref.encode(line, bos=True, eos=False) for line in CORPUS[:50]]
+    (tmp_path / "neither.json").write_text('{"config": {}, "model": {}}')
+    with pytest.raises(TokenizerError, match="neither a valid tokenizer.json .* nor a Tekken file"):
+        MistralTokenizer.from_pretrained(tmp_path / "neither.json")
+
+
+def test_is_control_must_be_a_flag(tmp_path: Path) -> None:
+    specials = [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(["<unk>", "<s>", "</s>"])]
+    specials[2]["is_control"] = "yes"
+    with pytest.raises(TokenizerError, match=r"special_tokens\[2\]\.is_control"):
+        MistralTokenizer.from_pretrained(_write(tmp_path, _tiny_tekken(version="v13", special_tokens=specials)))
+
+
+def test_a_tekken_gguf_gives_mistral_common_ids(tmp_path: Path) -> None:
+    """A GGUF of a Tekken model (Mistral-Nemo) as llama.cpp's converter writes it: byte-level pieces and
+    merges, tokenizer.ggml.pre "tekken", the special ids typed CONTROL."""
+    import gguf
+
+    source = MistralTokenizer.from_pretrained(DATA / FILES[1])
+    engine = source._engine
+    merges = json.loads(engine.to_tokenizers().to_str())["model"]["merges"]
+    writer = gguf.GGUFWriter(str(tmp_path / "nemo.gguf"), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("tekken")
+    writer.add_token_list(engine.pieces)
+    writer.add_token_types([3 if i < engine.num_special_tokens else 1 for i in range(len(engine.pieces))])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_bos_token_id(source.bos_token_id)
+    writer.add_eos_token_id(source.eos_token_id)
+    writer.add_add_bos_token(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tok, ref = MistralTokenizer.from_pretrained(tmp_path / "nemo.gguf"), Tekkenizer.from_file(DATA / FILES[1])
+    assert tok(CORPUS).input_ids == [ref.encode(line, bos=True, eos=False) for line in CORPUS]
+    assert [tok.decode(ref.encode(line, bos=False, eos=False)) for line in CORPUS[:100]] == CORPUS[:100]

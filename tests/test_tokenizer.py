@@ -334,7 +334,7 @@ def test_from_pretrained_errors_name_the_problem(tmp_path):
     with pytest.raises(TokenizerError, match=r"no tokenizer.model.*tokenizer.json.*\['config.json'\]"):
         MistralTokenizer.from_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(TokenizerError, match="not a valid tokenizer.json"):
+    with pytest.raises(TokenizerError, match="neither a valid tokenizer.json"):
         MistralTokenizer.from_pretrained(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"garbage")
     with pytest.raises(TokenizerError, match="not a SentencePiece model file"):

@@ -9,7 +9,7 @@ Mistral file uses are rebuilt as a `tokenizers.Tokenizer`:
   piece's score makes the two agree; `byte_fallback` spells characters outside the vocabulary as
   <0xXX> pieces, as SentencePiece does; a normalizer writes spaces as U+2581 and adds the dummy
   prefix. Ids equal sentencepiece's (tested on Mistral-7B-v0.1's vocabulary).
-- `"gpt2"`: byte-level BPE (SmolLM2) with explicit merges; how text is split before the merges
+- `"gpt2"`: byte-level BPE (SmolLM2; Mistral-Nemo's Tekken with pre "tekken") with explicit merges; how text is split before the merges
   depends on `tokenizer.ggml.pre`, one entry per supported value in `_BYTE_LEVEL_SPLITS`; any
   other value is refused rather than guessed, since a wrong split silently changes ids.
 
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from ..errors import TokenizerError
 
@@ -48,6 +48,17 @@ def _digits_then_gpt2_split() -> list[pre_tokenizers.PreTokenizer]:
     return [pre_tokenizers.Digits(individual_digits=True), *_gpt2_split()]
 
 
+# Mistral's Tekken (Nemo, Small, Pixtral): the `config.pattern` of tekken.json, as llama.cpp's "tekken".
+_TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+                   r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
+                   r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _tekken_split() -> list[pre_tokenizers.PreTokenizer]:
+    return [pre_tokenizers.Split(Regex(_TEKKEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+
+
 # tokenizer.ggml.pre -> the splitting a byte-level vocabulary was trained with (llama.cpp's names).
 # SmolLM2 and StarCoder cut every number character apart before the GPT-2 pattern, as their
 # tokenizer.json and llama.cpp both do; transformers' GGUF loader ignores "smollm" and differs on
@@ -56,7 +67,11 @@ _BYTE_LEVEL_SPLITS: dict[str, Callable[[], list[pre_tokenizers.PreTokenizer]]] =
     "gpt-2": _gpt2_split,
     "smollm": _digits_then_gpt2_split,
     "starcoder": _digits_then_gpt2_split,
+    "tekken": _tekken_split,
 }
+# Vocabularies made by tiktoken: a word that is itself a token is that token, whatever the merges
+# say (llama.cpp's ignore_merges); mistral-common's Tekkenizer encodes with tiktoken.
+_WHOLE_WORDS = {"tekken"}
 
 # Special-token roles -> metadata keys holding their ids.
 _SPECIAL_IDS = {
@@ -135,7 +150,7 @@ def _byte_level_bpe(file: GGUFFile, tokens: list[str], types: list[int]) -> Toke
             raise TokenizerError(f"{file.path}: merge {i} {merge!r} is not two tokens of the vocabulary "
                                  f"that join into a third")
         merges.append((left, right))
-    backend = Tokenizer(models.BPE(vocab, merges))
+    backend = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in _WHOLE_WORDS))
     backend.pre_tokenizer = pre_tokenizers.Sequence(_BYTE_LEVEL_SPLITS[pre]())
     backend.decoder = decoders.ByteLevel()
     return backend

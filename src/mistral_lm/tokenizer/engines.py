@@ -232,6 +232,8 @@ class TekkenEngine:
     default list for files up to v7, then "<SPECIAL_{i}>" fillers); regular tokens follow, offset by
     `num_special_tokens`. Only the first `default_vocab_size - default_num_special_tokens` vocab
     entries are used. Pieces are GPT-2 byte-level strings (unique, and what tokenizer.json uses).
+    A special token's `is_control` flag is checked, but as in mistral-common every special id is a
+    control token (kept or skipped alike when decoding).
     """
 
     name = "tekken"
@@ -269,6 +271,9 @@ class TekkenEngine:
             specials = []
             for k, token in enumerate(specials_given):
                 text = _tekken_field({"t": token}, "t.token_str", str, f"{where} special_tokens[{k}]")
+                if not isinstance(token.get("is_control", True), bool):  # informational: all are control ids
+                    raise TokenizerError(f"{where}: field 'special_tokens[{k}].is_control' must be true or false, "
+                                         f"got {token['is_control']!r}")
                 if _tekken_field({"t": token}, "t.rank", int, f"{where} special_tokens[{k}]") != k:
                     raise TokenizerError(f"{where}: field 'special_tokens[{k}].rank' is {token['rank']}, expected {k}")
                 specials.append(text)

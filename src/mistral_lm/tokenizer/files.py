@@ -28,7 +28,8 @@ def read_file(path: Path, what: str) -> bytes:
 
 def file_kwargs(path: Path) -> dict[str, Any]:
     """Constructor keywords for one file: a GGUF (its vocabulary and settings), a Tekken file (a .json
-    named like mistral-common's, e.g. tekken.json), a tokenizer.json, else a SentencePiece model."""
+    named like mistral-common's, e.g. tekken.json, or one laid out as Tekken under another name), a
+    tokenizer.json, else a SentencePiece model."""
     if path.suffix == ".gguf":  # checkpoints/ reads the header and rebuilds the vocabulary
         from ..checkpoints.gguf import read_gguf
         from ..checkpoints.gguf_tokenizer import gguf_tokenizer_parts
@@ -41,15 +42,28 @@ def file_kwargs(path: Path) -> dict[str, Any]:
         return {"tekken_file": path}
     from tokenizers import Tokenizer
 
+    content = read_file(path, "tokenizer file")
     try:
-        return {"tokenizer_object": Tokenizer.from_str(read_file(path, "tokenizer file").decode())}
+        return {"tokenizer_object": Tokenizer.from_str(content.decode())}
     except Exception as err:  # tokenizers raises its own Exception type on malformed files
-        raise TokenizerError(f"{str(path)!r} is not a valid tokenizer.json: {err}") from err
+        if _looks_like_tekken(content):  # a tekken.json saved under another name
+            return {"tekken_file": path}
+        raise TokenizerError(f"{str(path)!r} is neither a valid tokenizer.json ({err}) nor a Tekken file") from err
 
 
 def is_tekken(path: Path) -> bool:
     """mistral-common's rule: a .json file with "tekken" in its name."""
     return path.suffix == ".json" and "tekken" in path.name
+
+
+def _looks_like_tekken(content: bytes) -> bool:
+    """Tekken's layout: a top-level "config" and a "vocab" list (tokenizer.json has a "model")."""
+    try:
+        data = json.loads(content)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("config"), dict) and isinstance(data.get("vocab"), list) \
+        and "model" not in data
 
 
 def folder_config(folder: Path) -> dict[str, Any]:
