@@ -102,6 +102,17 @@ class KVCache:
         """Tokens processed so far (Transformers' name), not the number of slots held."""
         return self.seen
 
+    def copy(self) -> KVCache:
+        """An independent copy: steps on it leave this cache as it is (the server's prefix cache
+        continues a stored prompt's keys in a copy, so the stored ones serve the next request too)."""
+        if self._deferred:
+            raise GenerationError("copy() in the middle of a step: commit() it first")
+        out = object.__new__(KVCache)
+        out.__dict__.update(self.__dict__)
+        out.keys, out.values = [k.clone() for k in self.keys], [v.clone() for v in self.values]
+        out.positions, out.valid, out._deferred = self.positions.clone(), self.valid.clone(), {}
+        return out
+
     def nbytes(self) -> int:
         tensors = [*self.keys, *self.values, self.positions, self.valid]
         return sum(t.numel() * t.element_size() for t in tensors)

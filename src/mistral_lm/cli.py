@@ -129,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import serve
 
     return serve(model_path=args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
-                 quantize=args.quantize, cors_origins=args.cors_origin) or 0
+                 quantize=args.quantize, cors_origins=args.cors_origin, prefix_cache_mb=args.prefix_cache_mb) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None)
     serve.add_argument("--cors-origin", action="append", default=None,
                        help="allow browser pages from this origin (repeat for several; '*' for any)")
+    serve.add_argument("--prefix-cache-mb", type=int, default=256,
+                       help="memory for reusing the keys of earlier prompts (next chat turns); 0 disables it")
     quantize_flag(serve)
     return parser
 

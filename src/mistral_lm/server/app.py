@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from . import protocol
-from .engine import Delta, Engine, Event, Finished, Ticket
+from .engine import DEFAULT_PREFIX_CACHE_BYTES, Delta, Engine, Event, Finished, Ticket
 from .protocol import CompletionRequest, ProtocolError, ResponseWriter, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ async def _on_disconnect(request: Request, action: Callable[[], None]) -> None:
 def serve(model_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, *, dtype: str | None = None, quantize: str = "auto", max_batch_size: int = 32,
           max_queue: int = 128, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors_origins: list[str] | None = None,
-          log_level: str = "info") -> None:
+          prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_BYTES >> 20, log_level: str = "info") -> None:
     """Load a model (a folder or .gguf; the embedded default when None) and serve it until interrupted.
 
     The model loads through `runtime.load_for_inference`, with the defaults `mistral-lm generate`
@@ -246,7 +246,8 @@ def serve(model_path: str | Path | None = None, host: str = "127.0.0.1", port: i
 
     path = resolve_model_path(model_path)
     model, tokenizer = load_for_inference(path, dtype, quantize)
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
+                    prefix_cache_bytes=prefix_cache_mb << 20)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     app = create_app(engine, path.stem if path.is_file() else path.name, api_key=api_key,

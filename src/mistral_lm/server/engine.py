@@ -31,6 +31,7 @@ import logging
 import queue
 import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ from .protocol import CompletionRequest, ProtocolError, TokenizeRequest, TokenLo
 log = logging.getLogger(__name__)
 
 CANCELLED = "the request was cancelled"  # Finished.error of a request whose client went away
+DEFAULT_PREFIX_CACHE_BYTES = 256 << 20  # ~5 conversations of 1,500 tokens of SmolLM2-135M (46 KB per token)
 ECHO_CHUNK = 128  # prefill chunk when every position's logits are kept: (chunk, vocab) floats at once
 
 
@@ -164,10 +166,12 @@ class Engine:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = 32, max_queue: int = 128,
-                 prefill_tokens: int = 512) -> None:
-        if max_batch_size < 1 or max_queue < 1 or prefill_tokens < 1:
-            raise ValueError("max_batch_size, max_queue and prefill_tokens must be positive")
+                 prefill_tokens: int = 512, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
+        if max_batch_size < 1 or max_queue < 1 or prefill_tokens < 1 or prefix_cache_bytes < 0:
+            raise ValueError("max_batch_size, max_queue and prefill_tokens must be positive, "
+                             "prefix_cache_bytes non-negative")
         self.model = model
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         config = model.config
@@ -189,7 +193,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         # Lifetime totals; decoded_rows / decode_steps is the mean batch, i.e. how well requests share forwards.
         self.counts = dict.fromkeys(
-            ("submitted", "completed", "cancelled", "failed", "decode_steps", "decoded_rows"), 0)
+            ("submitted", "completed", "cancelled", "failed", "decode_steps", "decoded_rows", "prefix_hits",
+             "prefix_tokens"), 0)
 
     # ------------------------------------------------------------------ any thread
     def submit(self, request: CompletionRequest, emit: Emit) -> Ticket:
@@ -350,41 +355,63 @@ class Engine:
         return submission
 
     def _prefill_step(self, budget: int) -> int:
-        """Prefill up to `budget` tokens of the request being admitted; returns how many it read."""
+        """Prefill up to `budget` tokens of the request being admitted; returns how many it read
+        (at least 1 when it admitted a request whose whole prompt the prefix cache held)."""
         if self._prefill is None:
             submission = self._next_submission()
             if submission is None:
                 return 0
-            cache = self.model.make_cache(1, max_length=len(submission.prompt_ids))
-            self._prefill = _Prefill(submission, cache)
-            if submission.prompt_logprobs:  # nothing predicts the first token
-                self._prefill.logprobs.append(TokenLogprob(submission.prompt_ids[0], None, (), 0))
+            self._prefill = self._start_prefill(submission)
         p, s = self._prefill, self._prefill.submission
         if s.cancelled:
             self._prefill = None
             self._finish(s, CANCELLED)
             return 0
-        chunk_limit = min(self.chunk, ECHO_CHUNK) if s.prompt_logprobs else self.chunk
-        start, end = p.done, min(p.done + budget, p.done + chunk_limit, len(s.prompt_ids))
-        chunk = torch.tensor([s.prompt_ids[start:end]], device=self.model.device)
-        out = self.model(chunk, past_key_values=p.cache, use_cache=True, logits_to_keep=0 if s.prompt_logprobs else 1)
-        if s.prompt_logprobs:
-            p.logprobs += self._prompt_logprobs(s, out.logits[0, : len(s.prompt_ids) - 1 - start], start)
-        p.done = end
-        if end < len(s.prompt_ids):
-            return end - start
+        start = p.done
+        if p.done < len(s.prompt_ids):
+            chunk_limit = min(self.chunk, ECHO_CHUNK) if s.prompt_logprobs else self.chunk
+            end = min(p.done + budget, p.done + chunk_limit, len(s.prompt_ids))
+            chunk = torch.tensor([s.prompt_ids[start:end]], device=self.model.device)
+            keep = 0 if s.prompt_logprobs else 1
+            out = self.model(chunk, past_key_values=p.cache, use_cache=True, logits_to_keep=keep)
+            if s.prompt_logprobs:
+                p.logprobs += self._prompt_logprobs(s, out.logits[0, : len(s.prompt_ids) - 1 - start], start)
+            p.done, p.last_logits = end, out.logits[:, -1]
+            if end < len(s.prompt_ids):
+                return end - start
+            self.prefix_cache.add(s.prompt_ids, p.cache, p.last_logits)
         self._prefill = None
+        self._admit(s, p)
+        return max(1, p.done - start)
+
+    def _start_prefill(self, s: Submission) -> _Prefill:
+        """The prefill of `s`, continuing a copy of the longest cached prefix of its prompt if any
+        (not for echo with logprobs, which needs every prompt position's logits)."""
+        hit = None if s.prompt_logprobs else self.prefix_cache.lookup(s.prompt_ids)
+        if hit is None:
+            p = _Prefill(s, self.model.make_cache(1, max_length=len(s.prompt_ids)))
+            if s.prompt_logprobs:  # nothing predicts the first token
+                p.logprobs.append(TokenLogprob(s.prompt_ids[0], None, (), 0))
+            return p
+        cached, cache, logits = hit
+        self.counts["prefix_hits"] += 1
+        self.counts["prefix_tokens"] += cached
+        # A whole cached prompt is shared as it is: joining the batch only reads it.
+        return _Prefill(s, cache if cached == len(s.prompt_ids) else cache.copy(), cached, logits)
+
+    def _admit(self, s: Submission, p: _Prefill) -> None:
+        """The prompt is read: sample each choice's first token and queue the rows to join the batch."""
         s.choices = [_Choice(s, s.first_index + i, self.tokenizer, p.logprobs) for i in range(s.request.n)]
         if s.max_new_tokens == 0:  # echo only: the prompt and its log-probabilities
             events: list[Event] = [e for c in s.choices if (e := c.close()) is not None]
         else:
-            tokens, entries = self._pick(s, out.logits[:, -1].expand(s.request.n, -1), s.choices)
+            assert p.last_logits is not None
+            tokens, entries = self._pick(s, p.last_logits.expand(s.request.n, -1), s.choices)
             events = [e for choice, t, lp in zip(s.choices, tokens, entries) if (e := choice.add(t, lp)) is not None]
         joining = [c for c in s.choices if c.finish_reason is None]
         if joining:
             self._joining.append((p.cache, joining))
         self._send(s, events)
-        return end - start
 
     def _prompt_logprobs(self, s: Submission, logits: torch.Tensor, start: int) -> list[TokenLogprob]:
         """Teacher-forced entries of prompt tokens start+1 .. start+len(logits) from their predictions' logits."""
@@ -487,7 +514,46 @@ class _Prefill:
     submission: Submission
     cache: KVCache
     done: int = 0  # prompt tokens already in the cache
+    last_logits: torch.Tensor | None = None  # (1, V) after the last token read
     logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's, with echo and logprobs
+
+
+class PrefixCache:
+    """Prefilled prompts for reuse: token ids -> (batch-1 KVCache, the logits after the last one).
+
+    A prompt that starts with a stored one (the next turn of a chat, the same document asked
+    again) continues from a copy of its keys instead of reading them again. Results are exact:
+    the stored keys are the ones a fresh prefill computes for those positions (a rolling cache
+    holds the last W, all that any later token attends). Entries are never changed once stored
+    (continuations run on copies). Memory is bounded by `max_bytes`, least recently used first out.
+    Engine thread only.
+    """
+
+    def __init__(self, max_bytes: int, min_tokens: int = 16) -> None:
+        self.max_bytes = max_bytes
+        self.min_tokens = min_tokens  # shorter prompts are cheap to read again
+        self.entries: OrderedDict[tuple[int, ...], tuple[KVCache, torch.Tensor]] = OrderedDict()
+        self.nbytes = 0
+
+    def lookup(self, ids: list[int]) -> tuple[int, KVCache, torch.Tensor] | None:
+        """(tokens reused, the cache holding them, the logits after them) of the longest stored prefix."""
+        best = max((key for key in self.entries if len(key) <= len(ids) and tuple(ids[:len(key)]) == key),
+                   key=len, default=None)
+        if best is None:
+            return None
+        self.entries.move_to_end(best)
+        cache, logits = self.entries[best]
+        return len(best), cache, logits
+
+    def add(self, ids: list[int], cache: KVCache, logits: torch.Tensor) -> None:
+        key, size = tuple(ids), cache.nbytes()
+        if len(key) < self.min_tokens or size > self.max_bytes or key in self.entries:
+            return
+        self.entries[key] = (cache, logits.detach().clone())
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            _, (old, _) = self.entries.popitem(last=False)
+            self.nbytes -= old.nbytes()
 
 
 class _Choice:
