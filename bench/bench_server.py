@@ -1,9 +1,16 @@
-"""Server throughput: 32 concurrent streaming clients vs one client, same model, one run.
+"""Server throughput at 1, 8 and 32 concurrent streaming clients, with and without logprobs, and
+the prefix cache's effect on a chat's second turn, same model, one run.
 
 The server runs in its own process (so the clients' JSON parsing does not share its GIL) on
 127.0.0.1; clients stream /v1/completions with temperature 0 and count the tokens that `usage`
 reports. Continuous batching should make the 32-client total several times the one-client rate:
-a decode step for 32 rows costs far less than 32 steps of one row.
+a decode step for 32 rows costs far less than 32 steps of one row. `logprobs: 5` adds a
+log-softmax and a top-5 per token and the per-token JSON.
+
+Turn-2 time to first token: a chat whose first user message makes a ~1,450-token prompt, its
+answer, then a short second question (a ~1,500-token history). Measured as the latency of
+`max_tokens: 1` (prefill + first token), median over documents never seen before: turn 1, turn 2
+(the history's first prompt is in the prefix cache) and a cold read of the same turn-2 prompt.
 
     python bench/bench_server.py                  # the packaged SmolLM2-135M (or a random model without it)
     python bench/bench_server.py --model PATH     # any folder or .gguf
@@ -19,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,10 +72,12 @@ def wait_ready(url: str, server: subprocess.Popen, seconds: float = 300) -> None
     raise SystemExit("the server did not become ready")
 
 
-def stream_one(url: str, prompt: str, max_tokens: int) -> int:
+def stream_one(url: str, prompt: str, max_tokens: int, logprobs: int | None = None) -> int:
     """Stream one completion; return its completion tokens (from the final usage chunk)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    if logprobs is not None:
+        body["logprobs"] = logprobs
     produced = None
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
         response.raise_for_status()
@@ -80,12 +90,13 @@ def stream_one(url: str, prompt: str, max_tokens: int) -> int:
     return produced
 
 
-def phase(url: str, clients: int, requests_each: int, max_tokens: int) -> dict[str, float]:
+def phase(url: str, clients: int, requests_each: int, max_tokens: int, logprobs: int | None = None
+          ) -> dict[str, float]:
     """`clients` concurrent clients, each sending `requests_each` streams one after the other."""
     before = httpx.get(url + "/health").json()
 
     def client(c: int) -> int:
-        return sum(stream_one(url, f"Story {c}.{r}: Once upon a time, in a city by the sea,", max_tokens)
+        return sum(stream_one(url, f"Story {c}.{r}: Once upon a time, in a city by the sea,", max_tokens, logprobs)
                    for r in range(requests_each))
 
     start = time.perf_counter()
@@ -98,11 +109,44 @@ def phase(url: str, clients: int, requests_each: int, max_tokens: int) -> dict[s
     return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "rows_per_step": rows / max(steps, 1)}
 
 
+def chat_latency(url: str, messages: list[dict[str, str]], max_tokens: int = 1) -> tuple[float, str]:
+    """Seconds for a non-streamed chat answer, and its text."""
+    start = time.perf_counter()
+    response = httpx.post(url + "/v1/chat/completions", timeout=600,
+                          json={"messages": messages, "max_tokens": max_tokens, "temperature": 0})
+    response.raise_for_status()
+    return time.perf_counter() - start, response.json()["choices"][0]["message"]["content"]
+
+
+def turn_two(url: str, repeats: int, history_tokens: int = 1450) -> dict[str, float]:
+    """Median time to first token of turn 1, turn 2 (prefix cache) and a cold turn-2 prompt."""
+    sentence = "The harbour town kept its records in a long ledger of ships, cargo and weather. "
+    per = len(httpx.post(url + "/tokenize", json={"prompt": sentence, "add_special_tokens": False}).json()["tokens"])
+    firsts, seconds, colds = [], [], []
+    for r in range(repeats + 1):  # the first round warms up and is not counted
+        document = f"Document {r}. " + sentence * (history_tokens // per)
+        history = [{"role": "user", "content": document + "\nSummarize the ledger in one line."}]
+        first, _ = chat_latency(url, history)
+        _, answer = chat_latency(url, history, 32)
+        history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Which ships came in?"}]
+        second, _ = chat_latency(url, history)
+        cold_history = [{"role": "user", "content": f"Copy {r}. " + history[0]["content"]}] + history[1:]
+        cold, _ = chat_latency(url, cold_history)
+        if r:
+            firsts.append(first)
+            seconds.append(second)
+            colds.append(cold)
+    size = httpx.post(url + "/tokenize", json={"messages": history}).json()["count"]
+    median = statistics.median
+    return {"history": size, "turn1": median(firsts), "turn2": median(seconds), "cold": median(colds)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model folder or .gguf file (default: the packaged SmolLM2)")
     parser.add_argument("--random", action="store_true", help="serve a random 4-layer Mistral instead")
-    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--turns", type=int, default=3, help="documents for the turn-2 measurement (0: skip)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=2, help="requests per client in each phase")
     parser.add_argument("--threads", type=int, help="torch intra-op threads in the server (default: torch's)")
@@ -129,18 +173,27 @@ def main() -> None:
         try:
             wait_ready(url, server)
             stream_one(url, "Warm up.", 8)
-            one = phase(url, 1, args.requests, args.max_tokens)
-            many = phase(url, args.clients, args.requests, args.max_tokens)
+            results = [(clients, logprobs, phase(url, clients, args.requests, args.max_tokens, logprobs))
+                       for clients in args.clients for logprobs in (None, 5)]
+            turns = turn_two(url, args.turns) if args.turns else None
         finally:
             server.terminate()
             server.wait(30)
 
     label = "random 4-layer Mistral" if model == Path(tmp) else model.name
     print(f"model: {label}, max_tokens {args.max_tokens}, {args.requests} requests per client")
-    print(f"{'clients':>8} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'rows/forward':>13}")
-    for clients, r in ((1, one), (args.clients, many)):
-        print(f"{clients:>8} {r['tokens']:>8} {r['seconds']:>8.2f} {r['tok_s']:>9.1f} {r['rows_per_step']:>13.1f}")
-    print(f"throughput ratio, {args.clients} clients vs 1: {many['tok_s'] / one['tok_s']:.2f}x")
+    print(f"{'clients':>8} {'logprobs':>8} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'rows/forward':>13}")
+    for clients, logprobs, r in results:
+        print(f"{clients:>8} {logprobs or '-':>8} {r['tokens']:>8} {r['seconds']:>8.2f} {r['tok_s']:>9.1f} "
+              f"{r['rows_per_step']:>13.1f}")
+    base = {(c, lp): r["tok_s"] for c, lp, r in results}
+    for clients in args.clients:
+        print(f"{clients} clients: {base[clients, None] / base[args.clients[0], None]:.2f}x the "
+              f"{args.clients[0]}-client rate; logprobs 5 costs {1 - base[clients, 5] / base[clients, None]:+.0%}")
+    if turns:
+        print(f"turn-2 time to first token on a {turns['history']}-token history: turn 1 {turns['turn1']:.2f} s, "
+              f"turn 2 {turns['turn2']:.2f} s ({turns['turn2'] / turns['turn1']:.2f}x turn 1), "
+              f"the same prompt cold {turns['cold']:.2f} s")
 
 
 if __name__ == "__main__":
