@@ -96,6 +96,7 @@ class Submission:
                                          frequency_penalty=request.frequency_penalty,
                                          logit_bias=dict(request.logit_bias))
         self.choices: list[_Choice] = []
+        self.counts_tokens = bool(request.presence_penalty or request.frequency_penalty)  # the picker reads history
         self._offsets: list[int] | None = None
 
     def cancel(self) -> None:
@@ -206,6 +207,9 @@ class Engine:
         bad = next((t for t, _ in request.logit_bias if t >= vocab), None)
         if bad is not None:
             raise ProtocolError(f"logit_bias names token {bad}, outside [0, {vocab}) (vocab_size)", "logit_bias")
+        if len(prompts) > self._incoming.maxsize:
+            raise ProtocolError(f"prompt holds {len(prompts)} prompts; this server queues at most "
+                                f"{self._incoming.maxsize} per request", "prompt")
         gather = _Gather(emit)
         for p, (ids, field_name, echo_text) in enumerate(prompts):
             config = request.generation_config(self._max_new(request, ids, field_name), self.eos)
@@ -286,7 +290,7 @@ class Engine:
             except ValueError as exc:
                 raise ProtocolError(f"messages cannot be rendered with the model's chat template: {exc}",
                                     "messages") from exc
-        else:  # special-token strings become their ids, as in vLLM (lm-eval finds the EOS id this way)
+        else:  # control-token strings become their ids, as in vLLM (see protocol.parse_tokenize)
             ids = list(self.tokenizer.encode(request.prompt or "", add_special_tokens=request.add_special_tokens,
                                              split_special_tokens=False))
         strs = [token_text(self.token_bytes(t)) for t in ids] if request.return_token_strs else None
@@ -451,9 +455,9 @@ class Engine:
         """Next token of each of `s`'s rows, with its settings and its own generator, and (when
         asked for) each token's log-probability and the top alternatives, from the same logits."""
         # The picker's history is what OpenAI's penalties count: the tokens generated so far (the
-        # rows of one request stay in step, so they have equal lengths).
-        history = torch.tensor([c.tokens for c in choices], dtype=torch.long, device=logits.device)
-        history = history.reshape(len(choices), -1)
+        # rows of one request stay in step, so they have equal lengths); without penalties, none.
+        generated = [c.tokens for c in choices] if s.counts_tokens else [[] for _ in choices]
+        history = torch.tensor(generated, dtype=torch.long, device=logits.device).reshape(len(choices), -1)
         tokens = s.pick(logits, history, s.generator)
         if s.request.logprobs is None:
             return tokens.tolist(), [None] * len(choices)

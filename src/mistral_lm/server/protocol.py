@@ -116,7 +116,7 @@ def parse_chat(body: Any) -> CompletionRequest:
     max_field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     wants = _boolean(body, "logprobs")
     top = body.get("top_logprobs")
-    if top is not None and not wants:
+    if top not in (None, 0) and not wants:
         raise ProtocolError("top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = _count(body, "top_logprobs", MAX_TOP_LOGPROBS) if wants else None
     return _request(body, chat=True, messages=_messages(body.get("messages")), prompts=None,
@@ -323,8 +323,7 @@ class ResponseWriter:
     `token_bytes(id)` renders log-probability entries (the tokenizer's bytes of a token).
     """
 
-    def __init__(self, request: CompletionRequest, model: str,
-                 token_bytes: Callable[[int], bytes] = lambda token: b"") -> None:
+    def __init__(self, request: CompletionRequest, model: str, token_bytes: Callable[[int], bytes]) -> None:
         self.request = request
         self.model = model
         self.token_bytes = token_bytes
@@ -436,6 +435,8 @@ def parse_tokenize(body: Any) -> TokenizeRequest:
     if model is not None and not isinstance(model, str):
         raise ProtocolError("model must be a string", "model")
     # vLLM's defaults: a prompt gets the tokenizer's special tokens, a chat rendering has them already.
+    # Unlike a completion's prompt text, control-token strings here become their ids (as in vLLM:
+    # lm-eval finds the EOS id by tokenizing the EOS string).
     add_special = body.get("add_special_tokens", messages is None)
     add_generation = body.get("add_generation_prompt", True)
     for name, value in (("add_special_tokens", add_special), ("add_generation_prompt", add_generation)):
