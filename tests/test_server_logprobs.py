@@ -8,7 +8,6 @@ OpenAI's penalty formula written out for `frequency_penalty` / `presence_penalty
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections.abc import Iterator

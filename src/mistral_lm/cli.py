@@ -121,7 +121,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import fastapi  # noqa: F401
+        import fastapi  # noqa: F401  (only: is the extra installed?)
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise MistralLMError(f"serving needs the 'serve' extra ({exc.name} is missing): "
