@@ -570,8 +570,9 @@ def test_default_model_smoke() -> None:
         path = default_model_path()
     except (ImportError, CheckpointError) as exc:
         pytest.skip(f"no default model: {exc}")
-    model = MistralForCausalLM.from_pretrained(path).eval()
-    tokenizer = MistralTokenizer.from_pretrained(path)
+    from mistral_lm.runtime import load_for_inference
+
+    model, tokenizer = load_for_inference(path)  # what `serve` loads: the GGUF's own blocks
     running = _Server(create_app(Engine(model, tokenizer), path.stem))
     try:
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0, timeout=120)
