@@ -16,7 +16,8 @@ from .test_server import (  # noqa: F401  (fixtures)
     _one_intra_op_thread, _reference, _text, _tiny_model, model_dir, tokenizer,
 )
 
-from mistral_lm.server.engine import Engine, PrefixCache  # noqa: E402
+from mistral_lm.server.engine import Engine  # noqa: E402
+from mistral_lm.server.prefix_cache import PrefixCache  # noqa: E402
 from mistral_lm.server.protocol import parse_chat  # noqa: E402
 
 

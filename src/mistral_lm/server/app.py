@@ -29,7 +29,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from . import protocol
-from .engine import DEFAULT_PREFIX_CACHE_BYTES, Delta, Engine, Event, Finished, Ticket
+from .engine import Delta, Engine, Event, Finished, Ticket
+from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from .protocol import CompletionRequest, ProtocolError, ResponseWriter, TokenLogprob
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,6 @@ import logging
 import queue
 import secrets
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,12 +41,12 @@ from .. import sampling
 from ..cache import KVCache
 from ..generation import Decoder, GenerationConfig
 from ..tokenizer import StreamingDetokenizer
+from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .protocol import CompletionRequest, ProtocolError, TokenizeRequest, TokenLogprob, token_text
 
 log = logging.getLogger(__name__)
 
 CANCELLED = "the request was cancelled"  # Finished.error of a request whose client went away
-DEFAULT_PREFIX_CACHE_BYTES = 256 << 20  # ~5 conversations of 1,500 tokens of SmolLM2-135M (46 KB per token)
 ECHO_CHUNK = 128  # prefill chunk when every position's logits are kept: (chunk, vocab) floats at once
 
 
@@ -520,44 +519,6 @@ class _Prefill:
     done: int = 0  # prompt tokens already in the cache
     last_logits: torch.Tensor | None = None  # (1, V) after the last token read
     logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's, with echo and logprobs
-
-
-class PrefixCache:
-    """Prefilled prompts for reuse: token ids -> (batch-1 KVCache, the logits after the last one).
-
-    A prompt that starts with a stored one (the next turn of a chat, the same document asked
-    again) continues from a copy of its keys instead of reading them again. Results are exact:
-    the stored keys are the ones a fresh prefill computes for those positions (a rolling cache
-    holds the last W, all that any later token attends). Entries are never changed once stored
-    (continuations run on copies). Memory is bounded by `max_bytes`, least recently used first out.
-    Engine thread only.
-    """
-
-    def __init__(self, max_bytes: int, min_tokens: int = 16) -> None:
-        self.max_bytes = max_bytes
-        self.min_tokens = min_tokens  # shorter prompts are cheap to read again
-        self.entries: OrderedDict[tuple[int, ...], tuple[KVCache, torch.Tensor]] = OrderedDict()
-        self.nbytes = 0
-
-    def lookup(self, ids: list[int]) -> tuple[int, KVCache, torch.Tensor] | None:
-        """(tokens reused, the cache holding them, the logits after them) of the longest stored prefix."""
-        best = max((key for key in self.entries if len(key) <= len(ids) and tuple(ids[:len(key)]) == key),
-                   key=len, default=None)
-        if best is None:
-            return None
-        self.entries.move_to_end(best)
-        cache, logits = self.entries[best]
-        return len(best), cache, logits
-
-    def add(self, ids: list[int], cache: KVCache, logits: torch.Tensor) -> None:
-        key, size = tuple(ids), cache.nbytes()
-        if len(key) < self.min_tokens or size > self.max_bytes or key in self.entries:
-            return
-        self.entries[key] = (cache, logits.detach().clone())
-        self.nbytes += size
-        while self.nbytes > self.max_bytes:
-            _, (old, _) = self.entries.popitem(last=False)
-            self.nbytes -= old.nbytes()
 
 
 class _Choice:
