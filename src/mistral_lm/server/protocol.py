@@ -127,9 +127,11 @@ def parse_completion(body: Any) -> CompletionRequest:
     """Validate a /v1/completions body. OpenAI's default max_tokens here is 16."""
     body = _object(body, _COMPLETION_FIELDS)
     echo = _boolean(body, "echo")
-    if isinstance(body.get("logprobs"), bool):  # chat's boolean sent to the legacy endpoint
+    if body.get("logprobs") is True:  # chat's boolean sent to the legacy endpoint
         raise ProtocolError("logprobs must be an integer in [0, 20] here (how many alternatives per token)",
                             "logprobs")
+    if body.get("logprobs") is False:
+        body = {**body, "logprobs": None}
     max_tokens = _count(body, "max_tokens", None) if echo else _positive_int(body, "max_tokens", 16)
     return _request(body, chat=False, messages=None, prompts=_prompts(body.get("prompt")),
                     max_tokens=16 if max_tokens is None else max_tokens,
