@@ -1,0 +1,26 @@
+"""Tensor parallel on torch.distributed: a pure plan (plan.py), applied to a model (apply.py),
+loaded slice by slice from safetensors (loader.py), in a process group started from torchrun's
+environment with bounded timeouts (process.py).
+
+    torchrun --nproc-per-node 2 script.py
+        model = parallel.from_pretrained("path/to/hf-folder")      # this rank's shard
+        out = generate(model, ids, max_new_tokens=32)              # every rank runs the same call
+
+Every rank must run the same forward calls with the same inputs (the all-reduces pair up in
+order); rank 0's result is every rank's result.
+"""
+
+from __future__ import annotations
+
+from .apply import CollectiveStats, TensorParallel, shard_model
+from .loader import from_pretrained, read_shard
+from .plan import Split, TensorParallelPlan, plan_tensor_parallel
+from .process import (DEFAULT_TIMEOUT_S, DistributedContext, DistributedError, check_same_everywhere,
+                      checkpoint_fingerprint, init_distributed)
+from .quantize import quantize_sharded
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S", "CollectiveStats", "DistributedContext", "DistributedError", "Split", "TensorParallel",
+    "TensorParallelPlan", "check_same_everywhere", "checkpoint_fingerprint", "from_pretrained", "init_distributed",
+    "plan_tensor_parallel", "quantize_sharded", "read_shard", "shard_model",
+]

@@ -1,0 +1,116 @@
+"""Turn a model into rank r's shard of it, without touching modeling.py.
+
+`shard_model(model, plan)` does four things, each visible from outside the module:
+1. slices every column- and row-parallel Linear's weight to the rank's rows or columns (on the
+   meta device this only changes shapes: the loader fills them from the file's slices);
+2. sets each MistralAttention's `num_heads` / `num_kv_heads` to the rank's counts;
+3. gives every module that held the config the rank's copy (`plan.rank_config`): head counts
+   and feed-forward width divided, so `make_cache` sizes the rank's own KV cache;
+4. registers a forward hook on each `self_attn` and `mlp` that all-reduces their output: those
+   end in `o_proj` / `down_proj`, the row-parallel Linears whose outputs are partial sums.
+   Hooking the parents (as gpt-fast's tp.py does) rather than the Linears survives the module
+   swaps that come after sharding (quantization replaces the Linears; fusion and the matvec
+   swap run on the rank's parts).
+
+The result's `tensor_parallel` attribute keeps the plan, the full config and a count of the
+collectives run (`stats`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..config import MistralConfig
+from ..errors import ConfigError
+from ..modeling import MistralAttention, MistralMLP
+from ..quantization.modules import QuantizedLinear
+from .plan import TensorParallelPlan
+from .process import all_reduce_
+
+
+@dataclass
+class CollectiveStats:
+    """All-reduces run by this rank and the bytes they summed (each rank's tensor size)."""
+
+    calls: int = 0
+    bytes: int = 0
+
+    def reset(self) -> None:
+        self.calls, self.bytes = 0, 0
+
+
+@dataclass
+class TensorParallel:
+    """What `shard_model` did to a model: `model.tensor_parallel`."""
+
+    plan: TensorParallelPlan
+    full_config: MistralConfig  # the checkpoint's config; `model.config` is the rank's
+    stats: CollectiveStats = field(default_factory=CollectiveStats)
+    handles: list[Any] = field(default_factory=list, repr=False)
+
+
+class _AllReduceOutput:
+    """Forward hook: sum the module's output (or the first item of its output tuple) over ranks."""
+
+    def __init__(self, where: str, stats: CollectiveStats) -> None:
+        self.where, self.stats = where, stats
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        tensor = output[0] if isinstance(output, tuple) else output  # attention: (out, weights)
+        self.stats.calls += 1
+        self.stats.bytes += tensor.numel() * tensor.element_size()
+        all_reduce_(tensor, self.where)  # in place: the output object is returned unchanged
+
+
+def shard_model(model: nn.Module, plan: TensorParallelPlan) -> nn.Module:
+    """Make `model` (a MistralForCausalLM / MistralModel, float and unfused, on any device or
+    meta) rank `plan.rank`'s shard, in place; returns it. See the module docstring."""
+    if getattr(model, "tensor_parallel", None) is not None:
+        raise ConfigError("this model is already sharded for tensor parallel")
+    full = model.config
+    _check_unfused(model)
+    local = plan.rank_config(full)
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear) and plan.split(f"{name}.weight").dim is not None:
+            raise ConfigError(f"{name} is already quantized: shard the float model, then quantize "
+                              "(parallel.from_pretrained(quantization_config=...) does both in that order)")
+        if isinstance(module, nn.Linear):
+            _slice_linear(module, name, plan)
+        if getattr(module, "config", None) is full:
+            module.config = local
+        if isinstance(module, MistralAttention):
+            module.num_heads, module.num_kv_heads = len(plan.q_heads), len(plan.kv_heads)
+    record = TensorParallel(plan, full)
+    if plan.world_size > 1:
+        for name, module in model.named_modules():
+            if isinstance(module, (MistralAttention, MistralMLP)):
+                where = f"{name}.{'o_proj' if isinstance(module, MistralAttention) else 'down_proj'}"
+                record.handles.append(module.register_forward_hook(_AllReduceOutput(where, record.stats)))
+    model.tensor_parallel = record
+    return model
+
+
+def _slice_linear(module: nn.Linear, name: str, plan: TensorParallelPlan) -> None:
+    split = plan.split(f"{name}.weight")
+    if split.dim is None:
+        return
+    if module.bias is not None:
+        module.bias = nn.Parameter(plan.split(f"{name}.bias").apply(module.bias.detach()).clone(),
+                                   requires_grad=module.bias.requires_grad)
+    weight = split.apply(module.weight.detach()).clone()  # a copy: the full weight can be freed
+    module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+    module.out_features, module.in_features = weight.shape
+
+
+def _check_unfused(model: nn.Module) -> None:
+    """Fused q/k/v or gate/up (fusion.py) would keep a copy of the full weights: shard first."""
+    for name, module in model.named_modules():
+        fused = [k for k in ("qkv_proj", "gate_up_proj") if k in module._modules]
+        fused += [k for k, f in module.__dict__.get("_fusions", {}).items() if getattr(f, "module", None) is not None]
+        if fused:
+            raise ConfigError(f"{name}.{fused[0]} is fused: shard the model before fusing its projections "
+                              "(load with fuse_projections=False, or use parallel.from_pretrained)")
+

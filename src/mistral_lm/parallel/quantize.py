@@ -1,0 +1,62 @@
+"""Weight-only quantization of a sharded model: each rank quantizes its own float slices.
+
+Which formats give every rank exactly the codes of the single-process quantized model:
+- column-parallel layers (q/k/v, gate/up: whole output rows): every format, as int8, int4 and
+  NF4 all quantize row by row.
+- row-parallel layers (o_proj, down_proj: a slice of each row's columns):
+  int4 / NF4: groups of `group_size` columns; a rank's slice starts at r * K/N, a multiple of
+  the group size whenever K/N is (checked), so its groups are the single-process groups.
+  int8: one scale per row, the row's absolute maximum / 127. A slice's own maximum would give a
+  finer scale than the single process's, so the ranks all-reduce (MAX) the row maxima first and
+  quantize with the global scale: the same codes, for one (N_out,) all-reduce per layer at load.
+The dequantized weights are then identical; outputs differ from the single process only by the
+order of the final sum (the all-reduce).
+
+GGUF blocks (Q4_0/Q8_0: 32 columns, K-quants: 256) are row-sliceable the same way (whole rows, or
+column slices at block multiples), but loading GGUF per rank is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import ConfigError
+from ..quantization import BitsAndBytesConfig, quantize_model
+from ..quantization.functional import quantize_int8
+from ..quantization.modules import Int8Linear
+from .plan import ROW_PARALLEL_MODULES
+
+
+def quantize_sharded(model: nn.Module, config: BitsAndBytesConfig) -> nn.Module:
+    """`quantize_model` on a sharded model, with the global int8 scales of row-parallel layers."""
+    skip = config.skip_modules
+    row_parallel = [(name, m) for name, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and name.endswith(ROW_PARALLEL_MODULES)
+                    and not any(name == s or name.endswith("." + s) for s in skip)]
+    if config.load_in_4bit:
+        for name, linear in row_parallel:
+            if linear.in_features % config.group_size:
+                raise ConfigError(f"{name}: this rank's {linear.in_features} input columns are not a multiple of "
+                                  f"group_size {config.group_size}, so 4-bit groups would straddle ranks; "
+                                  "choose a group_size that divides them or a smaller tp_size")
+    elif config.load_in_8bit and dist.is_initialized() and dist.get_world_size() > 1:
+        for name, linear in row_parallel:
+            model.set_submodule(name, _int8_global_scale(linear, config.compute_dtype))
+    return quantize_model(model, config)
+
+
+@torch.no_grad()
+def _int8_global_scale(linear: nn.Linear, compute_dtype: torch.dtype) -> Int8Linear:
+    """Int8 codes of this rank's columns under each row's maximum over all ranks.
+
+    quantize_int8 takes the row maximum of what it is given, so the global maximum rides along as
+    one extra column (its code, 127, is dropped): the numerics stay quantize_int8's own."""
+    weight = linear.weight.detach().float()
+    row_max = weight.abs().amax(dim=1)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
+    codes, scale = quantize_int8(torch.cat([weight, row_max[:, None]], dim=1), compute_dtype)
+    module = Int8Linear(linear.in_features, linear.out_features, False, compute_dtype, weight.device)
+    module.load_state_dict({"weight": codes[:, :-1], "weight_scale": scale})
+    return module

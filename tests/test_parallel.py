@@ -1,0 +1,303 @@
+"""Tensor parallel over 2 gloo processes (1 thread each) against the single-process model.
+
+The ranks are this file run as a script (`python tests/test_parallel.py worker ...`) with
+torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on loopback), so
+`parallel.init_distributed` is exercised as torchrun would drive it. One launch computes every
+parity case and the tests read its results; the fault tests launch their own pairs.
+
+The oracle is the in-memory float32 model that wrote each safetensors folder, run in this
+process: the ranks only ever see the files, read slice by slice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+if __name__ != "__main__":
+    from .conftest import tiny_config
+
+WORLD = 2
+PROMPT = 11
+NEW_TOKENS = 64
+# name -> config overrides of the tiny config: MHA, GQA and MQA-like, with and without a window
+CASES = {
+    "mha": dict(num_key_value_heads=4, sliding_window=None),
+    "gqa": dict(num_key_value_heads=2, sliding_window=None),
+    "gqa_window": dict(num_key_value_heads=2, sliding_window=8),
+    "mqa_window": dict(num_key_value_heads=1, sliding_window=6),  # kv head replicated on both ranks
+    "wide_tied": dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=256,
+                      sliding_window=8, tie_word_embeddings=True),  # written as 2 safetensors shards
+}
+
+
+# ---------------------------------------------------------------------------------- launching
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(mode: str, spec: dict, timeout: float = 120.0, linger: float | None = None) -> list[dict]:
+    """Run 2 ranks of this file as `mode`; per rank: returncode (None: killed at `timeout`, or
+    `linger` seconds after rank 0 exited), output, seconds until exit."""
+    port = _free_port()
+    procs = []
+    start = time.monotonic()
+    for rank in range(WORLD):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
+               "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+        procs.append(subprocess.Popen([sys.executable, __file__, mode, json.dumps(spec)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = [{} for _ in procs]
+    for rank, proc in enumerate(procs):
+        left = timeout - (time.monotonic() - start)
+        try:
+            output, _ = proc.communicate(timeout=max(0.1, left if rank == 0 or linger is None else linger))
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                if other.poll() is None:
+                    other.kill()  # only the processes this test started
+            output, _ = proc.communicate()
+            results[rank] = {"returncode": None, "output": output, "seconds": time.monotonic() - start}
+            continue
+        results[rank] = {"returncode": proc.returncode, "output": output, "seconds": time.monotonic() - start}
+    return results
+
+
+def _write_folder(folder: Path, overrides: dict, sharded: bool = False) -> torch.nn.Module:
+    from mistral_lm import MistralForCausalLM
+    from mistral_lm.checkpoints.safetensors import save_state_dict
+
+    config = tiny_config(initializer_range=0.1, **overrides)
+    model = MistralForCausalLM(config).eval()
+    state = {k: v for k, v in model.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    save_state_dict(state, folder, max_shard_size="100KB" if sharded else "5GB")
+    config.save_pretrained(folder)
+    return model
+
+
+def _inputs(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts of 11 and 7 tokens, the second left-padded."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (2, PROMPT), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ids[1, :4] = 0
+    return ids, mask
+
+
+@torch.inference_mode()
+def _compute(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """What both the ranks and the reference compute: full-sequence logits, logits through the
+    cache in two chunks, and 64 greedy tokens (crossing the window)."""
+    from mistral_lm.generation import generate
+
+    full = model(ids, attention_mask=mask, use_cache=False).logits
+    cache = model.make_cache(ids.shape[0])
+    model(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache)
+    chunked = model(ids[:, 6:], attention_mask=mask, past_key_values=cache).logits
+    tokens = generate(model, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                      eos_token_id=None)
+    return {"full": full, "chunked": chunked, "tokens": tokens, "cache_heads": cache.keys[0].shape[1]}
+
+
+# ---------------------------------------------------------------------------------- the ranks
+def _worker_parity(spec: dict) -> None:
+    from mistral_lm import parallel
+    from mistral_lm.errors import CheckpointError
+
+    out: dict = {}
+    for name, folder in spec["folders"].items():
+        model = parallel.from_pretrained(folder, tp_size=WORLD, timeout_s=60)
+        ids, mask = _inputs(model.config.vocab_size)
+        model.tensor_parallel.stats.reset()
+        with torch.inference_mode():
+            model(ids[:1, -1:])  # one decode-shaped step: its collectives
+        step = (model.tensor_parallel.stats.calls, model.tensor_parallel.stats.bytes)
+        out[name] = {**_compute(model, ids, mask), "step_collectives": step}
+    # then each rank loads a different checkpoint: every rank must refuse, none may hang
+    mismatched = spec["mismatch"][int(os.environ["RANK"])]
+    try:
+        parallel.from_pretrained(mismatched, timeout_s=60)
+        out["mismatch"] = "loaded"
+    except CheckpointError as exc:
+        out["mismatch"] = f"CheckpointError: {exc}"
+    torch.save(out, Path(spec["out"]) / f"rank{os.environ['RANK']}.pt")
+
+
+def _worker_crash(spec: dict) -> None:
+    """Rank 1 raises inside its third forward (in layer 1's MLP); rank 0 must not hang."""
+    from mistral_lm import parallel
+    from mistral_lm.generation import generate
+
+    model = parallel.from_pretrained(spec["folder"], timeout_s=spec["timeout_s"])
+    calls = [0]
+
+    def fail(module, args):  # noqa: ANN001
+        calls[0] += 1
+        if calls[0] == 3:
+            if spec["how"] == "hang":
+                time.sleep(600)
+            raise RuntimeError("injected failure on rank 1")
+
+    if os.environ["RANK"] == "1":
+        model.model.layers[1].mlp.register_forward_pre_hook(fail)
+    ids, mask = _inputs(model.config.vocab_size)
+    generate(model, ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    print("finished generate", flush=True)
+
+
+# ---------------------------------------------------------------------------------- parity
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tp")
+    models, folders = {}, {}
+    for name, overrides in CASES.items():
+        torch.manual_seed(len(name))
+        models[name] = _write_folder(root / name, overrides, sharded=name == "wide_tied")
+        folders[name] = str(root / name)
+    mismatch = [folders["gqa"], folders["gqa_window"]]  # same shapes, another window
+    runs = _launch("parity", {"folders": folders, "out": str(root), "mismatch": mismatch}, timeout=240)
+    for run in runs:
+        assert run["returncode"] == 0, run["output"][-3000:]
+    ranks = [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
+    references = {name: _compute(model, *_inputs(model.config.vocab_size)) for name, model in models.items()}
+    return {"ranks": ranks, "references": references, "models": models}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_equal_single_process(parity, case) -> None:
+    ref = parity["references"][case]
+    for rank in parity["ranks"]:
+        for key in ("full", "chunked"):
+            got = rank[case][key]
+            assert got.shape == ref[key].shape
+            err = (got - ref[key]).abs().max().item()
+            assert err < 1e-5, f"{case} {key}: max |TP - single| = {err:.2e}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_tokens_equal_single_process(parity, case) -> None:
+    ref = parity["references"][case]["tokens"]
+    assert ref.shape[1] == PROMPT + NEW_TOKENS
+    for rank in parity["ranks"]:
+        assert torch.equal(rank[case]["tokens"], ref)
+
+
+def test_ranks_agree_exactly(parity) -> None:
+    """The all-reduce hands every rank the same sums, so the replicated rest matches bit for bit."""
+    first, second = parity["ranks"]
+    for case in CASES:
+        assert torch.equal(first[case]["full"], second[case]["full"])
+        assert torch.equal(first[case]["tokens"], second[case]["tokens"])
+        assert torch.equal(first[case]["chunked"], second[case]["chunked"])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_rank_caches_its_kv_heads(parity, case) -> None:
+    heads = parity["models"][case].config.num_key_value_heads
+    for rank in parity["ranks"]:
+        assert rank[case]["cache_heads"] == max(1, heads // WORLD)
+
+
+@pytest.mark.parametrize("case", ["gqa", "wide_tied"])
+def test_two_all_reduces_per_layer_per_step(parity, case) -> None:
+    config = parity["models"][case].config
+    for rank in parity["ranks"]:
+        calls, nbytes = rank[case]["step_collectives"]
+        assert calls == 2 * config.num_hidden_layers
+        assert nbytes == calls * config.hidden_size * 4  # one row of fp32 hidden state each
+
+
+def test_ranks_loading_different_checkpoints_are_refused(parity) -> None:
+    for rank in parity["ranks"]:
+        assert rank["mismatch"].startswith("CheckpointError") and "differs across ranks" in rank["mismatch"]
+
+
+# ---------------------------------------------------------------------------------- plan (no processes)
+def test_plan_refuses_heads_that_do_not_divide() -> None:
+    from mistral_lm.errors import ConfigError
+    from mistral_lm.parallel import plan_tensor_parallel
+
+    with pytest.raises(ConfigError, match=r"num_attention_heads \(4\) divisible by 3"):
+        plan_tensor_parallel(tiny_config(), 3, 0)
+    with pytest.raises(ConfigError, match=r"num_key_value_heads \(3\)"):
+        plan_tensor_parallel(tiny_config(hidden_size=96, num_attention_heads=6, num_key_value_heads=3), 2, 0)
+    with pytest.raises(ConfigError, match=r"intermediate_size \(130\)"):
+        plan_tensor_parallel(tiny_config(intermediate_size=130), 4, 0)
+
+
+def test_plan_slices_tile_every_weight() -> None:
+    """Column-parallel slices of all ranks cover each weight once, in order (kv heads: once per
+    replica), and rank r's query heads read exactly its kv heads (h // group)."""
+    from mistral_lm.parallel import plan_tensor_parallel
+
+    config = tiny_config(num_attention_heads=8, num_key_value_heads=4, hidden_size=128)
+    for n in (1, 2, 4, 8):
+        plans = [plan_tensor_parallel(config, n, r) for r in range(n)]
+        group = config.num_attention_heads // config.num_key_value_heads
+        for plan in plans:
+            assert {h // group for h in plan.q_heads} == set(plan.kv_heads)
+        rows = [i for p in plans for i in range(*_bounds(p.split("model.layers.0.self_attn.q_proj.weight")))]
+        assert rows == list(range(config.num_attention_heads * config.head_dim))
+        columns = [i for p in plans for i in range(*_bounds(p.split("model.layers.0.mlp.down_proj.weight")))]
+        assert columns == list(range(config.intermediate_size))
+        assert plans[0].split("model.embed_tokens.weight").dim is None
+
+
+def _bounds(split) -> tuple[int, int]:  # noqa: ANN001
+    return split.start, split.stop
+
+
+def test_shard_model_in_memory_matches_the_plan() -> None:
+    """shard_model on an in-memory model: weights are the plan's slices, heads and config divided."""
+    from mistral_lm import MistralForCausalLM
+    from mistral_lm.parallel import plan_tensor_parallel, shard_model
+
+    model = MistralForCausalLM(tiny_config())
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_tensor_parallel(model.config, 2, 1)
+    shard_model(model, plan)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, plan.split(key).apply(full[key])), key
+    attention = model.model.layers[0].self_attn
+    assert (attention.num_heads, attention.num_kv_heads) == (2, 1)
+    assert model.config.num_key_value_heads == 1 and model.tensor_parallel.full_config.num_key_value_heads == 2
+    assert model.make_cache(1).keys[0].shape[1] == 1
+
+
+# ---------------------------------------------------------------------------------- faults
+@pytest.fixture(scope="module")
+def gqa_folder(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("tp_fault") / "gqa"
+    _write_folder(folder, CASES["gqa"])
+    return str(folder)
+
+
+@pytest.mark.parametrize("how", ["crash", "hang"])
+def test_a_failing_rank_makes_the_other_exit(gqa_folder, how) -> None:
+    """crash: rank 1's process dies; hang: rank 1 stops joining collectives (timeout 3 s). Either
+    way rank 0 exits non-zero with DistributedError naming the layer, well under 60 s."""
+    runs = _launch("crash", {"folder": gqa_folder, "how": how, "timeout_s": 3}, timeout=90, linger=1)
+    survivor = runs[0]
+    assert survivor["returncode"] not in (0, None), survivor["output"][-2000:]
+    assert "DistributedError" in survivor["output"] and "all-reduce after model.layers." in survivor["output"]
+    assert survivor["seconds"] < 60
+    if how == "crash":
+        assert runs[1]["returncode"] != 0 and "injected failure on rank 1" in runs[1]["output"]
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    {"parity": _worker_parity, "crash": _worker_crash}[sys.argv[1]](json.loads(sys.argv[2]))
+    torch.distributed.destroy_process_group()  # a clean exit: gloo's threads stopped before interpreter teardown
