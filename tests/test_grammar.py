@@ -279,3 +279,31 @@ def test_strict_false_enforces_the_same_schema(tokenizer):
     open_schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     c = grammar.response_format_constraint(tokenizer, _schema(open_schema, strict=False))
     assert not c.allowed()[tokenizer.encode("[", add_special_tokens=False)[0]]
+
+
+def test_openai_parse_schemas_compile_and_accept_pydantic_documents(tokenizer):
+    """The strict schemas openai-python's `.parse()` sends for pydantic models compile (recursive
+    $defs, enums, Literal, Optional, bounds), and pydantic's own valid documents pass the grammar."""
+    pydantic = pytest.importorskip("pydantic")
+    to_strict = pytest.importorskip("openai.lib._pydantic").to_strict_json_schema
+    Literal, Optional = __import__("typing").Literal, __import__("typing").Optional  # noqa: N806
+
+    class Node(pydantic.BaseModel):
+        name: str
+        children: list["Node"]
+
+    class Person(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=20)
+        age: int = pydantic.Field(ge=0, le=150)
+        kind: Literal["a", "b"]
+        zip: Optional[str]  # noqa: UP007 - the form pydantic users write
+        tree: Node
+
+    person = Person(name="Ada", age=36, kind="b", zip=None,
+                    tree=Node(name="r", children=[Node(name="c", children=[])]))
+    for model, instance in [(Person, person), (Node, person.tree)]:
+        c = grammar.json_schema(tokenizer, to_strict(model), strict=True)
+        for token in tokenizer.encode(json.dumps(instance.model_dump(mode="json")), add_special_tokens=False):
+            assert c.allowed()[token]
+            c.advance(token)
+        assert c.complete
