@@ -264,6 +264,10 @@ BAD = [
                                                      "additionalProperties": False}},
               "required": ["o"], "additionalProperties": False}, strict=True),
      "json_schema.schema.properties.o.required", "required"),
+    (_schema({"type": "object", "properties": 5, "additionalProperties": False}, strict=True), "json_schema.schema",
+     "properties must be an object"),
+    (_schema({"type": ["object", "null"], "properties": {}}, strict=True), "schema.additionalProperties",
+     "additionalProperties"),
 ]
 
 

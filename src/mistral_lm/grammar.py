@@ -253,9 +253,10 @@ def json_schema(tokenizer: Any, schema: Mapping[str, Any], *, strict: bool = Fal
     if not isinstance(schema, Mapping):
         raise ResponseFormatError(f"must be a JSON schema object, got {type(schema).__name__}", param)
     _check_keywords(schema, param)
+    constraint = _constraint(tokenizer, schema, name, param)  # a malformed schema fails here first
     if strict:
         _check_strict(schema, param)
-    return _constraint(tokenizer, schema, name, param)
+    return constraint
 
 
 def _subschemas(schema: Mapping[str, Any], path: str) -> list[tuple[Any, str]]:
@@ -292,12 +293,15 @@ def _check_strict(schema: Any, path: str) -> None:
     """OpenAI's strict mode: objects close (`additionalProperties: false`) and require every property."""
     if not isinstance(schema, Mapping):
         return
-    is_object = schema.get("type") == "object" or "properties" in schema
-    if is_object:
+    kind = schema.get("type")
+    if kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in schema:
         if schema.get("additionalProperties") is not False:
             raise ResponseFormatError('strict mode needs "additionalProperties": false on every object (OpenAI\'s '
                                       'rule); set it, or send strict: false', f"{path}.additionalProperties")
-        missing = [k for k in schema.get("properties", {}) if k not in schema.get("required", [])]
+        properties, required = schema.get("properties", {}), schema.get("required", [])
+        if not isinstance(properties, Mapping) or not isinstance(required, list):
+            return  # malformed: the compile names the problem
+        missing = [k for k in properties if k not in required]
         if missing:
             raise ResponseFormatError(f"strict mode needs every property in \"required\" (OpenAI's rule); missing "
                                       f"{missing} (make a property optional with \"type\": [..., \"null\"])",
