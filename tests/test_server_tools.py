@@ -89,3 +89,115 @@ def test_tools_need_a_format_with_tool_calls():
     assert parse_tools({"tools": []}, v1) is None
     assert json.dumps(parse_tools({"tools": [WEATHER]},
                                   MistralTokenizer.from_pretrained(DATA / "tekken_240911.json")).tools[0])
+
+
+# ----- end to end through the OpenAI client ----------------------------------------------------
+# The model is random: what it "chooses" is scripted by replacing the picker (sampling.make_picker),
+# so everything else runs for real: the chat format with tools, the decode loop, the detection of
+# [TOOL_CALLS], the parsing, and the response and stream shapes the client reads.
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def tool_server(v3):
+    import torch
+
+    from mistral_lm import MistralForCausalLM
+    from mistral_lm.server.app import create_app
+    from mistral_lm.server.engine import Engine
+
+    from .conftest import tiny_config
+    from .test_server import _Server
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(tiny_config(vocab_size=len(v3), max_position_embeddings=1024)).eval()
+    running = _Server(create_app(Engine(model, v3, max_batch_size=4), "tiny-v3"))
+    yield running.url
+    running.close()
+
+
+@pytest.fixture()
+def scripted(monkeypatch):
+    """Each request's picker writes the ids of `script[0]` (then EOS), whatever the logits say."""
+    import torch
+
+    from mistral_lm import sampling
+
+    script: list[list[int]] = []
+
+    def make_picker(config, **_):
+        ids = iter(script[0])
+
+        def pick(logits, history, generator=None):
+            return torch.tensor([next(ids, 2)] * logits.shape[0])
+        return pick
+
+    monkeypatch.setattr(sampling, "make_picker", make_picker)
+    return script
+
+
+def _client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def test_tool_call_round_trip_through_openai(v3, tool_server, scripted):
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    call = {"id": "abc123XYZ", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    reply = v3.apply_chat_template(messages + [{"role": "assistant", "content": None, "tool_calls": [call]}])
+    scripted.append(reply[len(v3.apply_chat_template(messages)):])  # what a v3 model writes, </s> included
+    client = _client(tool_server)
+    answer = client.chat.completions.create(model="tiny-v3", messages=messages, tools=[WEATHER], max_tokens=64)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [c.model_dump() for c in choice.message.tool_calls] == [call]
+    # the history goes back with the tool's result: accepted, rendered as mistral-common does
+    scripted[0] = v3.encode("It is sunny.", add_special_tokens=False) + [v3.eos_token_id]
+    history = messages + [choice.message.model_dump(exclude_none=True),
+                          {"role": "tool", "tool_call_id": call["id"], "content": '{"sky": "clear"}'}]
+    second = client.chat.completions.create(model="tiny-v3", messages=history, tools=[WEATHER], max_tokens=16)
+    assert second.choices[0].message.content == "It is sunny." and second.choices[0].finish_reason == "stop"
+    assert not second.choices[0].message.tool_calls
+
+
+def test_tool_calls_stream_as_deltas(v3, tool_server, scripted):
+    calls = [{"id": "abc123XYZ", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "A"}'}},
+             {"id": "Zyx987wvu", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "B"}'}}]
+    messages = [{"role": "user", "content": "A and B?"}]
+    reply = v3.apply_chat_template(messages + [{"role": "assistant", "content": None, "tool_calls": calls}])
+    scripted.append(reply[len(v3.apply_chat_template(messages)):])
+    stream = _client(tool_server).chat.completions.create(model="tiny-v3", messages=messages, tools=[WEATHER],
+                                                          max_tokens=64, stream=True)
+    chunks = list(stream)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.content for d in deltas)  # the JSON is never streamed as text
+    fragments = [t for d in deltas for t in (d.tool_calls or [])]
+    assert [(f.index, f.id, f.type, f.function.name, f.function.arguments) for f in fragments] == \
+        [(k, c["id"], "function", c["function"]["name"], c["function"]["arguments"]) for k, c in enumerate(calls)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_cut_short_call_comes_back_as_text(v3, tool_server, scripted):
+    messages = [{"role": "user", "content": "q"}]
+    call = {"id": "abc123XYZ", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "P"}'}}
+    reply = v3.apply_chat_template(messages + [{"role": "assistant", "content": None, "tool_calls": [call]}])
+    scripted.append(reply[len(v3.apply_chat_template(messages)):])
+    answer = _client(tool_server).chat.completions.create(model="tiny-v3", messages=messages, tools=[WEATHER],
+                                                          max_tokens=6)
+    assert answer.choices[0].finish_reason == "length" and answer.choices[0].message.tool_calls is None
+    assert answer.choices[0].message.content.startswith('[{"name"')
+
+
+def test_tool_requests_the_server_refuses(tool_server, scripted):
+    scripted.append([])
+    client = _client(tool_server)
+    messages = [{"role": "user", "content": "q"}]
+    for kwargs, param in [({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
+                          ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+                          ({"messages": messages + [{"role": "tool", "tool_call_id": "x", "content": "1"}]},
+                           "messages")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(**{"model": "tiny-v3", "messages": messages, "max_tokens": 4, **kwargs})
+        assert info.value.body["param"] == param, info.value.body
+    assert client.chat.completions.create(model="tiny-v3", messages=messages, max_tokens=2).choices

@@ -191,7 +191,8 @@ async def _sse(writer: ResponseWriter, relay: _Relay) -> AsyncIterator[bytes]:
         yield _data(chunk)
     async for event in relay.events():
         if isinstance(event, Delta):
-            yield _data(writer.delta_chunk(event.index, event.text, event.finish_reason, event.logprobs))
+            yield _data(writer.delta_chunk(event.index, event.text, event.finish_reason, event.logprobs,
+                                           event.tool_calls))
         elif event.error is not None:
             yield _data(protocol.error_body(event.error, "server_error"))
         elif (usage := writer.usage_chunk(event.prompt_tokens, event.completion_tokens)) is not None:
@@ -206,6 +207,7 @@ async def _whole(writer: ResponseWriter, relay: _Relay, request: Request) -> dic
     texts: list[str] = [""] * n
     reasons: list[str | None] = [None] * n
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    calls: list[tuple[dict[str, Any], ...] | None] = [None] * n
     finished: Finished | None = None
     try:
         async for event in relay.events():
@@ -213,6 +215,7 @@ async def _whole(writer: ResponseWriter, relay: _Relay, request: Request) -> dic
                 texts[event.index] += event.text
                 reasons[event.index] = event.finish_reason
                 logprobs[event.index] += event.logprobs
+                calls[event.index] = event.tool_calls or calls[event.index]
             else:
                 finished = event
     finally:
@@ -220,7 +223,7 @@ async def _whole(writer: ResponseWriter, relay: _Relay, request: Request) -> dic
     assert finished is not None, "relay.events() ends with the request's Finished event"
     if finished.error is not None:
         raise ProtocolError(finished.error, status=500, type="server_error")
-    return writer.body(texts, reasons, finished.prompt_tokens, finished.completion_tokens, logprobs)
+    return writer.body(texts, reasons, finished.prompt_tokens, finished.completion_tokens, logprobs, calls)
 
 
 async def _on_disconnect(request: Request, action: Callable[[], None]) -> None:

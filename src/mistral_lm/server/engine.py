@@ -43,6 +43,7 @@ from ..generation import Decoder, GenerationConfig
 from ..tokenizer import StreamingDetokenizer
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .protocol import CompletionRequest, ProtocolError, TokenizeRequest, TokenLogprob, token_text
+from .tools import ToolRequest, mistral_messages, parse_tools, reply_message, supports_tools
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Delta:
     text: str
     finish_reason: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[dict[str, Any], ...] | None = None  # OpenAI's tool calls, on the last delta
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,10 @@ class Submission:
     """A request in the engine. `cancel()` is safe from any thread; its rows go at the next step."""
 
     def __init__(self, request: CompletionRequest, prompt_ids: list[int], config: GenerationConfig, emit: Emit,
-                 device: torch.device, first_index: int = 0, echo_text: str = "") -> None:
+                 device: torch.device, first_index: int = 0, echo_text: str = "",
+                 tools: ToolRequest | None = None) -> None:
         self.request = request
+        self.tools = tools  # the answer is parsed for tool calls (server/tools.py)
         self.prompt_ids = prompt_ids
         self.first_index = first_index  # response index of choice 0: prompt number * n
         self.echo_text = echo_text  # `echo`: the prompt's text, sent before the answer
@@ -199,7 +203,8 @@ class Engine:
     # ------------------------------------------------------------------ any thread
     def submit(self, request: CompletionRequest, emit: Emit) -> Ticket:
         """Tokenize and check `request`, then queue it. Raises ProtocolError (400, 429 or 503)."""
-        prompts = self._encode(request)
+        tools = parse_tools(dict(request.tool_fields), self.tokenizer) if request.tool_fields else None
+        prompts = self._encode(request, tools)
         if request.n > self.max_batch_size:
             raise ProtocolError(f"n={request.n} exceeds the server's batch of {self.max_batch_size} rows", "n")
         vocab = self.model.config.vocab_size
@@ -213,7 +218,7 @@ class Engine:
         for p, (ids, field_name, echo_text) in enumerate(prompts):
             config = request.generation_config(self._max_new(request, ids, field_name), self.eos)
             gather.submissions.append(Submission(request, ids, config, gather, self.model.device,
-                                                 first_index=p * request.n, echo_text=echo_text))
+                                                 first_index=p * request.n, echo_text=echo_text, tools=tools))
         with self._lock:
             if self._closing:  # before start() requests wait in the queue; after close() nothing will serve them
                 raise ProtocolError("the server is shutting down", status=503, type="server_error")
@@ -256,11 +261,18 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    def _encode(self, request: CompletionRequest) -> list[tuple[list[int], str, str]]:
+    def _chat_messages(self, messages: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+        """Messages as the chat format takes them: for Mistral formats, call ids as 9 alphanumerics."""
+        return mistral_messages(list(messages)) if supports_tools(self.tokenizer) else list(messages)
+
+    def _encode(self, request: CompletionRequest, tools: ToolRequest | None = None
+                ) -> list[tuple[list[int], str, str]]:
         """(token ids, the request field they came from, the text `echo` sends) of each prompt."""
         if request.messages is not None:
+            extra = {"tools": list(tools.tools)} if tools is not None else {}
             try:
-                ids = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True)
+                ids = self.tokenizer.apply_chat_template(self._chat_messages(request.messages),
+                                                         add_generation_prompt=True, **extra)
             except ValueError as exc:  # the template refused the conversation (e.g. roles out of order)
                 raise ProtocolError(f"messages cannot be rendered with the model's chat template: {exc}",
                                     "messages") from exc
@@ -284,7 +296,7 @@ class Engine:
         """POST /tokenize: {"count", "max_model_len", "tokens", "token_strs"}."""
         if request.messages is not None:
             try:
-                ids = list(self.tokenizer.apply_chat_template(list(request.messages),
+                ids = list(self.tokenizer.apply_chat_template(self._chat_messages(request.messages),
                                                               add_generation_prompt=request.add_generation_prompt))
             except ValueError as exc:
                 raise ProtocolError(f"messages cannot be rendered with the model's chat template: {exc}",
@@ -538,6 +550,11 @@ class _Choice:
         self._prefix = submission.echo_text
         self._chars = len(self._prefix)  # text so far, before stop strings cut it: the next token's offset
         self._logprobs: list[TokenLogprob] = list(prompt_logprobs or ())  # not yet sent
+        # With tools, the text stops at the format's [TOOL_CALLS] token: what follows is parsed at the end.
+        self._tokenizer = tokenizer
+        self._call_token = tokenizer.convert_tokens_to_ids("[TOOL_CALLS]") if submission.tools else None
+        self._call_start: int | None = None  # index in self.tokens of the [TOOL_CALLS] token
+        self._tool_calls: tuple[dict[str, Any], ...] | None = None
 
     @property
     def position(self) -> int:
@@ -552,18 +569,35 @@ class _Choice:
         at_limit = len(self.tokens) >= self.submission.max_new_tokens
         if logprob is not None and not eos:
             self._logprobs.append(TokenLogprob(token, logprob[0], logprob[1], self._chars))
-        piece = "" if eos else self._text.add(token)
-        if eos or at_limit:
-            piece += self._text.finish()
+        calling = self._call_start is not None
+        if not calling and token == self._call_token:
+            self._call_start, calling = len(self.tokens) - 1, True
+            piece = self._text.finish()  # the text before the calls
+        else:
+            piece = "" if eos or calling else self._text.add(token)
+            if (eos or at_limit) and not calling:
+                piece += self._text.finish()
+        if calling and (eos or at_limit):
+            piece += self._read_calls(eos)
         self._chars += len(piece)
         text, stopped = self._stops.feed(piece)
-        if stopped or eos:
+        if self._tool_calls:
+            self.finish_reason = "tool_calls"
+        elif stopped or eos:
             self.finish_reason = "stop"
         elif at_limit:
             self.finish_reason = "length"
         if self.finish_reason is not None and not stopped:
             text += self._stops.release()
         return self._delta(text)
+
+    def _read_calls(self, eos: bool) -> str:
+        """At the end of an answer that reached [TOOL_CALLS]: parse the calls; when they do not parse
+        (cut short, malformed), the text after the token is the answer's, as the model wrote it."""
+        ids = self.tokens[self._call_start: len(self.tokens) - eos]
+        text, calls = reply_message(self._tokenizer, ids)
+        self._tool_calls = tuple(calls) if calls else None
+        return "" if calls else text or ""
 
     def close(self) -> Delta | None:
         """End an answer of max_tokens 0 (only the echoed prompt)."""
@@ -574,7 +608,7 @@ class _Choice:
         text, self._prefix = self._prefix + text, ""
         logprobs, self._logprobs = tuple(self._logprobs), []
         if text or logprobs or self.finish_reason:
-            return Delta(self.index, text, self.finish_reason, logprobs)
+            return Delta(self.index, text, self.finish_reason, logprobs, self._tool_calls)
         return None
 
 

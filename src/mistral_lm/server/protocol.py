@@ -19,7 +19,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from .._util import is_int
@@ -60,7 +60,7 @@ class CompletionRequest:
     """
 
     chat: bool
-    messages: tuple[dict[str, str], ...] | None
+    messages: tuple[dict[str, Any], ...] | None
     prompts: tuple[str | tuple[int, ...], ...] | None
     max_tokens: int | None
     temperature: float
@@ -76,6 +76,9 @@ class CompletionRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # chat's `tools`, `tool_choice` and `parallel_tool_calls` as sent: the engine checks them
+    # against the model's chat format (server/tools.py)
+    tool_fields: tuple[tuple[str, Any], ...] = ()
 
     @property
     def choices(self) -> int:
@@ -97,15 +100,16 @@ class CompletionRequest:
 # for fields that only label a request).
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "user": (), "suffix": (None, ""),
-    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, False, True),
     "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"), "store": (None, False),
     "metadata": (), "best_of": (None, 1),
 }
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options",
            "logprobs", "presence_penalty", "frequency_penalty", "logit_bias"}
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                          "parallel_tool_calls"}
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo"}
-_ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
+_ROLES = ("system", "user", "assistant", "developer", "tool")  # developer: OpenAI's newer name for system
+_ROLE_FIELDS = {"assistant": {"tool_calls", "refusal"}, "tool": {"tool_call_id"}}
 
 
 def parse_chat(body: Any) -> CompletionRequest:
@@ -119,8 +123,10 @@ def parse_chat(body: Any) -> CompletionRequest:
     if top not in (None, 0) and not wants:
         raise ProtocolError("top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = _count(body, "top_logprobs", MAX_TOP_LOGPROBS) if wants else None
-    return _request(body, chat=True, messages=_messages(body.get("messages")), prompts=None,
-                    max_tokens=_positive_int(body, max_field, None), logprobs=logprobs, echo=False)
+    request = _request(body, chat=True, messages=_messages(body.get("messages")), prompts=None,
+                       max_tokens=_positive_int(body, max_field, None), logprobs=logprobs, echo=False)
+    fields = tuple((k, body[k]) for k in ("tools", "tool_choice", "parallel_tool_calls") if body.get(k) is not None)
+    return replace(request, tool_fields=fields) if fields else request
 
 
 def parse_completion(body: Any) -> CompletionRequest:
@@ -178,7 +184,9 @@ def _object(body: Any, allowed: set[str]) -> dict[str, Any]:
     return body
 
 
-def _messages(value: Any) -> tuple[dict[str, str], ...]:
+def _messages(value: Any) -> tuple[dict[str, Any], ...]:
+    """OpenAI's messages: roles system/developer/user/assistant/tool; an assistant's `tool_calls`
+    (then `content` may be null) and a tool message's `tool_call_id` are kept for the chat format."""
     if not isinstance(value, list) or not value:
         raise ProtocolError("messages must be a non-empty list of {role, content} objects", "messages")
     out = []
@@ -186,15 +194,52 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise ProtocolError(f"{where} must be an object", where)
-        unknown = set(message) - {"role", "content", "name"}
-        if unknown:
-            raise ProtocolError(f"{where} has unsupported fields {sorted(unknown)}", f"{where}.{min(unknown)}")
         role = message.get("role")
         if role not in _ROLES:
             raise ProtocolError(f"{where}.role must be one of {list(_ROLES)}, got {role!r}", f"{where}.role")
+        allowed = {"role", "content", "name"} | _ROLE_FIELDS.get(role, set())
+        unknown = set(message) - allowed
+        if unknown:
+            raise ProtocolError(f"{where} has unsupported fields {sorted(unknown)}", f"{where}.{min(unknown)}")
+        if message.get("refusal") is not None:  # openai-python echoes `refusal: null` back
+            raise ProtocolError(f"{where}.refusal is not supported", f"{where}.refusal")
         role = "system" if role == "developer" else role
-        out.append({"role": role, "content": _content(message.get("content"), f"{where}.content")})
+        parsed: dict[str, Any] = {"role": role}
+        calls = message.get("tool_calls")
+        if calls is not None:
+            parsed["tool_calls"] = _tool_calls(calls, f"{where}.tool_calls")
+        if message.get("content") is None and parsed.get("tool_calls"):
+            parsed["content"] = None
+        else:
+            parsed["content"] = _content(message.get("content"), f"{where}.content")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise ProtocolError(f"{where}.tool_call_id must be the id of the tool call it answers",
+                                    f"{where}.tool_call_id")
+            parsed["tool_call_id"] = call_id
+        if isinstance(message.get("name"), str):
+            parsed["name"] = message["name"]
+        out.append(parsed)
     return tuple(out)
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise ProtocolError(f"{where} must be a list of tool calls", where)
+    out = []
+    for k, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function" \
+                or not isinstance(function.get("name"), str) or not isinstance(call.get("id"), str):
+            raise ProtocolError(f"{where}[{k}] must be {{id, type: 'function', function: {{name, arguments}}}}",
+                                f"{where}[{k}]")
+        arguments = function.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            raise ProtocolError(f"{where}[{k}].function.arguments must be a JSON string", f"{where}[{k}].function")
+        out.append({"id": call["id"], "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
+    return out
 
 
 def _content(value: Any, where: str) -> str:
@@ -341,8 +386,11 @@ class ResponseWriter:
                 for i in range(self.request.choices)]
 
     def delta_chunk(self, index: int, text: str, finish_reason: str | None,
-                    logprobs: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
+                    logprobs: tuple[TokenLogprob, ...] = (),
+                    tool_calls: tuple[dict[str, Any], ...] | None = None) -> dict[str, Any]:
         delta: Any = ({"content": text} if text else {}) if self.request.chat else text
+        if tool_calls:  # each call whole in one fragment: index, id, type and the arguments string
+            delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(tool_calls)]
         return self._chunk([self._choice(index, delta, finish_reason, self.logprobs(logprobs))])
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any] | None:
@@ -352,15 +400,23 @@ class ResponseWriter:
         return {**self._chunk([]), "usage": usage(prompt_tokens, completion_tokens)}
 
     def body(self, texts: list[str], finish_reasons: list[str | None], prompt_tokens: int,
-             completion_tokens: int, logprobs: list[list[TokenLogprob]] | None = None) -> dict[str, Any]:
-        """The non-streaming response, with every choice's whole text."""
+             completion_tokens: int, logprobs: list[list[TokenLogprob]] | None = None,
+             tool_calls: list[tuple[dict[str, Any], ...] | None] | None = None) -> dict[str, Any]:
+        """The non-streaming response, with every choice's whole text (and tool calls)."""
         entries = logprobs if logprobs is not None else [[] for _ in texts]
+        calls = tool_calls if tool_calls is not None else [None] * len(texts)
         key = "message" if self.request.chat else "text"
-        choices = [{"index": i, key: {"role": "assistant", "content": text} if self.request.chat else text,
+        choices = [{"index": i, key: self._message(text, call) if self.request.chat else text,
                     "finish_reason": reason, "logprobs": self.logprobs(tuple(lp))}
-                   for i, (text, reason, lp) in enumerate(zip(texts, finish_reasons, entries))]
+                   for i, (text, reason, lp, call) in enumerate(zip(texts, finish_reasons, entries, calls))]
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+    @staticmethod
+    def _message(text: str, tool_calls: tuple[dict[str, Any], ...] | None) -> dict[str, Any]:
+        if not tool_calls:
+            return {"role": "assistant", "content": text}
+        return {"role": "assistant", "content": text or None, "tool_calls": list(tool_calls)}
 
     def logprobs(self, entries: tuple[TokenLogprob, ...]) -> dict[str, Any] | None:
         """Chat's `{"content": [...]}` or the completions' legacy `{tokens, token_logprobs, ...}`."""
