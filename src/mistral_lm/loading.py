@@ -6,7 +6,8 @@
                                                     + consolidated*.safetensors, or a .gguf file)
       model      = build_on_meta(cls, config)       modules without memory or initialization
       tensors, blocks = match_names(...)            checkpoint names -> the model's; floats | GGUF blocks
-      install_gguf_linears(model, blocks, tensors)  blocks -> GGUFLinear (the rest dequantized)
+      install_gguf_linears(model, blocks, ...)     blocks -> GGUFLinear (the rest dequantized), through
+                                                    the kernel cache next to a .gguf (quantization/gguf.py)
       assign(model, tensors, ...)                   validated, assigned, embeddings tied
     before_placement(options)                       fuse floats, then quantize
     place_model(model, device_map)                  placement.py
@@ -115,7 +116,8 @@ def assemble(cls: type, options: LoadOptions) -> tuple[nn.Module, bool]:
     model = build_on_meta(cls, checkpoint.config)
     expected = expected_tensors(model)  # names and shapes of the float model, before any swap
     tensors, blocks = match_names(checkpoint, expected, cls)
-    native = install_gguf_linears(model, blocks, tensors, checkpoint.dtype or torch.float32)
+    native = install_gguf_linears(model, blocks, tensors, checkpoint.dtype or torch.float32,
+                                  source=options.path if options.is_gguf else None)
     assign(model, tensors, {k: v for k, v in expected.items() if k.rsplit(".", 1)[0] not in native}, checkpoint)
     return model, checkpoint.fresh_floats
 

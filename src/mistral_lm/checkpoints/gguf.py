@@ -18,6 +18,7 @@ to `general.alignment`, then the tensor data.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -73,14 +74,26 @@ class GGUFQuantizedTensor:
     """A weight kept in its GGUF blocks, for kernels that compute on them directly.
 
     `data` is (out_features, bytes_per_row) uint8: one row of blocks per output feature, blocks
-    running along the input dimension, in HF row order (Q/K rows already un-permuted, which makes
-    those two a copy). Every other weight's `data` is a read-only view into the memory-mapped
-    file, so loading costs no memory: copy before writing.
+    running along the input dimension, in HF row order. `stored` is the rows as the file has
+    them, a read-only view into the memory-mapped file (loading costs no memory: copy before
+    writing); for Q/K, whose rows llama.cpp reordered, `row_order` maps them back and `data` is
+    a gathered copy made on first use (`rows` gathers a slice without making it).
     """
 
     ggml_type: int  # a gguf.GGMLQuantizationType value
     shape: tuple[int, int]  # (out_features, in_features), as the HF weight
-    data: np.ndarray
+    stored: np.ndarray
+    row_order: np.ndarray | None = None  # data = stored[row_order]
+    release: Callable[[], None] = field(default=lambda: None, repr=False, compare=False)
+    # release(): drop the file's pages this tensor touched from the process (re-read if used again)
+
+    @functools.cached_property
+    def data(self) -> np.ndarray:
+        return self.stored if self.row_order is None else self.stored[self.row_order]
+
+    def rows(self, start: int, end: int) -> np.ndarray:
+        """HF rows start..end (a view where no reordering applies)."""
+        return self.stored[start:end] if self.row_order is None else self.stored[self.row_order[start:end]]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out_features, in_features) weight in `dtype`."""
@@ -120,6 +133,16 @@ class GGUFFile:
         """The tensor's raw bytes as (rows, bytes_per_row) uint8, a view into the map."""
         raw = np.frombuffer(self.buffer, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         return raw.reshape(math.prod(info.dims[1:]), -1)
+
+    def release(self, info: TensorInfo) -> None:
+        """Unmap the pages holding this tensor from the process (MADV_DONTNEED on a read-only
+        shared map: they stay in the page cache and fault back in if read again). A loader
+        that has turned a tensor into something else calls it, so reading a whole file does
+        not leave the whole file in its RSS."""
+        if not hasattr(mmap, "MADV_DONTNEED") or self.buffer.closed:
+            return
+        start = info.offset - info.offset % mmap.PAGESIZE
+        self.buffer.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
 
 
 # --------------------------------------------------------------------------- header parsing
@@ -418,12 +441,12 @@ def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: t
 def _load_tensor(file: GGUFFile, info: TensorInfo, entry: _Entry, config: MistralConfig,
                  dequantize: bool, dtype: torch.dtype) -> torch.Tensor | GGUFQuantizedTensor:
     rows = file.rows(info)
-    if entry.rope_heads is not None:
-        rows = rows[unpermute_rope_rows(rows.shape[0], getattr(config, entry.rope_heads))]
+    order = None if entry.rope_heads is None else unpermute_rope_rows(rows.shape[0], getattr(config, entry.rope_heads))
     shape = tuple(reversed(info.dims))
     if dequantize or info.ggml_type in _FLOAT_TYPES or len(shape) != 2:
-        return _dequantize_rows(rows, info.ggml_type, shape, dtype)
-    return GGUFQuantizedTensor(int(info.ggml_type), (shape[0], shape[1]), rows)
+        return _dequantize_rows(rows if order is None else rows[order], info.ggml_type, shape, dtype)
+    return GGUFQuantizedTensor(int(info.ggml_type), (shape[0], shape[1]), rows, order,
+                               functools.partial(file.release, info))
 
 
 def load_gguf(path: str | os.PathLike, *, dequantize: bool = True,
