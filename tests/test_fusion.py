@@ -1,4 +1,5 @@
-"""fusion.py: q/k/v and gate/up as one matmul each, invisible to state dicts and checkpoints."""
+"""fusion.py: q/k/v and gate/up as one matmul each for inference, invisible to training,
+state dicts and checkpoints (the parts stay the model's modules and view the fused storage)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,20 @@ import torch
 from torch import nn
 
 from mistral_lm import MistralForCausalLM
-from mistral_lm.fusion import fuse_projections
+from mistral_lm.fusion import fuse_projections, fused_module, fused_names
 from mistral_lm.quantization import BitsAndBytesConfig, quantize_model
 
 from .conftest import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
+PARTS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
 
 def _pair(quant: dict | None = None, dtype: torch.dtype = torch.float32):
     """Two copies of one random model (optionally quantized); the second one fused."""
-    plain = MistralForCausalLM(tiny_config(hidden_size=64, intermediate_size=128)).to(dtype).eval()
+    # k/v rows a multiple of 64: int4 parts view whole 64-row blocks of the fused codes
+    plain = MistralForCausalLM(tiny_config(hidden_size=128, intermediate_size=128)).to(dtype).eval()
     if quant is not None:
         plain = quantize_model(plain, BitsAndBytesConfig(**quant))
     fused = MistralForCausalLM(plain.config).to(dtype).eval()
@@ -32,12 +36,23 @@ QUANTS = [None, dict(load_in_8bit=True), dict(load_in_4bit=True, bnb_4bit_quant_
           dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")]
 
 
+def _storage(module: nn.Module) -> int:
+    tensor = module.weight if isinstance(module, nn.Linear) else next(module.buffers())
+    return tensor.untyped_storage().data_ptr()
+
+
 @pytest.mark.parametrize("quant", QUANTS)
 def test_fused_model_computes_what_the_parts_did(quant):
     plain, fused = _pair(quant)
-    layer = fused.model.layers[0]
-    assert {"qkv_proj"} <= set(layer.self_attn._modules) and "q_proj" not in layer.self_attn._modules
-    assert {"gate_up_proj"} <= set(layer.mlp._modules) and "gate_proj" not in layer.mlp._modules
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert all(name in attn._modules for name in PARTS[:3]) and all(name in mlp._modules for name in PARTS[3:])
+    assert len(fused_names(fused)) == 2 * plain.config.num_hidden_layers
+    with torch.no_grad():
+        qkv, gate_up = fused_module(attn, "qkv_proj"), fused_module(mlp, "gate_up_proj")
+    assert qkv is not None and gate_up is not None
+    # the memory is held once: every part views the fused module's storage
+    assert _storage(attn.q_proj) == _storage(attn.v_proj) == _storage(qkv)
+    assert _storage(mlp.gate_proj) == _storage(mlp.up_proj) == _storage(gate_up)
     ids = torch.randint(0, plain.config.vocab_size, (2, 11))
     with torch.inference_mode():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
@@ -45,24 +60,96 @@ def test_fused_model_computes_what_the_parts_did(quant):
 
 
 @pytest.mark.parametrize("quant", QUANTS)
-def test_state_dict_keeps_transformers_names_and_values(quant):
+def test_state_dict_and_parameters_keep_transformers_names_and_values(quant):
     plain, fused = _pair(quant)
     ours, theirs = fused.state_dict(), plain.state_dict()
     assert list(sorted(ours)) == list(sorted(theirs))
     for key, value in theirs.items():
         assert torch.equal(ours[key], value), key
-    # and a Transformers-shaped state dict loads back into the fused model
-    fused.load_state_dict(theirs)
-    assert fused.model.layers[1].mlp.gate_up_proj.out_features == 2 * plain.config.intermediate_size
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    fused.load_state_dict(theirs)  # a Transformers-shaped state dict loads back
 
 
 def test_fused_checkpoint_loads_in_transformers(tmp_path):
     plain, fused = _pair()
-    fused.save_pretrained(tmp_path)
+    fused.save_pretrained(tmp_path)  # parts sharing one storage are written as separate tensors
     reference = transformers.MistralForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = torch.randint(0, plain.config.vocab_size, (1, 9))
     with torch.inference_mode():
         torch.testing.assert_close(reference(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_training_sees_the_parts_and_inference_sees_the_update():
+    """With autograd on, the parts run (gradients reach their Parameters, equal to the unfused
+    model's); an optimizer's in-place step reaches the fused inference path."""
+    plain, fused = _pair()
+    ids = torch.randint(0, plain.config.vocab_size, (2, 9))
+    for model in (plain, fused):
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters()}
+    for name, p in fused.named_parameters():
+        assert p.requires_grad and p.grad is not None, name
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6)
+    for model in (plain, fused):
+        torch.optim.SGD(model.parameters(), lr=0.5).step()
+        model.eval()
+    with torch.no_grad():
+        assert fused_module(fused.model.layers[0].self_attn, "qkv_proj") is not None
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_parts_keep_the_fused_path_under_autograd():
+    _, fused = _pair()
+    attn = fused.model.layers[0].self_attn
+    assert fused_module(attn, "qkv_proj") is None  # trainable parts: no fused path with grad on
+    fused.requires_grad_(False)
+    assert fused_module(attn, "qkv_proj") is not None
+
+
+def test_wrapped_or_hooked_parts_run_themselves():
+    """A part replaced (peft's LoRA wrapper) or hooked is called, not bypassed by the fused matmul."""
+    plain, fused = _pair()
+    ids = torch.randint(0, plain.config.vocab_size, (1, 7))
+    for model in (plain, fused):
+        attn = model.model.layers[1].self_attn
+        attn.q_proj = _Scaled(attn.q_proj)
+    seen = []
+    fused.model.layers[0].mlp.up_proj.register_forward_hook(lambda *args: seen.append(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    assert seen == [1]
+
+
+class _Scaled(nn.Module):
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * self.base_layer(x)
+
+
+@pytest.mark.parametrize("quant", [None, dict(load_in_8bit=True)])
+def test_parts_given_new_storage_are_fused_again(quant):
+    """load_state_dict(assign=True), `.to()` and `p.data = ...` give parts new storage; the
+    fused path follows the parts, never a stale copy."""
+    plain, fused = _pair(quant)
+    ids = torch.randint(0, plain.config.vocab_size, (1, 7))
+    new = MistralForCausalLM(plain.config).eval()
+    if quant is not None:
+        new = quantize_model(new, BitsAndBytesConfig(**quant))
+    fused.load_state_dict(new.state_dict(), assign=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids).logits, new(ids).logits, rtol=1e-5, atol=1e-5)
+    assert len(fused_names(fused)) == 2 * plain.config.num_hidden_layers  # fused again, lazily
+    if quant is None:
+        fused.model.layers[0].mlp.up_proj.weight.data = torch.zeros_like(new.model.layers[0].mlp.up_proj.weight)
+        new.model.layers[0].mlp.up_proj.weight.data.zero_()
+        fused.to(torch.float64)
+        new.to(torch.float64)
+        with torch.inference_mode():
+            torch.testing.assert_close(fused(ids, use_cache=False).logits, new(ids, use_cache=False).logits)
 
 
 def test_parts_that_differ_or_carry_hooks_stay_separate():
@@ -73,31 +160,29 @@ def test_parts_that_differ_or_carry_hooks_stay_separate():
     model.model.layers[0].mlp.up_proj.register_forward_hook(lambda *args: seen.append(1))
     fused = fuse_projections(model)
     assert fused == model.config.num_hidden_layers - 1  # only the MLPs of the layers without a hook
-    assert "q_proj" in model.model.layers[0].self_attn._modules
+    assert fuse_projections(model) == fused  # idempotent
     model(torch.tensor([[1, 2, 3]]))
     assert seen == [1]
 
 
-def test_from_pretrained_opt_out_keeps_the_separate_modules(tmp_path):
-    plain, _ = _pair(dict(load_in_8bit=True))
-    MistralForCausalLM(plain.config).save_pretrained(tmp_path)
+def test_from_pretrained_opt_out_fuses_nothing(tmp_path):
+    MistralForCausalLM(tiny_config()).save_pretrained(tmp_path)
     q = BitsAndBytesConfig(load_in_8bit=True)
-    assert "qkv_proj" in MistralForCausalLM.from_pretrained(tmp_path, quantization_config=q).model.layers[0].self_attn._modules
+    assert fused_names(MistralForCausalLM.from_pretrained(tmp_path, quantization_config=q))
     kept = MistralForCausalLM.from_pretrained(tmp_path, quantization_config=q, fuse_projections=False)
-    assert "q_proj" in kept.model.layers[0].self_attn._modules
+    assert fused_names(kept) == []
 
 
-def test_quantized_loading_fuses_before_quantizing_and_respects_the_skip_list(tmp_path):
-    """from_pretrained fuses float q/k/v and gate/up first (one quantization per group), except
-    groups with a part the skip list keeps in full precision; results equal the unfused load."""
+def test_quantized_loading_respects_the_skip_list(tmp_path):
+    """from_pretrained quantizes the parts, then fuses groups whose parts are all quantized alike;
+    a part the skip list keeps in full precision keeps its group apart. Results equal the unfused load."""
     MistralForCausalLM(tiny_config()).save_pretrained(tmp_path)
     q = dict(load_in_8bit=True, llm_int8_skip_modules=["q_proj", "lm_head"])
     fused = MistralForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(**q))
     plain = MistralForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(**q),
                                                fuse_projections=False)
-    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
-    assert isinstance(attn.q_proj, nn.Linear) and "qkv_proj" not in attn._modules  # float: Linear or MatvecLinear
-    assert type(mlp.gate_up_proj).__name__ == "Int8Linear"
+    assert sorted(fused_names(fused)) == [f"model.layers.{i}.mlp.gate_up_proj" for i in range(2)]
+    assert isinstance(fused.model.layers[0].self_attn.q_proj, nn.Linear)
     ids = torch.randint(0, fused.config.vocab_size, (1, 7))
     with torch.inference_mode():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)

@@ -42,7 +42,8 @@ def dense() -> MistralForCausalLM:
 def test_every_quantized_weight_stays_in_its_blocks(unfused, native):
     raw = {k: v for k, v in load_gguf(PATH, dequantize=False).tensors.items() if isinstance(v, GGUFQuantizedTensor)}
     fused = {name: m for name, m in native.named_modules() if isinstance(m, GGUFLinear)}
-    assert {n.rsplit(".", 1)[-1] for n in fused} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+    assert {n.rsplit(".", 1)[-1] for n in fused} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj", "lm_head"}  # fused groups keep their parts
     linears = {name: m for name, m in unfused.named_modules() if isinstance(m, GGUFLinear)}
     # every quantized Linear of the file, plus the tied head computing on the embedding's blocks
     assert set(linears) == {k.removesuffix(".weight") for k in raw if "embed_tokens" not in k} | {"lm_head"}

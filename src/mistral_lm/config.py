@@ -161,6 +161,14 @@ class MistralConfig:
     def rope_parameters(self) -> dict[str, Any]:
         return {"rope_type": "default", "rope_theta": self.rope_theta}
 
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> MistralConfig:
+        """The config of the text model: this one (Transformers' multimodal configs nest it)."""
+        return self
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return False
+
     # ------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(copy.deepcopy(self.extra))

@@ -1,33 +1,61 @@
-"""Fused input projections: q/k/v as one matmul, gate/up as another.
+"""Fused input projections: q/k/v as one matmul, gate/up as another, for inference only.
 
 At batch 1 a decode step is about 210 small matmuls whose fixed cost (dispatch, waking the
 thread pool) rivals their arithmetic; one (q|k|v) product instead of three and one (gate|up)
-instead of two removes 90 of them per token on a 30-layer model. Nothing outside the module
-sees the fusion: the state dict keeps Transformers' names and shapes (hooks split the fused
-rows on save and merge them back on load).
+instead of two removes 90 of them per token on a 30-layer model.
+
+The parts stay the model. `q_proj`, `k_proj`, `v_proj`, `gate_proj` and `up_proj` remain
+submodules with their own Parameters, so `parameters()`, optimizers, peft and the state dict see
+every checkpoint weight under its Transformers name. Fusing moves the parts' storage into one
+buffer and leaves each part a row view of it: the fused module is a second reader of the same
+memory, not a copy, and an optimizer's in-place step or a `load_state_dict` copy reaches both.
+
+`fused_module` hands the fused module out only where it computes exactly what the parts would:
+- autograd is off, or no part has a trainable tensor (gradients must reach the parts' leaves);
+- the parts are the very modules fused, without hooks (peft's LoRA wrappers, user hooks);
+- every part still views the buffer. A `.to()`, an `assign=True` load or peft's safe merge give a
+  part new storage; the group is then fused again, from the parts, on the next inference call.
+Anything else runs the parts one by one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
+from dataclasses import dataclass
 import torch
 from torch import nn
 
 from .matvec import MatvecLinear
 from .quantization.modules import QuantizedLinear
 
-# parent module attribute -> (fused name, the Linears it replaces, in output order)
+# parent module attribute -> (fused name, the Linears it stands for, in output order)
 FUSIONS = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
            "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
-_FLOAT_LINEARS = (nn.Linear, MatvecLinear)  # float classes fused into one of their own kind
+_FLOAT_LINEARS = (nn.Linear, MatvecLinear)
+
+
+@dataclass
+class Fusion:
+    """One fused group of a parent module: the parts by name, the module reading their rows, and
+    the address each part's storage had when it was made a view (to notice a part moving away)."""
+
+    names: tuple[str, ...]
+    parts: tuple[nn.Module, ...]
+    module: nn.Module | None  # None: stale (the parent was moved), fused again on the next use
+    anchors: tuple[int, ...]
+
+
+def _storage(part: nn.Module) -> torch.Tensor:
+    """The tensor of a part that becomes a view of the fused module's storage."""
+    if isinstance(part, QuantizedLinear):
+        return part.qweight
+    return part.weight  # type: ignore[return-value]
 
 
 def concat_linears(parts: Sequence[nn.Module], float_linears: bool = True) -> nn.Module | None:
     """One module computing cat([p(x) for p in parts], -1), or None if they cannot be fused
     (different classes, settings, dtypes or devices, hooks, weights not materialized, or float
-    Linears with `float_linears=False`)."""
+    Linears with `float_linears=False`). The parts are not changed."""
     first = parts[0]
     if type(first) in _FLOAT_LINEARS and not float_linears:
         return None
@@ -41,69 +69,123 @@ def concat_linears(parts: Sequence[nn.Module], float_linears: bool = True) -> nn
     if type(first) in _FLOAT_LINEARS:
         if any(p.weight.dtype != first.weight.dtype for p in parts):  # type: ignore[union-attr]
             return None
-        fused = type(first)(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
-                            device="meta")
+        # MatvecLinear whatever the parts are: the fused module is never in model.modules(), so
+        # the loader's later matvec swap would not reach it
+        fused = MatvecLinear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                             device="meta")
         fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
         if first.bias is not None:
             fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
         return fused
     if isinstance(first, QuantizedLinear):
+        if not all(p.can_view_rows(sum(q.out_features for q in parts[:i]))  # type: ignore[attr-defined]
+                   for i, p in enumerate(parts)):
+            return None
         return QuantizedLinear.concat(parts)  # type: ignore[arg-type]
     return None
 
 
-def fuse_projections(model: nn.Module, float_linears: bool = True, skip: Sequence[str] = ()) -> int:
-    """Fuse q/k/v and gate/up in every layer where the parts allow it; returns how many fusions
-    were made. Idempotent. The fused parent keeps `_fused = {name: [(part, rows), ...]}`.
+def _view_rows(part: nn.Module, fused: nn.Module, start: int) -> None:
+    """Make `part`'s storage rows start.. of `fused`'s; Parameters keep their identity (and
+    requires_grad), so optimizers and peft holding them are unaffected."""
+    if isinstance(part, QuantizedLinear):
+        part.view_rows(fused, start)  # type: ignore[arg-type]
+        return
+    end = start + part.out_features  # type: ignore[operator]
+    part.weight.data = fused.weight.detach()[start:end]  # type: ignore[union-attr]
+    if part.bias is not None:
+        part.bias.data = fused.bias.detach()[start:end]  # type: ignore[union-attr]
 
-    Fusing copies the weights. Quantized modules own their memory anyway, but float weights
-    assigned straight from a memory-mapped checkpoint would then be held twice (the file's
-    pages stay mapped for the tensors left unfused): loaders pass `float_linears=False` there.
+
+def _fuse_group(parent: nn.Module, names: Sequence[str], float_linears: bool = True) -> Fusion | None:
+    parts = [parent._modules.get(name) for name in names]
+    if any(p is None for p in parts):
+        return None
+    fused = concat_linears(parts, float_linears)  # type: ignore[arg-type]
+    if fused is None:
+        return None
+    start = 0
+    for part in parts:
+        _view_rows(part, fused, start)  # type: ignore[arg-type]
+        start += part.out_features  # type: ignore[union-attr]
+    return Fusion(tuple(names), tuple(parts), fused,  # type: ignore[arg-type]
+                  tuple(_storage(p).data_ptr() for p in parts))  # type: ignore[arg-type]
+
+
+def fuse_projections(model: nn.Module, float_linears: bool = True, skip: Sequence[str] = ()) -> int:
+    """Fuse q/k/v and gate/up in every layer where the parts allow it; returns how many groups
+    are fused afterwards. Idempotent. The parent keeps `_fusions = {fused name: Fusion}`.
+
+    Fusing copies the parts into one buffer and makes them views of it, so memory afterwards
+    is one copy. Float weights assigned straight from a memory-mapped checkpoint are left
+    alone with `float_linears=False` (the copy would turn file pages into private memory).
     A group any of whose parts is named in `skip` (module names or suffixes, as a quantization
-    skip list) is left alone, so fusing before quantizing keeps such parts apart."""
+    skip list) is left alone."""
     count = 0
     for module_name, module in list(model.named_modules()):
         for attribute, (fused_name, part_names) in FUSIONS.items():
             parent = getattr(module, attribute, None)
-            if not isinstance(parent, nn.Module) or fused_name in parent._modules:
+            if not isinstance(parent, nn.Module):
+                continue
+            fusions: dict[str, Fusion] = parent.__dict__.setdefault("_fusions", {})
+            if fused_name in fusions:
+                count += _current(parent, fused_name, fusions[fused_name]) is not None
                 continue
             names = [".".join(filter(None, (module_name, attribute, name))) for name in part_names]
             if any(n == s or n.endswith("." + s) for n in names for s in skip):
                 continue
-            parts = [parent._modules.get(name) for name in part_names]
-            if any(p is None for p in parts):
-                continue
-            fused = concat_linears(parts, float_linears)  # type: ignore[arg-type]
-            if fused is None:
-                continue
-            for name in part_names:
-                delattr(parent, name)
-            setattr(parent, fused_name, fused)
-            if not hasattr(parent, "_fused"):
-                parent._fused = {}
-                parent._register_state_dict_hook(_split_on_save)
-                parent.register_load_state_dict_pre_hook(_merge_on_load)
-            parent._fused[fused_name] = [(name, p.out_features) for name, p in zip(part_names, parts)]
-            count += 1
+            fusion = _fuse_group(parent, part_names, float_linears)
+            if fusion is not None:
+                fusions[fused_name] = fusion
+                count += 1
     return count
 
 
-def _split_on_save(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """Fused rows back under the parts' names; cloned, as safetensors refuses shared storage."""
-    for fused_name, parts in module._fused.items():
-        head = prefix + fused_name + "."
-        for key in [k for k in state if k.startswith(head)]:
-            tensor = state.pop(key)
-            leaf = key[len(head):]
-            for (name, _), piece in zip(parts, tensor.split([rows for _, rows in parts])):
-                state[prefix + name + "." + leaf] = piece.clone()
+def fused_module(parent: nn.Module, name: str) -> nn.Module | None:
+    """The module computing `parent`'s group `name` in one matmul, if it computes exactly what
+    the parts would right now (see the module docstring); else None: run the parts."""
+    fusion = parent.__dict__.get("_fusions", {}).get(name)
+    if fusion is None:
+        return None
+    grad = torch.is_grad_enabled()
+    modules = parent._modules
+    for part_name, part in zip(fusion.names, fusion.parts):
+        if modules.get(part_name) is not part or part._forward_hooks or part._forward_pre_hooks:
+            return None
+        if grad and any(t is not None and t.requires_grad for t in part._parameters.values()):
+            return None
+    if torch.compiler.is_compiling():  # storage addresses are not traceable; checked eagerly
+        return fusion.module
+    return _current(parent, name, fusion)
 
 
-def _merge_on_load(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Parts' tensors (a Transformers-shaped state dict) stacked into the fused module's."""
-    for fused_name, parts in module._fused.items():
-        first = prefix + parts[0][0] + "."
-        for leaf in [k[len(first):] for k in state if k.startswith(first)]:
-            keys = [prefix + name + "." + leaf for name, _ in parts]
-            if all(k in state for k in keys):
-                state[prefix + fused_name + "." + leaf] = torch.cat([state.pop(k) for k in keys])
+def _current(parent: nn.Module, name: str, fusion: Fusion) -> nn.Module | None:
+    """The group's fused module, fused again first if a part's storage moved away."""
+    if fusion.module is None or any(_storage(p).data_ptr() != a for p, a in zip(fusion.parts, fusion.anchors)):
+        return _refuse(parent, name, fusion)
+    return fusion.module
+
+
+def _refuse(parent: nn.Module, name: str, fusion: Fusion) -> nn.Module | None:
+    """Fuse a stale group again from its parts (normal tensors even under inference_mode, as the
+    parts' storage is replaced and training may follow); drop the group if it no longer fuses."""
+    with torch.inference_mode(False), torch.no_grad():
+        fresh = _fuse_group(parent, fusion.names)
+    if fresh is None:
+        del parent.__dict__["_fusions"][name]
+        return None
+    parent.__dict__["_fusions"][name] = fresh
+    return fresh.module
+
+
+def mark_stale(parent: nn.Module) -> None:
+    """Release `parent`'s fused modules (their parts are about to move, e.g. `.to()`); they are
+    fused again from the parts on the next inference call."""
+    for fusion in parent.__dict__.get("_fusions", {}).values():
+        fusion.module = None
+
+
+def fused_names(model: nn.Module) -> list[str]:
+    """Qualified names of the fused groups, e.g. 'model.layers.0.self_attn.qkv_proj'."""
+    return [f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+            for name, fusion in module.__dict__.get("_fusions", {}).items() if fusion.module is not None]

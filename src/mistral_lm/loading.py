@@ -9,7 +9,7 @@
       install_gguf_linears(model, blocks, ...)     blocks -> GGUFLinear (the rest dequantized), through
                                                     the kernel cache next to a .gguf (quantization/gguf.py)
       assign(model, tensors, ...)                   validated, assigned, embeddings tied
-    before_placement(options)                       fuse floats, then quantize
+    before_placement(options)                       quantize
     place_model(model, device_map)                  placement.py
     after_placement(options, fresh_floats)          fuse on the target device, then the matvec swap
     release_freed_memory()
@@ -337,21 +337,18 @@ def assign(model: nn.Module, tensors: dict[str, torch.Tensor], expected: dict[st
 
 # ------------------------------------------------------------------ transforms, in order
 def before_placement(options: LoadOptions) -> list[Transform]:
-    """Transforms of the assigned model, still where the checkpoint put it. With a quantization
-    config, float q/k/v and gate/up fuse first, so each group is quantized once instead of
-    quantized in parts and re-packed; parts the skip list keeps in full precision stay apart."""
+    """Transforms of the assigned model, still where the checkpoint put it: quantization, part by
+    part (every format quantizes rows independently, so fusing the parts later stacks the same
+    codes; fusion keeps the parts as the model's modules)."""
     config = options.quantization_config
-    if config is None:
-        return []
-    fuse = [functools.partial(_fused, skip=config.skip_modules)] if options.fuse else []
-    return [*fuse, functools.partial(quantize_model, config=config)]
+    return [] if config is None else [functools.partial(quantize_model, config=config)]
 
 
 def after_placement(options: LoadOptions, fresh_floats: bool) -> list[Transform]:
-    """Transforms on the target device. Fusion copies weights, so it runs where they end up,
-    and fuses float Linears only when the checkpoint's floats are fresh memory (GGUF): fusing
-    floats mapped from a file would hold them twice. Quantized and GGUF-native modules fuse
-    here too. The matvec swap is last, on whatever plain Linears remain or fusion made."""
+    """Transforms on the target device. Fusion copies weights into one buffer the parts then
+    view, so it runs where they end up, and fuses float Linears only when the checkpoint's
+    floats are fresh memory (GGUF): floats mapped from a file would become private copies.
+    Quantized and GGUF-native modules fuse here too. The matvec swap is last."""
     fuse = [functools.partial(_fused, float_linears=fresh_floats)] if options.fuse else []
     return [*fuse, install_matvec]
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from . import rope
@@ -27,6 +28,7 @@ from .attention import ATTENTION_FUNCTIONS
 from .cache import CachePlan, KVCache
 from .config import MistralConfig
 from .errors import InputError
+from .fusion import fused_module, mark_stale
 from .masks import attention_mask as build_mask
 from .masks import positions_from_padding
 from .pretrained import MistralPreTrainedModel
@@ -123,7 +125,16 @@ class MistralRMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-class MistralMLP(nn.Module):
+class _Fusable(nn.Module):
+    """A parent of projections that fusion.py may fuse: a move or cast releases the fused copy's
+    reader (fused again from the parts on the next inference call)."""
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        mark_stale(self)
+        return super()._apply(fn, recurse)
+
+
+class MistralMLP(_Fusable):
     """SwiGLU: down(act(gate(x)) * up(x))."""
 
     def __init__(self, config: MistralConfig) -> None:
@@ -134,14 +145,15 @@ class MistralMLP(nn.Module):
         self.act_fn = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if "gate_up_proj" in self._modules:  # fusion.py
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = fused_module(self, "gate_up_proj")  # fusion.py: for inference, when exact
+        if gate_up is not None:
+            gate, up = gate_up(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act_fn(gate) * up)
 
 
-class MistralAttention(nn.Module):
+class MistralAttention(_Fusable):
     def __init__(self, config: MistralConfig, layer_idx: int) -> None:
         super().__init__()
         self.config = config
@@ -160,8 +172,9 @@ class MistralAttention(nn.Module):
         b, t, _ = x.shape
         h, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = step.cos[:, :, None], step.sin[:, :, None]
-        if "qkv_proj" in self._modules:  # fusion.py: one matmul, q and k rotated together
-            qk, v = self.qkv_proj(x).split([(h + h_kv) * d, h_kv * d], dim=-1)
+        qkv = fused_module(self, "qkv_proj")  # fusion.py: one matmul, q and k rotated together
+        if qkv is not None:
+            qk, v = qkv(x).split([(h + h_kv) * d, h_kv * d], dim=-1)
             q, k = rope.rotate(qk.view(b, t, h + h_kv, d), cos, sin).split([h, h_kv], dim=2)
         else:
             q = rope.rotate(self.q_proj(x).view(b, t, h, d), cos, sin)
@@ -200,10 +213,14 @@ class MistralModel(MistralPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(MistralDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing: dict[str, Any] | None = None  # checkpoint() kwargs when enabled
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
 
     def make_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         """A cache for `batch_size` rows: `sliding_window` slots, or `max_length` without a window."""
@@ -233,6 +250,11 @@ class MistralModel(MistralPreTrainedModel):
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         use_cache = (past_key_values is not None or (cfg.use_cache and not self.training)) if use_cache is None else use_cache
+        if use_cache and self._checkpointing():
+            if past_key_values is not None:
+                raise InputError("gradient checkpointing recomputes layers, which would write the KV cache twice: "
+                                 "pass no past_key_values in training, or call gradient_checkpointing_disable()")
+            use_cache = False  # as Transformers does: no cache while checkpointing
         h = self._embed(input_ids, inputs_embeds)
         cache = self._cache_for(past_key_values, use_cache, h.shape[0])
         step = self.prepare_step(h, attention_mask, position_ids, cache, "eager" if output_attentions else None)
@@ -267,16 +289,23 @@ class MistralModel(MistralPreTrainedModel):
                       attentions: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Every layer, then the final norm, collecting per-layer outputs into the lists given.
         A driver may compile it for single-token steps (generation.py)."""
+        checkpointing = cache is None and self._checkpointing()
         for layer in self.layers:
             if hidden is not None:
                 hidden.append(h)
-            h, weights = layer(h, step, cache)
+            if checkpointing:
+                h, weights = torch.utils.checkpoint.checkpoint(layer, h, step, cache, **self.gradient_checkpointing)
+            else:
+                h, weights = layer(h, step, cache)
             if attentions is not None:
                 attentions.append(weights)
         h = self.norm(h)
         if hidden is not None:
             hidden.append(h)
         return h
+
+    def _checkpointing(self) -> bool:
+        return bool(self.gradient_checkpointing) and self.training and torch.is_grad_enabled()
 
     def _cache_for(self, past_key_values: Any, use_cache: bool, batch_size: int) -> KVCache | None:
         if past_key_values is not None and not isinstance(past_key_values, KVCache):
@@ -339,6 +368,8 @@ def _select_last(h: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.T
 class MistralForCausalLM(MistralPreTrainedModel):
     """Decoder + language-model head; `generate` comes from MistralPreTrainedModel."""
 
+    _generates = True
+
     def __init__(self, config: MistralConfig) -> None:
         super().__init__(config)
         self.model = MistralModel(config)
@@ -348,6 +379,29 @@ class MistralForCausalLM(MistralPreTrainedModel):
     def make_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         """The decoder's cache (MistralModel.make_cache)."""
         return self.model.make_cache(batch_size, max_length)
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, past_key_values: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool = True, **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The forward's keywords for one step of a Transformers-style decoding loop (peft's and
+        Transformers' generate call this): only the tokens the cache has not seen yet; embeddings
+        only on a first step."""
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        inputs: dict[str, Any] = {"past_key_values": past_key_values, "attention_mask": attention_mask,
+                                  "use_cache": use_cache}
+        if inputs_embeds is not None and past == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids[:, past:]
+        for key in ("position_ids", "logits_to_keep"):
+            if kwargs.get(key) is not None:
+                inputs[key] = kwargs[key]
+        return inputs
 
     def forward(
         self,

@@ -22,10 +22,17 @@ __all__ = ["MistralPreTrainedModel", "module_device"]
 
 
 class MistralPreTrainedModel(nn.Module):
-    """Base of every model class: config, weight init, from/save_pretrained, generate."""
+    """Base of every model class: config, weight init, from/save_pretrained, generate, and the
+    part of Transformers' PreTrainedModel surface that pipelines, peft and trl call
+    (`can_generate`, `generation_config`, gradient checkpointing, input grads)."""
 
     config_class = MistralConfig
     base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    input_modalities = ("text",)
+    output_modalities = ("text",)
+    _generates = False  # heads with a language-model output set True
 
     def __init__(self, config: MistralConfig) -> None:
         super().__init__()
@@ -103,6 +110,63 @@ class MistralPreTrainedModel(nn.Module):
 
         return generate(self, *args, **kwargs)
 
+    # ------------------------------------------------------------------ Transformers surface
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether `generate` makes sense for this head (a pipeline asks before calling it)."""
+        return cls._generates
+
+    @property
+    def generation_config(self) -> Any:
+        """The defaults `generate` starts from: the config's special token ids, unless set."""
+        config = self.__dict__.get("_generation_config")
+        if config is None:
+            from .training import ModelGenerationConfig
+
+            cfg = self.config
+            config = ModelGenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+                                           bos_token_id=cfg.bos_token_id)
+            self.__dict__["_generation_config"] = config
+        return config
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        self.__dict__["_generation_config"] = value
+
+    @property
+    def name_or_path(self) -> str:
+        return str(self.config.extra.get("_name_or_path", ""))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each decoder layer's activations in the backward pass instead of storing them
+        (torch.utils.checkpoint; `use_reentrant=False` unless the kwargs say otherwise). Applies in
+        training mode with autograd on; a KV cache is not kept meanwhile."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = kwargs
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", None) for m in self.modules())
+
+    def enable_input_require_grads(self) -> None:
+        """Make the embeddings' output require grad, so reentrant checkpointing of a model whose
+        weights are frozen (LoRA) still has a graph to recompute (as Transformers does)."""
+        self.disable_input_require_grads()
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(
+            lambda module, args, output: output.requires_grad_(True))
+
+    def disable_input_require_grads(self) -> None:
+        hook = self.__dict__.pop("_require_grads_hook", None)
+        if hook is not None:
+            hook.remove()
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_config(cls, config: MistralConfig, **kwargs: Any):
@@ -139,9 +203,20 @@ class MistralPreTrainedModel(nn.Module):
         state = dict(state_dict if state_dict is not None else self.state_dict())
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
+        state = _unshared(state)
         self.config.architectures = [type(self).__name__]
         self.config.torch_dtype = self.dtype
         if self.quantization_config is not None:
             self.config.extra["quantization_config"] = self.quantization_config.to_dict()
         self.config.save_pretrained(folder)
         save_state_dict(state, folder, max_shard_size)
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors that share storage with another entry (fused parts viewing one buffer, fusion.py)
+    cloned: safetensors refuses to write shared memory."""
+    owners: dict[int, int] = {}
+    for tensor in state.values():
+        key = tensor.untyped_storage().data_ptr()
+        owners[key] = owners.get(key, 0) + 1
+    return {k: t.clone() if owners[t.untyped_storage().data_ptr()] > 1 else t for k, t in state.items()}

@@ -24,8 +24,8 @@ from .config import GROUP_SIZES, BitsAndBytesConfig
 from .functional import (CODEBOOKS, dequantize_4bit_codebook, dequantize_int4, dequantize_int8,
                          pack_nibbles, quantize_4bit_codebook, quantize_int4, quantize_int8,
                          unpack_nibbles)
-from .kernels import (INT4_ROW_ALIGN, dequantize_int4_t, int4_kernel_rows, int4_mm, int8_kernel_rows,
-                      int8_mm, pack_int4, unpack_int4)
+from .kernels import (INT4_ROW_ALIGN, dequantize_int4_t, fast_unpack_available, int4_kernel_rows, int4_mm,
+                      int8_kernel_rows, int8_mm, pack_int4, unpack_int4)
 
 
 _CHUNK_ROWS = 2048  # output rows per expanded slice (a multiple of 64, the int4 block height)
@@ -43,6 +43,21 @@ def _by_row_chunks(m: int, n: int, x: torch.Tensor, rows_fn: Callable[[int, int]
         end = min(n, start + _CHUNK_ROWS)
         out[:, start:end] = rows_fn(start, end)
     return out
+
+
+class _MatmulWithInputGrad(torch.autograd.Function):
+    """`module._matmul(x)` with a gradient for x (LoRA below a frozen quantized layer needs it):
+    the int4 kernels have no derivative, so backward multiplies by the dequantized weight, as
+    bitsandbytes' layers do. The weight itself gets none: quantized codes are not trained."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: QuantizedLinear) -> torch.Tensor:
+        ctx.module = module
+        return module._matmul(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.module.dequantize().to(grad.dtype), None  # (M, N) @ (N, K)
 
 
 class QuantizedLinear(nn.Module):
@@ -68,7 +83,8 @@ class QuantizedLinear(nn.Module):
             raise InputError(f"{type(self).__name__} expects inputs with last dimension "
                              f"{self.in_features}, got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.in_features).to(self.compute_dtype)     # (M, K)
-        y = self._matmul(flat).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        product = _MatmulWithInputGrad.apply(flat, self) if flat.requires_grad else self._matmul(flat)
+        y = product.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +140,21 @@ class QuantizedLinear(nn.Module):
         if first.bias is not None:
             fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)  # type: ignore[union-attr]
         return fused
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The codes' main buffer (GPTQ's name for it): where libraries such as peft read a
+        quantized layer's device from, and what fusion.py makes a view of."""
+        return getattr(self, self._buffer_names[0])
+
+    def can_view_rows(self, start: int) -> bool:
+        """Whether this module's storage can be rows start.. of a fused module's (`view_rows`)."""
+        return False
+
+    def view_rows(self, fused: QuantizedLinear, start: int) -> None:
+        """Make this module's buffers views of rows start..start+out_features of `fused`'s, which
+        stacks this module's rows there (fusion.py: the parts stay, the memory is held once)."""
+        raise NotImplementedError
 
     def _settings(self) -> dict[str, Any]:
         """Public attributes that must agree for modules to be stacked (not their sizes)."""
@@ -209,6 +240,13 @@ class Int8Linear(QuantizedLinear):
     def _portable_state(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "weight_scale": self.weight_scale}
 
+    def can_view_rows(self, start: int) -> bool:
+        return True
+
+    def view_rows(self, fused: QuantizedLinear, start: int) -> None:
+        end = start + self.out_features
+        self.weight, self.weight_scale = fused.weight[start:end], fused.weight_scale[start:end]
+
     def _load_portable(self, state: dict[str, torch.Tensor]) -> None:
         self.weight = state["weight"].to(torch.int8).contiguous()
         self.weight_scale = state["weight_scale"].to(self.compute_dtype).contiguous()
@@ -261,7 +299,7 @@ class Int4Linear(QuantizedLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         wide = x.repeat(1, self._planes) if self._planes > 1 else x.contiguous()  # (M, planes*K)
         if x.shape[0] < self._kernel_rows and x.dtype == torch.bfloat16:
-            y = int4_mm(wide, self.packed, self.group_size, self.scale_and_zero)
+            y = int4_mm(wide, self.packed, self.group_size, self.scale_and_zero.contiguous())
         else:  # packed rows start..end hold exactly output rows start..end (64-row blocks)
             y = _by_row_chunks(x.shape[0], self._rows, x, lambda start, end: wide @ dequantize_int4_t(
                 self.packed[start:end], self.scale_and_zero[:, start:end], self.group_size, end - start,
@@ -296,6 +334,16 @@ class Int4Linear(QuantizedLinear):
     def _load_portable(self, state: dict[str, torch.Tensor]) -> None:
         self._set_codes(unpack_nibbles(state["weight_packed"].to(torch.uint8)), state["weight_scale"],
                         state["weight_zero"])
+
+    def can_view_rows(self, start: int) -> bool:
+        """Whole 64-row blocks of a layout stored row block by row block (not CUDA's tiles)."""
+        return (fast_unpack_available(self._device()) and start % INT4_ROW_ALIGN == 0
+                and self.out_features % INT4_ROW_ALIGN == 0)
+
+    def view_rows(self, fused: QuantizedLinear, start: int) -> None:
+        end = start + self.out_features
+        # scale_and_zero is (G, rows, 2): a strided view, made contiguous per call when used alone
+        self.packed, self.scale_and_zero = fused.packed[start:end], fused.scale_and_zero[:, start:end]
 
     def _set_codes(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Fill the kernel buffers from (N, planes*K) codes and (N, G) scales and zeros."""
@@ -396,6 +444,13 @@ class NF4Linear(QuantizedLinear):
 
     def _portable_state(self) -> dict[str, torch.Tensor]:
         return {"weight_packed": self.weight_packed, "weight_absmax": self.weight_absmax}
+
+    def can_view_rows(self, start: int) -> bool:
+        return True
+
+    def view_rows(self, fused: QuantizedLinear, start: int) -> None:
+        end = start + self.out_features
+        self.weight_packed, self.weight_absmax = fused.weight_packed[start:end], fused.weight_absmax[start:end]
 
     def _load_portable(self, state: dict[str, torch.Tensor]) -> None:
         self.weight_packed = state["weight_packed"].to(torch.uint8).contiguous()

@@ -1,0 +1,124 @@
+"""Glue for the Hugging Face training stack: peft (LoRA, QLoRA), trl and Transformers' pipelines.
+
+Nothing here imports peft or transformers at module level; both are the optional `train` extra.
+
+- `ModelGenerationConfig`: our GenerationConfig with the `to_dict`/`to_diff_dict` that
+  Transformers' pipelines read from `model.generation_config`.
+- `QuantizedLoraLinear` and `register_lora_layers(lora_config)`: LoRA over our quantized base
+  layers (Int8Linear, Int4Linear, NF4Linear, GGUFLinear) through peft's custom-module mechanism
+  (`LoraConfig._register_custom_module`), peft itself unchanged. The base stays quantized and
+  frozen; the adapters train in float32 (QLoRA).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .generation import GenerationConfig
+from .quantization.modules import QuantizedLinear
+
+
+class ModelGenerationConfig(GenerationConfig):
+    """A model's generation defaults, readable by Transformers' pipelines (`to_diff_dict`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values.update(values.pop("extra"))
+        return values
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """The settings that differ from a default GenerationConfig, as Transformers' method."""
+        default = GenerationConfig()
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {k: v for k, v in own.items() if v != getattr(default, k)} | dict(self.extra)
+
+    def update(self, **kwargs: Any) -> ModelGenerationConfig:  # type: ignore[override]
+        updated = super().update(**kwargs)
+        return ModelGenerationConfig(**{f.name: getattr(updated, f.name) for f in fields(updated)})
+
+
+def _lora_linear_class() -> type:
+    """peft's lora.Linear subclassed for a quantized base; built on first use (peft optional)."""
+    global _QUANTIZED_LORA
+    if _QUANTIZED_LORA is not None:
+        return _QUANTIZED_LORA
+    from peft.tuners.lora.layer import Linear
+
+    class QuantizedLoraLinear(Linear):
+        """LoRA adapters over a frozen QuantizedLinear: y = base(x) + B(A(dropout(x))) * scale.
+
+        peft's Linear computes exactly that for any base module; what it cannot do for a
+        quantized base is merge, which writes `base.weight`. Merging here dequantizes, adds the
+        adapters' delta and quantizes again in the base's own format (lossy, as peft's
+        bitsandbytes layers are); GGUF blocks have no quantizer here, so merging them is refused.
+        """
+
+        def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+            with warnings.catch_warnings():  # peft's "Unsupported layer type": this class is the support
+                warnings.filterwarnings("ignore", message="Unsupported layer type")
+                super().__init__(base_layer, adapter_name, **kwargs)
+
+        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+            from peft.tuners.tuners_utils import check_adapters_to_merge
+
+            adapter_names = check_adapters_to_merge(self, adapter_names)
+            base = self.get_base_layer()
+            weight = base.dequantize()
+            for name in adapter_names:
+                if name in self.lora_A:
+                    weight = weight + self.get_delta_weight(name).float().to(weight.device)
+                    self.merged_adapters.append(name)
+            if safe_merge and not torch.isfinite(weight).all():
+                raise ConfigError(f"merging adapters {adapter_names} gives non-finite weights")
+            _requantize(base, weight)
+
+        def unmerge(self) -> None:
+            raise ConfigError("adapters merged into quantized weights cannot be unmerged exactly; "
+                              "reload the base model instead")
+
+        def get_delta_weight(self, adapter: str) -> torch.Tensor:
+            a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+            return (b.float() @ a.float()) * self.scaling[adapter]
+
+    _QUANTIZED_LORA = QuantizedLoraLinear
+    return QuantizedLoraLinear
+
+
+_QUANTIZED_LORA: type | None = None
+
+
+def _requantize(base: QuantizedLinear, weight: torch.Tensor) -> None:
+    """Quantize float `weight` into `base` in place, in base's own format and settings."""
+    from .quantization.gguf import GGUFLinear
+    from .quantization.modules import Int4Linear, Int8Linear, NF4Linear
+
+    if isinstance(base, GGUFLinear):
+        raise ConfigError("cannot merge LoRA adapters into GGUF blocks (no GGUF quantizer here): load the "
+                          "model without gguf_native=True to merge into float weights, or keep the adapter")
+    linear = nn.Linear(base.in_features, base.out_features, bias=False, device=weight.device)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if isinstance(base, Int8Linear):
+        fresh: QuantizedLinear = Int8Linear.from_linear(linear, base.compute_dtype)
+    elif isinstance(base, NF4Linear):
+        fresh = NF4Linear.from_linear(linear, base.quant_type, base.blocksize, base.compute_dtype)
+    elif isinstance(base, Int4Linear):
+        fresh = Int4Linear.from_linear(linear, base.group_size, base.compute_dtype)
+    else:
+        raise ConfigError(f"no quantizer for {type(base).__name__}; cannot merge adapters into it")
+    base._load_portable(fresh._portable_state())
+
+
+def register_lora_layers(lora_config: Any) -> Any:
+    """Teach a peft `LoraConfig` our quantized layers (peft's `_register_custom_module`), so
+    `get_peft_model` can put LoRA adapters on a quantized model (QLoRA); returns the config.
+
+    >>> config = register_lora_layers(LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))  # doctest: +SKIP
+    """
+    lora_config._register_custom_module({QuantizedLinear: _lora_linear_class()})
+    return lora_config
