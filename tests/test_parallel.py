@@ -11,6 +11,7 @@ process: the ranks only ever see the files, read slice by slice.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from mistral_lm.quantization import BitsAndBytesConfig, quantize_model
 
 if __name__ != "__main__":
     from .conftest import tiny_config
@@ -36,6 +39,15 @@ CASES = {
     "mqa_window": dict(num_key_value_heads=1, sliding_window=6),  # kv head replicated on both ranks
     "wide_tied": dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=256,
                       sliding_window=8, tie_word_embeddings=True),  # written as 2 safetensors shards
+}
+# name -> (folder of CASES, quantization_config): quantized after sharding, each rank its slices;
+# float32 compute, so equal codes show as logits equal to 1e-5 (parallel/quantize.py)
+QUANTIZED = {
+    "int8": ("gqa_window", dict(load_in_8bit=True, bnb_4bit_compute_dtype="float32")),
+    "int4": ("gqa_window", dict(load_in_4bit=True, bnb_4bit_quant_type="int4", group_size=32,
+                                bnb_4bit_compute_dtype="float32")),
+    "nf4": ("mqa_window", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", group_size=32,
+                               bnb_4bit_compute_dtype="float32")),
 }
 
 
@@ -114,11 +126,13 @@ def _compute(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> d
 # ---------------------------------------------------------------------------------- the ranks
 def _worker_parity(spec: dict) -> None:
     from mistral_lm import parallel
-    from mistral_lm.errors import CheckpointError
+    from mistral_lm.errors import CheckpointError, ConfigError
 
     out: dict = {}
-    for name, folder in spec["folders"].items():
-        model = parallel.from_pretrained(folder, tp_size=WORLD, timeout_s=60)
+    runs = {**{name: (name, None) for name in spec["folders"]}, **QUANTIZED}
+    for name, (case, quantization) in runs.items():
+        model = parallel.from_pretrained(spec["folders"][case], tp_size=WORLD, timeout_s=60,
+                                         quantization_config=quantization)
         ids, mask = _inputs(model.config.vocab_size)
         model.tensor_parallel.stats.reset()
         with torch.inference_mode():
@@ -132,6 +146,11 @@ def _worker_parity(spec: dict) -> None:
         out["mismatch"] = "loaded"
     except CheckpointError as exc:
         out["mismatch"] = f"CheckpointError: {exc}"
+    try:  # 3 kv heads over 2 ranks: refused by the plan on every rank, before a tensor is read
+        parallel.from_pretrained(spec["indivisible"], timeout_s=60)
+        out["indivisible"] = "loaded"
+    except ConfigError as exc:
+        out["indivisible"] = f"ConfigError: {exc}"
     torch.save(out, Path(spec["out"]) / f"rank{os.environ['RANK']}.pt")
 
 
@@ -167,15 +186,22 @@ def parity(tmp_path_factory) -> dict:
         models[name] = _write_folder(root / name, overrides, sharded=name == "wide_tied")
         folders[name] = str(root / name)
     mismatch = [folders["gqa"], folders["gqa_window"]]  # same shapes, another window
-    runs = _launch("parity", {"folders": folders, "out": str(root), "mismatch": mismatch}, timeout=240)
+    indivisible = root / "indivisible"
+    _write_folder(indivisible, dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3))
+    runs = _launch("parity", {"folders": folders, "out": str(root), "mismatch": mismatch,
+                              "indivisible": str(indivisible)}, timeout=240)
     for run in runs:
         assert run["returncode"] == 0, run["output"][-3000:]
     ranks = [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
     references = {name: _compute(model, *_inputs(model.config.vocab_size)) for name, model in models.items()}
+    for name, (case, quantization) in QUANTIZED.items():
+        quantized = quantize_model(copy.deepcopy(models[case]), BitsAndBytesConfig(**quantization))
+        references[name] = _compute(quantized, *_inputs(quantized.config.vocab_size))
+        models[name] = models[case]
     return {"ranks": ranks, "references": references, "models": models}
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, *QUANTIZED])
 def test_logits_equal_single_process(parity, case) -> None:
     ref = parity["references"][case]
     for rank in parity["ranks"]:
@@ -186,7 +212,7 @@ def test_logits_equal_single_process(parity, case) -> None:
             assert err < 1e-5, f"{case} {key}: max |TP - single| = {err:.2e}"
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, *QUANTIZED])
 def test_greedy_tokens_equal_single_process(parity, case) -> None:
     ref = parity["references"][case]["tokens"]
     assert ref.shape[1] == PROMPT + NEW_TOKENS
@@ -222,6 +248,12 @@ def test_two_all_reduces_per_layer_per_step(parity, case) -> None:
 def test_ranks_loading_different_checkpoints_are_refused(parity) -> None:
     for rank in parity["ranks"]:
         assert rank["mismatch"].startswith("CheckpointError") and "differs across ranks" in rank["mismatch"]
+        assert "ranks [0] load" in rank["mismatch"] and "gqa_window" in rank["mismatch"]
+
+
+def test_heads_that_do_not_divide_are_refused_on_every_rank(parity) -> None:
+    for rank in parity["ranks"]:
+        assert rank["indivisible"].startswith("ConfigError") and "num_key_value_heads (3)" in rank["indivisible"]
 
 
 # ---------------------------------------------------------------------------------- plan (no processes)

@@ -2,8 +2,8 @@
 
     from_pretrained(path, tp_plan="auto")         under torchrun --nproc-per-node N
       init_distributed                            process.py: torchrun's environment, timeouts
-      plan_tensor_parallel(config, N, rank)       plan.py: refused before any tensor is read
       check_same_everywhere(fingerprint)          every rank sees the same checkpoint and options
+      plan_tensor_parallel(config, N, rank)       plan.py: refused before any tensor is read
       build_on_meta -> shard_model                the rank's modules, without memory
       read_shard                                  safe_open(...).get_slice(...) of the rank's rows or
                                                   columns; replicated tensors mmapped whole
@@ -73,14 +73,14 @@ def from_pretrained(
     if tp_size is not None and tp_size != context.world_size:
         raise ConfigError(f"tp_size={tp_size} but the process group has {context.world_size} ranks: launch "
                           f"torchrun with --nproc-per-node {tp_size} (times nodes), or pass tp_size=None")
-    config = MistralConfig.from_pretrained(folder)
-    plan = plan_tensor_parallel(config, context.world_size, context.rank)
     if isinstance(quantization_config, dict):
         quantization_config = BitsAndBytesConfig.from_dict(quantization_config)
     files = weight_files(folder)
     options = {"torch_dtype": torch_dtype, "quantization": quantization_config and quantization_config.to_dict(),
                "world_size": context.world_size}
-    check_same_everywhere(checkpoint_fingerprint(folder, files, options), f"the checkpoint {folder}")
+    check_same_everywhere(checkpoint_fingerprint(folder, files, options), str(folder), "the checkpoint")
+    config = MistralConfig.from_pretrained(folder)
+    plan = plan_tensor_parallel(config, context.world_size, context.rank)  # refused before a tensor is read
     dtype = None if torch_dtype == "auto" else resolve_dtype(torch_dtype) if torch_dtype is not None else torch.float32
 
     model = build_on_meta(cls, config)

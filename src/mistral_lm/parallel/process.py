@@ -113,19 +113,20 @@ def checkpoint_fingerprint(folder: str | os.PathLike, weight_files: list[Path], 
     return digest.hexdigest()[:16]
 
 
-def check_same_everywhere(value: str, what: str) -> None:
-    """All-gather `value` (a fingerprint); CheckpointError on every rank if any rank differs,
-    naming which ranks saw which value. Every rank raises the same error, so none is left waiting."""
+def check_same_everywhere(fingerprint: str, label: str, what: str) -> None:
+    """All-gather (`fingerprint`, `label`); CheckpointError on every rank if any fingerprint
+    differs, naming which ranks saw what (`label`: e.g. the path, which may differ between nodes
+    without the checkpoint differing). Every rank raises the same error, so none is left waiting."""
     gathered: list[Any] = [None] * dist.get_world_size()
     try:
-        dist.all_gather_object(gathered, value)
+        dist.all_gather_object(gathered, (fingerprint, label))
     except RuntimeError as exc:
         raise DistributedError(f"rank {dist.get_rank()}: comparing {what} across ranks failed "
                                f"(a peer rank crashed or hung): {exc}") from exc
-    if len(set(gathered)) > 1:
-        groups: dict[str, list[int]] = {}
+    if len({seen for seen, _ in gathered}) > 1:
+        groups: dict[tuple[str, str], list[int]] = {}
         for rank, seen in enumerate(gathered):
-            groups.setdefault(seen, []).append(rank)
-        detail = "; ".join(f"ranks {ranks} see {seen}" for seen, ranks in groups.items())
-        raise CheckpointError(f"{what} differs across ranks ({detail}): every rank must load the same "
-                              "checkpoint with the same options")
+            groups.setdefault(tuple(seen), []).append(rank)
+        detail = "; ".join(f"ranks {ranks} load {label} (fingerprint {seen})" for (seen, label), ranks in groups.items())
+        raise CheckpointError(f"{what} differs across ranks: {detail}. Every rank must load the same "
+                              "checkpoint (config.json, weight files) with the same options")
