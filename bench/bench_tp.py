@@ -2,6 +2,7 @@
 
     python bench/bench_tp.py            # hidden 1024, 8 layers, vocab 32000 (~690 MB in float32)
     python bench/bench_tp.py --quick    # a small model, for a smoke run
+    python bench/bench_tp.py --dtype bfloat16
 
 One process is measured with 1 thread and with 2 threads (the same cores TP=2 uses); TP=2 runs
 under `torchrun --standalone --nproc-per-node 2`. Reported per configuration: median decode
@@ -77,7 +78,7 @@ def single(folder: str, threads: int, args: argparse.Namespace) -> dict:
     from mistral_lm import MistralForCausalLM
 
     torch.set_num_threads(threads)
-    model = MistralForCausalLM.from_pretrained(folder)
+    model = MistralForCausalLM.from_pretrained(folder, torch_dtype=args.dtype)
     return {"run": f"1 process, {threads} thread{'s' * (threads > 1)}",
             **measure(model, args.prompt, args.new_tokens, args.runs)}
 
@@ -90,9 +91,9 @@ def tp_worker(folder: str, args: argparse.Namespace) -> None:
     from mistral_lm import parallel
 
     torch.set_num_threads(1)
-    model = parallel.from_pretrained(folder)
+    model = parallel.from_pretrained(folder, torch_dtype=args.dtype)
     result = measure(model, args.prompt, args.new_tokens, args.runs)
-    row = torch.zeros(1, 1, model.config.hidden_size)
+    row = torch.zeros(1, 1, model.config.hidden_size, dtype=model.dtype)
     for _ in range(20):
         dist.all_reduce(row)
     start = time.perf_counter()
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--worker", choices=["single1", "single2", "tp"])
     parser.add_argument("--folder")
     args = parser.parse_args()
@@ -119,7 +121,8 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(single(args.folder, int(args.worker[-1]), args)))
         return
-    passed = [f"--prompt={args.prompt}", f"--new-tokens={args.new_tokens}", f"--runs={args.runs}"]
+    passed = [f"--prompt={args.prompt}", f"--new-tokens={args.new_tokens}", f"--runs={args.runs}",
+              f"--dtype={args.dtype}"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         write_model(folder, SMALL if args.quick else BIG)

@@ -126,11 +126,13 @@ def _compute(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> d
 # ---------------------------------------------------------------------------------- the ranks
 def _worker_parity(spec: dict) -> None:
     from mistral_lm import parallel
+    from mistral_lm.generation import generate
     from mistral_lm.errors import CheckpointError, ConfigError
 
     out: dict = {}
     runs = {**{name: (name, None) for name in spec["folders"]}, **QUANTIZED}
     for name, (case, quantization) in runs.items():
+        began = time.perf_counter()
         model = parallel.from_pretrained(spec["folders"][case], tp_size=WORLD, timeout_s=60,
                                          quantization_config=quantization)
         ids, mask = _inputs(model.config.vocab_size)
@@ -139,6 +141,11 @@ def _worker_parity(spec: dict) -> None:
             model(ids[:1, -1:])  # one decode-shaped step: its collectives
         step = (model.tensor_parallel.stats.calls, model.tensor_parallel.stats.bytes)
         out[name] = {**_compute(model, ids, mask), "step_collectives": step}
+        with torch.inference_mode():  # sampling: equal logits and equal seeds draw equal tokens
+            out[name]["sampled"] = generate(model, ids, attention_mask=mask, max_new_tokens=8, do_sample=True,
+                                            top_k=0, seed=7)
+        if spec.get("timing"):
+            print(f"{name}: {time.perf_counter() - began:.2f}s", flush=True)
     # then each rank loads a different checkpoint: every rank must refuse, none may hang
     mismatched = spec["mismatch"][int(os.environ["RANK"])]
     try:
@@ -227,6 +234,7 @@ def test_ranks_agree_exactly(parity) -> None:
         assert torch.equal(first[case]["full"], second[case]["full"])
         assert torch.equal(first[case]["tokens"], second[case]["tokens"])
         assert torch.equal(first[case]["chunked"], second[case]["chunked"])
+        assert torch.equal(first[case]["sampled"], second[case]["sampled"])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -289,6 +297,19 @@ def test_plan_slices_tile_every_weight() -> None:
 
 def _bounds(split) -> tuple[int, int]:  # noqa: ANN001
     return split.start, split.stop
+
+
+def test_sharded_forward_with_autograd_is_refused() -> None:
+    """The hooks sum in place, which autograd cannot see: a grad-enabled forward is an error
+    (the hook raises before any collective, so no process group is needed)."""
+    from mistral_lm import MistralForCausalLM
+    from mistral_lm.errors import ConfigError
+    from mistral_lm.parallel import plan_tensor_parallel, shard_model
+
+    model = MistralForCausalLM(tiny_config())
+    shard_model(model, plan_tensor_parallel(model.config, 2, 0))
+    with pytest.raises(ConfigError, match="inference only"):
+        model(torch.tensor([[1, 2, 3]]))
 
 
 def test_shard_model_in_memory_matches_the_plan() -> None:

@@ -6,7 +6,8 @@
 2. sets each MistralAttention's `num_heads` / `num_kv_heads` to the rank's counts;
 3. gives every module that held the config the rank's copy (`plan.rank_config`): head counts
    and feed-forward width divided, so `make_cache` sizes the rank's own KV cache;
-4. registers a forward hook on each `self_attn` and `mlp` that all-reduces their output: those
+4. registers a forward hook on each `self_attn` and `mlp` that all-reduces their output in place
+   (inference only: an output that requires grad is refused, as autograd would miss the sum): those
    end in `o_proj` / `down_proj`, the row-parallel Linears whose outputs are partial sums.
    Hooking the parents (as gpt-fast's tp.py does) rather than the Linears survives the module
    swaps that come after sharding (quantization replaces the Linears; fusion and the matvec
@@ -60,6 +61,10 @@ class _AllReduceOutput:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         tensor = output[0] if isinstance(output, tuple) else output  # attention: (out, weights)
+        if tensor.requires_grad:  # the in-place sum is invisible to autograd: gradients would be wrong
+            raise ConfigError(f"{self.where}: tensor-parallel models run inference only; call them under "
+                              "torch.inference_mode() or torch.no_grad(), or freeze the parameters "
+                              "(parallel.from_pretrained does)")
         self.stats.calls += 1
         self.stats.bytes += tensor.numel() * tensor.element_size()
         all_reduce_(tensor, self.where)  # in place: the output object is returned unchanged

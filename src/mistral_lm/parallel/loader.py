@@ -89,6 +89,7 @@ def from_pretrained(
     local_shapes = _expected(model)
     tensors = read_shard(files, plan, full_shapes, dtype)
     _assign(model, tensors, local_shapes, str(folder))
+    model.requires_grad_(False)  # inference only: the all-reduce hooks sum in place (apply.py)
     model.attn_implementation = check_implementation(attn_implementation, model.dtype)
     if quantization_config is not None:
         quantize_sharded(model, quantization_config)
