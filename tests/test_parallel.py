@@ -31,6 +31,7 @@ if __name__ != "__main__":
 WORLD = 2
 PROMPT = 11
 NEW_TOKENS = 64
+VARIANT_TOKENS = 16  # quantized and vocab-parallel runs: the window (8) is crossed all the same
 # name -> config overrides of the tiny config: MHA, GQA and MQA-like, with and without a window
 CASES = {
     "mha": dict(num_key_value_heads=4, sliding_window=None),
@@ -40,14 +41,16 @@ CASES = {
     "wide_tied": dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=256,
                       sliding_window=8, tie_word_embeddings=True),  # written as 2 safetensors shards
 }
-# name -> (folder of CASES, quantization_config): quantized after sharding, each rank its slices;
-# float32 compute, so equal codes show as logits equal to 1e-5 (parallel/quantize.py)
-QUANTIZED = {
-    "int8": ("gqa_window", dict(load_in_8bit=True, bnb_4bit_compute_dtype="float32")),
-    "int4": ("gqa_window", dict(load_in_4bit=True, bnb_4bit_quant_type="int4", group_size=32,
-                                bnb_4bit_compute_dtype="float32")),
-    "nf4": ("mqa_window", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", group_size=32,
-                               bnb_4bit_compute_dtype="float32")),
+# name -> (folder of CASES, from_pretrained options). Quantized after sharding, each rank its
+# slices; float32 compute, so equal codes show as logits equal to 1e-5 (parallel/quantize.py)
+VARIANTS = {
+    "int8": ("gqa_window", dict(quantization_config=dict(load_in_8bit=True, bnb_4bit_compute_dtype="float32"))),
+    "int4": ("gqa_window", dict(quantization_config=dict(load_in_4bit=True, bnb_4bit_quant_type="int4",
+                                                         group_size=32, bnb_4bit_compute_dtype="float32"))),
+    "nf4": ("mqa_window", dict(quantization_config=dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                        group_size=32, bnb_4bit_compute_dtype="float32"))),
+    "vocab": ("gqa_window", dict(vocab_parallel=True)),
+    "vocab_tied": ("wide_tied", dict(vocab_parallel=True)),
 }
 
 
@@ -109,16 +112,16 @@ def _inputs(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
-def _compute(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+def _compute(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int = NEW_TOKENS) -> dict:
     """What both the ranks and the reference compute: full-sequence logits, logits through the
-    cache in two chunks, and 64 greedy tokens (crossing the window)."""
+    cache in two chunks, and 64 greedy tokens (crossing the window; 16 for the variants)."""
     from mistral_lm.generation import generate
 
     full = model(ids, attention_mask=mask, use_cache=False).logits
     cache = model.make_cache(ids.shape[0])
     model(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache)
     chunked = model(ids[:, 6:], attention_mask=mask, past_key_values=cache).logits
-    tokens = generate(model, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+    tokens = generate(model, ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                       eos_token_id=None)
     return {"full": full, "chunked": chunked, "tokens": tokens, "cache_heads": cache.keys[0].shape[1]}
 
@@ -130,17 +133,17 @@ def _worker_parity(spec: dict) -> None:
     from mistral_lm.errors import CheckpointError, ConfigError
 
     out: dict = {}
-    runs = {**{name: (name, None) for name in spec["folders"]}, **QUANTIZED}
-    for name, (case, quantization) in runs.items():
+    runs = {**{name: (name, {}) for name in spec["folders"]}, **VARIANTS}
+    for name, (case, options) in runs.items():
         began = time.perf_counter()
-        model = parallel.from_pretrained(spec["folders"][case], tp_size=WORLD, timeout_s=60,
-                                         quantization_config=quantization)
+        model = parallel.from_pretrained(spec["folders"][case], tp_size=WORLD, timeout_s=60, **options)
         ids, mask = _inputs(model.config.vocab_size)
         model.tensor_parallel.stats.reset()
         with torch.inference_mode():
             model(ids[:1, -1:])  # one decode-shaped step: its collectives
         step = (model.tensor_parallel.stats.calls, model.tensor_parallel.stats.bytes)
-        out[name] = {**_compute(model, ids, mask), "step_collectives": step}
+        out[name] = {**_compute(model, ids, mask, NEW_TOKENS if name in CASES else VARIANT_TOKENS),
+                     "step_collectives": step}
         with torch.inference_mode():  # sampling: equal logits and equal seeds draw equal tokens
             out[name]["sampled"] = generate(model, ids, attention_mask=mask, max_new_tokens=8, do_sample=True,
                                             top_k=0, seed=7)
@@ -201,14 +204,16 @@ def parity(tmp_path_factory) -> dict:
         assert run["returncode"] == 0, run["output"][-3000:]
     ranks = [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
     references = {name: _compute(model, *_inputs(model.config.vocab_size)) for name, model in models.items()}
-    for name, (case, quantization) in QUANTIZED.items():
-        quantized = quantize_model(copy.deepcopy(models[case]), BitsAndBytesConfig(**quantization))
-        references[name] = _compute(quantized, *_inputs(quantized.config.vocab_size))
+    for name, (case, options) in VARIANTS.items():
+        reference = models[case]
+        if "quantization_config" in options:
+            reference = quantize_model(copy.deepcopy(reference), BitsAndBytesConfig(**options["quantization_config"]))
+        references[name] = _compute(reference, *_inputs(reference.config.vocab_size), VARIANT_TOKENS)
         models[name] = models[case]
     return {"ranks": ranks, "references": references, "models": models}
 
 
-@pytest.mark.parametrize("case", [*CASES, *QUANTIZED])
+@pytest.mark.parametrize("case", [*CASES, *VARIANTS])
 def test_logits_equal_single_process(parity, case) -> None:
     ref = parity["references"][case]
     for rank in parity["ranks"]:
@@ -219,10 +224,10 @@ def test_logits_equal_single_process(parity, case) -> None:
             assert err < 1e-5, f"{case} {key}: max |TP - single| = {err:.2e}"
 
 
-@pytest.mark.parametrize("case", [*CASES, *QUANTIZED])
+@pytest.mark.parametrize("case", [*CASES, *VARIANTS])
 def test_greedy_tokens_equal_single_process(parity, case) -> None:
     ref = parity["references"][case]["tokens"]
-    assert ref.shape[1] == PROMPT + NEW_TOKENS
+    assert ref.shape[1] == PROMPT + (NEW_TOKENS if case in CASES else VARIANT_TOKENS)
     for rank in parity["ranks"]:
         assert torch.equal(rank[case]["tokens"], ref)
 
@@ -244,13 +249,18 @@ def test_each_rank_caches_its_kv_heads(parity, case) -> None:
         assert rank[case]["cache_heads"] == max(1, heads // WORLD)
 
 
-@pytest.mark.parametrize("case", ["gqa", "wide_tied"])
+@pytest.mark.parametrize("case", ["gqa", "wide_tied", "vocab"])
 def test_two_all_reduces_per_layer_per_step(parity, case) -> None:
+    """2 per layer, of one fp32 row of hidden state; vocab-parallel adds the embedding's sum and
+    the logits' gather (V / N floats from each rank)."""
     config = parity["models"][case].config
+    layers = 2 * config.num_hidden_layers
     for rank in parity["ranks"]:
         calls, nbytes = rank[case]["step_collectives"]
-        assert calls == 2 * config.num_hidden_layers
-        assert nbytes == calls * config.hidden_size * 4  # one row of fp32 hidden state each
+        if case == "vocab":
+            assert (calls, nbytes) == (layers + 2, ((layers + 1) * config.hidden_size + config.vocab_size // 2) * 4)
+        else:
+            assert (calls, nbytes) == (layers, layers * config.hidden_size * 4)
 
 
 def test_ranks_loading_different_checkpoints_are_refused(parity) -> None:

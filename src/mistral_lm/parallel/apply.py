@@ -13,6 +13,10 @@
    swaps that come after sharding (quantization replaces the Linears; fusion and the matvec
    swap run on the rank's parts).
 
+With `plan.vocab_rows`, embed_tokens and lm_head hold a slice of the vocabulary: a pre/post hook
+pair masks the lookup of ids held elsewhere and sums it, and an lm_head hook all-gathers the
+logits, so every rank still sees (B, T, V).
+
 The result's `tensor_parallel` attribute keeps the plan, the full config and a count of the
 collectives run (`stats`).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import MistralConfig
@@ -29,7 +34,7 @@ from ..errors import ConfigError
 from ..modeling import MistralAttention, MistralMLP
 from ..quantization.modules import QuantizedLinear
 from .plan import TensorParallelPlan
-from .process import all_reduce_
+from .process import all_gather_last, all_reduce_
 
 
 @dataclass
@@ -61,13 +66,52 @@ class _AllReduceOutput:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         tensor = output[0] if isinstance(output, tuple) else output  # attention: (out, weights)
-        if tensor.requires_grad:  # the in-place sum is invisible to autograd: gradients would be wrong
-            raise ConfigError(f"{self.where}: tensor-parallel models run inference only; call them under "
-                              "torch.inference_mode() or torch.no_grad(), or freeze the parameters "
-                              "(parallel.from_pretrained does)")
+        _refuse_grad(tensor, self.where)
         self.stats.calls += 1
         self.stats.bytes += tensor.numel() * tensor.element_size()
         all_reduce_(tensor, self.where)  # in place: the output object is returned unchanged
+
+
+def _refuse_grad(tensor: torch.Tensor, where: str) -> None:
+    """The in-place sums are invisible to autograd: gradients through them would be wrong."""
+    if tensor.requires_grad:
+        raise ConfigError(f"{where}: tensor-parallel models run inference only; call them under "
+                          "torch.inference_mode() or torch.no_grad(), or freeze the parameters "
+                          "(parallel.from_pretrained does)")
+
+
+class _VocabParallelLookup:
+    """Embedding rows [start, stop) on this rank: ids elsewhere look up row 0 and are zeroed,
+    then the ranks' lookups are summed (exactly one rank contributes each id's row)."""
+
+    def __init__(self, where: str, rows: range, stats: CollectiveStats) -> None:
+        self.where, self.rows, self.stats = where, rows, stats
+        self.outside: torch.Tensor | None = None
+
+    def before(self, module: nn.Module, args: tuple) -> tuple:
+        ids = args[0] - self.rows.start
+        self.outside = (ids < 0) | (ids >= len(self.rows))
+        return (ids.masked_fill(self.outside, 0), *args[1:])
+
+    def after(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        _refuse_grad(output, self.where)
+        output = output.masked_fill(self.outside[..., None], 0)  # type: ignore[index]
+        self.outside = None
+        self.stats.calls += 1
+        self.stats.bytes += output.numel() * output.element_size()
+        return all_reduce_(output, self.where)
+
+
+class _GatherLogits:
+    """lm_head rows [start, stop) give this rank's slice of the logits; all-gather the vocabulary."""
+
+    def __init__(self, where: str, stats: CollectiveStats) -> None:
+        self.where, self.stats = where, stats
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        self.stats.calls += 1
+        self.stats.bytes += output.numel() * output.element_size()
+        return all_gather_last(output.contiguous(), self.where)
 
 
 def shard_model(model: nn.Module, plan: TensorParallelPlan) -> nn.Module:
@@ -84,6 +128,10 @@ def shard_model(model: nn.Module, plan: TensorParallelPlan) -> nn.Module:
                               "(parallel.from_pretrained(quantization_config=...) does both in that order)")
         if isinstance(module, nn.Linear):
             _slice_linear(module, name, plan)
+        if isinstance(module, nn.Embedding) and plan.split(f"{name}.weight").dim is not None:
+            weight = plan.split(f"{name}.weight").apply(module.weight.detach()).clone()
+            module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+            module.num_embeddings, module.padding_idx = weight.shape[0], None  # padding_idx only masks grads
         if getattr(module, "config", None) is full:
             module.config = local
         if isinstance(module, MistralAttention):
@@ -94,6 +142,14 @@ def shard_model(model: nn.Module, plan: TensorParallelPlan) -> nn.Module:
             if isinstance(module, (MistralAttention, MistralMLP)):
                 where = f"{name}.{'o_proj' if isinstance(module, MistralAttention) else 'down_proj'}"
                 record.handles.append(module.register_forward_hook(_AllReduceOutput(where, record.stats)))
+            if plan.vocab_rows is not None and isinstance(module, nn.Embedding):
+                lookup = _VocabParallelLookup(name, plan.vocab_rows, record.stats)
+                record.handles += [module.register_forward_pre_hook(lookup.before),
+                                   module.register_forward_hook(lookup.after)]
+            if plan.vocab_rows is not None and name.endswith("lm_head"):
+                record.handles.append(module.register_forward_hook(_GatherLogits(name, record.stats)))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # a tied head and embedding were sliced separately: one tensor again
     model.tensor_parallel = record
     return model
 

@@ -54,6 +54,7 @@ def from_pretrained(
     attn_implementation: str | None = None,
     quantization_config: BitsAndBytesConfig | dict | None = None,
     fuse_projections: bool = True,
+    vocab_parallel: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> nn.Module:
     """This rank's shard of the model in the HF safetensors folder `path`, under torchrun.
@@ -62,7 +63,8 @@ def from_pretrained(
     process group's size (it must equal it). `torch_dtype`: None -> float32, "auto" -> the
     file's. `quantization_config`: weights are quantized after sharding, each rank its own
     slices (parallel/quantize.py says which formats equal the single-process codes).
-    `timeout_s` bounds every collective (process.py). The model's `config` is the rank's
+    `vocab_parallel`: split embed_tokens and lm_head by vocabulary rows (plan.py) instead of
+    replicating them. `timeout_s` bounds every collective (process.py). The model's `config` is the rank's
     (divided head counts); `model.tensor_parallel.full_config` is the checkpoint's.
     """
     if tp_plan != "auto":
@@ -77,10 +79,10 @@ def from_pretrained(
         quantization_config = BitsAndBytesConfig.from_dict(quantization_config)
     files = weight_files(folder)
     options = {"torch_dtype": torch_dtype, "quantization": quantization_config and quantization_config.to_dict(),
-               "world_size": context.world_size}
+               "world_size": context.world_size, "vocab_parallel": vocab_parallel}
     check_same_everywhere(checkpoint_fingerprint(folder, files, options), str(folder), "the checkpoint")
     config = MistralConfig.from_pretrained(folder)
-    plan = plan_tensor_parallel(config, context.world_size, context.rank)  # refused before a tensor is read
+    plan = plan_tensor_parallel(config, context.world_size, context.rank, vocab_parallel)  # refused before a tensor is read
     dtype = None if torch_dtype == "auto" else resolve_dtype(torch_dtype) if torch_dtype is not None else torch.float32
 
     model = build_on_meta(cls, config)

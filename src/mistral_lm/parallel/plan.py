@@ -9,7 +9,9 @@ Megatron's split of a decoder layer, as gpt-fast's tp.py and vLLM apply it:
     o_proj                   row-parallel: the matching input columns; partial sums, one all-reduce
     gate_proj, up_proj       column-parallel: rows [r*I/N, (r+1)*I/N)
     down_proj                row-parallel: the matching columns; one all-reduce
-    embeddings, norms, heads replicated
+    embeddings, norms, heads replicated; or, with `vocab_parallel=True`, embed_tokens and lm_head
+                             split by vocabulary rows [r*V/N, (r+1)*V/N): the embedding lookup
+                             is summed (all-reduce), the logits gathered (all-gather)
 
 Attention is split by key/value-head groups: query head h reads kv head h // (H / H_kv)
 (Transformers' repeat_kv), so rank r's query heads [r*H/N, (r+1)*H/N) read exactly kv heads
@@ -63,6 +65,7 @@ class TensorParallelPlan:
     kv_heads: range  # key/value heads held (replicated on several ranks when N > H_kv)
     ffn_rows: range  # rows of gate/up, columns of down
     kv_replicas: int = 1  # ranks holding each kv head: 1 when kv heads are split, N / H_kv otherwise
+    vocab_rows: range | None = None  # rows of embed_tokens / lm_head held; None: replicated
 
     def split(self, name: str) -> Split:
         """The slice of the tensor named `name` (a Transformers state-dict key, with or without
@@ -75,6 +78,8 @@ class TensorParallelPlan:
             return Split(0, self.kv_heads.start * d, self.kv_heads.stop * d)
         if module.endswith(("mlp.gate_proj", "mlp.up_proj")):
             return Split(0, self.ffn_rows.start, self.ffn_rows.stop)
+        if self.vocab_rows is not None and module.endswith(("embed_tokens", "lm_head")):
+            return Split(0, self.vocab_rows.start, self.vocab_rows.stop)
         if module.endswith(_ROW_PARALLEL):
             if leaf != "weight":
                 raise ConfigError(f"{name}: only the float weight of a row-parallel Linear can be sharded "
@@ -97,14 +102,17 @@ class TensorParallelPlan:
         return local
 
     def describe(self) -> str:
+        vocab = "replicated" if self.vocab_rows is None else f"{self.vocab_rows.start}-{self.vocab_rows.stop - 1}"
         return (f"rank {self.rank}/{self.world_size}: query heads {self.q_heads.start}-{self.q_heads.stop - 1}, "
                 f"kv heads {self.kv_heads.start}-{self.kv_heads.stop - 1}, "
-                f"ffn rows {self.ffn_rows.start}-{self.ffn_rows.stop - 1}")
+                f"ffn rows {self.ffn_rows.start}-{self.ffn_rows.stop - 1}, vocab rows {vocab}")
 
 
-def plan_tensor_parallel(config: MistralConfig, world_size: int, rank: int) -> TensorParallelPlan:
+def plan_tensor_parallel(config: MistralConfig, world_size: int, rank: int,
+                         vocab_parallel: bool = False) -> TensorParallelPlan:
     """Rank `rank`'s share of a model with `config` over `world_size` ranks; ConfigError naming
-    the numbers when the heads or the feed-forward width do not divide."""
+    the numbers when the heads, the feed-forward width or (vocab_parallel) the vocabulary do not
+    divide."""
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ConfigError(f"tp_size must be a positive integer, got {world_size!r}")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -119,6 +127,11 @@ def plan_tensor_parallel(config: MistralConfig, world_size: int, rank: int) -> T
                           f"use a tp_size that divides {h_kv} or is a multiple of it")
     if inter % n:
         raise ConfigError(f"tensor parallel over {n} ranks needs intermediate_size ({inter}) divisible by {n}")
+    vocab = config.vocab_size
+    if vocab_parallel and vocab % n:
+        raise ConfigError(f"vocab_parallel over {n} ranks needs vocab_size ({vocab}) divisible by {n}; "
+                          "use vocab_parallel=False (replicated embeddings and head)")
+    v_per = vocab // n
     q_per = h // n
     if h_kv >= n:
         kv_per = h_kv // n
@@ -129,4 +142,5 @@ def plan_tensor_parallel(config: MistralConfig, world_size: int, rank: int) -> T
         kv = range(first, first + 1)
     f_per = inter // n
     return TensorParallelPlan(n, rank, config.head_dim, range(rank * q_per, (rank + 1) * q_per), kv,
-                              range(rank * f_per, (rank + 1) * f_per), max(1, n // h_kv))
+                              range(rank * f_per, (rank + 1) * f_per), max(1, n // h_kv),
+                              range(rank * v_per, (rank + 1) * v_per) if vocab_parallel else None)

@@ -97,6 +97,18 @@ def all_reduce_(tensor: torch.Tensor, where: str) -> torch.Tensor:
     return tensor
 
 
+def all_gather_last(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """Every rank's `tensor`, concatenated along the last dimension in rank order."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    try:
+        dist.all_gather(parts, tensor)
+    except RuntimeError as exc:
+        raise DistributedError(
+            f"rank {dist.get_rank()}/{dist.get_world_size()}: the all-gather after {where} failed: a peer "
+            f"rank crashed, hung past the collective timeout, or left the group ({exc})") from exc
+    return torch.cat(parts, dim=-1)
+
+
 def checkpoint_fingerprint(folder: str | os.PathLike, weight_files: list[Path], options: dict[str, Any]) -> str:
     """A short hash of what a rank is about to load: config.json, each weight file's name, size
     and safetensors header (names, dtypes, shapes, offsets), and the load options. Reading the

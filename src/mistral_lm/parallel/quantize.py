@@ -32,6 +32,13 @@ from .plan import ROW_PARALLEL_MODULES
 def quantize_sharded(model: nn.Module, config: BitsAndBytesConfig) -> nn.Module:
     """`quantize_model` on a sharded model, with the global int8 scales of row-parallel layers."""
     skip = config.skip_modules
+    record = getattr(model, "tensor_parallel", None)
+    if record is None:
+        raise ConfigError("quantize_sharded takes a model sharded by shard_model; use quantize_model otherwise")
+    plan = record.plan
+    if plan.vocab_rows is not None and not any(s == "lm_head" or s.endswith("lm_head") for s in skip):
+        raise ConfigError("vocab_parallel shards lm_head through a hook on the float module; keep 'lm_head' "
+                          "in llm_int8_skip_modules (the default) or use vocab_parallel=False")
     row_parallel = [(name, m) for name, m in model.named_modules()
                     if isinstance(m, nn.Linear) and name.endswith(ROW_PARALLEL_MODULES)
                     and not any(name == s or name.endswith("." + s) for s in skip)]
