@@ -311,3 +311,31 @@ def test_openai_parse_schemas_compile_and_accept_pydantic_documents(tokenizer):
             assert c.allowed()[token]
             c.advance(token)
         assert c.complete
+
+
+@pytest.mark.parametrize("file", ["tokenizer.model.v1", "mistral_instruct_tokenizer_240323.model.v3",
+                                  "tekken_240911.json"])
+def test_mistral_vocabularies_random_walks_parse(file):
+    """SentencePiece (dummy-prefix "▁") and Tekken vocabularies: llguidance panicked on the v1 file
+    when it was handed token bytes and an encode function instead of tokenizer.json. Any walk of
+    allowed tokens ends in a document json.loads accepts and the schema validates."""
+    import importlib.resources
+    from pathlib import Path
+
+    from mistral_lm.tokenizer import MistralTokenizer
+
+    jsonschema = pytest.importorskip("jsonschema")
+    tok = MistralTokenizer.from_pretrained(Path(str(importlib.resources.files("mistral_common") / "data")) / file)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
+                                               "ok": {"type": "boolean"}}, "required": ["n", "ok"],
+              "additionalProperties": False}
+    rng = np.random.default_rng(0)
+    for c in [grammar.json_schema(tok, schema) for _ in range(3)]:
+        ids = []
+        while not c.done and len(ids) < 200:
+            allowed = np.flatnonzero(c.allowed())
+            token = int(rng.choice(allowed[allowed != tok.eos_token_id]) if not c.complete else tok.eos_token_id)
+            c.advance(token)
+            ids.append(token)
+        assert c.done, tok.decode(ids)
+        jsonschema.validate(json.loads(tok.decode(ids[:-1], skip_special_tokens=True)), schema)

@@ -201,3 +201,31 @@ def test_tool_requests_the_server_refuses(tool_server, scripted):
             client.chat.completions.create(**{"model": "tiny-v3", "messages": messages, "max_tokens": 4, **kwargs})
         assert info.value.body["param"] == param, info.value.body
     assert client.chat.completions.create(model="tiny-v3", messages=messages, max_tokens=2).choices
+
+
+def test_a_request_whose_picking_fails_ends_alone(v3, tool_server, monkeypatch):
+    """A picker error (e.g. a grammar the model's tokens broke) used to escape from admission and
+    leave the request waiting forever; now that request gets an error and the others go on."""
+    import torch
+
+    from mistral_lm import sampling
+    from mistral_lm.errors import GenerationError
+
+    def make_picker(config, **_):
+        calls = []
+
+        def pick(logits, history, generator=None):
+            calls.append(1)
+            if config.seed == 13 or (config.seed == 14 and len(calls) == 2):  # admission / a decode step
+                raise GenerationError("scripted failure")
+            return torch.full((logits.shape[0],), 7)
+        return pick
+
+    monkeypatch.setattr(sampling, "make_picker", make_picker)
+    client = _client(tool_server)
+    messages = [{"role": "user", "content": "q"}]
+    for seed in (13, 14):
+        with pytest.raises(openai.InternalServerError, match="scripted failure"):
+            client.chat.completions.create(model="tiny-v3", messages=messages, max_tokens=4, seed=seed)
+    answer = client.chat.completions.create(model="tiny-v3", messages=messages, max_tokens=4, seed=1)
+    assert answer.usage.completion_tokens == 4

@@ -163,28 +163,18 @@ def mask_logits(logits: torch.Tensor, constraints: Sequence[Constraint | None]) 
 # ----- compiling ---------------------------------------------------------------------------------
 
 class _Compiled:
-    """Per tokenizer: llguidance's view of its vocabulary and an LRU of compiled grammars."""
+    """Per tokenizer: llguidance's view of its vocabulary and an LRU of compiled grammars.
+
+    llguidance reads the vocabulary as tokenizer.json (`backend_tokenizer`), so it knows how the
+    tokenizer splits text itself: SentencePiece's dummy-prefix space included, which a bare list
+    of token bytes plus an encode function does not convey (llguidance panics on it)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.key = _tokenizer_key(tokenizer)
         self.eos, self.vocab = self.key[0], self.key[1]
-        self.lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapper(tokenizer)))
+        self.lltok = llguidance.LLTokenizer(tokenizer.backend_tokenizer.to_str(), n_vocab=self.vocab,
+                                            eos_token=self.eos)
         self.grammars: OrderedDict[str, Any] = OrderedDict()
-
-
-class _Wrapper:
-    """What `llguidance.TokenizerWrapper` reads: token bytes, eos/bos, special ids, an encoder."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.eos_token_id = tokenizer.eos_token_id
-        self.bos_token_id = tokenizer.bos_token_id
-        self.tokens = list(tokenizer.token_table.raw)
-        self.special_token_ids = list(tokenizer.all_special_ids)  # never matched as text
-        self._encode = tokenizer.encode
-
-    def __call__(self, text: bytes | str) -> list[int]:
-        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-        return self._encode(text, add_special_tokens=False)
 
 
 _CACHE: weakref.WeakKeyDictionary[Any, _Compiled] = weakref.WeakKeyDictionary()

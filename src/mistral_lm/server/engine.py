@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
-from .. import sampling
+from .. import grammar, sampling
 from ..cache import KVCache
+from ..errors import GenerationError
 from ..generation import Decoder, GenerationConfig
 from ..tokenizer import StreamingDetokenizer
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
@@ -81,9 +82,10 @@ class Submission:
 
     def __init__(self, request: CompletionRequest, prompt_ids: list[int], config: GenerationConfig, emit: Emit,
                  device: torch.device, first_index: int = 0, echo_text: str = "",
-                 tools: ToolRequest | None = None) -> None:
+                 tools: ToolRequest | None = None, constraint: grammar.Constraint | None = None) -> None:
         self.request = request
         self.tools = tools  # the answer is parsed for tool calls (server/tools.py)
+        self.constraint = constraint  # response_format's grammar; each choice decodes under a fork of it
         self.prompt_ids = prompt_ids
         self.first_index = first_index  # response index of choice 0: prompt number * n
         self.echo_text = echo_text  # `echo`: the prompt's text, sent before the answer
@@ -204,6 +206,10 @@ class Engine:
     def submit(self, request: CompletionRequest, emit: Emit) -> Ticket:
         """Tokenize and check `request`, then queue it. Raises ProtocolError (400, 429 or 503)."""
         tools = parse_tools(dict(request.tool_fields), self.tokenizer) if request.tool_fields else None
+        try:
+            constraint = grammar.response_format_constraint(self.tokenizer, request.response_format)
+        except grammar.ResponseFormatError as exc:
+            raise ProtocolError(str(exc), exc.param) from exc
         prompts = self._encode(request, tools)
         if request.n > self.max_batch_size:
             raise ProtocolError(f"n={request.n} exceeds the server's batch of {self.max_batch_size} rows", "n")
@@ -218,7 +224,8 @@ class Engine:
         for p, (ids, field_name, echo_text) in enumerate(prompts):
             config = request.generation_config(self._max_new(request, ids, field_name), self.eos)
             gather.submissions.append(Submission(request, ids, config, gather, self.model.device,
-                                                 first_index=p * request.n, echo_text=echo_text, tools=tools))
+                                                 first_index=p * request.n, echo_text=echo_text, tools=tools,
+                                                 constraint=constraint))
         with self._lock:
             if self._closing:  # before start() requests wait in the queue; after close() nothing will serve them
                 raise ProtocolError("the server is shutting down", status=503, type="server_error")
@@ -417,11 +424,18 @@ class Engine:
     def _admit(self, s: Submission, p: _Prefill) -> None:
         """The prompt is read: sample each choice's first token and queue the rows to join the batch."""
         s.choices = [_Choice(s, s.first_index + i, self.tokenizer, p.logprobs) for i in range(s.request.n)]
+        if s.constraint is not None:
+            for choice in s.choices:
+                choice.constraint = s.constraint.fork()
         if s.max_new_tokens == 0:  # echo only: the prompt and its log-probabilities
             events: list[Event] = [e for c in s.choices if (e := c.close()) is not None]
         else:
             assert p.last_logits is not None
-            tokens, entries = self._pick(s, p.last_logits.expand(s.request.n, -1), s.choices)
+            try:
+                tokens, entries = self._pick(s, p.last_logits.expand(s.request.n, -1), s.choices)
+            except GenerationError as exc:
+                self._fail_one(s, exc)
+                return
             events = [e for choice, t, lp in zip(s.choices, tokens, entries) if (e := choice.add(t, lp)) is not None]
         joining = [c for c in s.choices if c.finish_reason is None]
         if joining:
@@ -455,7 +469,11 @@ class Engine:
         for row, choice in enumerate(self._rows):
             groups.setdefault(choice.submission, []).append(row)
         for s, rows in groups.items():
-            picks, entries = self._pick(s, logits[rows], [self._rows[row] for row in rows])
+            try:
+                picks, entries = self._pick(s, logits[rows], [self._rows[row] for row in rows])
+            except GenerationError as exc:
+                self._fail_one(s, exc)
+                continue
             events = [e for row, t, lp in zip(rows, picks, entries) if (e := self._rows[row].add(t, lp)) is not None]
             self._send(s, events)
         self._keep_rows([i for i, c in enumerate(self._rows)
@@ -469,12 +487,20 @@ class Engine:
         # rows of one request stay in step, so they have equal lengths); without penalties, none.
         generated = [c.tokens for c in choices] if s.counts_tokens else [[] for _ in choices]
         history = torch.tensor(generated, dtype=torch.long, device=logits.device).reshape(len(choices), -1)
-        tokens = s.pick(logits, history, s.generator)
+        pick = s.pick if s.constraint is None else grammar.constrained(s.pick, [c.constraint for c in choices])
+        tokens = pick(logits, history, s.generator)
         if s.request.logprobs is None:
             return tokens.tolist(), [None] * len(choices)
         logp = torch.log_softmax(logits.float(), dim=-1)  # the raw logits: before penalties and temperature
         chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
         return tokens.tolist(), list(zip(chosen, self._top(logp, s.request.logprobs)))
+
+    def _fail_one(self, s: Submission, exc: Exception) -> None:
+        """One request's picking failed (its grammar, its settings): it alone ends, with the reason;
+        its rows leave at the next `_keep_rows`, and the other requests go on."""
+        log.warning("request failed while picking a token: %s", exc)
+        self._finish(s, f"generation failed: {exc}")
+        s.cancel()
 
     def _send(self, s: Submission, events: list[Event]) -> None:
         if all(c.finish_reason is not None for c in s.choices):
@@ -555,6 +581,7 @@ class _Choice:
         self._call_token = tokenizer.convert_tokens_to_ids("[TOOL_CALLS]") if submission.tools else None
         self._call_start: int | None = None  # index in self.tokens of the [TOOL_CALLS] token
         self._tool_calls: tuple[dict[str, Any], ...] | None = None
+        self.constraint: grammar.Constraint | None = None  # response_format's grammar state (set on admission)
 
     @property
     def position(self) -> int:

@@ -79,6 +79,7 @@ class CompletionRequest:
     # chat's `tools`, `tool_choice` and `parallel_tool_calls` as sent: the engine checks them
     # against the model's chat format (server/tools.py)
     tool_fields: tuple[tuple[str, Any], ...] = ()
+    response_format: Any = None  # chat's, as sent: the engine compiles it (grammar.response_format_constraint)
 
     @property
     def choices(self) -> int:
@@ -106,7 +107,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options",
            "logprobs", "presence_penalty", "frequency_penalty", "logit_bias"}
 _CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                          "parallel_tool_calls"}
+                          "parallel_tool_calls", "response_format"}
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo"}
 _ROLES = ("system", "user", "assistant", "developer", "tool")  # developer: OpenAI's newer name for system
 _ROLE_FIELDS = {"assistant": {"tool_calls", "refusal"}, "tool": {"tool_call_id"}}
@@ -126,7 +127,7 @@ def parse_chat(body: Any) -> CompletionRequest:
     request = _request(body, chat=True, messages=_messages(body.get("messages")), prompts=None,
                        max_tokens=_positive_int(body, max_field, None), logprobs=logprobs, echo=False)
     fields = tuple((k, body[k]) for k in ("tools", "tool_choice", "parallel_tool_calls") if body.get(k) is not None)
-    return replace(request, tool_fields=fields) if fields else request
+    return replace(request, tool_fields=fields, response_format=body.get("response_format"))
 
 
 def parse_completion(body: Any) -> CompletionRequest:

@@ -399,6 +399,15 @@ class MistralTokenizer:
             return "".join(text for text, _ in pieces)
         return self._chat_output(self._encode_pieces(pieces), return_tensors, return_dict)
 
+    @property
+    def backend_tokenizer(self) -> Any:
+        """The vocabulary as a `tokenizers.Tokenizer` (Transformers' fast-tokenizer attribute), for
+        libraries that read tokenizer.json (the grammar engine); its ids equal this tokenizer's.
+        Built on first use (a Tekken vocabulary's merges take a moment)."""
+        if getattr(self, "_backend", None) is None:
+            self._backend = self._engine.to_tokenizers()
+        return self._backend
+
     def parse_tool_calls(self, ids: Sequence[int] | Any) -> tuple[str | None, list[dict[str, str]]]:
         """A generated reply split into its text and its tool calls, for Mistral formats that have a
         [TOOL_CALLS] control token: `(content or None, [{"id", "name", "arguments"}, ...])`, with
