@@ -91,7 +91,7 @@ def tp_worker(folder: str, args: argparse.Namespace) -> None:
     from mistral_lm import parallel
 
     torch.set_num_threads(1)
-    model = parallel.from_pretrained(folder, torch_dtype=args.dtype)
+    model = parallel.from_pretrained(folder, torch_dtype=args.dtype, vocab_parallel=args.vocab_parallel)
     result = measure(model, args.prompt, args.new_tokens, args.runs)
     row = torch.zeros(1, 1, model.config.hidden_size, dtype=model.dtype)
     for _ in range(20):
@@ -101,7 +101,9 @@ def tp_worker(folder: str, args: argparse.Namespace) -> None:
         dist.all_reduce(row)
     result["one_all_reduce_us"] = (time.perf_counter() - start) / 200 * 1e6
     if dist.get_rank() == 0:
-        print("RESULT " + json.dumps({"run": f"TP={dist.get_world_size()} (gloo), 1 thread per rank", **result}))
+        head = "vocab-parallel" if args.vocab_parallel else "replicated"
+        print("RESULT " + json.dumps({"run": f"TP={dist.get_world_size()} (gloo, 1 thread/rank), {head} head",
+                                      **result}))
     dist.destroy_process_group()
 
 
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--worker", choices=["single1", "single2", "tp"])
     parser.add_argument("--folder")
+    parser.add_argument("--vocab-parallel", action="store_true", help="(worker) split embeddings and lm_head")
     args = parser.parse_args()
     if args.worker == "tp":
         return tp_worker(args.folder, args)
@@ -129,8 +132,9 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         commands = [[sys.executable, __file__, "--worker", "single1", "--folder", str(folder), *passed],
                     [sys.executable, __file__, "--worker", "single2", "--folder", str(folder), *passed],
-                    [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.tp}",
-                     __file__, "--worker", "tp", "--folder", str(folder), *passed]]
+                    *[[sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.tp}",
+                       __file__, "--worker", "tp", "--folder", str(folder), *passed, *vocab]
+                      for vocab in ([], ["--vocab-parallel"])]]
         rows = []
         for command in commands:  # one at a time: each gets the whole machine
             done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -140,15 +144,15 @@ def main() -> None:
             rows.append(json.loads(lines[0][len("RESULT "):]))
             print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["decode_ms_per_token"]
-    print(f"\n{'run':42s} {'decode ms/token':>16s} {'vs 1 thread':>12s} {'prefill ms':>11s}")
+    print(f"\n{'run':56s} {'decode ms/token':>16s} {'vs 1 thread':>12s} {'prefill ms':>11s}")
     for row in rows:
-        print(f"{row['run']:42s} {row['decode_ms_per_token']:16.1f} {base / row['decode_ms_per_token']:11.2f}x "
+        print(f"{row['run']:56s} {row['decode_ms_per_token']:16.1f} {base / row['decode_ms_per_token']:11.2f}x "
               f"{row['prefill_ms']:11.1f}")
-    tp = rows[-1]
-    print(f"\nTP: {tp['all_reduces_per_token']:.0f} all-reduces per decode token, "
-          f"{tp['all_reduce_bytes_per_token'] / 1024:.1f} KiB summed per rank per token; "
-          f"one {SMALL['hidden_size'] if args.quick else BIG['hidden_size']}-float all-reduce alone: "
-          f"{tp['one_all_reduce_us']:.0f} us")
+    hidden = SMALL["hidden_size"] if args.quick else BIG["hidden_size"]
+    for tp in rows[2:]:
+        print(f"{tp['run']}: {tp['all_reduces_per_token']:.0f} collectives per decode token, "
+              f"{tp['all_reduce_bytes_per_token'] / 1024:.1f} KiB contributed per rank per token; "
+              f"one {hidden}-float all-reduce alone: {tp['one_all_reduce_us']:.0f} us")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -320,6 +322,37 @@ def test_sharded_forward_with_autograd_is_refused() -> None:
     shard_model(model, plan_tensor_parallel(model.config, 2, 0))
     with pytest.raises(ConfigError, match="inference only"):
         model(torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
+def test_gguf_blocks_shard_without_requantizing(kind) -> None:
+    """GGUFLinear over each rank's rows (column-parallel) concatenates to the full output; over
+    each rank's block-aligned columns (row-parallel) it sums to it. 2 ranks, 512 columns."""
+    gguf = pytest.importorskip("gguf")
+    from mistral_lm.errors import ConfigError
+    from mistral_lm.parallel import Split, shard_gguf_blocks
+    from mistral_lm.quantization import GGUFLinear
+
+    kind_enum = gguf.GGMLQuantizationType[kind]
+    block, size = gguf.GGML_QUANT_SIZES[kind_enum]  # random valid blocks: codes, small float16 d (and min)
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (128, 512 // block, size), dtype=np.uint8)
+    scales = (rng.standard_normal((128, 512 // block, 2)) * 0.01).astype(np.float16)
+    data[..., 0:4] = scales.view(np.uint8).reshape(128, -1, 4)
+    tensor = SimpleNamespace(ggml_type=kind_enum, shape=(128, 512), data=data.reshape(128, -1))
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
+
+    def run(part, inputs):  # noqa: ANN001
+        return GGUFLinear.from_quantized(part, compute_dtype=torch.float32)(inputs)
+
+    full = run(tensor, x)
+    rows = torch.cat([run(shard_gguf_blocks(tensor, Split(0, r * 64, r * 64 + 64)), x) for r in range(2)], -1)
+    torch.testing.assert_close(rows, full, rtol=0, atol=0)
+    summed = sum(run(shard_gguf_blocks(tensor, Split(1, r * 256, r * 256 + 256)), x[:, r * 256: r * 256 + 256])
+                 for r in range(2))
+    torch.testing.assert_close(summed, full, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ConfigError, match="blocks"):
+        shard_gguf_blocks(tensor, Split(1, 0, 160 if kind == "Q4_K" else 48))
 
 
 def test_shard_model_in_memory_matches_the_plan() -> None:

@@ -17,10 +17,10 @@ from .loader import from_pretrained, read_shard
 from .plan import Split, TensorParallelPlan, plan_tensor_parallel
 from .process import (DEFAULT_TIMEOUT_S, DistributedContext, DistributedError, check_same_everywhere,
                       checkpoint_fingerprint, init_distributed)
-from .quantize import quantize_sharded
+from .quantize import quantize_sharded, shard_gguf_blocks
 
 __all__ = [
     "DEFAULT_TIMEOUT_S", "CollectiveStats", "DistributedContext", "DistributedError", "Split", "TensorParallel",
     "TensorParallelPlan", "check_same_everywhere", "checkpoint_fingerprint", "from_pretrained", "init_distributed",
-    "plan_tensor_parallel", "quantize_sharded", "read_shard", "shard_model",
+    "plan_tensor_parallel", "quantize_sharded", "read_shard", "shard_gguf_blocks", "shard_model",
 ]

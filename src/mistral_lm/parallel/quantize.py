@@ -12,8 +12,12 @@ Which formats give every rank exactly the codes of the single-process quantized 
 The dequantized weights are then identical; outputs differ from the single process only by the
 order of the final sum (the all-reduce).
 
-GGUF blocks (Q4_0/Q8_0: 32 columns, K-quants: 256) are row-sliceable the same way (whole rows, or
-column slices at block multiples), but loading GGUF per rank is not implemented yet.
+GGUF blocks (llama.cpp's Q4_0, Q4_1, Q8_0: 32 columns per block; Q4_K: 256) are stored row by
+row, so `shard_gguf_blocks` slices them as they are: whole rows for column-parallel layers, and
+for row-parallel layers whole blocks of each row (a rank's columns must start and end on a block
+boundary: Mistral-7B's 4096/N and 14336/N do for N = 2, 4, 8 even with 256-column K-quant
+blocks). The blocks are not re-quantized, so GGUFLinear over a slice computes exactly the
+slice's share. A loader reading a rank's blocks straight from the .gguf is not written yet.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from types import SimpleNamespace
+from typing import Any
+
 from ..errors import ConfigError
 from ..quantization import BitsAndBytesConfig, quantize_model
 from ..quantization.functional import quantize_int8
 from ..quantization.modules import Int8Linear
-from .plan import ROW_PARALLEL_MODULES
+from .plan import ROW_PARALLEL_MODULES, Split
 
 
 def quantize_sharded(model: nn.Module, config: BitsAndBytesConfig) -> nn.Module:
@@ -67,3 +74,25 @@ def _int8_global_scale(linear: nn.Linear, compute_dtype: torch.dtype) -> Int8Lin
     module = Int8Linear(linear.in_features, linear.out_features, False, compute_dtype, weight.device)
     module.load_state_dict({"weight": codes[:, :-1], "weight_scale": scale})
     return module
+
+
+def shard_gguf_blocks(tensor: Any, split: Split) -> SimpleNamespace:
+    """This rank's part of a GGUF quantized tensor (`ggml_type`, `shape` (out, in), `data`: one
+    row of blocks per output row, as `gguf` reads them), still as blocks, for
+    `GGUFLinear.from_quantized`. Column slices must cover whole blocks (ConfigError otherwise)."""
+    import gguf
+
+    rows, columns = (int(v) for v in tensor.shape)
+    data = tensor.data
+    if split.dim is None:
+        return SimpleNamespace(ggml_type=tensor.ggml_type, shape=(rows, columns), data=data)
+    if split.dim == 0:
+        return SimpleNamespace(ggml_type=tensor.ggml_type, shape=(split.stop - split.start, columns),
+                               data=data[split.start:split.stop])
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(tensor.ggml_type))]
+    if split.start % block or split.stop % block:
+        raise ConfigError(f"columns {split.start}-{split.stop} of a {gguf.GGMLQuantizationType(int(tensor.ggml_type)).name} "
+                          f"tensor split its {block}-column blocks; choose a tp_size whose column share is a "
+                          f"multiple of {block}")
+    return SimpleNamespace(ggml_type=tensor.ggml_type, shape=(rows, split.stop - split.start),
+                           data=data[:, split.start // block * type_size: split.stop // block * type_size])
