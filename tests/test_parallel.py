@@ -1,9 +1,10 @@
 """Tensor parallel over 2 gloo processes (1 thread each) against the single-process model.
 
-The ranks are this file run as a script (`python tests/test_parallel.py worker ...`) with
-torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on loopback), so
-`parallel.init_distributed` is exercised as torchrun would drive it. One launch computes every
-parity case and the tests read its results; the fault tests launch their own pairs.
+The ranks are this file run as a script (`python tests/test_parallel.py <mode> <spec>`). The
+parity launch starts them through two torchrun "nodes" meeting at a c10d rendezvous on loopback
+(multi-node as two machines would run it) and computes every case once; the tests read its
+results. The fault tests start their pairs with torchrun's variables set directly, without
+torchrun's agent, which would otherwise kill the surviving rank for us.
 
 The oracle is the in-memory float32 model that wrote each safetensors folder, run in this
 process: the ranks only ever see the files, read slice by slice.
@@ -63,18 +64,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(mode: str, spec: dict, timeout: float = 120.0, linger: float | None = None) -> list[dict]:
+def _launch(mode: str, spec: dict, timeout: float = 120.0, linger: float | None = None,
+            nodes: bool = False) -> list[dict]:
     """Run 2 ranks of this file as `mode`; per rank: returncode (None: killed at `timeout`, or
-    `linger` seconds after rank 0 exited), output, seconds until exit."""
+    `linger` seconds after rank 0 exited), output, seconds until exit.
+
+    Ranks get torchrun's variables directly, or, with `nodes=True`, are started by two torchrun
+    "nodes" (1 process each) meeting through the c10d rendezvous on loopback, as two machines
+    would; the rendezvous then decides which one is rank 0."""
     port = _free_port()
     procs = []
     start = time.monotonic()
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     for rank in range(WORLD):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
-               "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-        procs.append(subprocess.Popen([sys.executable, __file__, mode, json.dumps(spec)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        if nodes:
+            env = base
+            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(WORLD), "--nproc-per-node", "1",
+                       "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"tp{port}",
+                       __file__, mode, json.dumps(spec)]
+        else:
+            env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
+                   "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            command = [sys.executable, __file__, mode, json.dumps(spec)]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = [{} for _ in procs]
     for rank, proc in enumerate(procs):
         left = timeout - (time.monotonic() - start)
@@ -201,7 +213,7 @@ def parity(tmp_path_factory) -> dict:
     indivisible = root / "indivisible"
     _write_folder(indivisible, dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3))
     runs = _launch("parity", {"folders": folders, "out": str(root), "mismatch": mismatch,
-                              "indivisible": str(indivisible)}, timeout=240)
+                              "indivisible": str(indivisible)}, timeout=240, nodes=True)
     for run in runs:
         assert run["returncode"] == 0, run["output"][-3000:]
     ranks = [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]

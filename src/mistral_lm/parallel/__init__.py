@@ -5,9 +5,15 @@ environment with bounded timeouts (process.py).
     torchrun --nproc-per-node 2 script.py
         model = parallel.from_pretrained("path/to/hf-folder")      # this rank's shard
         out = generate(model, ids, max_new_tokens=32)              # every rank runs the same call
+        torch.distributed.destroy_process_group()                  # a clean exit
+
+    two machines, one process each (tests/test_parallel.py runs this on loopback):
+    torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT \
+             --rdzv-id JOB script.py                                # on each machine
 
 Every rank must run the same forward calls with the same inputs (the all-reduces pair up in
-order); rank 0's result is every rank's result.
+order); the sums are identical on every rank, so the ranks' logits agree bit for bit and greedy
+or equally seeded sampling picks the same tokens everywhere; rank 0's result is every rank's.
 """
 
 from __future__ import annotations
