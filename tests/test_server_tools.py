@@ -13,7 +13,13 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as Referen
 pytest.importorskip("fastapi")
 
 from mistral_lm.server.protocol import ProtocolError  # noqa: E402
-from mistral_lm.server.tools import mistral_call_id, mistral_messages, parse_tools, reply_message  # noqa: E402
+from mistral_lm.server.tools import (  # noqa: E402
+    mistral_call_id,
+    mistral_messages,
+    parse_tools,
+    reply_message,
+    tool_call_constraint,
+)
 from mistral_lm.tokenizer import MistralTokenizer  # noqa: E402
 
 DATA = Path(str(importlib.resources.files("mistral_common") / "data"))
@@ -69,14 +75,18 @@ def test_reply_message_from_generated_ids(v3):
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools[0].function.parameters"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
-    ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "parallel_tool_calls": False, "tool_choice": "auto"}, "parallel_tool_calls"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}],
+      "tool_choice": "required"}, "tools[0].function.parameters"),
     ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
     ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ({"tools": [WEATHER], "parallel_tool_calls": False}, "parallel_tool_calls"),
 ])
 def test_bad_tool_fields_name_the_field(v3, body, param):
     with pytest.raises(ProtocolError) as info:
-        parse_tools(body, v3)
+        request = parse_tools(body, v3)
+        if request is not None:
+            tool_call_constraint(v3, request)
     assert info.value.param == param
 
 
@@ -193,7 +203,8 @@ def test_tool_requests_the_server_refuses(tool_server, scripted):
     scripted.append([])
     client = _client(tool_server)
     messages = [{"role": "user", "content": "q"}]
-    for kwargs, param in [({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
+    for kwargs, param in [({"tools": [WEATHER], "tool_choice": "required",
+                            "response_format": {"type": "json_object"}}, "response_format"),
                           ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
                           ({"messages": messages + [{"role": "tool", "tool_call_id": "x", "content": "1"}]},
                            "messages")]:
@@ -229,3 +240,36 @@ def test_a_request_whose_picking_fails_ends_alone(v3, tool_server, monkeypatch):
             client.chat.completions.create(model="tiny-v3", messages=messages, max_tokens=4, seed=seed)
     answer = client.chat.completions.create(model="tiny-v3", messages=messages, max_tokens=4, seed=1)
     assert answer.usage.completion_tokens == 4
+
+
+BOUNDED = {"type": "function", "function": {"name": "set_mode", "parameters": {
+    "type": "object", "properties": {"mode": {"enum": ["eco", "fast"]}, "level": {"type": "integer", "minimum": 0,
+                                                                                 "maximum": 9}},
+    "required": ["mode", "level"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize(("choice", "parallel"), [("required", None), ({"type": "function",
+                                                                        "function": {"name": "set_mode"}}, False)])
+def test_required_and_named_choices_are_enforced(tool_server, choice, parallel):
+    """No script: the random model writes what the grammar allows, and that is always a call of the
+    allowed tools with arguments valid for their schema (jsonschema checks), one when not parallel."""
+    jsonschema = pytest.importorskip("jsonschema")
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+    completed = 0
+    for seed in range(3):
+        answer = _client(tool_server).chat.completions.create(
+            model="tiny-v3", messages=[{"role": "user", "content": "go"}], tools=[WEATHER, BOUNDED],
+            tool_choice=choice, max_tokens=200, temperature=1.0, seed=seed, **extra)
+        message = answer.choices[0].message
+        if answer.choices[0].finish_reason == "length":  # get_weather's city is an unbounded string
+            continue
+        assert answer.choices[0].finish_reason == "tool_calls" and message.tool_calls, answer
+        completed += 1
+        if parallel is False:
+            assert len(message.tool_calls) == 1
+        for call in message.tool_calls:
+            tool = {t["function"]["name"]: t for t in (WEATHER, BOUNDED)}[call.function.name]
+            if isinstance(choice, dict):
+                assert call.function.name == "set_mode"
+            jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    assert completed or not isinstance(choice, dict)  # set_mode's arguments are bounded: it always ends

@@ -39,7 +39,7 @@ try:
 except ImportError:  # pragma: no cover - a core dependency; kept readable for broken installs
     llguidance = None
 
-__all__ = ["Constraint", "ResponseFormatError", "constrained", "json_object", "json_schema",
+__all__ = ["Constraint", "ResponseFormatError", "constrained", "json_object", "json_schema", "lark",
            "response_format_constraint"]
 
 LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -197,8 +197,9 @@ def _compiled_for(tokenizer: Any) -> _Compiled:
     return entry
 
 
-def _constraint(tokenizer: Any, schema: Mapping[str, Any], name: str, param: str) -> Constraint:
-    key = json.dumps(schema, sort_keys=True)
+def _constraint(tokenizer: Any, schema: Mapping[str, Any] | str, name: str, param: str) -> Constraint:
+    """A fresh state of `schema` (a JSON schema, or Lark source for `lark`) from the compile cache."""
+    key = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
     with _LOCK:
         entry = _compiled_for(tokenizer)
         template = entry.grammars.get(key)
@@ -212,9 +213,12 @@ def _constraint(tokenizer: Any, schema: Mapping[str, Any], name: str, param: str
     return Constraint(matcher, entry.eos, entry.vocab, name)
 
 
-def _compile(entry: _Compiled, schema: Mapping[str, Any], param: str) -> Any:
+def _compile(entry: _Compiled, schema: Mapping[str, Any] | str, param: str) -> Any:
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(dict(schema), defaults=LAYOUT)
+        if isinstance(schema, str):
+            grammar = llguidance.LLMatcher.grammar_from_lark(schema)
+        else:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(dict(schema), defaults=LAYOUT)
     except ValueError as err:
         raise ResponseFormatError(f"not a usable JSON schema ({err})", param) from None
     matcher = llguidance.LLMatcher(entry.lltok, grammar, log_level=0)
@@ -247,6 +251,14 @@ def json_schema(tokenizer: Any, schema: Mapping[str, Any], *, strict: bool = Fal
     if strict:
         _check_strict(schema, param)
     return constraint
+
+
+def lark(tokenizer: Any, source: str, *, name: str = "grammar", param: str = "grammar") -> Constraint:
+    """A constraint from llguidance Lark source (`%json {schema}` embeds a JSON schema; `<[id]>` is a
+    control token by id), e.g. a tool call in a model's own format. Raises ResponseFormatError
+    naming `param` when the grammar does not compile. Embedded schemas are not keyword-checked
+    here: check them with `json_schema` first."""
+    return _constraint(tokenizer, source, name, param)
 
 
 def _subschemas(schema: Mapping[str, Any], path: str) -> list[tuple[Any, str]]:

@@ -44,7 +44,8 @@ from ..generation import Decoder, GenerationConfig
 from ..tokenizer import StreamingDetokenizer
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .protocol import CompletionRequest, ProtocolError, TokenizeRequest, TokenLogprob, token_text
-from .tools import ToolRequest, mistral_messages, parse_tools, reply_message, supports_tools
+from .tools import (ToolRequest, mistral_messages, parse_tools, reply_message, supports_tools,
+                    tool_call_constraint)
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,11 @@ class Engine:
             constraint = grammar.response_format_constraint(self.tokenizer, request.response_format)
         except grammar.ResponseFormatError as exc:
             raise ProtocolError(str(exc), exc.param) from exc
+        calls = tool_call_constraint(self.tokenizer, tools) if tools is not None else None
+        if calls is not None and constraint is not None:
+            raise ProtocolError("tool_choice \"required\" or a named function and a JSON response_format both "
+                                "decide the reply's form; send one of them", "response_format")
+        constraint = constraint or calls
         prompts = self._encode(request, tools)
         if request.n > self.max_batch_size:
             raise ProtocolError(f"n={request.n} exceeds the server's batch of {self.max_batch_size} rows", "n")

@@ -8,24 +8,29 @@ Three pure steps around the engine:
   stay paired; the ids this server returns are already in that form and pass unchanged);
 - `reply_message` splits a generated reply into `content` and `tool_calls`.
 
-Only what the model's format can express is accepted: a template without tool calls (e.g. the
-embedded SmolLM2) gets a 400 rather than tools the model never sees; `tool_choice` "required" or a
-named function and `parallel_tool_calls: false` would need the output constrained, and are refused
-until then rather than hoped for.
+`tool_choice` "required" or a named function is enforced with a grammar of the format's own
+tool-call syntax (`tool_call_constraint`: [TOOL_CALLS] then a JSON list of calls whose arguments
+follow each tool's `parameters` schema), as is `parallel_tool_calls: false` with them (one call).
+Only what can be enforced is accepted: a template without tool calls (e.g. the embedded SmolLM2)
+gets a 400 rather than tools the model never sees, and `parallel_tool_calls: false` with
+`tool_choice` "auto" (free text or calls) is refused rather than hoped for.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import string
 from dataclasses import dataclass
 from typing import Any
 
+from .. import grammar
 from ..errors import ToolCallError
 from .protocol import ProtocolError
 
-__all__ = ["ToolRequest", "mistral_messages", "parse_tools", "reply_message", "supports_tools"]
+__all__ = ["ToolRequest", "mistral_messages", "parse_tools", "reply_message", "supports_tools",
+           "tool_call_constraint"]
 
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _MISTRAL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
@@ -34,10 +39,13 @@ _ALPHABET = string.ascii_letters + string.digits
 
 @dataclass(frozen=True)
 class ToolRequest:
-    """The tools a chat request offers and how the model may use them ("auto" only, for now)."""
+    """The tools a chat request offers and how the model may use them: `choice` "auto" (text or
+    calls), "required" (at least one call) or a tool's name (a call of that tool); `parallel`
+    False allows one call only."""
 
     tools: tuple[dict[str, Any], ...]
     choice: str = "auto"
+    parallel: bool = True
 
 
 def supports_tools(tokenizer: Any) -> bool:
@@ -87,23 +95,51 @@ def parse_tools(body: dict[str, Any], tokenizer: Any) -> ToolRequest | None:
         if choice.get("type") != "function" or named not in names:
             raise ProtocolError(f"tool_choice must name one of the declared tools {names}, got {choice!r}",
                                 "tool_choice")
-        raise ProtocolError("tool_choice naming a function needs constrained decoding, which this server does not "
-                            "do for tool calls yet; use \"auto\"", "tool_choice")
-    if choice == "required":
-        raise ProtocolError("tool_choice \"required\" needs constrained decoding, which this server does not do "
-                            "for tool calls yet; use \"auto\"", "tool_choice")
-    if choice not in (None, "auto", "none"):
+        choice = named
+    elif choice not in (None, "auto", "none", "required"):
         raise ProtocolError(f"tool_choice must be \"none\", \"auto\", \"required\" or {{type: function, function: "
                             f"{{name}}}}, got {choice!r}", "tool_choice")
-    if parallel is False:
-        raise ProtocolError("parallel_tool_calls: false cannot be enforced by this server yet (the model may "
-                            "call several tools); leave it unset", "parallel_tool_calls")
+    if parallel is False and choice in (None, "auto"):
+        raise ProtocolError("parallel_tool_calls: false is enforced only with tool_choice \"required\" or a named "
+                            "function (with \"auto\" the model may call several tools); leave it unset",
+                            "parallel_tool_calls")
     if choice == "none":
         return None
     if not supports_tools(tokenizer):
         raise ProtocolError("this model's chat format has no tool calls (tools need a Mistral v2+ tokenizer "
                             "file: tokenizer.model.v3, tekken.json, ...)", "tools")
-    return ToolRequest(tuple(out))
+    return ToolRequest(tuple(out), choice or "auto", parallel is not False)
+
+
+def tool_call_constraint(tokenizer: Any, request: ToolRequest) -> grammar.Constraint | None:
+    """The grammar `tool_choice` "required" or a named function asks for, in the format's syntax:
+    [TOOL_CALLS], then `[{"name": ..., "arguments": <that tool's parameters>(, "id": 9 alnum)}, ...]`
+    (one call when `parallel` is False); None for "auto". Raises ProtocolError naming a tool whose
+    `parameters` schema cannot be enforced."""
+    if request.choice == "auto":
+        return None
+    rules, alternatives = [], []
+    with_id = tokenizer._chat_version != "v2"  # v3+ calls carry ids; the model may write one
+    for k, tool in enumerate(request.tools):
+        function = tool["function"]
+        if request.choice not in ("required", function["name"]):
+            continue
+        where = f"tools[{k}].function.parameters"
+        try:  # refuses keywords llguidance cannot enforce, naming the tool
+            grammar.json_schema(tokenizer, function["parameters"], name=function["name"], param=where)
+        except grammar.ResponseFormatError as exc:
+            raise ProtocolError(str(exc), exc.param) from exc
+        head = json.dumps(f'{{"name": "{function["name"]}", "arguments": ')
+        tail = ' (", \\"id\\": \\"" ID "\\"")?' if with_id else ""
+        rules.append(f'call_{k}: {head} args_{k}{tail} "}}"\nargs_{k}: %json {json.dumps(function["parameters"])}')
+        alternatives.append(f"call_{k}")
+    calls = "call" if not request.parallel else 'call (", " call)*'
+    source = "\n".join([f'start: <[{tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")}]> " "? "[" {calls} "]"',
+                        f"call: {' | '.join(alternatives)}", *rules, "ID: /[a-zA-Z0-9]{9}/"])
+    try:
+        return grammar.lark(tokenizer, source, name="tool_call", param="tools")
+    except grammar.ResponseFormatError as exc:
+        raise ProtocolError(str(exc), "tools") from exc
 
 
 def mistral_call_id(client_id: Any) -> str:
