@@ -301,6 +301,16 @@ def test_plan_refuses_heads_that_do_not_divide() -> None:
         plan_tensor_parallel(tiny_config(intermediate_size=130), 4, 0)
 
 
+def test_init_without_torchrun_environment_names_the_variables(monkeypatch) -> None:
+    from mistral_lm.errors import ConfigError
+    from mistral_lm.parallel import init_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=r"torchrun --nproc-per-node N.*RANK"):
+        init_distributed()
+
+
 def test_plan_slices_tile_every_weight() -> None:
     """Column-parallel slices of all ranks cover each weight once, in order (kv heads: once per
     replica), and rank r's query heads read exactly its kv heads (h // group)."""

@@ -39,7 +39,8 @@ from .process import all_gather_last, all_reduce_
 
 @dataclass
 class CollectiveStats:
-    """All-reduces run by this rank and the bytes they summed (each rank's tensor size)."""
+    """Collectives run by this rank (all-reduces; all-gathers of logits with vocab_parallel) and
+    the bytes it contributed to them."""
 
     calls: int = 0
     bytes: int = 0

@@ -41,8 +41,6 @@ from .plan import TensorParallelPlan, plan_tensor_parallel
 from .process import DEFAULT_TIMEOUT_S, check_same_everywhere, checkpoint_fingerprint, init_distributed
 from .quantize import quantize_sharded
 
-_FLOAT_CODES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
 
 def from_pretrained(
     path: str | os.PathLike,
@@ -64,8 +62,8 @@ def from_pretrained(
     file's. `quantization_config`: weights are quantized after sharding, each rank its own
     slices (parallel/quantize.py says which formats equal the single-process codes).
     `vocab_parallel`: split embed_tokens and lm_head by vocabulary rows (plan.py) instead of
-    replicating them. `timeout_s` bounds every collective (process.py). The model's `config` is the rank's
-    (divided head counts); `model.tensor_parallel.full_config` is the checkpoint's.
+    replicating them. `timeout_s` bounds every collective (process.py). The model's `config`
+    is the rank's (divided head counts); `model.tensor_parallel.full_config` is the checkpoint's.
     """
     if tp_plan != "auto":
         raise ConfigError(f"tp_plan must be 'auto', got {tp_plan!r}")
@@ -82,7 +80,7 @@ def from_pretrained(
                "world_size": context.world_size, "vocab_parallel": vocab_parallel}
     check_same_everywhere(checkpoint_fingerprint(folder, files, options), str(folder), "the checkpoint")
     config = MistralConfig.from_pretrained(folder)
-    plan = plan_tensor_parallel(config, context.world_size, context.rank, vocab_parallel)  # refused before a tensor is read
+    plan = plan_tensor_parallel(config, context.world_size, context.rank, vocab_parallel)  # before any tensor
     dtype = None if torch_dtype == "auto" else resolve_dtype(torch_dtype) if torch_dtype is not None else torch.float32
 
     model = build_on_meta(cls, config)

@@ -139,6 +139,7 @@ def check_same_everywhere(fingerprint: str, label: str, what: str) -> None:
         groups: dict[tuple[str, str], list[int]] = {}
         for rank, seen in enumerate(gathered):
             groups.setdefault(tuple(seen), []).append(rank)
-        detail = "; ".join(f"ranks {ranks} load {label} (fingerprint {seen})" for (seen, label), ranks in groups.items())
+        detail = "; ".join(f"ranks {ranks} load {label} (fingerprint {seen})"
+                           for (seen, label), ranks in groups.items())
         raise CheckpointError(f"{what} differs across ranks: {detail}. Every rank must load the same "
                               "checkpoint (config.json, weight files) with the same options")

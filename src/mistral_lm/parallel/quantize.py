@@ -89,9 +89,10 @@ def shard_gguf_blocks(tensor: Any, split: Split) -> SimpleNamespace:
     if split.dim == 0:
         return SimpleNamespace(ggml_type=tensor.ggml_type, shape=(split.stop - split.start, columns),
                                data=data[split.start:split.stop])
-    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(tensor.ggml_type))]
+    kind = gguf.GGMLQuantizationType(int(tensor.ggml_type))
+    block, type_size = gguf.GGML_QUANT_SIZES[kind]
     if split.start % block or split.stop % block:
-        raise ConfigError(f"columns {split.start}-{split.stop} of a {gguf.GGMLQuantizationType(int(tensor.ggml_type)).name} "
+        raise ConfigError(f"columns {split.start}-{split.stop} of a {kind.name} "
                           f"tensor split its {block}-column blocks; choose a tp_size whose column share is a "
                           f"multiple of {block}")
     return SimpleNamespace(ggml_type=tensor.ggml_type, shape=(rows, split.stop - split.start),
