@@ -213,7 +213,7 @@ class MistralModel(MistralPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(MistralDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.gradient_checkpointing: dict[str, Any] | None = None  # checkpoint() kwargs when enabled
+        self.gradient_checkpointing: dict[str, Any] | None = None  # set by activation_checkpointing_enable
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -289,12 +289,13 @@ class MistralModel(MistralPreTrainedModel):
                       attentions: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Every layer, then the final norm, collecting per-layer outputs into the lists given.
         A driver may compile it for single-token steps (generation.py)."""
-        checkpointing = cache is None and self._checkpointing()
-        for layer in self.layers:
+        every = self.gradient_checkpointing["every_n_layers"] if cache is None and self._checkpointing() else 0
+        for i, layer in enumerate(self.layers):
             if hidden is not None:
                 hidden.append(h)
-            if checkpointing:
-                h, weights = torch.utils.checkpoint.checkpoint(layer, h, step, cache, **self.gradient_checkpointing)
+            if every and i % every == 0:
+                h, weights = torch.utils.checkpoint.checkpoint(layer, h, step, cache,
+                                                               **self.gradient_checkpointing["kwargs"])
             else:
                 h, weights = layer(h, step, cache)
             if attentions is not None:

@@ -134,26 +134,56 @@ class MistralPreTrainedModel(nn.Module):
         self.__dict__["_generation_config"] = value
 
     @property
+    def base_model(self) -> nn.Module:
+        """The decoder under a head (`base_model_prefix`), or the model itself."""
+        return getattr(self, self.base_model_prefix, self)
+
+    def add_model_tags(self, tags: str | list[str]) -> None:
+        """Tags a trainer attaches for a model card (trl does); kept in `model_tags`."""
+        known = self.__dict__.setdefault("model_tags", [])
+        known.extend(t for t in ([tags] if isinstance(tags, str) else tags) if t not in known)
+
+    @property
     def name_or_path(self) -> str:
         return str(self.config.extra.get("_name_or_path", ""))
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        """Recompute each decoder layer's activations in the backward pass instead of storing them
-        (torch.utils.checkpoint; `use_reentrant=False` unless the kwargs say otherwise). Applies in
-        training mode with autograd on; a KV cache is not kept meanwhile."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute decoder layers' activations in the backward pass instead of storing them
+        (torch.utils.checkpoint with these kwargs; `use_reentrant=False` unless given), every
+        `every_n_layers`-th layer from the first. Applies in training mode with autograd on; no KV
+        cache is kept meanwhile. `offload` (activations in host memory) is what a CPU model does
+        anyway; on an accelerator it is refused rather than ignored."""
+        if not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ConfigError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+        if offload and self.device.type != "cpu":
+            raise ConfigError("offload=True (saved activations in host memory) is not implemented on "
+                              f"{self.device.type}; pass offload=False")
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         for module in self.modules():
             if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = kwargs
+                module.gradient_checkpointing = {"kwargs": kwargs, "every_n_layers": every_n_layers}
 
-    def gradient_checkpointing_disable(self) -> None:
+    def activation_checkpointing_disable(self) -> None:
         for module in self.modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = None
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
+    def is_activation_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", None) for m in self.modules())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        """Transformers' older name of `activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.is_activation_checkpointing
 
     def enable_input_require_grads(self) -> None:
         """Make the embeddings' output require grad, so reentrant checkpointing of a model whose
