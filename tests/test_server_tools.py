@@ -90,15 +90,29 @@ def test_bad_tool_fields_name_the_field(v3, body, param):
     assert info.value.param == param
 
 
-def test_tools_need_a_format_with_tool_calls():
+def test_formats_without_tool_calls_get_the_json_reply_format():
+    """v1 (and templates like SmolLM2's) have no tool tokens: tools go into the system prompt and
+    the history renders as plain turns the v1 template accepts (alternating user/assistant)."""
+    from mistral_lm.server.tools import generic_messages
+
     v1 = MistralTokenizer.from_pretrained(DATA / "tokenizer.model.v1")
-    with pytest.raises(ProtocolError, match="no tool calls") as info:
-        parse_tools({"tools": [WEATHER]}, v1)
-    assert info.value.param == "tools"
-    assert parse_tools({"tools": [WEATHER], "tool_choice": "none"}, v1) is None  # nothing to render
+    request = parse_tools({"tools": [WEATHER]}, v1)
+    assert request.generic and request.choice == "auto"
+    assert parse_tools({"tools": [WEATHER], "tool_choice": "none"}, v1).choice == "none"
     assert parse_tools({"tools": []}, v1) is None
-    assert json.dumps(parse_tools({"tools": [WEATHER]},
-                                  MistralTokenizer.from_pretrained(DATA / "tekken_240911.json")).tools[0])
+    history = [{"role": "user", "content": "Paris and Rome?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"a": 1}'}},
+                   {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "20"},
+               {"role": "tool", "tool_call_id": "call_2", "content": "25"}]
+    rendered = generic_messages(history, request)
+    assert [m["role"] for m in rendered] == ["system", "user", "assistant", "user"]
+    assert json.loads(rendered[2]["content"]) == {"tool_calls": [{"name": "get_weather", "arguments": {"a": 1}},
+                                                                 {"name": "get_weather", "arguments": {}}]}
+    assert json.loads(rendered[3]["content"])["tool_results"][1] == {"tool_call_id": "call_2", "content": "25"}
+    assert "get_weather" in rendered[0]["content"]
+    assert v1.apply_chat_template(rendered, add_generation_prompt=True)
 
 
 # ----- end to end through the OpenAI client ----------------------------------------------------

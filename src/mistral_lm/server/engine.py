@@ -44,8 +44,8 @@ from ..generation import Decoder, GenerationConfig
 from ..tokenizer import StreamingDetokenizer
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .protocol import CompletionRequest, ProtocolError, TokenizeRequest, TokenLogprob, token_text
-from .tools import (ToolRequest, mistral_messages, parse_tools, reply_message, supports_tools,
-                    tool_call_constraint)
+from .tools import (ToolRequest, generic_messages, generic_reply, mistral_messages, parse_tools, reply_message,
+                    supports_tools, tool_call_constraint)
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +282,14 @@ class Engine:
                 ) -> list[tuple[list[int], str, str]]:
         """(token ids, the request field they came from, the text `echo` sends) of each prompt."""
         if request.messages is not None:
-            extra = {"tools": list(tools.tools)} if tools is not None else {}
+            messages = self._chat_messages(request.messages)
+            extra = {}
+            if tools is not None and tools.generic:  # the template has no tools: the JSON reply format
+                messages = generic_messages(messages, tools)
+            elif tools is not None and tools.choice != "none":  # "none": the model is not shown the tools
+                extra = {"tools": list(tools.tools)}
             try:
-                ids = self.tokenizer.apply_chat_template(self._chat_messages(request.messages),
-                                                         add_generation_prompt=True, **extra)
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
             except ValueError as exc:  # the template refused the conversation (e.g. roles out of order)
                 raise ProtocolError(f"messages cannot be rendered with the model's chat template: {exc}",
                                     "messages") from exc
@@ -584,7 +588,11 @@ class _Choice:
         self._logprobs: list[TokenLogprob] = list(prompt_logprobs or ())  # not yet sent
         # With tools, the text stops at the format's [TOOL_CALLS] token: what follows is parsed at the end.
         self._tokenizer = tokenizer
-        self._call_token = tokenizer.convert_tokens_to_ids("[TOOL_CALLS]") if submission.tools else None
+        tools = submission.tools
+        self._generic = tools is not None and tools.generic  # the reply is JSON, parsed at the end
+        self._held = ""  # the generic reply's text so far
+        self._call_token = (tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")
+                            if tools and not tools.generic and tools.choice != "none" else None)
         self._call_start: int | None = None  # index in self.tokens of the [TOOL_CALLS] token
         self._tool_calls: tuple[dict[str, Any], ...] | None = None
         self.constraint: grammar.Constraint | None = None  # response_format's grammar state (set on admission)
@@ -612,6 +620,11 @@ class _Choice:
                 piece += self._text.finish()
         if calling and (eos or at_limit):
             piece += self._read_calls(eos)
+        if self._generic:  # nothing streams: {"response": ...} or {"tool_calls": [...]} is read whole
+            self._held, piece = self._held + piece, ""
+            if eos or at_limit:
+                content, calls = generic_reply(self._held)
+                piece, self._tool_calls = content or "", tuple(calls) if calls else None
         self._chars += len(piece)
         text, stopped = self._stops.feed(piece)
         if self._tool_calls:
