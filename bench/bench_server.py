@@ -1,11 +1,12 @@
-"""Server throughput at 1, 8 and 32 concurrent streaming clients, with and without logprobs, and
-the prefix cache's effect on a chat's second turn, same model, one run.
+"""Server throughput at 1, 8 and 32 concurrent streaming clients, plain, with logprobs and under a JSON
+schema, and the prefix cache's effect on a chat's second turn, same model, one run.
 
 The server runs in its own process (so the clients' JSON parsing does not share its GIL) on
 127.0.0.1; clients stream /v1/completions with temperature 0 and count the tokens that `usage`
 reports. Continuous batching should make the 32-client total several times the one-client rate:
 a decode step for 32 rows costs far less than 32 steps of one row. `logprobs: 5` adds a
-log-softmax and a top-5 per token and the per-token JSON.
+log-softmax and a top-5 per token and the per-token JSON; the schema phase streams chat answers
+under `response_format` json_schema, so each step also pays the grammar's mask (grammar.py).
 
 Turn-2 time to first token: a chat whose first user message makes a ~1,450-token prompt, its
 answer, then a short second question (a ~1,500-token history). Measured as the latency of
@@ -72,14 +73,28 @@ def wait_ready(url: str, server: subprocess.Popen, seconds: float = 300) -> None
     raise SystemExit("the server did not become ready")
 
 
-def stream_one(url: str, prompt: str, max_tokens: int, logprobs: int | None = None) -> int:
-    """Stream one completion; return its completion tokens (from the final usage chunk)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+# The schema phase: chat with a JSON schema (the grammar masks every step); the story string is
+# unbounded, so answers run to max_tokens like the others.
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
+    "type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"},
+                                     "story": {"type": "string"}},
+    "required": ["title", "year", "story"], "additionalProperties": False}}}
+
+
+def stream_one(url: str, prompt: str, max_tokens: int, logprobs: int | None = None, schema: bool = False) -> int:
+    """Stream one completion (a chat answer under SCHEMA with `schema`); return its completion
+    tokens (from the final usage chunk)."""
+    body: dict = {"max_tokens": max_tokens, "temperature": 0, "stream": True,
+                  "stream_options": {"include_usage": True}}
+    if schema:
+        body |= {"messages": [{"role": "user", "content": prompt}], "response_format": SCHEMA}
+    else:
+        body["prompt"] = prompt
     if logprobs is not None:
         body["logprobs"] = logprobs
     produced = None
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
+    path = "/v1/chat/completions" if schema else "/v1/completions"
+    with httpx.stream("POST", url + path, json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data: {"):
@@ -90,13 +105,15 @@ def stream_one(url: str, prompt: str, max_tokens: int, logprobs: int | None = No
     return produced
 
 
-def phase(url: str, clients: int, requests_each: int, max_tokens: int, logprobs: int | None = None
-          ) -> dict[str, float]:
-    """`clients` concurrent clients, each sending `requests_each` streams one after the other."""
+def phase(url: str, clients: int, requests_each: int, max_tokens: int, mode: str = "plain") -> dict[str, float]:
+    """`clients` concurrent clients, each sending `requests_each` streams one after the other;
+    `mode` "plain", "logprobs" (5 alternatives per token) or "schema" (SCHEMA's grammar)."""
     before = httpx.get(url + "/health").json()
+    logprobs = 5 if mode == "logprobs" else None
 
     def client(c: int) -> int:
-        return sum(stream_one(url, f"Story {c}.{r}: Once upon a time, in a city by the sea,", max_tokens, logprobs)
+        return sum(stream_one(url, f"Story {c}.{r}: Once upon a time, in a city by the sea,", max_tokens, logprobs,
+                              schema=mode == "schema")
                    for r in range(requests_each))
 
     start = time.perf_counter()
@@ -173,8 +190,9 @@ def main() -> None:
         try:
             wait_ready(url, server)
             stream_one(url, "Warm up.", 8)
-            results = [(clients, logprobs, phase(url, clients, args.requests, args.max_tokens, logprobs))
-                       for clients in args.clients for logprobs in (None, 5)]
+            stream_one(url, "Warm up.", 8, schema=True)  # the grammar engine's one-time setup per vocabulary
+            results = [(clients, mode, phase(url, clients, args.requests, args.max_tokens, mode))
+                       for clients in args.clients for mode in ("plain", "logprobs", "schema")]
             turns = turn_two(url, args.turns) if args.turns else None
         finally:
             server.terminate()
@@ -182,14 +200,16 @@ def main() -> None:
 
     label = "random 4-layer Mistral" if model == Path(tmp) else model.name
     print(f"model: {label}, max_tokens {args.max_tokens}, {args.requests} requests per client")
-    print(f"{'clients':>8} {'logprobs':>8} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'rows/forward':>13}")
-    for clients, logprobs, r in results:
-        print(f"{clients:>8} {logprobs or '-':>8} {r['tokens']:>8} {r['seconds']:>8.2f} {r['tok_s']:>9.1f} "
+    print(f"{'clients':>8} {'mode':>9} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'rows/forward':>13}")
+    for clients, mode, r in results:
+        print(f"{clients:>8} {mode:>9} {r['tokens']:>8} {r['seconds']:>8.2f} {r['tok_s']:>9.1f} "
               f"{r['rows_per_step']:>13.1f}")
-    base = {(c, lp): r["tok_s"] for c, lp, r in results}
+    base = {(c, m): r["tok_s"] for c, m, r in results}
     for clients in args.clients:
-        print(f"{clients} clients: {base[clients, None] / base[args.clients[0], None]:.2f}x the "
-              f"{args.clients[0]}-client rate; logprobs 5 costs {1 - base[clients, 5] / base[clients, None]:+.0%}")
+        print(f"{clients} clients: {base[clients, 'plain'] / base[args.clients[0], 'plain']:.2f}x the "
+              f"{args.clients[0]}-client rate; logprobs 5 costs "
+              f"{1 - base[clients, 'logprobs'] / base[clients, 'plain']:+.0%}, the JSON schema "
+              f"{1 - base[clients, 'schema'] / base[clients, 'plain']:+.0%}")
     if turns:
         print(f"turn-2 time to first token on a {turns['history']}-token history: turn 1 {turns['turn1']:.2f} s, "
               f"turn 2 {turns['turn2']:.2f} s ({turns['turn2'] / turns['turn1']:.2f}x turn 1), "
