@@ -19,11 +19,12 @@ or equally seeded sampling picks the same tokens everywhere; rank 0's result is 
 from __future__ import annotations
 
 from .apply import CollectiveStats, TensorParallel, shard_model
-from .loader import from_pretrained, read_shard
+from .loader import from_pretrained
 from .plan import Split, TensorParallelPlan, plan_tensor_parallel
 from .process import (DEFAULT_TIMEOUT_S, DistributedContext, DistributedError, check_same_everywhere,
                       checkpoint_fingerprint, init_distributed)
 from .quantize import quantize_sharded, shard_gguf_blocks
+from .reader import read_shard
 
 __all__ = [
     "DEFAULT_TIMEOUT_S", "CollectiveStats", "DistributedContext", "DistributedError", "Split", "TensorParallel",

@@ -1,6 +1,7 @@
 """Turn a model into rank r's shard of it, without touching modeling.py.
 
-`shard_model(model, plan)` does four things, each visible from outside the module:
+`shard_model(model, plan)` does four things, each visible from outside the module (modules
+are found by their Transformers names, so nothing here imports modeling.py):
 1. slices every column- and row-parallel Linear's weight to the rank's rows or columns (on the
    meta device this only changes shapes: the loader fills them from the file's slices);
 2. sets each MistralAttention's `num_heads` / `num_kv_heads` to the rank's counts;
@@ -31,7 +32,6 @@ from torch import nn
 
 from ..config import MistralConfig
 from ..errors import ConfigError
-from ..modeling import MistralAttention, MistralMLP
 from ..quantization.modules import QuantizedLinear
 from .plan import TensorParallelPlan
 from .process import all_gather_last, all_reduce_
@@ -135,13 +135,13 @@ def shard_model(model: nn.Module, plan: TensorParallelPlan) -> nn.Module:
             module.num_embeddings, module.padding_idx = weight.shape[0], None  # padding_idx only masks grads
         if getattr(module, "config", None) is full:
             module.config = local
-        if isinstance(module, MistralAttention):
+        if _is(name, "self_attn"):  # MistralAttention keeps its head counts as attributes
             module.num_heads, module.num_kv_heads = len(plan.q_heads), len(plan.kv_heads)
     record = TensorParallel(plan, full)
     if plan.world_size > 1:
         for name, module in model.named_modules():
-            if isinstance(module, (MistralAttention, MistralMLP)):
-                where = f"{name}.{'o_proj' if isinstance(module, MistralAttention) else 'down_proj'}"
+            if _is(name, "self_attn") or _is(name, "mlp"):
+                where = f"{name}.{'o_proj' if _is(name, 'self_attn') else 'down_proj'}"
                 record.handles.append(module.register_forward_hook(_AllReduceOutput(where, record.stats)))
             if plan.vocab_rows is not None and isinstance(module, nn.Embedding):
                 lookup = _VocabParallelLookup(name, plan.vocab_rows, record.stats)
@@ -153,6 +153,12 @@ def shard_model(model: nn.Module, plan: TensorParallelPlan) -> nn.Module:
         model.tie_weights()  # a tied head and embedding were sliced separately: one tensor again
     model.tensor_parallel = record
     return model
+
+
+def _is(name: str, attribute: str) -> bool:
+    """Modules are known by their Transformers names (model.layers.{i}.self_attn / .mlp), not by
+    class: this package imports nothing from modeling.py, so loading.py can import it."""
+    return name == attribute or name.endswith("." + attribute)
 
 
 def _slice_linear(module: nn.Linear, name: str, plan: TensorParallelPlan) -> None:

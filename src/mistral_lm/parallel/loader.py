@@ -1,32 +1,30 @@
 """Load rank r's shard of an HF safetensors folder, reading only its slices.
 
+The one module of this package that imports loading.py and modeling.py: the others must stay
+importable from loading.py, which is where this straight line belongs once `from_pretrained`
+takes `tp_plan` (then this file shrinks to nothing).
+
     from_pretrained(path, tp_plan="auto")         under torchrun --nproc-per-node N
       init_distributed                            process.py: torchrun's environment, timeouts
       check_same_everywhere(fingerprint)          every rank sees the same checkpoint and options
       plan_tensor_parallel(config, N, rank)       plan.py: refused before any tensor is read
       build_on_meta -> shard_model                the rank's modules, without memory
-      read_shard                                  safe_open(...).get_slice(...) of the rank's rows or
-                                                  columns; replicated tensors mmapped whole
+      read_shard                                  reader.py: get_slice of the rank's rows or columns
       load_state_dict(assign=True), tie           the rank's tensors become the parameters
       quantize (after sharding), place, fuse, matvec swap
-
-A rank never holds another rank's slices: a column-parallel slice is contiguous rows of the
-file, a row-parallel one is a strided read of the rank's columns into a fresh tensor.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..attention import check_implementation
-from ..checkpoints.hf_folder import model_key, skippable, weight_files
+from ..checkpoints.hf_folder import weight_files
 from ..checkpoints.mistral_format import is_mistral_folder
 from ..config import MistralConfig
 from ..dtypes import resolve_dtype
@@ -37,9 +35,10 @@ from ..matvec import install_matvec
 from ..modeling import MistralForCausalLM
 from ..quantization import BitsAndBytesConfig
 from .apply import shard_model
-from .plan import TensorParallelPlan, plan_tensor_parallel
+from .plan import plan_tensor_parallel
 from .process import DEFAULT_TIMEOUT_S, check_same_everywhere, checkpoint_fingerprint, init_distributed
 from .quantize import quantize_sharded
+from .reader import cast, read_shard
 
 
 def from_pretrained(
@@ -119,53 +118,6 @@ def _expected(model: nn.Module) -> dict[str, torch.Size]:
     return shapes
 
 
-def read_shard(files: list[Path], plan: TensorParallelPlan, full_shapes: dict[str, torch.Size],
-               dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """The rank's tensors under the model's names: slices read with `get_slice`, replicated
-    tensors mmapped whole, floats converted to `dtype` (None: as stored). A tensor whose full
-    shape differs from the model's is a CheckpointError naming it, before any slice is read."""
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        if file.suffix != ".safetensors":
-            raise CheckpointError(f"{file}: tensor-parallel loading reads slices of safetensors files; "
-                                  "save the checkpoint as safetensors first")
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
-                    key = _model_key(name, full_shapes, file)
-                    if key is not None:
-                        tensors[key] = _cast(_read(handle, name, key, plan, full_shapes[key], file), dtype)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{file} is not a valid safetensors file: {exc}") from exc
-    return tensors
-
-
-def _model_key(name: str, expected: Container[str], file: Path) -> str | None:
-    key = model_key(name, expected)
-    if key is None and not skippable(name, expected):
-        raise CheckpointError(f"unexpected tensor {name!r} in {file}: the model has no such parameter")
-    return key
-
-
-def _read(handle: Any, name: str, key: str, plan: TensorParallelPlan, shape: torch.Size, file: Path) -> torch.Tensor:
-    piece = handle.get_slice(name)
-    stored = tuple(piece.get_shape())
-    if stored != tuple(shape):
-        raise CheckpointError(f"tensor {name!r} in {file} has shape {stored}, the model expects {tuple(shape)}")
-    split = plan.split(key)
-    if split.dim is None:
-        return handle.get_tensor(name)
-    if split.dim == 0:
-        return piece[split.start:split.stop]
-    return piece[:, split.start:split.stop]
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    if dtype is None or not tensor.dtype.is_floating_point or tensor.dtype == dtype:
-        return tensor
-    return tensor.to(dtype)
-
-
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], shapes: dict[str, torch.Size], source: str) -> None:
     missing = [k for k in shapes if k not in tensors]
     if missing:
@@ -176,6 +128,6 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], shapes: dict[str
     floats = {t.dtype for t in tensors.values() if t.dtype.is_floating_point}
     if len(floats) > 1:  # "auto" over a file of mixed dtypes: the first float dtype wins, as loading.py does
         first = next(t.dtype for t in tensors.values() if t.dtype.is_floating_point)
-        tensors = {k: _cast(t, first) for k, t in tensors.items()}
+        tensors = {k: cast(t, first) for k, t in tensors.items()}
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()  # type: ignore[operator]
