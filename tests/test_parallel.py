@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,8 +34,8 @@ if __name__ != "__main__":
 
 WORLD = 2
 PROMPT = 11
-NEW_TOKENS = 64
-VARIANT_TOKENS = 16  # quantized and vocab-parallel runs: the window (8) is crossed all the same
+NEW_TOKENS = 64  # greedy tokens compared for the configurations with a window: 6-8 slots, crossed many times
+SHORT_TOKENS = 16  # without a window, and for the variants below (whose window, 8, is crossed anyway)
 # name -> config overrides of the tiny config: MHA, GQA and MQA-like, with and without a window
 CASES = {
     "mha": dict(num_key_value_heads=4, sliding_window=None),
@@ -57,6 +58,10 @@ VARIANTS = {
 }
 
 
+def _tokens(name: str) -> int:
+    return NEW_TOKENS if CASES.get(name, {}).get("sliding_window") else SHORT_TOKENS
+
+
 # ---------------------------------------------------------------------------------- launching
 def _free_port() -> int:
     with socket.socket() as s:
@@ -65,9 +70,10 @@ def _free_port() -> int:
 
 
 def _launch(mode: str, spec: dict, timeout: float = 120.0, linger: float | None = None,
-            nodes: bool = False) -> list[dict]:
+            nodes: bool = False, meanwhile: Callable[[], None] | None = None) -> list[dict]:
     """Run 2 ranks of this file as `mode`; per rank: returncode (None: killed at `timeout`, or
-    `linger` seconds after rank 0 exited), output, seconds until exit.
+    `linger` seconds after rank 0 exited), output, seconds until exit. `meanwhile` runs here
+    while the ranks start and work (they mostly wait on each other's collectives).
 
     Ranks get torchrun's variables directly, or, with `nodes=True`, are started by two torchrun
     "nodes" (1 process each) meeting through the c10d rendezvous on loopback, as two machines
@@ -87,6 +93,8 @@ def _launch(mode: str, spec: dict, timeout: float = 120.0, linger: float | None 
                    "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
             command = [sys.executable, __file__, mode, json.dumps(spec)]
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    if meanwhile is not None:
+        meanwhile()
     results = [{} for _ in procs]
     for rank, proc in enumerate(procs):
         left = timeout - (time.monotonic() - start)
@@ -126,9 +134,9 @@ def _inputs(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
-def _compute(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int = NEW_TOKENS) -> dict:
+def _compute(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> dict:
     """What both the ranks and the reference compute: full-sequence logits, logits through the
-    cache in two chunks, and 64 greedy tokens (crossing the window; 16 for the variants)."""
+    cache in two chunks, and `new_tokens` greedy tokens."""
     from mistral_lm.generation import generate
 
     full = model(ids, attention_mask=mask, use_cache=False).logits
@@ -156,8 +164,7 @@ def _worker_parity(spec: dict) -> None:
         with torch.inference_mode():
             model(ids[:1, -1:])  # one decode-shaped step: its collectives
         step = (model.tensor_parallel.stats.calls, model.tensor_parallel.stats.bytes)
-        out[name] = {**_compute(model, ids, mask, NEW_TOKENS if name in CASES else VARIANT_TOKENS),
-                     "step_collectives": step}
+        out[name] = {**_compute(model, ids, mask, _tokens(name)), "step_collectives": step}
         with torch.inference_mode():  # sampling: equal logits and equal seeds draw equal tokens
             out[name]["sampled"] = generate(model, ids, attention_mask=mask, max_new_tokens=8, do_sample=True,
                                             top_k=0, seed=7)
@@ -201,6 +208,17 @@ def _worker_crash(spec: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------- parity
+def _references(models: dict, references: dict) -> None:
+    """The single-process results: the float models, and the quantized ones for the variants."""
+    for name, model in models.items():
+        references[name] = _compute(model, *_inputs(model.config.vocab_size), _tokens(name))
+    for name, (case, options) in VARIANTS.items():
+        reference = models[case]
+        if "quantization_config" in options:
+            reference = quantize_model(copy.deepcopy(reference), BitsAndBytesConfig(**options["quantization_config"]))
+        references[name] = _compute(reference, *_inputs(reference.config.vocab_size), _tokens(name))
+
+
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tp")
@@ -212,18 +230,22 @@ def parity(tmp_path_factory) -> dict:
     mismatch = [folders["gqa"], folders["gqa_window"]]  # same shapes, another window
     indivisible = root / "indivisible"
     _write_folder(indivisible, dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3))
+    references: dict = {}
+
+    def compute_references() -> None:  # one thread: the ranks need the cores too
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _references(models, references)
+        finally:
+            torch.set_num_threads(threads)
+
     runs = _launch("parity", {"folders": folders, "out": str(root), "mismatch": mismatch,
-                              "indivisible": str(indivisible)}, timeout=240, nodes=True)
+                              "indivisible": str(indivisible)}, timeout=240, nodes=True, meanwhile=compute_references)
     for run in runs:
         assert run["returncode"] == 0, run["output"][-3000:]
     ranks = [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
-    references = {name: _compute(model, *_inputs(model.config.vocab_size)) for name, model in models.items()}
-    for name, (case, options) in VARIANTS.items():
-        reference = models[case]
-        if "quantization_config" in options:
-            reference = quantize_model(copy.deepcopy(reference), BitsAndBytesConfig(**options["quantization_config"]))
-        references[name] = _compute(reference, *_inputs(reference.config.vocab_size), VARIANT_TOKENS)
-        models[name] = models[case]
+    models.update({name: models[case] for name, (case, _) in VARIANTS.items()})
     return {"ranks": ranks, "references": references, "models": models}
 
 
@@ -241,7 +263,7 @@ def test_logits_equal_single_process(parity, case) -> None:
 @pytest.mark.parametrize("case", [*CASES, *VARIANTS])
 def test_greedy_tokens_equal_single_process(parity, case) -> None:
     ref = parity["references"][case]["tokens"]
-    assert ref.shape[1] == PROMPT + (NEW_TOKENS if case in CASES else VARIANT_TOKENS)
+    assert ref.shape[1] == PROMPT + _tokens(case)
     for rank in parity["ranks"]:
         assert torch.equal(rank[case]["tokens"], ref)
 
