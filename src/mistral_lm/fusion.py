@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 import torch
 from torch import nn
 
@@ -37,19 +38,25 @@ _FLOAT_LINEARS = (nn.Linear, MatvecLinear)
 @dataclass
 class Fusion:
     """One fused group of a parent module: the parts by name, the module reading their rows, and
-    the address each part's storage had when it was made a view (to notice a part moving away)."""
+    where each part keeps the tensor that views the fused storage, with the address it had then
+    (a part whose tensor moved away makes the group stale)."""
 
     names: tuple[str, ...]
     parts: tuple[nn.Module, ...]
     module: nn.Module | None  # None: stale (the parent was moved), fused again on the next use
-    anchors: tuple[int, ...]
+    # per part: (name, part, its _parameters or _buffers, the key of the viewing tensor, its data_ptr);
+    # one flat tuple, as the decode step checks every group (zip() alone costs a microsecond)
+    checks: tuple[tuple[str, nn.Module, dict[str, Any], str, int], ...]
 
 
-def _storage(part: nn.Module) -> torch.Tensor:
-    """The tensor of a part that becomes a view of the fused module's storage."""
+def _anchor(part: nn.Module) -> tuple[dict[str, Any], str, int]:
+    """Where the part's storage-viewing tensor lives, read as a dict lookup per call (decode
+    steps check every group: nn.Module attribute access would cost more than the check)."""
     if isinstance(part, QuantizedLinear):
-        return part.qweight
-    return part.weight  # type: ignore[return-value]
+        store, key = part._buffers, part._buffer_names[0]
+    else:
+        store, key = part._parameters, "weight"
+    return store, key, store[key].data_ptr()  # type: ignore[union-attr]
 
 
 def concat_linears(parts: Sequence[nn.Module], float_linears: bool = True) -> nn.Module | None:
@@ -109,7 +116,7 @@ def _fuse_group(parent: nn.Module, names: Sequence[str], float_linears: bool = T
         _view_rows(part, fused, start)  # type: ignore[arg-type]
         start += part.out_features  # type: ignore[union-attr]
     return Fusion(tuple(names), tuple(parts), fused,  # type: ignore[arg-type]
-                  tuple(_storage(p).data_ptr() for p in parts))  # type: ignore[arg-type]
+                  tuple((n, p, *_anchor(p)) for n, p in zip(names, parts)))  # type: ignore[arg-type,misc]
 
 
 def fuse_projections(model: nn.Module, float_linears: bool = True, skip: Sequence[str] = ()) -> int:
@@ -144,12 +151,13 @@ def fuse_projections(model: nn.Module, float_linears: bool = True, skip: Sequenc
 def fused_module(parent: nn.Module, name: str) -> nn.Module | None:
     """The module computing `parent`'s group `name` in one matmul, if it computes exactly what
     the parts would right now (see the module docstring); else None: run the parts."""
-    fusion = parent.__dict__.get("_fusions", {}).get(name)
+    fusions = parent.__dict__.get("_fusions")
+    fusion = fusions.get(name) if fusions else None
     if fusion is None:
         return None
     grad = torch.is_grad_enabled()
     modules = parent._modules
-    for part_name, part in zip(fusion.names, fusion.parts):
+    for part_name, part, _, _, _ in fusion.checks:
         if modules.get(part_name) is not part or part._forward_hooks or part._forward_pre_hooks:
             return None
         if grad and any(t is not None and t.requires_grad for t in part._parameters.values()):
@@ -161,8 +169,12 @@ def fused_module(parent: nn.Module, name: str) -> nn.Module | None:
 
 def _current(parent: nn.Module, name: str, fusion: Fusion) -> nn.Module | None:
     """The group's fused module, fused again first if a part's storage moved away."""
-    if fusion.module is None or any(_storage(p).data_ptr() != a for p, a in zip(fusion.parts, fusion.anchors)):
+    if fusion.module is None:
         return _refuse(parent, name, fusion)
+    for _, _, store, key, address in fusion.checks:
+        tensor = store.get(key)
+        if tensor is None or tensor.data_ptr() != address:
+            return _refuse(parent, name, fusion)
     return fusion.module
 
 
