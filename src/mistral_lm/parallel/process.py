@@ -109,18 +109,22 @@ def all_gather_last(tensor: torch.Tensor, where: str) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def checkpoint_fingerprint(folder: str | os.PathLike, weight_files: list[Path], options: dict[str, Any]) -> str:
-    """A short hash of what a rank is about to load: config.json, each weight file's name, size
-    and safetensors header (names, dtypes, shapes, offsets), and the load options. Reading the
-    headers costs kilobytes, not the weights."""
+def checkpoint_fingerprint(source: str | os.PathLike, weight_files: list[Path], options: dict[str, Any]) -> str:
+    """A short hash of what a rank is about to load: config.json (for a folder), each weight
+    file's name, size and header (safetensors: names, dtypes, shapes, offsets; GGUF: its first
+    MiB, metadata and tensor table), and the load options. Costs kilobytes, not the weights."""
     digest = hashlib.sha256()
-    config = Path(folder) / "config.json"
-    digest.update(json.dumps(json.loads(config.read_text(encoding="utf-8")), sort_keys=True).encode())
+    config = Path(source) / "config.json"
+    if config.is_file():
+        digest.update(json.dumps(json.loads(config.read_text(encoding="utf-8")), sort_keys=True).encode())
     for file in weight_files:
         digest.update(f"{file.name}:{file.stat().st_size}".encode())
         with open(file, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            digest.update(handle.read(min(size, 100_000_000)))
+            if file.suffix == ".safetensors":
+                size = int.from_bytes(handle.read(8), "little")
+                digest.update(handle.read(min(size, 100_000_000)))
+            else:
+                digest.update(handle.read(1 << 20))
     digest.update(json.dumps(options, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 

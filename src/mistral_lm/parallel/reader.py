@@ -3,20 +3,30 @@
 A column-parallel slice is contiguous rows of the file; a row-parallel one is a strided read of
 the rank's columns into a fresh tensor; replicated tensors are mmapped whole. A rank never holds
 another rank's slices. Nothing here imports modeling.py or loading.py.
+
+GGUF files are read through checkpoints/gguf.py with its blocks left in the memory map
+(`load_gguf(dequantize=False)`); `gguf_shard` cuts each block tensor to the rank's rows (Q/K
+rows, which llama.cpp reordered within each head, gathered back for the rank's heads only) or
+block-aligned columns, and copies only that.
 """
 
 from __future__ import annotations
 
 from collections.abc import Container
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+import numpy as np
+
+from ..checkpoints.gguf import GGUFQuantizedTensor
 from ..checkpoints.hf_folder import model_key, skippable
 from ..errors import CheckpointError
-from .plan import TensorParallelPlan
+from .plan import Split, TensorParallelPlan
+from .quantize import shard_gguf_blocks
 
 
 def read_shard(files: list[Path], plan: TensorParallelPlan, full_shapes: dict[str, torch.Size],
@@ -64,3 +74,28 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     if dtype is None or not tensor.dtype.is_floating_point or tensor.dtype == dtype:
         return tensor
     return tensor.to(dtype)
+
+
+def gguf_shard(tensors: dict[str, Any], plan: TensorParallelPlan) -> tuple[dict[str, torch.Tensor],
+                                                                         dict[str, GGUFQuantizedTensor]]:
+    """A `load_gguf(dequantize=False)` state dict cut to the rank: (float tensors, block tensors)."""
+    floats: dict[str, torch.Tensor] = {}
+    blocks: dict[str, GGUFQuantizedTensor] = {}
+    for name, tensor in tensors.items():
+        split = plan.split(name)
+        if isinstance(tensor, torch.Tensor):
+            floats[name] = tensor if split.dim is None else split.apply(tensor).clone()
+        else:
+            blocks[name] = tensor if split.dim is None else _shard_blocks(tensor, split)
+    return floats, blocks
+
+
+def _shard_blocks(tensor: GGUFQuantizedTensor, split: Split) -> GGUFQuantizedTensor:
+    rows, columns = tensor.shape
+    if split.dim == 0:  # HF rows: rows() gathers reordered Q/K rows for this slice only
+        return GGUFQuantizedTensor(tensor.ggml_type, (split.stop - split.start, columns),
+                                   np.ascontiguousarray(tensor.rows(split.start, split.stop)))
+    if tensor.row_order is not None:
+        raise CheckpointError("a column slice of reordered Q/K rows: the plan never asks for one")
+    part = shard_gguf_blocks(SimpleNamespace(ggml_type=tensor.ggml_type, shape=tensor.shape, data=tensor.stored), split)
+    return GGUFQuantizedTensor(tensor.ggml_type, part.shape, np.ascontiguousarray(part.data))
