@@ -34,7 +34,6 @@ if __name__ != "__main__":
 
 WORLD = 2
 # The timeout paths (a hung rank, a rank that never starts) add ~25 s: `-m "not slow"` skips them.
-# The marker is not registered in pyproject.toml yet (markers = ["slow: ..."]).
 SLOW = pytest.mark.slow
 PROMPT = 11
 NEW_TOKENS = 64  # greedy tokens compared for the configurations with a window: 6-8 slots, crossed many times
