@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mistral_lm import MistralForCausalLM
-from mistral_lm.fusion import fuse_projections, fused_module, fused_names
+from mistral_lm.fusion import end_fusions, exact_fusions, fuse_projections, fused_module, fused_names
 from mistral_lm.quantization import BitsAndBytesConfig, quantize_model
 
 from .conftest import tiny_config
@@ -36,6 +36,15 @@ QUANTS = [None, dict(load_in_8bit=True), dict(load_in_4bit=True, bnb_4bit_quant_
           dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")]
 
 
+def _exact(parent: nn.Module, name: str) -> nn.Module | None:
+    """What a decode step would use for `parent`'s group `name` (validated as a step does)."""
+    touched = exact_fusions([parent])
+    try:
+        return fused_module(parent, name)
+    finally:
+        end_fusions(touched)
+
+
 def _storage(module: nn.Module) -> int:
     tensor = module.weight if isinstance(module, nn.Linear) else next(module.buffers())
     return tensor.untyped_storage().data_ptr()
@@ -48,14 +57,17 @@ def test_fused_model_computes_what_the_parts_did(quant):
     assert all(name in attn._modules for name in PARTS[:3]) and all(name in mlp._modules for name in PARTS[3:])
     assert len(fused_names(fused)) == 2 * plain.config.num_hidden_layers
     with torch.no_grad():
-        qkv, gate_up = fused_module(attn, "qkv_proj"), fused_module(mlp, "gate_up_proj")
+        qkv, gate_up = _exact(attn, "qkv_proj"), _exact(mlp, "gate_up_proj")
     assert qkv is not None and gate_up is not None
     # the memory is held once: every part views the fused module's storage
     assert _storage(attn.q_proj) == _storage(attn.v_proj) == _storage(qkv)
     assert _storage(mlp.gate_proj) == _storage(mlp.up_proj) == _storage(gate_up)
+    calls = []
+    qkv.register_forward_hook(lambda *args: calls.append(1))  # the fused matmul is what runs
     ids = torch.randint(0, plain.config.vocab_size, (2, 11))
     with torch.inference_mode():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
+        assert calls == [1]
         assert torch.equal(fused.generate(ids, max_new_tokens=6), plain.generate(ids, max_new_tokens=6))
 
 
@@ -95,16 +107,17 @@ def test_training_sees_the_parts_and_inference_sees_the_update():
         torch.optim.SGD(model.parameters(), lr=0.5).step()
         model.eval()
     with torch.no_grad():
-        assert fused_module(fused.model.layers[0].self_attn, "qkv_proj") is not None
+        assert _exact(fused.model.layers[0].self_attn, "qkv_proj") is not None
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_frozen_parts_keep_the_fused_path_under_autograd():
     _, fused = _pair()
     attn = fused.model.layers[0].self_attn
-    assert fused_module(attn, "qkv_proj") is None  # trainable parts: no fused path with grad on
+    assert _exact(attn, "qkv_proj") is None  # trainable parts: no fused path with grad on
     fused.requires_grad_(False)
-    assert fused_module(attn, "qkv_proj") is not None
+    assert _exact(attn, "qkv_proj") is not None
+    assert fused_module(attn, "qkv_proj") is None  # a layer called outside a step runs its parts
 
 
 def test_wrapped_or_hooked_parts_run_themselves():

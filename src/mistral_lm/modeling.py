@@ -28,7 +28,7 @@ from .attention import ATTENTION_FUNCTIONS
 from .cache import CachePlan, KVCache
 from .config import MistralConfig
 from .errors import InputError
-from .fusion import fused_module, mark_stale
+from .fusion import end_fusions, exact_fusions, fused_module, mark_stale
 from .masks import attention_mask as build_mask
 from .masks import positions_from_padding
 from .pretrained import MistralPreTrainedModel
@@ -290,16 +290,22 @@ class MistralModel(MistralPreTrainedModel):
         """Every layer, then the final norm, collecting per-layer outputs into the lists given.
         A driver may compile it for single-token steps (generation.py)."""
         every = self.gradient_checkpointing["every_n_layers"] if cache is None and self._checkpointing() else 0
-        for i, layer in enumerate(self.layers):
-            if hidden is not None:
-                hidden.append(h)
-            if every and i % every == 0:
-                h, weights = torch.utils.checkpoint.checkpoint(layer, h, step, cache,
-                                                               **self.gradient_checkpointing["kwargs"])
-            else:
-                h, weights = layer(h, step, cache)
-            if attentions is not None:
-                attentions.append(weights)
+        # fusion.py: the fused projections that are exact right now, validated once for the step
+        fast = [] if torch.compiler.is_compiling() else exact_fusions(
+            m for layer in self.layers for m in (layer.self_attn, layer.mlp))
+        try:
+            for i, layer in enumerate(self.layers):
+                if hidden is not None:
+                    hidden.append(h)
+                if every and i % every == 0:
+                    h, weights = torch.utils.checkpoint.checkpoint(layer, h, step, cache,
+                                                                   **self.gradient_checkpointing["kwargs"])
+                else:
+                    h, weights = layer(h, step, cache)
+                if attentions is not None:
+                    attentions.append(weights)
+        finally:
+            end_fusions(fast)
         h = self.norm(h)
         if hidden is not None:
             hidden.append(h)
