@@ -35,3 +35,7 @@ class InputError(MistralLMError, ValueError):
 class ToolCallError(TokenizerError):
     """A model's generated tool call is not the JSON its chat format defines (malformed, truncated,
     a missing name): the caller decides whether to return the text or retry."""
+
+
+class DistributedError(MistralLMError, RuntimeError):
+    """A collective failed: a peer rank crashed, hung past the timeout, or disagrees with this one."""

@@ -26,14 +26,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import CheckpointError, ConfigError, MistralLMError
+from ..errors import CheckpointError, ConfigError, DistributedError
 
 DEFAULT_TIMEOUT_S = 120.0  # a hung peer is reported after this; a dead one at once
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-class DistributedError(MistralLMError, RuntimeError):
-    """A collective failed: a peer rank crashed, hung past the timeout, or disagrees with this one."""
 
 
 @dataclass(frozen=True)
