@@ -187,9 +187,36 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        return _run(args)
     except MistralLMError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the subcommand; under torchrun (tensor parallel) every rank runs `generate` in step and
+    only rank 0 writes, while the interactive and serving commands are refused."""
+    import os
+
+    from .runtime import tensor_parallel_size
+
+    if tensor_parallel_size() == 1:
+        return args.fn(args)
+    if args.fn is not cmd_generate:
+        raise MistralLMError(f"under torchrun only `generate` runs tensor parallel; `{args.command}` reads stdin or "
+                             "serves HTTP from one process: run it without torchrun")
+    import torch.distributed as dist
+
+    quiet = os.environ.get("RANK", "0") != "0"  # the answer once; errors still reach every rank's stderr
+    try:
+        if quiet:
+            with open(os.devnull, "w") as sink:
+                sys.stdout = sink
+                return args.fn(args)
+        return args.fn(args)
+    finally:
+        sys.stdout = sys.__stdout__
+        if dist.is_initialized():
+            dist.destroy_process_group()

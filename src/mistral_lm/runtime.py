@@ -50,12 +50,30 @@ def load_options(path: Path, quantize: str = "auto") -> dict[str, Any]:
     return options
 
 
+def tensor_parallel_size() -> int:
+    """The number of ranks torchrun started (its WORLD_SIZE), 1 outside torchrun."""
+    import os
+
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise MistralLMError(f"WORLD_SIZE={value!r} is not a positive integer (set by torchrun)")
+    return int(value)
+
+
 def load_for_inference(model_path: str | Path | None = None, dtype: str | None = None,
                        quantize: str = "auto") -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) from a folder or .gguf file; the embedded default model when None."""
+    """(model in eval mode, tokenizer) from a folder or .gguf file; the embedded default model when None.
+
+    Under `torchrun --nproc-per-node N` (WORLD_SIZE > 1) each rank loads its tensor-parallel shard
+    (`parallel.from_pretrained`) with the same defaults; every rank must then run the same calls."""
     from .modeling import MistralForCausalLM
     from .tokenizer import MistralTokenizer
 
     path = resolve_model_path(model_path)
-    model = MistralForCausalLM.from_pretrained(path, torch_dtype=dtype, **load_options(path, quantize))
+    if tensor_parallel_size() > 1:
+        from .parallel import from_pretrained as sharded
+
+        model = sharded(path, torch_dtype=dtype, **load_options(path, quantize))
+    else:
+        model = MistralForCausalLM.from_pretrained(path, torch_dtype=dtype, **load_options(path, quantize))
     return model.eval(), MistralTokenizer.from_pretrained(path)
