@@ -1,0 +1,361 @@
+"""Load, prefill and decode of Mistral-shaped GGUFs at the sizes users run (1B, 7B), ours vs llama.cpp.
+
+    python bench/bench_scale.py                                   # 1B and 7B Q4_0, 1 run each (~15 min)
+    python bench/bench_scale.py --files 1b-q4_0,1b-q4_k --runs 3
+    python bench/bench_scale.py --files 7b-q4_0 --baseline /tmp/old   # before/after: /tmp/old/src's mistral_lm
+    python bench/bench_scale.py --llama-python /path/to/venv/bin/python
+
+Each file is written with the `gguf` package into a temporary folder (random blocks with small
+scales; one file at a time, deleted when its rows are done): `1b` is hidden 2048, 16 layers,
+32/8 heads, ffn 5632; `7b` hidden 4096, 32 layers, 32/8 heads, ffn 14336; vocab 32000; `-sw`
+adds `sliding_window` 4096 (the ring-buffer cache should cost nothing). Every run is a fresh
+worker process, engines alternate, and no two workers run at once. Engines:
+
+- `ours`: `from_pretrained(path, gguf_native=True)`, the CLI's default; its first run builds the
+  kernel cache beside the file and is reported on its own row ("first load"), later runs map it;
+- `ours-unfused`: the same with `fuse_projections=False`;
+- `ours@baseline`: `ours` imported from `--baseline DIR/src` (a checkout of another commit);
+- `llama.cpp`: llama-cpp-python under `--llama-python` (or $LLAMA_CPP_PYTHON), when importable.
+
+Per run: load s (the constructor), first call s (the first greedy generate: mapped pages fault
+in there), prefill tok/s (a `--prompt`-token forward into a fresh cache), decode tok/s (`--new`
+one-token steps), peak RSS (VmHWM of the worker, so it includes torch's own ~0.3 GB). The same
+run measures the machine's read bandwidth with 2 threads (a 1 GiB float32 sum, median of 7) and
+reports the fraction of it that decode streams: bytes of the quantized matrices read per token
+(every GGUFLinear's storage, counted once; llama.cpp: the file's tensors but the embedding)
+times decode tok/s. Results go to stdout and to the "## Scale" section of bench/RESULTS.md,
+which this script owns (bench_perf.py regenerates the file only above its kept section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_perf import (THREADS, WORKER_TIMEOUT_S, _error_line, _llama_round, _peak_rss_mb,  # noqa: E402
+                        _timed, resolve_llama_python)
+
+SHAPES = {"1b": dict(hidden=2048, layers=16, heads=32, kv=8, ffn=5632, vocab=32000),
+          "7b": dict(hidden=4096, layers=32, heads=32, kv=8, ffn=14336, vocab=32000)}
+SECTION = "## Scale: Mistral-shaped GGUFs (bench/bench_scale.py)"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+CACHE_SUFFIX = ".mistral_lm-cache"
+
+
+# ----------------------------------------------------------------------------- files
+def write_gguf(path: Path, name: str) -> int:
+    """Write the file `name` (e.g. 7b-q4_0, 7b-q4_0-sw) tensor by tensor; returns its size."""
+    import gguf
+    import numpy as np
+
+    shape_name, qtype_name, *rest = name.split("-")
+    s, qtype = SHAPES[shape_name], gguf.GGMLQuantizationType[qtype_name.upper()]
+    h, ff, v, d = s["hidden"], s["ffn"], s["vocab"], s["hidden"] // s["heads"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(32768)
+    writer.add_embedding_length(h)
+    writer.add_feed_forward_length(ff)
+    writer.add_block_count(s["layers"])
+    writer.add_head_count(s["heads"])
+    writer.add_head_count_kv(s["kv"])
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(d)
+    if "sw" in rest:
+        writer.add_sliding_window(4096)
+    writer.add_tokenizer_model("llama")  # a placeholder SentencePiece vocabulary llama.cpp accepts
+    writer.add_token_list(["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)),
+                           *(f"t{i}" for i in range(v - 259))])
+    writer.add_token_scores([0.0] * v)
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * (v - 259))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    tensors = [("token_embd.weight", (v, h)), ("output_norm.weight", (h,)), ("output.weight", (v, h))]
+    for i in range(s["layers"]):
+        tensors += [(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.ffn_norm.weight", (h,)),
+                    (f"blk.{i}.attn_q.weight", (h, h)), (f"blk.{i}.attn_k.weight", (s["kv"] * d, h)),
+                    (f"blk.{i}.attn_v.weight", (s["kv"] * d, h)), (f"blk.{i}.attn_output.weight", (h, h)),
+                    (f"blk.{i}.ffn_gate.weight", (ff, h)), (f"blk.{i}.ffn_up.weight", (ff, h)),
+                    (f"blk.{i}.ffn_down.weight", (h, ff))]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    for tensor, shape in tensors:
+        if len(shape) == 1:
+            writer.add_tensor_info(tensor, shape, np.dtype(np.float32), 4 * shape[0])
+        else:
+            nbytes = shape[0] * shape[1] // block * size
+            writer.add_tensor_info(tensor, (shape[0], nbytes // shape[0]), np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    rng = np.random.default_rng(0)
+    for _, shape in tensors:
+        if len(shape) == 1:
+            writer.write_tensor_data(np.ones(shape, np.float32))
+            continue
+        blocks = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
+        scale = (rng.standard_normal(blocks.shape[:2]) * 0.004).astype(np.float16)
+        blocks[..., 0:2] = scale.view(np.uint8).reshape(*blocks.shape[:2], 2)
+        if qtype == gguf.GGMLQuantizationType.Q4_K:  # dmin; the 12 sub-block scale bytes stay random
+            blocks[..., 2:4] = (np.abs(scale) / 2).astype(np.float16).view(np.uint8).reshape(*blocks.shape[:2], 2)
+        writer.write_tensor_data(blocks.reshape(shape[0], -1))
+    writer.close()
+    return path.stat().st_size
+
+
+# ----------------------------------------------------------------------------- workers
+def ours_worker(engine: str, path: Path, ids: list[int], new_tokens: int) -> dict:
+    import torch
+
+    from mistral_lm import MistralForCausalLM
+    from mistral_lm.quantization import GGUFLinear
+
+    torch.set_num_threads(THREADS)
+    fuse = engine != "ours-unfused"
+    model, load_s = _timed(lambda: MistralForCausalLM.from_pretrained(path, gguf_native=True, fuse_projections=fuse))
+    storages = {}
+    for module in model.modules():
+        if isinstance(module, GGUFLinear):
+            for tensor in module.buffers(recurse=False):
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    prompt = torch.tensor([ids])
+
+    class Clock:  # a streamer: put() gets the prompt, then each token as it is picked
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def generate(n: int) -> Clock:
+        clock = Clock()
+        start = time.perf_counter()
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0, streamer=clock)
+        if out.shape[1] != prompt.shape[1] + n:
+            raise RuntimeError(f"generated {out.shape[1] - prompt.shape[1]} tokens, wanted {n}")
+        clock.times[0] = start
+        return clock
+
+    with torch.inference_mode():
+        _, first_s = _timed(lambda: generate(new_tokens + 1))
+        timed = generate(new_tokens + 1)  # times[1]: the prefill's token; then one per decode step
+    prefill_s, decode_s = timed.times[1] - timed.times[0], timed.times[-1] - timed.times[1]
+    return _result(load_s, first_s, len(ids) / prefill_s, new_tokens / decode_s, sum(storages.values()))
+
+
+def _llama_worker(path: Path, ids: list[int], new_tokens: int) -> dict:
+    from llama_cpp import Llama
+
+    llm, load_s = _timed(lambda: Llama(model_path=str(path), n_threads=THREADS, n_threads_batch=THREADS,
+                                       n_ctx=1024, n_batch=1024, verbose=False))
+    first_s = sum(_llama_round(llm, ids, new_tokens))
+    prefill_s, decode_s = _llama_round(llm, ids, new_tokens)
+    return _result(load_s, first_s, len(ids) / prefill_s, new_tokens / decode_s, None)
+
+
+def _result(load_s: float, first_s: float, prefill: float, decode: float, weight_bytes: int | None) -> dict:
+    return {"load_s": load_s, "first_call_s": first_s, "prefill_tok_s": prefill, "decode_tok_s": decode,
+            "peak_rss_gb": _peak_rss_mb() / 1024, "weight_bytes": weight_bytes}
+
+
+def bandwidth_worker() -> dict:
+    """GB/s of a 2-thread read of 1 GiB (float32 sum), the median of 7 after a warm-up."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    x = torch.ones(2**28)
+    x.sum()
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return {"read_gb_s": x.nbytes / statistics.median(times) / 1e9,
+            "best_gb_s": x.nbytes / min(times) / 1e9}
+
+
+# ----------------------------------------------------------------------------- parent side
+def spawn(python: str, args: list[str], pythonpath: str | None = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
+    try:
+        done = subprocess.run([python, str(Path(__file__).resolve()), "--worker", *args], capture_output=True,
+                              text=True, env=env, timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    if done.returncode != 0:
+        return {"error": _error_line(done.stderr, done.returncode)}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def tensor_bytes_but_embedding(path: Path) -> int:
+    """What llama.cpp reads per decoded token: every tensor but the embedding (one row of it)."""
+    from mistral_lm.checkpoints.gguf import read_gguf
+
+    file = read_gguf(path)
+    try:
+        return sum(info.nbytes for name, info in file.tensors.items() if name != "token_embd.weight")
+    finally:
+        file.buffer.close()
+
+
+def cpu_description() -> tuple[str, str]:
+    """(model name, the SIMD flags that matter here) from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), "?"
+    info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = [f for f in info.get("flags", "").split() if f.startswith(("avx", "amx", "fma", "f16c", "vnni"))]
+    return info.get("model name", "?"), " ".join(sorted(flags))
+
+
+def bench_file(name: str, folder: Path, engines: list[str], runs: int, ids: list[int], new_tokens: int,
+               llama_python: str | None, baseline: Path | None) -> tuple[int, int, dict[str, list[dict]]]:
+    path = folder / f"{name}.gguf"
+    print(f"writing {name} ...", file=sys.stderr, flush=True)
+    size = write_gguf(path, name)
+    ids_file = folder / "ids.json"
+    ids_file.write_text(json.dumps(ids))
+    common = ["--model-path", str(path), "--ids-file", str(ids_file), "--new-tokens", str(new_tokens)]
+    results: dict[str, list[dict]] = {e: [] for e in engines}
+    if "ours" in engines:
+        results["ours, first load"] = []
+    try:
+        for index in range(runs):
+            for engine in engines:
+                label = "ours, first load" if engine == "ours" and index == 0 else engine
+                print(f"[{name} run {index + 1}/{runs}] {label} ...", file=sys.stderr, flush=True)
+                if engine == "llama.cpp":
+                    result = spawn(llama_python, ["llama.cpp", *common]) if llama_python else {"error": "not installed"}
+                elif engine.endswith("@baseline"):
+                    result = spawn(sys.executable, ["ours", *common], str(baseline / "src"))
+                else:
+                    result = spawn(sys.executable, [engine, *common])
+                results[label].append(result)
+                if engine == "ours" and index == 0:
+                    results["ours"].append(spawn(sys.executable, [engine, *common]))  # the cache's first user
+        return size, tensor_bytes_but_embedding(path), results
+    finally:
+        for leftover in folder.glob(f"{name}.gguf*"):
+            leftover.unlink()
+
+
+def table(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth: float) -> str:
+    lines = ["| file | engine | load s | first call s | prefill tok/s | decode tok/s | decode vs llama.cpp "
+             "| peak RSS GB | RSS / file | decode GB/s | % of bandwidth |", "|" + "---|" * 11]
+    for name, (size, llama_bytes, results) in rows.items():
+        llama = _median(results.get("llama.cpp", []))
+        for engine, runs in results.items():
+            row = _median(runs)
+            if row is None:
+                error = next((r["error"] for r in runs if "error" in r), "no run")
+                lines.append(f"| {name} ({size / 1e9:.2f} GB) | {engine} | {error} |" + " |" * 8)
+                continue
+            streamed = (row["weight_bytes"] or llama_bytes) * row["decode_tok_s"] / 1e9
+            versus = f"{row['decode_tok_s'] / llama['decode_tok_s']:.2f}x" if llama else "-"
+            lines.append(
+                f"| {name} ({size / 1e9:.2f} GB) | {engine} | {row['load_s']:.2f} | {row['first_call_s']:.1f} | "
+                f"{row['prefill_tok_s']:.1f} | {row['decode_tok_s']:.2f} | {versus} | {row['peak_rss_gb']:.2f} | "
+                f"{row['peak_rss_gb'] * 2**30 / size:.2f} | {streamed:.1f} | {100 * streamed / bandwidth:.0f}% |")
+    return "\n".join(lines)
+
+
+def _median(runs: list[dict]) -> dict | None:
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return None
+    return {k: (statistics.median(r[k] for r in good) if good[0][k] is not None else None) for k in good[0]}
+
+
+def write_section(text: str) -> None:
+    """Replace this script's section of RESULTS.md (from its heading to the next '## ' heading or
+    the end), or append it at the end, below the kept sections bench_perf.py leaves alone."""
+    current = RESULTS.read_text() if RESULTS.exists() else ""
+    if SECTION in current:
+        head, rest = current.split(SECTION, 1)
+        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
+        current = head.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n" + tail
+    else:
+        current = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    RESULTS.write_text(current)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", default="1b-q4_0,7b-q4_0", help="comma list of SHAPE-TYPE[-sw], e.g. 7b-q4_k-sw")
+    parser.add_argument("--engines", default="ours,ours-unfused,llama.cpp")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--baseline", type=Path, help="another checkout; adds ours@baseline (its src/ first on the path)")
+    parser.add_argument("--llama-python", help="an interpreter that can import llama_cpp")
+    parser.add_argument("--folder", type=Path, help="where to write the files (default: a temporary folder)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--worker", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--ids-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--new-tokens", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        if args.worker == "bandwidth":
+            print(json.dumps(bandwidth_worker()))
+            return
+        ids = json.loads(args.ids_file.read_text())
+        if args.worker == "llama.cpp":
+            print(json.dumps(_llama_worker(args.model_path, ids, args.new_tokens)))
+        else:
+            print(json.dumps(ours_worker(args.worker, args.model_path, ids, args.new_tokens)))
+        return
+    engines = [e for e in args.engines.split(",") if e] + (["ours@baseline"] if args.baseline else [])
+    llama_python, llama_version = resolve_llama_python(args.llama_python)
+    import random
+
+    ids = [random.Random(0).randrange(3, 32000) for _ in range(args.prompt)]
+    rows = {}
+    bandwidths = []
+    with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
+        for name in [f for f in args.files.split(",") if f]:
+            bandwidths.append(spawn(sys.executable, ["bandwidth"])["read_gb_s"])
+            rows[name] = bench_file(name, Path(tmp), engines, args.runs, ids, args.new, llama_python,
+                                    args.baseline)
+    bandwidths.append(spawn(sys.executable, ["bandwidth"])["read_gb_s"])
+    bandwidth = statistics.median(bandwidths)
+    model, flags = cpu_description()
+    text = "\n".join([
+        SECTION, "",
+        f"Measured {datetime.date.today().isoformat()} on {model} ({os.cpu_count()} CPUs visible, {THREADS} threads "
+        f"used), flags: {flags}. Python {platform.python_version()}; llama.cpp: {llama_version}. "
+        f"Prompt {args.prompt} random ids, {args.new} new tokens, median of {args.runs} run(s) per engine, each "
+        f"a fresh process. 2-thread read bandwidth in the same run: {bandwidth:.1f} GB/s (median of "
+        f"{', '.join(f'{b:.1f}' for b in bandwidths)}).",
+        "",
+        table(rows, bandwidth), "",
+        "`first load` builds the kernel cache beside the file (once per file); the other `ours` runs map it. "
+        "`first call s` is the first generate (prefill + new tokens) after loading, when mapped pages are "
+        "read in. RSS / file is the worker's peak RSS (torch and the interpreter included) over the file's "
+        "size. Regenerate with `python bench/bench_scale.py` (see its docstring for options).", ""])
+    print(text)
+    if not args.no_write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
