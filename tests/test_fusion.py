@@ -199,3 +199,23 @@ def test_quantized_loading_respects_the_skip_list(tmp_path):
     ids = torch.randint(0, fused.config.vocab_size, (1, 7))
     with torch.inference_mode():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant", [None, dict(load_in_8bit=True), dict(load_in_4bit=True, bnb_4bit_quant_type="int4")])
+def test_training_mode_releases_the_fused_storage(tmp_path, quant):
+    """model.train() gives the parts their own storage (savers that refuse shared memory, such as
+    safetensors behind Trainer.save_model, work); the next eval-mode step fuses again."""
+    from safetensors.torch import save_file
+
+    plain, fused = _pair(quant)
+    fused.train()
+    assert fused_names(fused) == []
+    save_file(fused.state_dict(), str(tmp_path / "weights.safetensors"))
+    ids = torch.randint(0, plain.config.vocab_size, (1, 7))
+    fused.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
+    assert len(fused_names(fused)) == 2 * plain.config.num_hidden_layers
+    attn = fused.model.layers[0].self_attn
+    with torch.no_grad():
+        assert _storage(attn.q_proj) == _storage(_exact(attn, "qkv_proj"))

@@ -10,8 +10,10 @@ every checkpoint weight under its Transformers name. Fusing moves the parts' sto
 buffer and leaves each part a row view of it: the fused module is a second reader of the same
 memory, not a copy, and an optimizer's in-place step or a `load_state_dict` copy reaches both.
 
-`fused_module` hands the fused module out only where it computes exactly what the parts would:
-- autograd is off, or no part has a trainable tensor (gradients must reach the parts' leaves);
+Fusion is for inference: `model.train()` gives the parts their own storage back and drops the
+fused modules (`release_fusions`); the first eval-mode step fuses again. `fused_module` hands
+the fused module out only where it computes exactly what the parts would:
+- eval mode, and autograd off or no part trainable (gradients must reach the parts' leaves);
 - the parts are the very modules fused, without hooks (peft's LoRA wrappers, user hooks);
 - every part still views the buffer. A `.to()`, an `assign=True` load or peft's safe merge give a
   part new storage; the group is then fused again, from the parts, on the next inference call.
@@ -159,7 +161,7 @@ def fused_module(parent: nn.Module, name: str) -> nn.Module | None:
     if fast is not None:
         grad, modules = fast
         return modules.get(name) if grad == torch.is_grad_enabled() else None  # another thread's mode
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not parent.training:
         fusion = parent.__dict__.get("_fusions", {}).get(name)
         return fusion.module if fusion is not None and _parts_exact(parent, fusion) else None
     return None
@@ -175,7 +177,7 @@ def exact_fusions(parents: Iterable[nn.Module]) -> list[nn.Module]:
     grad = torch.is_grad_enabled()
     for parent in parents:
         fusions = parent.__dict__.get("_fusions")
-        if fusions:
+        if fusions and not parent.training:  # training mode runs the parts (release_fusions)
             exact = {}
             for name, fusion in list(fusions.items()):
                 module = _current(parent, name, fusion) if _parts_exact(parent, fusion) else None
@@ -224,6 +226,26 @@ def _refuse(parent: nn.Module, name: str, fusion: Fusion) -> nn.Module | None:
         return None
     parent.__dict__["_fusions"][name] = fresh
     return fresh.module
+
+
+def release_fusions(model: nn.Module) -> None:
+    """Give every fused part its own storage again and drop the fused modules (fusion is for
+    inference: a model put in training mode computes, saves and steps its parts as separate
+    tensors, e.g. for savers that refuse shared memory). The next eval-mode step fuses again."""
+    for module in model.modules():
+        for fusion in module.__dict__.get("_fusions", {}).values():
+            if fusion.module is None:
+                continue
+            with torch.no_grad():
+                for _, part, store, key, _ in fusion.checks:
+                    if isinstance(part, QuantizedLinear):
+                        for name in part._buffer_names:
+                            setattr(part, name, getattr(part, name).clone(memory_format=torch.contiguous_format))
+                    else:
+                        for tensor in part._parameters.values():
+                            if tensor is not None:
+                                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+            fusion.module = None
 
 
 def mark_stale(parent: nn.Module) -> None:

@@ -110,6 +110,15 @@ class MistralPreTrainedModel(nn.Module):
 
         return generate(self, *args, **kwargs)
 
+    def train(self, mode: bool = True) -> MistralPreTrainedModel:
+        """Training mode also releases the fused inference projections (fusion.py): the parts are
+        separate tensors while training; the next eval-mode step fuses them again."""
+        if mode:
+            from .fusion import release_fusions
+
+            release_fusions(self)
+        return super().train(mode)
+
     # ------------------------------------------------------------------ Transformers surface
     @classmethod
     def can_generate(cls) -> bool:
