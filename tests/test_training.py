@@ -119,3 +119,21 @@ def test_quantized_layers_pass_gradients_to_their_input(quant):
         g = torch.randn(rows, 192)
         (layer(x) * g).sum().backward()
         torch.testing.assert_close(x.grad, g @ layer.dequantize(), rtol=2e-2, atol=2e-2)
+
+
+def test_trainer_refuses_a_purely_quantized_model_and_trains_its_adapters(tmp_path):
+    """A quantized model's codes are frozen buffers: Transformers' Trainer refuses to fine-tune it
+    without adapters (instead of silently training only norms and embeddings); with LoRA it trains."""
+    peft = pytest.importorskip("peft")
+    from mistral_lm.quantization import BitsAndBytesConfig, quantize_model
+    from mistral_lm.training import register_lora_layers
+
+    model = quantize_model(MistralForCausalLM(tiny_config()), BitsAndBytesConfig(load_in_8bit=True))
+    ids = torch.randint(0, model.config.vocab_size, (4, 9))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                                          report_to=[], use_cpu=True, save_strategy="no")
+    with pytest.raises(ValueError, match="purely quantized"):
+        transformers.Trainer(model=model, args=args, train_dataset=data)
+    lora = peft.get_peft_model(model, register_lora_layers(peft.LoraConfig(target_modules=["q_proj", "v_proj"])))
+    transformers.Trainer(model=lora, args=args, train_dataset=data).train()

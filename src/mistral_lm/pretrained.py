@@ -143,6 +143,26 @@ class MistralPreTrainedModel(nn.Module):
         self.__dict__["_generation_config"] = value
 
     @property
+    def is_quantized(self) -> bool:
+        """Whether any Linear computes on quantized codes (a quantization config or GGUF blocks).
+        Those weights are frozen buffers: Transformers' Trainer then refuses a fine-tune without
+        adapters ("purely quantized models") instead of training only the float rest."""
+        from .quantization.modules import QuantizedLinear
+
+        return any(isinstance(m, QuantizedLinear) for m in self.modules())
+
+    @property
+    def hf_quantizer(self) -> Any:
+        """What Transformers' Trainer reads of a quantized model: adapters on it can train."""
+        if not self.is_quantized:
+            return None
+        from types import SimpleNamespace
+
+        method = "gguf" if self.quantization_config is None else "bitsandbytes"
+        return SimpleNamespace(is_trainable=True, is_qat_trainable=False,
+                               quantization_config=SimpleNamespace(quant_method=method))
+
+    @property
     def base_model(self) -> nn.Module:
         """The decoder under a head (`base_model_prefix`), or the model itself."""
         return getattr(self, self.base_model_prefix, self)
