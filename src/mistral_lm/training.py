@@ -122,3 +122,57 @@ def register_lora_layers(lora_config: Any) -> Any:
     """
     lora_config._register_custom_module({QuantizedLinear: _lora_linear_class()})
     return lora_config
+
+
+# ------------------------------------------------------------------ chat data for supervised fine-tuning
+def _chat_ids(tokenizer: Any, messages: Any, add_generation_prompt: bool = False) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # Transformers 5 may answer a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+
+
+def chat_example(tokenizer: Any, messages: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """`input_ids` and `labels` of one conversation rendered by the tokenizer's chat template,
+    with the loss on assistant turns only: each assistant message's tokens, including what the
+    template closes the turn with (end-of-turn / EOS, so the model learns to stop), keep their
+    ids as labels; everything else is -100.
+
+    The span of assistant turn i is [render(messages[:i], generation prompt), render(messages[:i+1])),
+    so the template must render a conversation's prefixes as prefixes of its ids; one that does
+    not is refused (TokenizerError) rather than masked at the wrong places.
+    """
+    from .errors import TokenizerError
+
+    ids = _chat_ids(tokenizer, messages)
+    labels = [-100] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start_ids = _chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        end_ids = _chat_ids(tokenizer, messages[: i + 1])
+        start, end = len(start_ids), len(end_ids)
+        if ids[:start] != start_ids or ids[:end] != end_ids or start >= end:
+            raise TokenizerError(
+                f"the chat template does not render message {i}'s conversation prefix as a prefix of the "
+                "whole conversation's ids, so its assistant tokens cannot be located for the loss mask")
+        labels[start:end] = ids[start:end]
+    return {"input_ids": ids, "labels": labels}
+
+
+def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad `chat_example`s into tensors: input_ids with `pad_token_id`, labels with -100,
+    attention_mask 1 on real tokens. Padding is found by length, never by id, so a pad id equal to
+    EOS (a common choice) does not take the EOS tokens out of the loss."""
+    if pad_token_id is None or pad_token_id < 0:
+        raise ConfigError(f"pad_token_id must be a token id, got {pad_token_id!r}")
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
