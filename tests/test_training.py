@@ -137,3 +137,26 @@ def test_trainer_refuses_a_purely_quantized_model_and_trains_its_adapters(tmp_pa
         transformers.Trainer(model=model, args=args, train_dataset=data)
     lora = peft.get_peft_model(model, register_lora_layers(peft.LoraConfig(target_modules=["q_proj", "v_proj"])))
     transformers.Trainer(model=lora, args=args, train_dataset=data).train()
+
+
+@pytest.mark.parametrize("ggml", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_pass_gradients_to_their_input(ggml):
+    """GGUFLinear (Q8_0 runs as two 4-bit planes over x repeated): d(out)/d(x) = grad @ W with
+    W gguf's own dequantization of the blocks."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from types import SimpleNamespace
+
+    from mistral_lm.quantization.gguf import GGUFLinear
+
+    kind = gguf.GGMLQuantizationType[ggml]
+    weight = np.random.default_rng(0).standard_normal((192, 128)).astype(np.float32)
+    blocks = gguf.quants.quantize(weight, kind)
+    layer = GGUFLinear.from_quantized(SimpleNamespace(ggml_type=int(kind), shape=(192, 128), data=blocks),
+                                      compute_dtype=torch.float32)
+    reference = torch.from_numpy(gguf.quants.dequantize(blocks, kind).reshape(192, 128))
+    for rows in (1, 40):
+        x = torch.randn(rows, 128, requires_grad=True)
+        g = torch.randn(rows, 192)
+        (layer(x) * g).sum().backward()
+        torch.testing.assert_close(x.grad, g @ reference, rtol=1e-4, atol=1e-4)

@@ -57,7 +57,7 @@ class _MatmulWithInputGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ ctx.module.dequantize().to(grad.dtype), None  # (M, N) @ (N, K)
+        return ctx.module._input_grad(grad), None
 
 
 class QuantizedLinear(nn.Module):
@@ -94,6 +94,10 @@ class QuantizedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) weight this module multiplies by."""
         raise NotImplementedError
+
+    def _input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """(M, N) gradient of the output -> (M, K) gradient of the input, in grad's dtype."""
+        return grad @ self.dequantize().to(grad.dtype)
 
     def weight_bytes(self) -> int:
         """Bytes held for the weight: codes, scales and zeros, padding included; not the bias."""
@@ -305,6 +309,21 @@ class Int4Linear(QuantizedLinear):
                 self.packed[start:end], self.scale_and_zero[:, start:end], self.group_size, end - start,
                 self._columns, x.dtype))
         return y if self._rows == self.out_features else y[:, : self.out_features]
+
+    def _input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """grad @ W a slice of rows at a time, expanded in grad's dtype as the dense forward does
+        (a float32 copy of the whole weight per backward was half a QLoRA step)."""
+        if not fast_unpack_available(self.packed.device):
+            return super()._input_grad(grad)
+        wide = torch.zeros(grad.shape[0], self._columns, dtype=grad.dtype, device=grad.device)
+        for start in range(0, self.out_features, _CHUNK_ROWS):
+            end = min(self._rows, start + _CHUNK_ROWS)  # packed rows come in whole 64-row blocks
+            w_t = dequantize_int4_t(self.packed[start:end], self.scale_and_zero[:, start:end], self.group_size,
+                                    end - start, self._columns, grad.dtype)        # (planes*K, rows)
+            used = min(end, self.out_features) - start
+            wide += grad[:, start:start + used] @ w_t[:, :used].T
+        # the kernel saw x repeated once per plane: the input's gradient sums the planes'
+        return wide if self._planes == 1 else wide.reshape(-1, self._planes, self.in_features).sum(dim=1)
 
     def dequantize(self) -> torch.Tensor:
         w = dequantize_int4(*self._codes_scale_zero())
