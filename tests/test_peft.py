@@ -175,3 +175,23 @@ def test_qlora_on_gguf_blocks_trains_and_refuses_to_merge():
     assert grads and all(g is not None and g.any() for g in grads)
     with pytest.raises(ConfigError, match="GGUF"):
         ours.merge_and_unload()
+
+
+def test_load_adapter_equals_peft_and_refuses_another_base(tmp_path):
+    from mistral_lm.errors import CheckpointError
+    from mistral_lm.training import load_adapter
+
+    ours, theirs = _pair(tmp_path)
+    ours.save_pretrained(tmp_path / "adapter")
+    base = transformers.MistralForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    reference = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    fresh = MistralForCausalLM.from_pretrained(tmp_path)
+    loaded = load_adapter(fresh, tmp_path / "adapter").eval()
+    ids = torch.randint(0, fresh.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    other = MistralForCausalLM(tiny_config(hidden_size=64, intermediate_size=128))
+    with pytest.raises(CheckpointError, match="another base model"):
+        load_adapter(other, tmp_path / "adapter")
+    assert not any("lora" in n for n, _ in other.named_modules())  # refused before anything loaded

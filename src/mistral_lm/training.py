@@ -176,3 +176,47 @@ def pad_batch(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[s
         labels[row, :n] = torch.tensor(example["labels"])
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------ adapters
+def load_adapter(model: nn.Module, folder: str | Any, adapter_name: str = "default") -> Any:
+    """A peft adapter folder (adapter_config.json + adapter_model.safetensors) put on `model`,
+    checked first: every adapter tensor must sit on a module the model has, with matching
+    input/output sizes, else CheckpointError naming the first mismatch before anything loads
+    (peft alone reports a size mismatch deep inside load_state_dict, or loads a subset).
+    Returns the PeftModel (peft.PeftModel.from_pretrained); quantized bases are registered."""
+    import json
+    from pathlib import Path
+
+    import peft
+    from safetensors import safe_open
+
+    from .errors import CheckpointError
+
+    folder = Path(folder)
+    config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights.is_file():
+        raise CheckpointError(f"{folder} is not a peft adapter folder (needs adapter_config.json and "
+                              "adapter_model.safetensors)")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{folder}: only LoRA adapters are supported, got peft_type {config.get('peft_type')!r}")
+    modules = dict(model.named_modules())
+    with safe_open(str(weights), framework="pt") as file:
+        for key in file.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            name = key.split(".lora_")[0].removeprefix("base_model.model.")
+            target = modules.get(name)
+            shape = tuple(file.get_slice(key).get_shape())  # lora_A: (r, in), lora_B: (out, r)
+            if target is None or not hasattr(target, "in_features"):
+                raise CheckpointError(f"adapter tensor {key!r}: the model has no linear module {name!r}; "
+                                      "the adapter was made for another architecture")
+            want, got = (target.in_features, shape[1]) if ".lora_A." in key else (target.out_features, shape[0])
+            if want != got:
+                raise CheckpointError(
+                    f"adapter tensor {key!r} has shape {shape}, but {name} has {'in' if '.lora_A.' in key else 'out'}"
+                    f"_features={want}: the adapter was trained on another base model "
+                    f"({config.get('base_model_name_or_path') or 'unnamed'})")
+    lora_config = register_lora_layers(peft.LoraConfig.from_pretrained(str(folder)))
+    return peft.PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, config=lora_config)
