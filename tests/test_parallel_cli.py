@@ -45,4 +45,4 @@ def test_torchrun_generate_equals_one_process(folder: Path) -> None:
 def test_interactive_commands_are_refused_under_torchrun(folder: Path) -> None:
     run = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "mistral_lm", "chat", "--model", str(folder)], timeout=120)
-    assert run.returncode != 0 and "only `generate` runs tensor parallel" in run.stderr
+    assert run.returncode != 0 and "only `generate` and `serve` run tensor parallel" in run.stderr

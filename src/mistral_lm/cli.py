@@ -197,16 +197,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Run the subcommand; under torchrun (tensor parallel) every rank runs `generate` in step and
-    only rank 0 writes, while the interactive and serving commands are refused."""
+    only rank 0 writes; `serve` listens on rank 0 while the other ranks replay its steps."""
     import os
 
     from .runtime import tensor_parallel_size
 
     if tensor_parallel_size() == 1:
         return args.fn(args)
-    if args.fn is not cmd_generate:
-        raise MistralLMError(f"under torchrun only `generate` runs tensor parallel; `{args.command}` reads stdin or "
-                             "serves HTTP from one process: run it without torchrun")
+    if args.fn not in (cmd_generate, cmd_serve):
+        raise MistralLMError(f"under torchrun only `generate` and `serve` run tensor parallel; `{args.command}` "
+                             "works in one process: run it without torchrun")
     import torch.distributed as dist
 
     quiet = os.environ.get("RANK", "0") != "0"  # the answer once; errors still reach every rank's stderr

@@ -246,14 +246,40 @@ def serve(model_path: str | Path | None = None, host: str = "127.0.0.1", port: i
     """
     import uvicorn
 
-    from ..runtime import load_for_inference, resolve_model_path
+    from ..errors import DistributedError
+    from ..runtime import load_for_inference, resolve_model_path, tensor_parallel_size
 
     path = resolve_model_path(model_path)
     model, tokenizer = load_for_inference(path, dtype, quantize)
+    runner = None
+    if tensor_parallel_size() > 1:  # under torchrun: rank 0 serves, the others replay its steps
+        import torch.distributed as dist
+
+        from .runner import MirroredRunner, serve_worker
+
+        if dist.get_rank() != 0:
+            try:
+                serve_worker(model)
+            finally:
+                dist.destroy_process_group()
+            return
+        runner = MirroredRunner(model)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                    prefix_cache_bytes=prefix_cache_mb << 20)
+                    prefix_cache_bytes=prefix_cache_mb << 20, runner=runner)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
     app = create_app(engine, path.stem if path.is_file() else path.name, api_key=api_key,
                      max_body_bytes=max_body_bytes, cors_origins=cors_origins)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=5))
+    engine.on_fatal = lambda: setattr(server, "should_exit", True)  # a lost rank: shut down, then raise below
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C is the normal way to stop a server (uvicorn re-raises it after shutdown)
+        pass
+    if engine.lost:
+        raise DistributedError("a tensor-parallel rank failed, so the server stopped; see the log above")
+    if runner is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()

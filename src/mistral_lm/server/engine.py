@@ -39,11 +39,12 @@ import torch
 
 from .. import grammar, sampling
 from ..cache import KVCache
-from ..errors import GenerationError
-from ..generation import Decoder, GenerationConfig
+from ..errors import DistributedError, GenerationError
+from ..generation import GenerationConfig
 from ..tokenizer import StreamingDetokenizer
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .protocol import CompletionRequest, ProtocolError, TokenizeRequest, TokenLogprob, token_text
+from .runner import Runner
 from .tools import (ToolRequest, generic_messages, generic_reply, mistral_messages, parse_tools, reply_message,
                     supports_tools, tool_call_constraint)
 
@@ -173,7 +174,8 @@ class Engine:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = 32, max_queue: int = 128,
-                 prefill_tokens: int = 512, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
+                 prefill_tokens: int = 512, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+                 runner: Runner | None = None) -> None:
         if max_batch_size < 1 or max_queue < 1 or prefill_tokens < 1 or prefix_cache_bytes < 0:
             raise ValueError("max_batch_size, max_queue and prefill_tokens must be positive, "
                              "prefix_cache_bytes non-negative")
@@ -193,8 +195,11 @@ class Engine:
         self._prefill: _Prefill | None = None
         self._rows: list[_Choice] = []  # batch row i decodes self._rows[i]
         self._joining: list[tuple[KVCache, list[_Choice]]] = []  # prefilled this iteration, joining together
-        self._cache: KVCache = model.make_cache(0)  # row i holds the keys of self._rows[i]
-        self._decode = Decoder(model)
+        # every model and cache operation goes through the runner (all ranks run them under tensor parallel)
+        self.runner = runner or Runner(model)
+        self.on_fatal: Callable[[], None] | None = None  # called when the engine cannot go on (a lost rank)
+        self.lost = False  # a tensor-parallel rank failed: the engine stopped
+        self._cache: KVCache = self.runner.make_cache(0)  # row i holds the keys of self._rows[i]
         self._lock = threading.Lock()  # orders submit() against close()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -345,16 +350,27 @@ class Engine:
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
+        lost = False  # a tensor-parallel peer failed: no collective can run any more (self.lost)
         with torch.inference_mode():
             while not self._closing:
                 try:
                     self._iterate()
+                except DistributedError:
+                    log.critical("a tensor-parallel rank failed; the server stops", exc_info=True)
+                    lost = self.lost = True
+                    self._fail_in_flight("a tensor-parallel rank failed; the server is stopping", rebuild=False)
+                    with self._lock:
+                        self._closing = True
+                    if self.on_fatal is not None:
+                        self.on_fatal()
                 except Exception:  # a failed step must not take the server down with it
                     log.exception("engine step failed; failing the requests in flight")
                     self._fail_in_flight("the engine failed while generating; see the server log")
-            self._fail_in_flight("the server is shutting down")
+            self._fail_in_flight("the server is shutting down", rebuild=not lost)
             while not self._incoming.empty():
                 self._finish(self._incoming.get_nowait(), "the server is shutting down")
+            if not lost:
+                self.runner.close()
 
     def _iterate(self) -> None:
         self._drop_cancelled()
@@ -362,7 +378,8 @@ class Engine:
         while budget > 0 and (used := self._prefill_step(budget)):
             budget -= used
         if self._joining:  # one copy of the batch cache for all of them
-            self._cache.append_rows([(cache, choices[0].position, len(choices)) for cache, choices in self._joining])
+            self.runner.append_rows(self._cache, [(cache, choices[0].position, len(choices))
+                                                  for cache, choices in self._joining])
             self._rows.extend(c for _, choices in self._joining for c in choices)
             self._joining = []
         if self._rows:
@@ -403,12 +420,11 @@ class Engine:
         if p.done < len(s.prompt_ids):
             chunk_limit = min(self.chunk, ECHO_CHUNK) if s.prompt_logprobs else self.chunk
             end = min(p.done + budget, p.done + chunk_limit, len(s.prompt_ids))
-            chunk = torch.tensor([s.prompt_ids[start:end]], device=self.model.device)
             keep = 0 if s.prompt_logprobs else 1
-            out = self.model(chunk, past_key_values=p.cache, use_cache=True, logits_to_keep=keep)
+            logits = self.runner.prefill(s.prompt_ids[start:end], p.cache, keep)
             if s.prompt_logprobs:
-                p.logprobs += self._prompt_logprobs(s, out.logits[0, : len(s.prompt_ids) - 1 - start], start)
-            p.done, p.last_logits = end, out.logits[:, -1]
+                p.logprobs += self._prompt_logprobs(s, logits[0, : len(s.prompt_ids) - 1 - start], start)
+            p.done, p.last_logits = end, logits[:, -1]
             if end < len(s.prompt_ids):
                 return end - start
             self.prefix_cache.add(s.prompt_ids, p.cache, p.last_logits)
@@ -421,7 +437,7 @@ class Engine:
         (not for echo with logprobs, which needs every prompt position's logits)."""
         hit = None if s.prompt_logprobs else self.prefix_cache.lookup(s.prompt_ids)
         if hit is None:
-            p = _Prefill(s, self.model.make_cache(1, max_length=len(s.prompt_ids)))
+            p = _Prefill(s, self.runner.make_cache(1, max_length=len(s.prompt_ids)))
             if s.prompt_logprobs:  # nothing predicts the first token
                 p.logprobs.append(TokenLogprob(s.prompt_ids[0], None, (), 0))
             return p
@@ -429,7 +445,7 @@ class Engine:
         self.counts["prefix_hits"] += 1
         self.counts["prefix_tokens"] += cached
         # A whole cached prompt is shared as it is: joining the batch only reads it.
-        return _Prefill(s, cache if cached == len(s.prompt_ids) else cache.copy(), cached, logits)
+        return _Prefill(s, cache if cached == len(s.prompt_ids) else self.runner.copy(cache), cached, logits)
 
     def _admit(self, s: Submission, p: _Prefill) -> None:
         """The prompt is read: sample each choice's first token and queue the rows to join the batch."""
@@ -469,10 +485,8 @@ class Engine:
         return [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
     def _decode_step(self) -> None:
-        device = self.model.device
-        tokens = torch.tensor([c.tokens[-1] for c in self._rows], device=device)  # (B,)
-        positions = torch.tensor([c.position for c in self._rows], device=device)  # (B,)
-        logits = self._decode(tokens, positions, self._cache)  # (B, V)
+        logits = self.runner.decode([c.tokens[-1] for c in self._rows], [c.position for c in self._rows],
+                                    self._cache)  # (B, V)
         self.counts["decode_steps"] += 1
         self.counts["decoded_rows"] += len(self._rows)
         groups: dict[Submission, list[int]] = {}
@@ -546,10 +560,10 @@ class Engine:
         for c in self._rows:
             if c.submission.cancelled:
                 self._finish(c.submission, CANCELLED)
-        self._cache.select_rows(keep)
+        self.runner.select_rows(self._cache, keep)
         self._rows = [self._rows[i] for i in keep]
 
-    def _fail_in_flight(self, error: str) -> None:
+    def _fail_in_flight(self, error: str, rebuild: bool = True) -> None:
         pending = [c.submission for c in self._rows]
         pending += [c.submission for _, choices in self._joining for c in choices]
         pending += [p.submission for p in (self._prefill,) if p is not None]
@@ -557,7 +571,8 @@ class Engine:
         for s in dict.fromkeys(pending):
             self._finish(s, error)
         self._rows, self._joining, self._prefill, self._waiting = [], [], None, None
-        self._cache = self.model.make_cache(0)
+        if rebuild:  # not when the ranks can no longer agree on anything (a lost tensor-parallel rank)
+            self._cache = self.runner.make_cache(0)
 
 
 @dataclass
