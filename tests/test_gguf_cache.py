@@ -9,6 +9,8 @@ counts that are not whole 64-row blocks and input sizes that are not multiples o
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -190,6 +192,19 @@ def test_unwritable_folder_or_full_disk_loads_in_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(qgguf._CacheWriter, "add", fail_later)
     assert torch.equal(logits(load(path)), want)
     assert not cache_file(path).exists() and not list(tmp_path.glob("*.tmp"))
+
+
+@needs_layout
+def test_a_killed_writers_leftover_is_removed(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_model(path, Q.Q4_0)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f"{cache_file(path).name}.{int(dead.stdout)}.abc123.tmp"
+    leftover.write_bytes(b"half a cache")
+    mine = tmp_path / f"{cache_file(path).name}.{os.getpid()}.live.tmp"  # a writer still running
+    mine.write_bytes(b"in progress")
+    load(path)
+    assert not leftover.exists() and mine.exists() and cache_file(path).exists()
 
 
 @needs_layout

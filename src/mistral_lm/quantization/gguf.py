@@ -456,13 +456,29 @@ class KernelCache:
         return tensors
 
     def writer(self) -> _CacheWriter | None:
-        """A writer of a new cache file, or None where the folder is not writable."""
+        """A writer of a new cache file, or None where the folder is not writable. Temporary
+        files that a killed writer left behind (named after its pid) are removed first."""
+        for stale in self.path.parent.glob(self.path.name + ".*.tmp"):
+            pid = stale.name[len(self.path.name) + 1:].split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
         try:
-            fd, temp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+            fd, temp = tempfile.mkstemp(prefix=f"{self.path.name}.{os.getpid()}.", suffix=".tmp", dir=self.path.parent)
             os.fchmod(fd, 0o644)  # readable like the model beside it (mkstemp makes it private)
         except OSError:
             return None
         return _CacheWriter(self, os.fdopen(fd, "wb"), Path(temp))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 class _CacheWriter:
