@@ -38,11 +38,11 @@ QUANTS = [None, dict(load_in_8bit=True), dict(load_in_4bit=True, bnb_4bit_quant_
 
 def _exact(parent: nn.Module, name: str) -> nn.Module | None:
     """What a decode step would use for `parent`'s group `name` (validated as a step does)."""
-    touched = exact_fusions([parent])
+    previous = exact_fusions([parent])
     try:
         return fused_module(parent, name)
     finally:
-        end_fusions(touched)
+        end_fusions(previous)
 
 
 def _storage(module: nn.Module) -> int:

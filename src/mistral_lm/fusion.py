@@ -22,6 +22,7 @@ Anything else runs the parts one by one.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +151,10 @@ def fuse_projections(model: nn.Module, float_linears: bool = True, skip: Sequenc
     return count
 
 
+# The fused modules validated for the decode step this thread runs: {(parent, name): module}.
+_STEP = threading.local()
+
+
 def fused_module(parent: nn.Module, name: str) -> nn.Module | None:
     """The module computing `parent`'s group `name` in one matmul, if it computes exactly what
     the parts would right now (see the module docstring); else None: run the parts.
@@ -157,40 +162,46 @@ def fused_module(parent: nn.Module, name: str) -> nn.Module | None:
     Inside `exact_fusions` (a decode step) this is one lookup of what it validated; elsewhere
     (a layer called on its own) the parts run, except in a compiled step, which checks all but
     the storage addresses (not traceable) at trace time."""
-    fast = parent.__dict__.get("_fast")
-    if fast is not None:
-        grad, modules = fast
-        return modules.get(name) if grad == torch.is_grad_enabled() else None  # another thread's mode
-    if torch.compiler.is_compiling() and not parent.training:
+    if torch.compiler.is_compiling():
         fusion = parent.__dict__.get("_fusions", {}).get(name)
-        return fusion.module if fusion is not None and _parts_exact(parent, fusion) else None
-    return None
+        ok = fusion is not None and not parent.training and _parts_exact(parent, fusion)
+        return fusion.module if ok else None  # type: ignore[union-attr]
+    fast = getattr(_STEP, "fast", None)
+    return None if fast is None else fast.get((parent, name))
 
 
-def exact_fusions(parents: Iterable[nn.Module]) -> list[nn.Module]:
+def exact_fusions(parents: Iterable[nn.Module]) -> dict[tuple[nn.Module, str], nn.Module] | None:
     """Validate every fused group of `parents` once (a decode step's worth of layers) and let
-    `fused_module` hand out the exact ones until `end_fusions`; returns the parents to pass there.
+    `fused_module` hand out the exact ones on this thread until `end_fusions(returned value)`.
 
-    Checking once per step instead of per call matters: between a step's matmuls the caches hold
-    weights, not interpreter state, and a check per group cost ~5% of a 4-bit decode step."""
-    touched = []
+    Once per step, in one loop, because between a step's matmuls the CPU caches hold weights,
+    not interpreter state: checks spread over the layer calls cost ~5% of a 4-bit decode step."""
     grad = torch.is_grad_enabled()
+    fast: dict[tuple[nn.Module, str], nn.Module] = {}
     for parent in parents:
         fusions = parent.__dict__.get("_fusions")
-        if fusions and not parent.training:  # training mode runs the parts (release_fusions)
-            exact = {}
-            for name, fusion in list(fusions.items()):
-                module = _current(parent, name, fusion) if _parts_exact(parent, fusion) else None
-                if module is not None:
-                    exact[name] = module
-            parent.__dict__["_fast"] = (grad, exact)
-            touched.append(parent)
-    return touched
+        if not fusions or parent.training:  # training mode runs the parts (release_fusions)
+            continue
+        modules = parent._modules
+        for name, fusion in fusions.items():
+            exact, moved = True, fusion.module is None
+            for part_name, part, store, key, address in fusion.checks:
+                if (modules.get(part_name) is not part or part._forward_hooks or part._forward_pre_hooks
+                        or (grad and any(t is not None and t.requires_grad for t in part._parameters.values()))):
+                    exact = False
+                    break
+                tensor = store.get(key)
+                moved = moved or tensor is None or tensor.data_ptr() != address
+            module = (_refuse(parent, name, fusion) if moved else fusion.module) if exact else None
+            if module is not None:
+                fast[(parent, name)] = module
+    previous = getattr(_STEP, "fast", None)
+    _STEP.fast = fast
+    return previous
 
 
-def end_fusions(parents: list[nn.Module]) -> None:
-    for parent in parents:
-        parent.__dict__.pop("_fast", None)
+def end_fusions(previous: dict[tuple[nn.Module, str], nn.Module] | None) -> None:
+    _STEP.fast = previous
 
 
 def _parts_exact(parent: nn.Module, fusion: Fusion) -> bool:

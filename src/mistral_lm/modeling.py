@@ -291,8 +291,8 @@ class MistralModel(MistralPreTrainedModel):
         A driver may compile it for single-token steps (generation.py)."""
         every = self.gradient_checkpointing["every_n_layers"] if cache is None and self._checkpointing() else 0
         # fusion.py: the fused projections that are exact right now, validated once for the step
-        fast = [] if torch.compiler.is_compiling() else exact_fusions(
-            m for layer in self.layers for m in (layer.self_attn, layer.mlp))
+        compiling = torch.compiler.is_compiling()
+        previous = None if compiling else exact_fusions(self._fusable_parents())
         try:
             for i, layer in enumerate(self.layers):
                 if hidden is not None:
@@ -305,11 +305,21 @@ class MistralModel(MistralPreTrainedModel):
                 if attentions is not None:
                     attentions.append(weights)
         finally:
-            end_fusions(fast)
+            if not compiling:
+                end_fusions(previous)
         h = self.norm(h)
         if hidden is not None:
             hidden.append(h)
         return h
+
+    def _fusable_parents(self) -> list[nn.Module]:
+        """Every layer's attention and MLP, listed once per ModuleList: a module swapped in later
+        is simply not validated, so its layer runs the parts."""
+        cached = self.__dict__.get("_fusable")
+        if cached is None or cached[0] is not self.layers or cached[1] != len(self.layers):
+            parents = [m for layer in self.layers for m in (layer.self_attn, layer.mlp)]
+            cached = self.__dict__["_fusable"] = (self.layers, len(self.layers), parents)
+        return cached[2]
 
     def _checkpointing(self) -> bool:
         return bool(self.gradient_checkpointing) and self.training and torch.is_grad_enabled()

@@ -270,6 +270,7 @@ class Int4Linear(QuantizedLinear):
     portable_names = ("weight_packed", "weight_scale", "weight_zero")
     _buffer_names = ("packed", "scale_and_zero")
     _planes = 1  # copies of x the kernel sees; GGUFLinear's Q8_0 splits a byte into 2 planes
+    _strided = False  # scale_and_zero is a row view of a fused module's (view_rows)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64,
                  compute_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
@@ -303,7 +304,8 @@ class Int4Linear(QuantizedLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         wide = x.repeat(1, self._planes) if self._planes > 1 else x.contiguous()  # (M, planes*K)
         if x.shape[0] < self._kernel_rows and x.dtype == torch.bfloat16:
-            y = int4_mm(wide, self.packed, self.group_size, self.scale_and_zero.contiguous())
+            scale_and_zero = self.scale_and_zero.contiguous() if self._strided else self.scale_and_zero
+            y = int4_mm(wide, self.packed, self.group_size, scale_and_zero)
         else:  # packed rows start..end hold exactly output rows start..end (64-row blocks)
             y = _by_row_chunks(x.shape[0], self._rows, x, lambda start, end: wide @ dequantize_int4_t(
                 self.packed[start:end], self.scale_and_zero[:, start:end], self.group_size, end - start,
@@ -363,6 +365,7 @@ class Int4Linear(QuantizedLinear):
         end = start + self.out_features
         # scale_and_zero is (G, rows, 2): a strided view, made contiguous per call when used alone
         self.packed, self.scale_and_zero = fused.packed[start:end], fused.scale_and_zero[:, start:end]
+        self._strided = True
 
     def _set_codes(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Fill the kernel buffers from (N, planes*K) codes and (N, G) scales and zeros."""
@@ -381,6 +384,7 @@ class Int4Linear(QuantizedLinear):
     def _set_packed(self, packed: torch.Tensor, scale_and_zero: torch.Tensor) -> None:
         self.packed = packed
         self.scale_and_zero = scale_and_zero.contiguous()                                 # (G, rows, 2)
+        self._strided = False
         self._kernel_rows = int4_kernel_rows(self.packed.device)
 
 
