@@ -166,7 +166,7 @@ def test_qlora_on_gguf_blocks_trains_and_refuses_to_merge():
     from mistral_lm.training import register_lora_layers
 
     path = default_model_or_skip()
-    model = MistralForCausalLM.from_pretrained(path, gguf_native=True, torch_dtype=torch.float32)
+    model = MistralForCausalLM.from_pretrained(path, gguf_native=True)  # bfloat16: the int4 kernel path
     ours = peft.get_peft_model(model, register_lora_layers(_lora(target_modules=["q_proj", "v_proj"])))
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     ours.train()
