@@ -194,7 +194,7 @@ def _compute(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_
 
 # ---------------------------------------------------------------------------------- the ranks
 def _worker_parity(spec: dict) -> None:
-    from mistral_lm import parallel
+    from mistral_lm import AutoModelForCausalLM, parallel
     from mistral_lm.generation import generate
     from mistral_lm.errors import CheckpointError, ConfigError
 
@@ -202,7 +202,9 @@ def _worker_parity(spec: dict) -> None:
     runs = {**{name: (name, {}) for name in spec["folders"] if name in CASES}, **VARIANTS}
     for name, (case, options) in runs.items():
         began = time.perf_counter()
-        model = parallel.from_pretrained(spec["folders"][case], tp_size=WORLD, timeout_s=60, **options)
+        # Transformers' entry point and keywords: tp_plan="auto" under torchrun
+        model = AutoModelForCausalLM.from_pretrained(spec["folders"][case], tp_plan="auto", tp_size=WORLD,
+                                                     timeout_s=60, **options)
         ids, mask = _inputs(model.config.vocab_size)
         model.tensor_parallel.stats.reset()
         with torch.inference_mode():

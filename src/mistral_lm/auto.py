@@ -45,6 +45,15 @@ class _AutoModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """`tp_plan="auto"` (or `tp_size=N`), Transformers' keywords, under `torchrun`: this rank's
+        tensor-parallel shard, read slice by slice (`mistral_lm.parallel.from_pretrained`)."""
+        if kwargs.get("tp_plan") is not None or kwargs.get("tp_size") is not None:
+            from .parallel import from_pretrained as sharded
+
+            if args:
+                raise TypeError("with tp_plan, pass from_pretrained's options as keywords")
+            kwargs.setdefault("tp_plan", "auto")
+            return sharded(path, cls=cls._cls(), **kwargs)
         return cls._cls().from_pretrained(path, *args, **kwargs)
 
     @classmethod
