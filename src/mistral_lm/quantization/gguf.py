@@ -243,19 +243,28 @@ def _code_bytes(b: torch.Tensor, ggml_type: Q) -> tuple[torch.Tensor, bool]:
     return (b[..., 2:34] ^ 128).reshape(b.shape[0], 1, -1), True        # (rows, 1, K): u = q + 128
 
 
+_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
+_HIGH_NIBBLES = 0xF0F0F0F0F0F0F0F0 - (1 << 64)  # as a signed int64 (torch has no uint64 and/or)
+
+
 def _interleave(u: torch.Tensor, out: torch.Tensor, block_rows: int, high_first: bool) -> None:
     """Write code bytes `u` (rows, *runs, s) into `out` (rows, codes/2) in the CPU int4 layout.
 
     The layout (kernels.py) stores, per block of R rows, column k as R/2 bytes: byte j holds
     row j's code in its low nibble and row j + R/2's in the high one. With a = row j's bytes and
     b = row j + R/2's, (a & 15) | (b << 4) is that byte for the low-nibble run and
-    (a >> 4) | (b & 0xF0) for the high-nibble run: two byte operations and one transposing copy,
-    no (rows, K) array of single codes. E.g. Q4_0 (s = 16): columns 32g + t and 32g + 16 + t.
+    (a >> 4) | (b & 0xF0) for the high-nibble run: byte operations (done 8 bytes at a time on
+    int64 words, masks keeping each byte's nibbles apart) and one transposing copy, no (rows, K)
+    array of single codes. E.g. Q4_0 (s = 16): columns 32g + t and 32g + 16 + t.
     """
     rows, s, half = u.shape[0], u.shape[-1], block_rows // 2
-    pairs = u.reshape(rows // block_rows, 2, half, *u.shape[1:])      # (nb, 2, R/2, *runs, s)
+    if not u.is_contiguous() or u.storage_offset() % 8:  # int64 words need aligned, dense bytes
+        u = u.clone(memory_format=torch.contiguous_format)
+    words = u.view(torch.int64)                                        # s is a multiple of 8
+    pairs = words.reshape(rows // block_rows, 2, half, *words.shape[1:])  # (nb, 2, R/2, *runs, s/8)
     a, b = pairs[:, 0], pairs[:, 1]
-    low, high = (a & 15) | (b << 4), (a >> 4) | (b & 0xF0)            # (nb, R/2, *runs, s)
+    low = (a & _LOW_NIBBLES).bitwise_or_((b << 4).bitwise_and_(_HIGH_NIBBLES)).view(torch.uint8)
+    high = (a >> 4).bitwise_and_(_LOW_NIBBLES).bitwise_or_(b & _HIGH_NIBBLES).view(torch.uint8)  # (nb, R/2, *runs, s)
     target = out.view(rows // block_rows, *u.shape[1:-1], 2, s, half)   # (nb, *runs, 2, s, R/2)
     to_k_major = (0, *range(2, low.dim()), 1)
     for plane, codes in enumerate((high, low) if high_first else (low, high)):
