@@ -54,13 +54,19 @@ def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]], raw: bool) -> torch.Tensor:
-    if raw or not getattr(tokenizer, "chat_template", None):
+    """The chat prompt as `apply_chat_template` renders it (a tokenizer without a template of its own
+    uses the Mistral instruct format, the one `finetune` trains on); `--raw`: the text alone."""
+    if raw:
         return tokenizer(messages[-1]["content"], return_tensors="pt")["input_ids"]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model, args.dtype, args.quantize)
+    if args.adapter:  # checked against the model before anything loads (training.load_adapter)
+        from .training import load_adapter
+
+        model = load_adapter(model, args.adapter).eval()
     ids = _prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}], args.raw)
     start = time.perf_counter()
     text = _reply(model, tokenizer, ids, args)
@@ -119,6 +125,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    mode = "full" if args.full else "qlora" if args.qlora else "lora"
+    config = FinetuneConfig(data=args.data, out=args.out, model=args.model, mode=mode, steps=args.steps,
+                            batch_size=args.batch_size, lr=args.lr, max_length=args.max_length, lora_r=args.lora_r,
+                            lora_alpha=args.lora_alpha, targets=tuple(args.target_modules.split(",")),
+                            gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
+                            resume=args.resume, skip_bad_lines=args.skip_bad_lines, eval_data=args.eval_data,
+                            seed=args.seed)
+    results = finetune(config)
+    print(" ".join(f"{k}={v:.4f}" for k, v in results.items()), file=sys.stderr)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401  (only: is the extra installed?)
@@ -162,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = add("generate", cmd_generate, "continue or answer one prompt")
     gen.add_argument("prompt")
     gen.add_argument("--raw", action="store_true", help="no chat template: plain continuation")
+    gen.add_argument("--adapter", default=None, help="a LoRA adapter folder (mistral-lm finetune, or peft's)")
     sampling_flags(gen)
     chat = add("chat", cmd_chat, "interactive chat (reads stdin)")
     chat.add_argument("--system", default=None, help="system prompt")
@@ -172,6 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--max-shard-size", default="5GB")
     conv.add_argument("--layout", default="hf", choices=["hf", "mistral"],
                       help="hf: config.json + model*.safetensors; mistral: params.json + consolidated*.safetensors")
+    tune = add("finetune", cmd_finetune, "supervised fine-tuning on chat JSON lines (LoRA by default)")
+    tune.add_argument("--data", required=True, help='JSON lines of {"messages": [{"role", "content"}, ...]}')
+    tune.add_argument("--out", required=True, help="output folder: the adapter (or model) and checkpoints")
+    how = tune.add_mutually_exclusive_group()
+    how.add_argument("--qlora", action="store_true", help="LoRA over 4-bit weights (a GGUF's blocks, else NF4)")
+    how.add_argument("--full", action="store_true", help="train every weight and save the whole model")
+    tune.add_argument("--steps", type=int, default=100)
+    tune.add_argument("--batch-size", type=int, default=4)
+    tune.add_argument("--lr", type=float, default=2e-4)
+    tune.add_argument("--max-length", type=int, default=512, help="longer conversations are left out (counted)")
+    tune.add_argument("--lora-r", type=int, default=8)
+    tune.add_argument("--lora-alpha", type=int, default=16)
+    tune.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    tune.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~30% more time")
+    tune.add_argument("--save-every", type=int, default=50, help="steps between resumable checkpoints")
+    tune.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    tune.add_argument("--skip-bad-lines", action="store_true", help="skip (and name) data lines that are not chats")
+    tune.add_argument("--eval-data", default=None, help="held-out chats: their loss is printed before and after")
+    tune.add_argument("--seed", type=int, default=0)
     serve = add("serve", cmd_serve, "OpenAI-compatible HTTP server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
