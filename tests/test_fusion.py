@@ -219,3 +219,21 @@ def test_training_mode_releases_the_fused_storage(tmp_path, quant):
     attn = fused.model.layers[0].self_attn
     with torch.no_grad():
         assert _storage(attn.q_proj) == _storage(_exact(attn, "qkv_proj"))
+
+
+@pytest.mark.parametrize("rows", [(128, 64, 64), (64, 192)])
+def test_int4_parts_stack_in_the_kernel_layout_as_the_portable_path_does(rows):
+    """Int4Linear.concat stacks whole 64-row blocks as stored; QuantizedLinear.concat (the portable
+    round trip) is the reference: same buffers, and the fused module computes cat of the parts."""
+    from mistral_lm.quantization.modules import Int4Linear, QuantizedLinear
+
+    torch.manual_seed(0)
+    parts = [Int4Linear.from_linear(nn.Linear(128, n, bias=False)) for n in rows]
+    if not parts[0].can_view_rows(0):
+        pytest.skip("this device's int4 layout is not stored row block by row block")
+    fast, reference = Int4Linear.concat(parts), QuantizedLinear.concat.__func__(Int4Linear, parts)
+    assert torch.equal(fast.packed, reference.packed)
+    assert torch.equal(fast.scale_and_zero, reference.scale_and_zero)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(fast(x), torch.cat([p(x) for p in parts], dim=-1))
