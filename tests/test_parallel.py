@@ -456,7 +456,7 @@ def test_gguf_blocks_shard_without_requantizing(kind) -> None:
         shard_gguf_blocks(tensor, Split(1, 0, 160 if kind == "Q4_K" else 48))
 
 
-def test_shard_model_in_memory_matches_the_plan() -> None:
+def test_shard_model_in_memory_matches_the_plan(tmp_path) -> None:
     """shard_model on an in-memory model: weights are the plan's slices, heads and config divided."""
     from mistral_lm import MistralForCausalLM
     from mistral_lm.parallel import plan_tensor_parallel, shard_model
@@ -471,6 +471,8 @@ def test_shard_model_in_memory_matches_the_plan() -> None:
     assert (attention.num_heads, attention.num_kv_heads) == (2, 1)
     assert model.config.num_key_value_heads == 1 and model.tensor_parallel.full_config.num_key_value_heads == 2
     assert model.make_cache(1).keys[0].shape[1] == 1
+    with pytest.raises(CheckpointError, match="tensor-parallel shard"):  # it would write slices as a model
+        model.save_pretrained(tmp_path)
 
 
 # ---------------------------------------------------------------------------------- faults

@@ -250,6 +250,9 @@ class MistralPreTrainedModel(nn.Module):
         """Write config.json and safetensors weights in the Transformers layout."""
         if not safe_serialization:
             raise CheckpointError("only safetensors output is written (safe_serialization=True)")
+        if getattr(self, "tensor_parallel", None) is not None:  # one rank's slices, with divided head counts
+            raise CheckpointError("this model is one rank's tensor-parallel shard; save the checkpoint it was "
+                                  "loaded from, or load it in one process to save it")
         from .quantization.gguf import GGUFLinear
 
         if any(isinstance(m, GGUFLinear) for m in self.modules()):
