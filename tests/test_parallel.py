@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 
+from mistral_lm.errors import CheckpointError
 from mistral_lm.quantization import BitsAndBytesConfig, quantize_model
 
 if __name__ != "__main__":
