@@ -490,3 +490,13 @@ def test_importing_mistral_lm_does_not_import_jax():
     jax_only = "import sys, mistral_lm.flax; assert 'torch' not in sys.modules, 'torch imported'"
     for code in (torch_only, jax_only):
         subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_flax_refuses_settings_it_does_not_trace():
+    """min_p and no_repeat_ngram_size run in the PyTorch picker only: Flax refuses them, never ignores."""
+    from mistral_lm.flax.generation import resolve_settings
+
+    config = tiny_config()
+    for bad in ({"min_p": 0.1, "do_sample": True}, {"no_repeat_ngram_size": 2}):
+        with pytest.raises(GenerationError, match="not supported by the Flax generate"):
+            resolve_settings(config, GenerationConfig(max_new_tokens=4, **bad), 3)

@@ -156,3 +156,20 @@ def test_compile_flag_is_validated():
     model = MistralForCausalLM(tiny_config()).eval()
     with pytest.raises(GenerationError, match="compile"):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, compile="yes")
+
+
+def test_no_repeat_ngram_greedy_and_min_p_validation_match_transformers(tmp_path):
+    ours, ref = _pair(tmp_path, sliding_window=6)
+    ids, mask = _left_padded([12, 7])
+    a = ours.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=None, pad_token_id=0,
+                      no_repeat_ngram_size=2)
+    b = ref.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None,
+                     pad_token_id=0, no_repeat_ngram_size=2)
+    assert torch.equal(a, b)
+    for row in a.tolist():
+        answer = row[ids.shape[1]:]  # the new tokens: each avoided every bigram before it
+        grams = [tuple(answer[i:i + 2]) for i in range(len(answer) - 1)]
+        assert len(grams) == len(set(grams))
+    for bad in ({"min_p": 1.5}, {"min_p": -0.1}, {"no_repeat_ngram_size": -1}):
+        with pytest.raises(GenerationError, match=next(iter(bad))):
+            ours.generate(ids, attention_mask=mask, max_new_tokens=2, **bad)

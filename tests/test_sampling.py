@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -122,3 +123,20 @@ def test_picker_applies_bias_and_penalties_to_greedy_picks():
     assert sampling.make_picker(config, logit_bias={3: 100.0})(logits, history).tolist() == [3]
     assert sampling.make_picker(config, frequency_penalty=0.6)(logits, history).tolist() == [1]  # 3 - 2*0.6 < 2
     assert sampling.make_picker(config, presence_penalty=0.6)(logits, history).tolist() == [0]  # 3 - 0.6 > 2
+
+
+def test_min_p_and_no_repeat_ngram_equal_transformers_processors():
+    """The pure filters against Transformers' own MinPLogitsWarper and NoRepeatNGramLogitsProcessor."""
+    transformers = pytest.importorskip("transformers")
+    from mistral_lm.sampling import min_p_filter, no_repeat_ngram
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    for min_p in (0.05, 0.3, 1.0):
+        expected = transformers.MinPLogitsWarper(min_p=min_p)(None, logits.clone())
+        assert torch.equal(min_p_filter(logits, min_p), expected), min_p
+    ids = torch.randint(0, 6, (4, 30))  # a small alphabet: many repeated n-grams
+    for n in (1, 2, 3, 5):
+        expected = transformers.NoRepeatNGramLogitsProcessor(n)(ids, logits.clone())
+        assert torch.equal(no_repeat_ngram(logits, ids, n), expected), n
+    assert torch.equal(no_repeat_ngram(logits, ids[:, :2], 4), logits)  # too short to hold an n-gram

@@ -39,6 +39,8 @@ class GenerationConfig:
     top_k: int = 50
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    min_p: float | None = None  # sampling: drop tokens below min_p x the top token's probability
+    no_repeat_ngram_size: int = 0  # never repeat an n-gram of the prompt and answer (0: off)
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -80,6 +82,12 @@ class GenerationConfig:
             raise GenerationError(f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}")
         if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.min_p is not None and (isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float))
+                                       or not 0 <= self.min_p <= 1):
+            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
+            raise GenerationError(f"no_repeat_ngram_size must be a non-negative integer (0 disables it), "
+                                  f"got {self.no_repeat_ngram_size!r}")
         if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             raise GenerationError(f"num_return_sequences must be >= 1, got {self.num_return_sequences!r}")
         if self.num_return_sequences > 1 and not self.do_sample:

@@ -78,14 +78,40 @@ def suppress(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
     return logits
 
 
+def min_p_filter(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
+    """Drop tokens whose probability is below `min_p` times the most likely token's (the top one
+    always stays); None or 0 filters nothing."""
+    if not min_p:
+        return logits
+    probs = logits.float().softmax(dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+def no_repeat_ngram(logits: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Ban, in each row, every token that would complete an n-gram already in that row's `ids`
+    (the tokens after each earlier occurrence of the last n-1 ids); 0 bans nothing."""
+    if n <= 0 or ids.shape[1] + 1 < n:
+        return logits
+    banned: list[tuple[int, int]] = []
+    for b, row in enumerate(ids.tolist()):
+        tail = row[len(row) - n + 1:] if n > 1 else []
+        banned += [(b, row[i + n - 1]) for i in range(len(row) - n + 1) if row[i:i + n - 1] == tail]
+    if not banned:
+        return logits
+    rows, cols = zip(*banned)
+    out = logits.clone()
+    out[list(rows), list(cols)] = float("-inf")
+    return out
+
+
 def process(
     logits: torch.Tensor, ids: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int,
-    top_p: float, repetition_penalty_value: float,
+    top_p: float, repetition_penalty_value: float, min_p: float | None = None, no_repeat_ngram_size: int = 0,
 ) -> torch.Tensor:
     """All processors in Transformers' order; warpers only apply when sampling."""
-    logits = repetition_penalty(logits, ids, repetition_penalty_value)
+    logits = no_repeat_ngram(repetition_penalty(logits, ids, repetition_penalty_value), ids, no_repeat_ngram_size)
     if do_sample:
-        logits = top_p_filter(top_k_filter(temperature_scale(logits, temperature), top_k), top_p)
+        logits = min_p_filter(top_p_filter(top_k_filter(temperature_scale(logits, temperature), top_k), top_p), min_p)
     return logits
 
 
@@ -98,12 +124,13 @@ def make_picker(config: Any, *, presence_penalty: float = 0.0, frequency_penalty
     generated tokens only when using them (the server does; generate() leaves them at 0)."""
     do_sample, temperature, top_k, top_p = config.do_sample, config.temperature, config.top_k, config.top_p
     penalty = config.repetition_penalty
+    min_p, ngram = getattr(config, "min_p", None), getattr(config, "no_repeat_ngram_size", 0)
     bias = dict(logit_bias or {})
 
     def pick(logits: torch.Tensor, history: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         scores = add_bias(openai_penalties(logits.float(), history, presence_penalty, frequency_penalty), bias)
         scores = process(scores, history, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                         top_p=top_p, repetition_penalty_value=penalty)
+                         top_p=top_p, repetition_penalty_value=penalty, min_p=min_p, no_repeat_ngram_size=ngram)
         return sample(scores, generator) if do_sample else greedy(scores)
 
     return pick

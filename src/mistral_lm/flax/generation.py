@@ -70,6 +70,9 @@ def resolve_settings(config: Any, gen: GenerationConfig, prompt_length: int) -> 
     else 0. `use_cache` and `compile` change nothing here: the Flax program always is both.
     """
     gen.validate(config.vocab_size)
+    if gen.min_p or gen.no_repeat_ngram_size:  # not traced into the Flax program: refuse, never ignore
+        raise GenerationError("min_p and no_repeat_ngram_size are not supported by the Flax generate; use the "
+                              "PyTorch model")
     max_new = gen.max_new_tokens if gen.max_new_tokens is not None else gen.max_length - prompt_length
     if max_new < 0:
         raise GenerationError(
