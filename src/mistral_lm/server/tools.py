@@ -20,22 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import string
 from dataclasses import dataclass
 from typing import Any
 
 from .. import grammar
 from ..errors import ToolCallError
-from ..tokenizer.mistral_chat import new_call_id
+from ..tokenizer.mistral_chat import CALL_ID, CALL_ID_ALPHABET, TOOL_NAME, new_call_id
 from .protocol import ProtocolError
 
 __all__ = ["ToolRequest", "generic_messages", "generic_reply", "mistral_messages", "parse_tools", "reply_message",
            "supports_tools", "tool_call_constraint"]
 
-_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-_MISTRAL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
-_ALPHABET = string.ascii_letters + string.digits
 
 
 @dataclass(frozen=True)
@@ -76,7 +71,7 @@ def parse_tools(body: dict[str, Any], tokenizer: Any) -> ToolRequest | None:
             raise ProtocolError(f"tools[{k}] must be {{type: 'function', function: {{name, description, "
                                 f"parameters}}}}", f"tools[{k}]")
         name = function.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
             raise ProtocolError(f"tools[{k}].function.name must be 1-64 of a-z, A-Z, 0-9, _ and -, got {name!r}",
                                 f"tools[{k}].function.name")
         if name in names:
@@ -152,13 +147,13 @@ def tool_call_constraint(tokenizer: Any, request: ToolRequest) -> grammar.Constr
 
 def mistral_call_id(client_id: Any) -> str:
     """A client's tool call id as 9 alphanumerics: kept when it already is, else a digest of it."""
-    if isinstance(client_id, str) and _MISTRAL_ID.match(client_id):
+    if isinstance(client_id, str) and CALL_ID.match(client_id):
         return client_id
     digest = int.from_bytes(hashlib.sha256(str(client_id).encode()).digest()[:8], "big")
     out = []
     for _ in range(9):
-        digest, k = divmod(digest, len(_ALPHABET))
-        out.append(_ALPHABET[k])
+        digest, k = divmod(digest, len(CALL_ID_ALPHABET))
+        out.append(CALL_ID_ALPHABET[k])
     return "".join(out)
 
 

@@ -58,8 +58,10 @@ _TEKKEN_CHAT_VERSIONS = ("v3", "v7")  # the Tekken files mistral-common ships ar
 _JOIN = "\n\n"
 _NEXT_ROLES = {"system": {"system", "user", "assistant"}, "user": {"user", "system", "assistant"},
                "assistant": {"assistant", "user", "tool"}, "tool": {"tool", "assistant", "user"}}
-_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
-_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# mistral-common's rules for tool call ids (v3+) and function names; server/tools.py checks by them too
+CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+CALL_ID_ALPHABET = string.ascii_letters + string.digits
 _SP_NAME = re.compile(r"\.model\.(v\d+)(m\d+)?$")
 
 
@@ -137,7 +139,7 @@ def _json_value(text: Any) -> Any:
 def _call_id(value: Any, where: str, version: str) -> str | None:
     if version == "v2":  # v2 encodes no ids
         return value if isinstance(value, str) else None
-    if not isinstance(value, str) or not _CALL_ID.match(value):
+    if not isinstance(value, str) or not CALL_ID.match(value):
         raise TokenizerError(f"{where} must be 9 characters of a-z, A-Z and 0-9 (the {version} format's tool call "
                              f"ids), got {value!r}")
     return value
@@ -159,7 +161,7 @@ def _calls(message: Mapping[str, Any], k: int, version: str) -> tuple[_Call, ...
             raise TokenizerError(f"{where} must be {{'id': ..., 'type': 'function', 'function': {{'name': ..., "
                                  f"'arguments': ...}}}}, got {call!r}")
         name = function.get("name")
-        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
             raise TokenizerError(f"{where}.function.name {name!r} must be 1-64 of a-z, A-Z, 0-9, _ and -")
         arguments = function.get("arguments")
         if arguments is not None and not isinstance(arguments, (str, Mapping)):
@@ -173,7 +175,7 @@ def _tool_result(message: Mapping[str, Any], k: int, version: str) -> _Message:
     if version == "v1":
         raise TokenizerError(f"messages[{k}]: v1 tokenizers have no tool tokens: tool results need a v2+ tokenizer")
     name = message.get("name")
-    if name is not None and (not isinstance(name, str) or not _TOOL_NAME.match(name)):
+    if name is not None and (not isinstance(name, str) or not TOOL_NAME.match(name)):
         raise TokenizerError(f"messages[{k}].name {name!r} must be 1-64 of a-z, A-Z, 0-9, _ and -")
     call_id = _call_id(message.get("tool_call_id"), f"messages[{k}].tool_call_id", version)
     return _Message("tool", _text(message, k, allow_empty=True), call_id=call_id, name=name)
@@ -262,7 +264,7 @@ def _tools_json(tools: Sequence[Mapping[str, Any]]) -> str:
                                  f"'description': ..., 'parameters': {{...}}}}}}, got {tool!r}")
         name, description = function.get("name"), function.get("description", "")
         parameters = function.get("parameters")  # required, as in mistral-common
-        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
             raise TokenizerError(f"tools[{k}]: function name {name!r} must be 1-64 of a-z, A-Z, 0-9, _ and -")
         if not isinstance(description, str) or not isinstance(parameters, Mapping):
             raise TokenizerError(f"tools[{k}]: 'description' must be a string and 'parameters' a dict (a JSON "
@@ -347,12 +349,9 @@ def encode_chat(messages: Sequence[Mapping[str, Any]], version: str, encode_text
     return ids
 
 
-_ID_ALPHABET = string.ascii_letters + string.digits
-
-
 def new_call_id() -> str:
     """A fresh tool call id in the 9-alphanumeric form Mistral's v3+ formats require."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(9))
+    return "".join(secrets.choice(CALL_ID_ALPHABET) for _ in range(9))
 
 
 def parse_tool_calls(ids: Sequence[int], decode: Callable[[list[int]], str], tool_calls_id: int,
@@ -396,7 +395,7 @@ def _parsed_call(call: Any, where: str, make_id: Callable[[], str]) -> dict[str,
     if not isinstance(call, dict):
         raise ToolCallError(f"{where}: expected an object with 'name' and 'arguments', got {call!r:.200}")
     name, arguments = call.get("name"), call.get("arguments", {})
-    if not isinstance(name, str) or not _TOOL_NAME.match(name):
+    if not isinstance(name, str) or not TOOL_NAME.match(name):
         raise ToolCallError(f"{where}: 'name' must be a function name (1-64 of a-z, A-Z, 0-9, _ and -), "
                             f"got {name!r:.100}")
     if isinstance(arguments, str):  # some models write the arguments as a JSON string
@@ -407,6 +406,6 @@ def _parsed_call(call: Any, where: str, make_id: Callable[[], str]) -> dict[str,
     if not isinstance(arguments, dict):
         raise ToolCallError(f"{where} ({name}): 'arguments' must be a JSON object, got {arguments!r:.200}")
     call_id = call.get("id")
-    if not isinstance(call_id, str) or not _CALL_ID.match(call_id):
+    if not isinstance(call_id, str) or not CALL_ID.match(call_id):
         call_id = make_id()
     return {"id": call_id, "name": name, "arguments": _dump(arguments)}
