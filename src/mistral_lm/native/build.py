@@ -1,0 +1,128 @@
+"""Compile the project's C kernels once per machine and load them with ctypes.
+
+Why C through ctypes rather than a torch C++ extension: a C file builds in about a second with
+only the system compiler (torch's headers take a minute and need ninja), so `make install` and a
+fresh `pip install` both work with Python and a C compiler, as the README promises. Kernels are
+compiled with `-fopenmp` and linked by soname to `libgomp.so.1`, which torch has already loaded:
+our parallel regions run on torch's own OpenMP runtime, not a second thread pool.
+
+The shared object is cached under ``$MISTRAL_LM_CACHE`` (default ``~/.cache/mistral_lm``) in
+``native/<name>-<hash>.so``, the hash covering the source, the flags and the compiler's version,
+so an edit or another compiler rebuilds and a stale file is never loaded. Where nothing can be
+compiled (no compiler, `MISTRAL_LM_NATIVE=0`), `library` returns None and callers keep their
+pure-torch path, which is also the reference the tests compare every kernel with.
+
+Instruction sets: each library picks its fastest path at run time (`__builtin_cpu_supports`)
+and exports ``int mlm_set_isa(int cap)`` to cap it. `isa_cap` reads the cap from
+``MISTRAL_LM_NATIVE_ISA`` (scalar / avx2 / avx512) or else from torch's own
+``ATEN_CPU_CAPABILITY`` (default / avx2 / avx512), so the second kernel set the numerics tests
+run under covers our kernels too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch  # noqa: F401  (loads libgomp.so.1 before any of our libraries binds to it)
+
+SOURCE_DIR = Path(__file__).resolve().parent
+FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-Wall"]
+ISA = {"scalar": 0, "avx2": 1, "avx512": 2, "default": 2}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MISTRAL_LM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mistral_lm")
+    return Path(root) / "native"
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def enabled() -> bool:
+    return os.environ.get("MISTRAL_LM_NATIVE", "1").lower() not in ("0", "off", "false", "no")
+
+
+def isa_cap() -> int:
+    """The widest instruction set the kernels may use: 0 scalar, 1 AVX2, 2 AVX-512."""
+    own = os.environ.get("MISTRAL_LM_NATIVE_ISA", "").lower()
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    for value in (own, aten):
+        if value in ISA:
+            return ISA[value]
+    return ISA["default"]
+
+
+@functools.cache
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def shared_object(name: str) -> Path | None:
+    """Build `<name>.c` into the cache if it is not there yet; None if it cannot be built."""
+    source = SOURCE_DIR / f"{name}.c"
+    cc = compiler()
+    if cc is None or not source.is_file():
+        return None
+    text = source.read_bytes()
+    headers = b"".join(p.read_bytes() for p in sorted(SOURCE_DIR.glob("*.h")))
+    key = hashlib.sha256(text + headers + " ".join(FLAGS).encode() + _compiler_version(cc).encode()
+                         + sys.platform.encode()).hexdigest()[:16]
+    target = cache_dir() / f"{name}-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, f"-I{SOURCE_DIR}", str(source), "-o", tmp, "-lm"],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            warnings.warn(f"mistral_lm: could not compile {source.name} with {cc}; using the pure-torch "
+                          f"path instead (slower). Compiler said:\n{done.stderr[-2000:]}", RuntimeWarning,
+                          stacklevel=3)
+            return None
+        os.replace(tmp, target)  # atomic: a concurrent process sees the old state or the whole file
+        return target
+    except (OSError, subprocess.SubprocessError) as exc:
+        warnings.warn(f"mistral_lm: could not compile {source.name}: {exc}; using the pure-torch path",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def library(name: str) -> ctypes.CDLL | None:
+    """The loaded library `name` (compiled on first use and cached), its ISA capped by
+    `isa_cap()`; None when native kernels are off or cannot be built here."""
+    if not enabled():
+        return None
+    path = shared_object(name)
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    if hasattr(lib, "mlm_set_isa"):
+        lib.mlm_set_isa.argtypes = [ctypes.c_int]
+        lib.mlm_set_isa.restype = ctypes.c_int
+        lib.mlm_set_isa(isa_cap())
+    return lib
+
+
+def build_all() -> dict[str, Path | None]:
+    """Compile every kernel source (`python -m mistral_lm.native`, run by `make install`)."""
+    return {p.stem: shared_object(p.stem) for p in sorted(SOURCE_DIR.glob("*.c"))}
