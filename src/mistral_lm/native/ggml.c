@@ -1,0 +1,241 @@
+/* Linear layers computed directly on llama.cpp's GGUF quantized blocks (see ggml.py for the
+ * numerics). Activations are quantized per 32 values to int8 codes with one float scale, weight
+ * blocks are multiplied with them in exact integer arithmetic, and the float scaling happens once
+ * per 32-block.
+ *
+ * Three paths, chosen at run time and capped by mlm_set_isa: AVX-512 VNNI (vpdpbusd on 256-bit
+ * vectors, 32 registers: 4x4 tiles), AVX2 (vpmaddubsw + vpmaddwd, 2x4 tiles) and portable C. All
+ * three compute the same exact int32 lanes and then the same float operations in the same order,
+ * so they agree bit for bit (the tests check it). */
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
+
+/* One quantized activation block: 32 int8 codes, the sums of each 4 consecutive codes (one per
+ * int32 lane of the dot products), the scale; 64 bytes, one cache line. */
+typedef struct {
+    int8_t q[32];
+    int16_t s[8];
+    float d;
+    uint8_t pad[12];
+} xblock;
+
+_Static_assert(sizeof(xblock) == 64, "activation block is one cache line");
+
+#define M_CHUNK 64
+
+static int type_bytes(int type) {
+    switch (type) {
+    case T_Q4_0: return 18;
+    case T_Q4_1: return 20;
+    case T_Q8_0: return 34;
+    case T_Q4_K: return 144;
+    case T_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+static int type_block(int type) { return type == T_Q4_K || type == T_Q6_K ? 256 : 32; }
+
+/* Q4_K's 6-bit scale and min of 32-sub-block j from the 12 packed bytes. */
+static inline void q4k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* ------------------------------------------------------------------ scalar */
+
+static float f16_scalar(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
+    float f;
+    if (exp == 0) {
+        f = (float)man * (1.0f / 16777216.0f); /* zero or subnormal: exact */
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static float hsum8_scalar(const float *v) {
+    float a0 = v[0] + v[4], a1 = v[1] + v[5], a2 = v[2] + v[6], a3 = v[3] + v[7];
+    return (a0 + a2) + (a1 + a3);
+}
+
+/* Weight 32-block b of one row as unsigned codes u, offset, per-lane integer scales, cw and mw. */
+static void decode_scalar(int type, const uint8_t *row, int64_t b, int u[32], int *off, int scl[8], float *cw,
+                          float *mw) {
+    *mw = 0.0f;
+    *off = 0;
+    for (int l = 0; l < 8; l++) scl[l] = 1;
+    if (type == T_Q4_0 || type == T_Q4_1) {
+        const uint8_t *blk = row + b * (type == T_Q4_0 ? 18 : 20), *q = blk + (type == T_Q4_0 ? 2 : 4);
+        for (int j = 0; j < 16; j++) {
+            u[j] = q[j] & 15;
+            u[j + 16] = q[j] >> 4;
+        }
+        *cw = f16_scalar(blk);
+        if (type == T_Q4_0) *off = 8;
+        else *mw = f16_scalar(blk + 2);
+    } else if (type == T_Q8_0) {
+        const uint8_t *blk = row + b * 34;
+        for (int j = 0; j < 32; j++) u[j] = blk[2 + j] ^ 0x80;
+        *cw = f16_scalar(blk);
+        *off = 128;
+    } else if (type == T_Q4_K) {
+        const uint8_t *blk = row + (b >> 3) * 144, *q = blk + 16 + 32 * ((b & 7) >> 1);
+        const int j = (int)(b & 7);
+        for (int e = 0; e < 32; e++) u[e] = (j & 1) ? q[e] >> 4 : q[e] & 15;
+        int sc, mn;
+        q4k_scale_min(blk + 4, j, &sc, &mn);
+        *cw = f16_scalar(blk) * (float)sc;
+        *mw = -(f16_scalar(blk + 2) * (float)mn);
+    } else { /* T_Q6_K */
+        const uint8_t *blk = row + (b >> 3) * 210;
+        const int j = (int)(b & 7), h = j >> 2, t = j & 3;
+        const uint8_t *ql = blk + 64 * h + 32 * (t & 1), *qh = blk + 128 + 32 * h;
+        for (int e = 0; e < 32; e++) u[e] = ((t & 2) ? ql[e] >> 4 : ql[e] & 15) | (((qh[e] >> (2 * t)) & 3) << 4);
+        for (int l = 0; l < 8; l++) scl[l] = (int8_t)blk[192 + 2 * j + (l >> 2)];
+        *cw = f16_scalar(blk + 208);
+        *off = 32;
+    }
+}
+
+static void matmul_scalar(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
+                          int64_t ldw, float *out, int64_t ldo, int nthreads) {
+    const int has_min = type == T_Q4_1 || type == T_Q4_K;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        float *acc = malloc(sizeof(float) * 8 * (size_t)M);
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        for (int64_t n = N * t / nt; acc && n < N * (t + 1) / nt; n++) {
+            memset(acc, 0, sizeof(float) * 8 * (size_t)M);
+            for (int64_t b = 0; b < nb; b++) {
+                int u[32], off, scl[8];
+                float cw, mw;
+                decode_scalar(type, w + n * ldw, b, u, &off, scl, &cw, &mw);
+                for (int64_t m = 0; m < M; m++) {
+                    const xblock *xb = x + m * nb + b;
+                    const float c = cw * xb->d;
+                    float *a = acc + 8 * m;
+                    for (int l = 0; l < 8; l++) {
+                        int32_t s = 0;
+                        for (int e = 4 * l; e < 4 * l + 4; e++) s += u[e] * xb->q[e];
+                        a[l] = fmaf(c, (float)(scl[l] * (s - off * xb->s[l])), a[l]);
+                        if (has_min) a[l] = fmaf(mw, xb->d * (float)xb->s[l], a[l]);
+                    }
+                }
+            }
+            for (int64_t m = 0; m < M; m++) out[m * ldo + n] = hsum8_scalar(acc + 8 * m);
+        }
+        free(acc);
+    }
+}
+
+static void quantize_scalar(const float *x, int64_t M, int64_t K, int64_t ldx, xblock *out, int nthreads) {
+    const int64_t nb = K / 32;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M * K >= 65536) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const float *src = x + m * ldx + 32 * b;
+            xblock *dst = out + m * nb + b;
+            float amax = 0.0f;
+            for (int e = 0; e < 32; e++) amax = fmaxf(amax, fabsf(src[e]));
+            const float d = amax / 127.0f;
+            memset(dst, 0, sizeof *dst);
+            dst->d = d;
+            if (d == 0.0f) continue;
+            for (int e = 0; e < 32; e++) dst->q[e] = (int8_t)nearbyintf(src[e] / d);
+            for (int l = 0; l < 8; l++) dst->s[l] = dst->q[4 * l] + dst->q[4 * l + 1] + dst->q[4 * l + 2] + dst->q[4 * l + 3];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ SIMD instantiations */
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+#define ISA avx512
+#define VNNI 1
+#define MR 4
+#define NR 4
+#include "ggml_tile.h"
+#pragma GCC pop_options
+#undef ISA
+#undef VNNI
+#undef MR
+#undef NR
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define ISA avx2
+#define VNNI 0
+#define MR 2
+#define NR 4
+#include "ggml_tile.h"
+#pragma GCC pop_options
+#undef ISA
+#undef VNNI
+#undef MR
+#undef NR
+
+/* ------------------------------------------------------------------ exported API */
+
+static int isa_level = -1;
+
+static int cpu_level(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2"))
+        return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1; /* f16c comes with them */
+    return 0;
+}
+
+int mlm_set_isa(int cap) {
+    const int cpu = cpu_level();
+    isa_level = cap < cpu ? (cap < 0 ? 0 : cap) : cpu;
+    return isa_level;
+}
+
+int mlm_ggml_xblock_bytes(void) { return (int)sizeof(xblock); }
+
+/* x float32 (M, K) with row stride ldx -> out: M * K/32 blocks. K % 32 == 0. */
+void mlm_ggml_quantize(const float *x, int64_t M, int64_t K, int64_t ldx, void *out, int nthreads) {
+    if (isa_level < 0) mlm_set_isa(2);
+    if (isa_level >= 1) quantize_avx2(x, M, K, ldx, out, nthreads);
+    else quantize_scalar(x, M, K, ldx, out, nthreads);
+}
+
+/* out[m, n] (row stride ldo) = row m of the quantized activations . weight row n (row stride ldw
+ * bytes). Returns 0, or -1 for an unsupported type or a K the type's blocks do not divide. */
+int mlm_ggml_matmul(int type, const void *xq, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t ldw,
+                    float *out, int64_t ldo, int nthreads) {
+    if (type_bytes(type) == 0 || K % type_block(type) != 0) return -1;
+    if (isa_level < 0) mlm_set_isa(2);
+    if (M <= 0 || N <= 0) return 0;
+    const int64_t nb = K / 32;
+    if (isa_level == 2) matmul_avx512(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);
+    else if (isa_level == 1) matmul_avx2(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);
+    else matmul_scalar(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);
+    return 0;
+}

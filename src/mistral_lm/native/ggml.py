@@ -1,0 +1,296 @@
+"""Linear layers computed directly on llama.cpp's GGUF quantized blocks (ggml.c), as llama.cpp does.
+
+Numerics. Activations are quantized like llama.cpp's q8_0/q8_1, per 32 consecutive values of a row:
+
+    d = amax / 127 (float32),   q = round-half-even(x / d) in [-127, 127],   d == 0 -> q = 0
+
+(one rounding everywhere: `_mm256_cvtps_epi32` under the default MXCSR, `nearbyintf`, `torch.round`,
+so every path produces the same codes). Weight 32-blocks are read as unsigned codes u with an
+offset and scales, and multiplied with q in exact integer arithmetic:
+
+    Q4_0  w = d (u - 8)                dot = d dx (sum u q - 8 sum q)
+    Q4_1  w = d u + m                  dot = d dx sum u q + m dx sum q
+    Q8_0  w = d (u - 128), u = q + 128 dot = d dx sum (u - 128) q   (VNNI: unsigned x signed + offset)
+    Q4_K  w = d sc_j u - dmin m_j      dot = d sc_j dx sum u q - dmin m_j dx sum q
+          (256-superblocks of eight 32-sub-blocks j with 6-bit sc_j, m_j)
+    Q6_K  w = d sc_k (u - 32)          dot = d dx sum_k sc_k sum (u - 32) q
+          (16-element sub-blocks k with int8 sc_k; u has 6 bits)
+
+Each integer sum is kept as eight exact int32 lanes (lane l = elements 4l..4l+3), converted to
+float exactly and accumulated per (m, n) into an 8-lane float32 accumulator, block after block:
+``acc = fma(fl(cw * dx), I, acc)`` then, with a min term, ``acc = fma(mw, fl(dx * S), acc)``; the
+eight lanes are summed in one fixed tree at the end. The AVX-512 VNNI, AVX2 and scalar paths do
+exactly these operations, so all three give bit-identical results; and since the sequence per
+(m, n) does not depend on the tile, M, the slice of N or the thread count, neither does the
+result (batch invariance: a 1-row decode step equals that row of a prefill, bit for bit).
+
+`reference_linear` is the definition in pure torch: the same activation codes and scales, the
+integer dot products exact (float64 holds them exactly), the scaling in float64. The kernel
+differs from it only by float32 rounding of the per-block products and sums.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import gguf
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, InputError
+from . import build
+
+Q = gguf.GGMLQuantizationType
+SUPPORTED: frozenset[int] = frozenset(int(t) for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K))
+XBLOCK_BYTES = 64  # one quantized activation block: 32 int8 codes, 8 int16 lane sums, float32 d, padding
+_SIZES = {t: gguf.GGML_QUANT_SIZES[Q(t)] for t in SUPPORTED}  # type -> (weights per block, bytes per block)
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    lib = build.library("ggml")
+    if lib is None:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.mlm_ggml_quantize.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.mlm_ggml_quantize.restype = None
+    lib.mlm_ggml_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
+    lib.mlm_ggml_matmul.restype = ctypes.c_int
+    lib.mlm_ggml_xblock_bytes.restype = ctypes.c_int
+    if lib.mlm_ggml_xblock_bytes() != XBLOCK_BYTES:
+        raise RuntimeError("ggml.c and ggml.py disagree on the activation block size")
+    return lib
+
+
+def available() -> bool:
+    """Whether the C library is built and loaded (else `linear` runs `reference_linear`)."""
+    return _lib() is not None
+
+
+def _name(ggml_type: int) -> str:
+    try:
+        return Q(ggml_type).name
+    except ValueError:
+        return f"type {ggml_type}"
+
+
+def row_bytes(ggml_type: int, in_features: int) -> int:
+    """Bytes of one weight row of `in_features` values in blocks of `ggml_type`."""
+    if ggml_type not in SUPPORTED:
+        raise CheckpointError(f"no ggml kernel for {_name(ggml_type)}; supported: "
+                              f"{', '.join(sorted(_name(t) for t in SUPPORTED))}")
+    block, size = _SIZES[ggml_type]
+    if in_features <= 0 or in_features % block:
+        raise CheckpointError(f"{_name(ggml_type)} rows hold whole blocks of {block} values; "
+                              f"in_features={in_features} is not a positive multiple of {block}")
+    return in_features // block * size
+
+
+# ------------------------------------------------------------------ activations
+def _check_activations(x: torch.Tensor) -> None:
+    if x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+        raise InputError(f"activations must be a float32 (M, K) CPU tensor; got {x.dtype} {tuple(x.shape)} "
+                         f"on {x.device}")
+    if x.shape[1] % 32 or (x.shape[0] > 1 and x.stride(1) != 1) or (x.shape[1] > 1 and x.stride(1) != 1):
+        raise InputError(f"activations need K % 32 == 0 and contiguous rows; got shape {tuple(x.shape)}, "
+                         f"strides {x.stride()}")
+
+
+def _quantize_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8 (M, K/32, 32), scales float32 (M, K/32)): the definition the C code matches."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    d = xb.abs().amax(-1) / 127.0
+    q = torch.round(xb / d.unsqueeze(-1)).nan_to_num_(0.0)  # d == 0: 0/0 -> nan -> code 0
+    return q.to(torch.int8), d
+
+
+def _pack(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Codes and scales -> the C activation blocks, uint8 (M, K/32 * 64)."""
+    m, nb = d.shape
+    s = q.view(m, nb, 8, 4).sum(-1, dtype=torch.int16)
+    out = torch.zeros(m, nb, XBLOCK_BYTES, dtype=torch.uint8)
+    out[..., 0:32] = q.view(torch.uint8)
+    out[..., 32:48] = s.contiguous().view(torch.uint8)
+    out[..., 48:52] = d.contiguous().view(torch.uint8).view(m, nb, 4)
+    return out.view(m, nb * XBLOCK_BYTES)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """float32 (M, K), K % 32 == 0 -> uint8 (M, K/32 * 64) activation blocks (opaque to callers)."""
+    _check_activations(x)
+    m, k = x.shape
+    lib = _lib()
+    if lib is None:
+        return _pack(*_quantize_torch(x))
+    out = torch.empty(m, k // 32 * XBLOCK_BYTES, dtype=torch.uint8)
+    lib.mlm_ggml_quantize(x.data_ptr(), m, k, x.stride(0) if m > 1 else k, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+# ------------------------------------------------------------------ kernel
+def _check_blocks(blocks: torch.Tensor, ggml_type: int, in_features: int) -> int:
+    nbytes = row_bytes(ggml_type, in_features)
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.device.type != "cpu":
+        raise CheckpointError(f"{_name(ggml_type)} blocks must be a uint8 (N, bytes) CPU tensor; got "
+                              f"{blocks.dtype} {tuple(blocks.shape)} on {blocks.device}")
+    if blocks.shape[1] != nbytes or (nbytes > 1 and blocks.stride(1) != 1) or (
+            blocks.shape[0] > 1 and blocks.stride(0) < nbytes):
+        raise CheckpointError(f"{_name(ggml_type)} weights with in_features={in_features} need (N, {nbytes}) "
+                              f"blocks with contiguous rows; got shape {tuple(blocks.shape)}, strides {blocks.stride()}")
+    return nbytes
+
+
+def matmul(xq: torch.Tensor, blocks: torch.Tensor, ggml_type: int, in_features: int,
+           out: torch.Tensor) -> torch.Tensor:
+    """out[m, n] = activation row m . weight row n; writes float32 `out` (M, N) and returns it.
+
+    `blocks` may be a row slice of a bigger tensor (row stride >= row bytes) and `out` a column
+    slice of a wider buffer (row stride >= N); each needs unit stride along its rows.
+    """
+    nbytes = _check_blocks(blocks, ggml_type, in_features)
+    m, n = out.shape if out.dim() == 2 else (-1, -1)
+    xbytes = in_features // 32 * XBLOCK_BYTES
+    if xq.dtype != torch.uint8 or tuple(xq.shape) != (m, xbytes) or (m > 1 and xq.stride(0) != xbytes) or (
+            xbytes > 1 and xq.stride(1) != 1):
+        raise InputError(f"quantized activations must be contiguous uint8 (M, {xbytes}) from "
+                         f"quantize_activations; got {xq.dtype} {tuple(xq.shape)} for out {tuple(out.shape)}")
+    if out.dtype != torch.float32 or n != blocks.shape[0] or (n > 1 and out.stride(1) != 1) or (
+            m > 1 and out.stride(0) < n):
+        raise InputError(f"out must be float32 (M, N) = ({m}, {blocks.shape[0]}) with unit column stride; "
+                         f"got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("the ggml C library is not available (see available())")
+    if m and n:
+        rc = lib.mlm_ggml_matmul(ggml_type, xq.data_ptr(), m, in_features, blocks.data_ptr(), n,
+                                 blocks.stride(0) if n > 1 else nbytes, out.data_ptr(), out.stride(0) if m > 1 else n,
+                                 torch.get_num_threads())
+        if rc:
+            raise CheckpointError(f"ggml kernel refused {_name(ggml_type)} with in_features={in_features}")
+    return out
+
+
+def _linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, bias: torch.Tensor | None) -> torch.Tensor:
+    if _lib() is None:
+        return reference_linear(x, blocks, ggml_type, bias)
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32 or x2.stride(-1) != 1:
+        x2 = x2.float().contiguous()
+    out = torch.empty(x2.shape[0], blocks.shape[0], dtype=torch.float32)
+    matmul(quantize_activations(x2), blocks, ggml_type, k, out)
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], blocks.shape[0])
+
+
+@torch.library.custom_op("mistral_lm::ggml_linear", mutates_args=())
+def _ggml_linear_op(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel behind an opaque op, so torch.compile calls it instead of tracing ctypes."""
+    return _linear(x, blocks, ggml_type, bias)
+
+
+@_ggml_linear_op.register_fake
+def _(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], blocks.shape[0]), dtype=torch.float32)
+
+
+def linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float (..., K) @ dequantized(blocks).T (+ bias) -> float32 (..., N), computed on the blocks.
+
+    >>> w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    >>> blocks = torch.from_numpy(gguf.quants.quantize(w, Q.Q8_0))
+    >>> linear(torch.ones(2, 64), blocks, Q.Q8_0).shape
+    torch.Size([2, 8])
+    """
+    if torch.compiler.is_compiling():
+        return _ggml_linear_op(x, blocks, ggml_type, bias)
+    return _linear(x, blocks, ggml_type, bias)
+
+
+# ------------------------------------------------------------------ reference
+def _f16(raw: torch.Tensor) -> torch.Tensor:
+    """(..., 2) little-endian float16 bytes -> (...) float64."""
+    return raw.contiguous().view(torch.float16).squeeze(-1).double()
+
+
+def _decode(blocks: torch.Tensor, ggml_type: int, in_features: int) -> tuple[torch.Tensor, ...]:
+    """Weight blocks -> (u, off, scl, cw, mw) per 32-block b, the terms of the integer dot product:
+    w = cw * scl * (u - off) + mw with u (N, K/32, 32) unsigned codes, scl (N, K/32, 32) integer
+    scales (ones but for Q6_K), cw and mw (N, K/32) float64 (mw zero for types without a min)."""
+    _check_blocks(blocks, ggml_type, in_features)
+    n, nb = blocks.shape[0], in_features // 32
+    b = blocks.contiguous().view(n, -1, _SIZES[ggml_type][1])
+    ones = torch.ones(n, nb, 32, dtype=torch.int64)
+    zeros = torch.zeros(n, nb, dtype=torch.float64)
+    if ggml_type in (Q.Q4_0, Q.Q4_1):
+        qs = b[..., 2:18] if ggml_type == Q.Q4_0 else b[..., 4:20]
+        u = torch.cat([qs & 15, qs >> 4], -1).long()
+        mw = _f16(b[..., 2:4]) if ggml_type == Q.Q4_1 else zeros
+        return u, 8 if ggml_type == Q.Q4_0 else 0, ones, _f16(b[..., 0:2]), mw
+    if ggml_type == Q.Q8_0:
+        return (b[..., 2:34] ^ 128).long(), 128, ones, _f16(b[..., 0:2]), zeros
+    if ggml_type == Q.Q4_K:
+        qs = b[..., 16:144].reshape(n, -1, 4, 1, 32)
+        u = torch.cat([qs & 15, qs >> 4], 3).reshape(n, nb, 32).long()
+        s = b[..., 4:16].long()
+        sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], -1)
+        mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
+        cw = _f16(b[..., 0:2]).unsqueeze(-1) * sc
+        mw = -(_f16(b[..., 2:4]).unsqueeze(-1) * mn)
+        return u, 0, ones, cw.reshape(n, nb), mw.reshape(n, nb)
+    # Q6_K: per 128-half h, ql[64 h:64 h + 64] low nibbles then high nibbles, qh 2-bit planes
+    ql = b[..., 0:128].reshape(n, -1, 2, 1, 64)
+    lo = torch.cat([ql & 15, ql >> 4], 3).reshape(n, -1, 2, 4, 32)
+    qh = b[..., 128:192].reshape(n, -1, 2, 1, 32)
+    hi = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3
+    u = (lo | (hi << 4)).reshape(n, nb, 32).long()
+    scl = b[..., 192:208].view(torch.int8).long().reshape(n, nb, 2, 1).expand(n, nb, 2, 16).reshape(n, nb, 32)
+    cw = _f16(b[..., 208:210]).unsqueeze(-1).expand(n, -1, 8).reshape(n, nb)
+    return u, 32, scl, cw, zeros
+
+
+def dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
+    """Weight blocks -> float32 (N, K), the values the kernels multiply with."""
+    u, off, scl, cw, mw = _decode(blocks, ggml_type, in_features)
+    w = cw.unsqueeze(-1) * (scl * (u - off)).double() + mw.unsqueeze(-1)
+    return w.reshape(blocks.shape[0], in_features).float()
+
+
+def _reference(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, absolute: bool = False) -> torch.Tensor:
+    """float64 (M, N) of the kernel's terms summed exactly; with `absolute`, the sum of their
+    magnitudes (what a float32 accumulation error is proportional to)."""
+    k = x.shape[1]
+    q, d = _quantize_torch(x)
+    q, d = q.double(), d.double()
+    s = q.sum(-1)
+    u, off, scl, cw, mw = _decode(blocks, ggml_type, k)
+    out = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float64)
+    step = max(1, (1 << 24) // max(1, x.shape[0] * (k // 32)))
+    for n0 in range(0, blocks.shape[0], step):
+        wi = (scl[n0:n0 + step] * (u[n0:n0 + step] - off)).double()  # exact signed integer weights
+        if absolute:  # lane sums are what gets rounded: sum |lane| over the 8 lanes
+            lanes = torch.einsum("mbge,nbge->mnbg", q.view(*q.shape[:2], 8, 4), wi.view(*wi.shape[:2], 8, 4))
+            dot = lanes.abs().sum(-1)
+            term = (cw[n0:n0 + step] * dot * d.unsqueeze(1)).abs() + (mw[n0:n0 + step] * d.unsqueeze(1)
+                                                                      * q.abs().sum(-1).unsqueeze(1)).abs()
+        else:
+            dot = torch.einsum("mbe,nbe->mnb", q, wi)  # exact: integers below 2^53
+            term = cw[n0:n0 + step] * dot * d.unsqueeze(1) + mw[n0:n0 + step] * (d * s).unsqueeze(1)
+        out[:, n0:n0 + step] = term.sum(-1)
+    return out
+
+
+def reference_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure torch definition of `linear`: same activation quantization, exact integer dot products,
+    float64 scaling, float32 result."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).float().contiguous()
+    _check_activations(x2)
+    out = _reference(x2, blocks, ggml_type).float()
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], blocks.shape[0])

@@ -1,0 +1,216 @@
+/* One SIMD instantiation of the ggml kernels, included by ggml.c once per instruction set with
+ * ISA (a name suffix), VNNI (0/1), MR and NR (the tile: activation rows x weight rows) defined,
+ * inside a GCC target pragma: everything here is compiled for that instruction set only.
+ *
+ * Per (m, n) and per 32-block b the operations are exactly those of ggml.c's scalar path:
+ * eight exact int32 lanes I (lane l covers elements 4l..4l+3), then
+ *     acc = fma(cw * dx, (float)I, acc)   and, for types with a min term,   acc = fma(mw, dx * S, acc)
+ * on an 8-lane float accumulator, summed at the end by hsum8's fixed tree. Tiles of any shape run
+ * the same sequence per (m, n), so results do not depend on M, the N slice or the thread count. */
+
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(name, ISA)
+
+static inline __attribute__((always_inline)) float FN(f16)(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+static inline __attribute__((always_inline)) float FN(hsum8)(__m256 v) {
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+/* Weight 32-block b of one row: unsigned codes u (or signed for Q8_0 without VNNI), the float
+ * coefficient cw, the min coefficient mw and Q6_K's per-lane integer scales. */
+static inline __attribute__((always_inline)) void FN(decode)(const int type, const uint8_t *row, int64_t b,
+                                                            __m256i *u, float *cw, float *mw, __m256i *scv) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    if (type == T_Q4_0 || type == T_Q4_1) {
+        const uint8_t *blk = row + b * (type == T_Q4_0 ? 18 : 20);
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + (type == T_Q4_0 ? 2 : 4)));
+        *u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+        *cw = FN(f16)(blk);
+        *mw = type == T_Q4_1 ? FN(f16)(blk + 2) : 0.0f;
+    } else if (type == T_Q8_0) {
+        const uint8_t *blk = row + b * 34;
+        __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        *u = VNNI ? _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)) : q;
+        *cw = FN(f16)(blk);
+        *mw = 0.0f;
+    } else if (type == T_Q4_K) {
+        const uint8_t *blk = row + (b >> 3) * 144;
+        const int j = (int)(b & 7);
+        __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (j >> 1)));
+        *u = (j & 1) ? _mm256_and_si256(_mm256_srli_epi16(q, 4), m4) : _mm256_and_si256(q, m4);
+        int sc, mn;
+        q4k_scale_min(blk + 4, j, &sc, &mn);
+        *cw = FN(f16)(blk) * (float)sc;
+        *mw = -(FN(f16)(blk + 2) * (float)mn);
+    } else { /* T_Q6_K */
+        const uint8_t *blk = row + (b >> 3) * 210;
+        const int j = (int)(b & 7), h = j >> 2, t = j & 3;
+        __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (t & 1)));
+        __m256i lo = (t & 2) ? _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4) : _mm256_and_si256(ql, m4);
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+        __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * t)), _mm256_set1_epi8(3));
+        *u = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+        *scv = _mm256_set_m128i(_mm_set1_epi32((int8_t)blk[193 + 2 * j]), _mm_set1_epi32((int8_t)blk[192 + 2 * j]));
+        *cw = FN(f16)(blk + 208);
+        *mw = 0.0f;
+    }
+}
+
+/* The exact int32 lanes sum_{e in lane} u_e x_e - off * S (Q8_0 without VNNI: sum q_e x_e). */
+static inline __attribute__((always_inline)) __m256i FN(dot)(const int type, __m256i corr, __m256i u, __m256i xq) {
+#if VNNI
+    (void)type;
+    return _mm256_dpbusd_epi32(corr, u, xq);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (type == T_Q8_0)
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(u, u), _mm256_sign_epi8(xq, u)), ones);
+    return _mm256_add_epi32(corr, _mm256_madd_epi16(_mm256_maddubs_epi16(u, xq), ones));
+#endif
+}
+
+/* out[i, r] for i < mr activation rows and r < nr weight rows, over all nb blocks. */
+static inline __attribute__((always_inline)) void FN(tile)(const int type, const int mr, const int nr,
+                                                          const xblock *x, int64_t nb, const uint8_t *w,
+                                                          int64_t ldw, float *out, int64_t ldo) {
+    const int shift = type == T_Q4_0 ? 3 : type == T_Q6_K ? 5 : type == T_Q8_0 ? 7 : 0;
+    const int has_min = type == T_Q4_1 || type == T_Q4_K;
+    const int64_t pf = 4 * type_bytes(type) * (type == T_Q4_K || type == T_Q6_K ? 1 : 8);
+    __m256 acc[MR][NR];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++)
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; r++) acc[i][r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i u[NR], scv[NR];
+        float cw[NR], mw[NR];
+        if ((b & 3) == 0) {
+            const int64_t off = (type == T_Q4_K || type == T_Q6_K ? (b >> 3) : b) * type_bytes(type) + pf;
+#pragma GCC unroll 8
+            for (int r = 0; r < nr; r++) _mm_prefetch((const char *)(w + r * ldw + off), _MM_HINT_T0);
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; r++) FN(decode)(type, w + r * ldw, b, &u[r], &cw[r], &mw[r], &scv[r]);
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            const xblock *xb = x + i * nb + b;
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)xb->q);
+            const __m256i s = _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)xb->s));
+            const __m256i corr = shift ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_sll_epi32(s, _mm_cvtsi32_si128(shift)))
+                                       : _mm256_setzero_si256();
+            const __m256 dx = _mm256_set1_ps(xb->d);
+            const __m256 ds = has_min ? _mm256_mul_ps(dx, _mm256_cvtepi32_ps(s)) : dx;
+#pragma GCC unroll 8
+            for (int r = 0; r < nr; r++) {
+                __m256i I = FN(dot)(type, corr, u[r], xq);
+                if (type == T_Q6_K) I = _mm256_mullo_epi32(I, scv[r]);
+                const __m256 c = _mm256_mul_ps(_mm256_set1_ps(cw[r]), dx);
+                acc[i][r] = _mm256_fmadd_ps(c, _mm256_cvtepi32_ps(I), acc[i][r]);
+                if (has_min) acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(mw[r]), ds, acc[i][r]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++)
+#pragma GCC unroll 8
+        for (int r = 0; r < nr; r++) out[i * ldo + r] = FN(hsum8)(acc[i][r]);
+}
+
+#define TILE_NR(T, MRV)                                                                              \
+    do {                                                                                             \
+        if (nr == NR) FN(tile)(T, MRV, NR, x, nb, w, ldw, out, ldo);                                  \
+        else for (int r_ = 0; r_ < nr; r_++) FN(tile)(T, MRV, 1, x, nb, w + r_ * ldw, ldw, out + r_, ldo); \
+    } while (0)
+
+#define TILE_TYPE(T)                                                                                 \
+    case T:                                                                                          \
+        switch (mr) {                                                                                \
+        case 1: TILE_NR(T, 1); break;                                                                \
+        case 2: TILE_NR(T, 2); break;                                                                \
+        case 3: if (MR >= 3) TILE_NR(T, (MR >= 3 ? 3 : 1)); break;                                   \
+        default: if (MR >= 4) TILE_NR(T, (MR >= 4 ? 4 : 1)); break;                                  \
+        }                                                                                            \
+        break;
+
+static __attribute__((noinline)) void FN(run_tile)(int type, int mr, int nr, const xblock *x, int64_t nb,
+                                                   const uint8_t *w, int64_t ldw, float *out, int64_t ldo) {
+    switch (type) {
+        TILE_TYPE(T_Q4_0)
+        TILE_TYPE(T_Q4_1)
+        TILE_TYPE(T_Q8_0)
+        TILE_TYPE(T_Q4_K)
+        TILE_TYPE(T_Q6_K)
+    }
+}
+
+#undef TILE_TYPE
+#undef TILE_NR
+
+static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
+                       int64_t ldw, float *out, int64_t ldo, int nthreads) {
+    const int64_t ntiles = (N + NR - 1) / NR;
+    const int64_t mc = M_CHUNK;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t t0 = ntiles * t / nt, t1 = ntiles * (t + 1) / nt;
+        for (int64_t m0 = 0; m0 < M; m0 += mc) {
+            const int64_t m1 = m0 + mc < M ? m0 + mc : M;
+            for (int64_t tile = t0; tile < t1; tile++) {
+                const int64_t n = tile * NR;
+                const int nr = (int)(N - n < NR ? N - n : NR);
+                for (int64_t i = m0; i < m1; i += MR) {
+                    const int mr = (int)(m1 - i < MR ? m1 - i : MR);
+                    FN(run_tile)(type, mr, nr, x + i * nb, nb, w + n * ldw, ldw, out + i * ldo + n, ldo);
+                }
+            }
+        }
+    }
+}
+
+static __attribute__((unused)) void FN(quantize)(const float *x, int64_t M, int64_t K, int64_t ldx, xblock *out, int nthreads) {
+    const int64_t nb = K / 32;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M * K >= 65536) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const float *src = x + m * ldx + 32 * b;
+            xblock *dst = out + m * nb + b;
+            const __m256 sign = _mm256_set1_ps(-0.0f);
+            __m256 v[4], amax = _mm256_setzero_ps();
+            for (int k = 0; k < 4; k++) {
+                v[k] = _mm256_loadu_ps(src + 8 * k);
+                amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[k]));
+            }
+            __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+            a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
+            a4 = _mm_max_ss(a4, _mm_shuffle_ps(a4, a4, 1));
+            const float d = _mm_cvtss_f32(a4) / 127.0f;
+            memset(dst, 0, sizeof *dst);
+            dst->d = d;
+            if (d == 0.0f) continue;
+            const __m256 vd = _mm256_set1_ps(d);
+            __m256i q[4];
+            for (int k = 0; k < 4; k++) q[k] = _mm256_cvtps_epi32(_mm256_div_ps(v[k], vd));
+            /* int32 -> int8 codes in order, and the sums of each 4 consecutive codes */
+            __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);
+            __m256i p = _mm256_packs_epi16(p01, p23);
+            p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)dst->q, p);
+            __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), p), _mm256_set1_epi16(1));
+            _mm_storeu_si128((__m128i *)dst->s, _mm_packs_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)));
+        }
+    }
+}
+
+#undef FN
+#undef CAT
+#undef CAT_

@@ -1,0 +1,208 @@
+"""native/ggml: kernels on GGUF blocks == their pure-torch definition, which == dequantize @ x within
+the activation-quantization bound; bit-identical across ISAs, batch sizes, threads and slices."""
+
+from __future__ import annotations
+
+import contextlib
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from mistral_lm.errors import CheckpointError, InputError
+from mistral_lm.native import build, ggml
+
+Q = gguf.GGMLQuantizationType
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]
+needs_lib = pytest.mark.skipif(not ggml.available(), reason="ggml C library not built here")
+
+
+def random_blocks(ggml_type: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Blocks of random weights; K-quants (no quantizer in gguf-py) as random bytes with sane scales."""
+    rng = np.random.default_rng(seed)
+    if ggml_type in (Q.Q4_K, Q.Q6_K):
+        size = gguf.GGML_QUANT_SIZES[Q(ggml_type)][1]
+        b = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)
+        scale = lambda: (rng.random((n, k // 256, 1)) * 0.02).astype(np.float16).view(np.uint8)  # noqa: E731
+        if ggml_type == Q.Q4_K:
+            b[..., 0:2], b[..., 2:4] = scale(), scale()
+        else:
+            b[..., 208:210] = scale()
+        return torch.from_numpy(b.reshape(n, -1))
+    return torch.from_numpy(gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), Q(ggml_type)))
+
+
+def activations(m: int, k: int, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    x[0, :32] = 0.0                      # an all-zero block: d = 0, codes 0
+    x[-1, 32:64] = torch.arange(32) - 15.5  # halfway cases: amax 16.5 ... ties round to even
+    return x
+
+
+def caps() -> list[int]:
+    lib = ggml._lib()
+    return sorted({lib.mlm_set_isa(c) for c in (0, 1, 2)} | {0}) if lib else []
+
+
+@contextlib.contextmanager
+def isa(cap: int):
+    lib = ggml._lib()
+    try:
+        assert lib.mlm_set_isa(cap) == cap
+        yield
+    finally:
+        lib.mlm_set_isa(build.isa_cap())
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def k_for(ggml_type: int) -> int:
+    return 512 if ggml_type in (Q.Q4_K, Q.Q6_K) else 160
+
+
+# ------------------------------------------------------------------ reference (no C needed)
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_decode_matches_gguf(ggml_type):
+    blocks = random_blocks(ggml_type, 9, 512)
+    want = gguf.quants.dequantize(blocks.numpy(), Q(ggml_type))
+    torch.testing.assert_close(ggml.dequantize(blocks, ggml_type, 512), torch.from_numpy(want), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_reference_within_activation_quantization_bound(ggml_type):
+    """|reference - dequantize(w) @ x| <= sum_i |w_i| d_i (1/2 + 2^-17): each x_i differs from its
+    decoded d q by at most half a step d (plus the rounding of x/d); the dot products are exact."""
+    k = k_for(ggml_type)
+    blocks, x = random_blocks(ggml_type, 33, k), activations(5, k)
+    w = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), Q(ggml_type))).double()
+    exact = x.double() @ w.T
+    _, d = ggml._quantize_torch(x)
+    step = d.double().repeat_interleave(32, dim=1)  # (M, K): the activation scale of each element
+    bound = (step * (0.5 + 2.0 ** -17)) @ w.abs().T
+    err = (ggml._reference(x, blocks, ggml_type) - exact).abs()
+    assert (err <= bound + 1e-12).all(), (err - bound).max()
+    assert (bound > 0).all()
+
+
+def test_reference_linear_shapes_and_bias():
+    blocks = random_blocks(Q.Q8_0, 6, 64)
+    x, bias = torch.randn(2, 3, 64), torch.randn(6)
+    y = ggml.reference_linear(x, blocks, Q.Q8_0, bias)
+    assert y.shape == (2, 3, 6)
+    torch.testing.assert_close(y, ggml.reference_linear(x, blocks, Q.Q8_0) + bias)
+
+
+# ------------------------------------------------------------------ kernels
+@needs_lib
+def test_quantize_activations_bit_identical_to_torch():
+    x = activations(37, 1024)
+    want = ggml._pack(*ggml._quantize_torch(x))
+    for cap in caps():
+        with isa(cap):
+            assert torch.equal(ggml.quantize_activations(x), want), cap
+
+
+@needs_lib
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_kernel_matches_reference_on_every_isa(ggml_type):
+    """Within the float32 accumulation bound: per lane about 2 roundings per block (the product
+    cw*dx and the fma; the min term's two) plus the 3-level lane sum, each at most 2^-24 of the sum
+    of the magnitudes; and all ISAs bit-identical."""
+    k = k_for(ggml_type)
+    x = activations(70, k)
+    for n in (1, 7, 33, 200):
+        blocks = random_blocks(ggml_type, n, k, seed=n)
+        ref = ggml._reference(x, blocks, ggml_type)
+        bound = (k // 32 * 2 + 8) * 2.0 ** -24 * ggml._reference(x, blocks, ggml_type, absolute=True)
+        first = None
+        for cap in caps():
+            with isa(cap):
+                for m in (1, 3, 17, 70):
+                    y = ggml.linear(x[:m], blocks, ggml_type)
+                    assert y.shape == (m, n)
+                    assert ((y.double() - ref[:m]).abs() <= bound[:m]).all(), (ggml_type, n, m, cap)
+                    if m == 70:
+                        first = y if first is None else first
+                        assert torch.equal(y, first), f"ISA {cap} differs from the scalar path"
+
+
+@needs_lib
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_batch_invariance(ggml_type):
+    """Row m of an M-row call == a 1-row call of row m; 1 thread == 2 threads; a strided row slice
+    of the blocks and a column slice of a wider out == the full call. Bit for bit, every ISA."""
+    k, n = k_for(ggml_type), 37
+    x, blocks = activations(21, k), random_blocks(ggml_type, n, k)
+    rb = ggml.row_bytes(ggml_type, k)
+    big = torch.zeros(n + 6, rb + 16, dtype=torch.uint8)
+    big[3:3 + n, :rb] = blocks
+    for cap in caps():
+        with isa(cap):
+            with threads(2):
+                full = ggml.linear(x, blocks, ggml_type)
+            for m in (0, 5, 20):
+                assert torch.equal(ggml.linear(x[m:m + 1], blocks, ggml_type), full[m:m + 1]), (cap, m)
+            with threads(1):
+                assert torch.equal(ggml.linear(x, blocks, ggml_type), full), cap
+            wide = torch.full((21, n + 9), -1.0)
+            ggml.matmul(ggml.quantize_activations(x), big[3:3 + n, :rb], ggml_type, k, wide[:, 4:4 + n])
+            assert torch.equal(wide[:, 4:4 + n], full), cap
+            assert (wide[:, :4] == -1).all() and (wide[:, 4 + n:] == -1).all()
+            part = torch.empty(21, 10)
+            ggml.matmul(ggml.quantize_activations(x), blocks[13:23], ggml_type, k, part)
+            assert torch.equal(part, full[:, 13:23]), cap
+
+
+@needs_lib
+def test_linear_leading_dims_bias_and_compile():
+    blocks, bias = random_blocks(Q.Q4_1, 12, 96), torch.randn(12)
+    x = torch.randn(2, 3, 96)
+    y = ggml.linear(x, blocks, Q.Q4_1, bias)
+    assert y.shape == (2, 3, 12)
+    torch.testing.assert_close(y, ggml.reference_linear(x, blocks, Q.Q4_1, bias), rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(lambda t: ggml.linear(t, blocks, Q.Q4_1, bias), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), y)
+
+
+# ------------------------------------------------------------------ errors
+def test_errors_name_the_problem():
+    blocks = random_blocks(Q.Q4_0, 4, 64)
+    with pytest.raises(CheckpointError, match="Q5_K"):
+        ggml.row_bytes(Q.Q5_K, 256)
+    with pytest.raises(CheckpointError, match="multiple of 256"):
+        ggml.row_bytes(Q.Q4_K, 320)
+    with pytest.raises(InputError, match="float32"):
+        ggml.quantize_activations(torch.zeros(2, 64, dtype=torch.float64))
+    with pytest.raises(InputError, match="K % 32"):
+        ggml.quantize_activations(torch.zeros(2, 48))
+    with pytest.raises(CheckpointError, match=r"\(N, 36\)"):
+        ggml.reference_linear(torch.zeros(1, 64), blocks[:, :30], Q.Q4_0)
+    with pytest.raises(CheckpointError, match="uint8"):
+        ggml.reference_linear(torch.zeros(1, 64), blocks.float(), Q.Q4_0)
+
+
+@needs_lib
+def test_kernel_errors_before_c():
+    blocks = random_blocks(Q.Q4_0, 4, 64)
+    xq = ggml.quantize_activations(torch.zeros(2, 64))
+    with pytest.raises(InputError, match="out must be"):
+        ggml.matmul(xq, blocks, Q.Q4_0, 64, torch.empty(2, 5))
+    with pytest.raises(InputError, match="out must be"):
+        ggml.matmul(xq, blocks, Q.Q4_0, 64, torch.empty(2, 4, dtype=torch.float64))
+    with pytest.raises(InputError, match="quantized activations"):
+        ggml.matmul(xq[:, :64], blocks, Q.Q4_0, 64, torch.empty(2, 4))
+    with pytest.raises(CheckpointError, match="Q6_K"):
+        ggml.matmul(xq, blocks, Q.Q6_K, 64, torch.empty(2, 4))
+    with pytest.raises(CheckpointError, match="contiguous rows"):
+        ggml.matmul(xq, blocks.t().contiguous().t(), Q.Q4_0, 64, torch.empty(2, 4))
+    with pytest.raises(InputError):
+        ggml.linear(torch.zeros(2, 60), blocks, Q.Q4_0)
