@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TokenizerError
-from .chat_template import render_chat
+from .chat_template import render_chat_spans
 from .detokenizer import StreamingDetokenizer
-from .engines import Engine, SentencePieceEngine, TekkenEngine, TokenizersEngine, TokenTable, id_list
+from .engines import SPACE, Engine, SentencePieceEngine, TekkenEngine, TokenizersEngine, TokenTable, id_list
 from .files import TOKEN_NAMES, file_kwargs, folder_config, read_file, save_folder
 from .mistral_chat import encode_chat, parse_tool_calls, sentencepiece_chat_version, tekken_chat_version
 
@@ -36,9 +36,9 @@ __all__ = ["BatchEncoding", "LlamaTokenizer", "LlamaTokenizerFast", "MistralToke
 _IGNORED_OPTIONS = frozenset({"use_fast", "trust_remote_code", "legacy"})  # HF options with no effect here
 _SETTINGS = frozenset({"bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token", "add_eos_token",
                        "chat_template", "padding_side", "model_max_length"})
-# Transformers options of apply_chat_template that tokenize differently; refused rather than passed to the template.
-_CHAT_UNSUPPORTED = frozenset({"padding", "truncation", "max_length", "tokenizer_kwargs", "continue_final_message",
-                               "return_assistant_tokens_mask"})
+# Transformers options of apply_chat_template that tokenize differently; refused (when set) rather than passed
+# to the template.
+_CHAT_UNSUPPORTED = frozenset({"padding", "truncation", "max_length", "tokenizer_kwargs", "sanitize_control_tokens"})
 _warned: set[str] = set()
 
 
@@ -359,6 +359,7 @@ class MistralTokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], tokenize: bool = True,
                             add_generation_prompt: bool = False, return_tensors: str | None = None,
                             return_dict: bool = False, chat_template: str | None = None,
+                            continue_final_message: bool | str = False, return_assistant_tokens_mask: bool = False,
                             **template_kwargs: Any) -> Any:
         """Render `messages` with the tokenizer's template (or the built-in Mistral one) and encode it.
 
@@ -367,19 +368,37 @@ class MistralTokenizer:
         Message text is always encoded as text; only the template's own special tokens become
         control ids (see `chat_template.render_chat`).
 
+        `continue_final_message=True` leaves the final message open (no end-of-turn or </s> after
+        it) so that generation continues it, as in Transformers (a str names the field to continue);
+        it excludes `add_generation_prompt`. `return_assistant_tokens_mask=True` (with
+        `return_dict=True`) adds `assistant_masks`: 1 for the tokens the template writes inside
+        `{% generation %}...{% endgeneration %}` blocks, Transformers' rule (what trl's
+        `assistant_only_loss` trains on).
+
         A tokenizer loaded from a Mistral file (`*.model.v2/v3/v7`, a v3/v7 `tekken.json`) with no
         Jinja template encodes as mistral-common does, straight from messages to ids
         (`mistral_chat.encode_chat`), from v2 on (v1's format is the built-in template);
         `add_generation_prompt` changes nothing there (the ids end after [/INST]), and
-        `tokenize=False` gives the decoded ids.
+        `tokenize=False` gives the decoded ids. `continue_final_message` there is mistral-common's
+        (the final message must be an assistant message).
 
         >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
         '<s>[INST] Hi [/INST]'
         """
-        refused = sorted(_CHAT_UNSUPPORTED & set(template_kwargs))
+        refused = sorted(k for k in _CHAT_UNSUPPORTED & set(template_kwargs) if template_kwargs[k] not in (None, False))
         if refused:
             raise TypeError(f"apply_chat_template() does not support {refused}; render with tokenize=False and "
                             "call the tokenizer for padding or truncation")
+        for key in _CHAT_UNSUPPORTED & set(template_kwargs):
+            template_kwargs.pop(key)
+        if continue_final_message and add_generation_prompt:
+            raise TokenizerError("continue_final_message and add_generation_prompt exclude each other: "
+                                 "continue_final_message continues the final message, add_generation_prompt starts a "
+                                 "new assistant message")
+        if return_assistant_tokens_mask and not (tokenize and return_dict):
+            raise TokenizerError("return_assistant_tokens_mask=True needs tokenize=True and return_dict=True")
+        if return_assistant_tokens_mask and continue_final_message:
+            raise TokenizerError("continue_final_message is not compatible with return_assistant_tokens_mask")
         # v1 keeps the built-in template: it is v1's format (tested equal to mistral-common), and its
         # stricter role checks (alternating turns) are existing behaviour.
         if self._chat_version not in (None, "v1") and chat_template is None and self.chat_template is None:
@@ -387,17 +406,36 @@ class MistralTokenizer:
             if given:
                 raise TokenizerError(f"apply_chat_template(): {given} are not supported by the "
                                      f"mistral-common {self._chat_version} encoding (only tools=)")
+            if return_assistant_tokens_mask:
+                raise TokenizerError(f"return_assistant_tokens_mask needs a Jinja chat template with {{% generation %}} "
+                                     f"blocks; this {self._chat_version} tokenizer encodes as mistral-common does, "
+                                     "without one: set tokenizer.chat_template")
+            if continue_final_message not in (False, True):
+                raise TokenizerError(f"continue_final_message={continue_final_message!r}: the mistral-common "
+                                     f"{self._chat_version} encoding continues the final message's content only "
+                                     "(pass True)")
             ids = encode_chat(messages, self._chat_version, self._encode_text, self._special_id,
-                              tools=template_kwargs.get("tools"))
+                              tools=template_kwargs.get("tools"), continue_final_message=continue_final_message)
             if not tokenize:
                 return self.decode(ids)
             return self._chat_output(ids, return_tensors, return_dict)
-        pieces = render_chat(messages, chat_template or self.chat_template, special_tokens=self.all_special_tokens,
-                             variables=self.special_tokens_map, add_generation_prompt=add_generation_prompt,
-                             **template_kwargs)
+        if (continue_final_message and self._chat_version == "v1" and chat_template is None
+                and self.chat_template is None and messages and messages[-1].get("role") != "assistant"):
+            raise TokenizerError("continue_final_message=True continues the final message, which must be an "
+                                 "assistant message in Mistral's formats (mistral-common's rule)")
+        pieces, spans = render_chat_spans(messages, chat_template or self.chat_template,
+                                          special_tokens=self.all_special_tokens, variables=self.special_tokens_map,
+                                          add_generation_prompt=add_generation_prompt,
+                                          continue_final_message=continue_final_message, **template_kwargs)
         if not tokenize:
             return "".join(text for text, _ in pieces)
-        return self._chat_output(self._encode_pieces(pieces), return_tensors, return_dict)
+        if not return_assistant_tokens_mask:
+            return self._chat_output(self._encode_pieces(pieces), return_tensors, return_dict)
+        ids, starts, ends = self._encode_pieces_with_offsets(pieces)
+        out = self._chat_output(ids, return_tensors, return_dict)
+        mask = _overlap_mask(starts, ends, spans)
+        out["assistant_masks"] = _as_tensors([mask], return_tensors) if return_tensors else mask
+        return out
 
     @property
     def backend_tokenizer(self) -> Any:
@@ -442,6 +480,47 @@ class MistralTokenizer:
         texts = iter(self._engine.encode([text for text, special in pieces if not special]))
         return [i for text, special in pieces for i in ([self._vocab[text]] if special else next(texts))]
 
+    def _encode_pieces_with_offsets(self, pieces: Sequence[tuple[str, bool]]
+                                    ) -> tuple[list[int], list[int], list[int]]:
+        """`_encode_pieces`, with every token's start and end character offsets in the pieces joined
+        (what Transformers' fast tokenizers call `offsets`)."""
+        ids: list[int] = []
+        starts: list[int] = []
+        ends: list[int] = []
+        texts = iter(self._engine.encode([text for text, special in pieces if not special]))
+        position = 0
+        for text, special in pieces:
+            piece_ids = [self._vocab[text]] if special else next(texts)
+            spans = [(0, len(text))] if special else self._token_offsets(text, piece_ids)
+            ids += piece_ids
+            starts += [position + start for start, _ in spans]
+            ends += [position + end for _, end in spans]
+            position += len(text)
+        return ids, starts, ends
+
+    def _token_offsets(self, text: str, ids: list[int]) -> list[tuple[int, int]]:
+        """Character span of each token of `text` (encoded as plain text into `ids`), from the bytes
+        each token renders (`token_table`); SentencePiece's dummy-prefix space maps to no character."""
+        raw = self._engine.table.raw
+        rendered = b"".join(raw[i] for i in ids)
+        # SentencePiece renders a "▁" typed in the text as a space: compare with that spelling too
+        for spelling in (text, text.replace(SPACE, " ")):
+            encoded = spelling.encode()
+            shift = next((k for k in (0, 1) if rendered == b" " * k + encoded), None)
+            if shift is not None:
+                break
+        else:
+            raise TokenizerError(f"return_assistant_tokens_mask: the tokens of {text[:60]!r} do not render back "
+                                 "to it (normalized or unknown characters), so they cannot be aligned to the "
+                                 "template's {% generation %} blocks")
+        char_of = [k for k, char in enumerate(spelling) for _ in char.encode()] + [len(text)]  # byte -> character
+        spans, byte = [], -shift
+        for i in ids:
+            start, byte = max(byte, 0), byte + len(raw[i])
+            end = max(byte, 0)
+            spans.append((char_of[start], char_of[end - 1] + 1) if end > start else (char_of[start],) * 2)
+        return spans
+
     def _encode_text(self, text: str) -> list[int]:
         return self._engine.encode([text])[0]
 
@@ -457,6 +536,11 @@ class MistralTokenizer:
 
 
 LlamaTokenizer = LlamaTokenizerFast = MistralTokenizer
+
+
+def _overlap_mask(starts: list[int], ends: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters overlap one of `spans` (Transformers' assistant-mask rule)."""
+    return [int(any(end > lo and start < hi for lo, hi in spans)) for start, end in zip(starts, ends)]
 
 
 def _as_tensors(rows: list[list[int]], kind: str) -> Any:

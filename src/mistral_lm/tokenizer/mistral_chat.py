@@ -295,16 +295,23 @@ def _check_v2_results(merged: list[_Message], last_user: int) -> None:
 
 
 def encode_chat(messages: Sequence[Mapping[str, Any]], version: str, encode_text: Callable[[str], list[int]],
-                special_id: Callable[[str], int], tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+                special_id: Callable[[str], int], tools: Sequence[Mapping[str, Any]] | None = None,
+                continue_final_message: bool = False) -> list[int]:
     """mistral-common's ids of a conversation for instruct tokenizer `version` (v1, v2, v3 or v7).
 
     `encode_text` encodes plain text without BOS/EOS (control-token strings in it stay text);
-    `special_id` returns a control token's id. Raises TokenizerError for conversations
-    mistral-common rejects.
+    `special_id` returns a control token's id. `continue_final_message=True` leaves the final
+    assistant message open (no </s>). Raises TokenizerError for conversations mistral-common rejects.
     """
     if version not in CHAT_VERSIONS:
         raise TokenizerError(f"chat version {version!r} is not supported; supported: {list(CHAT_VERSIONS)}")
-    merged, system = _normalize(_validate(messages, version), version)
+    validated = _validate(messages, version)
+    if continue_final_message and validated[-1].role != "assistant":
+        raise TokenizerError(f"continue_final_message=True continues the final message, which must be an assistant "
+                             f"message (mistral-common's rule); this one is a {validated[-1].role} message. To start "
+                             "a new answer, end with the user message and leave continue_final_message off")
+    merged, system = _normalize(validated, version)
+    open_end = len(merged) - 1 if continue_final_message else -1  # the message left without </s>
     if tools and version == "v1":
         raise TokenizerError("v1 tokenizers have no tool tokens: tools need a v2+ tokenizer")
     tools_text = _tools_json(tools) if tools else None
@@ -343,9 +350,11 @@ def encode_chat(messages: Sequence[Mapping[str, Any]], version: str, encode_text
                 continue
             if text:  # v7 only (validated)
                 ids += encode_text(text.rstrip(" "))
-            ids += [special_id("[TOOL_CALLS]"), *encode_text(_calls_json(message.calls, version)), eos]
+            ids += [special_id("[TOOL_CALLS]"), *encode_text(_calls_json(message.calls, version))]
+            ids += [eos] if k != open_end else []
         else:
-            ids += [*encode_text(text if version == "v1" else text.rstrip(" ")), eos]
+            ids += [*encode_text(text if version == "v1" else text.rstrip(" "))]
+            ids += [eos] if k != open_end else []
     return ids
 
 
