@@ -114,7 +114,7 @@ static void decode_scalar(int type, const uint8_t *row, int64_t b, int u[32], in
         const int j = (int)(b & 7), h = j >> 2, t = j & 3;
         const uint8_t *ql = blk + 64 * h + 32 * (t & 1), *qh = blk + 128 + 32 * h;
         for (int e = 0; e < 32; e++) u[e] = ((t & 2) ? ql[e] >> 4 : ql[e] & 15) | (((qh[e] >> (2 * t)) & 3) << 4);
-        for (int l = 0; l < 8; l++) scl[l] = (int8_t)blk[192 + 2 * j + (l >> 2)];
+        for (int l = 0; l < 8; l++) scl[l] = (int8_t)blk[192 + 2 * j + (l >> 2)]; /* folded into cw per lane */
         *cw = f16_scalar(blk + 208);
         *off = 32;
     }
@@ -135,12 +135,12 @@ static void matmul_scalar(int type, const xblock *x, int64_t M, int64_t nb, cons
                 decode_scalar(type, w + n * ldw, b, u, &off, scl, &cw, &mw);
                 for (int64_t m = 0; m < M; m++) {
                     const xblock *xb = x + m * nb + b;
-                    const float c = cw * xb->d;
                     float *a = acc + 8 * m;
                     for (int l = 0; l < 8; l++) {
                         int32_t s = 0;
                         for (int e = 4 * l; e < 4 * l + 4; e++) s += u[e] * xb->q[e];
-                        a[l] = fmaf(c, (float)(scl[l] * (s - off * xb->s[l])), a[l]);
+                        const float c = (cw * (float)scl[l]) * xb->d; /* cw * scl exact */
+                        a[l] = fmaf(c, (float)(s - off * xb->s[l]), a[l]);
                         if (has_min) a[l] = fmaf(mw, xb->d * (float)xb->s[l], a[l]);
                     }
                 }

@@ -13,8 +13,9 @@ offset and scales, and multiplied with q in exact integer arithmetic:
     Q8_0  w = d (u - 128), u = q + 128 dot = d dx sum (u - 128) q   (VNNI: unsigned x signed + offset)
     Q4_K  w = d sc_j u - dmin m_j      dot = d sc_j dx sum u q - dmin m_j dx sum q
           (256-superblocks of eight 32-sub-blocks j with 6-bit sc_j, m_j)
-    Q6_K  w = d sc_k (u - 32)          dot = d dx sum_k sc_k sum (u - 32) q
-          (16-element sub-blocks k with int8 sc_k; u has 6 bits)
+    Q6_K  w = d sc_k (u - 32)          dot = dx sum_k (d sc_k) sum (u - 32) q
+          (16-element sub-blocks k with int8 sc_k, i.e. lanes 0-3 and 4-7; u has 6 bits;
+          d sc_k is exact in float32 and is the lane's cw)
 
 Each integer sum is kept as eight exact int32 lanes (lane l = elements 4l..4l+3), converted to
 float exactly and accumulated per (m, n) into an 8-lane float32 accumulator, block after block:

@@ -4,7 +4,7 @@
  *
  * Per (m, n) and per 32-block b the operations are exactly those of ggml.c's scalar path:
  * eight exact int32 lanes I (lane l covers elements 4l..4l+3), then
- *     acc = fma(cw * dx, (float)I, acc)   and, for types with a min term,   acc = fma(mw, dx * S, acc)
+ *     acc = fma(cw * dx, (float)I, acc)   (Q6_K: cw per lane, d * sc)   and, for types with a min term,   acc = fma(mw, dx * S, acc)
  * on an 8-lane float accumulator, summed at the end by hsum8's fixed tree. Tiles of any shape run
  * the same sequence per (m, n), so results do not depend on M, the N slice or the thread count. */
 
@@ -26,9 +26,9 @@ static inline __attribute__((always_inline)) float FN(hsum8)(__m256 v) {
 }
 
 /* Weight 32-block b of one row: unsigned codes u (or signed for Q8_0 without VNNI), the float
- * coefficient cw, the min coefficient mw and Q6_K's per-lane integer scales. */
+ * coefficient cw, the min coefficient mw, or Q6_K's per-lane coefficients cwv. */
 static inline __attribute__((always_inline)) void FN(decode)(const int type, const uint8_t *row, int64_t b,
-                                                            __m256i *u, float *cw, float *mw, __m256i *scv) {
+                                                            __m256i *u, float *cw, float *mw, __m256 *cwv) {
     const __m256i m4 = _mm256_set1_epi8(15);
     if (type == T_Q4_0 || type == T_Q4_1) {
         const uint8_t *blk = row + b * (type == T_Q4_0 ? 18 : 20);
@@ -47,10 +47,7 @@ static inline __attribute__((always_inline)) void FN(decode)(const int type, con
         const int j = (int)(b & 7);
         __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (j >> 1)));
         *u = (j & 1) ? _mm256_and_si256(_mm256_srli_epi16(q, 4), m4) : _mm256_and_si256(q, m4);
-        int sc, mn;
-        q4k_scale_min(blk + 4, j, &sc, &mn);
-        *cw = FN(f16)(blk) * (float)sc;
-        *mw = -(FN(f16)(blk + 2) * (float)mn);
+        /* cw, mw: from the per-superblock table filled by kscales */
     } else { /* T_Q6_K */
         const uint8_t *blk = row + (b >> 3) * 210;
         const int j = (int)(b & 7), h = j >> 2, t = j & 3;
@@ -59,9 +56,20 @@ static inline __attribute__((always_inline)) void FN(decode)(const int type, con
         __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
         __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * t)), _mm256_set1_epi8(3));
         *u = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
-        *scv = _mm256_set_m128i(_mm_set1_epi32((int8_t)blk[193 + 2 * j]), _mm_set1_epi32((int8_t)blk[192 + 2 * j]));
-        *cw = FN(f16)(blk + 208);
-        *mw = 0.0f;
+        /* per-lane d * sc (exact: an 11-bit mantissa times an int8) */
+        const __m256i sc = _mm256_set_m128i(_mm_set1_epi32((int8_t)blk[193 + 2 * j]), _mm_set1_epi32((int8_t)blk[192 + 2 * j]));
+        *cwv = _mm256_mul_ps(_mm256_set1_ps(FN(f16)(blk + 208)), _mm256_cvtepi32_ps(sc));
+    }
+}
+
+/* Q4_K: d sc_j and -(dmin m_j) of the 8 sub-blocks of one superblock. */
+static inline __attribute__((always_inline)) void FN(kscales)(const uint8_t *blk, float cw[8], float mw[8]) {
+    const float d = FN(f16)(blk), dmin = FN(f16)(blk + 2);
+    for (int j = 0; j < 8; j++) {
+        int sc, mn;
+        q4k_scale_min(blk + 4, j, &sc, &mn);
+        cw[j] = d * (float)sc;
+        mw[j] = -(dmin * (float)mn);
     }
 }
 
@@ -86,20 +94,29 @@ static inline __attribute__((always_inline)) void FN(tile)(const int type, const
     const int has_min = type == T_Q4_1 || type == T_Q4_K;
     const int64_t pf = 4 * type_bytes(type) * (type == T_Q4_K || type == T_Q6_K ? 1 : 8);
     __m256 acc[MR][NR];
+    float kcw[NR][8], kmw[NR][8];
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++)
 #pragma GCC unroll 8
         for (int r = 0; r < nr; r++) acc[i][r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        __m256i u[NR], scv[NR];
+        __m256i u[NR];
+        __m256 cwv[NR];
         float cw[NR], mw[NR];
+        if (type == T_Q4_K && (b & 7) == 0) {
+#pragma GCC unroll 8
+            for (int r = 0; r < nr; r++) FN(kscales)(w + r * ldw + (b >> 3) * 144, kcw[r], kmw[r]);
+        }
         if ((b & 3) == 0) {
             const int64_t off = (type == T_Q4_K || type == T_Q6_K ? (b >> 3) : b) * type_bytes(type) + pf;
 #pragma GCC unroll 8
             for (int r = 0; r < nr; r++) _mm_prefetch((const char *)(w + r * ldw + off), _MM_HINT_T0);
         }
 #pragma GCC unroll 8
-        for (int r = 0; r < nr; r++) FN(decode)(type, w + r * ldw, b, &u[r], &cw[r], &mw[r], &scv[r]);
+        for (int r = 0; r < nr; r++) {
+            FN(decode)(type, w + r * ldw, b, &u[r], &cw[r], &mw[r], &cwv[r]);
+            if (type == T_Q4_K) cw[r] = kcw[r][b & 7], mw[r] = kmw[r][b & 7];
+        }
 #pragma GCC unroll 8
         for (int i = 0; i < mr; i++) {
             const xblock *xb = x + i * nb + b;
@@ -111,9 +128,8 @@ static inline __attribute__((always_inline)) void FN(tile)(const int type, const
             const __m256 ds = has_min ? _mm256_mul_ps(dx, _mm256_cvtepi32_ps(s)) : dx;
 #pragma GCC unroll 8
             for (int r = 0; r < nr; r++) {
-                __m256i I = FN(dot)(type, corr, u[r], xq);
-                if (type == T_Q6_K) I = _mm256_mullo_epi32(I, scv[r]);
-                const __m256 c = _mm256_mul_ps(_mm256_set1_ps(cw[r]), dx);
+                const __m256i I = FN(dot)(type, corr, u[r], xq);
+                const __m256 c = _mm256_mul_ps(type == T_Q6_K ? cwv[r] : _mm256_set1_ps(cw[r]), dx);
                 acc[i][r] = _mm256_fmadd_ps(c, _mm256_cvtepi32_ps(I), acc[i][r]);
                 if (has_min) acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(mw[r]), ds, acc[i][r]);
             }
