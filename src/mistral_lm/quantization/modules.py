@@ -24,6 +24,7 @@ from .config import GROUP_SIZES, BitsAndBytesConfig
 from .functional import (CODEBOOKS, dequantize_4bit_codebook, dequantize_int4, dequantize_int8,
                          pack_nibbles, quantize_4bit_codebook, quantize_int4, quantize_int8,
                          unpack_nibbles)
+from ..native import nf4 as native_nf4
 from .kernels import (INT4_ROW_ALIGN, dequantize_int4_t, fast_unpack_available, int4_kernel_rows, int4_mm,
                       int8_kernel_rows, int8_mm, pack_int4, unpack_int4)
 
@@ -417,14 +418,18 @@ class NF4Linear(QuantizedLinear):
     """bitsandbytes' 4-bit formats: w = codebook[q] * absmax[n, g] over blocks of `blocksize`.
 
     `quant_type` "nf4" (NormalFloat) or "fp4"; blocksize 64 and float32 absmax as bitsandbytes
-    stores them (0.5625 bytes/param). No torch kernel takes a codebook, so the codes are decoded
-    with a byte -> value-pair gather. For small M the absmax is applied after the matmul: the
-    unscaled codes multiply a block-diagonal copy of x, giving each row's per-block partial
-    sums, which are scaled and summed in float32; that skips writing a scaled (N, K) weight.
+    stores them (0.5625 bytes/param). On the CPU the native kernel (native/nf4.c) decodes the
+    codes in registers and sums in float32, batch-invariant, below `native_max_rows` rows;
+    above, and where it cannot be built, the torch path below. No torch kernel takes a
+    codebook, so there the codes are decoded with a byte -> value-pair gather. For small M the
+    absmax is applied after the matmul: the unscaled codes multiply a block-diagonal copy of x,
+    giving each row's per-block partial sums, which are scaled and summed in float32; that
+    skips writing a scaled (N, K) weight.
     """
 
     portable_names = _buffer_names = ("weight_packed", "weight_absmax")
     split_max_rows = 4  # absmax-after-matmul below this M, where it beats scaling the weight
+    native_max_rows = 48  # the native kernel below this M, the torch path above (bench/RESULTS.md)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quant_type: str = "nf4",
                  blocksize: int = 64, compute_dtype: torch.dtype = torch.bfloat16,
@@ -445,12 +450,18 @@ class NF4Linear(QuantizedLinear):
         """Quantize an nn.Linear (see `quantize_4bit_codebook`)."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, quant_type, blocksize,
                      compute_dtype, linear.weight.device)
-        q, absmax = quantize_4bit_codebook(linear.weight.detach(), CODEBOOKS[quant_type], blocksize)
-        module._load_portable({"weight_packed": pack_nibbles(q), "weight_absmax": absmax})
+        codes = native_nf4.quantize(linear.weight, CODEBOOKS[quant_type], blocksize)  # bit-equal, faster
+        if codes is None:
+            q, absmax = quantize_4bit_codebook(linear.weight.detach(), CODEBOOKS[quant_type], blocksize)
+            codes = pack_nibbles(q), absmax
+        module._load_portable({"weight_packed": codes[0], "weight_absmax": codes[1]})
         _copy_bias(module, linear)
         return module
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < self.native_max_rows and x.device.type == "cpu" and native_nf4.available():
+            return native_nf4.mm(x, self.weight_packed, self.weight_absmax, CODEBOOKS[self.quant_type],
+                                 self.blocksize)
         m, blocks = x.shape[0], self.in_features // self.blocksize
         table = _pair_table(self.quant_type, x.dtype, x.device)
         if m < self.split_max_rows:  # column (m, g) of `diag` holds x[m]'s block g, zeros elsewhere
