@@ -239,3 +239,11 @@ int mlm_ggml_matmul(int type, const void *xq, int64_t M, int64_t K, const uint8_
     else matmul_scalar(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);
     return 0;
 }
+
+/* quantize + matmul in one call (one ctypes crossing per Linear); xq: M * K/32 blocks of scratch. */
+int mlm_ggml_linear(int type, const float *x, int64_t M, int64_t K, int64_t ldx, void *xq, const uint8_t *w,
+                    int64_t N, int64_t ldw, float *out, int64_t ldo, int nthreads) {
+    if (type_bytes(type) == 0 || K % type_block(type) != 0) return -1;
+    mlm_ggml_quantize(x, M, K, ldx, xq, nthreads);
+    return mlm_ggml_matmul(type, xq, M, K, w, N, ldw, out, ldo, nthreads);
+}

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import gguf
 import numpy as np
@@ -58,6 +59,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.mlm_ggml_quantize.restype = None
     lib.mlm_ggml_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
     lib.mlm_ggml_matmul.restype = ctypes.c_int
+    lib.mlm_ggml_linear.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64, ctypes.c_int]
+    lib.mlm_ggml_linear.restype = ctypes.c_int
     lib.mlm_ggml_xblock_bytes.restype = ctypes.c_int
     if lib.mlm_ggml_xblock_bytes() != XBLOCK_BYTES:
         raise RuntimeError("ggml.c and ggml.py disagree on the activation block size")
@@ -172,18 +175,39 @@ def matmul(xq: torch.Tensor, blocks: torch.Tensor, ggml_type: int, in_features: 
     return out
 
 
+_ROW_BYTES: dict[tuple[int, int], int] = {}
+_SCRATCH = threading.local()  # per thread: the activation blocks of the last call, reused
+
+
 def _linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, bias: torch.Tensor | None) -> torch.Tensor:
-    if _lib() is None:
+    lib = _lib()
+    if lib is None:
         return reference_linear(x, blocks, ggml_type, bias)
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.dtype != torch.float32 or x2.stride(-1) != 1:
         x2 = x2.float().contiguous()
-    out = torch.empty(x2.shape[0], blocks.shape[0], dtype=torch.float32)
-    matmul(quantize_activations(x2), blocks, ggml_type, k, out)
+    if not x2.is_cpu or k % 32:
+        _check_activations(x2)
+    nbytes = _ROW_BYTES.get((ggml_type, k))
+    if nbytes is None:
+        nbytes = _ROW_BYTES[(ggml_type, k)] = row_bytes(ggml_type, k)  # raises for bad types and K
+    if (blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != nbytes or blocks.stride(1) != 1
+            or blocks.stride(0) < nbytes or not blocks.is_cpu):
+        _check_blocks(blocks, ggml_type, k)
+    m, n = x2.shape[0], blocks.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    if m and n:  # the activation blocks are scratch: one buffer, one call into C
+        need = m * (k // 32) * XBLOCK_BYTES
+        xq = getattr(_SCRATCH, "xq", None)
+        if xq is None or xq.numel() < need:
+            xq = _SCRATCH.xq = torch.empty(need, dtype=torch.uint8)
+        lib.mlm_ggml_linear(ggml_type, x2.data_ptr(), m, k, x2.stride(0) if m > 1 else k, xq.data_ptr(),
+                            blocks.data_ptr(), n, blocks.stride(0) if n > 1 else nbytes, out.data_ptr(), n,
+                            torch.get_num_threads())
     if bias is not None:
         out += bias
-    return out.view(*x.shape[:-1], blocks.shape[0])
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
 @torch.library.custom_op("mistral_lm::ggml_linear", mutates_args=())
