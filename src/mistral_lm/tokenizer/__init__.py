@@ -110,7 +110,8 @@ class MistralTokenizer:
                  tekken_file: str | os.PathLike[str] | None = None, bos_token: str | None = None,
                  eos_token: str | None = None, unk_token: str | None = None, pad_token: str | None = None,
                  add_bos_token: bool = True, add_eos_token: bool = False, chat_template: str | None = None,
-                 padding_side: str = "left", model_max_length: int | None = None) -> None:
+                 padding_side: str = "left", model_max_length: int | None = None,
+                 split_special_tokens: bool = True) -> None:
         if [tokenizer_object, sp_model_path, tekken_file].count(None) != 2:
             raise TokenizerError("pass exactly one of tokenizer_object= (a tokenizers.Tokenizer), "
                                  "sp_model_path= (a SentencePiece .model file) or tekken_file= (a tekken.json)")
@@ -135,6 +136,9 @@ class MistralTokenizer:
         self.padding_side = padding_side
         self.model_max_length = model_max_length
         self.truncation_side = "right"
+        # the default of `__call__(split_special_tokens=...)`; False (Transformers' default) for
+        # trusted text only, e.g. trl's SFTTrainer, which appends the eos_token string to each text
+        self.split_special_tokens = split_special_tokens
         self.clean_up_tokenization_spaces = False
 
     # ----- loading and saving -------------------------------------------------------------------
@@ -188,13 +192,16 @@ class MistralTokenizer:
                  truncation: bool | str | None = None, max_length: int | None = None,
                  padding_side: str | None = None, return_tensors: str | None = None,
                  return_attention_mask: bool | None = None, add_special_tokens: bool = True,
-                 split_special_tokens: bool = True) -> BatchEncoding:
+                 split_special_tokens: bool | None = None) -> BatchEncoding:
         """Encode a text or a batch of texts.
 
-        `split_special_tokens=True` (the default, unlike Transformers) keeps special-token strings
-        in the text as text, as sentencepiece does; pass False only for trusted text in which
-        "<s>" etc. must become control tokens.
+        `split_special_tokens=True` (the default, unlike Transformers; None reads the tokenizer's
+        `split_special_tokens` attribute) keeps special-token strings in the text as text, as
+        sentencepiece does; pass False only for trusted text in which "<s>" etc. must become
+        control tokens.
         """
+        if split_special_tokens is None:
+            split_special_tokens = self.split_special_tokens
         batched = not isinstance(text, str)
         texts: list[str] = [text] if isinstance(text, str) else list(text)
         bad = next((t for t in texts if not isinstance(t, str)), None)
@@ -312,6 +319,11 @@ class MistralTokenizer:
 
     def get_vocab(self) -> dict[str, int]:
         return dict(self._vocab)
+
+    def get_added_vocab(self) -> dict[str, int]:
+        """The tokens matched whole rather than built by the model's merges (control tokens and
+        tokenizer.json's added tokens), as Transformers' `get_added_vocab`: token -> id."""
+        return {self._engine.pieces[i]: i for i in sorted(self._engine.added)}
 
     @property
     def padding_side(self) -> str:

@@ -46,6 +46,7 @@ class Engine(Protocol):
     pieces: list[str]  # every id's vocabulary string, added tokens included
     vocab_size: int  # the base vocabulary, without added tokens (as in Transformers)
     special: frozenset[int]  # control tokens: kept or skipped as a whole when decoding
+    added: frozenset[int]  # tokens matched whole, outside the model's merges (special ones included)
     defaults: dict[str, str]  # "bos"/"eos"/"unk"/"pad" -> token string the model file names
     table: TokenTable
 
@@ -113,6 +114,7 @@ class SentencePieceEngine:
         self.pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
         self.vocab_size = len(self.pieces)
         self.special = frozenset(i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i))
+        self.added = self.special
         self.defaults = {name: self.pieces[i] for name, i in
                          (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id()), ("pad", sp.pad_id()))
                          if i >= 0}
@@ -171,9 +173,16 @@ class TokenizersEngine:
         self.pieces = [self.backend.id_to_token(i) or "" for i in range(size)]
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=False)
         self.special = frozenset(i for i, t in added.items() if t.get("special"))
+        self.added = frozenset(added)
         self.defaults: dict[str, str] = {}
         byte_level, strips = _decoder_style(spec.get("decoder"))
         self.table = token_table(self.pieces, frozenset(added), strips=strips, byte_level=byte_level)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (copy.deepcopy, datasets.map workers) rebuilds the backend, which forgets
+        `encode_special_tokens`: set it again, or special-token strings in text would become control tokens."""
+        self.__dict__.update(state)
+        self.backend.encode_special_tokens = True
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
@@ -309,7 +318,7 @@ class TekkenEngine:
         by_rank = list(ranks)  # built in rank order
         self.pieces = specials + ["".join(alphabet[b] for b in token) for token in by_rank]
         self.vocab_size = size
-        self.special = frozenset(range(num_special))
+        self.special = self.added = frozenset(range(num_special))
         self.defaults = {name: token for name, token in (("bos", "<s>"), ("eos", "</s>"), ("unk", "<unk>"),
                                                           ("pad", "<pad>")) if token in specials}
         self.table = TokenTable(tuple(self.pieces), tuple([t.encode() for t in specials] + by_rank), frozenset(),
