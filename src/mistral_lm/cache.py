@@ -204,6 +204,17 @@ class KVCache:
         self.positions, self.valid = compacted(self.positions), compacted(self.valid)
         self.seen = used
 
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Row i becomes old row `beam_idx[i]` (Transformers' name; beam search calls it every
+        step). Rows may repeat or go, and the batch may grow: the slot layout, shared by every
+        row, stays as it is, so a rolling buffer keeps its next write slot."""
+        if self._deferred:
+            raise GenerationError("reorder_cache() in the middle of a step: commit() it first")
+        self.keys = [k.index_select(0, beam_idx.to(k.device)) for k in self.keys]
+        self.values = [v.index_select(0, beam_idx.to(v.device)) for v in self.values]
+        index = beam_idx.to(self.valid.device)
+        self.positions, self.valid = self.positions[index], self.valid[index]
+
     def append_rows(self, joins: Sequence[tuple[KVCache, int, int]]) -> None:
         """Append rows: for each (batch-1 `source` cache, its row's next position, copies),
         `copies` rows holding the source's keys, placed so that the next steps' writes (one slot

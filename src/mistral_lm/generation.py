@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from . import sampling
 from ._util import is_int
 from .cache import KVCache
 from .errors import ConfigError, GenerationError
+from .modeling import _Output
 
 _DEFAULT_CHUNK = 1024  # prefill chunk for models without a window: bounds the mask's size
 _COMPILED_BUCKET = 256  # a compiled decode's static cache grows in these steps
@@ -49,6 +50,14 @@ class GenerationConfig:
     seed: int | None = None
     prefill_chunk_size: int | None = None
     compile: bool = False  # ours: torch.compile the decode step (generation.Decoder)
+    num_beams: int = 1  # > 1: beam search (beam_search.py), do_sample=False only
+    num_beam_groups: int = 1  # group (diverse) beam search: refused unless 1
+    length_penalty: float = 1.0  # beam scores are divided by (new tokens) ** length_penalty
+    early_stopping: bool | str = False  # beam search: True, False (a heuristic) or "never"
+    stop_strings: str | list[str] | None = None  # needs generate(tokenizer=...)
+    return_dict_in_generate: bool = False
+    output_scores: bool = False  # processed scores per step (return_dict_in_generate=True)
+    output_logits: bool = False  # raw logits per step (return_dict_in_generate=True)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def update(self, **kwargs: Any) -> GenerationConfig:
@@ -90,8 +99,15 @@ class GenerationConfig:
                                   f"got {self.no_repeat_ngram_size!r}")
         if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             raise GenerationError(f"num_return_sequences must be >= 1, got {self.num_return_sequences!r}")
-        if self.num_return_sequences > 1 and not self.do_sample:
-            raise GenerationError("num_return_sequences > 1 needs do_sample=True: greedy decoding would repeat one answer")
+        self._validate_beams()
+        if not (self.stop_strings is None or isinstance(self.stop_strings, str) or (
+                isinstance(self.stop_strings, (list, tuple)) and all(isinstance(s, str) for s in self.stop_strings))):
+            raise GenerationError(f"stop_strings must be a string or a list of strings, got {self.stop_strings!r}")
+        if self.stop_strings is not None and not all(self.stop_list):
+            raise GenerationError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        for name in ("return_dict_in_generate", "output_scores", "output_logits"):
+            if not isinstance(getattr(self, name), bool):
+                raise GenerationError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.compile, bool):
             raise GenerationError(f"compile must be True or False, got {self.compile!r}")
         if self.prefill_chunk_size is not None and (not is_int(self.prefill_chunk_size) or self.prefill_chunk_size < 1):
@@ -100,6 +116,31 @@ class GenerationConfig:
         for token in ids:
             if not is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
                 raise GenerationError(f"special token id {token!r} is out of range for vocab_size {vocab_size}")
+
+    def _validate_beams(self) -> None:
+        if not is_int(self.num_beams) or self.num_beams < 1:
+            raise GenerationError(f"num_beams must be a positive integer, got {self.num_beams!r}")
+        if self.num_beam_groups != 1:
+            raise GenerationError(f"num_beam_groups={self.num_beam_groups!r}: group (diverse) beam search is not "
+                                  "supported; use num_beam_groups=1")
+        if self.num_beams > 1 and self.do_sample:
+            raise GenerationError("num_beams > 1 with do_sample=True (beam sampling) is not supported; use "
+                                  "do_sample=False for beam search, or num_beams=1 to sample")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise GenerationError(f"num_return_sequences={self.num_return_sequences} is more than num_beams="
+                                  f"{self.num_beams}: beam search returns at most num_beams sequences per prompt")
+        if self.num_return_sequences > 1 and not self.do_sample and self.num_beams == 1:
+            raise GenerationError("num_return_sequences > 1 needs do_sample=True or num_beams > 1: greedy decoding "
+                                  "would repeat one answer")
+        if self.early_stopping not in (True, False, "never"):
+            raise GenerationError(f'early_stopping must be True, False or "never", got {self.early_stopping!r}')
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float)):
+            raise GenerationError(f"length_penalty must be a number, got {self.length_penalty!r}")
+
+    @property
+    def stop_list(self) -> list[str]:
+        stops = self.stop_strings
+        return [] if stops is None else [stops] if isinstance(stops, str) else list(stops)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> GenerationConfig:
@@ -137,6 +178,35 @@ def _prompt(inputs: Any, input_ids: Any, attention_mask: Any) -> tuple[torch.Ten
     return ids, attention_mask
 
 
+@dataclass
+class GenerateDecoderOnlyOutput(_Output):
+    """generate(return_dict_in_generate=True) without beams; Transformers' field names.
+    `scores` / `logits`: one (rows, V) tensor per step, when output_scores / output_logits."""
+
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    attentions: None = None
+    hidden_states: None = None
+    cache: None = None
+
+
+@dataclass
+class GenerateBeamDecoderOnlyOutput(_Output):
+    """generate(num_beams > 1, return_dict_in_generate=True); Transformers' field names.
+    `sequences_scores` (rows,) is set with output_scores; `beam_indices` (rows, new tokens) names
+    the flat beam each step's token extended (-1 after a row's end)."""
+
+    sequences: torch.Tensor
+    sequences_scores: torch.Tensor | None = None
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    beam_indices: torch.Tensor | None = None
+    attentions: None = None
+    hidden_states: None = None
+    cache: None = None
+
+
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -147,9 +217,11 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     streamer: Any = None,
     generator: torch.Generator | None = None,
+    tokenizer: Any = None,
     **kwargs: Any,
-) -> torch.Tensor:
-    """Continue each prompt row; returns (B * num_return_sequences, prompt + new) token ids.
+) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
+    """Continue each prompt row; returns (B * num_return_sequences, prompt + new) token ids, or
+    an output object holding them (`return_dict_in_generate=True`). `tokenizer` serves `stop_strings`.
 
     >>> out = model.generate(**tokenizer(["Hello"], return_tensors="pt"), max_new_tokens=8)  # doctest: +SKIP
     """
@@ -168,12 +240,25 @@ def generate(
         raise GenerationError(
             f"max_length={gen.max_length} is shorter than the prompt ({prompt_len} tokens); set max_new_tokens"
         )
-    if streamer is not None and ids.shape[0] * gen.num_return_sequences != 1:
-        raise GenerationError("streamers support batch size 1 only")
+    if streamer is not None and (ids.shape[0] * gen.num_return_sequences != 1 or gen.num_beams > 1):
+        raise GenerationError("streamers support batch size 1 without beam search only")
+    stop = None
+    if gen.stop_strings is not None:
+        if tokenizer is None:  # Transformers' condition and wording (a ValueError there too)
+            raise GenerationError(
+                "There are one or more stop strings, either in the arguments to `generate` or in the model's "
+                "generation config, but we could not locate a tokenizer. When generating with stop strings, you "
+                "must pass the model's tokenizer to the `tokenizer` argument of `generate`.")
+        stop = StopStrings(gen.stop_list, tokenizer)
 
     device = model.device
     ids = ids.to(device)
     mask = torch.ones_like(ids) if mask is None else mask.to(device=device, dtype=torch.long)
+    if gen.num_beams > 1:
+        from .beam_search import beam_search
+
+        beams = beam_search(model, ids, mask, gen, max_new, stop)
+        return beams if gen.return_dict_in_generate else beams.sequences
     if gen.num_return_sequences > 1:
         ids = ids.repeat_interleave(gen.num_return_sequences, dim=0)
         mask = mask.repeat_interleave(gen.num_return_sequences, dim=0)
@@ -182,14 +267,55 @@ def generate(
     if streamer is not None:
         streamer.put(ids.cpu())
     out = _output_buffer(ids, gen, max_new)
+    steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logits, scores) per step, when asked for
+    keep = gen.return_dict_in_generate and (gen.output_scores or gen.output_logits)
     produced = 0
-    for token in generate_tokens(model, ids, mask, gen, max_new, generator, out=out):
+    for token in generate_tokens(model, ids, mask, gen, max_new, generator, out=out, stop=stop,
+                                 record=(lambda raw, scores: steps.append((raw, scores))) if keep else None):
         produced += 1
         if streamer is not None:
             streamer.put(token.cpu())
     if streamer is not None:
         streamer.end()
-    return out[:, : prompt_len + produced] if produced else ids
+    sequences = out[:, : prompt_len + produced] if produced else ids
+    if not gen.return_dict_in_generate:
+        return sequences
+    return GenerateDecoderOnlyOutput(sequences, tuple(s for _, s in steps) if gen.output_scores else None,
+                                     tuple(raw for raw, _ in steps) if gen.output_logits else None)
+
+
+class StopStrings:
+    """Transformers' stop-string criterion: a row stops once its text (each token's own string,
+    prompt included) holds a stop string that ends inside its last token. So a string split over
+    several tokens counts, and so does a last token running past the string's end ("st" +
+    "opera" for "stop"). Matching is on bytes; a token's bytes come from the tokenizer's
+    `token_table` (ours) or, for another tokenizer, from decoding it after an anchor token."""
+
+    def __init__(self, stops: list[str], tokenizer: Any) -> None:
+        self.stops = [s.encode() for s in stops]
+        self.reach = max(len(s) for s in self.stops) - 1  # bytes needed before the last token
+        table = getattr(tokenizer, "token_table", None)
+        self.pieces: dict[int, bytes] = dict(enumerate(table.raw)) if table is not None else {}
+        self.tokenizer = None if table is not None else tokenizer
+
+    def piece(self, token: int) -> bytes:
+        if token not in self.pieces:  # after an anchor, a leading space is not stripped as first
+            anchor = self.tokenizer.encode("a", add_special_tokens=False)[-1:]
+            head = self.tokenizer.decode(anchor)
+            self.pieces[token] = self.tokenizer.decode(anchor + [token])[len(head):].encode()
+        return self.pieces[token]
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """(N, L) token ids -> (N,) whether each row's last token completes a stop string."""
+        return torch.tensor([self._row(row) for row in ids.tolist()], dtype=torch.bool, device=ids.device)
+
+    def _row(self, row: list[int]) -> bool:
+        before, i = b"", len(row) - 1
+        while len(before) < self.reach and i > 0:
+            i -= 1
+            before = self.piece(row[i]) + before
+        text = before + self.piece(row[-1])
+        return any(s in text[max(0, len(before) - len(s) + 1):] for s in self.stops)
 
 
 def _pad_id(gen: GenerationConfig) -> int:
@@ -205,14 +331,18 @@ def _output_buffer(ids: torch.Tensor, gen: GenerationConfig, max_new: int) -> to
 
 
 def generate_tokens(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen: GenerationConfig, max_new: int,
-                    generator: torch.Generator | None = None, out: torch.Tensor | None = None
+                    generator: torch.Generator | None = None, out: torch.Tensor | None = None,
+                    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    record: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                     ) -> Iterator[torch.Tensor]:
     """Yield each step's new token per row, (B,), for up to `max_new` steps: the generator core
     of generate() and the streamers. `ids`, `mask` (B, T) are the (left-padded) prompts.
 
-    Rows that ended (an EOS) get the pad token until every row has ended. Prompt and output
-    live in one preallocated (B, T + max_new) buffer (`out`, made here unless given), which the
-    repetition penalty reads and generate() returns.
+    Rows that ended (an EOS, or `stop` of the ids so far) get the pad token until every row has
+    ended; as in Transformers, only when there are EOS ids (else a stopped row runs on). Prompt
+    and output live in one preallocated (B, T + max_new) buffer (`out`, made here unless given),
+    which the repetition penalty reads and generate() returns. `record(logits, scores)` sees
+    each step's float32 logits and processed scores.
     """
     if max_new == 0:
         return
@@ -220,7 +350,7 @@ def generate_tokens(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen: Gene
     eos = gen.eos_ids
     pad = _pad_id(gen)
     history = _output_buffer(ids, gen, max_new) if out is None else out
-    pick = sampling.make_picker(gen)
+    process = sampling.make_processor(gen)
     if gen.use_cache:
         step = Decoder(model, compile=gen.compile)
         total = prompt_len + max_new
@@ -236,17 +366,24 @@ def generate_tokens(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen: Gene
         full_mask[:, :prompt_len] = mask
         logits = _recompute(model, history[:, :prompt_len], full_mask[:, :prompt_len])
     finished = torch.zeros(b, dtype=torch.bool, device=ids.device)
+    padding = left_padding(mask)
     eos_tensor = torch.tensor(eos, device=ids.device, dtype=torch.long)
     for produced in range(max_new):
         end = prompt_len + produced
-        if produced < gen.min_new_tokens:
-            logits = sampling.suppress(logits.float(), eos)
-        token = pick(logits, history[:, :end], generator)
-        token = torch.where(finished, torch.full_like(token, pad), token)
+        logits = logits.float()
+        scores = process(sampling.suppress(logits, eos) if produced < gen.min_new_tokens else logits,
+                         history[:, :end], padding)
+        if record is not None:
+            record(logits, scores)
+        token = sampling.choose(scores, gen.do_sample, generator)
+        if eos:
+            token = torch.where(finished, torch.full_like(token, pad), token)
         history[:, end] = token
         yield token
         if eos:
             finished |= torch.isin(token, eos_tensor)
+        if stop is not None:
+            finished |= stop(history[:, : end + 1])
         if produced + 1 == max_new or bool(finished.all()):
             return
         if gen.use_cache:
@@ -254,6 +391,11 @@ def generate_tokens(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen: Gene
             positions = positions + 1
         else:
             logits = _recompute(model, history[:, : end + 1], full_mask[:, : end + 1])
+
+
+def left_padding(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the length of each row's leading padding: the repetition penalty skips it."""
+    return (mask != 0).int().argmax(dim=1)
 
 
 def prefill(model: Any, cache: KVCache, ids: torch.Tensor, mask: torch.Tensor, chunk: int) -> torch.Tensor:

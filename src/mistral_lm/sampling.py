@@ -18,13 +18,21 @@ import torch
 Picker = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
-def repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty: scores of tokens already in `ids` are divided by `penalty` if positive, multiplied if negative."""
+def repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float,
+                       skip: torch.Tensor | None = None) -> torch.Tensor:
+    """CTRL's penalty: scores of tokens already in `ids` are divided by `penalty` if positive,
+    multiplied if negative. `skip` (B,): leading positions of each row not counted (its left
+    padding, as Transformers leaves it out); they point at a spare column dropped afterwards."""
     if penalty == 1.0:
         return logits
+    if skip is not None:
+        vocab = logits.shape[-1]
+        ids = ids.masked_fill(torch.arange(ids.shape[1], device=ids.device) < skip[:, None], vocab)
+        logits = torch.nn.functional.pad(logits, (0, 1))
     seen = torch.gather(logits, 1, ids)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return logits.scatter(1, ids, seen)
+    out = logits.scatter(1, ids, seen)
+    return out if skip is None else out[:, :vocab]
 
 
 def openai_penalties(logits: torch.Tensor, ids: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
@@ -107,18 +115,25 @@ def no_repeat_ngram(logits: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Te
 def process(
     logits: torch.Tensor, ids: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int,
     top_p: float, repetition_penalty_value: float, min_p: float | None = None, no_repeat_ngram_size: int = 0,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """All processors in Transformers' order; warpers only apply when sampling."""
-    logits = no_repeat_ngram(repetition_penalty(logits, ids, repetition_penalty_value), ids, no_repeat_ngram_size)
+    """All processors in Transformers' order; warpers only apply when sampling. `skip`: see
+    `repetition_penalty`."""
+    logits = repetition_penalty(logits, ids, repetition_penalty_value, skip)
+    logits = no_repeat_ngram(logits, ids, no_repeat_ngram_size)
     if do_sample:
         logits = min_p_filter(top_p_filter(top_k_filter(temperature_scale(logits, temperature), top_k), top_p), min_p)
     return logits
 
 
-def make_picker(config: Any, *, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                logit_bias: dict[int, float] | None = None) -> Picker:
-    """`pick(logits (B, V), history (B, L), generator) -> (B,)` token ids, with `config`'s
-    settings (a GenerationConfig) read once per request rather than on every step.
+Processor = Callable[..., torch.Tensor]
+
+
+def make_processor(config: Any, *, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                   logit_bias: dict[int, float] | None = None) -> Processor:
+    """`process(logits (B, V), history (B, L), skip=None) -> scores (B, V)` in float32: every
+    processor and (when sampling) warper of `config`, as Transformers' `output_scores` records
+    them; `skip` (B,) leading history positions the repetition penalty ignores (left padding).
 
     The OpenAI keywords (`openai_penalties`, `add_bias`) count the tokens of `history`: pass the
     generated tokens only when using them (the server does; generate() leaves them at 0)."""
@@ -127,13 +142,29 @@ def make_picker(config: Any, *, presence_penalty: float = 0.0, frequency_penalty
     min_p, ngram = getattr(config, "min_p", None), getattr(config, "no_repeat_ngram_size", 0)
     bias = dict(logit_bias or {})
 
+    def scores(logits: torch.Tensor, history: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        out = add_bias(openai_penalties(logits.float(), history, presence_penalty, frequency_penalty), bias)
+        return process(out, history, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repetition_penalty_value=penalty, min_p=min_p, no_repeat_ngram_size=ngram, skip=skip)
+
+    return scores
+
+
+def make_picker(config: Any, **openai: Any) -> Picker:
+    """`pick(logits (B, V), history (B, L), generator) -> (B,)` token ids, with `config`'s
+    settings (a GenerationConfig) read once per request rather than on every step; `openai`
+    as `make_processor`'s keywords."""
+    scores = make_processor(config, **openai)
+
     def pick(logits: torch.Tensor, history: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        scores = add_bias(openai_penalties(logits.float(), history, presence_penalty, frequency_penalty), bias)
-        scores = process(scores, history, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                         top_p=top_p, repetition_penalty_value=penalty, min_p=min_p, no_repeat_ngram_size=ngram)
-        return sample(scores, generator) if do_sample else greedy(scores)
+        return choose(scores(logits, history), config.do_sample, generator)
 
     return pick
+
+
+def choose(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token per row from processed `scores` (B, V): drawn, or the argmax."""
+    return sample(scores, generator) if do_sample else greedy(scores)
 
 
 def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
