@@ -187,7 +187,11 @@ def _wanted_dtype(wanted: Any, quantization_config: BitsAndBytesConfig | None, g
     if wanted is None and quantization_config is not None:
         return quantization_config.compute_dtype
     if wanted is None and gguf_native:
-        return torch.bfloat16  # GGUFLinear's default compute dtype
+        from .native import ggml
+
+        # the native block kernels take float32 activations, as llama.cpp keeps them; torch's
+        # int4 kernel (GGUFLinear, where they cannot be built) is fast in bfloat16 only
+        return torch.float32 if ggml.available() else torch.bfloat16
     return wanted
 
 

@@ -338,15 +338,21 @@ def install_gguf_linears(model: nn.Module, blocks: dict[str, GGUFQuantizedTensor
     embedding = "model.embed_tokens.weight"
     if tied and embedding in blocks:
         blocks = {**blocks, "lm_head.weight": blocks[embedding]}
+    from .gguf_blocks import GGUFBlockLinear, as_tensor, available
+
     plan: dict[str, tuple[GGUFQuantizedTensor, bool]] = {}  # key -> (blocks, kept as a GGUFLinear)
+    native: set[str] = set()
     for key, qt in blocks.items():
         module = model.get_submodule(key.removesuffix(".weight")) if key.endswith(".weight") else None
-        if isinstance(module, nn.Linear) and GGUFLinear.supports(qt.ggml_type):
+        if isinstance(module, nn.Linear) and available(qt.ggml_type):  # the file's pages, computed on as they are
+            name = key.removesuffix(".weight")
+            model.set_submodule(name, GGUFBlockLinear(as_tensor(qt.data), qt.ggml_type, qt.shape[1]))
+            native.add(name)
+        elif isinstance(module, nn.Linear) and GGUFLinear.supports(qt.ggml_type):
             plan[key] = (qt, True)
         elif key != "lm_head.weight" or not tied:
             plan[key] = (qt, False)
     made = _made_tensors(plan, dtype, source)
-    native: set[str] = set()
     for key, (qt, linear) in plan.items():
         if not linear:
             tensors[key] = made[f"{key}:{dtype}"]

@@ -1,0 +1,121 @@
+"""GGUFBlockLinear: a Linear computing on a GGUF file's blocks where they lie, as llama.cpp does.
+
+The weight is the file's own bytes, a read-only view of its memory map: loading repacks and
+copies nothing, the pages are shared with the page cache, and the model's resident size is the
+file's. The product runs in `native.ggml`'s C kernels: activations are quantized to 8 bits per
+32 values (llama.cpp's q8 scheme) and multiplied with the 4/6/8-bit codes by integer dot
+products, then scaled in float32. Each output element is computed the same way whatever the
+number of rows, threads or output columns of the call, so a token's logits from a one-row decode
+step equal those of a many-row prefill (the server's logprobs rely on it).
+
+It is a GGUFLinear for everything that asks (`isinstance`): no safetensors form, no merge of
+adapters into the blocks; peft's LoRA wraps it like the other quantized layers, and the input
+gradient (LoRA below it) multiplies by the dequantized rows, a slice at a time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from ..native import ggml
+from .gguf import GGUFLinear, Q, _name
+from .modules import QuantizedLinear
+
+_GRAD_ROWS = 4096  # weight rows dequantized at a time for the input gradient
+
+
+def available(ggml_type: int) -> bool:
+    """Whether blocks of this type run on the native kernels here (compiled, type supported)."""
+    return ggml.available() and int(ggml_type) in ggml.SUPPORTED
+
+
+def as_tensor(rows: np.ndarray) -> torch.Tensor:
+    """(N, bytes) uint8 numpy rows as a torch tensor sharing their memory (a read-only map
+    included: the kernels only read it, and torch's warning about writability is moot)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(rows) if rows.strides[-1] != 1 else rows)
+
+
+class GGUFBlockLinear(GGUFLinear):
+    """y = x @ W.T with W in GGUF blocks (N, row_bytes), computed by the native kernels.
+
+    >>> import gguf
+    >>> w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    >>> blocks = as_tensor(gguf.quants.quantize(w, Q.Q4_0))
+    >>> GGUFBlockLinear(blocks, Q.Q4_0, 64)(torch.ones(1, 64)).shape
+    torch.Size([1, 64])
+    """
+
+    portable_names = ()
+    _buffer_names = ("blocks",)
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, in_features: int) -> None:
+        if int(ggml_type) not in ggml.SUPPORTED:
+            raise CheckpointError(f"no native kernel for {_name(int(ggml_type))} blocks; "
+                                  f"supported: {sorted(_name(t) for t in ggml.SUPPORTED)}")
+        want = ggml.row_bytes(int(ggml_type), in_features)
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != want:
+            raise CheckpointError(f"{_name(int(ggml_type))} blocks for {in_features} inputs must be uint8 "
+                                  f"(rows, {want}); got {tuple(blocks.shape)} {blocks.dtype}")
+        QuantizedLinear.__init__(self, in_features, blocks.shape[0], False, torch.float32, None)
+        self.ggml_type = Q(int(ggml_type))
+        self.group_size = 32
+        self._planes = 1
+        self.register_buffer("blocks", blocks, persistent=False)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return ggml.linear(x, self.blocks, self.ggml_type)
+
+    def dequantize(self) -> torch.Tensor:
+        return ggml.dequantize(self.blocks, self.ggml_type, self.in_features)
+
+    def _input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(grad.shape[0], self.in_features, dtype=grad.dtype, device=grad.device)
+        for start in range(0, self.out_features, _GRAD_ROWS):
+            end = min(self.out_features, start + _GRAD_ROWS)
+            w = ggml.dequantize(self.blocks[start:end], self.ggml_type, self.in_features).to(grad.dtype)
+            out += grad[:, start:end] @ w
+        return out
+
+    def weight_bytes(self) -> int:
+        return self.blocks.shape[0] * self.blocks.shape[1]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, ggml_type={self.ggml_type.name}, kernel=native")
+
+    # The blocks have no portable (safetensors) form: save_pretrained refuses GGUFLinears.
+    def _portable_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def _portable_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _load_portable(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise CheckpointError("GGUF block layers load from their .gguf file, not from a state dict")
+
+    @classmethod
+    def concat(cls, parts: Sequence[QuantizedLinear]) -> QuantizedLinear | None:
+        return None  # the parts read the file's pages; a fused copy would double them
+
+    def can_view_rows(self, start: int) -> bool:
+        return False
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GGUFBlockLinear:
+        """Dtype casts leave the blocks alone; the kernels run on the CPU only."""
+        if self.bias is not None:
+            self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=False)
+        target = fn(torch.empty(0)).device
+        if target.type != "cpu":
+            raise ConfigError(f"GGUF block layers compute on the CPU; cannot move them to {target}. Load the "
+                              "file with quantize='none' (or without gguf_native) to run it elsewhere")
+        return self

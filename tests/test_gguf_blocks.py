@@ -1,0 +1,128 @@
+"""from_pretrained(<gguf>, gguf_native=True) on the native block kernels (GGUFBlockLinear).
+
+The oracle is the same file dequantized to float32 (what Transformers loads). The kernels
+quantize each linear's input to 8 bits per 32 values, as llama.cpp does, so the floor the
+native model is held to is that scheme itself, written here independently in torch: the float32
+model with every linear's input rounded to its 8-bit grid (d = amax / 127 per block of 32,
+codes rounded half to even). The kernels' own exactness against a per-layer reference is
+tests/test_native_ggml.py's.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mistral_lm import MistralForCausalLM
+from mistral_lm.checkpoints.gguf import GGUFQuantizedTensor, load_gguf
+from mistral_lm.errors import CheckpointError, ConfigError
+from mistral_lm.native import ggml
+from mistral_lm.quantization import GGUFLinear
+from mistral_lm.quantization.gguf_blocks import GGUFBlockLinear, as_tensor
+
+from .conftest import default_model_or_skip
+
+PATH = default_model_or_skip()
+pytestmark = pytest.mark.skipif(not ggml.available(), reason="the C kernels could not be built here")
+
+
+@pytest.fixture(scope="module")
+def native() -> MistralForCausalLM:
+    return MistralForCausalLM.from_pretrained(PATH, gguf_native=True)
+
+
+@pytest.fixture(scope="module")
+def dense() -> MistralForCausalLM:
+    return MistralForCausalLM.from_pretrained(PATH)
+
+
+def q8_grid(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to llama.cpp's q8 activation grid: per 32 values, codes round(x / d), d = amax / 127."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / d).nan_to_num(0.0) * d).reshape(x.shape)
+
+
+def test_every_quantized_linear_reads_the_files_blocks(native):
+    raw = {k: v for k, v in load_gguf(PATH, dequantize=False).tensors.items() if isinstance(v, GGUFQuantizedTensor)}
+    linears = {name: m for name, m in native.named_modules() if isinstance(m, GGUFBlockLinear)}
+    assert set(linears) == {k.removesuffix(".weight") for k in raw if "embed_tokens" not in k} | {"lm_head"}
+    assert not any(type(m) in (nn.Linear, GGUFLinear) for m in native.modules())
+    for name, module in linears.items():
+        source = raw.get(name + ".weight", raw["model.embed_tokens.weight"])  # the tied head: the embedding's
+        assert module.ggml_type == source.ggml_type
+        assert torch.equal(module.blocks, torch.from_numpy(np.ascontiguousarray(source.data)))
+        assert module.weight_bytes() == source.data.nbytes  # no padding, no repacking
+    assert native.dtype == torch.float32  # the kernels' activations, as llama.cpp keeps them
+
+
+def test_logits_follow_the_8bit_activation_scheme(native, dense):
+    """The native model's distance to float32 is that of the 8-bit activation grid itself:
+    the float32 model with its linears' inputs put on the grid (by forward pre-hooks) is the
+    floor; the kernels differ from it only by float32 summation order, whose last-bit changes
+    move grid codes, so the bound is a factor on the floor rather than equality."""
+    ids = torch.randint(3, native.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    hooks = [m.register_forward_pre_hook(lambda _m, args: (q8_grid(args[0]),))
+             for m in dense.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.inference_mode():
+            floor = dense(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.inference_mode():
+        a, b = native(ids).logits, dense(ids).logits
+    top2 = b.log_softmax(-1).topk(2, dim=-1).values
+    decisive = (top2[..., 0] - top2[..., 1]) >= 0.1
+    assert decisive.float().mean() > 0.5
+    assert (a.argmax(-1) == b.argmax(-1))[decisive].float().mean() >= 0.95
+    err, base = a - b, floor - b
+    assert base.abs().max() > 0  # the grid is not the identity
+    assert err.abs().max() <= 1.5 * base.abs().max()
+    assert err.pow(2).mean().sqrt() <= 1.5 * base.pow(2).mean().sqrt()
+
+
+def test_greedy_generation_matches_the_dequantized_model(native, dense):
+    prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314]])  # any fixed ids will do
+    with torch.inference_mode():
+        ours = native.generate(prompt, max_new_tokens=12, do_sample=False)
+        ref = dense.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert ours.shape == ref.shape
+    assert (ours == ref).float().mean() >= 0.8
+
+
+def test_input_gradient_is_the_dequantized_weights():
+    """LoRA below a frozen block layer needs d(x @ W.T)/dx = W: the gguf package's own decoding."""
+    w = np.random.default_rng(0).standard_normal((70, 256)).astype(np.float32)
+    for qtype in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0):
+        blocks = gguf.quants.quantize(w, qtype)
+        layer = GGUFBlockLinear(as_tensor(blocks), qtype, 256)
+        x = torch.randn(3, 256, requires_grad=True)
+        grad = torch.randn(3, 70)
+        layer(x).backward(grad)
+        expected = grad.double() @ torch.from_numpy(gguf.quants.dequantize(blocks, qtype)).double()
+        torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-5)
+        assert not any(p.requires_grad for p in layer.parameters())
+
+
+def test_refusals_name_the_problem(native, tmp_path):
+    with pytest.raises(CheckpointError, match="gguf_native"):
+        native.save_pretrained(tmp_path)
+    layer = next(m for m in native.modules() if isinstance(m, GGUFBlockLinear))
+    with pytest.raises(ConfigError, match="CPU"):
+        layer.to("meta")
+    with pytest.raises(CheckpointError, match="Q5_1|no native kernel"):
+        GGUFBlockLinear(torch.zeros(4, 24, dtype=torch.uint8), gguf.GGMLQuantizationType.Q5_1, 32)
+    with pytest.raises(CheckpointError, match="uint8"):
+        GGUFBlockLinear(torch.zeros(4, 19, dtype=torch.uint8), gguf.GGMLQuantizationType.Q4_0, 32)
+    assert layer.to(torch.bfloat16) is layer and layer.blocks.dtype == torch.uint8  # casts leave blocks alone
+
+
+def test_without_the_kernels_the_loader_falls_back_to_torchs_int4(monkeypatch):
+    monkeypatch.setattr(ggml, "available", lambda: False)
+    model = MistralForCausalLM.from_pretrained(PATH, gguf_native=True)
+    kinds = {type(m) for m in model.modules() if isinstance(m, GGUFLinear)}
+    assert kinds == {GGUFLinear} and model.dtype == torch.bfloat16
