@@ -20,12 +20,14 @@
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 
 /* One quantized activation block: 32 int8 codes, the sums of each 4 consecutive codes (one per
- * int32 lane of the dot products), the scale; 64 bytes, one cache line. */
+ * int32 lane of the dot products), the scale d and ds = fl(d * sum of all 32 codes) (the min
+ * term's factor); 64 bytes, one cache line. */
 typedef struct {
     int8_t q[32];
     int16_t s[8];
     float d;
-    uint8_t pad[12];
+    float ds;
+    uint8_t pad[8];
 } xblock;
 
 _Static_assert(sizeof(xblock) == 64, "activation block is one cache line");
@@ -125,10 +127,11 @@ static void matmul_scalar(int type, const xblock *x, int64_t M, int64_t nb, cons
     const int has_min = type == T_Q4_1 || type == T_Q4_K;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        float *acc = malloc(sizeof(float) * 8 * (size_t)M);
+        float *acc = malloc(sizeof(float) * 8 * (size_t)M), *accmin = malloc(sizeof(float) * (size_t)M);
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-        for (int64_t n = N * t / nt; acc && n < N * (t + 1) / nt; n++) {
+        for (int64_t n = N * t / nt; acc && accmin && n < N * (t + 1) / nt; n++) {
             memset(acc, 0, sizeof(float) * 8 * (size_t)M);
+            memset(accmin, 0, sizeof(float) * (size_t)M);
             for (int64_t b = 0; b < nb; b++) {
                 int u[32], off, scl[8];
                 float cw, mw;
@@ -141,13 +144,14 @@ static void matmul_scalar(int type, const xblock *x, int64_t M, int64_t nb, cons
                         for (int e = 4 * l; e < 4 * l + 4; e++) s += u[e] * xb->q[e];
                         const float c = (cw * (float)scl[l]) * xb->d; /* cw * scl exact */
                         a[l] = fmaf(c, (float)(s - off * xb->s[l]), a[l]);
-                        if (has_min) a[l] = fmaf(mw, xb->d * (float)xb->s[l], a[l]);
                     }
+                    if (has_min) accmin[m] = fmaf(mw, xb->ds, accmin[m]);
                 }
             }
-            for (int64_t m = 0; m < M; m++) out[m * ldo + n] = hsum8_scalar(acc + 8 * m);
+            for (int64_t m = 0; m < M; m++) out[m * ldo + n] = has_min ? hsum8_scalar(acc + 8 * m) + accmin[m] : hsum8_scalar(acc + 8 * m);
         }
         free(acc);
+        free(accmin);
     }
 }
 
@@ -165,7 +169,12 @@ static void quantize_scalar(const float *x, int64_t M, int64_t K, int64_t ldx, x
             dst->d = d;
             if (d == 0.0f) continue;
             for (int e = 0; e < 32; e++) dst->q[e] = (int8_t)nearbyintf(src[e] / d);
-            for (int l = 0; l < 8; l++) dst->s[l] = dst->q[4 * l] + dst->q[4 * l + 1] + dst->q[4 * l + 2] + dst->q[4 * l + 3];
+            int total = 0;
+            for (int l = 0; l < 8; l++) {
+                dst->s[l] = dst->q[4 * l] + dst->q[4 * l + 1] + dst->q[4 * l + 2] + dst->q[4 * l + 3];
+                total += dst->s[l];
+            }
+            dst->ds = d * (float)total;
         }
     }
 }

@@ -19,8 +19,10 @@ offset and scales, and multiplied with q in exact integer arithmetic:
 
 Each integer sum is kept as eight exact int32 lanes (lane l = elements 4l..4l+3), converted to
 float exactly and accumulated per (m, n) into an 8-lane float32 accumulator, block after block:
-``acc = fma(fl(cw * dx), I, acc)`` then, with a min term, ``acc = fma(mw, fl(dx * S), acc)``; the
-eight lanes are summed in one fixed tree at the end. The AVX-512 VNNI, AVX2 and scalar paths do
+``acc = fma(fl(cw * dx), I, acc)``; the eight lanes are summed in one fixed tree at the end. The
+min term (Q4_1, Q4_K) has its own scalar accumulator per (m, n), ``accm = fma(mw, ds, accm)`` with
+``ds = fl(dx * sum of the block's 32 codes)`` (stored in the activation block), added last:
+``out = hsum8(acc) + accm`` (one vector fma per block for a whole tile). The AVX-512 VNNI, AVX2 and scalar paths do
 exactly these operations, so all three give bit-identical results; and since the sequence per
 (m, n) does not depend on the tile, M, the slice of N or the thread count, neither does the
 result (batch invariance: a 1-row decode step equals that row of a prefill, bit for bit).
@@ -45,7 +47,7 @@ from . import build
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED: frozenset[int] = frozenset(int(t) for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K))
-XBLOCK_BYTES = 64  # one quantized activation block: 32 int8 codes, 8 int16 lane sums, float32 d, padding
+XBLOCK_BYTES = 64  # one quantized activation block: 32 int8 codes, 8 int16 lane sums, float32 d and d*sum, padding
 _SIZES = {t: gguf.GGML_QUANT_SIZES[Q(t)] for t in SUPPORTED}  # type -> (weights per block, bytes per block)
 
 
@@ -117,6 +119,8 @@ def _pack(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     out[..., 0:32] = q.view(torch.uint8)
     out[..., 32:48] = s.contiguous().view(torch.uint8)
     out[..., 48:52] = d.contiguous().view(torch.uint8).view(m, nb, 4)
+    ds = d * s.sum(-1, dtype=torch.int32).float()  # float32: one rounding, as in C
+    out[..., 52:56] = ds.contiguous().view(torch.uint8).view(m, nb, 4)
     return out.view(m, nb * XBLOCK_BYTES)
 
 

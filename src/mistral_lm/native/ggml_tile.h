@@ -4,8 +4,8 @@
  *
  * Per (m, n) and per 32-block b the operations are exactly those of ggml.c's scalar path:
  * eight exact int32 lanes I (lane l covers elements 4l..4l+3), then
- *     acc = fma(cw * dx, (float)I, acc)   (Q6_K: cw per lane, d * sc)   and, for types with a min term,   acc = fma(mw, dx * S, acc)
- * on an 8-lane float accumulator, summed at the end by hsum8's fixed tree. Tiles of any shape run
+ *     acc = fma(cw * dx, (float)I, acc)   (Q6_K: cw per lane, d * sc)   and, for types with a min term,   accm = fma(mw, ds, accm)
+ * on an 8-lane float accumulator, summed at the end by hsum8's fixed tree, plus the scalar accm. Tiles of any shape run
  * the same sequence per (m, n), so results do not depend on M, the N slice or the thread count. */
 
 
@@ -86,6 +86,30 @@ static inline __attribute__((always_inline)) __m256i FN(dot)(const int type, __m
 #endif
 }
 
+/* The min terms of a tile, accm[i * NR + r] = fma(mw_r, ds_i, accm[i * NR + r]): one vector fma
+ * per block for the whole tile instead of one per (i, r) and lane. */
+#if MR * NR == 16
+typedef __m512 FN(mvec);
+static inline __attribute__((always_inline)) __m512 FN(minfma)(__m128 mw4, __m128 ds4, __m512 accm) {
+    const __m512 a = _mm512_broadcast_f32x4(mw4);
+    const __m512 b = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                           _mm512_castps128_ps512(ds4));
+    return _mm512_fmadd_ps(a, b, accm);
+}
+#define MVEC_ZERO() _mm512_setzero_ps()
+/* two 256-bit stores: Zen 4 does not forward a 512-bit store to the scalar loads that follow */
+#define MVEC_STORE(p, v) (_mm256_store_ps(p, _mm512_castps512_ps256(v)), _mm256_store_ps((p) + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))))
+#else
+typedef __m256 FN(mvec);
+static inline __attribute__((always_inline)) __m256 FN(minfma)(__m128 mw4, __m128 ds4, __m256 accm) {
+    const __m256 a = _mm256_set_m128(mw4, mw4);
+    const __m256 b = _mm256_set_m128(_mm_shuffle_ps(ds4, ds4, 0x55), _mm_shuffle_ps(ds4, ds4, 0));
+    return _mm256_fmadd_ps(a, b, accm);
+}
+#define MVEC_ZERO() _mm256_setzero_ps()
+#define MVEC_STORE(p, v) _mm256_store_ps(p, v)
+#endif
+
 /* out[i, r] for i < mr activation rows and r < nr weight rows, over all nb blocks. */
 static inline __attribute__((always_inline)) void FN(tile)(const int type, const int mr, const int nr,
                                                           const xblock *x, int64_t nb, const uint8_t *w,
@@ -94,7 +118,8 @@ static inline __attribute__((always_inline)) void FN(tile)(const int type, const
     const int has_min = type == T_Q4_1 || type == T_Q4_K;
     const int64_t pf = 4 * type_bytes(type) * (type == T_Q4_K || type == T_Q6_K ? 1 : 8);
     __m256 acc[MR][NR];
-    float kcw[NR][8], kmw[NR][8];
+    FN(mvec) accm = MVEC_ZERO();
+    float kcw[8][4], kmw[8][4];
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++)
 #pragma GCC unroll 8
@@ -102,10 +127,14 @@ static inline __attribute__((always_inline)) void FN(tile)(const int type, const
     for (int64_t b = 0; b < nb; b++) {
         __m256i u[NR];
         __m256 cwv[NR];
-        float cw[NR], mw[NR];
+        float cw[NR], mw[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (type == T_Q4_K && (b & 7) == 0) {
 #pragma GCC unroll 8
-            for (int r = 0; r < nr; r++) FN(kscales)(w + r * ldw + (b >> 3) * 144, kcw[r], kmw[r]);
+            for (int r = 0; r < nr; r++) {
+                float c8[8], m8[8];
+                FN(kscales)(w + r * ldw + (b >> 3) * 144, c8, m8);
+                for (int j = 0; j < 8; j++) kcw[j][r] = c8[j], kmw[j][r] = m8[j];
+            }
         }
         if ((b & 3) == 0) {
             const int64_t off = (type == T_Q4_K || type == T_Q6_K ? (b >> 3) : b) * type_bytes(type) + pf;
@@ -115,30 +144,41 @@ static inline __attribute__((always_inline)) void FN(tile)(const int type, const
 #pragma GCC unroll 8
         for (int r = 0; r < nr; r++) {
             FN(decode)(type, w + r * ldw, b, &u[r], &cw[r], &mw[r], &cwv[r]);
-            if (type == T_Q4_K) cw[r] = kcw[r][b & 7], mw[r] = kmw[r][b & 7];
+            if (type == T_Q4_K) cw[r] = kcw[b & 7][r];
+        }
+        if (has_min) {
+            const __m128 ds4 = mr == 1 ? _mm_set_ss(x[b].ds) : mr == 2 ? _mm_set_ps(0.0f, 0.0f, x[nb + b].ds, x[b].ds)
+                             : mr == 3 ? _mm_set_ps(0.0f, x[2 * nb + b].ds, x[nb + b].ds, x[b].ds)
+                                       : _mm_set_ps(x[3 * nb + b].ds, x[2 * nb + b].ds, x[nb + b].ds, x[b].ds);
+            /* built in registers: a 16-byte load of four scalar stores would not be forwarded */
+            const int j = (int)(b & 7);
+            const __m128 mw4 = type == T_Q4_K ? (nr == 1 ? _mm_set_ss(kmw[j][0]) : _mm_set_ps(kmw[j][3], kmw[j][2], kmw[j][1], kmw[j][0]))
+                                              : (nr == 1 ? _mm_set_ss(mw[0]) : _mm_set_ps(mw[3], mw[2], mw[1], mw[0]));
+            accm = FN(minfma)(mw4, ds4, accm);
         }
 #pragma GCC unroll 8
         for (int i = 0; i < mr; i++) {
             const xblock *xb = x + i * nb + b;
             const __m256i xq = _mm256_loadu_si256((const __m256i *)xb->q);
-            const __m256i s = _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)xb->s));
-            const __m256i corr = shift ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_sll_epi32(s, _mm_cvtsi32_si128(shift)))
+            const __m256i corr = shift ? _mm256_sub_epi32(_mm256_setzero_si256(),
+                                                          _mm256_sll_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)xb->s)),
+                                                                           _mm_cvtsi32_si128(shift)))
                                        : _mm256_setzero_si256();
             const __m256 dx = _mm256_set1_ps(xb->d);
-            const __m256 ds = has_min ? _mm256_mul_ps(dx, _mm256_cvtepi32_ps(s)) : dx;
 #pragma GCC unroll 8
             for (int r = 0; r < nr; r++) {
                 const __m256i I = FN(dot)(type, corr, u[r], xq);
                 const __m256 c = _mm256_mul_ps(type == T_Q6_K ? cwv[r] : _mm256_set1_ps(cw[r]), dx);
                 acc[i][r] = _mm256_fmadd_ps(c, _mm256_cvtepi32_ps(I), acc[i][r]);
-                if (has_min) acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(mw[r]), ds, acc[i][r]);
             }
         }
     }
+    float mins[MR * NR] __attribute__((aligned(64)));
+    if (has_min) MVEC_STORE(mins, accm);
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++)
 #pragma GCC unroll 8
-        for (int r = 0; r < nr; r++) out[i * ldo + r] = FN(hsum8)(acc[i][r]);
+        for (int r = 0; r < nr; r++) out[i * ldo + r] = has_min ? FN(hsum8)(acc[i][r]) + mins[i * NR + r] : FN(hsum8)(acc[i][r]);
 }
 
 #define TILE_NR(T, MRV)                                                                              \
@@ -192,6 +232,8 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
         }
     }
 }
+#undef MVEC_ZERO
+#undef MVEC_STORE
 
 static __attribute__((unused)) void FN(quantize)(const float *x, int64_t M, int64_t K, int64_t ldx, xblock *out, int nthreads) {
     const int64_t nb = K / 32;
@@ -223,6 +265,9 @@ static __attribute__((unused)) void FN(quantize)(const float *x, int64_t M, int6
             _mm256_storeu_si256((__m256i *)dst->q, p);
             __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), p), _mm256_set1_epi16(1));
             _mm_storeu_si128((__m128i *)dst->s, _mm_packs_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)));
+            int total = 0;
+            for (int l = 0; l < 8; l++) total += dst->s[l];
+            dst->ds = d * (float)total;
         }
     }
 }
