@@ -104,14 +104,19 @@ def test_batch_invariant_across_rows_threads_and_slices(cap):
 
 
 @needs_lib
+@pytest.mark.parametrize("cap", caps())
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_native_quantizer_equals_torch_quantizer(quant_type):
+def test_native_quantizer_equals_torch_quantizer(cap, quant_type):
     w = torch.randn(40, 256) * torch.rand(40, 1) * 3
     w[0] = 0.0
     w[1, :64] = torch.linspace(-1, 1, 64)  # values on the codebook and between entries
     w[2, :64] = CODEBOOKS[quant_type].repeat(4)
+    w[3, :64] = -w[3, :64].abs()  # absmax from a negative weight
+    values = CODEBOOKS[quant_type].sort().values
+    w[4, :15], w[4, 15] = (values[1:] + values[:-1]) / 2, 1.0  # exactly on the mid-points (absmax 1)
     q, absmax = quantize_4bit_codebook(w, CODEBOOKS[quant_type], 64)
-    packed, absmax_native = nf4.quantize(w, CODEBOOKS[quant_type], 64)
+    with isa(cap):
+        packed, absmax_native = nf4.quantize(w, CODEBOOKS[quant_type], 64)
     assert torch.equal(packed, pack_nibbles(q)) and torch.equal(absmax_native, absmax)
 
 

@@ -449,7 +449,7 @@ class NF4Linear(QuantizedLinear):
                     compute_dtype: torch.dtype = torch.bfloat16) -> NF4Linear:
         """Quantize an nn.Linear (see `quantize_4bit_codebook`)."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, quant_type, blocksize,
-                     compute_dtype, linear.weight.device)
+                     compute_dtype, "meta")  # storage comes from _load_portable, on the weight's device
         codes = native_nf4.quantize(linear.weight, CODEBOOKS[quant_type], blocksize)  # bit-equal, faster
         if codes is None:
             q, absmax = quantize_4bit_codebook(linear.weight.detach(), CODEBOOKS[quant_type], blocksize)
