@@ -184,34 +184,41 @@ _SCRATCH = threading.local()  # per thread: the activation blocks of the last ca
 
 
 def _linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, bias: torch.Tensor | None) -> torch.Tensor:
+    # A decode step calls this a few hundred times with M = 1: every tensor attribute read costs,
+    # so each is read once (shape, stride() tuples) and the full checks run only when a fast one fails.
     lib = _lib()
     if lib is None:
         return reference_linear(x, blocks, ggml_type, bias)
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.dtype != torch.float32 or x2.stride(-1) != 1:
+    shape = x.shape
+    k = shape[-1]
+    x2 = x if len(shape) == 2 else x.reshape(-1, k)
+    xst = x2.stride()
+    if x2.dtype is not torch.float32 or xst[1] != 1:
         x2 = x2.float().contiguous()
-    if not x2.is_cpu or k % 32:
+        xst = x2.stride()
+    if k % 32 or not x2.is_cpu:
         _check_activations(x2)
     nbytes = _ROW_BYTES.get((ggml_type, k))
     if nbytes is None:
         nbytes = _ROW_BYTES[(ggml_type, k)] = row_bytes(ggml_type, k)  # raises for bad types and K
-    if (blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != nbytes or blocks.stride(1) != 1
-            or blocks.stride(0) < nbytes or not blocks.is_cpu):
+    bshape, bst = blocks.shape, blocks.stride()
+    if (blocks.dtype is not torch.uint8 or len(bshape) != 2 or bshape[1] != nbytes or bst[1] != 1
+            or bst[0] < nbytes or not blocks.is_cpu):
         _check_blocks(blocks, ggml_type, k)
-    m, n = x2.shape[0], blocks.shape[0]
+    m, n = x2.shape[0], bshape[0]
     out = torch.empty(m, n, dtype=torch.float32)
-    if m and n:  # the activation blocks are scratch: one buffer, one call into C
-        need = m * (k // 32) * XBLOCK_BYTES
-        xq = getattr(_SCRATCH, "xq", None)
-        if xq is None or xq.numel() < need:
-            xq = _SCRATCH.xq = torch.empty(need, dtype=torch.uint8)
-        lib.mlm_ggml_linear(ggml_type, x2.data_ptr(), m, k, x2.stride(0) if m > 1 else k, xq.data_ptr(),
-                            blocks.data_ptr(), n, blocks.stride(0) if n > 1 else nbytes, out.data_ptr(), n,
+    if m and n:  # the activation blocks are scratch: one buffer per thread, one call into C
+        need = m * (k >> 5) * XBLOCK_BYTES
+        scratch = getattr(_SCRATCH, "xq", None)
+        if scratch is None or scratch[1] < need:
+            t = torch.empty(need, dtype=torch.uint8)
+            scratch = _SCRATCH.xq = (t, need, t.data_ptr())
+        lib.mlm_ggml_linear(ggml_type, x2.data_ptr(), m, k, xst[0] if m > 1 else k, scratch[2],
+                            blocks.data_ptr(), n, bst[0] if n > 1 else nbytes, out.data_ptr(), n,
                             torch.get_num_threads())
     if bias is not None:
         out += bias
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+    return out if len(shape) == 2 else out.view(*shape[:-1], n)
 
 
 @torch.library.custom_op("mistral_lm::ggml_linear", mutates_args=())
