@@ -104,8 +104,9 @@ class MistralPreTrainedModel(nn.Module):
             total += p.numel()
         return total
 
-    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Greedy or sampled continuation; see mistral_lm.generation.generate."""
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Greedy, sampled or beam-search continuation: token ids, or an output object with
+        `return_dict_in_generate=True`; see mistral_lm.generation.generate."""
         from .generation import generate
 
         return generate(self, *args, **kwargs)
