@@ -346,7 +346,7 @@ def install_gguf_linears(model: nn.Module, blocks: dict[str, GGUFQuantizedTensor
         module = model.get_submodule(key.removesuffix(".weight")) if key.endswith(".weight") else None
         if isinstance(module, nn.Linear) and available(qt.ggml_type):  # the file's pages, computed on as they are
             name = key.removesuffix(".weight")
-            model.set_submodule(name, GGUFBlockLinear(as_tensor(qt.data), qt.ggml_type, qt.shape[1]))
+            model.set_submodule(name, GGUFBlockLinear(as_tensor(qt.stored), qt.ggml_type, qt.shape[1], qt.row_order))
             native.add(name)
         elif isinstance(module, nn.Linear) and GGUFLinear.supports(qt.ggml_type):
             plan[key] = (qt, True)

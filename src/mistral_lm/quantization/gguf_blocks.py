@@ -57,7 +57,8 @@ class GGUFBlockLinear(GGUFLinear):
     portable_names = ()
     _buffer_names = ("blocks",)
 
-    def __init__(self, blocks: torch.Tensor, ggml_type: int, in_features: int) -> None:
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, in_features: int,
+                 row_order: np.ndarray | torch.Tensor | None = None) -> None:
         if int(ggml_type) not in ggml.SUPPORTED:
             raise CheckpointError(f"no native kernel for {_name(int(ggml_type))} blocks; "
                                   f"supported: {sorted(_name(t) for t in ggml.SUPPORTED)}")
@@ -70,23 +71,33 @@ class GGUFBlockLinear(GGUFLinear):
         self.group_size = 32
         self._planes = 1
         self.register_buffer("blocks", blocks, persistent=False)
+        # llama.cpp stores Q/K rows permuted for its rotary layout: output i is stored row
+        # row_order[i]. Gathering the outputs costs an (M, N) copy per call; gathering the
+        # blocks would copy a tenth of a 7B's weights out of the shared file pages.
+        order = None if row_order is None else torch.as_tensor(np.asarray(row_order), dtype=torch.long)
+        if order is not None and sorted(order.tolist()) != list(range(blocks.shape[0])):
+            raise CheckpointError(f"row_order must be a permutation of the {blocks.shape[0]} rows")
+        self.register_buffer("row_order", order, persistent=False)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return ggml.linear(x, self.blocks, self.ggml_type)
+        y = ggml.linear(x, self.blocks, self.ggml_type)
+        return y if self.row_order is None else y.index_select(-1, self.row_order)
 
     def dequantize(self) -> torch.Tensor:
-        return ggml.dequantize(self.blocks, self.ggml_type, self.in_features)
+        w = ggml.dequantize(self.blocks, self.ggml_type, self.in_features)
+        return w if self.row_order is None else w.index_select(0, self.row_order)
 
     def _input_grad(self, grad: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(grad.shape[0], self.in_features, dtype=grad.dtype, device=grad.device)
         for start in range(0, self.out_features, _GRAD_ROWS):
             end = min(self.out_features, start + _GRAD_ROWS)
-            w = ggml.dequantize(self.blocks[start:end], self.ggml_type, self.in_features).to(grad.dtype)
+            rows = self.blocks[start:end] if self.row_order is None else self.blocks[self.row_order[start:end]]
+            w = ggml.dequantize(rows, self.ggml_type, self.in_features).to(grad.dtype)
             out += grad[:, start:end] @ w
         return out
 
     def weight_bytes(self) -> int:
-        return self.blocks.shape[0] * self.blocks.shape[1]
+        return self.blocks.shape[0] * self.blocks.shape[1]  # the order, if any, is not weight
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
