@@ -172,3 +172,12 @@ def test_top1_agrees_with_float_model_of_dequantized_weights(compute_dtype, top1
         ours, theirs = quantized(input_ids=ids).logits, reference(input_ids=ids).logits
     assert float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()) >= top1
     assert float((ours - theirs).norm() / theirs.norm()) < error
+
+
+@needs_lib
+def test_compiled_module_calls_the_kernel_in_one_graph():
+    module = layer(128, 64)
+    x = torch.randn(2, 128)
+    expected = module(x)
+    with torch.inference_mode():
+        assert torch.equal(torch.compile(module, fullgraph=True)(x), expected)

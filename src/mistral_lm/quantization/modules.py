@@ -459,7 +459,7 @@ class NF4Linear(QuantizedLinear):
         return module
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] < self.native_max_rows and x.device.type == "cpu" and native_nf4.available():
+        if self._native and x.shape[0] < self.native_max_rows:
             return native_nf4.mm(x, self.weight_packed, self.weight_absmax, CODEBOOKS[self.quant_type],
                                  self.blocksize)
         m, blocks = x.shape[0], self.in_features // self.blocksize
@@ -504,6 +504,8 @@ class NF4Linear(QuantizedLinear):
     def _load_portable(self, state: dict[str, torch.Tensor]) -> None:
         self.weight_packed = state["weight_packed"].to(torch.uint8).contiguous()
         self.weight_absmax = state["weight_absmax"].float().contiguous()
+        # decided here, not per call: torch.compile sees a constant, not the library loader
+        self._native = self.weight_packed.device.type == "cpu" and native_nf4.available()
 
 
 def _copy_bias(module: QuantizedLinear, linear: nn.Linear) -> None:

@@ -1,0 +1,245 @@
+"""NF4 / FP4 (bitsandbytes' 4-bit formats) on the CPU: decode speed, load and quantization time, and
+top-1 agreement with the float model of the dequantized weights, on the embedded default model.
+
+    python bench/bench_nf4.py                              # ours nf4, fp4, int4 (+ bnb if importable)
+    python bench/bench_nf4.py --bnb-path /tmp/bnbpkgs      # where `pip install --target` put bitsandbytes
+    python bench/bench_nf4.py --runs 5 --new-tokens 64
+
+Every engine runs in fresh worker subprocesses (2 threads, OMP_NUM_THREADS=2: bitsandbytes' CPU
+library brings its own OpenMP runtime, whose default spinning threads fight torch's and make it
+~250x slower), runs interleaved across engines so a busy spell on a shared machine hits all of
+them; the table reports the median and the best decode rate. Decode = greedy generation of
+`--new-tokens` one-token steps after a 64-token prompt, prefill excluded.
+
+transformers cannot quantize a GGUF checkpoint, so the bnb worker reads a float32 safetensors copy
+of the same model (written once to `--hf-dir`); its load time is that read plus bnb's quantization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+THREADS = 2
+ENGINES = ("ours-nf4", "ours-fp4", "ours-int4", "bnb-nf4")
+PROMPT = 64
+
+
+# ----------------------------------------------------------------------------- workers
+def _config(engine: str) -> Any:
+    import torch
+
+    if engine.startswith("bnb-"):
+        import transformers
+
+        return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.bfloat16)
+    from mistral_lm import BitsAndBytesConfig
+
+    kind = engine.removeprefix("ours-")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def _load(engine: str, hf_dir: Path) -> Any:
+    import torch
+
+    if engine.startswith("bnb-"):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, quantization_config=_config(engine),
+                                                                 device_map="cpu", dtype=torch.bfloat16)
+    from mistral_lm import MistralForCausalLM
+    from mistral_lm.defaults import default_model_path
+
+    return MistralForCausalLM.from_pretrained(default_model_path(), quantization_config=_config(engine))
+
+
+def speed_worker(engine: str, hf_dir: Path, new_tokens: int) -> dict:
+    """Load time, then prefill and decode rates of one greedy generation (after a warm-up)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    start = time.perf_counter()
+    model = _load(engine, hf_dir).eval()
+    load_s = time.perf_counter() - start
+    ids = torch.arange(1000, 1000 + PROMPT)[None]
+    options = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def generate(count: int) -> float:
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=count, min_new_tokens=count, **options)
+        assert out.shape[1] == PROMPT + count
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        generate(4)
+        prefill_s = generate(1)
+        total_s = generate(new_tokens + 1)
+    return {"load_s": load_s, "prefill_tok_s": PROMPT / prefill_s, "decode_tok_s": new_tokens / (total_s - prefill_s)}
+
+
+def accuracy_worker(positions: int) -> dict:
+    """Quantization time of the float default model, and top-1 agreement of nf4 / fp4 (every row
+    through the kernel) with the model of their dequantized weights, teacher-forced over
+    `positions` tokens of text: compute dtype bfloat16 (the recipe) against that model in float32
+    and in bfloat16, and compute dtype float32 against float32 (the kernel's own numerics)."""
+    import copy
+
+    import torch
+
+    from mistral_lm import AutoTokenizer, BitsAndBytesConfig, MistralForCausalLM
+    from mistral_lm.defaults import default_model_path
+    from mistral_lm.quantization import NF4Linear, quantize_model
+
+    torch.set_num_threads(THREADS)
+    path = default_model_path()
+    text = Path(__file__).with_name("RESULTS.md").read_text()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(path)(text)["input_ids"][:positions]])
+    base = MistralForCausalLM.from_pretrained(path).eval()
+    NF4Linear.native_max_rows = 1 << 30  # the kernel's numerics, not the prefill path's
+    result: dict[str, float] = {}
+
+    def top1(model: Any, reference: Any) -> float:
+        with torch.inference_mode():
+            ours, theirs = model(input_ids=ids).logits[0], reference(input_ids=ids).logits[0]
+        return float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
+
+    for kind in ("nf4", "fp4"):
+        for compute in (torch.bfloat16, torch.float32):
+            model = copy.deepcopy(base)
+            start = time.perf_counter()
+            quantize_model(model, BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                                                     bnb_4bit_compute_dtype=compute))
+            seconds = time.perf_counter() - start
+            reference = copy.deepcopy(base)
+            for name, module in model.named_modules():
+                if isinstance(module, NF4Linear):
+                    reference.get_submodule(name).weight.data = module.dequantize()
+            if compute == torch.bfloat16:
+                result[f"quantize_s_{kind}"] = seconds
+                result[f"top1_{kind}_bf16_vs_f32"] = top1(model, reference)
+                result[f"top1_{kind}_bf16_vs_bf16"] = top1(model, reference.to(torch.bfloat16))
+            else:
+                result[f"top1_{kind}_f32_vs_f32"] = top1(model, reference)
+    return result
+
+
+def prepare_hf(hf_dir: Path) -> dict:
+    """Write the default model as a float32 transformers checkpoint (bnb quantizes from it)."""
+    import torch
+    import transformers
+
+    from mistral_lm.defaults import default_model_path
+
+    if (hf_dir / "config.json").is_file():
+        return {}
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    path = default_model_path()
+    gguf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # "quantized with gguf": not savable as such
+        del config.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.save_pretrained(hf_dir)
+    return {}
+
+
+# ----------------------------------------------------------------------------- parent
+def spawn(args: argparse.Namespace, task: str, engine: str = "") -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false")
+    if task != "accuracy" and (engine.startswith("bnb-") or task == "prepare") and args.bnb_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.bnb_path, env.get("PYTHONPATH")]))
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", task, "--engine", engine,
+               "--hf-dir", str(args.hf_dir), "--new-tokens", str(args.new_tokens), "--positions", str(args.positions)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bnb_version(path: str | None) -> str | None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")])))
+    probe = subprocess.run([sys.executable, "-c", "import bitsandbytes; print(bitsandbytes.__version__)"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+def cpu_description() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+    return f"{model}, {os.cpu_count()} CPUs; flags: {' '.join(wanted)}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--positions", type=int, default=1024, help="tokens for the top-1 agreement")
+    parser.add_argument("--bnb-path", default="/tmp/bnbpkgs" if Path("/tmp/bnbpkgs").is_dir() else None)
+    parser.add_argument("--hf-dir", type=Path, default=Path("/tmp/mistral_lm_bench_nf4_hf"))
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        result = {"speed": lambda: speed_worker(args.engine, args.hf_dir, args.new_tokens),
+                  "accuracy": lambda: accuracy_worker(args.positions),
+                  "prepare": lambda: prepare_hf(args.hf_dir)}[args.worker]()
+        print(json.dumps(result), flush=True)
+        return
+
+    engines = args.engines.split(",")
+    version = bnb_version(args.bnb_path)
+    if version is None:
+        engines = [e for e in engines if not e.startswith("bnb-")]
+    elif any(e.startswith("bnb-") for e in engines):
+        prepared = spawn(args, "prepare")
+        if "error" in prepared:
+            print(f"bnb: could not write the transformers checkpoint: {prepared['error']}")
+            engines = [e for e in engines if not e.startswith("bnb-")]
+    print(f"# {datetime.date.today()}  {cpu_description()}")
+    print(f"# torch threads {THREADS}; bitsandbytes {version or 'not importable (compare with 19.0 tok/s, issue 13)'}")
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for i in range(args.runs):
+        for engine in engines:
+            result = spawn(args, "speed", engine)
+            runs[engine].append(result)
+            print(f"run {i} {engine}: {result}", flush=True)
+    accuracy = spawn(args, "accuracy")
+    print(f"accuracy: {accuracy}")
+
+    print("\n| engine | decode tok/s (median) | best | prefill tok/s (median) | load s (median) |")
+    print("|---|---|---|---|---|")
+    for engine, results in runs.items():
+        good = [r for r in results if "error" not in r]
+        if not good:
+            print(f"| {engine} | failed: {results[-1]['error']} | | | |")
+            continue
+        med = {k: statistics.median(r[k] for r in good) for k in good[0]}
+        best = max(r["decode_tok_s"] for r in good)
+        print(f"| {engine} | {med['decode_tok_s']:.1f} | {best:.1f} | {med['prefill_tok_s']:.0f} | {med['load_s']:.2f} |")
+    if "error" not in accuracy:
+        print(f"\nquantize_model to nf4 {accuracy['quantize_s_nf4']:.2f} s, fp4 {accuracy['quantize_s_fp4']:.2f} s")
+        print(f"top-1 agreement with the model of the dequantized weights over {args.positions} positions "
+              "(compute dtype vs that model's dtype):")
+        for kind in ("nf4", "fp4"):
+            print(f"  {kind}: bf16 vs f32 {accuracy[f'top1_{kind}_bf16_vs_f32']:.2%}, "
+                  f"bf16 vs bf16 {accuracy[f'top1_{kind}_bf16_vs_bf16']:.2%}, "
+                  f"f32 vs f32 {accuracy[f'top1_{kind}_f32_vs_f32']:.2%}")
+
+if __name__ == "__main__":
+    main()
