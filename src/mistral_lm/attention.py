@@ -8,6 +8,11 @@ Q queries over the same Q keys (a first prefill without padding): kernels that c
 masked half (SDPA's `is_causal`, flash-attn's `causal`) do. `causal=True` says the same of a
 given mask that is causal and banded by `window` alone, for kernels that take a window instead
 of a mask (flash-attn).
+
+"native" (the default for float32 models on CPU when the C kernels build) is batch-invariant:
+a query's output does not depend on the other queries of the call, the number of cache slots or
+the threads (native/attention.py), so a decode step equals that token of a prefill bit for bit.
+It serves float32 CPU inference; other dtypes, devices and autograd run on SDPA.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .native import attention as native
 
 AttentionFn = Callable[..., "tuple[torch.Tensor, torch.Tensor | None]"]
 
@@ -59,6 +65,17 @@ def sdpa_attention(
     return out.transpose(1, 2), None
 
 
+def native_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    dropout: float = 0.0, training: bool = False, *, causal: bool = False, window: int | None = None,
+) -> tuple[torch.Tensor, None]:
+    """Our C kernel (native/attention.c), batch-invariant; SDPA where it does not apply
+    (not float32 on CPU, gradients needed, dropout in training)."""
+    if (training and dropout > 0.0) or not native.supports(q, k, v):
+        return sdpa_attention(q, k, v, mask, scale, dropout, training)
+    return native.attention(q, k, v, mask, scale), None
+
+
 def flash_attention_2(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
     dropout: float = 0.0, training: bool = False, *, causal: bool = False, window: int | None = None,
@@ -88,12 +105,19 @@ ATTENTION_FUNCTIONS: dict[str, AttentionFn] = {
     "eager": eager_attention,
     "sdpa": sdpa_attention,
     "flash_attention_2": flash_attention_2,
+    "native": native_attention,
 }
+
+
+def default_implementation(dtype: torch.dtype | None = None) -> str:
+    """The default kernel: "native" for float32 (or unknown) models when the C kernels are available,
+    else "sdpa"."""
+    return "native" if dtype in (None, torch.float32) and native.available() else "sdpa"
 
 
 def check_implementation(name: str | None, dtype: torch.dtype | None = None) -> str:
     """Validate an `attn_implementation` choice up front, with the fix in the message."""
-    name = name or "sdpa"
+    name = name or default_implementation(dtype)
     if name not in ATTENTION_FUNCTIONS:
         raise ConfigError(f"attn_implementation must be one of {sorted(ATTENTION_FUNCTIONS)}, got {name!r}")
     if name == "flash_attention_2":

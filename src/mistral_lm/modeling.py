@@ -31,6 +31,7 @@ from .errors import InputError
 from .fusion import end_fusions, exact_fusions, fused_module, mark_stale
 from .masks import attention_mask as build_mask
 from .masks import positions_from_padding
+from .native import attention as native
 from .pretrained import MistralPreTrainedModel
 
 _ACTIVATIONS = {
@@ -120,6 +121,9 @@ class MistralRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and native.supports(x, self.weight):
+            # the same expression, each row summed in one fixed order: batch-invariant
+            return native.rmsnorm(x, self.weight, self.variance_epsilon)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * xf.to(x.dtype)

@@ -1,0 +1,420 @@
+/* Batch-invariant float32 attention and RMSNorm for CPU inference (see attention.py).
+ *
+ * Attention: for each (batch b, head h, query i), with g = h / (H / H_kv) its key/value head,
+ *
+ *   allowed = [j in key order : mask[b, i, j]]          (mask NULL: j <= i, plain causal)
+ *   s_n     = dot(q[b,h,i], k[b,g,allowed_n]) * scale
+ *   p_n     = exp(s_n - max_n s_n)
+ *   out     = (sum_n p_n v[b,g,allowed_n]) / (sum_n p_n)   (no allowed key: zeros, as SDPA)
+ *
+ * Every sum has one fixed order that depends only on the data it sums:
+ *   dot      16 lane accumulators over head_dim (lane l: elements d = l mod 16, fma in d order),
+ *            then one tree: l + l+8, + l+4, + l+2, + l+1;
+ *   sum p    16 lane accumulators over the allowed keys (lane n mod 16, add in key order), same tree;
+ *   out[d]   fma(p_n, v_n[d], acc[d]) in key order, then one division by the sum;
+ *   exp      one polynomial (Cephes expf with fma), identical for every element.
+ * So a query's output depends only on q, its allowed keys and values and their order: not on how
+ * many queries share the call, how many masked slots the cache has, the tiling or the threads
+ * (batch invariance). The AVX-512, AVX2 (two 8-lane halves = the 16 lanes) and scalar (fmaf)
+ * paths perform exactly these operations, so all three give bit-identical results.
+ *
+ * RMSNorm: y = w * (x * (1 / sqrt(sum(x^2) / C + eps))), the sum in the same 16-lane order.
+ *
+ * Contraction of a*b+c into fma is switched off: every fma here is written out.
+ */
+#pragma GCC optimize("fp-contract=off")
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define T256 __attribute__((target("avx2,fma")))
+
+/* Cephes expf: x = n ln2 + r, exp(r) by a degree-5 polynomial, times 2^n. Inputs are <= 0 here
+ * (s - max); they are clamped at -87 so 2^n stays a normal number (exp(-87) ~ 1.6e-38 counts as
+ * nothing next to the maximum's 1). */
+#define EXP_LO (-87.0f)
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f
+#define LN2_LO (-2.12194440e-4f)
+#define P0 1.9875691500e-4f
+#define P1 1.3981999507e-3f
+#define P2 8.3334519073e-3f
+#define P3 4.1665795894e-2f
+#define P4 1.6666665459e-1f
+#define P5 5.0000001201e-1f
+
+static int isa_level = -1;
+
+/* ================================================================ scalar: the definition */
+static float tree16(const float a[16]) {
+    float s8[8], s4[4], s2[2];
+    for (int l = 0; l < 8; l++) s8[l] = a[l] + a[l + 8];
+    for (int l = 0; l < 4; l++) s4[l] = s8[l] + s8[l + 4];
+    for (int l = 0; l < 2; l++) s2[l] = s4[l] + s4[l + 2];
+    return s2[0] + s2[1];
+}
+
+static float dot_s(const float *a, const float *b, int64_t n) {
+    float acc[16] = {0};
+    for (int64_t d = 0; d < n; d += 16)
+        for (int l = 0; l < 16; l++) {
+            const int in = d + l < n;
+            acc[l] = fmaf(in ? a[d + l] : 0.0f, in ? b[d + l] : 0.0f, acc[l]);
+        }
+    return tree16(acc);
+}
+
+static float exp_s(float x) {
+    x = x < EXP_LO ? EXP_LO : x;
+    const float n = floorf(fmaf(x, LOG2E, 0.5f));
+    float r = fmaf(-n, LN2_HI, x);
+    r = fmaf(-n, LN2_LO, r);
+    const float z = r * r;
+    float y = fmaf(P0, r, P1);
+    y = fmaf(y, r, P2);
+    y = fmaf(y, r, P3);
+    y = fmaf(y, r, P4);
+    y = fmaf(y, r, P5);
+    y = fmaf(y, z, r) + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float pow2;
+    memcpy(&pow2, &bits, 4);
+    return y * pow2;
+}
+
+static void scores_s(const float *q, const float *k, int64_t ks, const int32_t *idx, int64_t n, int64_t D,
+                     float scale, float *s) {
+    for (int64_t j = 0; j < n; j++) s[j] = dot_s(q, k + idx[j] * ks, D) * scale;
+}
+
+static float softmax_s(float *s, int64_t n) { /* s <- exp(s - max) in place; returns the sum */
+    float m = s[0], acc[16] = {0};
+    for (int64_t j = 1; j < n; j++) m = s[j] > m ? s[j] : m;
+    for (int64_t j = 0; j < n; j++) {
+        s[j] = exp_s(s[j] - m);
+        acc[j % 16] = acc[j % 16] + s[j];
+    }
+    return tree16(acc);
+}
+
+static void weighted_s(const float *p, float sum, const float *v, int64_t vs, const int32_t *idx, int64_t n,
+                       int64_t D, float *out) {
+    for (int64_t d = 0; d < D; d++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < n; j++) acc = fmaf(p[j], v[idx[j] * vs + d], acc);
+        out[d] = acc / sum;
+    }
+}
+
+static void rmsnorm_row_s(const float *x, const float *w, int64_t C, float eps, float *y) {
+    const float r = 1.0f / sqrtf(dot_s(x, x, C) / (float)C + eps);
+    for (int64_t c = 0; c < C; c++) y[c] = w[c] * (x[c] * r);
+}
+
+/* ================================================================ AVX-512 */
+T512 static inline float hsum512(__m512 a) {
+    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+T512 static inline __mmask16 tail16(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+
+T512 static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(EXP_LO));
+    const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), _mm512_set1_ps(0.5f)),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    const __m512 z = _mm512_mul_ps(r, r);
+    __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(P0), r, _mm512_set1_ps(P1));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(P2));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(P3));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(P4));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(P5));
+    y = _mm512_add_ps(_mm512_fmadd_ps(y, z, r), _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+T512 static float dot512(const float *a, const float *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < n; d += 16) {
+        const __mmask16 m = tail16(n - d);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc);
+    }
+    return hsum512(acc);
+}
+
+T512 static void scores512(const float *q, const float *k, int64_t ks, const int32_t *idx, int64_t n, int64_t D,
+                           float scale, float *s) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) { /* four keys at once: four independent chains, each key's the same */
+        const float *k0 = k + idx[j] * ks, *k1 = k + idx[j + 1] * ks, *k2 = k + idx[j + 2] * ks,
+                    *k3 = k + idx[j + 3] * ks;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < D; d += 16) {
+            const __mmask16 m = tail16(D - d);
+            const __m512 x = _mm512_maskz_loadu_ps(m, q + d);
+            a0 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, k0 + d), a0);
+            a1 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, k1 + d), a1);
+            a2 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, k2 + d), a2);
+            a3 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, k3 + d), a3);
+        }
+        s[j] = hsum512(a0) * scale;
+        s[j + 1] = hsum512(a1) * scale;
+        s[j + 2] = hsum512(a2) * scale;
+        s[j + 3] = hsum512(a3) * scale;
+    }
+    for (; j < n; j++) s[j] = dot512(q, k + idx[j] * ks, D) * scale;
+}
+
+T512 static float softmax512(float *s, int64_t n) {
+    __m512 vm = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16) vm = _mm512_max_ps(vm, _mm512_mask_loadu_ps(vm, tail16(n - j), s + j));
+    vm = _mm512_set1_ps(_mm512_reduce_max_ps(vm)); /* max is exact in any order */
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = tail16(n - j);
+        const __m512 p = exp512(_mm512_sub_ps(_mm512_mask_loadu_ps(vm, m, s + j), vm));
+        _mm512_mask_storeu_ps(s + j, m, p);
+        acc = _mm512_mask_add_ps(acc, m, acc, p);
+    }
+    return hsum512(acc);
+}
+
+T512 static void weighted512(const float *p, float sum, const float *v, int64_t vs, const int32_t *idx, int64_t n,
+                             int64_t D, float *out) {
+    const __m512 vs_ = _mm512_set1_ps(sum);
+    for (int64_t d = 0; d < D; d += 64) { /* 64 outputs in four registers, keys in order */
+        const __mmask16 m0 = tail16(D - d), m1 = D - d > 16 ? tail16(D - d - 16) : 0,
+                        m2 = D - d > 32 ? tail16(D - d - 32) : 0, m3 = D - d > 48 ? tail16(D - d - 48) : 0;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < n; j++) {
+            const float *vr = v + idx[j] * vs + d;
+            const __m512 pj = _mm512_set1_ps(p[j]);
+            a0 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m0, vr), a0);
+            a1 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m1, vr + 16), a1);
+            a2 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m2, vr + 32), a2);
+            a3 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m3, vr + 48), a3);
+        }
+        _mm512_mask_storeu_ps(out + d, m0, _mm512_div_ps(a0, vs_));
+        _mm512_mask_storeu_ps(out + d + 16, m1, _mm512_div_ps(a1, vs_));
+        _mm512_mask_storeu_ps(out + d + 32, m2, _mm512_div_ps(a2, vs_));
+        _mm512_mask_storeu_ps(out + d + 48, m3, _mm512_div_ps(a3, vs_));
+    }
+}
+
+T512 static void rmsnorm_row512(const float *x, const float *w, int64_t C, float eps, float *y) {
+    const __m128 ms = _mm_div_ss(_mm_set_ss(dot512(x, x, C)), _mm_set_ss((float)C));
+    const __m128 r = _mm_div_ss(_mm_set_ss(1.0f), _mm_sqrt_ss(_mm_add_ss(ms, _mm_set_ss(eps))));
+    const __m512 vr = _mm512_set1_ps(_mm_cvtss_f32(r));
+    for (int64_t c = 0; c < C; c += 16) {
+        const __mmask16 m = tail16(C - c);
+        _mm512_mask_storeu_ps(y + c, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + c),
+                                                      _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + c), vr)));
+    }
+}
+
+/* ================================================================ AVX2: the 16 lanes as two halves */
+T256 static inline float hsum256x2(__m256 lo, __m256 hi) {
+    const __m256 s8 = _mm256_add_ps(lo, hi);
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+T256 static inline __m256i tail8(int64_t left) { /* lanes l < left */
+    const int32_t c = left >= 8 ? 8 : (left < 0 ? 0 : (int32_t)left);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+T256 static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(EXP_LO));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(LOG2E), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    const __m256 z = _mm256_mul_ps(r, r);
+    __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(P0), r, _mm256_set1_ps(P1));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(P2));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(P3));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(P4));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(P5));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, z, r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+T256 static float dot256(const float *a, const float *b, int64_t n) {
+    __m256 lo = _mm256_setzero_ps(), hi = lo;
+    for (int64_t d = 0; d < n; d += 16) {
+        const __m256i m0 = tail8(n - d), m1 = tail8(n - d - 8);
+        lo = _mm256_fmadd_ps(_mm256_maskload_ps(a + d, m0), _mm256_maskload_ps(b + d, m0), lo);
+        hi = _mm256_fmadd_ps(_mm256_maskload_ps(a + d + 8, m1), _mm256_maskload_ps(b + d + 8, m1), hi);
+    }
+    return hsum256x2(lo, hi);
+}
+
+T256 static void scores256(const float *q, const float *k, int64_t ks, const int32_t *idx, int64_t n, int64_t D,
+                           float scale, float *s) {
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+        const float *k0 = k + idx[j] * ks, *k1 = k + idx[j + 1] * ks;
+        __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0;
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m256i m0 = tail8(D - d), m1 = tail8(D - d - 8);
+            const __m256 xl = _mm256_maskload_ps(q + d, m0), xh = _mm256_maskload_ps(q + d + 8, m1);
+            l0 = _mm256_fmadd_ps(xl, _mm256_maskload_ps(k0 + d, m0), l0);
+            h0 = _mm256_fmadd_ps(xh, _mm256_maskload_ps(k0 + d + 8, m1), h0);
+            l1 = _mm256_fmadd_ps(xl, _mm256_maskload_ps(k1 + d, m0), l1);
+            h1 = _mm256_fmadd_ps(xh, _mm256_maskload_ps(k1 + d + 8, m1), h1);
+        }
+        s[j] = hsum256x2(l0, h0) * scale;
+        s[j + 1] = hsum256x2(l1, h1) * scale;
+    }
+    for (; j < n; j++) s[j] = dot256(q, k + idx[j] * ks, D) * scale;
+}
+
+T256 static float softmax256(float *s, int64_t n) {
+    float m = s[0];
+    for (int64_t j = 1; j < n; j++) m = s[j] > m ? s[j] : m;
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 lo = _mm256_setzero_ps(), hi = lo;
+    for (int64_t j = 0; j < n; j += 16) {
+        const __m256i m0 = tail8(n - j), m1 = tail8(n - j - 8);
+        const __m256 f0 = _mm256_castsi256_ps(m0), f1 = _mm256_castsi256_ps(m1); /* padding lanes: exp(0) */
+        const __m256 p0 = exp256(_mm256_sub_ps(_mm256_blendv_ps(vm, _mm256_maskload_ps(s + j, m0), f0), vm));
+        const __m256 p1 = exp256(_mm256_sub_ps(_mm256_blendv_ps(vm, _mm256_maskload_ps(s + j + 8, m1), f1), vm));
+        _mm256_maskstore_ps(s + j, m0, p0);
+        _mm256_maskstore_ps(s + j + 8, m1, p1);
+        lo = _mm256_blendv_ps(lo, _mm256_add_ps(lo, p0), f0);
+        hi = _mm256_blendv_ps(hi, _mm256_add_ps(hi, p1), f1);
+    }
+    return hsum256x2(lo, hi);
+}
+
+T256 static void weighted256(const float *p, float sum, const float *v, int64_t vs, const int32_t *idx, int64_t n,
+                             int64_t D, float *out) {
+    const __m256 vs_ = _mm256_set1_ps(sum);
+    for (int64_t d = 0; d < D; d += 32) {
+        const __m256i m0 = tail8(D - d), m1 = tail8(D - d - 8), m2 = tail8(D - d - 16), m3 = tail8(D - d - 24);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < n; j++) {
+            const float *vr = v + idx[j] * vs + d;
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            a0 = _mm256_fmadd_ps(pj, _mm256_maskload_ps(vr, m0), a0);
+            a1 = _mm256_fmadd_ps(pj, _mm256_maskload_ps(vr + 8, m1), a1);
+            a2 = _mm256_fmadd_ps(pj, _mm256_maskload_ps(vr + 16, m2), a2);
+            a3 = _mm256_fmadd_ps(pj, _mm256_maskload_ps(vr + 24, m3), a3);
+        }
+        _mm256_maskstore_ps(out + d, m0, _mm256_div_ps(a0, vs_));
+        _mm256_maskstore_ps(out + d + 8, m1, _mm256_div_ps(a1, vs_));
+        _mm256_maskstore_ps(out + d + 16, m2, _mm256_div_ps(a2, vs_));
+        _mm256_maskstore_ps(out + d + 24, m3, _mm256_div_ps(a3, vs_));
+    }
+}
+
+T256 static void rmsnorm_row256(const float *x, const float *w, int64_t C, float eps, float *y) {
+    const __m128 ms = _mm_div_ss(_mm_set_ss(dot256(x, x, C)), _mm_set_ss((float)C));
+    const __m128 r = _mm_div_ss(_mm_set_ss(1.0f), _mm_sqrt_ss(_mm_add_ss(ms, _mm_set_ss(eps))));
+    const __m256 vr = _mm256_set1_ps(_mm_cvtss_f32(r));
+    for (int64_t c = 0; c < C; c += 8) {
+        const __m256i m = tail8(C - c);
+        _mm256_maskstore_ps(y + c, m, _mm256_mul_ps(_mm256_maskload_ps(w + c, m),
+                                                    _mm256_mul_ps(_mm256_maskload_ps(x + c, m), vr)));
+    }
+}
+
+/* ================================================================ dispatch */
+typedef struct {
+    void (*scores)(const float *, const float *, int64_t, const int32_t *, int64_t, int64_t, float, float *);
+    float (*softmax)(float *, int64_t);
+    void (*weighted)(const float *, float, const float *, int64_t, const int32_t *, int64_t, int64_t, float *);
+    void (*rmsnorm_row)(const float *, const float *, int64_t, float, float *);
+} Ops;
+
+static const Ops OPS[3] = {
+    {scores_s, softmax_s, weighted_s, rmsnorm_row_s},
+    {scores256, softmax256, weighted256, rmsnorm_row256},
+    {scores512, softmax512, weighted512, rmsnorm_row512},
+};
+
+static int cpu_level(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+}
+
+int mlm_set_isa(int cap) {
+    const int have = cpu_level();
+    isa_level = cap < have ? (cap < 0 ? 0 : cap) : have;
+    return isa_level;
+}
+
+static const Ops *ops(void) {
+    if (isa_level < 0) mlm_set_isa(2);
+    return &OPS[isa_level];
+}
+
+/* shape: B, H, H_kv, Q, K, D. strides (in elements): q b,h,i; k b,g,j; v b,g,j; mask b,i,j.
+ * q, k, v have unit stride along D; out is (B, Q, H, D) contiguous. Returns 0, or -1 on bad
+ * arguments, -2 when scratch memory cannot be allocated. */
+int mlm_attention(const float *q, const float *k, const float *v, const uint8_t *mask, const int64_t *shape,
+                  const int64_t *strides, float scale, float *out, int nthreads) {
+    const int64_t B = shape[0], H = shape[1], Hkv = shape[2], Q = shape[3], K = shape[4], D = shape[5];
+    if (Hkv <= 0 || H % Hkv || D <= 0 || K > INT32_MAX) return -1;
+    const int64_t rep = H / Hkv, items = B * H * Q;
+    const Ops *o = ops();
+    int failed = 0;
+    const int parallel = nthreads > 1 && items > 1 && items * (K < Q ? Q : K) * D >= 32768;
+#pragma omp parallel num_threads(nthreads) if (parallel) reduction(| : failed)
+    {
+        int32_t *idx = malloc(sizeof(int32_t) * (size_t)(K + 1));
+        float *s = malloc(sizeof(float) * (size_t)(K + 16));
+        failed = idx == NULL || s == NULL;
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            if (failed) continue;
+            /* order (b, g, i, r): neighbouring items read the same keys */
+            const int64_t r = it % rep, i = (it / rep) % Q, g = (it / (rep * Q)) % Hkv, b = it / (rep * Q * Hkv);
+            const int64_t h = g * rep + r;
+            int64_t n = 0;
+            if (mask == NULL) {
+                for (int64_t j = 0; j <= i && j < K; j++) idx[n++] = (int32_t)j;
+            } else {
+                const uint8_t *mr = mask + b * strides[9] + i * strides[10];
+                for (int64_t j = 0; j < K; j++)
+                    if (mr[j * strides[11]]) idx[n++] = (int32_t)j;
+            }
+            float *dst = out + ((b * Q + i) * H + h) * D;
+            if (n == 0) {
+                memset(dst, 0, sizeof(float) * (size_t)D);
+                continue;
+            }
+            const float *qr = q + b * strides[0] + h * strides[1] + i * strides[2];
+            o->scores(qr, k + b * strides[3] + g * strides[4], strides[5], idx, n, D, scale, s);
+            const float sum = o->softmax(s, n);
+            o->weighted(s, sum, v + b * strides[6] + g * strides[7], strides[8], idx, n, D, dst);
+        }
+        free(idx);
+        free(s);
+    }
+    return failed ? -2 : 0;
+}
+
+/* y[m] = w * rmsnorm(x[m]) for M rows of C values (row stride xs, unit stride within a row). */
+void mlm_rmsnorm(const float *x, int64_t M, int64_t C, int64_t xs, const float *w, float eps, float *y,
+                 int nthreads) {
+    const Ops *o = ops();
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M > 1 && M * C >= 65536) schedule(static)
+    for (int64_t m = 0; m < M; m++) o->rmsnorm_row(x + m * xs, w, C, eps, y + m * C);
+}

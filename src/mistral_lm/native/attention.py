@@ -1,0 +1,170 @@
+"""Batch-invariant float32 attention and RMSNorm on CPU (attention.c), for inference.
+
+Why: GGUF models compute their linears on int8-quantized activations (ggml.py), so a last-bit
+difference anywhere upstream flips codes and moves a log-probability by up to ~1. torch's SDPA
+and reductions sum in an order that depends on how many rows, queries or keys a call has, so a
+one-token decode step and the same token inside a prefill disagree in the last bits. These
+kernels sum in one fixed order per query (per row): a token's output depends only on its own
+inputs, its allowed keys and their order — not on the other tokens of the call, the number of
+cache slots (masked slots are skipped, never added), the tiling or the thread count. The
+AVX-512, AVX2 and scalar paths are bit-identical (see attention.c for the orders).
+
+Key order is the order of the key axis. A static cache holds keys in position order; a rolling
+(sliding-window) cache stores them by slot, which differs from position order once the window
+has wrapped, so from then on a decode step and a recompute over positions sum the same terms in
+different orders (differences of float32 rounding, no longer bitwise equal).
+
+`reference_attention` / `reference_rmsnorm` are the definitions in torch (SDPA's semantics:
+a query with no allowed key gets zeros); the kernels agree with them to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from . import build
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    lib = build.library("attention")
+    if lib is None:
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.mlm_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, ctypes.c_int]
+    lib.mlm_attention.restype = ctypes.c_int
+    lib.mlm_rmsnorm.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, ctypes.c_int]
+    lib.mlm_rmsnorm.restype = None
+    return lib
+
+
+_available: bool | None = None
+
+
+def available() -> bool:
+    """Whether the C library is built and loaded (a plain global after the first call, which
+    torch.compile reads without tracing the loader)."""
+    global _available
+    if _available is None:
+        _available = _lib() is not None
+    return _available
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: float32 on CPU, no autograd through them."""
+    grad = torch.is_grad_enabled()
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and not (grad and t.requires_grad)
+               for t in tensors) and available()
+
+
+# ------------------------------------------------------------------ attention
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+    lib = _lib()
+    if lib is None:
+        return reference_attention(q, k, v, mask, scale)
+    b, h, nq, d = q.shape
+    h_kv, nk = k.shape[1], k.shape[2]
+    if k.shape != (b, h_kv, nk, d) or v.shape != k.shape or h_kv == 0 or h % h_kv:
+        raise InputError(f"attention needs q (B, H, Q, D) and k, v (B, H_kv, K, D) with H % H_kv == 0; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    mstrides = (0, 0, 0)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise InputError(f"the native attention takes a boolean mask (True = allowed), got {mask.dtype}")
+        mask = mask.expand(b, 1, nq, nk)
+        mstrides = (mask.stride(0), mask.stride(2), mask.stride(3))
+    out = torch.empty(b, nq, h, d, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    shape = (ctypes.c_int64 * 6)(b, h, h_kv, nq, nk, d)
+    strides = (ctypes.c_int64 * 12)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mstrides)
+    rc = lib.mlm_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
+                           shape, strides, scale, out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise MemoryError("native attention could not allocate its scratch memory") if rc == -2 else \
+            InputError("native attention refused its arguments")
+    return out
+
+
+@torch.library.custom_op("mistral_lm::native_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float) -> torch.Tensor:
+    """The kernel behind an opaque op, so torch.compile calls it instead of tracing ctypes."""
+    return _attention(q, k, v, mask, scale)
+
+
+@_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    b, h, nq, d = q.shape
+    return q.new_empty((b, nq, h, d))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """q (B, H, Q, D), k and v (B, H_kv, K, D) float32 CPU (any strides), boolean mask (B, 1, Q, K)
+    True = allowed or None = causal over the first Q keys -> out (B, Q, H, D) float32."""
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v, mask, scale)
+    return _attention(q, k, v, mask, scale)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        scale: float) -> torch.Tensor:
+    """The definition: SDPA (zeros for a query with no allowed key), in (B, Q, H, D)."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=mask is None,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
+
+
+# ------------------------------------------------------------------ RMSNorm
+def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    lib = _lib()
+    c = x.shape[-1]
+    if lib is None:
+        return reference_rmsnorm(x, weight, eps)
+    if weight.shape != (c,) or weight.dtype != torch.float32:
+        raise InputError(f"rmsnorm needs a float32 weight of shape ({c},), got {weight.dtype} {tuple(weight.shape)}")
+    x2 = x.reshape(-1, c)
+    x2 = x2 if x2.stride(-1) == 1 or c == 1 else x2.contiguous()
+    w = weight.contiguous()
+    out = torch.empty(x2.shape, dtype=torch.float32)
+    if out.numel():
+        lib.mlm_rmsnorm(x2.data_ptr(), x2.shape[0], c, x2.stride(0), w.data_ptr(), eps, out.data_ptr(),
+                        torch.get_num_threads())
+    return out.view(x.shape)
+
+
+@torch.library.custom_op("mistral_lm::native_rmsnorm", mutates_args=())
+def _rmsnorm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _rmsnorm(x, weight, eps)
+
+
+@_rmsnorm_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dim of float32 (..., C), each row summed
+    in one fixed order, the same for one row or many and any thread count (torch's mean is
+    too for rows of up to ~16k values, not beyond: measured with torch 2.13)."""
+    if torch.compiler.is_compiling():
+        return _rmsnorm_op(x, weight, eps)
+    return _rmsnorm(x, weight, eps)
+
+
+def reference_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The definition in torch (MistralRMSNorm's expression)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
