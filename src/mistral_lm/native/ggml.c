@@ -3,10 +3,10 @@
  * blocks are multiplied with them in exact integer arithmetic, and the float scaling happens once
  * per 32-block.
  *
- * Three paths, chosen at run time and capped by mlm_set_isa: AVX-512 VNNI (vpdpbusd on 256-bit
- * vectors, 32 registers: 4x4 tiles), AVX2 (vpmaddubsw + vpmaddwd, 2x4 tiles) and portable C. All
- * three compute the same exact int32 lanes and then the same float operations in the same order,
- * so they agree bit for bit (the tests check it). */
+ * Three paths, chosen at run time and capped by mlm_set_isa: AVX-512 VNNI (16-row weight panels,
+ * vpdpbusd on 512-bit vectors, one lane per weight row), AVX2 (8-row panels, vpmaddubsw +
+ * vpmaddwd) and portable C. All three compute the same exact int32 block dot products and then the
+ * same float operations in the same order, so they agree bit for bit (the tests check it). */
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -19,20 +19,19 @@
 
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 
-/* One quantized activation block: 32 int8 codes, the sums of each 4 consecutive codes (one per
- * int32 lane of the dot products), the scale d and ds = fl(d * sum of all 32 codes) (the min
- * term's factor); 64 bytes, one cache line. */
+/* One quantized activation block: 32 int8 codes, the sum of all 32 codes and of the first 16
+ * (the offset corrections: Q6_K has two 16-element scales), the scale d and ds = fl(d * sx) (the
+ * min term's factor); 64 bytes, one cache line. */
 typedef struct {
     int8_t q[32];
-    int16_t s[8];
+    int32_t sx;
+    int32_t sxl;
     float d;
     float ds;
-    uint8_t pad[8];
+    uint8_t pad[16];
 } xblock;
 
 _Static_assert(sizeof(xblock) == 64, "activation block is one cache line");
-
-#define M_CHUNK 64
 
 static int type_bytes(int type) {
     switch (type) {
@@ -46,6 +45,9 @@ static int type_bytes(int type) {
 }
 
 static int type_block(int type) { return type == T_Q4_K || type == T_Q6_K ? 256 : 32; }
+
+/* log2 of the weight code offset (u - off with off = 1 << shift), -1 for none. */
+static inline int off_shift(int type) { return type == T_Q4_0 ? 3 : type == T_Q8_0 ? 7 : type == T_Q6_K ? 5 : -1; }
 
 /* Q4_K's 6-bit scale and min of 32-sub-block j from the 12 packed bytes. */
 static inline void q4k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
@@ -78,17 +80,11 @@ static float f16_scalar(const uint8_t *p) {
     return f;
 }
 
-static float hsum8_scalar(const float *v) {
-    float a0 = v[0] + v[4], a1 = v[1] + v[5], a2 = v[2] + v[6], a3 = v[3] + v[7];
-    return (a0 + a2) + (a1 + a3);
-}
-
-/* Weight 32-block b of one row as unsigned codes u, offset, per-lane integer scales, cw and mw. */
-static void decode_scalar(int type, const uint8_t *row, int64_t b, int u[32], int *off, int scl[8], float *cw,
-                          float *mw) {
+/* Weight 32-block b of one row as unsigned codes u, the integer scales of its two 16-element
+ * halves (Q6_K; else 1), cw and mw. */
+static void decode_scalar(int type, const uint8_t *row, int64_t b, int u[32], int sc[2], float *cw, float *mw) {
     *mw = 0.0f;
-    *off = 0;
-    for (int l = 0; l < 8; l++) scl[l] = 1;
+    sc[0] = sc[1] = 1;
     if (type == T_Q4_0 || type == T_Q4_1) {
         const uint8_t *blk = row + b * (type == T_Q4_0 ? 18 : 20), *q = blk + (type == T_Q4_0 ? 2 : 4);
         for (int j = 0; j < 16; j++) {
@@ -96,62 +92,61 @@ static void decode_scalar(int type, const uint8_t *row, int64_t b, int u[32], in
             u[j + 16] = q[j] >> 4;
         }
         *cw = f16_scalar(blk);
-        if (type == T_Q4_0) *off = 8;
-        else *mw = f16_scalar(blk + 2);
+        if (type == T_Q4_1) *mw = f16_scalar(blk + 2);
     } else if (type == T_Q8_0) {
         const uint8_t *blk = row + b * 34;
         for (int j = 0; j < 32; j++) u[j] = blk[2 + j] ^ 0x80;
         *cw = f16_scalar(blk);
-        *off = 128;
     } else if (type == T_Q4_K) {
         const uint8_t *blk = row + (b >> 3) * 144, *q = blk + 16 + 32 * ((b & 7) >> 1);
         const int j = (int)(b & 7);
         for (int e = 0; e < 32; e++) u[e] = (j & 1) ? q[e] >> 4 : q[e] & 15;
-        int sc, mn;
-        q4k_scale_min(blk + 4, j, &sc, &mn);
-        *cw = f16_scalar(blk) * (float)sc;
+        int s, mn;
+        q4k_scale_min(blk + 4, j, &s, &mn);
+        *cw = f16_scalar(blk) * (float)s;
         *mw = -(f16_scalar(blk + 2) * (float)mn);
     } else { /* T_Q6_K */
         const uint8_t *blk = row + (b >> 3) * 210;
         const int j = (int)(b & 7), h = j >> 2, t = j & 3;
         const uint8_t *ql = blk + 64 * h + 32 * (t & 1), *qh = blk + 128 + 32 * h;
         for (int e = 0; e < 32; e++) u[e] = ((t & 2) ? ql[e] >> 4 : ql[e] & 15) | (((qh[e] >> (2 * t)) & 3) << 4);
-        for (int l = 0; l < 8; l++) scl[l] = (int8_t)blk[192 + 2 * j + (l >> 2)]; /* folded into cw per lane */
+        sc[0] = (int8_t)blk[192 + 2 * j];
+        sc[1] = (int8_t)blk[193 + 2 * j];
         *cw = f16_scalar(blk + 208);
-        *off = 32;
     }
 }
 
 static void matmul_scalar(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
                           int64_t ldw, float *out, int64_t ldo, int nthreads) {
-    const int has_min = type == T_Q4_1 || type == T_Q4_K;
+    const int has_min = type == T_Q4_1 || type == T_Q4_K, sh = off_shift(type);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        float *acc = malloc(sizeof(float) * 8 * (size_t)M), *accmin = malloc(sizeof(float) * (size_t)M);
+        float *acc = malloc(sizeof(float) * (size_t)M), *accm = malloc(sizeof(float) * (size_t)M);
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-        for (int64_t n = N * t / nt; acc && accmin && n < N * (t + 1) / nt; n++) {
-            memset(acc, 0, sizeof(float) * 8 * (size_t)M);
-            memset(accmin, 0, sizeof(float) * (size_t)M);
+        for (int64_t n = N * t / nt; acc && accm && n < N * (t + 1) / nt; n++) {
+            memset(acc, 0, sizeof(float) * (size_t)M);
+            memset(accm, 0, sizeof(float) * (size_t)M);
             for (int64_t b = 0; b < nb; b++) {
-                int u[32], off, scl[8];
+                int u[32], sc[2];
                 float cw, mw;
-                decode_scalar(type, w + n * ldw, b, u, &off, scl, &cw, &mw);
+                decode_scalar(type, w + n * ldw, b, u, sc, &cw, &mw);
                 for (int64_t m = 0; m < M; m++) {
                     const xblock *xb = x + m * nb + b;
-                    float *a = acc + 8 * m;
-                    for (int l = 0; l < 8; l++) {
-                        int32_t s = 0;
-                        for (int e = 4 * l; e < 4 * l + 4; e++) s += u[e] * xb->q[e];
-                        const float c = (cw * (float)scl[l]) * xb->d; /* cw * scl exact */
-                        a[l] = fmaf(c, (float)(s - off * xb->s[l]), a[l]);
+                    int32_t h[2] = {0, 0};
+                    for (int e = 0; e < 32; e++) h[e >> 4] += u[e] * xb->q[e];
+                    if (sh >= 0) {
+                        h[0] -= xb->sxl << sh;
+                        h[1] -= (xb->sx - xb->sxl) << sh;
                     }
-                    if (has_min) accmin[m] = fmaf(mw, xb->ds, accmin[m]);
+                    const int32_t I = sc[0] * h[0] + sc[1] * h[1];
+                    acc[m] = fmaf(cw * xb->d, (float)I, acc[m]);
+                    if (has_min) accm[m] = fmaf(mw, xb->ds, accm[m]);
                 }
             }
-            for (int64_t m = 0; m < M; m++) out[m * ldo + n] = has_min ? hsum8_scalar(acc + 8 * m) + accmin[m] : hsum8_scalar(acc + 8 * m);
+            for (int64_t m = 0; m < M; m++) out[m * ldo + n] = has_min ? acc[m] + accm[m] : acc[m];
         }
         free(acc);
-        free(accmin);
+        free(accm);
     }
 }
 
@@ -168,13 +163,15 @@ static void quantize_scalar(const float *x, int64_t M, int64_t K, int64_t ldx, x
             memset(dst, 0, sizeof *dst);
             dst->d = d;
             if (d == 0.0f) continue;
-            for (int e = 0; e < 32; e++) dst->q[e] = (int8_t)nearbyintf(src[e] / d);
-            int total = 0;
-            for (int l = 0; l < 8; l++) {
-                dst->s[l] = dst->q[4 * l] + dst->q[4 * l + 1] + dst->q[4 * l + 2] + dst->q[4 * l + 3];
-                total += dst->s[l];
+            int sl = 0, sx = 0;
+            for (int e = 0; e < 32; e++) {
+                dst->q[e] = (int8_t)nearbyintf(src[e] / d);
+                sx += dst->q[e];
+                if (e == 15) sl = sx;
             }
-            dst->ds = d * (float)total;
+            dst->sx = sx;
+            dst->sxl = sl;
+            dst->ds = d * (float)sx;
         }
     }
 }
@@ -186,26 +183,26 @@ static void quantize_scalar(const float *x, int64_t M, int64_t K, int64_t ldx, x
 #define ISA avx512
 #define VNNI 1
 #define MR 4
-#define NR 4
+#define NRP 16
 #include "ggml_tile.h"
 #pragma GCC pop_options
 #undef ISA
 #undef VNNI
 #undef MR
-#undef NR
+#undef NRP
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define ISA avx2
 #define VNNI 0
-#define MR 2
-#define NR 4
+#define MR 3
+#define NRP 8
 #include "ggml_tile.h"
 #pragma GCC pop_options
 #undef ISA
 #undef VNNI
 #undef MR
-#undef NR
+#undef NRP
 
 /* ------------------------------------------------------------------ exported API */
 

@@ -13,19 +13,19 @@ offset and scales, and multiplied with q in exact integer arithmetic:
     Q8_0  w = d (u - 128), u = q + 128 dot = d dx sum (u - 128) q   (VNNI: unsigned x signed + offset)
     Q4_K  w = d sc_j u - dmin m_j      dot = d sc_j dx sum u q - dmin m_j dx sum q
           (256-superblocks of eight 32-sub-blocks j with 6-bit sc_j, m_j)
-    Q6_K  w = d sc_k (u - 32)          dot = dx sum_k (d sc_k) sum (u - 32) q
-          (16-element sub-blocks k with int8 sc_k, i.e. lanes 0-3 and 4-7; u has 6 bits;
-          d sc_k is exact in float32 and is the lane's cw)
+    Q6_K  w = d sc_k (u - 32)          dot = d dx (sc_0 I_0 + sc_1 I_1),  I_k = sum_k (u - 32) q
+          (16-element halves k with int8 sc_k; u has 6 bits; the combination is an exact int32)
 
-Each integer sum is kept as eight exact int32 lanes (lane l = elements 4l..4l+3), converted to
-float exactly and accumulated per (m, n) into an 8-lane float32 accumulator, block after block:
-``acc = fma(fl(cw * dx), I, acc)``; the eight lanes are summed in one fixed tree at the end. The
-min term (Q4_1, Q4_K) has its own scalar accumulator per (m, n), ``accm = fma(mw, ds, accm)`` with
+Each block's integer dot product I (offset corrections folded in with the int32 code sums stored in
+the activation block) is exact, converted to float exactly (|I| < 2^24) and accumulated per (m, n)
+into one float32 accumulator, block after block: ``acc = fma(fl(cw * dx), I, acc)``. The min term
+(Q4_1, Q4_K) has its own accumulator per (m, n), ``accm = fma(mw, ds, accm)`` with
 ``ds = fl(dx * sum of the block's 32 codes)`` (stored in the activation block), added last:
-``out = hsum8(acc) + accm`` (one vector fma per block for a whole tile). The AVX-512 VNNI, AVX2 and scalar paths do
-exactly these operations, so all three give bit-identical results; and since the sequence per
-(m, n) does not depend on the tile, M, the slice of N or the thread count, neither does the
-result (batch invariance: a 1-row decode step equals that row of a prefill, bit for bit).
+``out = acc + accm``. The AVX-512 VNNI, AVX2 and scalar paths do exactly these operations, so all
+three give bit-identical results; and since the sequence per (m, n) does not depend on the tile, M,
+the slice of N or the thread count, neither does the result (batch invariance: a 1-row decode step
+equals that row of a prefill, bit for bit). The SIMD paths unpack weight panels (16 or 8 rows x 16
+blocks) into a lane-per-row layout once per M chunk, so one vpdpbusd yields 16 rows' partial dots.
 
 `reference_linear` is the definition in pure torch: the same activation codes and scales, the
 integer dot products exact (float64 holds them exactly), the scaling in float64. The kernel
@@ -47,7 +47,7 @@ from . import build
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED: frozenset[int] = frozenset(int(t) for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K))
-XBLOCK_BYTES = 64  # one quantized activation block: 32 int8 codes, 8 int16 lane sums, float32 d and d*sum, padding
+XBLOCK_BYTES = 64  # one quantized activation block: 32 int8 codes, int32 sums of all and of the first 16, float32 d and d*sum, padding
 _SIZES = {t: gguf.GGML_QUANT_SIZES[Q(t)] for t in SUPPORTED}  # type -> (weights per block, bytes per block)
 
 
@@ -114,13 +114,15 @@ def _quantize_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _pack(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Codes and scales -> the C activation blocks, uint8 (M, K/32 * 64)."""
     m, nb = d.shape
-    s = q.view(m, nb, 8, 4).sum(-1, dtype=torch.int16)
+    sx = q.sum(-1, dtype=torch.int32)
+    sxl = q[..., :16].sum(-1, dtype=torch.int32)
     out = torch.zeros(m, nb, XBLOCK_BYTES, dtype=torch.uint8)
     out[..., 0:32] = q.view(torch.uint8)
-    out[..., 32:48] = s.contiguous().view(torch.uint8)
-    out[..., 48:52] = d.contiguous().view(torch.uint8).view(m, nb, 4)
-    ds = d * s.sum(-1, dtype=torch.int32).float()  # float32: one rounding, as in C
-    out[..., 52:56] = ds.contiguous().view(torch.uint8).view(m, nb, 4)
+    out[..., 32:36] = sx.contiguous().view(torch.uint8).view(m, nb, 4)
+    out[..., 36:40] = sxl.contiguous().view(torch.uint8).view(m, nb, 4)
+    out[..., 40:44] = d.contiguous().view(torch.uint8).view(m, nb, 4)
+    ds = d * sx.float()  # float32: one rounding, as in C
+    out[..., 44:48] = ds.contiguous().view(torch.uint8).view(m, nb, 4)
     return out.view(m, nb * XBLOCK_BYTES)
 
 

@@ -1,239 +1,389 @@
 /* One SIMD instantiation of the ggml kernels, included by ggml.c once per instruction set with
- * ISA (a name suffix), VNNI (0/1), MR and NR (the tile: activation rows x weight rows) defined,
- * inside a GCC target pragma: everything here is compiled for that instruction set only.
+ * ISA (a name suffix), VNNI (0/1: AVX-512 with 512-bit vectors, else AVX2), MR (activation rows
+ * per register tile) and NRP (weight rows per panel = int32 lanes per vector) defined, inside a
+ * GCC target pragma: everything here is compiled for that instruction set only.
  *
- * Per (m, n) and per 32-block b the operations are exactly those of ggml.c's scalar path:
- * eight exact int32 lanes I (lane l covers elements 4l..4l+3), then
- *     acc = fma(cw * dx, (float)I, acc)   (Q6_K: cw per lane, d * sc)   and, for types with a min term,   accm = fma(mw, ds, accm)
- * on an 8-lane float accumulator, summed at the end by hsum8's fixed tree, plus the scalar accm. Tiles of any shape run
- * the same sequence per (m, n), so results do not depend on M, the N slice or the thread count. */
-
+ * Weights are first unpacked, NRP rows x KC blocks at a time, into a per-thread panel laid out for
+ * the dot-product instructions: for each 32-block, eight vectors of codes (vector g holds elements
+ * 4g..4g+3 of every row, lane r = row r) followed by the rows' float cw, float mw and, for Q6_K,
+ * the int32 scales of the two 16-element halves. One activation block's 4 codes are broadcast
+ * into every lane, so eight vpdpbusd (AVX2: vpmaddubsw + vpmaddwd) leave each lane with its row's
+ * exact block dot product I, and then per (m, n) and block
+ *     acc = fma(fl(cw * dx), (float)I, acc)      and, with a min term,   accm = fma(mw, ds, accm)
+ * with out = acc (+ accm): exactly ggml.c's scalar sequence, whatever the tile, M, the N slice or
+ * the thread count. The panel is reused by every activation row of an M chunk. */
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, ISA)
+#define AI inline __attribute__((always_inline))
 
-static inline __attribute__((always_inline)) float FN(f16)(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
-}
-
-static inline __attribute__((always_inline)) float FN(hsum8)(__m256 v) {
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-
-/* Weight 32-block b of one row: unsigned codes u (or signed for Q8_0 without VNNI), the float
- * coefficient cw, the min coefficient mw, or Q6_K's per-lane coefficients cwv. */
-static inline __attribute__((always_inline)) void FN(decode)(const int type, const uint8_t *row, int64_t b,
-                                                            __m256i *u, float *cw, float *mw, __m256 *cwv) {
-    const __m256i m4 = _mm256_set1_epi8(15);
-    if (type == T_Q4_0 || type == T_Q4_1) {
-        const uint8_t *blk = row + b * (type == T_Q4_0 ? 18 : 20);
-        __m128i q = _mm_loadu_si128((const __m128i *)(blk + (type == T_Q4_0 ? 2 : 4)));
-        *u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
-        *cw = FN(f16)(blk);
-        *mw = type == T_Q4_1 ? FN(f16)(blk + 2) : 0.0f;
-    } else if (type == T_Q8_0) {
-        const uint8_t *blk = row + b * 34;
-        __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        *u = VNNI ? _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)) : q;
-        *cw = FN(f16)(blk);
-        *mw = 0.0f;
-    } else if (type == T_Q4_K) {
-        const uint8_t *blk = row + (b >> 3) * 144;
-        const int j = (int)(b & 7);
-        __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * (j >> 1)));
-        *u = (j & 1) ? _mm256_and_si256(_mm256_srli_epi16(q, 4), m4) : _mm256_and_si256(q, m4);
-        /* cw, mw: from the per-superblock table filled by kscales */
-    } else { /* T_Q6_K */
-        const uint8_t *blk = row + (b >> 3) * 210;
-        const int j = (int)(b & 7), h = j >> 2, t = j & 3;
-        __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (t & 1)));
-        __m256i lo = (t & 2) ? _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4) : _mm256_and_si256(ql, m4);
-        __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
-        __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * t)), _mm256_set1_epi8(3));
-        *u = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
-        /* per-lane d * sc (exact: an 11-bit mantissa times an int8) */
-        const __m256i sc = _mm256_set_m128i(_mm_set1_epi32((int8_t)blk[193 + 2 * j]), _mm_set1_epi32((int8_t)blk[192 + 2 * j]));
-        *cwv = _mm256_mul_ps(_mm256_set1_ps(FN(f16)(blk + 208)), _mm256_cvtepi32_ps(sc));
-    }
-}
-
-/* Q4_K: d sc_j and -(dmin m_j) of the 8 sub-blocks of one superblock. */
-static inline __attribute__((always_inline)) void FN(kscales)(const uint8_t *blk, float cw[8], float mw[8]) {
-    const float d = FN(f16)(blk), dmin = FN(f16)(blk + 2);
-    for (int j = 0; j < 8; j++) {
-        int sc, mn;
-        q4k_scale_min(blk + 4, j, &sc, &mn);
-        cw[j] = d * (float)sc;
-        mw[j] = -(dmin * (float)mn);
-    }
-}
-
-/* The exact int32 lanes sum_{e in lane} u_e x_e - off * S (Q8_0 without VNNI: sum q_e x_e). */
-static inline __attribute__((always_inline)) __m256i FN(dot)(const int type, __m256i corr, __m256i u, __m256i xq) {
 #if VNNI
-    (void)type;
-    return _mm256_dpbusd_epi32(corr, u, xq);
+typedef __m512i FN(vi);
+typedef __m512 FN(vf);
+#define V_LOADI(p) _mm512_load_si512((const void *)(p))
+#define V_STOREI(p, v) _mm512_store_si512((void *)(p), v)
+#define V_LOADF(p) _mm512_load_ps(p)
+#define V_STOREF(p, v) _mm512_store_ps(p, v)
+#define V_SET1I(v) _mm512_set1_epi32(v)
+#define V_SET1B(v) _mm512_set1_epi8(v)
+#define V_SET1F(v) _mm512_set1_ps(v)
+#define V_ZEROI() _mm512_setzero_si512()
+#define V_ZEROF() _mm512_setzero_ps()
+#define V_AND(a, b) _mm512_and_si512(a, b)
+#define V_OR(a, b) _mm512_or_si512(a, b)
+#define V_XOR(a, b) _mm512_xor_si512(a, b)
+#define V_SRLI16(a, n) _mm512_srli_epi16(a, n)
+#define V_SRL16(a, n) _mm512_srl_epi16(a, _mm_cvtsi32_si128(n))
+#define V_SLLI16(a, n) _mm512_slli_epi16(a, n)
+#define V_SRLI32(a, n) _mm512_srli_epi32(a, n)
+#define V_SLLI32(a, n) _mm512_slli_epi32(a, n)
+#define V_SRAI32(a, n) _mm512_srai_epi32(a, n)
+#define V_ADDI(a, b) _mm512_add_epi32(a, b)
+#define V_MULLO(a, b) _mm512_mullo_epi32(a, b)
+#define V_UNLO32(a, b) _mm512_unpacklo_epi32(a, b)
+#define V_UNHI32(a, b) _mm512_unpackhi_epi32(a, b)
+#define V_UNLO64(a, b) _mm512_unpacklo_epi64(a, b)
+#define V_UNHI64(a, b) _mm512_unpackhi_epi64(a, b)
+#define V_CVT(a) _mm512_cvtepi32_ps(a)
+#define V_MUL(a, b) _mm512_mul_ps(a, b)
+#define V_ADD(a, b) _mm512_add_ps(a, b)
+#define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define V_NEG(a) _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32((int)0x80000000u)))
+#define V_GATHER(base, idx) _mm512_i32gather_epi32(idx, (const void *)(base), 1)
+#define V_H16LO(v) _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v))
 #else
-    const __m256i ones = _mm256_set1_epi16(1);
-    if (type == T_Q8_0)
-        return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(u, u), _mm256_sign_epi8(xq, u)), ones);
-    return _mm256_add_epi32(corr, _mm256_madd_epi16(_mm256_maddubs_epi16(u, xq), ones));
+typedef __m256i FN(vi);
+typedef __m256 FN(vf);
+#define V_LOADI(p) _mm256_load_si256((const __m256i *)(p))
+#define V_STOREI(p, v) _mm256_store_si256((__m256i *)(p), v)
+#define V_LOADF(p) _mm256_load_ps(p)
+#define V_STOREF(p, v) _mm256_store_ps(p, v)
+#define V_SET1I(v) _mm256_set1_epi32(v)
+#define V_SET1B(v) _mm256_set1_epi8(v)
+#define V_SET1F(v) _mm256_set1_ps(v)
+#define V_ZEROI() _mm256_setzero_si256()
+#define V_ZEROF() _mm256_setzero_ps()
+#define V_AND(a, b) _mm256_and_si256(a, b)
+#define V_OR(a, b) _mm256_or_si256(a, b)
+#define V_XOR(a, b) _mm256_xor_si256(a, b)
+#define V_SRLI16(a, n) _mm256_srli_epi16(a, n)
+#define V_SRL16(a, n) _mm256_srl_epi16(a, _mm_cvtsi32_si128(n))
+#define V_SLLI16(a, n) _mm256_slli_epi16(a, n)
+#define V_SRLI32(a, n) _mm256_srli_epi32(a, n)
+#define V_SLLI32(a, n) _mm256_slli_epi32(a, n)
+#define V_SRAI32(a, n) _mm256_srai_epi32(a, n)
+#define V_ADDI(a, b) _mm256_add_epi32(a, b)
+#define V_MULLO(a, b) _mm256_mullo_epi32(a, b)
+#define V_UNLO32(a, b) _mm256_unpacklo_epi32(a, b)
+#define V_UNHI32(a, b) _mm256_unpackhi_epi32(a, b)
+#define V_UNLO64(a, b) _mm256_unpacklo_epi64(a, b)
+#define V_UNHI64(a, b) _mm256_unpackhi_epi64(a, b)
+#define V_CVT(a) _mm256_cvtepi32_ps(a)
+#define V_MUL(a, b) _mm256_mul_ps(a, b)
+#define V_ADD(a, b) _mm256_add_ps(a, b)
+#define V_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define V_NEG(a) _mm256_xor_ps(a, _mm256_set1_ps(-0.0f))
+#define V_GATHER(base, idx) _mm256_i32gather_epi32((const int *)(base), idx, 1)
+static AI __m256 FN(h16lo)(__m256i v) {
+    const __m256i t = _mm256_and_si256(v, _mm256_set1_epi32(0xffff));
+    return _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1)));
+}
+#define V_H16LO(v) FN(h16lo)(v)
+#endif
+#define V_H16HI(v) V_H16LO(V_SRLI32(v, 16))
+
+#define vi_t FN(vi)
+#define vf_t FN(vf)
+
+#define VB ((int)sizeof(vi_t))  /* bytes of one vector = 4 * NRP */
+#define PB (12 * VB)            /* panel bytes per block: 8 code vectors, cw, mw, two Q6_K scales */
+#define KC 16                   /* blocks per panel (a multiple of 8: whole Q4_K / Q6_K superblocks) */
+
+/* 16 bytes at offset off of rows a, a + 4, ... (128-bit lane l = row 4l + a) */
+static AI vi_t FN(load4)(const uint8_t *const *rp, int a, int64_t off) {
+#if VNNI
+    __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(rp[a] + off)));
+    z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(rp[4 + a] + off)), 1);
+    z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(rp[8 + a] + off)), 2);
+    return _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(rp[12 + a] + off)), 3);
+#else
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(rp[a] + off))),
+                                   _mm_loadu_si128((const __m128i *)(rp[4 + a] + off)), 1);
 #endif
 }
 
-/* The min terms of a tile, accm[i * NR + r] = fma(mw_r, ds_i, accm[i * NR + r]): one vector fma
- * per block for the whole tile instead of one per (i, r) and lane. */
-#if MR * NR == 16
-typedef __m512 FN(mvec);
-static inline __attribute__((always_inline)) __m512 FN(minfma)(__m128 mw4, __m128 ds4, __m512 accm) {
-    const __m512 a = _mm512_broadcast_f32x4(mw4);
-    const __m512 b = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                                           _mm512_castps128_ps512(ds4));
-    return _mm512_fmadd_ps(a, b, accm);
+/* z[a] with dword k of lane l = codes 4k..4k+3 of row 4l + a  ->  dst[k] lane 4l + a. */
+static AI void FN(store_t4)(const vi_t z[4], uint8_t *dst) {
+    const vi_t t0 = V_UNLO32(z[0], z[1]), t1 = V_UNHI32(z[0], z[1]), t2 = V_UNLO32(z[2], z[3]), t3 = V_UNHI32(z[2], z[3]);
+    V_STOREI(dst, V_UNLO64(t0, t2));
+    V_STOREI(dst + VB, V_UNHI64(t0, t2));
+    V_STOREI(dst + 2 * VB, V_UNLO64(t1, t3));
+    V_STOREI(dst + 3 * VB, V_UNHI64(t1, t3));
 }
-#define MVEC_ZERO() _mm512_setzero_ps()
-/* two 256-bit stores: Zen 4 does not forward a 512-bit store to the scalar loads that follow */
-#define MVEC_STORE(p, v) (_mm256_store_ps(p, _mm512_castps512_ps256(v)), _mm256_store_ps((p) + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))))
-#else
-typedef __m256 FN(mvec);
-static inline __attribute__((always_inline)) __m256 FN(minfma)(__m128 mw4, __m128 ds4, __m256 accm) {
-    const __m256 a = _mm256_set_m128(mw4, mw4);
-    const __m256 b = _mm256_set_m128(_mm_shuffle_ps(ds4, ds4, 0x55), _mm_shuffle_ps(ds4, ds4, 0));
-    return _mm256_fmadd_ps(a, b, accm);
-}
-#define MVEC_ZERO() _mm256_setzero_ps()
-#define MVEC_STORE(p, v) _mm256_store_ps(p, v)
-#endif
 
-/* out[i, r] for i < mr activation rows and r < nr weight rows, over all nb blocks. */
-static inline __attribute__((always_inline)) void FN(tile)(const int type, const int mr, const int nr,
-                                                          const xblock *x, int64_t nb, const uint8_t *w,
-                                                          int64_t ldw, float *out, int64_t ldo) {
-    const int shift = type == T_Q4_0 ? 3 : type == T_Q6_K ? 5 : type == T_Q8_0 ? 7 : 0;
-    const int has_min = type == T_Q4_1 || type == T_Q4_K;
-    const int64_t pf = 4 * type_bytes(type) * (type == T_Q4_K || type == T_Q6_K ? 1 : 8);
-    __m256 acc[MR][NR];
-    FN(mvec) accm = MVEC_ZERO();
-    float kcw[8][4], kmw[8][4];
-#pragma GCC unroll 8
-    for (int i = 0; i < mr; i++)
-#pragma GCC unroll 8
-        for (int r = 0; r < nr; r++) acc[i][r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i u[NR];
-        __m256 cwv[NR];
-        float cw[NR], mw[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (type == T_Q4_K && (b & 7) == 0) {
-#pragma GCC unroll 8
-            for (int r = 0; r < nr; r++) {
-                float c8[8], m8[8];
-                FN(kscales)(w + r * ldw + (b >> 3) * 144, c8, m8);
-                for (int j = 0; j < 8; j++) kcw[j][r] = c8[j], kmw[j][r] = m8[j];
+/* Blocks b0 .. b0 + kc - 1 of the NRP rows rp[] (offsets idx from rp[0]) into the panel. */
+static void FN(unpack)(const int type, const uint8_t *const *rp, vi_t idx, int64_t b0, int kc, uint8_t *panel) {
+    const vi_t m4 = V_SET1B(15);
+    for (int k = 0; k < kc; k++) {
+        const int64_t b = b0 + k;
+        uint8_t *pb = panel + (size_t)k * PB;
+        float *cw = (float *)(pb + 8 * VB), *mw = (float *)(pb + 9 * VB);
+        vi_t lo[4], hi[4];
+        if (type == T_Q4_0 || type == T_Q4_1) {
+            const int64_t o = b * (type == T_Q4_0 ? 18 : 20);
+            for (int a = 0; a < 4; a++) {
+                const vi_t z = FN(load4)(rp, a, o + (type == T_Q4_0 ? 2 : 4));
+                lo[a] = V_AND(z, m4);
+                hi[a] = V_AND(V_SRLI16(z, 4), m4);
             }
-        }
-        if ((b & 3) == 0) {
-            const int64_t off = (type == T_Q4_K || type == T_Q6_K ? (b >> 3) : b) * type_bytes(type) + pf;
-#pragma GCC unroll 8
-            for (int r = 0; r < nr; r++) _mm_prefetch((const char *)(w + r * ldw + off), _MM_HINT_T0);
-        }
-#pragma GCC unroll 8
-        for (int r = 0; r < nr; r++) {
-            FN(decode)(type, w + r * ldw, b, &u[r], &cw[r], &mw[r], &cwv[r]);
-            if (type == T_Q4_K) cw[r] = kcw[b & 7][r];
-        }
-        if (has_min) {
-            const __m128 ds4 = mr == 1 ? _mm_set_ss(x[b].ds) : mr == 2 ? _mm_set_ps(0.0f, 0.0f, x[nb + b].ds, x[b].ds)
-                             : mr == 3 ? _mm_set_ps(0.0f, x[2 * nb + b].ds, x[nb + b].ds, x[b].ds)
-                                       : _mm_set_ps(x[3 * nb + b].ds, x[2 * nb + b].ds, x[nb + b].ds, x[b].ds);
-            /* built in registers: a 16-byte load of four scalar stores would not be forwarded */
+            const vi_t g = V_GATHER(rp[0] + o, idx);
+            V_STOREF(cw, V_H16LO(g));
+            if (type == T_Q4_1) V_STOREF(mw, V_H16HI(g));
+        } else if (type == T_Q8_0) {
+            const int64_t o = b * 34;
+            const vi_t flip = VNNI ? V_SET1B((char)0x80) : V_ZEROI();
+            for (int a = 0; a < 4; a++) {
+                lo[a] = V_XOR(FN(load4)(rp, a, o + 2), flip);
+                hi[a] = V_XOR(FN(load4)(rp, a, o + 18), flip);
+            }
+            V_STOREF(cw, V_H16LO(V_GATHER(rp[0] + o, idx)));
+        } else if (type == T_Q4_K) {
+            const int64_t sb = (b >> 3) * 144;
             const int j = (int)(b & 7);
-            const __m128 mw4 = type == T_Q4_K ? (nr == 1 ? _mm_set_ss(kmw[j][0]) : _mm_set_ps(kmw[j][3], kmw[j][2], kmw[j][1], kmw[j][0]))
-                                              : (nr == 1 ? _mm_set_ss(mw[0]) : _mm_set_ps(mw[3], mw[2], mw[1], mw[0]));
-            accm = FN(minfma)(mw4, ds4, accm);
+            for (int a = 0; a < 4; a++) {
+                const vi_t z0 = FN(load4)(rp, a, sb + 16 + 32 * (j >> 1)), z1 = FN(load4)(rp, a, sb + 32 + 32 * (j >> 1));
+                lo[a] = (j & 1) ? V_AND(V_SRLI16(z0, 4), m4) : V_AND(z0, m4);
+                hi[a] = (j & 1) ? V_AND(V_SRLI16(z1, 4), m4) : V_AND(z1, m4);
+            }
+            if (j == 0) { /* the superblock's 8 scales and mins, for this and the next 7 blocks */
+                const vi_t dd = V_GATHER(rp[0] + sb, idx), s0 = V_GATHER(rp[0] + sb + 4, idx),
+                           s1 = V_GATHER(rp[0] + sb + 8, idx), s2 = V_GATHER(rp[0] + sb + 12, idx);
+                const vf_t d = V_H16LO(dd), dmin = V_H16HI(dd);
+                const vi_t m6 = V_SET1I(63), m4d = V_SET1I(15), m2 = V_SET1I(3);
+#pragma GCC unroll 8
+                for (int jj = 0; jj < 8; jj++) {
+                    vi_t sc, mn;
+                    if (jj < 4) {
+                        sc = V_AND(V_SRLI32(s0, 8 * jj), m6);
+                        mn = V_AND(V_SRLI32(s1, 8 * jj), m6);
+                    } else {
+                        const int q = 8 * (jj - 4);
+                        sc = V_OR(V_AND(V_SRLI32(s2, q), m4d), V_SLLI32(V_AND(V_SRLI32(s0, q + 6), m2), 4));
+                        mn = V_OR(V_AND(V_SRLI32(s2, q + 4), m4d), V_SLLI32(V_AND(V_SRLI32(s1, q + 6), m2), 4));
+                    }
+                    V_STOREF((float *)(pb + (size_t)jj * PB + 8 * VB), V_MUL(d, V_CVT(sc)));
+                    V_STOREF((float *)(pb + (size_t)jj * PB + 9 * VB), V_NEG(V_MUL(dmin, V_CVT(mn))));
+                }
+            }
+        } else { /* T_Q6_K */
+            const int64_t sb = (b >> 3) * 210;
+            const int j = (int)(b & 7), h = j >> 2, t = j & 3;
+            const vi_t m3 = V_SET1B(3);
+            for (int a = 0; a < 4; a++) {
+                for (int e = 0; e < 2; e++) {
+                    const vi_t ql = FN(load4)(rp, a, sb + 64 * h + 32 * (t & 1) + 16 * e);
+                    const vi_t qh = FN(load4)(rp, a, sb + 128 + 32 * h + 16 * e);
+                    const vi_t l4 = (t & 2) ? V_AND(V_SRLI16(ql, 4), m4) : V_AND(ql, m4);
+                    const vi_t u = V_OR(l4, V_SLLI16(V_AND(V_SRL16(qh, 2 * t), m3), 4));
+                    if (e) hi[a] = u;
+                    else lo[a] = u;
+                }
+            }
+            V_STOREF(cw, V_H16HI(V_GATHER(rp[0] + sb + 206, idx)));
+            const vi_t sc = V_GATHER(rp[0] + sb + 192 + 2 * j, idx);
+            V_STOREI(pb + 10 * VB, V_SRAI32(V_SLLI32(sc, 24), 24));
+            V_STOREI(pb + 11 * VB, V_SRAI32(V_SLLI32(sc, 16), 24));
         }
+        FN(store_t4)(lo, pb);
+        FN(store_t4)(hi, pb + 4 * VB);
+    }
+}
+
+static AI vi_t FN(xword)(const xblock *xb, int g) {
+    int32_t v;
+    memcpy(&v, xb->q + 4 * g, 4);
+    return V_SET1I(v);
+}
+
+/* Lanes += the dot products of code vector W with 4 activation codes broadcast (AVX2: sums of
+ * up to `pairs` vpmaddubsw results are exact in int16 before the vpmaddwd). */
+#if !VNNI
+static AI vi_t FN(mad16)(const int type, vi_t W, vi_t xw) {
+    if (type == T_Q8_0) return _mm256_maddubs_epi16(_mm256_sign_epi8(W, W), _mm256_sign_epi8(xw, W));
+    return _mm256_maddubs_epi16(W, xw);
+}
+#endif
+
+/* mr activation rows (x: row stride nb blocks) times a panel of kc blocks; acc/accm continue
+ * from abuf/mbuf unless first; the result goes to out (nr columns) if last, else back to the buffers. */
+static AI void FN(kern)(const int type, const int mr, const xblock *x, int64_t nb, int kc, const uint8_t *panel,
+                        float *abuf, float *mbuf, int first, int last, float *out, int64_t ldo, int nr) {
+    const int sh = off_shift(type) - (!VNNI && type == T_Q8_0 ? 8 : 0); /* AVX2 Q8_0: signed codes */
+    const int has_min = type == T_Q4_1 || type == T_Q4_K;
+    vf_t acc[MR], accm[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        acc[i] = first ? V_ZEROF() : V_LOADF(abuf + i * NRP);
+        accm[i] = first || !has_min ? V_ZEROF() : V_LOADF(mbuf + i * NRP);
+    }
+    for (int k = 0; k < kc; k++) {
+        const uint8_t *pb = panel + (size_t)k * PB;
+        vi_t I[MR], I2[MR];
 #pragma GCC unroll 8
         for (int i = 0; i < mr; i++) {
-            const xblock *xb = x + i * nb + b;
-            const __m256i xq = _mm256_loadu_si256((const __m256i *)xb->q);
-            const __m256i corr = shift ? _mm256_sub_epi32(_mm256_setzero_si256(),
-                                                          _mm256_sll_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)xb->s)),
-                                                                           _mm_cvtsi32_si128(shift)))
-                                       : _mm256_setzero_si256();
-            const __m256 dx = _mm256_set1_ps(xb->d);
-#pragma GCC unroll 8
-            for (int r = 0; r < nr; r++) {
-                const __m256i I = FN(dot)(type, corr, u[r], xq);
-                const __m256 c = _mm256_mul_ps(type == T_Q6_K ? cwv[r] : _mm256_set1_ps(cw[r]), dx);
-                acc[i][r] = _mm256_fmadd_ps(c, _mm256_cvtepi32_ps(I), acc[i][r]);
+            const xblock *xb = x + i * nb + k;
+            if (type == T_Q6_K) {
+                I[i] = V_SET1I(-(xb->sxl << sh));
+                I2[i] = V_SET1I(-((xb->sx - xb->sxl) << sh));
+            } else {
+                I[i] = sh >= 0 ? V_SET1I(-(xb->sx << sh)) : V_ZEROI();
+                I2[i] = V_ZEROI();
             }
         }
+#if VNNI
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            const vi_t W = V_LOADI(pb + g * VB);
+#pragma GCC unroll 8
+            for (int i = 0; i < mr; i++) {
+                if (type == T_Q6_K && g >= 4) I2[i] = _mm512_dpbusd_epi32(I2[i], W, FN(xword)(x + i * nb + k, g));
+                else I[i] = _mm512_dpbusd_epi32(I[i], W, FN(xword)(x + i * nb + k, g));
+            }
+        }
+#else
+        /* int16 sums that cannot overflow: Q4 codes <= 15 (8 groups), Q6_K <= 63 (2), Q8_0 (1) */
+        const int pairs = type == T_Q8_0 ? 1 : type == T_Q6_K ? 2 : 8;
+        const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+        for (int g0 = 0; g0 < 8; g0 += pairs) {
+#pragma GCC unroll 8
+            for (int i = 0; i < mr; i++) {
+                __m256i s = FN(mad16)(type, V_LOADI(pb + g0 * VB), FN(xword)(x + i * nb + k, g0));
+#pragma GCC unroll 8
+                for (int g = g0 + 1; g < g0 + pairs; g++)
+                    s = _mm256_add_epi16(s, FN(mad16)(type, V_LOADI(pb + g * VB), FN(xword)(x + i * nb + k, g)));
+                if (type == T_Q6_K && g0 >= 4) I2[i] = V_ADDI(I2[i], _mm256_madd_epi16(s, ones));
+                else I[i] = V_ADDI(I[i], _mm256_madd_epi16(s, ones));
+            }
+        }
+#endif
+        const vf_t cw = V_LOADF((const float *)(pb + 8 * VB));
+        const vf_t mw = has_min ? V_LOADF((const float *)(pb + 9 * VB)) : V_ZEROF();
+        const vi_t sc0 = type == T_Q6_K ? V_LOADI(pb + 10 * VB) : V_ZEROI();
+        const vi_t sc1 = type == T_Q6_K ? V_LOADI(pb + 11 * VB) : V_ZEROI();
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            const xblock *xb = x + i * nb + k;
+            const vi_t Ii = type == T_Q6_K ? V_ADDI(V_MULLO(I[i], sc0), V_MULLO(I2[i], sc1)) : I[i];
+            acc[i] = V_FMA(V_MUL(cw, V_SET1F(xb->d)), V_CVT(Ii), acc[i]);
+            if (has_min) accm[i] = V_FMA(mw, V_SET1F(xb->ds), accm[i]);
+        }
     }
-    float mins[MR * NR] __attribute__((aligned(64)));
-    if (has_min) MVEC_STORE(mins, accm);
 #pragma GCC unroll 8
-    for (int i = 0; i < mr; i++)
-#pragma GCC unroll 8
-        for (int r = 0; r < nr; r++) out[i * ldo + r] = has_min ? FN(hsum8)(acc[i][r]) + mins[i * NR + r] : FN(hsum8)(acc[i][r]);
+    for (int i = 0; i < mr; i++) {
+        if (!last) {
+            V_STOREF(abuf + i * NRP, acc[i]);
+            if (has_min) V_STOREF(mbuf + i * NRP, accm[i]);
+            continue;
+        }
+        const vf_t o = has_min ? V_ADD(acc[i], accm[i]) : acc[i];
+#if VNNI
+        _mm512_mask_storeu_ps(out + i * ldo, (__mmask16)((1u << nr) - 1), o);
+#else
+        _mm256_maskstore_ps(out + i * ldo, _mm256_cmpgt_epi32(_mm256_set1_epi32(nr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), o);
+#endif
+    }
 }
 
-#define TILE_NR(T, MRV)                                                                              \
-    do {                                                                                             \
-        if (nr == NR) FN(tile)(T, MRV, NR, x, nb, w, ldw, out, ldo);                                  \
-        else for (int r_ = 0; r_ < nr; r_++) FN(tile)(T, MRV, 1, x, nb, w + r_ * ldw, ldw, out + r_, ldo); \
-    } while (0)
-
-#define TILE_TYPE(T)                                                                                 \
+#define KERN_MR(T)                                                                                   \
     case T:                                                                                          \
         switch (mr) {                                                                                \
-        case 1: TILE_NR(T, 1); break;                                                                \
-        case 2: TILE_NR(T, 2); break;                                                                \
-        case 3: if (MR >= 3) TILE_NR(T, (MR >= 3 ? 3 : 1)); break;                                   \
-        default: if (MR >= 4) TILE_NR(T, (MR >= 4 ? 4 : 1)); break;                                  \
+        case 1: FN(kern)(T, 1, x, nb, kc, panel, abuf, mbuf, first, last, out, ldo, nr); break;      \
+        case 2: FN(kern)(T, 2, x, nb, kc, panel, abuf, mbuf, first, last, out, ldo, nr); break;      \
+        case 3: FN(kern)(T, MR >= 3 ? 3 : 1, x, nb, kc, panel, abuf, mbuf, first, last, out, ldo, nr); break; \
+        default: FN(kern)(T, MR >= 4 ? 4 : 1, x, nb, kc, panel, abuf, mbuf, first, last, out, ldo, nr); break; \
         }                                                                                            \
         break;
 
-static __attribute__((noinline)) void FN(run_tile)(int type, int mr, int nr, const xblock *x, int64_t nb,
-                                                   const uint8_t *w, int64_t ldw, float *out, int64_t ldo) {
+static __attribute__((noinline)) void FN(run_kern)(int type, int mr, const xblock *x, int64_t nb, int kc,
+                                                   const uint8_t *panel, float *abuf, float *mbuf, int first,
+                                                   int last, float *out, int64_t ldo, int nr) {
     switch (type) {
-        TILE_TYPE(T_Q4_0)
-        TILE_TYPE(T_Q4_1)
-        TILE_TYPE(T_Q8_0)
-        TILE_TYPE(T_Q4_K)
-        TILE_TYPE(T_Q6_K)
+        KERN_MR(T_Q4_0)
+        KERN_MR(T_Q4_1)
+        KERN_MR(T_Q8_0)
+        KERN_MR(T_Q4_K)
+        KERN_MR(T_Q6_K)
     }
 }
+#undef KERN_MR
 
-#undef TILE_TYPE
-#undef TILE_NR
+/* Per thread, grown as needed: the panel and the accumulators of an M chunk. */
+static __thread uint8_t *FN(tbuf);
+static __thread size_t FN(tbuf_size);
 
 static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
                        int64_t ldw, float *out, int64_t ldo, int nthreads) {
-    const int64_t ntiles = (N + NR - 1) / NR;
-    const int64_t mc = M_CHUNK;
+    const int64_t ntiles = (N + NRP - 1) / NRP;
+    /* M chunk: its activations (mc * nb blocks) should stay in L2 while every tile passes over them */
+    int64_t mc = (int64_t)(512 * 1024 / 64) / nb / MR * MR;
+    if (mc < 4 * MR) mc = 4 * MR;
+    if (mc > M) mc = M;
+    const int tb = type_bytes(type), sup = type == T_Q4_K || type == T_Q6_K;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t t0 = ntiles * t / nt, t1 = ntiles * (t + 1) / nt;
-        for (int64_t m0 = 0; m0 < M; m0 += mc) {
+        const size_t need = (size_t)KC * PB + 2 * sizeof(float) * NRP * (size_t)mc;
+        if (FN(tbuf_size) < need) {
+            free(FN(tbuf));
+            FN(tbuf) = aligned_alloc(64, (need + 63) & ~(size_t)63);
+            FN(tbuf_size) = FN(tbuf) ? need : 0;
+        }
+        uint8_t *panel = FN(tbuf);
+        float *abuf = (float *)(panel + (size_t)KC * PB), *mbuf = abuf + NRP * mc;
+        for (int64_t m0 = 0; panel && m0 < M; m0 += mc) {
             const int64_t m1 = m0 + mc < M ? m0 + mc : M;
             for (int64_t tile = t0; tile < t1; tile++) {
-                const int64_t n = tile * NR;
-                const int nr = (int)(N - n < NR ? N - n : NR);
-                for (int64_t i = m0; i < m1; i += MR) {
-                    const int mr = (int)(m1 - i < MR ? m1 - i : MR);
-                    FN(run_tile)(type, mr, nr, x + i * nb, nb, w + n * ldw, ldw, out + i * ldo + n, ldo);
+                const int64_t n = tile * NRP;
+                const int nr = (int)(N - n < NRP ? N - n : NRP);
+                const uint8_t *rp[NRP];
+                int32_t off[NRP];
+                for (int r = 0; r < NRP; r++) {
+                    off[r] = (int32_t)((r < nr ? r : nr - 1) * ldw);
+                    rp[r] = w + (n + (r < nr ? r : nr - 1)) * ldw;
+                }
+#if VNNI
+                const vi_t idx = _mm512_loadu_si512(off);
+#else
+                const vi_t idx = _mm256_loadu_si256((const __m256i *)off);
+#endif
+                for (int64_t kb = 0; kb < nb; kb += KC) {
+                    const int kc = (int)(nb - kb < KC ? nb - kb : KC);
+                    /* prefetch the next panel's weights: this tile's next K chunk, else the next tile */
+                    {
+                        const int64_t nkb = kb + kc < nb ? kb + kc : 0;
+                        const uint8_t *base = kb + kc < nb ? rp[0] : (tile + 1 < t1 ? rp[0] + NRP * ldw : NULL);
+                        if (base) {
+                            const int64_t lo = (sup ? nkb >> 3 : nkb) * tb, hi = (sup ? (nkb + KC) >> 3 : nkb + KC) * tb;
+                            const int64_t end = hi < (sup ? nb >> 3 : nb) * tb ? hi : (sup ? nb >> 3 : nb) * tb;
+                            for (int r = 0; r < NRP; r++)
+                                if (base != rp[0] || r < nr)
+                                    for (int64_t o = lo; o < end; o += 64) _mm_prefetch((const char *)(base + (base == rp[0] ? off[r] : r * ldw) + o), _MM_HINT_T0);
+                        }
+                    }
+                    FN(unpack)(type, rp, idx, kb, kc, panel);
+                    for (int64_t i = m0; i < m1; i += MR) {
+                        const int mr = (int)(m1 - i < MR ? m1 - i : MR);
+                        FN(run_kern)(type, mr, x + i * nb + kb, nb, kc, panel, abuf + (i - m0) * NRP, mbuf + (i - m0) * NRP,
+                                     kb == 0, kb + kc == nb, out + i * ldo + n, ldo, nr);
+                    }
                 }
             }
         }
     }
 }
-#undef MVEC_ZERO
-#undef MVEC_STORE
 
 static __attribute__((unused)) void FN(quantize)(const float *x, int64_t M, int64_t K, int64_t ldx, xblock *out, int nthreads) {
     const int64_t nb = K / 32;
@@ -258,20 +408,64 @@ static __attribute__((unused)) void FN(quantize)(const float *x, int64_t M, int6
             const __m256 vd = _mm256_set1_ps(d);
             __m256i q[4];
             for (int k = 0; k < 4; k++) q[k] = _mm256_cvtps_epi32(_mm256_div_ps(v[k], vd));
-            /* int32 -> int8 codes in order, and the sums of each 4 consecutive codes */
+            /* int32 -> int8 codes in order; the sums of the first and of all 16 int32 codes */
             __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);
             __m256i p = _mm256_packs_epi16(p01, p23);
             p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             _mm256_storeu_si256((__m256i *)dst->q, p);
-            __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), p), _mm256_set1_epi16(1));
-            _mm_storeu_si128((__m128i *)dst->s, _mm_packs_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)));
-            int total = 0;
-            for (int l = 0; l < 8; l++) total += dst->s[l];
-            dst->ds = d * (float)total;
+            const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            const __m256i sl = _mm256_add_epi32(q[0], q[1]);
+            __m128i a = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            __m128i c = _mm_add_epi32(_mm256_castsi256_si128(sl), _mm256_extracti128_si256(sl, 1));
+            a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4e));
+            c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0x4e));
+            a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0xb1));
+            c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0xb1));
+            dst->sx = _mm_cvtsi128_si32(a);
+            dst->sxl = _mm_cvtsi128_si32(c);
+            dst->ds = d * (float)dst->sx;
         }
     }
 }
 
+#undef V_ADD
+#undef V_ADDI
+#undef V_AND
+#undef V_CVT
+#undef V_FMA
+#undef V_GATHER
+#undef V_H16HI
+#undef V_H16LO
+#undef V_LOADF
+#undef V_LOADI
+#undef V_MUL
+#undef V_MULLO
+#undef V_NEG
+#undef V_OR
+#undef V_SET1B
+#undef V_SET1F
+#undef V_SET1I
+#undef V_SLLI16
+#undef V_SLLI32
+#undef V_SRAI32
+#undef V_SRL16
+#undef V_SRLI16
+#undef V_SRLI32
+#undef V_STOREF
+#undef V_STOREI
+#undef V_UNHI32
+#undef V_UNHI64
+#undef V_UNLO32
+#undef V_UNLO64
+#undef V_XOR
+#undef V_ZEROF
+#undef V_ZEROI
+#undef vi_t
+#undef vf_t
+#undef VB
+#undef PB
+#undef KC
+#undef AI
 #undef FN
 #undef CAT
 #undef CAT_
