@@ -206,3 +206,29 @@ def test_kernel_errors_before_c():
         ggml.matmul(xq, blocks.t().contiguous().t(), Q.Q4_0, 64, torch.empty(2, 4))
     with pytest.raises(InputError):
         ggml.linear(torch.zeros(2, 60), blocks, Q.Q4_0)
+
+
+@needs_lib
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_panel_and_chunk_boundaries(ggml_type):
+    """K over several weight panels (16 blocks each) with a partial last one, M over several M chunks
+    and register tiles with remainders, N not a multiple of the panel rows: within the bound, every
+    ISA bit-identical, and each row equal to its own 1-row call."""
+    big = 256 * 64  # 512 blocks: the M chunk shrinks to a few register tiles
+    for k, ms in (((768 if ggml_type in (Q.Q4_K, Q.Q6_K) else 576), (1, 2, 4, 5, 8, 9, 13, 16, 17, 33)),
+                  (big, (1, 4, 15, 16, 17, 41))):
+        n = 37
+        x, blocks = activations(max(ms), k, seed=k), random_blocks(ggml_type, n, k, seed=k)
+        ref = ggml._reference(x, blocks, ggml_type)
+        bound = (k // 32 * 2 + 8) * 2.0 ** -24 * ggml._reference(x, blocks, ggml_type, absolute=True)
+        first = None
+        for cap in caps():
+            with isa(cap):
+                rows = torch.cat([ggml.linear(x[i:i + 1], blocks, ggml_type) for i in range(x.shape[0])])
+                assert ((rows.double() - ref).abs() <= bound).all(), (ggml_type, k, cap)
+                first = rows if first is None else first
+                assert torch.equal(rows, first), (ggml_type, k, cap)
+                for m in ms:
+                    assert torch.equal(ggml.linear(x[:m], blocks, ggml_type), rows[:m]), (ggml_type, k, m, cap)
+                with threads(2):
+                    assert torch.equal(ggml.linear(x, blocks[3:], ggml_type), rows[:, 3:]), (ggml_type, k, cap)
