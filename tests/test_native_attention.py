@@ -109,7 +109,7 @@ def test_query_without_keys_gets_zeros_like_sdpa():
 @pytest.mark.parametrize("shape", ["gqa4", "mha"])
 def test_batch_invariance(shape):
     """Query i of a Q-query call == a 1-query call with the same allowed keys, also over a cache
-    buffer with extra masked slots appended, with strided inputs, on 1 or 2 threads."""
+    buffer with extra masked slots appended, with strided inputs."""
     h, h_kv, d = SHAPES[shape]
     nq = nk = 20
     q, k, v = qkv(2, h, h_kv, nq, nk, d)
@@ -118,8 +118,6 @@ def test_batch_invariance(shape):
         with isa(cap):
             full = na.attention(q, k, v, None, 0.125)
             full_masked = na.attention(q, k, v, mask, 0.125)
-            with threads(1):
-                assert torch.equal(na.attention(q, k, v, None, 0.125), full)
             # a bigger cache buffer: 12 empty slots after the keys, in a (B, K, H_kv, D) layout
             big_k = torch.zeros(2, nk + 12, h_kv, d)
             big_v = torch.zeros(2, nk + 12, h_kv, d)
@@ -135,6 +133,19 @@ def test_batch_invariance(shape):
                 assert torch.equal(one[:, 0], full_masked[:, i]), (cap, i)
             # one batch row alone == that row of the batch
             assert torch.equal(na.attention(q[1:], k[1:], v[1:], mask[1:], 0.125), full_masked[1:])
+
+
+@needs_lib
+def test_thread_count_does_not_change_a_bit():
+    q, k, v = qkv(2, 8, 2, 96, 96, 64)  # big enough to run in parallel (attention.c's threshold)
+    mask = masks(2, 96, 96)["padding"]
+    for cap in caps():
+        with isa(cap):
+            with threads(2):
+                two = na.attention(q, k, v, None, 0.125), na.attention(q, k, v, mask, 0.125)
+            with threads(1):
+                one = na.attention(q, k, v, None, 0.125), na.attention(q, k, v, mask, 0.125)
+            assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
 @needs_lib
@@ -176,10 +187,12 @@ def test_training_runs_on_sdpa_with_gradients():
     assert model.model.norm.weight.grad is not None
 
 
-def incremental_equals_full(model: MistralForCausalLM, ids: torch.Tensor, prefill: int = 8) -> float:
+def incremental_equals_full(model: MistralForCausalLM, ids: torch.Tensor, prefill: int = 8,
+                            full_threads: int | None = None) -> float:
     """max |logprob(one forward) - logprob(prefill + one-token decode steps)|."""
-    with torch.no_grad():
+    with torch.no_grad(), threads(full_threads or torch.get_num_threads()):
         full = model(ids).logits.log_softmax(-1)
+    with torch.no_grad():
         cache = model.make_cache(ids.shape[0])
         steps = [model(ids[:, :prefill], past_key_values=cache).logits]
         steps += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(prefill, ids.shape[1])]
@@ -218,5 +231,5 @@ def test_default_gguf_model_logprobs_decode_equal_forward():
 
     model = MistralForCausalLM.from_pretrained(default_model_or_skip(), gguf_native=True)
     assert model.attn_implementation == "native"
-    ids = torch.randint(0, model.config.vocab_size, (1, 24))
-    assert incremental_equals_full(model, ids) == 0.0
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    assert incremental_equals_full(model, ids, full_threads=1) == 0.0  # and the threads do not matter

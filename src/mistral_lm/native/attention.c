@@ -375,13 +375,14 @@ int mlm_attention(const float *q, const float *k, const float *v, const uint8_t 
     const int64_t rep = H / Hkv, items = B * H * Q;
     const Ops *o = ops();
     int failed = 0;
-    const int parallel = nthreads > 1 && items > 1 && items * (K < Q ? Q : K) * D >= 32768;
+    /* a decode step over a few hundred keys takes tens of microseconds: not worth a fork */
+    const int parallel = nthreads > 1 && items > 1 && items * K * D >= (1 << 20);
 #pragma omp parallel num_threads(nthreads) if (parallel) reduction(| : failed)
     {
         int32_t *idx = malloc(sizeof(int32_t) * (size_t)(K + 1));
         float *s = malloc(sizeof(float) * (size_t)(K + 16));
         failed = idx == NULL || s == NULL;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4) /* causal rows differ in cost; any split gives the same bits */
         for (int64_t it = 0; it < items; it++) {
             if (failed) continue;
             /* order (b, g, i, r): neighbouring items read the same keys */
