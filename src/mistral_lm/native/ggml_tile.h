@@ -98,6 +98,9 @@ static AI __m256 FN(h16lo)(__m256i v) {
 
 #define VB ((int)sizeof(vi_t))  /* bytes of one vector = 4 * NRP */
 #define PB (12 * VB)            /* panel bytes per block: 8 code vectors, cw, mw, two Q6_K scales */
+#ifndef DIRECT_M
+#define DIRECT_M 2
+#endif
 #define KC 16                   /* blocks per panel (a multiple of 8: whole Q4_K / Q6_K superblocks) */
 
 /* 16 bytes at offset off of rows a, a + 4, ... (128-bit lane l = row 4l + a) */
@@ -122,89 +125,112 @@ static AI void FN(store_t4)(const vi_t z[4], uint8_t *dst) {
     V_STOREI(dst + 3 * VB, V_UNHI64(t1, t3));
 }
 
-/* Blocks b0 .. b0 + kc - 1 of the NRP rows rp[] (offsets idx from rp[0]) into the panel. */
-static void FN(unpack)(const int type, const uint8_t *const *rp, vi_t idx, int64_t b0, int kc, uint8_t *panel) {
+/* Block b of the NRP rows rp[] (offsets idx from rp[0]) in registers: lo[a] / hi[a] hold codes
+ * 0..15 / 16..31 of rows 4l + a in 128-bit lane l; cw, mw and Q6_K's half scales sc0, sc1 per
+ * row (lane). Q4_K: kcw / kmw cache the superblock's 8 scales, filled at its first block. */
+static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, int64_t b, vi_t lo[4], vi_t hi[4],
+                          vf_t *cw, vf_t *mw, vi_t *sc0, vi_t *sc1, vf_t kcw[8], vf_t kmw[8]) {
     const vi_t m4 = V_SET1B(15);
-    for (int k = 0; k < kc; k++) {
-        const int64_t b = b0 + k;
-        uint8_t *pb = panel + (size_t)k * PB;
-        float *cw = (float *)(pb + 8 * VB), *mw = (float *)(pb + 9 * VB);
-        vi_t lo[4], hi[4];
-        if (type == T_Q4_0 || type == T_Q4_1) {
-            const int64_t o = b * (type == T_Q4_0 ? 18 : 20);
-            for (int a = 0; a < 4; a++) {
-                const vi_t z = FN(load4)(rp, a, o + (type == T_Q4_0 ? 2 : 4));
-                lo[a] = V_AND(z, m4);
-                hi[a] = V_AND(V_SRLI16(z, 4), m4);
-            }
-            const vi_t g = V_GATHER(rp[0] + o, idx);
-            V_STOREF(cw, V_H16LO(g));
-            if (type == T_Q4_1) V_STOREF(mw, V_H16HI(g));
-        } else if (type == T_Q8_0) {
-            const int64_t o = b * 34;
-            const vi_t flip = VNNI ? V_SET1B((char)0x80) : V_ZEROI();
-            for (int a = 0; a < 4; a++) {
-                lo[a] = V_XOR(FN(load4)(rp, a, o + 2), flip);
-                hi[a] = V_XOR(FN(load4)(rp, a, o + 18), flip);
-            }
-            V_STOREF(cw, V_H16LO(V_GATHER(rp[0] + o, idx)));
-        } else if (type == T_Q4_K) {
-            const int64_t sb = (b >> 3) * 144;
-            const int j = (int)(b & 7);
-            for (int a = 0; a < 4; a++) {
-                const vi_t z0 = FN(load4)(rp, a, sb + 16 + 32 * (j >> 1)), z1 = FN(load4)(rp, a, sb + 32 + 32 * (j >> 1));
-                lo[a] = (j & 1) ? V_AND(V_SRLI16(z0, 4), m4) : V_AND(z0, m4);
-                hi[a] = (j & 1) ? V_AND(V_SRLI16(z1, 4), m4) : V_AND(z1, m4);
-            }
-            if (j == 0) { /* the superblock's 8 scales and mins, for this and the next 7 blocks */
-                const vi_t dd = V_GATHER(rp[0] + sb, idx), s0 = V_GATHER(rp[0] + sb + 4, idx),
-                           s1 = V_GATHER(rp[0] + sb + 8, idx), s2 = V_GATHER(rp[0] + sb + 12, idx);
-                const vf_t d = V_H16LO(dd), dmin = V_H16HI(dd);
-                const vi_t m6 = V_SET1I(63), m4d = V_SET1I(15), m2 = V_SET1I(3);
-#pragma GCC unroll 8
-                for (int jj = 0; jj < 8; jj++) {
-                    vi_t sc, mn;
-                    if (jj < 4) {
-                        sc = V_AND(V_SRLI32(s0, 8 * jj), m6);
-                        mn = V_AND(V_SRLI32(s1, 8 * jj), m6);
-                    } else {
-                        const int q = 8 * (jj - 4);
-                        sc = V_OR(V_AND(V_SRLI32(s2, q), m4d), V_SLLI32(V_AND(V_SRLI32(s0, q + 6), m2), 4));
-                        mn = V_OR(V_AND(V_SRLI32(s2, q + 4), m4d), V_SLLI32(V_AND(V_SRLI32(s1, q + 6), m2), 4));
-                    }
-                    V_STOREF((float *)(pb + (size_t)jj * PB + 8 * VB), V_MUL(d, V_CVT(sc)));
-                    V_STOREF((float *)(pb + (size_t)jj * PB + 9 * VB), V_NEG(V_MUL(dmin, V_CVT(mn))));
-                }
-            }
-        } else { /* T_Q6_K */
-            const int64_t sb = (b >> 3) * 210;
-            const int j = (int)(b & 7), h = j >> 2, t = j & 3;
-            const vi_t m3 = V_SET1B(3);
-            for (int a = 0; a < 4; a++) {
-                for (int e = 0; e < 2; e++) {
-                    const vi_t ql = FN(load4)(rp, a, sb + 64 * h + 32 * (t & 1) + 16 * e);
-                    const vi_t qh = FN(load4)(rp, a, sb + 128 + 32 * h + 16 * e);
-                    const vi_t l4 = (t & 2) ? V_AND(V_SRLI16(ql, 4), m4) : V_AND(ql, m4);
-                    const vi_t u = V_OR(l4, V_SLLI16(V_AND(V_SRL16(qh, 2 * t), m3), 4));
-                    if (e) hi[a] = u;
-                    else lo[a] = u;
-                }
-            }
-            V_STOREF(cw, V_H16HI(V_GATHER(rp[0] + sb + 206, idx)));
-            const vi_t sc = V_GATHER(rp[0] + sb + 192 + 2 * j, idx);
-            V_STOREI(pb + 10 * VB, V_SRAI32(V_SLLI32(sc, 24), 24));
-            V_STOREI(pb + 11 * VB, V_SRAI32(V_SLLI32(sc, 16), 24));
+    *mw = V_ZEROF();
+    *sc0 = *sc1 = V_ZEROI();
+    if (type == T_Q4_0 || type == T_Q4_1) {
+        const int64_t o = b * (type == T_Q4_0 ? 18 : 20);
+        for (int a = 0; a < 4; a++) {
+            const vi_t z = FN(load4)(rp, a, o + (type == T_Q4_0 ? 2 : 4));
+            lo[a] = V_AND(z, m4);
+            hi[a] = V_AND(V_SRLI16(z, 4), m4);
         }
+        const vi_t g = V_GATHER(rp[0] + o, idx);
+        *cw = V_H16LO(g);
+        if (type == T_Q4_1) *mw = V_H16HI(g);
+    } else if (type == T_Q8_0) {
+        const int64_t o = b * 34;
+        const vi_t flip = VNNI ? V_SET1B((char)0x80) : V_ZEROI();
+        for (int a = 0; a < 4; a++) {
+            lo[a] = V_XOR(FN(load4)(rp, a, o + 2), flip);
+            hi[a] = V_XOR(FN(load4)(rp, a, o + 18), flip);
+        }
+        *cw = V_H16LO(V_GATHER(rp[0] + o, idx));
+    } else if (type == T_Q4_K) {
+        const int64_t sb = (b >> 3) * 144;
+        const int j = (int)(b & 7);
+        for (int a = 0; a < 4; a++) {
+            const vi_t z0 = FN(load4)(rp, a, sb + 16 + 32 * (j >> 1)), z1 = FN(load4)(rp, a, sb + 32 + 32 * (j >> 1));
+            lo[a] = (j & 1) ? V_AND(V_SRLI16(z0, 4), m4) : V_AND(z0, m4);
+            hi[a] = (j & 1) ? V_AND(V_SRLI16(z1, 4), m4) : V_AND(z1, m4);
+        }
+        if (j == 0) { /* the superblock's 8 scales and mins */
+            const vi_t dd = V_GATHER(rp[0] + sb, idx), s0 = V_GATHER(rp[0] + sb + 4, idx),
+                       s1 = V_GATHER(rp[0] + sb + 8, idx), s2 = V_GATHER(rp[0] + sb + 12, idx);
+            const vf_t d = V_H16LO(dd), dmin = V_H16HI(dd);
+            const vi_t m6 = V_SET1I(63), m4d = V_SET1I(15), m2 = V_SET1I(3);
+#pragma GCC unroll 8
+            for (int jj = 0; jj < 8; jj++) {
+                vi_t sc, mn;
+                if (jj < 4) {
+                    sc = V_AND(V_SRLI32(s0, 8 * jj), m6);
+                    mn = V_AND(V_SRLI32(s1, 8 * jj), m6);
+                } else {
+                    const int q = 8 * (jj - 4);
+                    sc = V_OR(V_AND(V_SRLI32(s2, q), m4d), V_SLLI32(V_AND(V_SRLI32(s0, q + 6), m2), 4));
+                    mn = V_OR(V_AND(V_SRLI32(s2, q + 4), m4d), V_SLLI32(V_AND(V_SRLI32(s1, q + 6), m2), 4));
+                }
+                kcw[jj] = V_MUL(d, V_CVT(sc));
+                kmw[jj] = V_NEG(V_MUL(dmin, V_CVT(mn)));
+            }
+        }
+        *cw = kcw[j];
+        *mw = kmw[j];
+    } else { /* T_Q6_K */
+        const int64_t sb = (b >> 3) * 210;
+        const int j = (int)(b & 7), h = j >> 2, t = j & 3;
+        const vi_t m3 = V_SET1B(3);
+        for (int a = 0; a < 4; a++) {
+            for (int e = 0; e < 2; e++) {
+                const vi_t ql = FN(load4)(rp, a, sb + 64 * h + 32 * (t & 1) + 16 * e);
+                const vi_t qh = FN(load4)(rp, a, sb + 128 + 32 * h + 16 * e);
+                const vi_t l4 = (t & 2) ? V_AND(V_SRLI16(ql, 4), m4) : V_AND(ql, m4);
+                const vi_t u = V_OR(l4, V_SLLI16(V_AND(V_SRL16(qh, 2 * t), m3), 4));
+                if (e) hi[a] = u;
+                else lo[a] = u;
+            }
+        }
+        *cw = V_H16HI(V_GATHER(rp[0] + sb + 206, idx));
+        const vi_t sc = V_GATHER(rp[0] + sb + 192 + 2 * j, idx);
+        *sc0 = V_SRAI32(V_SLLI32(sc, 24), 24);
+        *sc1 = V_SRAI32(V_SLLI32(sc, 16), 24);
+    }
+}
+
+/* Blocks b0 .. b0 + kc - 1 (b0 at a superblock start) into the panel. */
+static void FN(unpack)(const int type, const uint8_t *const *rp, vi_t idx, int64_t b0, int kc, uint8_t *panel) {
+    vf_t kcw[8], kmw[8];
+    for (int k = 0; k < kc; k++) {
+        uint8_t *pb = panel + (size_t)k * PB;
+        vi_t lo[4], hi[4], sc0, sc1;
+        vf_t cw, mw;
+        FN(wblock)(type, rp, idx, b0 + k, lo, hi, &cw, &mw, &sc0, &sc1, kcw, kmw);
+        V_STOREF((float *)(pb + 8 * VB), cw);
+        V_STOREF((float *)(pb + 9 * VB), mw);
+        V_STOREI(pb + 10 * VB, sc0);
+        V_STOREI(pb + 11 * VB, sc1);
         FN(store_t4)(lo, pb);
         FN(store_t4)(hi, pb + 4 * VB);
     }
 }
 
-static AI vi_t FN(xword)(const xblock *xb, int g) {
-    int32_t v;
-    memcpy(&v, xb->q + 4 * g, 4);
-    return V_SET1I(v);
+/* Sum of the four dwords of each 128-bit lane of p[a] -> lane 4l + a (l: the 128-bit lane). */
+static AI vi_t FN(reduce4)(const vi_t p[4]) {
+    const vi_t s01 = V_ADDI(V_UNLO32(p[0], p[1]), V_UNHI32(p[0], p[1]));
+    const vi_t s23 = V_ADDI(V_UNLO32(p[2], p[3]), V_UNHI32(p[2], p[3]));
+    return V_ADDI(V_UNLO64(s01, s23), V_UNHI64(s01, s23));
 }
+
+#if VNNI
+#define V_BCAST128(p) _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p)))
+#else
+#define V_BCAST128(p) _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p)))
+#endif
 
 /* Lanes += the dot products of code vector W with 4 activation codes broadcast (AVX2: sums of
  * up to `pairs` vpmaddubsw results are exact in int16 before the vpmaddwd). */
@@ -214,6 +240,106 @@ static AI vi_t FN(mad16)(const int type, vi_t W, vi_t xw) {
     return _mm256_maddubs_epi16(W, xw);
 }
 #endif
+
+/* Small M (decode): mr activation rows times one tile of NRP weight rows over all nb blocks,
+ * straight from the blocks (no panel): each block's 16-byte row chunks stay one row per 128-bit
+ * lane, the activation codes are broadcast per 128-bit lane and each lane's four partial sums are
+ * added at the end. The same exact int32 I per (m, n, block), so the same result as the panel path. */
+static AI void FN(direct)(const int type, const int mr, const xblock *x, int64_t nb, const uint8_t *const *rp,
+                          vi_t idx, int64_t ldw, float *out, int64_t ldo, int nr) {
+    const int sh = off_shift(type) - (!VNNI && type == T_Q8_0 ? 8 : 0);
+    const int has_min = type == T_Q4_1 || type == T_Q4_K, tb = type_bytes(type);
+    const int sup = type == T_Q4_K || type == T_Q6_K;
+    vf_t acc[MR], accm[MR], kcw[8], kmw[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) acc[i] = accm[i] = V_ZEROF();
+    for (int64_t b = 0; b < nb; b++) {
+        if ((b & 1) == 0) {
+            const int64_t o = (sup ? (b >> 3) * tb + (b & 7) * (tb / 8) : b * tb) + 1024;
+#pragma GCC unroll 16
+            for (int r = 0; r < NRP; r++) _mm_prefetch((const char *)(rp[r] + o), _MM_HINT_T0);
+        }
+        vi_t lo[4], hi[4], sc0, sc1;
+        vf_t cw, mw;
+        FN(wblock)(type, rp, idx, b, lo, hi, &cw, &mw, &sc0, &sc1, kcw, kmw);
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            const xblock *xb = x + i * nb + b;
+            const vi_t xl = V_BCAST128(xb->q), xh = V_BCAST128(xb->q + 16);
+            vi_t p[4], p2[4];
+#pragma GCC unroll 4
+            for (int a = 0; a < 4; a++) {
+#if VNNI
+                if (type == T_Q6_K) {
+                    p[a] = _mm512_dpbusd_epi32(V_ZEROI(), lo[a], xl);
+                    p2[a] = _mm512_dpbusd_epi32(V_ZEROI(), hi[a], xh);
+                } else {
+                    p[a] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(V_ZEROI(), lo[a], xl), hi[a], xh);
+                }
+#else
+                const __m256i ones = _mm256_set1_epi16(1);
+                if (type == T_Q6_K) {
+                    p[a] = _mm256_madd_epi16(FN(mad16)(type, lo[a], xl), ones);
+                    p2[a] = _mm256_madd_epi16(FN(mad16)(type, hi[a], xh), ones);
+                } else if (type == T_Q8_0) {
+                    p[a] = _mm256_add_epi32(_mm256_madd_epi16(FN(mad16)(type, lo[a], xl), ones),
+                                            _mm256_madd_epi16(FN(mad16)(type, hi[a], xh), ones));
+                } else {
+                    p[a] = _mm256_madd_epi16(_mm256_add_epi16(FN(mad16)(type, lo[a], xl), FN(mad16)(type, hi[a], xh)), ones);
+                }
+#endif
+            }
+            vi_t I;
+            if (type == T_Q6_K) {
+                const vi_t Il = V_ADDI(FN(reduce4)(p), V_SET1I(-(xb->sxl << sh)));
+                const vi_t Ih = V_ADDI(FN(reduce4)(p2), V_SET1I(-((xb->sx - xb->sxl) << sh)));
+                I = V_ADDI(V_MULLO(Il, sc0), V_MULLO(Ih, sc1));
+            } else {
+                I = FN(reduce4)(p);
+                if (sh >= 0) I = V_ADDI(I, V_SET1I(-(xb->sx << sh)));
+            }
+            acc[i] = V_FMA(V_MUL(cw, V_SET1F(xb->d)), V_CVT(I), acc[i]);
+            if (has_min) accm[i] = V_FMA(mw, V_SET1F(xb->ds), accm[i]);
+        }
+    }
+    (void)ldw;
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        const vf_t o = has_min ? V_ADD(acc[i], accm[i]) : acc[i];
+#if VNNI
+        _mm512_mask_storeu_ps(out + i * ldo, (__mmask16)((1u << nr) - 1), o);
+#else
+        _mm256_maskstore_ps(out + i * ldo, _mm256_cmpgt_epi32(_mm256_set1_epi32(nr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), o);
+#endif
+    }
+}
+
+#define DIRECT_MR(T)                                                                                 \
+    case T:                                                                                          \
+        if (mr == 1) FN(direct)(T, 1, x, nb, rp, idx, ldw, out, ldo, nr);                             \
+        else FN(direct)(T, 2, x, nb, rp, idx, ldw, out, ldo, nr);                                     \
+        break;
+
+static __attribute__((noinline)) void FN(run_direct)(int type, int mr, const xblock *x, int64_t nb,
+                                                     const uint8_t *const *rp, vi_t idx, int64_t ldw, float *out,
+                                                     int64_t ldo, int nr) {
+    switch (type) {
+        DIRECT_MR(T_Q4_0)
+        DIRECT_MR(T_Q4_1)
+        DIRECT_MR(T_Q8_0)
+        DIRECT_MR(T_Q4_K)
+        DIRECT_MR(T_Q6_K)
+    }
+}
+#undef DIRECT_MR
+#undef V_BCAST128
+
+static AI vi_t FN(xword)(const xblock *xb, int g) {
+    int32_t v;
+    memcpy(&v, xb->q + 4 * g, 4);
+    return V_SET1I(v);
+}
+
 
 /* mr activation rows (x: row stride nb blocks) times a panel of kc blocks; acc/accm continue
  * from abuf/mbuf unless first; the result goes to out (nr columns) if last, else back to the buffers. */
@@ -359,6 +485,11 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
 #else
                 const vi_t idx = _mm256_loadu_si256((const __m256i *)off);
 #endif
+                if (M <= DIRECT_M) {
+                    for (int64_t i = m0; i < m1; i += 2)
+                        FN(run_direct)(type, (int)(m1 - i < 2 ? m1 - i : 2), x + i * nb, nb, rp, idx, ldw, out + i * ldo + n, ldo, nr);
+                    continue;
+                }
                 for (int64_t kb = 0; kb < nb; kb += KC) {
                     const int kc = (int)(nb - kb < KC ? nb - kb : KC);
                     /* prefetch the next panel's weights: this tile's next K chunk, else the next tile */
