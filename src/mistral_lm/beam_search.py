@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from . import sampling
-from .generation import (_DEFAULT_CHUNK, Decoder, GenerateBeamDecoderOnlyOutput, GenerationConfig, left_padding,
-                         prefill)
+from .decoding import _DEFAULT_CHUNK, Decoder, left_padding, prefill
+from .generation_config import GenerateBeamDecoderOnlyOutput, GenerationConfig
 
 _MASKED = -1.0e9
 

@@ -47,7 +47,7 @@ from .fusion import fuse_projections
 from .matvec import install_matvec
 from .placement import place_model, single_device
 from .quantization import BitsAndBytesConfig, quantize_model
-from .quantization.gguf import install_gguf_linears
+from .quantization.gguf_install import install_gguf_linears
 
 # Loader options of Transformers' from_pretrained that need nothing from us here.
 _ACCEPTED_NOOP_OPTIONS = ("low_cpu_mem_usage", "trust_remote_code", "local_files_only", "revision",

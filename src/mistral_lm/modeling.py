@@ -15,7 +15,7 @@ Float32 islands, each for a reason:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 from . import rope
 from .attention import ATTENTION_FUNCTIONS
 from .cache import CachePlan, KVCache
+from ._util import Output
 from .config import MistralConfig
 from .errors import InputError
 from .fusion import end_fusions, exact_fusions, fused_module, mark_stale
@@ -41,17 +42,7 @@ _ACTIVATIONS = {
 
 
 # --------------------------------------------------------------------------- outputs
-class _Output:
-    """Frozen-ish dataclass outputs with attribute access, `out[0]` and `out["logits"]`."""
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: int | str) -> Any:
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]
+_Output = Output
 
 
 @dataclass
@@ -232,7 +223,7 @@ class MistralModel(MistralPreTrainedModel):
         rolling = cfg.sliding_window is not None and (max_length is None or max_length > cfg.sliding_window)
         size = cfg.sliding_window if rolling else (max_length or min(cfg.max_position_embeddings, 256))
         devices = [layer.input_layernorm.weight.device for layer in self.layers]
-        dtype = self.embed_tokens.weight.dtype
+        dtype = getattr(self.embed_tokens, "output_dtype", None) or self.embed_tokens.weight.dtype  # a block table's
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             dtype = torch.float32
         return KVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, size,
@@ -358,7 +349,8 @@ class MistralModel(MistralPreTrainedModel):
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise InputError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
-        return self.embed_tokens(input_ids.to(self.embed_tokens.weight.device))
+        table = getattr(self.embed_tokens, "blocks", None)  # a GGUF block table: decoding the weight would copy it
+        return self.embed_tokens(input_ids.to((table if table is not None else self.embed_tokens.weight).device))
 
     @staticmethod
     def _new_token_validity(

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attention import default_implementation
 from .checkpoints.safetensors import save_state_dict
 from .config import MistralConfig
 from .errors import CheckpointError, ConfigError
@@ -39,7 +40,7 @@ class MistralPreTrainedModel(nn.Module):
         if not isinstance(config, MistralConfig):
             raise ConfigError(f"expected a MistralConfig, got {type(config).__name__}")
         self.config = config
-        self.attn_implementation = "sdpa"
+        self.attn_implementation = default_implementation(None)  # what from_pretrained / from_config pick
         self.quantization_config: Any = None
 
     @property

@@ -36,7 +36,7 @@ from ..loading import build_on_meta
 from ..matvec import install_matvec
 from ..modeling import MistralForCausalLM
 from ..quantization import BitsAndBytesConfig
-from ..quantization.gguf import install_gguf_linears
+from ..quantization.gguf_install import install_gguf_linears
 from .apply import shard_model
 from .plan import plan_tensor_parallel
 from .process import DEFAULT_TIMEOUT_S, check_same_everywhere, checkpoint_fingerprint, init_distributed

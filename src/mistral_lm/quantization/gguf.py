@@ -42,7 +42,6 @@ from typing import Any, Protocol
 import gguf
 import numpy as np
 import torch
-from torch import nn
 
 from ..checkpoints.gguf import DECODE_ROWS, GGUFQuantizedTensor
 from ..errors import CheckpointError
@@ -322,49 +321,6 @@ def reference_kernel_state(qt: QuantizedTensor, compute_dtype: torch.dtype = tor
 
 
 # ------------------------------------------------------------------ the loader step
-def install_gguf_linears(model: nn.Module, blocks: dict[str, GGUFQuantizedTensor], tensors: dict[str, torch.Tensor],
-                         dtype: torch.dtype, source: str | os.PathLike | None = None) -> set[str]:
-    """Swap each Linear whose weight came as GGUF blocks for a GGUFLinear on those blocks; put
-    the rest (embeddings, unsupported types) into `tensors` dequantized to `dtype`. Returns the
-    swapped module names. A tied lm_head computes on the embedding's blocks: the same numbers
-    as the float tie, at the quantized size.
-
-    With `source` (the .gguf path) what this step computes is kept in a `KernelCache` file next
-    to it and mapped from there on later loads: repacking runs once per file, and the weights
-    are the cache's pages (shared with the page cache, read on first use), not a copy."""
-    config: Any = getattr(model, "config", None)
-    head = getattr(model, "lm_head", None)
-    tied = head is not None and config.tie_word_embeddings and "lm_head.weight" not in blocks
-    embedding = "model.embed_tokens.weight"
-    if tied and embedding in blocks:
-        blocks = {**blocks, "lm_head.weight": blocks[embedding]}
-    from .gguf_blocks import GGUFBlockLinear, as_tensor, available
-
-    plan: dict[str, tuple[GGUFQuantizedTensor, bool]] = {}  # key -> (blocks, kept as a GGUFLinear)
-    native: set[str] = set()
-    for key, qt in blocks.items():
-        module = model.get_submodule(key.removesuffix(".weight")) if key.endswith(".weight") else None
-        if isinstance(module, nn.Linear) and available(qt.ggml_type):  # the file's pages, computed on as they are
-            name = key.removesuffix(".weight")
-            model.set_submodule(name, GGUFBlockLinear(as_tensor(qt.stored), qt.ggml_type, qt.shape[1], qt.row_order))
-            native.add(name)
-        elif isinstance(module, nn.Linear) and GGUFLinear.supports(qt.ggml_type):
-            plan[key] = (qt, True)
-        elif key != "lm_head.weight" or not tied:
-            plan[key] = (qt, False)
-    made = _made_tensors(plan, dtype, source)
-    for key, (qt, linear) in plan.items():
-        if not linear:
-            tensors[key] = made[f"{key}:{dtype}"]
-            continue
-        name = key.removesuffix(".weight")
-        out_features, in_features = qt.shape
-        model.set_submodule(name, GGUFLinear.from_kernel_state(
-            qt.ggml_type, in_features, out_features, made[name + ".packed"], made[name + ".scale_and_zero"]))
-        native.add(name)
-    return native
-
-
 def _made_tensors(plan: dict[str, tuple[GGUFQuantizedTensor, bool]], dtype: torch.dtype,
                   source: str | os.PathLike | None) -> dict[str, torch.Tensor]:
     """Every tensor `plan` needs: from the cache when it holds them, else made (and cached).

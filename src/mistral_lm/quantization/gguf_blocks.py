@@ -130,3 +130,46 @@ class GGUFBlockLinear(GGUFLinear):
             raise ConfigError(f"GGUF block layers compute on the CPU; cannot move them to {target}. Load the "
                               "file with quantize='none' (or without gguf_native) to run it elsewhere")
         return self
+
+
+class GGUFBlockEmbedding(nn.Module):
+    """nn.Embedding's lookup on a GGUF table's blocks: only the rows asked for are decoded.
+
+    The table stays the file's pages (the tied head multiplies with the same bytes), instead of
+    a float copy that would be the largest tensor of a small model and half a gigabyte at 7B.
+    `weight` decodes the whole table, for code that reads it; the model itself never does.
+    """
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, embedding_dim: int,
+                 padding_idx: int | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if int(ggml_type) not in ggml.SUPPORTED or blocks.dtype != torch.uint8 or blocks.dim() != 2 \
+                or blocks.shape[1] != ggml.row_bytes(int(ggml_type), embedding_dim):
+            raise CheckpointError(f"cannot look up {_name(int(ggml_type))} rows of width {embedding_dim} in "
+                                  f"blocks of shape {tuple(blocks.shape)}")
+        self.ggml_type = Q(int(ggml_type))
+        self.num_embeddings, self.embedding_dim = blocks.shape[0], embedding_dim
+        self.padding_idx = padding_idx
+        self.output_dtype = dtype
+        self.register_buffer("blocks", blocks, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.blocks.index_select(0, ids.reshape(-1).to(self.blocks.device))
+        out = ggml.dequantize(rows, self.ggml_type, self.embedding_dim)
+        return out.to(self.output_dtype).view(*ids.shape, self.embedding_dim)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole (num_embeddings, embedding_dim) table, decoded (a fresh tensor each time)."""
+        return ggml.dequantize(self.blocks, self.ggml_type, self.embedding_dim).to(self.output_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, ggml_type={self.ggml_type.name}, kernel=native"
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GGUFBlockEmbedding:
+        probe = fn(torch.empty(0, dtype=self.output_dtype))
+        if probe.device.type != "cpu":
+            raise ConfigError(f"GGUF block tables stay on the CPU; cannot move them to {probe.device}")
+        if probe.dtype.is_floating_point:
+            self.output_dtype = probe.dtype
+        return self
