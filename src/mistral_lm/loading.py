@@ -6,8 +6,10 @@
                                                     + consolidated*.safetensors, or a .gguf file)
       model      = build_on_meta(cls, config)       modules without memory or initialization
       tensors, blocks = match_names(...)            checkpoint names -> the model's; floats | GGUF blocks
-      install_gguf_linears(model, blocks, ...)     blocks -> GGUFLinear (the rest dequantized), through
-                                                    the kernel cache next to a .gguf (quantization/gguf.py)
+      install_gguf_linears(model, blocks, ...)     blocks -> GGUFBlockLinear / GGUFBlockEmbedding on the
+                                                    file's pages (native kernels), else GGUFLinear through
+                                                    the kernel cache next to the .gguf; the rest dequantized
+                                                    (quantization/gguf_install.py)
       assign(model, tensors, ...)                   validated, assigned, embeddings tied
     before_placement(options)                       quantize
     place_model(model, device_map)                  placement.py
@@ -82,10 +84,13 @@ def from_pretrained(
     `torch_dtype`/`dtype`: None -> float32, "auto" -> the checkpoint's dtype.
     `device_map`: None/"cpu", a device, "auto" (GPUs by free memory, then CPU) or a dict of
     module-name prefixes to devices. Other keywords override config fields.
-    `gguf_native=True` (GGUF only): keep the file's Q4_0/Q4_1/Q4_K/Q8_0 weights in their
-    blocks and compute on them (`GGUFLinear`), instead of dequantizing to `torch_dtype` as
-    Transformers does; other storage types are dequantized.
-    Quantized models (either way) default to the quantization's compute dtype (bfloat16)
+    `gguf_native=True` (GGUF only): keep the file's quantized weights in their blocks and
+    compute on them, instead of dequantizing to `torch_dtype` as Transformers does. With the
+    native kernels (native/ggml.c: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) the modules read the file's
+    own pages and the model runs in float32, as llama.cpp does; where they cannot be built,
+    `GGUFLinear` (torch's int4 kernel, Q4_0/Q4_1/Q4_K/Q8_0) runs in bfloat16. Other storage
+    types are dequantized.
+    bitsandbytes-style quantized models default to the quantization's compute dtype (bfloat16)
     for everything else, as Transformers defaults bitsandbytes models to float16.
     `fuse_projections`: q/k/v and gate/up run as one matmul each (fusion.py; the state dict
     keeps Transformers' names). Pass False to keep the separate `q_proj`... modules.
