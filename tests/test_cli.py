@@ -18,13 +18,11 @@ def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 def test_generate_greedy_matches_library_call():
-    from mistral_lm import AutoModelForCausalLM, AutoTokenizer
-    from mistral_lm.defaults import default_model_path
+    from mistral_lm import runtime
 
     result = _run("generate", "Name a colour.", "--max-new-tokens", "12")
     assert result.returncode == 0, result.stderr
-    path = default_model_path()
-    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    model, tok = runtime.load_for_inference(None)  # the CLI's defaults: the GGUF's own blocks
     ids = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}], add_generation_prompt=True,
                                   return_tensors="pt")
     out = model.generate(ids, max_new_tokens=12, eos_token_id=tok.eos_token_id)
