@@ -185,6 +185,9 @@ def decode(
         return step + 1, sequences, seen, out.logits[:, -1], out.past_key_values, finished
 
     sequences = jnp.concatenate([input_ids, jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)], axis=1)
-    seen = jnp.zeros((b, module.config.vocab_size), bool).at[rows[:, None], input_ids].set(True)  # (B, V)
+    # the prompt's tokens, each row's left padding left out (as Transformers' penalty and ours do)
+    lead = jnp.argmax(attention_mask != 0, axis=1)  # (B,) leading padding
+    kept = (jnp.arange(t)[None, :] >= lead[:, None]).astype(jnp.int32)  # (B, T)
+    seen = jnp.zeros((b, module.config.vocab_size), jnp.int32).at[rows[:, None], input_ids].max(kept) > 0  # (B, V)
     state = (jnp.zeros((), jnp.int32), sequences, seen, out.logits[:, -1], cache, jnp.zeros((b,), bool))
     return jax.lax.while_loop(cond, body, state)[1]
