@@ -47,7 +47,7 @@ THREADS = 2
 REFERENCE_HF = "hf-bf16"
 REFERENCE_LLAMA = "llama.cpp-q4_1"
 ENGINES = ("ours-fp32", "ours-bf16", "ours-bf16+compile", "ours-int8", "ours-int4", "ours-gguf-q4_1",
-           "ours-gguf-q4_1+compile",
+           "ours-gguf-q4_1+compile", "ours-gguf-q4_1-torch",
            "hf-fp32", "hf-bf16", "llama.cpp-q4_1")
 METRICS = ("load_s", "first_call_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
 # A fixed English text, repeated and cut to the prompt length: real token ids, identical for
@@ -102,7 +102,11 @@ def _torch_loader(engine: str, model_path: Path) -> Callable[[], Any]:
         "ours-int8": {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)},
         "ours-int4": {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="int4")},
         "ours-gguf-q4_1": {"gguf_native": True},
+        # the path taken where the C kernels cannot be built: torch's int4 kernel, bfloat16
+        "ours-gguf-q4_1-torch": {"gguf_native": True},
     }[engine.removesuffix("+compile")]
+    if engine == "ours-gguf-q4_1-torch":
+        os.environ["MISTRAL_LM_NATIVE"] = "0"  # this worker process only; read at the first kernel use
     return lambda: MistralForCausalLM.from_pretrained(model_path, **kwargs)
 
 
