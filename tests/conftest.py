@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,51 @@ def default_model_or_skip() -> Path:
         return default_model_path()
     except CheckpointError as exc:
         pytest.skip(str(exc), allow_module_level=True)
+
+
+# ------------------------------------------------------------------ native kernels (tests/test_native_*.py)
+def isa_levels(lib) -> list[int]:
+    """The instruction-set levels C library `lib` runs here (0 scalar, 1 AVX2, 2 AVX-512), up to
+    the cap this process runs under (`make test`'s second pass caps them at AVX2); [] without it."""
+    from mistral_lm.native import build
+
+    if lib is None:
+        return []
+    cap = build.isa_cap()
+    found = sorted({lib.mlm_set_isa(c) for c in range(cap + 1)})
+    lib.mlm_set_isa(cap)
+    return found
+
+
+@contextlib.contextmanager
+def capped_isa(lib, cap: int) -> Iterator[None]:
+    """Run `lib`'s kernels at ISA level `cap`, then back at the process's own cap."""
+    from mistral_lm.native import build
+
+    try:
+        assert lib.mlm_set_isa(cap) == cap
+        yield
+    finally:
+        lib.mlm_set_isa(build.isa_cap())
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def torch_int4_gguf_path() -> Iterator[None]:
+    """GGUF loads take GGUFLinear, the path where the C kernels cannot be built (no compiler,
+    MISTRAL_LM_NATIVE=0); the block kernels' own path is tests/test_gguf_blocks.py's."""
+    from mistral_lm.native import ggml
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ggml, "available", lambda: False)
+        patch.setenv("MISTRAL_LM_NATIVE", "0")  # for subprocesses
+        yield

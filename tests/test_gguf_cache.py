@@ -25,7 +25,6 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from mistral_lm import MistralForCausalLM  # noqa: E402
 from mistral_lm.checkpoints.gguf import load_gguf  # noqa: E402
 from mistral_lm.errors import CheckpointError  # noqa: E402
-from mistral_lm.native import ggml  # noqa: E402
 from mistral_lm.quantization import gguf as qgguf  # noqa: E402
 from mistral_lm.quantization.gguf import GGUFLinear, kernel_state, reference_kernel_state  # noqa: E402
 
@@ -33,14 +32,7 @@ TYPES = [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0]
 needs_layout = pytest.mark.skipif(qgguf._block_rows() is None, reason="no recognised CPU int4 layout")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_int4_path():
-    """These tests cover GGUFLinear, the path the loader takes where the C kernels cannot be
-    built (no compiler, MISTRAL_LM_NATIVE=0); the block kernels' path has tests/test_gguf_blocks.py."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ggml, "available", lambda: False)
-        patch.setenv("MISTRAL_LM_NATIVE", "0")  # for the subprocesses
-        yield
+pytestmark = pytest.mark.usefixtures("torch_int4_gguf_path")  # these tests cover GGUFLinear
 
 def random_blocks(rows: int, cols: int, qtype: Q, rng: np.random.Generator) -> np.ndarray:
     """(rows, bytes) of valid blocks: random codes, small finite float16 scales (and mins)."""

@@ -17,7 +17,6 @@ import torch
 from mistral_lm import MistralForCausalLM
 from mistral_lm.checkpoints.gguf import GGUFQuantizedTensor, load_gguf
 from mistral_lm.errors import CheckpointError, ConfigError
-from mistral_lm.native import ggml
 from mistral_lm.quantization import BitsAndBytesConfig, GGUFLinear
 
 from .conftest import default_model_or_skip
@@ -25,14 +24,7 @@ from .conftest import default_model_or_skip
 PATH = default_model_or_skip()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_int4_path():
-    """These tests cover GGUFLinear, the path the loader takes where the C kernels cannot be
-    built (no compiler, MISTRAL_LM_NATIVE=0); the block kernels' path has tests/test_gguf_blocks.py."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ggml, "available", lambda: False)
-        patch.setenv("MISTRAL_LM_NATIVE", "0")  # for the subprocesses
-        yield
+pytestmark = pytest.mark.usefixtures("torch_int4_gguf_path")  # these tests cover GGUFLinear
 
 
 @pytest.fixture(scope="module")

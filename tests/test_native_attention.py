@@ -5,7 +5,6 @@ over T tokens == prefill + one-token decode steps, bit for bit (the server's log
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -16,40 +15,21 @@ from mistral_lm import MistralForCausalLM
 from mistral_lm.attention import ATTENTION_FUNCTIONS, check_implementation, eager_attention
 from mistral_lm.masks import attention_mask
 from mistral_lm.native import attention as na
-from mistral_lm.native import build
 
-from .conftest import tiny_config
+from .conftest import capped_isa, isa_levels, tiny_config, torch_threads
 
 needs_lib = pytest.mark.skipif(not na.available(), reason="attention C library not built here")
 
 
 def caps() -> list[int]:
-    lib = na._lib()
-    if lib is None:
-        return []
-    found = sorted({lib.mlm_set_isa(c) for c in (0, 1, 2)})
-    lib.mlm_set_isa(build.isa_cap())
-    return found
+    return isa_levels(na._lib())
 
 
-@contextlib.contextmanager
 def isa(cap: int):
-    lib = na._lib()
-    assert lib.mlm_set_isa(cap) == cap
-    try:
-        yield
-    finally:
-        lib.mlm_set_isa(build.isa_cap())
+    return capped_isa(na._lib(), cap)
 
 
-@contextlib.contextmanager
-def threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+threads = torch_threads
 
 
 def qkv(b: int, h: int, h_kv: int, nq: int, nk: int, d: int) -> tuple[torch.Tensor, ...]:

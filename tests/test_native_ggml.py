@@ -3,7 +3,6 @@ the activation-quantization bound; bit-identical across ISAs, batch sizes, threa
 
 from __future__ import annotations
 
-import contextlib
 
 import gguf
 import numpy as np
@@ -11,7 +10,9 @@ import pytest
 import torch
 
 from mistral_lm.errors import CheckpointError, InputError
-from mistral_lm.native import build, ggml
+from mistral_lm.native import ggml
+
+from .conftest import capped_isa, isa_levels, torch_threads
 
 Q = gguf.GGMLQuantizationType
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]
@@ -41,28 +42,14 @@ def activations(m: int, k: int, seed: int = 1) -> torch.Tensor:
 
 
 def caps() -> list[int]:
-    lib = ggml._lib()
-    return sorted({lib.mlm_set_isa(c) for c in (0, 1, 2)} | {0}) if lib else []
+    return isa_levels(ggml._lib())
 
 
-@contextlib.contextmanager
 def isa(cap: int):
-    lib = ggml._lib()
-    try:
-        assert lib.mlm_set_isa(cap) == cap
-        yield
-    finally:
-        lib.mlm_set_isa(build.isa_cap())
+    return capped_isa(ggml._lib(), cap)
 
 
-@contextlib.contextmanager
-def threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+threads = torch_threads
 
 
 def k_for(ggml_type: int) -> int:

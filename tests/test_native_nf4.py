@@ -4,7 +4,6 @@ one bit for bit; a quantized model's top-1 == the float model built from its deq
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -12,39 +11,24 @@ import torch
 from torch import nn
 
 from mistral_lm import BitsAndBytesConfig, MistralForCausalLM
-from mistral_lm.native import build, nf4
+from mistral_lm.native import nf4
 from mistral_lm.quantization import NF4Linear, quantize_model
 from mistral_lm.quantization.functional import CODEBOOKS, pack_nibbles, quantize_4bit_codebook
 
-from .conftest import tiny_config
+from .conftest import capped_isa, isa_levels, tiny_config, torch_threads
 
 needs_lib = pytest.mark.skipif(not nf4.available(), reason="nf4 C library not built here")
 
 
 def caps() -> list[int]:
-    """The ISA levels this CPU runs (0 scalar, 1 AVX2, 2 AVX-512)."""
-    lib = nf4.library()
-    return sorted({lib.mlm_set_isa(c) for c in (0, 1, 2)}) if lib else []
+    return isa_levels(nf4.library())
 
 
-@contextlib.contextmanager
 def isa(cap: int):
-    lib = nf4.library()
-    try:
-        assert lib.mlm_set_isa(cap) == cap
-        yield
-    finally:
-        lib.mlm_set_isa(build.isa_cap())
+    return capped_isa(nf4.library(), cap)
 
 
-@contextlib.contextmanager
-def threads(count: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+threads = torch_threads
 
 
 def layer(k: int, n: int, quant_type: str = "nf4", dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,

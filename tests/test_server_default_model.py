@@ -10,7 +10,6 @@ of different lengths.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
@@ -21,9 +20,9 @@ pytest.importorskip("fastapi")
 from mistral_lm import runtime  # noqa: E402
 from mistral_lm.evaluation import token_logprobs  # noqa: E402
 from mistral_lm.server.engine import Delta, Engine, Finished  # noqa: E402
-from mistral_lm.server.protocol import parse_completion  # noqa: E402
 
 from .conftest import default_model_or_skip  # noqa: E402
+from .test_server import _events  # noqa: E402
 
 default_model_or_skip()
 TOL = 1e-4  # the issue's bound
@@ -36,36 +35,15 @@ def loaded() -> tuple[Any, Any]:
     return runtime.load_for_inference(None)
 
 
-def _served(engine: Engine, bodies: list[dict[str, Any]]) -> list[list[Any]]:
-    """Each request's token log-prob entries, submitted together so their steps share batches."""
-    entries: list[list[Any]] = [[] for _ in bodies]
-    done = threading.Semaphore(0)
-
-    def collector(k: int) -> Any:
-        def emit(events: list[Any]) -> None:
-            for e in events:
-                if isinstance(e, Delta):
-                    entries[k].extend(e.logprobs)
-                elif isinstance(e, Finished):
-                    assert e.error is None, e.error
-                    done.release()
-        return emit
-
-    for k, body in enumerate(bodies):
-        engine.submit(parse_completion(body), collector(k))
-    engine.start()
-    for _ in bodies:
-        assert done.acquire(timeout=300), "a request never finished"
-    return entries
-
-
 def test_served_logprobs_equal_teacher_forced_on_the_default_load(loaded: tuple[Any, Any]) -> None:
     model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_batch_size=8, max_queue=16)
     try:
         bodies = [{"model": "m", "prompt": p, "max_tokens": 12 + 3 * i, "temperature": 0, "logprobs": 1}
                   for i, p in enumerate(PROMPTS)]
-        served = _served(engine, bodies)
+        runs = _events(engine, bodies)  # submitted together, so their steps share batches
+        assert all(isinstance(events[-1], Finished) and events[-1].error is None for events in runs)
+        served = [[entry for e in events if isinstance(e, Delta) for entry in e.logprobs] for events in runs]
     finally:
         engine.close()
     worst = 0.0
