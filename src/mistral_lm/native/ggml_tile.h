@@ -245,19 +245,29 @@ static AI vi_t FN(mad16)(const int type, vi_t W, vi_t xw) {
  * straight from the blocks (no panel): each block's 16-byte row chunks stay one row per 128-bit
  * lane, the activation codes are broadcast per 128-bit lane and each lane's four partial sums are
  * added at the end. The same exact int32 I per (m, n, block), so the same result as the panel path. */
+#ifndef PREFETCH_AHEAD
+/* bytes ahead in each weight row that decode prefetches: the step is bound by memory latency with
+ * 16 rows in flight, and a longer lead streams a 7B's rows markedly faster (bench/RESULTS.md) */
+#define PREFETCH_AHEAD 4096
+#endif
 static AI void FN(direct)(const int type, const int mr, const xblock *x, int64_t nb, const uint8_t *const *rp,
                           vi_t idx, int64_t ldw, float *out, int64_t ldo, int nr) {
     const int sh = off_shift(type) - (!VNNI && type == T_Q8_0 ? 8 : 0);
     const int has_min = type == T_Q4_1 || type == T_Q4_K, tb = type_bytes(type);
     const int sup = type == T_Q4_K || type == T_Q6_K;
+    const int64_t rowb = sup ? (nb >> 3) * tb : nb * tb; /* bytes of one row of blocks */
     vf_t acc[MR], accm[MR], kcw[8], kmw[8];
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) acc[i] = accm[i] = V_ZEROF();
     for (int64_t b = 0; b < nb; b++) {
         if ((b & 1) == 0) {
-            const int64_t o = (sup ? (b >> 3) * tb + (b & 7) * (tb / 8) : b * tb) + 1024;
+            /* PREFETCH_AHEAD bytes ahead in each row; past a row's end, into the same row of the next tile (rows
+             * NRP further on), so a new tile's rows do not start on demand misses (a 4096-wide
+             * Q4_0 row is only 2304 bytes) */
+            const int64_t o = (sup ? (b >> 3) * tb + (b & 7) * (tb / 8) : b * tb) + PREFETCH_AHEAD;
+            const int64_t ahead = o < rowb ? o : o - rowb + NRP * ldw;
 #pragma GCC unroll 16
-            for (int r = 0; r < NRP; r++) _mm_prefetch((const char *)(rp[r] + o), _MM_HINT_T0);
+            for (int r = 0; r < NRP; r++) _mm_prefetch((const char *)(rp[r] + ahead), _MM_HINT_T0);
         }
         vi_t lo[4], hi[4], sc0, sc1;
         vf_t cw, mw;
@@ -302,7 +312,6 @@ static AI void FN(direct)(const int type, const int mr, const xblock *x, int64_t
             if (has_min) accm[i] = V_FMA(mw, V_SET1F(xb->ds), accm[i]);
         }
     }
-    (void)ldw;
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
         const vf_t o = has_min ? V_ADD(acc[i], accm[i]) : acc[i];
