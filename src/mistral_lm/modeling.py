@@ -24,9 +24,9 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import rope
+from ._util import Output
 from .attention import ATTENTION_FUNCTIONS
 from .cache import CachePlan, KVCache
-from ._util import Output
 from .config import MistralConfig
 from .errors import InputError
 from .fusion import end_fusions, exact_fusions, fused_module, mark_stale
@@ -42,11 +42,8 @@ _ACTIVATIONS = {
 
 
 # --------------------------------------------------------------------------- outputs
-_Output = Output
-
-
 @dataclass
-class BaseModelOutputWithPast(_Output):
+class BaseModelOutputWithPast(Output):
     last_hidden_state: torch.Tensor
     past_key_values: KVCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -54,7 +51,7 @@ class BaseModelOutputWithPast(_Output):
 
 
 @dataclass
-class CausalLMOutputWithPast(_Output):
+class CausalLMOutputWithPast(Output):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: KVCache | None = None
@@ -63,7 +60,7 @@ class CausalLMOutputWithPast(_Output):
 
 
 @dataclass
-class SequenceClassifierOutputWithPast(_Output):
+class SequenceClassifierOutputWithPast(Output):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: KVCache | None = None

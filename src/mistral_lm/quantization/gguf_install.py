@@ -38,15 +38,14 @@ def install_gguf_linears(model: nn.Module, blocks: dict[str, GGUFQuantizedTensor
     plan: dict[str, tuple[GGUFQuantizedTensor, bool]] = {}  # key -> (blocks, kept as a GGUFLinear)
     native: set[str] = set()
     for key, qt in blocks.items():
-        module = model.get_submodule(key.removesuffix(".weight")) if key.endswith(".weight") else None
+        name = key.removesuffix(".weight")
+        module = model.get_submodule(name) if key.endswith(".weight") else None
+        rows, order = _as_stored(qt)
         if isinstance(module, nn.Linear) and available(qt.ggml_type):  # the file's pages, computed on as they are
-            name = key.removesuffix(".weight")
-            rows, order = _as_stored(qt)
             model.set_submodule(name, GGUFBlockLinear(as_tensor(rows), qt.ggml_type, qt.shape[1], order))
             native.add(name)
-        elif isinstance(module, nn.Embedding) and available(qt.ggml_type) and _as_stored(qt)[1] is None:
-            name = key.removesuffix(".weight")
-            model.set_submodule(name, GGUFBlockEmbedding(as_tensor(_as_stored(qt)[0]), qt.ggml_type, qt.shape[1],
+        elif isinstance(module, nn.Embedding) and available(qt.ggml_type) and order is None:
+            model.set_submodule(name, GGUFBlockEmbedding(as_tensor(rows), qt.ggml_type, qt.shape[1],
                                                          module.padding_idx, dtype))
             native.add(name)
         elif isinstance(module, nn.Linear) and GGUFLinear.supports(qt.ggml_type):
