@@ -103,9 +103,37 @@ def torch_threads(n: int) -> Iterator[None]:
 def torch_int4_gguf_path() -> Iterator[None]:
     """GGUF loads take GGUFLinear, the path where the C kernels cannot be built (no compiler,
     MISTRAL_LM_NATIVE=0); the block kernels' own path is tests/test_gguf_blocks.py's."""
-    from mistral_lm.native import ggml
+    from mistral_lm.native import attention, ggml, nf4
 
+    # load the libraries first: they are looked up once per process, and one first looked up under
+    # MISTRAL_LM_NATIVE=0 would stay off for every later test (the native attention among them)
+    attention.available(), ggml.available(), nf4.library()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ggml, "available", lambda: False)
         patch.setenv("MISTRAL_LM_NATIVE", "0")  # for subprocesses
         yield
+
+
+# ------------------------------------------------------------------ a quantized model against its float32 load
+def assert_logits_track(ours: torch.Tensor, dense: torch.Tensor, floor: torch.Tensor, factor: float) -> None:
+    """`ours` agrees with the float32 `dense` logits on decisive top-1 predictions (the top two
+    at least 0.1 nats apart: near ties flip under any rounding), and its error is within `factor`
+    times that of `floor`, the same model under the rounding scheme `ours` is meant to follow."""
+    top2 = dense.log_softmax(-1).topk(2, dim=-1).values
+    decisive = (top2[..., 0] - top2[..., 1]) >= 0.1
+    assert decisive.float().mean() > 0.5
+    assert (ours.argmax(-1) == dense.argmax(-1))[decisive].float().mean() >= 0.95
+    err, base = ours - dense, floor - dense
+    assert base.abs().max() > 0  # the scheme rounds something
+    assert err.abs().max() <= factor * base.abs().max()
+    assert err.pow(2).mean().sqrt() <= factor * base.pow(2).mean().sqrt()
+
+
+def assert_greedy_follows(model, dense) -> None:
+    """12 greedy tokens of a fixed prompt: at least 80% of the sequence equals the float32 model's."""
+    prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314]])  # any fixed ids will do
+    with torch.inference_mode():
+        ours = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        ref = dense.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert ours.shape == ref.shape
+    assert (ours == ref).float().mean() >= 0.8
