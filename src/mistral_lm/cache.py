@@ -157,6 +157,16 @@ class KVCache:
             return k, v
         return torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
 
+    def step_buffers(self, plan: CachePlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's key and value buffers, with at least `plan.size` slots, for a fused
+        decode step (fused_step.py) that writes its one token into slot `plan.write_slots[0]` of
+        each itself, as `update` does layer by layer, then attends slots `:plan.used`."""
+        if plan.mode is not StepMode.WRITE_THEN_READ or plan.write_slots.numel() != 1 or plan.keep_from:
+            raise GenerationError("step_buffers() serves single-token steps that write then read")
+        for layer in range(len(self.keys)):
+            self._reserve(layer, plan.size)
+        return self.keys, self.values
+
     def commit(self, plan: CachePlan) -> None:
         """Make the step's keys part of the cache: book positions, store deferred keys, advance."""
         deferred, self._deferred = self._deferred, {}  # an interrupted step's leftovers go too

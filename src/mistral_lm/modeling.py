@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from . import rope
+from . import fused_step, rope
 from ._util import Output
 from .attention import ATTENTION_FUNCTIONS
 from .cache import CachePlan, KVCache
@@ -142,6 +142,8 @@ class MistralMLP(_Fusable):
             gate, up = gate_up(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act_fn is F.silu and native.supports(gate, up):
+            return self.down_proj(native.silu_mul(gate, up))  # the bits the fused decode step computes
         return self.down_proj(self.act_fn(gate) * up)
 
 
@@ -281,6 +283,10 @@ class MistralModel(MistralPreTrainedModel):
                       attentions: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Every layer, then the final norm, collecting per-layer outputs into the lists given.
         A driver may compile it for single-token steps (generation.py)."""
+        if hidden is None and attentions is None:
+            fused = fused_step.decode_layers(self, h, step, cache)  # all layers in one native call, same bits
+            if fused is not None:
+                return self.norm(fused)
         every = self.gradient_checkpointing["every_n_layers"] if cache is None and self._checkpointing() else 0
         # fusion.py: the fused projections that are exact right now, validated once for the step
         compiling = torch.compiler.is_compiling()

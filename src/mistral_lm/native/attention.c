@@ -20,6 +20,9 @@
  *
  * RMSNorm: y = w * (x * (1 / sqrt(sum(x^2) / C + eps))), the sum in the same 16-lane order.
  *
+ * SiLU-gated product (the MLP): y = (g / (1 + exp(-g))) * u elementwise, with the same exp, its
+ * argument clamped to [-87, 88] (beyond, the quotient is g or vanishes either way).
+ *
  * Contraction of a*b+c into fma is switched off: every fma here is written out.
  */
 #pragma GCC optimize("fp-contract=off")
@@ -37,6 +40,7 @@
  * (s - max); they are clamped at -87 so 2^n stays a normal number (exp(-87) ~ 1.6e-38 counts as
  * nothing next to the maximum's 1). */
 #define EXP_LO (-87.0f)
+#define EXP_HI 88.0f /* exp(88) ~ 1.7e38: 2^n stays finite */
 #define LOG2E 1.44269504088896341f
 #define LN2_HI 0.693359375f
 #define LN2_LO (-2.12194440e-4f)
@@ -113,6 +117,13 @@ static void weighted_s(const float *p, float sum, const float *v, int64_t vs, co
 static void rmsnorm_row_s(const float *x, const float *w, int64_t C, float eps, float *y) {
     const float r = 1.0f / sqrtf(dot_s(x, x, C) / (float)C + eps);
     for (int64_t c = 0; c < C; c++) y[c] = w[c] * (x[c] * r);
+}
+
+static void silu_mul_row_s(const float *g, const float *u, int64_t n, float *y) {
+    for (int64_t j = 0; j < n; j++) {
+        const float x = -g[j] > EXP_HI ? EXP_HI : -g[j];
+        y[j] = g[j] / (1.0f + exp_s(x)) * u[j];
+    }
 }
 
 /* ================================================================ AVX-512 */
@@ -219,6 +230,16 @@ T512 static void rmsnorm_row512(const float *x, const float *w, int64_t C, float
         const __mmask16 m = tail16(C - c);
         _mm512_mask_storeu_ps(y + c, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + c),
                                                       _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + c), vr)));
+    }
+}
+
+T512 static void silu_mul_row512(const float *g, const float *u, int64_t n, float *y) {
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = tail16(n - j);
+        const __m512 gv = _mm512_maskz_loadu_ps(m, g + j);
+        const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), _mm512_set1_ps(EXP_HI)));
+        const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm512_mask_storeu_ps(y + j, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + j)));
     }
 }
 
@@ -331,18 +352,29 @@ T256 static void rmsnorm_row256(const float *x, const float *w, int64_t C, float
     }
 }
 
+T256 static void silu_mul_row256(const float *g, const float *u, int64_t n, float *y) {
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256i m = tail8(n - j);
+        const __m256 gv = _mm256_maskload_ps(g + j, m);
+        const __m256 e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), _mm256_set1_ps(EXP_HI)));
+        const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_maskstore_ps(y + j, m, _mm256_mul_ps(s, _mm256_maskload_ps(u + j, m)));
+    }
+}
+
 /* ================================================================ dispatch */
 typedef struct {
     void (*scores)(const float *, const float *, int64_t, const int32_t *, int64_t, int64_t, float, float *);
     float (*softmax)(float *, int64_t);
     void (*weighted)(const float *, float, const float *, int64_t, const int32_t *, int64_t, int64_t, float *);
     void (*rmsnorm_row)(const float *, const float *, int64_t, float, float *);
+    void (*silu_mul_row)(const float *, const float *, int64_t, float *);
 } Ops;
 
 static const Ops OPS[3] = {
-    {scores_s, softmax_s, weighted_s, rmsnorm_row_s},
-    {scores256, softmax256, weighted256, rmsnorm_row256},
-    {scores512, softmax512, weighted512, rmsnorm_row512},
+    {scores_s, softmax_s, weighted_s, rmsnorm_row_s, silu_mul_row_s},
+    {scores256, softmax256, weighted256, rmsnorm_row256, silu_mul_row256},
+    {scores512, softmax512, weighted512, rmsnorm_row512, silu_mul_row512},
 };
 
 static int cpu_level(void) {
@@ -418,4 +450,12 @@ void mlm_rmsnorm(const float *x, int64_t M, int64_t C, int64_t xs, const float *
     const Ops *o = ops();
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M > 1 && M * C >= 65536) schedule(static)
     for (int64_t m = 0; m < M; m++) o->rmsnorm_row(x + m * xs, w, C, eps, y + m * C);
+}
+
+/* y[m] = silu(g[m]) * u[m] for M rows of N values (row strides gs, us; y contiguous). */
+void mlm_silu_mul(const float *g, int64_t gs, const float *u, int64_t us, int64_t M, int64_t N, float *y,
+                  int nthreads) {
+    const Ops *o = ops();
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M > 1 && M * N >= 65536) schedule(static)
+    for (int64_t m = 0; m < M; m++) o->silu_mul_row(g + m * gs, u + m * us, N, y + m * N);
 }

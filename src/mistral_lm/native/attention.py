@@ -1,4 +1,4 @@
-"""Batch-invariant float32 attention and RMSNorm on CPU (attention.c), for inference.
+"""Batch-invariant float32 attention, RMSNorm and SiLU gating on CPU (attention.c), for inference.
 
 Why: GGUF models compute their linears on int8-quantized activations (ggml.py), so a last-bit
 difference anywhere upstream flips codes and moves a log-probability by up to ~1. torch's SDPA
@@ -14,7 +14,11 @@ Key order is the order of the key axis. A static cache holds keys in position or
 has wrapped, so from then on a decode step and a recompute over positions sum the same terms in
 different orders (differences of float32 rounding, no longer bitwise equal).
 
-`reference_attention` / `reference_rmsnorm` are the definitions in torch (SDPA's semantics:
+The SiLU-gated product (silu(g) * u, the MLP's) is here for one reason: the fused decode step
+(step.c) computes it in C, and a layer run from Python must compute the very same bits, which
+torch's own exp does not promise.
+
+`reference_attention` / `reference_rmsnorm` / `reference_silu_mul` are the definitions in torch (SDPA's semantics:
 a query with no allowed key gets zeros); the kernels agree with them to float32 rounding.
 """
 
@@ -40,6 +44,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.mlm_attention.restype = ctypes.c_int
     lib.mlm_rmsnorm.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, ctypes.c_int]
     lib.mlm_rmsnorm.restype = None
+    lib.mlm_silu_mul.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.mlm_silu_mul.restype = None
     return lib
 
 
@@ -168,3 +174,45 @@ def reference_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     """The definition in torch (MistralRMSNorm's expression)."""
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+
+
+# ------------------------------------------------------------------ SiLU-gated product
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 or n == 1 else t2.contiguous()
+
+
+def _silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    lib = _lib()
+    if lib is None or g.shape != u.shape:
+        return reference_silu_mul(g, u)
+    n = g.shape[-1]
+    g2, u2 = _rows(g, n), _rows(u, n)
+    out = torch.empty(g2.shape, dtype=torch.float32)
+    if out.numel():
+        lib.mlm_silu_mul(g2.data_ptr(), g2.stride(0), u2.data_ptr(), u2.stride(0), g2.shape[0], n, out.data_ptr(),
+                         torch.get_num_threads())
+    return out.view(g.shape)
+
+
+@torch.library.custom_op("mistral_lm::native_silu_mul", mutates_args=())
+def _silu_mul_op(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return _silu_mul(g, u)
+
+
+@_silu_mul_op.register_fake
+def _(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return g.new_empty(g.shape, dtype=torch.float32)
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u for float32 (..., N) tensors of one shape, elementwise in one fixed way (the
+    fused decode step's), the same for every row count and thread count."""
+    if torch.compiler.is_compiling():
+        return _silu_mul_op(g, u)
+    return _silu_mul(g, u)
+
+
+def reference_silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The definition in torch (MistralMLP's expression)."""
+    return F.silu(g) * u

@@ -267,7 +267,7 @@ static AI void FN(direct)(const int type, const int mr, const xblock *x, int64_t
             const int64_t o = (sup ? (b >> 3) * tb + (b & 7) * (tb / 8) : b * tb) + PREFETCH_AHEAD;
             const int64_t ahead = o < rowb ? o : o - rowb + NRP * ldw;
 #pragma GCC unroll 16
-            for (int r = 0; r < NRP; r++) _mm_prefetch((const char *)(rp[r] + ahead), _MM_HINT_T0);
+            for (int r = 0; r < NRP; r++) _mm_prefetch((const char *)(rp[r] + ahead), _MM_HINT_T1);
         }
         vi_t lo[4], hi[4], sc0, sc1;
         vf_t cw, mw;

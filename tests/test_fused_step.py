@@ -1,0 +1,125 @@
+"""The fused native decode step (fused_step.py, native/step.c) against the module path.
+
+The reference is the model's own modules run one by one (each kernel of which has its own
+pure-torch reference in tests/test_native_*.py): the fused step calls the same kernels in the
+same order, so the logits must be equal bit for bit, on the default model (Q4_1 layers, a Q8_0
+tied head, llama.cpp's Q/K row order) and in every situation where it runs: batches at different
+positions, a sliding window that wraps, 1 or 2 threads. Where the modules would compute something
+else (a hook, per-layer outputs, a changed module or weight), the step must not run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistral_lm import MistralForCausalLM, fused_step
+from mistral_lm.decoding import Decoder, prefill
+from mistral_lm.native import step as native_step
+from mistral_lm.quantization.gguf_blocks import GGUFBlockLinear
+
+from .conftest import default_model_or_skip, torch_threads
+
+PATH = default_model_or_skip()
+pytestmark = pytest.mark.skipif(not native_step.available(), reason="the C kernels could not be built here")
+
+
+@pytest.fixture
+def model() -> MistralForCausalLM:
+    return MistralForCausalLM.from_pretrained(PATH, gguf_native=True)
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[int]:
+    """How many steps the fused path ran."""
+    seen: list[int] = []
+    run = native_step.decode_layers
+
+    def counted(*args):
+        seen.append(1)
+        return run(*args)
+
+    monkeypatch.setattr(native_step, "decode_layers", counted)
+    return seen
+
+
+def modules_only(monkeypatch) -> None:
+    monkeypatch.setattr(fused_step, "decode_layers", lambda *args: None)
+
+
+def decode(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, cache_size: int = 96) -> torch.Tensor:
+    """Prefill left-padded prompts, then greedy single-token steps, each row at its own position;
+    every step's logits (steps + 1, B, V)."""
+    with torch.inference_mode():
+        cache = model.make_cache(ids.shape[0], cache_size)
+        logits = [prefill(model, cache, ids, mask, 1024)]
+        positions = mask.sum(1)
+        step = Decoder(model)
+        for i in range(steps):
+            logits.append(step(logits[-1].argmax(-1), positions + i, cache))
+    return torch.stack(logits)
+
+
+def prompts(b: int = 3, t: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 2000, (b, t))
+    mask = torch.ones(b, t, dtype=torch.long)
+    for row in range(1, b):  # rows of different lengths, left-padded
+        mask[row, : 2 * row] = 0
+    return ids, mask
+
+
+def test_fused_step_equals_the_modules_bitwise(model, calls, monkeypatch):
+    ids, mask = prompts()
+    fused = decode(model, ids, mask, 12)
+    assert len(calls) == 12  # every decode step took the fused path
+    modules_only(monkeypatch)
+    assert torch.equal(fused, decode(model, ids, mask, 12))
+
+
+def test_a_wrapping_window_and_one_thread_change_nothing(model, calls, monkeypatch):
+    model.config.sliding_window = 8  # a rolling cache of 8 slots, wrapped three times over
+    ids, mask = prompts(2, 6)
+    fused = decode(model, ids, mask, 24)
+    assert len(calls) == 24 and model.make_cache(1).rolling
+    with torch_threads(1):
+        assert torch.equal(fused, decode(model, ids, mask, 24))
+    modules_only(monkeypatch)
+    assert torch.equal(fused, decode(model, ids, mask, 24))
+
+
+def test_a_hook_or_per_layer_outputs_take_the_modules(model, calls):
+    ids, mask = prompts(1, 8)
+    seen = []
+    handle = model.model.layers[3].mlp.down_proj.register_forward_hook(lambda *args: seen.append(1))
+    hooked = decode(model, ids, mask, 3)
+    assert not calls and len(seen) == 4  # the prefill and every step ran the hooked module
+    handle.remove()
+    assert torch.equal(hooked, decode(model, ids, mask, 3)) and len(calls) == 3
+    with torch.inference_mode():
+        cache = model.make_cache(1, 32)
+        prefill(model, cache, ids, mask, 1024)
+        out = model(ids[:, -1:], past_key_values=cache, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1 and len(calls) == 3
+
+
+def test_a_changed_module_or_weight_is_seen(model, calls, monkeypatch):
+    ids, mask = prompts(2, 8)
+    before = decode(model, ids, mask, 2)
+    layers = model.model.layers
+    other = layers[1].self_attn.o_proj
+    layers[0].self_attn.o_proj = GGUFBlockLinear(other.blocks, other.ggml_type, other.in_features)
+    norm = layers[2].post_attention_layernorm
+    norm.weight.data = norm.weight.detach() * 1.5  # new storage under the same Parameter
+    after = decode(model, ids, mask, 2)
+    assert len(calls) == 4 and not torch.equal(before, after)
+    modules_only(monkeypatch)
+    assert torch.equal(after, decode(model, ids, mask, 2))
+
+
+def test_other_models_never_take_it(calls):
+    from .conftest import tiny_config
+
+    dense = MistralForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 128, (1, 6))
+    decode(dense, ids, torch.ones_like(ids), 3, cache_size=16)
+    assert not calls
