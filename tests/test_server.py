@@ -330,6 +330,32 @@ def test_engine_n_choices_and_seeds(engine: Engine, model: Any, tokenizer: Mistr
     assert busy[8][0] == [greedy, greedy]
 
 
+def test_engine_thread_computes_with_the_servers_thread_count(tokenizer: MistralTokenizer) -> None:
+    """torch's intra-op thread count is per thread and a new thread starts at 1: the engine's
+    thread must run with the count set where the engine was made (`--threads`, or torch's
+    default), or every kernel of the server runs on one core."""
+    model = _tiny_model(None)
+    threads = []
+    step = model.forward
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        threads.append(torch.get_num_threads())
+        return step(*args, **kwargs)
+
+    model.forward = recording
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = Engine(model, tokenizer)
+    finally:
+        torch.set_num_threads(before)
+    try:
+        _run(engine, [{"prompt": _prompt(0), "max_tokens": 3, "temperature": 0}])
+    finally:
+        engine.close()
+    assert threads and set(threads) == {2}
+
+
 def test_engine_survives_a_failed_step(tokenizer: MistralTokenizer) -> None:
     """A forward that raises (think out-of-memory) fails the requests in flight, each with one
     Finished event naming the failure, and the next requests are served normally."""

@@ -19,6 +19,8 @@
  */
 #pragma GCC optimize("fp-contract=off")
 #include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,6 +65,34 @@ typedef struct {
     int64_t cache_s[3];              /* their strides: row, head, slot (unit along D) */
     int nthreads;
 } Step;
+
+/* A spinning barrier of the step's threads. libgomp's own barrier sleeps almost at once as soon as
+ * its process has more OpenMP threads than CPUs (any second thread that ever ran a parallel
+ * region counts, e.g. a server's engine thread beside the main thread), and a futex wake-up per
+ * barrier made a step twice as slow. This one spins, then yields the CPU while it keeps waiting. */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+typedef struct {
+    atomic_int count, phase;
+} Barrier;
+
+static void barrier_wait(Barrier *b, int n) {
+    if (n == 1) return;
+    const int phase = atomic_load(&b->phase);
+    if (atomic_fetch_add(&b->count, 1) == n - 1) {
+        atomic_store(&b->count, 0);
+        atomic_fetch_add(&b->phase, 1);
+        return;
+    }
+    for (long spins = 0; atomic_load(&b->phase) == phase; spins++) {
+        if (spins < 200000) cpu_relax();
+        else sched_yield();
+    }
+}
 
 /* this thread's share [n0, n1) of N outputs, in whole 16-row tiles (the kernels' unit) */
 static void share(int64_t N, int t, int nt, int64_t *n0, int64_t *n1) {
@@ -136,6 +166,7 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, const S
     const int64_t shape[6] = {1, rep, 1, 1, st->used, D};
     const int64_t strides[12] = {HD, D, D, st->cache_s[0], st->cache_s[1], st->cache_s[2],
                                  st->cache_s[0], st->cache_s[1], st->cache_s[2], st->mask_s[0], 0, st->mask_s[1]};
+    Barrier bar = {0, 0};
 #pragma omp parallel num_threads(st->nthreads) reduction(| : rc)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -143,17 +174,16 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, const S
             const Layer *ly = layers + li;
             float *keys = st->keys[li], *values = st->values[li];
             /* attention block */
-#pragma omp single
-            {
+            if (t == 0) {
                 kn->rmsnorm(x, M, C, C, ly->ln1, ly->eps1, xn, 1);
                 kn->quantize(xn, M, C, C, xq, 1);
             }
+            barrier_wait(&bar, nt);
             rc |= linear_part(kn, &ly->q, xq, M, qraw, t, nt);
             rc |= linear_part(kn, &ly->k, xq, M, kraw, t, nt);
             rc |= linear_part(kn, &ly->v, xq, M, v, t, nt);
-#pragma omp barrier
-#pragma omp single
-            {
+            barrier_wait(&bar, nt);
+            if (t == 0) {
                 rope(qraw, ly->q.order, M, H, D, st->cos, st->sin, tmp, q);
                 rope(kraw, ly->k.order, M, Hkv, D, st->cos, st->sin, tmp, k);
                 for (int64_t m = 0; m < M; m++)
@@ -163,24 +193,25 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, const S
                         memcpy(values + at, v + (m * Hkv + g) * D, sizeof(float) * (size_t)D);
                     }
             }
+            barrier_wait(&bar, nt);
             for (int64_t it = t; it < M * Hkv; it += nt) {
                 const int64_t m = it / Hkv, g = it % Hkv, cache_at = m * st->cache_s[0] + g * st->cache_s[1];
                 rc |= kn->attention(q + (m * H + g * rep) * D, keys + cache_at, values + cache_at,
                                     st->mask + m * st->mask_s[0], shape, strides, st->scale,
                                     att + (m * H + g * rep) * D, 1);
             }
-#pragma omp barrier
-#pragma omp single
-            kn->quantize(att, M, HD, HD, xq, 1);
+            barrier_wait(&bar, nt);
+            if (t == 0) kn->quantize(att, M, HD, HD, xq, 1);
+            barrier_wait(&bar, nt);
             rc |= linear_part(kn, &ly->o, xq, M, o, t, nt);
-#pragma omp barrier
+            barrier_wait(&bar, nt);
             /* MLP block */
-#pragma omp single
-            {
+            if (t == 0) {
                 add(x, o, M * C);
                 kn->rmsnorm(x, M, C, C, ly->ln2, ly->eps2, xn, 1);
                 kn->quantize(xn, M, C, C, xq, 1);
             }
+            barrier_wait(&bar, nt);
             rc |= linear_part(kn, &ly->gate, xq, M, gate, t, nt);
             rc |= linear_part(kn, &ly->up, xq, M, up, t, nt);
             {   /* this thread's gate and up rows are its own: their product needs no barrier */
@@ -189,13 +220,12 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, const S
                 for (int64_t m = 0; m < M && f1 > f0; m++)
                     kn->silu_mul(gate + m * F + f0, F, up + m * F + f0, F, 1, f1 - f0, act + m * F + f0, 1);
             }
-#pragma omp barrier
-#pragma omp single
-            kn->quantize(act, M, F, F, xq, 1);
+            barrier_wait(&bar, nt);
+            if (t == 0) kn->quantize(act, M, F, F, xq, 1);
+            barrier_wait(&bar, nt);
             rc |= linear_part(kn, &ly->down, xq, M, o, t, nt);
-#pragma omp barrier
-#pragma omp single
-            add(x, o, M * C);
+            barrier_wait(&bar, nt);
+            if (t == 0) add(x, o, M * C); /* the next layer's first barrier follows its norm, which reads x on thread 0 too */
         }
     }
     free(buf);

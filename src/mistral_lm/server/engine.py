@@ -203,6 +203,9 @@ class Engine:
         self._lock = threading.Lock()  # orders submit() against close()
         self._closing = False
         self._thread: threading.Thread | None = None
+        # torch's intra-op thread count is per thread, and a new thread starts at 1: the engine
+        # thread takes the count of the thread that made the engine (`--threads`, torch's default)
+        self.threads = torch.get_num_threads()
         # Lifetime totals; decoded_rows / decode_steps is the mean batch, i.e. how well requests share forwards.
         self.counts = dict.fromkeys(
             ("submitted", "completed", "cancelled", "failed", "decode_steps", "decoded_rows", "prefix_hits",
@@ -351,6 +354,7 @@ class Engine:
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         lost = False  # a tensor-parallel peer failed: no collective can run any more (self.lost)
+        torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while not self._closing:
                 try:
