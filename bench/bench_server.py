@@ -81,9 +81,12 @@ SCHEMA = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
     "required": ["title", "year", "story"], "additionalProperties": False}}}
 
 
-def stream_one(url: str, prompt: str, max_tokens: int, logprobs: int | None = None, schema: bool = False) -> int:
+def stream_one(url: str, prompt: str, max_tokens: int, logprobs: int | None = None, schema: bool = False,
+               rates: list[float] | None = None) -> int:
     """Stream one completion (a chat answer under SCHEMA with `schema`); return its completion
-    tokens (from the final usage chunk)."""
+    tokens (from the final usage chunk). `rates` receives the stream's own rate: tokens per
+    second from its first token chunk to its last (decode as the client sees it, without the
+    request's set-up and prefill: the figure comparable to an engine's decode rate)."""
     body: dict = {"max_tokens": max_tokens, "temperature": 0, "stream": True,
                   "stream_options": {"include_usage": True}}
     if schema:
@@ -94,6 +97,7 @@ def stream_one(url: str, prompt: str, max_tokens: int, logprobs: int | None = No
         body["logprobs"] = logprobs
     produced = None
     path = "/v1/chat/completions" if schema else "/v1/completions"
+    arrivals = []
     with httpx.stream("POST", url + path, json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -101,7 +105,11 @@ def stream_one(url: str, prompt: str, max_tokens: int, logprobs: int | None = No
                 event = json.loads(line[6:])
                 if event.get("usage"):
                     produced = event["usage"]["completion_tokens"]
+                elif event.get("choices"):
+                    arrivals.append(time.perf_counter())
     assert produced is not None, "no usage chunk"
+    if rates is not None and len(arrivals) > 2 and produced == len(arrivals):  # one token per chunk
+        rates.append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
     return produced
 
 
@@ -110,10 +118,11 @@ def phase(url: str, clients: int, requests_each: int, max_tokens: int, mode: str
     `mode` "plain", "logprobs" (5 alternatives per token) or "schema" (SCHEMA's grammar)."""
     before = httpx.get(url + "/health").json()
     logprobs = 5 if mode == "logprobs" else None
+    rates: list[float] = []
 
     def client(c: int) -> int:
         return sum(stream_one(url, f"Story {c}.{r}: Once upon a time, in a city by the sea,", max_tokens, logprobs,
-                              schema=mode == "schema")
+                              schema=mode == "schema", rates=rates)
                    for r in range(requests_each))
 
     start = time.perf_counter()
@@ -123,7 +132,8 @@ def phase(url: str, clients: int, requests_each: int, max_tokens: int, mode: str
     after = httpx.get(url + "/health").json()
     steps = after["decode_steps"] - before["decode_steps"]
     rows = after["decoded_rows"] - before["decoded_rows"]
-    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "rows_per_step": rows / max(steps, 1)}
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "rows_per_step": rows / max(steps, 1),
+            "stream_tok_s": statistics.median(rates) if rates else float("nan")}
 
 
 def chat_latency(url: str, messages: list[dict[str, str]], max_tokens: int = 1) -> tuple[float, str]:
@@ -200,10 +210,13 @@ def main() -> None:
 
     label = "random 4-layer Mistral" if model == Path(tmp) else model.name
     print(f"model: {label}, max_tokens {args.max_tokens}, {args.requests} requests per client")
-    print(f"{'clients':>8} {'mode':>9} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'rows/forward':>13}")
+    print(f"{'clients':>8} {'mode':>9} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'rows/forward':>13} "
+          f"{'stream tok/s':>13}")
     for clients, mode, r in results:
         print(f"{clients:>8} {mode:>9} {r['tokens']:>8} {r['seconds']:>8.2f} {r['tok_s']:>9.1f} "
-              f"{r['rows_per_step']:>13.1f}")
+              f"{r['rows_per_step']:>13.1f} {r['stream_tok_s']:>13.1f}")
+    print("tokens/s: all clients' tokens over the phase's wall time (set-up and prefill included); "
+          "stream tok/s: one stream's rate from its first token to its last, median over streams")
     base = {(c, m): r["tok_s"] for c, m, r in results}
     for clients in args.clients:
         print(f"{clients} clients: {base[clients, 'plain'] / base[args.clients[0], 'plain']:.2f}x the "

@@ -89,7 +89,7 @@ static void barrier_wait(Barrier *b, int n) {
         return;
     }
     for (long spins = 0; atomic_load(&b->phase) == phase; spins++) {
-        if (spins < 200000) cpu_relax();
+        if (spins < 2000) cpu_relax();
         else sched_yield();
     }
 }
