@@ -36,19 +36,6 @@ _PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                 ("mlp", ("gate_proj", "up_proj", "down_proj")))
 
 
-_KINDS: tuple[type, ...] | None = None  # the stock module classes, in _parts order (set on first use)
-
-
-def _kinds() -> tuple[type, ...]:
-    global _KINDS
-    if _KINDS is None:
-        from .modeling import MistralAttention, MistralDecoderLayer, MistralMLP, MistralRMSNorm
-
-        _KINDS = (MistralDecoderLayer, MistralAttention, MistralMLP, MistralRMSNorm, MistralRMSNorm,
-                  *(GGUFBlockLinear,) * 7)
-    return _KINDS
-
-
 def _parts(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
     """The layer's modules in table order."""
     mods = layer._modules
@@ -101,14 +88,15 @@ def _links(decoder: Any, parts: list[torch.nn.Module]) -> list[tuple[dict, str, 
     return links
 
 
-def _build(decoder: Any) -> _Table | None:
+def _build(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
     if not native_step.available():
         return None
     try:
         parts = [p for layer in decoder.layers._modules.values() for p in _parts(layer)]
     except (KeyError, AttributeError):
         return None
-    kinds = _kinds()
+    layer_kind, attention_kind, mlp_kind, norm_kind = stock
+    kinds = (layer_kind, attention_kind, mlp_kind, norm_kind, norm_kind, *(GGUFBlockLinear,) * 7)
     if not parts or any(type(p) is not kind for p, kind in zip(parts, kinds * (len(parts) // 12))):
         return None
     cfg = decoder.config
@@ -150,13 +138,13 @@ def _may_qualify(decoder: Any) -> bool:
     return attn is not None and type(attn._modules.get("q_proj")) is GGUFBlockLinear
 
 
-def _table(decoder: Any) -> _Table | None:
+def _table(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
     """The decoder's layer table if it still describes its modules, else built anew (None: the
     modules are not all of the kinds step.c computes)."""
     cached = decoder.__dict__.get("_fused_step")
     if cached is not None and cached.current():
         return cached
-    table = _build(decoder)
+    table = _build(decoder, stock)
     decoder.__dict__["_fused_step"] = table
     return table
 
@@ -191,9 +179,12 @@ def _cache_arrays(table: _Table, cache: KVCache, plan: CachePlan) -> tuple[Any, 
     return key_ptrs, value_ptrs, stride
 
 
-def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | None) -> torch.Tensor | None:
+def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | None,
+                  stock: tuple[type, type, type, type]) -> torch.Tensor | None:
     """h (B, 1, C) after every layer (before the final norm), by step.c; None where the modules
-    must run (see the module docstring). The cache's slot is written as `update` would."""
+    must run (see the module docstring). `stock` names the module classes step.c computes
+    (decoder layer, attention, MLP, RMSNorm): a subclass may compute something else. The
+    cache's slot is written as `update` would."""
     if torch.compiler.is_compiling() or cache is None or step.plan is None:
         return None
     plan, mask = step.plan, step.mask
@@ -203,7 +194,7 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
         return None
     if decoder.__dict__.get("_fused_step") is None and not _may_qualify(decoder):
         return None
-    table = _table(decoder)
+    table = _table(decoder, stock)
     if table is None or not _runnable(table, decoder.config.attention_dropout) or (torch.is_grad_enabled() and h.requires_grad):
         return None
     c, heads, kv_heads, d, f, layers = table.dims

@@ -197,6 +197,10 @@ class MistralDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), weights
 
 
+# the classes whose computation fused_step.py's native step reproduces
+_STOCK_LAYER = (MistralDecoderLayer, MistralAttention, MistralMLP, MistralRMSNorm)
+
+
 # --------------------------------------------------------------------------- models
 class MistralModel(MistralPreTrainedModel):
     """The decoder stack: embeddings, layers, final norm. Returns hidden states."""
@@ -284,7 +288,8 @@ class MistralModel(MistralPreTrainedModel):
         """Every layer, then the final norm, collecting per-layer outputs into the lists given.
         A driver may compile it for single-token steps (generation.py)."""
         if hidden is None and attentions is None:
-            fused = fused_step.decode_layers(self, h, step, cache)  # all layers in one native call, same bits
+            # all layers in one native call, computing the same bits as the modules below
+            fused = fused_step.decode_layers(self, h, step, cache, _STOCK_LAYER)
             if fused is not None:
                 return self.norm(fused)
         every = self.gradient_checkpointing["every_n_layers"] if cache is None and self._checkpointing() else 0
