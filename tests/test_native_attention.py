@@ -1,7 +1,9 @@
 """native/attention: the C attention and RMSNorm == their torch definitions within float32 rounding,
 bit-identical across ISAs, and batch-invariant: a query's output does not depend on the other
 queries of the call, on extra masked cache slots or on the thread count. Model level: one forward
-over T tokens == prefill + one-token decode steps, bit for bit (the server's logprobs guarantee)."""
+over T tokens == prefill + one-token decode steps, bit for bit (the server's logprobs guarantee).
+The bfloat16 kernels == the float32 kernels on the widened inputs, rounded where torch's bf16
+expressions round, bit for bit; hence within a bf16 rounding step of those expressions."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from torch import nn
 
 from mistral_lm import MistralForCausalLM
 from mistral_lm.attention import ATTENTION_FUNCTIONS, check_implementation, eager_attention
+from mistral_lm.errors import InputError
 from mistral_lm.masks import attention_mask
 from mistral_lm.native import attention as na
 
@@ -51,7 +54,8 @@ def masks(b: int, nq: int, nk: int) -> dict[str, torch.Tensor]:
             "random": torch.rand(b, 1, nq, nk, generator=torch.Generator().manual_seed(1)) > 0.5}
 
 
-SHAPES = {"gqa4": (8, 2, 64), "mha": (4, 4, 24), "mqa_d8": (3, 1, 8), "d128": (2, 1, 128)}
+SHAPES = {"gqa4": (8, 2, 64), "mha": (4, 4, 24), "mqa_d8": (3, 1, 8), "d128": (2, 1, 128),
+          "gqa3_d40": (9, 3, 40), "odd_d37": (4, 2, 37)}
 
 
 @needs_lib
@@ -86,21 +90,22 @@ def test_query_without_keys_gets_zeros_like_sdpa():
 
 
 @needs_lib
-@pytest.mark.parametrize("shape", ["gqa4", "mha"])
-def test_batch_invariance(shape):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["gqa4", "mha", "odd_d37"])
+def test_batch_invariance(shape, dtype):
     """Query i of a Q-query call == a 1-query call with the same allowed keys, also over a cache
     buffer with extra masked slots appended, with strided inputs."""
     h, h_kv, d = SHAPES[shape]
     nq = nk = 20
-    q, k, v = qkv(2, h, h_kv, nq, nk, d)
+    q, k, v = (t.to(dtype) for t in qkv(2, h, h_kv, nq, nk, d))
     mask = masks(2, nq, nk)["padding"]
     for cap in caps():
         with isa(cap):
             full = na.attention(q, k, v, None, 0.125)
             full_masked = na.attention(q, k, v, mask, 0.125)
             # a bigger cache buffer: 12 empty slots after the keys, in a (B, K, H_kv, D) layout
-            big_k = torch.zeros(2, nk + 12, h_kv, d)
-            big_v = torch.zeros(2, nk + 12, h_kv, d)
+            big_k = torch.zeros(2, nk + 12, h_kv, d, dtype=dtype)
+            big_v = torch.zeros(2, nk + 12, h_kv, d, dtype=dtype)
             big_k[:, :nk], big_v[:, :nk] = k.transpose(1, 2), v.transpose(1, 2)
             big_k, big_v = big_k.transpose(1, 2), big_v.transpose(1, 2)  # strided views, no copies
             for i in (0, 7, nq - 1):
@@ -116,8 +121,9 @@ def test_batch_invariance(shape):
 
 
 @needs_lib
-def test_thread_count_does_not_change_a_bit():
-    q, k, v = qkv(2, 8, 2, 96, 96, 64)  # big enough to run in parallel (attention.c's threshold)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_thread_count_does_not_change_a_bit(dtype):
+    q, k, v = (t.to(dtype) for t in qkv(2, 8, 2, 96, 96, 64))  # big enough to run in parallel (attention.c's threshold)
     mask = masks(2, 96, 96)["padding"]
     for cap in caps():
         with isa(cap):
@@ -167,6 +173,138 @@ def test_silu_mul_matches_torch_and_is_the_same_everywhere():
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     big = torch.randn(4, 70000)  # large enough to be split across threads
     assert torch.equal(na.silu_mul(big, big.flip(1)), torch.cat([na.silu_mul(r[None], r.flip(0)[None]) for r in big]))
+
+
+# ------------------------------------------------------------------ bfloat16
+BF16 = torch.bfloat16
+
+
+def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bf16 steps apart a and b are (+0 and -0 the same point)."""
+    def line(t: torch.Tensor) -> torch.Tensor:
+        bits = t.view(torch.int16).int()
+        return torch.where(bits < 0, -(bits + 32768), bits)
+    return (line(a) - line(b)).abs()
+
+
+def assert_within_one_bf16_step(got: torch.Tensor, want: torch.Tensor, atol: float) -> None:
+    """One bf16 step apart at most, or both within atol of each other: near zero, float32 last-bit
+    differences before the rounding are many bf16 steps of a tiny number."""
+    close = (bf16_ulps(got, want) <= 1) | ((got.float() - want.float()).abs() <= atol)
+    assert close.all(), f"{(~close).sum().item()} values differ: got {got[~close][:4]}, want {want[~close][:4]}"
+
+
+@needs_lib
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_attention_is_the_float32_kernel_rounded(shape):
+    """bf16 kernel == float32 kernel on the widened inputs, rounded, bitwise on every ISA (masks,
+    GQA, head_dim tails); hence within a bf16 step of SDPA in float32, rounded."""
+    h, h_kv, d = SHAPES[shape]
+    q, k, v = (t.to(BF16) for t in qkv(2, h, h_kv, 6, 13, d))
+    cases = {name: (q, k, v, m) for name, m in masks(2, 6, 13).items()}
+    cases["mask_none"] = (q, k[:, :, :6], v[:, :, :6], None)
+    lk, lv = (t.to(BF16) for t in qkv(1, h, h_kv, 3, 3001, d)[1:])  # a long key axis, a tail of 9 keys
+    long_mask = torch.rand(1, 1, 3, 3001, generator=torch.Generator().manual_seed(2)) > 0.2
+    cases["long"] = (q[:1, :, :3], lk, lv, long_mask)
+    results = {}
+    for cap in caps():
+        with isa(cap):
+            for name, (q_, k_, v_, m) in cases.items():
+                out = na.attention(q_, k_, v_, m, d**-0.5)
+                assert out.dtype == BF16
+                wide = na.attention(q_.float(), k_.float(), v_.float(), m, d**-0.5).to(BF16)
+                assert torch.equal(out, wide), f"{name} cap {cap}"
+                assert_within_one_bf16_step(out, na.reference_attention(q_, k_, v_, m, d**-0.5), atol=1e-6)
+                results.setdefault(name, []).append(out)
+    for name, outs in results.items():
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), name
+
+
+@needs_lib
+def test_bf16_rmsnorm_rounds_where_mistral_rmsnorm_does():
+    """bf16(w * bf16(x * r)) with the float32 kernel's r, bitwise (the float32 kernel with weight
+    ones returns x * r itself); one bf16 step of modeling's expression; the same on every ISA,
+    for one row or many, one thread or two, strided rows and tails."""
+    x = (torch.randn(120, 576) * 3).to(BF16)  # 120 * 576 > attention.c's threshold for threads
+    w = torch.randn(576).to(BF16)
+
+    def formula(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        xr = na.rmsnorm(x.float(), torch.ones(x.shape[-1]), eps)  # x * r in float32, as the kernel's
+        return (w.float() * xr.to(BF16).float()).to(BF16)
+
+    want = formula(x, w, 1e-5)
+    outs = []
+    for cap in caps():
+        with isa(cap):
+            with threads(2):
+                out = na.rmsnorm(x, w, 1e-5)
+            assert out.dtype == BF16 and torch.equal(out, want), cap
+            with threads(1):
+                assert torch.equal(na.rmsnorm(x, w, 1e-5), out)
+            assert torch.equal(torch.cat([na.rmsnorm(x[i:i + 1], w, 1e-5) for i in range(0, 120, 7)]), out[::7])
+            odd = x[:9, :37]  # strided rows, a tail in every path
+            assert torch.equal(na.rmsnorm(odd, w[:37], 1e-6), formula(odd, w[:37], 1e-6))
+            outs.append(out)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert_within_one_bf16_step(want, na.reference_rmsnorm(x, w, 1e-5), atol=0.0)
+
+
+@needs_lib
+def test_bf16_silu_mul_rounds_where_torch_does():
+    """bf16(bf16(silu(g)) * u) with the float32 kernel's silu, bitwise (its silu_mul with u = 1 is
+    silu(g) itself); one bf16 step of torch's F.silu(g) * u in bf16 except where |g| > 88 (exp
+    saturates: tiny values against torch's 0); the same on every ISA, rows and threads."""
+    g, u = (torch.randn(33, 197) * 6).to(BF16), torch.randn(33, 197).to(BF16)  # 197: a tail in every path
+    g[0, :7] = torch.tensor([-200.0, -88.5, 89.0, 0.0, 200.0, -1e-30, -1e4])
+    want = (na.silu_mul(g.float(), torch.ones(g.shape)).to(BF16).float() * u.float()).to(BF16)
+    outs = []
+    for cap in caps():
+        with isa(cap):
+            out = na.silu_mul(g, u)
+            assert out.dtype == BF16 and torch.equal(out, want), cap
+            assert torch.equal(torch.cat([na.silu_mul(g[i:i + 1], u[i:i + 1]) for i in range(33)]), out)
+            outs.append(out)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert_within_one_bf16_step(want, na.reference_silu_mul(g, u), atol=1e-30)
+    big = torch.randn(4, 70000).to(BF16)  # large enough to be split across threads
+    with threads(2):
+        two = na.silu_mul(big, big.flip(1))
+    with threads(1):
+        assert torch.equal(na.silu_mul(big, big.flip(1)), two)
+    assert torch.equal(two, torch.cat([na.silu_mul(r[None], r.flip(0)[None]) for r in big]))
+
+
+@needs_lib
+def test_bf16_is_asked_for_by_name_and_dtypes_do_not_mix():
+    x = torch.ones(2, 4, dtype=BF16)
+    assert na.supports_bf16(x, x) and not na.supports(x)  # modeling's float32 check stays float32
+    assert not na.supports_bf16(x, x.float())
+    with torch.enable_grad():
+        assert not na.supports_bf16(x.clone().requires_grad_())
+    with pytest.raises(InputError, match="all float32 or all bfloat16"):
+        na.silu_mul(x, x.float())
+    with pytest.raises(InputError, match="bfloat16 weight"):
+        na.rmsnorm(x, torch.ones(4), 1e-6)
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_custom_ops_compile_in_both_dtypes(dtype):
+    """torch.compile sees the kernels as opaque ops whose fake results keep the inputs' dtype."""
+    q, k, v = (t.to(dtype) for t in qkv(1, 4, 2, 3, 7, 16))
+    mask = masks(1, 3, 7)["window"]
+    w = torch.randn(16).to(dtype)
+
+    def block(q, k, v):
+        a = na.attention(q, k, v, mask, 0.25)
+        return na.silu_mul(na.rmsnorm(a, w, 1e-6), a)
+
+    for op, args in ((na._attention_op, (q, k, v, mask, 0.25)), (na._rmsnorm_op, (q, w, 1e-6)),
+                     (na._silu_mul_op, (q, k[:, :, :3].repeat(1, 2, 1, 1)))):
+        torch.library.opcheck(op, args, test_utils="test_faketensor")  # fake == real: shape, dtype
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v)
+    assert out.dtype == dtype and torch.equal(out, block(q, k, v))
 
 
 def test_native_is_registered_and_the_float32_default():

@@ -23,6 +23,16 @@
  * SiLU-gated product (the MLP): y = (g / (1 + exp(-g))) * u elementwise, with the same exp, its
  * argument clamped to [-87, 88] (beyond, the quotient is g or vanishes either way).
  *
+ * bfloat16 variants (the *_bf16 functions): bf16 values travel as uint16_t, the upper half of a
+ * float32, so widening is exact (a shift). Each computes exactly what its float32 kernel computes
+ * from the widened inputs, in the same orders (K/V widened as they are loaded: a long cache is
+ * never copied), and rounds to bf16 where torch's bf16 expression rounds (round to nearest even,
+ * NaN -> 0x7FC0, c10::BFloat16's rule, done with integers: no ISA's own conversion, whose NaN and
+ * denormal handling differ):
+ *   attention  bf16(out);
+ *   RMSNorm    bf16(w * bf16(x * r)), r as above (MistralRMSNorm's `weight * (x * r).to(bf16)`);
+ *   SiLU       bf16(bf16(silu(g)) * u) (torch's `F.silu(g) * u` on bf16 tensors, our exp).
+ *
  * Contraction of a*b+c into fma is switched off: every fma here is written out.
  */
 #pragma GCC optimize("fp-contract=off")
@@ -123,6 +133,65 @@ static void silu_mul_row_s(const float *g, const float *u, int64_t n, float *y) 
     for (int64_t j = 0; j < n; j++) {
         const float x = -g[j] > EXP_HI ? EXP_HI : -g[j];
         y[j] = g[j] / (1.0f + exp_s(x)) * u[j];
+    }
+}
+
+/* ---------------------------------------------------------------- scalar bf16 */
+static inline float bf_s(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t to_bf_s(float f) { /* c10::BFloat16's round to nearest even */
+    if (f != f) return 0x7FC0;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float round_bf_s(float f) { return bf_s(to_bf_s(f)); }
+
+static float dot_bf16_s(const float *a, const uint16_t *b, int64_t n) { /* dot_s with b widened */
+    float acc[16] = {0};
+    for (int64_t d = 0; d < n; d += 16)
+        for (int l = 0; l < 16; l++) {
+            const int in = d + l < n;
+            acc[l] = fmaf(in ? a[d + l] : 0.0f, in ? bf_s(b[d + l]) : 0.0f, acc[l]);
+        }
+    return tree16(acc);
+}
+
+static void scores_bf16_s(const float *q, const uint16_t *k, int64_t ks, const int32_t *idx, int64_t n, int64_t D,
+                          float scale, float *s) {
+    for (int64_t j = 0; j < n; j++) s[j] = dot_bf16_s(q, k + idx[j] * ks, D) * scale;
+}
+
+static void weighted_bf16_s(const float *p, float sum, const uint16_t *v, int64_t vs, const int32_t *idx,
+                            int64_t n, int64_t D, uint16_t *out) {
+    for (int64_t d = 0; d < D; d++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < n; j++) acc = fmaf(p[j], bf_s(v[idx[j] * vs + d]), acc);
+        out[d] = to_bf_s(acc / sum);
+    }
+}
+
+static void rmsnorm_row_bf16_s(const uint16_t *x, const uint16_t *w, int64_t C, float eps, uint16_t *y) {
+    float acc[16] = {0};
+    for (int64_t c = 0; c < C; c += 16)
+        for (int l = 0; l < 16; l++) {
+            const float xf = c + l < C ? bf_s(x[c + l]) : 0.0f;
+            acc[l] = fmaf(xf, xf, acc[l]);
+        }
+    const float r = 1.0f / sqrtf(tree16(acc) / (float)C + eps);
+    for (int64_t c = 0; c < C; c++) y[c] = to_bf_s(bf_s(w[c]) * round_bf_s(bf_s(x[c]) * r));
+}
+
+static void silu_mul_row_bf16_s(const uint16_t *g, const uint16_t *u, int64_t n, uint16_t *y) {
+    for (int64_t j = 0; j < n; j++) {
+        const float gf = bf_s(g[j]), x = -gf > EXP_HI ? EXP_HI : -gf;
+        y[j] = to_bf_s(round_bf_s(gf / (1.0f + exp_s(x))) * bf_s(u[j]));
     }
 }
 
@@ -240,6 +309,104 @@ T512 static void silu_mul_row512(const float *g, const float *u, int64_t n, floa
         const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), _mm512_set1_ps(EXP_HI)));
         const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
         _mm512_mask_storeu_ps(y + j, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + j)));
+    }
+}
+
+/* ---------------------------------------------------------------- AVX-512 bf16 */
+T512 static inline __m512 bf16x16(const uint16_t *p, __mmask16 m) { /* masked lanes: 0 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+T512 static inline __m512 round512(__m512 x) { /* to_bf_s, the result kept widened */
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb),
+                                       _mm512_set1_epi32((int32_t)0xFFFF0000u));
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC00000)));
+}
+
+T512 static inline void store_bf16x16(uint16_t *p, __mmask16 m, __m512 rounded) {
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
+}
+
+T512 static float dot_bf16_512(const float *a, const uint16_t *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < n; d += 16) {
+        const __mmask16 m = tail16(n - d);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), bf16x16(b + d, m), acc);
+    }
+    return hsum512(acc);
+}
+
+T512 static void scores_bf16_512(const float *q, const uint16_t *k, int64_t ks, const int32_t *idx, int64_t n,
+                                 int64_t D, float scale, float *s) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const uint16_t *k0 = k + idx[j] * ks, *k1 = k + idx[j + 1] * ks, *k2 = k + idx[j + 2] * ks,
+                       *k3 = k + idx[j + 3] * ks;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < D; d += 16) {
+            const __mmask16 m = tail16(D - d);
+            const __m512 x = _mm512_maskz_loadu_ps(m, q + d);
+            a0 = _mm512_fmadd_ps(x, bf16x16(k0 + d, m), a0);
+            a1 = _mm512_fmadd_ps(x, bf16x16(k1 + d, m), a1);
+            a2 = _mm512_fmadd_ps(x, bf16x16(k2 + d, m), a2);
+            a3 = _mm512_fmadd_ps(x, bf16x16(k3 + d, m), a3);
+        }
+        s[j] = hsum512(a0) * scale;
+        s[j + 1] = hsum512(a1) * scale;
+        s[j + 2] = hsum512(a2) * scale;
+        s[j + 3] = hsum512(a3) * scale;
+    }
+    for (; j < n; j++) s[j] = dot_bf16_512(q, k + idx[j] * ks, D) * scale;
+}
+
+T512 static void weighted_bf16_512(const float *p, float sum, const uint16_t *v, int64_t vs, const int32_t *idx,
+                                   int64_t n, int64_t D, uint16_t *out) {
+    const __m512 vs_ = _mm512_set1_ps(sum);
+    for (int64_t d = 0; d < D; d += 64) {
+        const __mmask16 m0 = tail16(D - d), m1 = D - d > 16 ? tail16(D - d - 16) : 0,
+                        m2 = D - d > 32 ? tail16(D - d - 32) : 0, m3 = D - d > 48 ? tail16(D - d - 48) : 0;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < n; j++) {
+            const uint16_t *vr = v + idx[j] * vs + d;
+            const __m512 pj = _mm512_set1_ps(p[j]);
+            a0 = _mm512_fmadd_ps(pj, bf16x16(vr, m0), a0);
+            a1 = _mm512_fmadd_ps(pj, bf16x16(vr + 16, m1), a1);
+            a2 = _mm512_fmadd_ps(pj, bf16x16(vr + 32, m2), a2);
+            a3 = _mm512_fmadd_ps(pj, bf16x16(vr + 48, m3), a3);
+        }
+        store_bf16x16(out + d, m0, round512(_mm512_div_ps(a0, vs_)));
+        store_bf16x16(out + d + 16, m1, round512(_mm512_div_ps(a1, vs_)));
+        store_bf16x16(out + d + 32, m2, round512(_mm512_div_ps(a2, vs_)));
+        store_bf16x16(out + d + 48, m3, round512(_mm512_div_ps(a3, vs_)));
+    }
+}
+
+T512 static void rmsnorm_row_bf16_512(const uint16_t *x, const uint16_t *w, int64_t C, float eps, uint16_t *y) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; c += 16) {
+        const __m512 xv = bf16x16(x + c, tail16(C - c));
+        acc = _mm512_fmadd_ps(xv, xv, acc);
+    }
+    const __m128 ms = _mm_div_ss(_mm_set_ss(hsum512(acc)), _mm_set_ss((float)C));
+    const __m128 r = _mm_div_ss(_mm_set_ss(1.0f), _mm_sqrt_ss(_mm_add_ss(ms, _mm_set_ss(eps))));
+    const __m512 vr = _mm512_set1_ps(_mm_cvtss_f32(r));
+    for (int64_t c = 0; c < C; c += 16) {
+        const __mmask16 m = tail16(C - c);
+        const __m512 t = round512(_mm512_mul_ps(bf16x16(x + c, m), vr));
+        store_bf16x16(y + c, m, round512(_mm512_mul_ps(bf16x16(w + c, m), t)));
+    }
+}
+
+T512 static void silu_mul_row_bf16_512(const uint16_t *g, const uint16_t *u, int64_t n, uint16_t *y) {
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = tail16(n - j);
+        const __m512 gv = bf16x16(g + j, m);
+        const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), _mm512_set1_ps(EXP_HI)));
+        const __m512 s = round512(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+        store_bf16x16(y + j, m, round512(_mm512_mul_ps(s, bf16x16(u + j, m))));
     }
 }
 
@@ -362,6 +529,134 @@ T256 static void silu_mul_row256(const float *g, const float *u, int64_t n, floa
     }
 }
 
+/* ---------------------------------------------------------------- AVX2 bf16 */
+T256 static inline __m256 bf16x8_all(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+T256 static inline __m256 bf16x8(const uint16_t *p, int64_t left) { /* lanes l >= left: 0 */
+    if (left >= 8) return bf16x8_all(p);
+    uint16_t t[8] = {0}; /* AVX2 has no 16-bit masked load: never read past the row's end */
+    if (left > 0) memcpy(t, p, sizeof(uint16_t) * (size_t)left);
+    return bf16x8_all(t);
+}
+
+T256 static inline __m256 round256(__m256 x) { /* to_bf_s, the result kept widened */
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb),
+                                       _mm256_set1_epi32((int32_t)0xFFFF0000u));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)),
+                            _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+T256 static inline void store_bf16x8(uint16_t *p, int64_t left, __m256 rounded) {
+    const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(rounded), 16); /* 0..0xFFFF: packus is exact */
+    const __m128i b = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    if (left >= 8) {
+        _mm_storeu_si128((__m128i *)p, b);
+    } else if (left > 0) {
+        uint16_t t[8];
+        _mm_storeu_si128((__m128i *)t, b);
+        memcpy(p, t, sizeof(uint16_t) * (size_t)left);
+    }
+}
+
+T256 static float dot_bf16_256(const float *a, const uint16_t *b, int64_t n) {
+    __m256 lo = _mm256_setzero_ps(), hi = lo;
+    for (int64_t d = 0; d < n; d += 16) {
+        lo = _mm256_fmadd_ps(_mm256_maskload_ps(a + d, tail8(n - d)), bf16x8(b + d, n - d), lo);
+        hi = _mm256_fmadd_ps(_mm256_maskload_ps(a + d + 8, tail8(n - d - 8)), bf16x8(b + d + 8, n - d - 8), hi);
+    }
+    return hsum256x2(lo, hi);
+}
+
+T256 static void scores_bf16_256(const float *q, const uint16_t *k, int64_t ks, const int32_t *idx, int64_t n,
+                                 int64_t D, float scale, float *s) {
+    int64_t j = 0;
+    const int64_t Dfull = D & ~(int64_t)15; /* whole 16-blocks: loads without a tail test */
+    for (; j + 2 <= n; j += 2) {
+        const uint16_t *k0 = k + idx[j] * ks, *k1 = k + idx[j + 1] * ks;
+        __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0;
+        int64_t d = 0;
+        for (; d < Dfull; d += 16) {
+            const __m256 xl = _mm256_loadu_ps(q + d), xh = _mm256_loadu_ps(q + d + 8);
+            l0 = _mm256_fmadd_ps(xl, bf16x8_all(k0 + d), l0);
+            h0 = _mm256_fmadd_ps(xh, bf16x8_all(k0 + d + 8), h0);
+            l1 = _mm256_fmadd_ps(xl, bf16x8_all(k1 + d), l1);
+            h1 = _mm256_fmadd_ps(xh, bf16x8_all(k1 + d + 8), h1);
+        }
+        if (d < D) {
+            const __m256 xl = _mm256_maskload_ps(q + d, tail8(D - d));
+            const __m256 xh = _mm256_maskload_ps(q + d + 8, tail8(D - d - 8));
+            l0 = _mm256_fmadd_ps(xl, bf16x8(k0 + d, D - d), l0);
+            h0 = _mm256_fmadd_ps(xh, bf16x8(k0 + d + 8, D - d - 8), h0);
+            l1 = _mm256_fmadd_ps(xl, bf16x8(k1 + d, D - d), l1);
+            h1 = _mm256_fmadd_ps(xh, bf16x8(k1 + d + 8, D - d - 8), h1);
+        }
+        s[j] = hsum256x2(l0, h0) * scale;
+        s[j + 1] = hsum256x2(l1, h1) * scale;
+    }
+    for (; j < n; j++) s[j] = dot_bf16_256(q, k + idx[j] * ks, D) * scale;
+}
+
+T256 static void weighted_bf16_256(const float *p, float sum, const uint16_t *v, int64_t vs, const int32_t *idx,
+                                   int64_t n, int64_t D, uint16_t *out) {
+    const __m256 vs_ = _mm256_set1_ps(sum);
+    for (int64_t d = 0; d < D; d += 32) {
+        const int64_t left = D - d;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        if (left >= 32) { /* the same fmas, loads without a tail test */
+            for (int64_t j = 0; j < n; j++) {
+                const uint16_t *vr = v + idx[j] * vs + d;
+                const __m256 pj = _mm256_set1_ps(p[j]);
+                a0 = _mm256_fmadd_ps(pj, bf16x8_all(vr), a0);
+                a1 = _mm256_fmadd_ps(pj, bf16x8_all(vr + 8), a1);
+                a2 = _mm256_fmadd_ps(pj, bf16x8_all(vr + 16), a2);
+                a3 = _mm256_fmadd_ps(pj, bf16x8_all(vr + 24), a3);
+            }
+        } else {
+            for (int64_t j = 0; j < n; j++) {
+                const uint16_t *vr = v + idx[j] * vs + d;
+                const __m256 pj = _mm256_set1_ps(p[j]);
+                a0 = _mm256_fmadd_ps(pj, bf16x8(vr, left), a0);
+                a1 = _mm256_fmadd_ps(pj, bf16x8(vr + 8, left - 8), a1);
+                a2 = _mm256_fmadd_ps(pj, bf16x8(vr + 16, left - 16), a2);
+                a3 = _mm256_fmadd_ps(pj, bf16x8(vr + 24, left - 24), a3);
+            }
+        }
+        store_bf16x8(out + d, left, round256(_mm256_div_ps(a0, vs_)));
+        store_bf16x8(out + d + 8, left - 8, round256(_mm256_div_ps(a1, vs_)));
+        store_bf16x8(out + d + 16, left - 16, round256(_mm256_div_ps(a2, vs_)));
+        store_bf16x8(out + d + 24, left - 24, round256(_mm256_div_ps(a3, vs_)));
+    }
+}
+
+T256 static void rmsnorm_row_bf16_256(const uint16_t *x, const uint16_t *w, int64_t C, float eps, uint16_t *y) {
+    __m256 lo = _mm256_setzero_ps(), hi = lo;
+    for (int64_t c = 0; c < C; c += 16) {
+        const __m256 xl = bf16x8(x + c, C - c), xh = bf16x8(x + c + 8, C - c - 8);
+        lo = _mm256_fmadd_ps(xl, xl, lo);
+        hi = _mm256_fmadd_ps(xh, xh, hi);
+    }
+    const __m128 ms = _mm_div_ss(_mm_set_ss(hsum256x2(lo, hi)), _mm_set_ss((float)C));
+    const __m128 r = _mm_div_ss(_mm_set_ss(1.0f), _mm_sqrt_ss(_mm_add_ss(ms, _mm_set_ss(eps))));
+    const __m256 vr = _mm256_set1_ps(_mm_cvtss_f32(r));
+    for (int64_t c = 0; c < C; c += 8) {
+        const __m256 t = round256(_mm256_mul_ps(bf16x8(x + c, C - c), vr));
+        store_bf16x8(y + c, C - c, round256(_mm256_mul_ps(bf16x8(w + c, C - c), t)));
+    }
+}
+
+T256 static void silu_mul_row_bf16_256(const uint16_t *g, const uint16_t *u, int64_t n, uint16_t *y) {
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256 gv = bf16x8(g + j, n - j);
+        const __m256 e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), _mm256_set1_ps(EXP_HI)));
+        const __m256 s = round256(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+        store_bf16x8(y + j, n - j, round256(_mm256_mul_ps(s, bf16x8(u + j, n - j))));
+    }
+}
+
 /* ================================================================ dispatch */
 typedef struct {
     void (*scores)(const float *, const float *, int64_t, const int32_t *, int64_t, int64_t, float, float *);
@@ -369,12 +664,21 @@ typedef struct {
     void (*weighted)(const float *, float, const float *, int64_t, const int32_t *, int64_t, int64_t, float *);
     void (*rmsnorm_row)(const float *, const float *, int64_t, float, float *);
     void (*silu_mul_row)(const float *, const float *, int64_t, float *);
+    /* bf16 storage, float32 arithmetic (softmax is shared: scores are float32 either way) */
+    void (*scores_bf16)(const float *, const uint16_t *, int64_t, const int32_t *, int64_t, int64_t, float, float *);
+    void (*weighted_bf16)(const float *, float, const uint16_t *, int64_t, const int32_t *, int64_t, int64_t,
+                          uint16_t *);
+    void (*rmsnorm_row_bf16)(const uint16_t *, const uint16_t *, int64_t, float, uint16_t *);
+    void (*silu_mul_row_bf16)(const uint16_t *, const uint16_t *, int64_t, uint16_t *);
 } Ops;
 
 static const Ops OPS[3] = {
-    {scores_s, softmax_s, weighted_s, rmsnorm_row_s, silu_mul_row_s},
-    {scores256, softmax256, weighted256, rmsnorm_row256, silu_mul_row256},
-    {scores512, softmax512, weighted512, rmsnorm_row512, silu_mul_row512},
+    {scores_s, softmax_s, weighted_s, rmsnorm_row_s, silu_mul_row_s, scores_bf16_s, weighted_bf16_s,
+     rmsnorm_row_bf16_s, silu_mul_row_bf16_s},
+    {scores256, softmax256, weighted256, rmsnorm_row256, silu_mul_row256, scores_bf16_256, weighted_bf16_256,
+     rmsnorm_row_bf16_256, silu_mul_row_bf16_256},
+    {scores512, softmax512, weighted512, rmsnorm_row512, silu_mul_row512, scores_bf16_512, weighted_bf16_512,
+     rmsnorm_row_bf16_512, silu_mul_row_bf16_512},
 };
 
 static int cpu_level(void) {
@@ -397,6 +701,35 @@ static const Ops *ops(void) {
     return &OPS[isa_level];
 }
 
+/* One (batch, head, query) of the work, in the order (b, g, i, r): neighbouring items read the same keys. */
+typedef struct {
+    int64_t b, g, h, i;
+} Item;
+
+static Item item_at(int64_t it, int64_t rep, int64_t Q, int64_t Hkv) {
+    const int64_t r = it % rep, i = (it / rep) % Q, g = (it / (rep * Q)) % Hkv, b = it / (rep * Q * Hkv);
+    return (Item){b, g, g * rep + r, i};
+}
+
+/* The keys query (b, i) may see, in key order, into idx; returns how many. */
+static int64_t allowed_keys(const uint8_t *mask, const int64_t *strides, int64_t b, int64_t i, int64_t K,
+                            int32_t *idx) {
+    int64_t n = 0;
+    if (mask == NULL) {
+        for (int64_t j = 0; j <= i && j < K; j++) idx[n++] = (int32_t)j;
+    } else {
+        const uint8_t *mr = mask + b * strides[9] + i * strides[10];
+        for (int64_t j = 0; j < K; j++)
+            if (mr[j * strides[11]]) idx[n++] = (int32_t)j;
+    }
+    return n;
+}
+
+/* A decode step over a few hundred keys takes tens of microseconds: not worth a fork. */
+static int worth_threads(int nthreads, int64_t items, int64_t K, int64_t D) {
+    return nthreads > 1 && items > 1 && items * K * D >= (1 << 20);
+}
+
 /* shape: B, H, H_kv, Q, K, D. strides (in elements): q b,h,i; k b,g,j; v b,g,j; mask b,i,j.
  * q, k, v have unit stride along D; out is (B, Q, H, D) contiguous. Returns 0, or -1 on bad
  * arguments, -2 when scratch memory cannot be allocated. */
@@ -407,9 +740,7 @@ int mlm_attention(const float *q, const float *k, const float *v, const uint8_t 
     const int64_t rep = H / Hkv, items = B * H * Q;
     const Ops *o = ops();
     int failed = 0;
-    /* a decode step over a few hundred keys takes tens of microseconds: not worth a fork */
-    const int parallel = nthreads > 1 && items > 1 && items * K * D >= (1 << 20);
-#pragma omp parallel num_threads(nthreads) if (parallel) reduction(| : failed)
+#pragma omp parallel num_threads(nthreads) if (worth_threads(nthreads, items, K, D)) reduction(| : failed)
     {
         int32_t *idx = malloc(sizeof(int32_t) * (size_t)(K + 1));
         float *s = malloc(sizeof(float) * (size_t)(K + 16));
@@ -417,29 +748,57 @@ int mlm_attention(const float *q, const float *k, const float *v, const uint8_t 
 #pragma omp for schedule(dynamic, 4) /* causal rows differ in cost; any split gives the same bits */
         for (int64_t it = 0; it < items; it++) {
             if (failed) continue;
-            /* order (b, g, i, r): neighbouring items read the same keys */
-            const int64_t r = it % rep, i = (it / rep) % Q, g = (it / (rep * Q)) % Hkv, b = it / (rep * Q * Hkv);
-            const int64_t h = g * rep + r;
-            int64_t n = 0;
-            if (mask == NULL) {
-                for (int64_t j = 0; j <= i && j < K; j++) idx[n++] = (int32_t)j;
-            } else {
-                const uint8_t *mr = mask + b * strides[9] + i * strides[10];
-                for (int64_t j = 0; j < K; j++)
-                    if (mr[j * strides[11]]) idx[n++] = (int32_t)j;
-            }
-            float *dst = out + ((b * Q + i) * H + h) * D;
+            const Item t = item_at(it, rep, Q, Hkv);
+            const int64_t n = allowed_keys(mask, strides, t.b, t.i, K, idx);
+            float *dst = out + ((t.b * Q + t.i) * H + t.h) * D;
             if (n == 0) {
                 memset(dst, 0, sizeof(float) * (size_t)D);
                 continue;
             }
-            const float *qr = q + b * strides[0] + h * strides[1] + i * strides[2];
-            o->scores(qr, k + b * strides[3] + g * strides[4], strides[5], idx, n, D, scale, s);
+            const float *qr = q + t.b * strides[0] + t.h * strides[1] + t.i * strides[2];
+            o->scores(qr, k + t.b * strides[3] + t.g * strides[4], strides[5], idx, n, D, scale, s);
             const float sum = o->softmax(s, n);
-            o->weighted(s, sum, v + b * strides[6] + g * strides[7], strides[8], idx, n, D, dst);
+            o->weighted(s, sum, v + t.b * strides[6] + t.g * strides[7], strides[8], idx, n, D, dst);
         }
         free(idx);
         free(s);
+    }
+    return failed ? -2 : 0;
+}
+
+/* mlm_attention on bf16 q, k, v (same shape, strides and codes), out bf16: bf16(mlm_attention of
+ * the widened inputs). The query row is widened once; keys and values as they are loaded. */
+int mlm_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
+                       const int64_t *shape, const int64_t *strides, float scale, uint16_t *out, int nthreads) {
+    const int64_t B = shape[0], H = shape[1], Hkv = shape[2], Q = shape[3], K = shape[4], D = shape[5];
+    if (Hkv <= 0 || H % Hkv || D <= 0 || K > INT32_MAX) return -1;
+    const int64_t rep = H / Hkv, items = B * H * Q;
+    const Ops *o = ops();
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (worth_threads(nthreads, items, K, D)) reduction(| : failed)
+    {
+        int32_t *idx = malloc(sizeof(int32_t) * (size_t)(K + 1));
+        float *s = malloc(sizeof(float) * (size_t)(K + 16)), *qf = malloc(sizeof(float) * (size_t)D);
+        failed = idx == NULL || s == NULL || qf == NULL;
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t it = 0; it < items; it++) {
+            if (failed) continue;
+            const Item t = item_at(it, rep, Q, Hkv);
+            const int64_t n = allowed_keys(mask, strides, t.b, t.i, K, idx);
+            uint16_t *dst = out + ((t.b * Q + t.i) * H + t.h) * D;
+            if (n == 0) {
+                memset(dst, 0, sizeof(uint16_t) * (size_t)D); /* bf16 +0 */
+                continue;
+            }
+            const uint16_t *qr = q + t.b * strides[0] + t.h * strides[1] + t.i * strides[2];
+            for (int64_t d = 0; d < D; d++) qf[d] = bf_s(qr[d]);
+            o->scores_bf16(qf, k + t.b * strides[3] + t.g * strides[4], strides[5], idx, n, D, scale, s);
+            const float sum = o->softmax(s, n);
+            o->weighted_bf16(s, sum, v + t.b * strides[6] + t.g * strides[7], strides[8], idx, n, D, dst);
+        }
+        free(idx);
+        free(s);
+        free(qf);
     }
     return failed ? -2 : 0;
 }
@@ -458,4 +817,20 @@ void mlm_silu_mul(const float *g, int64_t gs, const float *u, int64_t us, int64_
     const Ops *o = ops();
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M > 1 && M * N >= 65536) schedule(static)
     for (int64_t m = 0; m < M; m++) o->silu_mul_row(g + m * gs, u + m * us, N, y + m * N);
+}
+
+/* mlm_rmsnorm on bf16 x and w, y bf16: bf16(w * bf16(x * r)), r from the widened row as mlm_rmsnorm's. */
+void mlm_rmsnorm_bf16(const uint16_t *x, int64_t M, int64_t C, int64_t xs, const uint16_t *w, float eps, uint16_t *y,
+                      int nthreads) {
+    const Ops *o = ops();
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M > 1 && M * C >= 65536) schedule(static)
+    for (int64_t m = 0; m < M; m++) o->rmsnorm_row_bf16(x + m * xs, w, C, eps, y + m * C);
+}
+
+/* mlm_silu_mul on bf16 g and u, y bf16: bf16(bf16(silu(g)) * u), silu as mlm_silu_mul's. */
+void mlm_silu_mul_bf16(const uint16_t *g, int64_t gs, const uint16_t *u, int64_t us, int64_t M, int64_t N,
+                       uint16_t *y, int nthreads) {
+    const Ops *o = ops();
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M > 1 && M * N >= 65536) schedule(static)
+    for (int64_t m = 0; m < M; m++) o->silu_mul_row_bf16(g + m * gs, u + m * us, N, y + m * N);
 }
