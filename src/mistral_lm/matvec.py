@@ -1,9 +1,17 @@
-"""MatvecLinear: a single half-precision row on the CPU runs as `torch.mv`.
+"""MatvecLinear: nn.Linear with decode-shaped shortcuts for half-precision rows on the CPU.
 
-torch vectorizes bfloat16/float16 matrix-vector products on the CPU but not the (1, K) matmul
-that `F.linear` becomes, so batch-1 decoding streams weights faster through `mv`
-(bench/RESULTS.md). The loader installs it as its last module swap (`install_matvec`), after
-fusion and quantization; the module keeps nn.Linear's parameters and state-dict keys.
+bfloat16, up to `MatvecLinear.native_max_rows` (8) rows, no bias: `native.dense.linear_bf16`, a
+batch-invariant kernel: a row's output bits depend only on that row and the weight, not on the
+other rows of the call, the thread count or the slice of the weight's rows computed, which the
+fused decode step relies on (it computes each projection per thread on row slices of the weight
+and must equal this module bit for bit). It is also the faster one at decode: each weight row is
+streamed once for all the rows, prefetched into L2 (one row of a 1536 x 576 weight, 2 threads,
+from DRAM: ~30-60 GB/s against torch.mv's ~10 here). float16, one row: `torch.mv`, which torch
+vectorizes on the CPU unlike the (1, K) matmul `F.linear` becomes; so does a bfloat16 row the
+kernel does not take (autograd through it, no C library). Everything else: `F.linear`.
+
+The loader installs it as its last module swap (`install_matvec`), after fusion and
+quantization; the module keeps nn.Linear's parameters and state-dict keys.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .native import dense
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -28,19 +38,32 @@ def _(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class MatvecLinear(nn.Linear):
-    """nn.Linear whose forward takes `torch.mv` for one half-precision row on the CPU.
+    """nn.Linear whose forward takes the native bfloat16 kernel for up to `native_max_rows`
+    bfloat16 rows, and `torch.mv` for one float16 row, on the CPU.
 
     >>> layer = install_matvec(nn.Linear(8, 4, bias=False).to(torch.bfloat16))
     >>> type(layer).__name__, layer(torch.ones(1, 1, 8, dtype=torch.bfloat16)).shape
     ('MatvecLinear', torch.Size([1, 1, 4]))
     """
 
+    native_max_rows = 8  # decode batches; beyond, torch's GEMM is the faster one
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype in _HALF and x.device.type == "cpu" and self.bias is None and x.numel() == x.shape[-1]
-                and self.weight.dtype == x.dtype):
+        w = self.weight
+        if x.device.type != "cpu" or self.bias is not None or w.dtype != x.dtype or x.dtype not in _HALF:
+            return F.linear(x, w, self.bias)
+        if x.dtype == torch.bfloat16 and self._native(x):
+            return dense.linear_bf16(x, w)  # the opaque op ``mistral_lm::bf16_linear`` when compiling
+        if x.numel() == x.shape[-1]:
             mv = matvec if torch.compiler.is_compiling() else torch.mv
-            return mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight, self.bias)
+            return mv(w, x.reshape(-1)).view(*x.shape[:-1], -1)
+        return F.linear(x, w)
+
+    def _native(self, x: torch.Tensor) -> bool:
+        """Few rows, a row-major weight, no autograd through it (the kernel has no backward)."""
+        w = self.weight
+        return (x.numel() <= self.native_max_rows * x.shape[-1] and w.stride(-1) == 1 and dense.available()
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
 def install_matvec(model: nn.Module) -> nn.Module:

@@ -1,0 +1,356 @@
+/* Batch-invariant bfloat16 linear for CPU decode (see dense.py).
+ *
+ *   out[m, n] = bf16_rne(dot(x[m, :], w[n, :]))     x (M, K), w (N, K), out (M, N), all bfloat16
+ *
+ * The dot product has one fixed order, attention.c's dot_s: each bfloat16 is widened to float32
+ * exactly (bits << 16); 16 float32 lane accumulators, lane l takes k = l, l+16, l+32, ... in
+ * increasing k with fma (a product of two bfloat16 is exact in float32 unless it under- or
+ * overflows, so fma == mul + add on ordinary data; every path uses fma, so they agree on all data;
+ * the zero padding of a last partial chunk adds +0, which changes nothing as an accumulator that
+ * starts at +0 is never -0), then one tree: l + l+8, + l+4, + l+2, + l+1. The float32 sum is
+ * rounded to bfloat16 as c10::BFloat16 does (NaN -> 0x7FC0, else round to nearest even).
+ *
+ * So out[m, n] depends only on x[m] and w[n]: not on M, the thread count, or which slice of N a
+ * call computes (the fused decode step calls it per thread on row slices of w). The AVX-512, AVX2
+ * (two 8-lane halves = the 16 lanes) and scalar paths perform exactly these operations, so all
+ * three give bit-identical results.
+ *
+ * Speed: decode reads each weight once from DRAM, so the kernels stream every weight row once for
+ * all (up to 8) activation rows, several weight rows at a time (independent chains, more loads in
+ * flight) and prefetch each row's stream PREFETCH_AHEAD bytes ahead into L2 (_MM_HINT_T1; an extra
+ * prefetch into L1 made it slower here, as for ggml.c). Prefetching along each row's own stream
+ * rather than the flat address lifted one thread's cold rate from ~18 to ~22 GB/s (49152 x 576)
+ * and from ~18 to ~35 GB/s (1536 x 576, 30 matrices in turn).
+ *
+ * Contraction of a*b+c into fma is switched off: every fma here is written out.
+ */
+#pragma GCC optimize("fp-contract=off")
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define T256 __attribute__((target("avx2,fma")))
+#define AI inline __attribute__((always_inline))
+
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 4096 /* bytes along each row; 1-2 KiB measured slower here, 8 KiB alike */
+#endif
+#define MB_MAX 8           /* activation rows that share one pass over the weights */
+#define PARALLEL_MIN 65536 /* N * K below which a fork costs more than a second core gives */
+
+static int isa_level = -1;
+
+static inline float widen(uint16_t b) {
+    const uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t round_bf16(float f) { /* c10::BFloat16's round_to_nearest_even */
+    if (f != f) return 0x7FC0;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Where a group of R weight rows prefetches: PREFETCH_AHEAD bytes further along each row, wrapping
+ * past a row's end into the same row of a later group (R rows on), so every row's stream has the
+ * same lead and the next group's rows do not start on demand misses (a 576-wide row is 1152 bytes). */
+typedef struct {
+    int64_t row, off; /* bytes from the group's row r: whole groups ahead, and within the row */
+} Ahead;
+
+static inline Ahead ahead_start(int64_t K, int64_t ldw, int R) {
+    const int64_t rowb = K * 2 > 64 ? K * 2 : 64;
+    return (Ahead){(PREFETCH_AHEAD / rowb) * R * ldw * 2, PREFETCH_AHEAD % rowb};
+}
+
+static inline void ahead_step(Ahead *a, int64_t K, int64_t ldw, int R) { /* 64 bytes on */
+    const int64_t rowb = K * 2 > 64 ? K * 2 : 64;
+    a->off += 64;
+    if (a->off >= rowb) {
+        a->off -= rowb;
+        a->row += R * ldw * 2;
+    }
+}
+
+/* ================================================================ scalar: the definition */
+static float tree16(const float a[16]) {
+    float s8[8], s4[4], s2[2];
+    for (int l = 0; l < 8; l++) s8[l] = a[l] + a[l + 8];
+    for (int l = 0; l < 4; l++) s4[l] = s8[l] + s8[l + 4];
+    for (int l = 0; l < 2; l++) s2[l] = s4[l] + s4[l + 2];
+    return s2[0] + s2[1];
+}
+
+static float dot_s(const uint16_t *x, const uint16_t *w, int64_t K) {
+    float acc[16] = {0};
+    for (int64_t k = 0; k < K; k += 16)
+        for (int l = 0; l < 16; l++) {
+            const int in = k + l < K;
+            acc[l] = fmaf(in ? widen(x[k + l]) : 0.0f, in ? widen(w[k + l]) : 0.0f, acc[l]);
+        }
+    return tree16(acc);
+}
+
+static void rows_s(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t ldw,
+                   int64_t n0, int64_t n1, uint16_t *out, int64_t ldo) {
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < M; m++) out[m * ldo + n] = round_bf16(dot_s(x + m * ldx, w + n * ldw, K));
+}
+
+/* ================================================================ AVX-512 */
+T512 static AI float hsum512(__m512 a) {
+    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+/* 16 bfloat16 -> float32: each word to the high half of its lane, zeros below (one vpermw; the
+ * zero-extend-and-shift pair took measurably longer with the weights in cache) */
+T512 static AI __m512 widen512(__m256i b) {
+    const __m512i idx = _mm512_set_epi16(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6, 6, 5, 5,
+                                         4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, idx, _mm512_castsi256_si512(b)));
+}
+
+T512 static AI __m512 load512(const uint16_t *p) { return widen512(_mm256_loadu_si256((const __m256i *)p)); }
+
+T512 static AI __m512 loadm512(const uint16_t *p, __mmask16 m) { return widen512(_mm256_maskz_loadu_epi16(m, p)); }
+
+/* MB activation rows times R weight rows (w0, w0 + ldw, ...): MB * R independent 16-lane chains
+ * over one pass of the R rows. MB and R are constants at every call site (always inlined). */
+T512 static AI void group512(const int MB, const int R, const uint16_t *x, int64_t ldx, int64_t K, const uint16_t *w0,
+                             int64_t ldw, uint16_t *out, int64_t ldo) {
+    __m512 acc[4][MB_MAX];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; m++) acc[r][m] = _mm512_setzero_ps();
+    Ahead pf = ahead_start(K, ldw, R);
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+            _mm_prefetch((const char *)(w0 + r * ldw) + pf.row + pf.off, _MM_HINT_T1);
+        ahead_step(&pf, K, ldw, R);
+#pragma GCC unroll 2
+        for (int h = 0; h < 32; h += 16) {
+            __m512 wv[4];
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) wv[r] = load512(w0 + r * ldw + k + h);
+#pragma GCC unroll 8
+            for (int m = 0; m < MB; m++) {
+                const __m512 xv = load512(x + m * ldx + k + h);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) acc[r][m] = _mm512_fmadd_ps(xv, wv[r], acc[r][m]);
+            }
+        }
+    }
+    for (; k < K; k += 16) {
+        const __mmask16 t = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        __m512 wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) wv[r] = loadm512(w0 + r * ldw + k, t);
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; m++) {
+            const __m512 xv = loadm512(x + m * ldx + k, t);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) acc[r][m] = _mm512_fmadd_ps(xv, wv[r], acc[r][m]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; m++) out[m * ldo + r] = round_bf16(hsum512(acc[r][m]));
+}
+
+T512 static AI void tile512(const int MB, const int R, const uint16_t *x, int64_t ldx, int64_t K, const uint16_t *w,
+                            int64_t ldw, int64_t n0, int64_t n1, uint16_t *out, int64_t ldo) {
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) group512(MB, R, x, ldx, K, w + n * ldw, ldw, out + n, ldo);
+    for (; n < n1; n++) group512(MB, 1, x, ldx, K, w + n * ldw, ldw, out + n, ldo);
+}
+
+/* rows per weight group: four for few activation rows (more loads in flight), fewer where MB * R
+ * chains would spill the 32 registers */
+#define TILE512(MB, R) \
+    T512 static void tile512_##MB(const uint16_t *x, int64_t ldx, int64_t K, const uint16_t *w, int64_t ldw, \
+                                  int64_t n0, int64_t n1, uint16_t *out, int64_t ldo) {                       \
+        tile512(MB, R, x, ldx, K, w, ldw, n0, n1, out, ldo);                                                \
+    }
+TILE512(1, 4)
+TILE512(2, 4)
+TILE512(3, 4)
+TILE512(4, 4)
+TILE512(5, 3)
+TILE512(6, 3)
+TILE512(7, 3)
+TILE512(8, 2)
+
+typedef void (*tile_fn)(const uint16_t *, int64_t, int64_t, const uint16_t *, int64_t, int64_t, int64_t, uint16_t *,
+                        int64_t);
+static const tile_fn TILES512[MB_MAX + 1] = {NULL,       tile512_1, tile512_2, tile512_3, tile512_4,
+                                             tile512_5, tile512_6, tile512_7, tile512_8};
+
+static void rows512(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t ldw, int64_t n0,
+                    int64_t n1, uint16_t *out, int64_t ldo) {
+    for (int64_t m = 0; m < M; m += MB_MAX) {
+        const int64_t mb = M - m < MB_MAX ? M - m : MB_MAX;
+        TILES512[mb](x + m * ldx, ldx, K, w, ldw, n0, n1, out + m * ldo, ldo);
+    }
+}
+
+/* ================================================================ AVX2: the 16 lanes as two halves */
+T256 static AI float hsum256x2(__m256 lo, __m256 hi) {
+    const __m256 s8 = _mm256_add_ps(lo, hi);
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+T256 static AI __m256 load256(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* a last partial chunk of 16, zero-padded (AVX2 has no 16-bit masked load) */
+static AI void pad16(const uint16_t *p, int64_t left, uint16_t buf[16]) {
+    memset(buf, 0, 32);
+    memcpy(buf, p, (size_t)left * 2);
+}
+
+T256 static AI void group256(const int MB, const int R, const uint16_t *x, int64_t ldx, int64_t K, const uint16_t *w0,
+                             int64_t ldw, uint16_t *out, int64_t ldo) {
+    __m256 lo[2][4], hi[2][4]; /* [r][m]: 2 * R * MB accumulators, <= 8 of the 16 registers */
+#pragma GCC unroll 2
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) lo[r][m] = hi[r][m] = _mm256_setzero_ps();
+    const int64_t kf = K & ~(int64_t)15;
+    Ahead pf = ahead_start(K, ldw, R);
+    for (int64_t k = 0; k < kf; k += 16) {
+        if ((k & 31) == 0) {
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)(w0 + r * ldw) + pf.row + pf.off, _MM_HINT_T1);
+            ahead_step(&pf, K, ldw, R);
+        }
+        __m256 wl[2], wh[2];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            wl[r] = load256(w0 + r * ldw + k);
+            wh[r] = load256(w0 + r * ldw + k + 8);
+        }
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) {
+            const __m256 xl = load256(x + m * ldx + k), xh = load256(x + m * ldx + k + 8);
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++) {
+                lo[r][m] = _mm256_fmadd_ps(xl, wl[r], lo[r][m]);
+                hi[r][m] = _mm256_fmadd_ps(xh, wh[r], hi[r][m]);
+            }
+        }
+    }
+    if (kf < K) {
+        uint16_t wb[2][16], xb[16];
+        __m256 wl[2], wh[2];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; r++) {
+            pad16(w0 + r * ldw + kf, K - kf, wb[r]);
+            wl[r] = load256(wb[r]);
+            wh[r] = load256(wb[r] + 8);
+        }
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) {
+            pad16(x + m * ldx + kf, K - kf, xb);
+            const __m256 xl = load256(xb), xh = load256(xb + 8);
+#pragma GCC unroll 2
+            for (int r = 0; r < R; r++) {
+                lo[r][m] = _mm256_fmadd_ps(xl, wl[r], lo[r][m]);
+                hi[r][m] = _mm256_fmadd_ps(xh, wh[r], hi[r][m]);
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int m = 0; m < MB; m++) out[m * ldo + r] = round_bf16(hsum256x2(lo[r][m], hi[r][m]));
+}
+
+T256 static AI void tile256(const int MB, const int R, const uint16_t *x, int64_t ldx, int64_t K, const uint16_t *w,
+                            int64_t ldw, int64_t n0, int64_t n1, uint16_t *out, int64_t ldo) {
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) group256(MB, R, x, ldx, K, w + n * ldw, ldw, out + n, ldo);
+    for (; n < n1; n++) group256(MB, 1, x, ldx, K, w + n * ldw, ldw, out + n, ldo);
+}
+
+#define TILE256(MB, R) \
+    T256 static void tile256_##MB(const uint16_t *x, int64_t ldx, int64_t K, const uint16_t *w, int64_t ldw, \
+                                  int64_t n0, int64_t n1, uint16_t *out, int64_t ldo) {                       \
+        tile256(MB, R, x, ldx, K, w, ldw, n0, n1, out, ldo);                                                \
+    }
+TILE256(1, 2)
+TILE256(2, 2)
+TILE256(3, 1)
+TILE256(4, 1)
+
+static const tile_fn TILES256[5] = {NULL, tile256_1, tile256_2, tile256_3, tile256_4};
+
+static void rows256(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t ldw, int64_t n0,
+                    int64_t n1, uint16_t *out, int64_t ldo) {
+    for (int64_t m = 0; m < M; m += 4) {
+        const int64_t mb = M - m < 4 ? M - m : 4;
+        TILES256[mb](x + m * ldx, ldx, K, w, ldw, n0, n1, out + m * ldo, ldo);
+    }
+}
+
+/* ================================================================ dispatch */
+typedef void (*rows_fn)(const uint16_t *, int64_t, int64_t, int64_t, const uint16_t *, int64_t, int64_t, int64_t,
+                        uint16_t *, int64_t);
+static const rows_fn ROWS[3] = {rows_s, rows256, rows512};
+
+static int cpu_level(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+}
+
+int mlm_set_isa(int cap) {
+    const int have = cpu_level();
+    isa_level = cap < have ? (cap < 0 ? 0 : cap) : have;
+    return isa_level;
+}
+
+/* out[m * ldo + n] = bf16(dot(x[m * ldx + :K], w[n * ldw + :K])) for m < M, n < N (strides in
+ * elements, unit stride along K). nthreads < 1 counts as 1. Returns 0, or -1 on bad arguments. */
+int mlm_bf16_linear(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N, int64_t ldw,
+                    uint16_t *out, int64_t ldo, int nthreads) {
+    if (M < 0 || K < 0 || N < 0 || (M > 1 && ldx < K) || (N > 1 && ldw < K) || (M > 1 && ldo < N)) return -1;
+    if (M == 0 || N == 0) return 0;
+    if (out == NULL || (K > 0 && (x == NULL || w == NULL))) return -1;
+    if (isa_level < 0) mlm_set_isa(2);
+    const rows_fn rows = ROWS[isa_level];
+    const int nt = nthreads < 1 ? 1 : nthreads;
+    if (nt == 1 || N < 2 * 4 || N * K < PARALLEL_MIN) {
+        rows(x, M, K, ldx, w, ldw, 0, N, out, ldo);
+        return 0;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        /* contiguous slices of whole 4-row groups: each thread streams its own part of w */
+        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+        const int64_t per = ((N + T - 1) / T + 3) & ~(int64_t)3;
+        const int64_t n0 = t * per < N ? t * per : N, n1 = n0 + per < N ? n0 + per : N;
+        if (n0 < n1) rows(x, M, K, ldx, w, ldw, n0, n1, out, ldo);
+    }
+    return 0;
+}
