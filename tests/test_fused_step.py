@@ -123,3 +123,43 @@ def test_other_models_never_take_it(calls):
     ids = torch.randint(0, 128, (1, 6))
     decode(dense, ids, torch.ones_like(ids), 3, cache_size=16)
     assert not calls
+
+
+# ------------------------------------------------------------------ bfloat16 activations
+def bf16_model(kind: str) -> MistralForCausalLM:
+    from mistral_lm import BitsAndBytesConfig
+
+    if kind == "bf16":
+        return MistralForCausalLM.from_pretrained(PATH, torch_dtype=torch.bfloat16)
+    return MistralForCausalLM.from_pretrained(PATH, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("kind", ["bf16", "nf4", "fp4"])
+def test_bfloat16_models_fused_step_equals_the_modules_bitwise(kind, calls, monkeypatch):
+    """bfloat16 weights (dense.c) and NF4/FP4 computing in bfloat16 (nf4.c): every tensor between
+    kernels is bfloat16 in both paths, rounded at the same points."""
+    model = bf16_model(kind)
+    kinds = {native_step.LIN_BF16} if kind == "bf16" else {native_step.LIN_NF4}
+    if not native_step.available(True, frozenset(kinds)):
+        pytest.skip("the bfloat16 kernels could not be built here")
+    ids, mask = prompts()
+    fused = decode(model, ids, mask, 10)
+    assert len(calls) == 10 and fused.dtype == torch.bfloat16
+    with torch_threads(1):
+        assert torch.equal(fused, decode(model, ids, mask, 10))
+    modules_only(monkeypatch)
+    assert torch.equal(fused, decode(model, ids, mask, 10))
+
+
+def test_more_rows_than_the_kernels_take_run_the_modules(calls):
+    """A bfloat16 model's linears use dense.c for up to `MatvecLinear.native_max_rows` rows and
+    torch's GEMM above: a wider batch must not be fused (it would compute other bits)."""
+    from mistral_lm.matvec import MatvecLinear
+
+    model = bf16_model("bf16")
+    if not native_step.available(True, frozenset({native_step.LIN_BF16})):
+        pytest.skip("the bfloat16 kernels could not be built here")
+    ids, mask = prompts(MatvecLinear.native_max_rows + 1, 6)
+    decode(model, ids, mask, 2)
+    assert not calls

@@ -14,8 +14,11 @@ from .conftest import tiny_config
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_single_half_precision_row_takes_mv_and_equals_linear(dtype, monkeypatch):
+def test_single_half_precision_row_with_autograd_takes_mv_and_equals_linear(dtype, monkeypatch):
+    """With autograd on (the weight requires grad) a row takes torch.mv; without it, bfloat16 rows
+    take the native kernel (tests/test_native_dense.py)."""
     module = install_matvec(nn.Linear(96, 200, bias=False).to(dtype))
+    assert torch.is_grad_enabled() and module.weight.requires_grad
     x = torch.randn(1, 1, 96, dtype=dtype)
     expected = F.linear(x, module.weight)
     calls = []

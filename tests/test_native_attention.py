@@ -307,11 +307,12 @@ def test_custom_ops_compile_in_both_dtypes(dtype):
     assert out.dtype == dtype and torch.equal(out, block(q, k, v))
 
 
-def test_native_is_registered_and_the_float32_default():
+def test_native_is_registered_and_the_float32_and_bfloat16_default():
     assert "native" in ATTENTION_FUNCTIONS
     assert check_implementation("native") == "native"
-    assert check_implementation(None, torch.float32) == ("native" if na.available() else "sdpa")
-    assert check_implementation(None, torch.bfloat16) == "sdpa"
+    for dtype in (torch.float32, torch.bfloat16):
+        assert check_implementation(None, dtype) == ("native" if na.available() else "sdpa")
+    assert check_implementation(None, torch.float16) == "sdpa"
 
 
 def test_training_runs_on_sdpa_with_gradients():

@@ -9,10 +9,10 @@ masked half (SDPA's `is_causal`, flash-attn's `causal`) do. `causal=True` says t
 given mask that is causal and banded by `window` alone, for kernels that take a window instead
 of a mask (flash-attn).
 
-"native" (the default for float32 models on CPU when the C kernels build) is batch-invariant:
+"native" (the default for float32 and bfloat16 models on CPU when the C kernels build) is batch-invariant:
 a query's output does not depend on the other queries of the call, the number of cache slots or
 the threads (native/attention.py), so a decode step equals that token of a prefill bit for bit.
-It serves float32 CPU inference; other dtypes, devices and autograd run on SDPA.
+It serves float32 and bfloat16 CPU inference; other dtypes, devices and autograd run on SDPA.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def native_attention(
 ) -> tuple[torch.Tensor, None]:
     """Our C kernel (native/attention.c), batch-invariant; SDPA where it does not apply
     (not float32 on CPU, gradients needed, dropout in training)."""
-    if (training and dropout > 0.0) or not native.supports(q, k, v):
+    if (training and dropout > 0.0) or not (native.supports(q, k, v) or native.supports_bf16(q, k, v)):
         return sdpa_attention(q, k, v, mask, scale, dropout, training)
     return native.attention(q, k, v, mask, scale), None
 
@@ -110,9 +110,9 @@ ATTENTION_FUNCTIONS: dict[str, AttentionFn] = {
 
 
 def default_implementation(dtype: torch.dtype | None = None) -> str:
-    """The default kernel: "native" for float32 (or unknown) models when the C kernels are available,
-    else "sdpa"."""
-    return "native" if dtype in (None, torch.float32) and native.available() else "sdpa"
+    """The default kernel: "native" for float32, bfloat16 (or unknown) models when the C kernels are
+    available, else "sdpa"."""
+    return "native" if dtype in (None, torch.float32, torch.bfloat16) and native.available() else "sdpa"
 
 
 def check_implementation(name: str | None, dtype: torch.dtype | None = None) -> str:

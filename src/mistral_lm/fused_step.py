@@ -1,21 +1,27 @@
-"""A decode step's layers in one native call, for GGUF block models (the CLI's, the server's and
-`generate()`'s path on a .gguf).
+"""A decode step's layers in one native call: GGUF block models (the CLI's, the server's and
+`generate()`'s path on a .gguf), bfloat16 models, and NF4/FP4 models computing in bfloat16.
 
 Why: on a small model a decode step from Python is ~400 kernel calls, each paying dispatch and
-tensor bookkeeping; the Python side costs three times the arithmetic (bench/RESULTS.md). step.c
+tensor bookkeeping; the Python side costs more than the arithmetic (bench/RESULTS.md). step.c
 runs the same kernels in the same order from a C loop, so its hidden states equal the module
 path's bit for bit, and the module path stays the definition (tests compare the two).
 
 `decode_layers` takes a step only when the modules would compute exactly what step.c does:
-- every layer is the stock decoder layer, its seven projections `GGUFBlockLinear`s without bias,
-  its norms float32 `MistralRMSNorm`s on the CPU, its activation SiLU;
-- no forward hook or pre-hook on any of them (nor a global one), no attention dropout in training, no
-  autograd through a norm weight, no per-layer outputs asked for (hidden states, attentions);
+- every layer is the stock decoder layer, its norms `MistralRMSNorm`s on the CPU, its activation
+  SiLU, and its seven projections, without bias, one of:
+  float32 activations: `GGUFBlockLinear`s (q8 activations, as llama.cpp);
+  bfloat16 activations: `MatvecLinear`s with bfloat16 weights (dense.c below
+  `MatvecLinear.native_max_rows` rows) or `NF4Linear`s computing in bfloat16 on nf4.c (below
+  `NF4Linear.native_max_rows`), and norm weights in bfloat16;
+- no forward hook or pre-hook on any of them (nor a global one), no attention dropout in
+  training, no autograd through a weight, no per-layer outputs asked for (hidden states,
+  attentions);
 - one token per row, a cache step that writes one slot then reads (`StepMode.WRITE_THEN_READ`),
-  a float32 CPU cache, the native attention.
-Anything else returns None and the modules run. The layer table (pointers to the blocks and norm
-weights) is built once per decoder and checked against the modules at every step, so swapping a
-module, wrapping it (peft), hooking it or re-pointing a weight's storage is seen at once.
+  a CPU cache in the activation type, the native attention.
+Anything else returns None and the modules run. The layer table (pointers to weights and norms)
+is built once per decoder and checked against the modules at every step, so swapping a module,
+wrapping it (peft), hooking it or re-pointing a weight's storage (`.data =`, a fusion released)
+is seen at once.
 """
 
 from __future__ import annotations
@@ -29,11 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from .cache import CachePlan, KVCache, StepMode
+from .matvec import MatvecLinear
 from .native import step as native_step
 from .quantization.gguf_blocks import GGUFBlockLinear
+from .quantization.modules import NF4Linear
 
 _PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                 ("mlp", ("gate_proj", "up_proj", "down_proj")))
+_ACTIVATION = {False: torch.float32, True: torch.bfloat16}
 
 
 def _parts(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
@@ -50,23 +59,25 @@ class _Table:
     """step.c's layer table and what it was built from. The links are (dict, key, value) triples,
     held as three tuples, true while the modules are the ones the table describes: every module
     under its parent, every weight under its module, the attributes step.c copied (epsilons,
-    scale, activation). Checked with C-level iteration: a step checks ~1400 of them."""
+    scale, activation). Checked with C-level iteration: a step checks over a thousand of them."""
 
     dicts: tuple[dict, ...]
     keys: tuple[str, ...]
     values: tuple[Any, ...]
     hooks: tuple[dict, ...]  # every module's forward hook and pre-hook dicts: one non-empty, the modules run
     attention: tuple[torch.nn.Module, ...]  # in training mode with attention dropout, the modules run
-    norms: tuple[torch.Tensor, ...]  # norm weights (autograd through them: the modules run)
-    pointers: tuple[int, ...]  # the norm weights' storage, which the table points to
+    pointed: tuple[torch.Tensor, ...]  # tensors the table points into (autograd through one: the modules run)
+    pointers: tuple[int, ...]  # and their storage
     layers: ctypes.Array  # step.c's Layer entries
     dims: tuple[int, int, int, int, int, int]  # C, H, H_kv, D, F, L
     scale: float
+    bf16: bool  # the activation type: bfloat16, else float32
+    max_rows: int  # the most rows the modules run on the kernels step.c calls
     cache_arrays: tuple[list, Any, Any] | None = None  # the last cache buffers and their pointer arrays
 
     def current(self) -> bool:
         return all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values)) and all(
-            map(operator.eq, map(torch.Tensor.data_ptr, self.norms), self.pointers))
+            map(operator.eq, map(torch.Tensor.data_ptr, self.pointed), self.pointers))
 
 
 def _links(decoder: Any, parts: list[torch.nn.Module]) -> list[tuple[dict, str, Any]]:
@@ -83,28 +94,58 @@ def _links(decoder: Any, parts: list[torch.nn.Module]) -> list[tuple[dict, str, 
             links += [(norm._parameters, "weight", norm.weight), (norm.__dict__, "variance_epsilon",
                                                                   norm.variance_epsilon)]
         for lin in lins:
-            links += [(lin._buffers, "blocks", lin.blocks), (lin._buffers, "row_order", lin.row_order),
-                      (lin._parameters, "bias", lin.bias), (lin.__dict__, "compute_dtype", lin.compute_dtype)]
+            links += [(lin._parameters, "bias", lin.bias)]
+            if isinstance(lin, MatvecLinear):
+                links += [(lin._parameters, "weight", lin.weight)]
+            else:  # GGUFBlockLinear, NF4Linear: buffers, and the dtype they compute in
+                links += [(lin._buffers, name, lin._buffers[name]) for name in lin._buffers]
+                links += [(lin.__dict__, "compute_dtype", lin.compute_dtype)]
+            if isinstance(lin, NF4Linear):
+                links += [(lin.__dict__, "quant_type", lin.quant_type), (lin.__dict__, "_native", lin._native)]
     return links
 
 
-def _build(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
-    if not native_step.available():
+def _entry(lin: torch.nn.Module, bf16: bool) -> tuple[Any, list[torch.Tensor], int] | None:
+    """(step.c's entry, the tensors it points into, the most rows the module computes with the
+    same kernel) for one projection, or None if step.c cannot compute it as the module does."""
+    if lin.bias is not None:
         return None
+    if not bf16:
+        if type(lin) is not GGUFBlockLinear or lin.compute_dtype != torch.float32:
+            return None
+        entry = native_step.ggml_entry(lin.blocks, lin.ggml_type, lin.in_features, lin.row_order)
+        return entry, [], 1 << 30
+    if type(lin) is MatvecLinear and lin.weight.dtype == torch.bfloat16:
+        entry = native_step.bf16_entry(lin.weight)
+        return None if entry is None else (entry, [lin.weight], MatvecLinear.native_max_rows)
+    if type(lin) is NF4Linear and lin.compute_dtype == torch.bfloat16 and lin._native:
+        from .quantization.functional import CODEBOOKS
+
+        codebook = CODEBOOKS[lin.quant_type]
+        entry = native_step.nf4_entry(lin.weight_packed, lin.weight_absmax, codebook, lin.blocksize, lin.in_features)
+        if entry is None:
+            return None
+        return entry, [lin.weight_packed, lin.weight_absmax, codebook], lin.native_max_rows - 1
+    return None
+
+
+def _build(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
     try:
         parts = [p for layer in decoder.layers._modules.values() for p in _parts(layer)]
     except (KeyError, AttributeError):
         return None
     layer_kind, attention_kind, mlp_kind, norm_kind = stock
-    kinds = (layer_kind, attention_kind, mlp_kind, norm_kind, norm_kind, *(GGUFBlockLinear,) * 7)
-    if not parts or any(type(p) is not kind for p, kind in zip(parts, kinds * (len(parts) // 12))):
+    if not parts or any(type(p) is not kind for i, p in enumerate(parts) if i % 12 < 5
+                        for kind in (stock[min(i % 12, 3)],)):
         return None
     cfg = decoder.config
     c, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     hd, kd = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    bf16 = parts[3].weight.dtype == torch.bfloat16
+    kinds = set()
     if d % 2 or c % 32 or hd % 32:
         return None
-    entries = []
+    entries, pointed, max_rows = [], [], 1 << 30
     for i in range(0, len(parts), 12):
         layer, attn, mlp, ln1, ln2, *lins = parts[i:i + 12]
         if mlp.act_fn is not F.silu or attn.scaling != parts[1].scaling or (
@@ -113,29 +154,37 @@ def _build(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
             return None
         for norm in (ln1, ln2):
             w = norm.weight
-            if w.dtype != torch.float32 or not w.is_cpu or w.shape != (c,) or not w.is_contiguous():
+            if w.dtype != _ACTIVATION[bf16] or not w.is_cpu or w.shape != (c,) or not w.is_contiguous():
                 return None
         shapes = [(lin.out_features, lin.in_features) for lin in lins]
-        if shapes != [(hd, c), (kd, c), (kd, c), (c, hd), (f, c), (f, c), (c, f)] or any(
-                lin.compute_dtype != torch.float32 or lin.bias is not None for lin in lins):
+        if shapes != [(hd, c), (kd, c), (kd, c), (c, hd), (f, c), (f, c), (c, f)]:
             return None
-        linears = [native_step.linear_entry(lin.blocks, lin.ggml_type, lin.in_features, lin.row_order)
-                   for lin in lins]
+        found = [_entry(lin, bf16) for lin in lins]
+        if any(e is None for e in found):
+            return None
+        for entry, tensors, rows in found:  # type: ignore[misc]
+            kinds.add(entry.kind)
+            pointed += tensors
+            max_rows = min(max_rows, rows)
         entries.append(native_step.Layer(ln1.weight.data_ptr(), ln2.weight.data_ptr(), ln1.variance_epsilon,
-                                         ln2.variance_epsilon, *linears))
-    norms = tuple(w for i in range(0, len(parts), 12) for w in (parts[i + 3].weight, parts[i + 4].weight))
+                                         ln2.variance_epsilon, *(e[0] for e in found)))  # type: ignore[index]
+        pointed += [ln1.weight, ln2.weight]
+    if not native_step.available(bf16, frozenset(kinds)):
+        return None
     dims = (c, cfg.num_attention_heads, cfg.num_key_value_heads, d, f, len(entries))
     dicts, keys, values = zip(*_links(decoder, parts))
     hooks = tuple(d for p in parts for d in (p._forward_hooks, p._forward_pre_hooks))
-    return _Table(dicts, keys, values, hooks, tuple(parts[1::12]), norms, tuple(w.data_ptr() for w in norms),
-                  (native_step.Layer * len(entries))(*entries), dims, float(parts[1].scaling))
+    return _Table(dicts, keys, values, hooks, tuple(parts[1::12]), tuple(pointed), tuple(t.data_ptr() for t in pointed),
+                  (native_step.Layer * len(entries))(*entries), dims, float(parts[1].scaling), bf16, max_rows)
 
 
 def _may_qualify(decoder: Any) -> bool:
-    """A quick no for models of other layer kinds (int4, dense, peft-wrapped), before any table is built."""
+    """A quick no for models of other layer kinds (int4, int8, float32 dense, peft-wrapped),
+    before any table is built."""
     first = next(iter(decoder.layers._modules.values()), None)
     attn = None if first is None else first._modules.get("self_attn")
-    return attn is not None and type(attn._modules.get("q_proj")) is GGUFBlockLinear
+    q = None if attn is None else attn._modules.get("q_proj")
+    return type(q) in (GGUFBlockLinear, NF4Linear) or (type(q) is MatvecLinear and q.weight.dtype == torch.bfloat16)
 
 
 def _table(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
@@ -150,14 +199,14 @@ def _table(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
 
 
 def _runnable(table: _Table, dropout: float) -> bool:
-    """No hooks, no attention dropout in training, no autograd through a norm weight: the
-    modules would compute just what step.c does."""
+    """No hooks, no attention dropout in training, no autograd through a weight: the modules
+    would compute just what step.c does."""
     hooks = torch.nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or any(table.hooks):
         return False
     if dropout > 0 and any(attn.training for attn in table.attention):
         return False
-    return not (torch.is_grad_enabled() and any(w.requires_grad for w in table.norms))
+    return not (torch.is_grad_enabled() and any(w.requires_grad for w in table.pointed))
 
 
 def _cache_arrays(table: _Table, cache: KVCache, plan: CachePlan) -> tuple[Any, Any, tuple[int, ...]] | None:
@@ -170,8 +219,8 @@ def _cache_arrays(table: _Table, cache: KVCache, plan: CachePlan) -> tuple[Any, 
     layers = table.dims[5]
     if len(keys) != layers:
         return None
-    stride = keys[0].stride()
-    if any(t.dtype != torch.float32 or not t.is_cpu or t.stride() != stride for t in buffers):
+    stride, dtype = keys[0].stride(), _ACTIVATION[table.bf16]
+    if any(t.dtype != dtype or not t.is_cpu or t.stride() != stride for t in buffers):
         return None
     pointers = ctypes.c_void_p * layers
     key_ptrs, value_ptrs = pointers(*(k.data_ptr() for k in keys)), pointers(*(v.data_ptr() for v in values))
@@ -189,13 +238,14 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
         return None
     plan, mask = step.plan, step.mask
     if (plan.mode is not StepMode.WRITE_THEN_READ or plan.write_slots.numel() != 1 or h.dim() != 3
-            or h.shape[1] != 1 or h.dtype != torch.float32 or not h.is_cpu or mask is None
+            or h.shape[1] != 1 or h.dtype not in (torch.float32, torch.bfloat16) or not h.is_cpu or mask is None
             or step.attn_implementation != "native" or mask.dtype != torch.bool or mask.shape[-1] != plan.used):
         return None
     if decoder.__dict__.get("_fused_step") is None and not _may_qualify(decoder):
         return None
     table = _table(decoder, stock)
-    if table is None or not _runnable(table, decoder.config.attention_dropout) or (torch.is_grad_enabled() and h.requires_grad):
+    if (table is None or h.dtype != _ACTIVATION[table.bf16] or h.shape[0] > table.max_rows
+            or not _runnable(table, decoder.config.attention_dropout) or (torch.is_grad_enabled() and h.requires_grad)):
         return None
     c, heads, kv_heads, d, f, layers = table.dims
     b = h.shape[0]
@@ -207,7 +257,7 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
     keys, values, stride = arrays
     x = h.reshape(b, c).contiguous().clone()  # the input may be the caller's inputs_embeds
     cos, sin = step.cos.reshape(b, d).contiguous(), step.sin.reshape(b, d).contiguous()
-    run = native_step.Step(b, c, heads, kv_heads, d, f, table.scale, cos.data_ptr(), sin.data_ptr(),
+    run = native_step.Step(b, c, heads, kv_heads, d, f, int(table.bf16), table.scale, cos.data_ptr(), sin.data_ptr(),
                            mask.data_ptr(), (ctypes.c_int64 * 2)(mask.stride(0), mask.stride(3)), plan.used,
                            int(plan.write_slots[0]), ctypes.cast(keys, ctypes.c_void_p),
                            ctypes.cast(values, ctypes.c_void_p), (ctypes.c_int64 * 3)(stride[0], stride[1], stride[2]),

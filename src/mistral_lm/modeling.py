@@ -109,7 +109,7 @@ class MistralRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and native.supports(x, self.weight):
+        if native.supports(x, self.weight) or native.supports_bf16(x, self.weight):
             # the same expression, each row summed in one fixed order: batch-invariant
             return native.rmsnorm(x, self.weight, self.variance_epsilon)
         xf = x.float()
@@ -142,7 +142,7 @@ class MistralMLP(_Fusable):
             gate, up = gate_up(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.act_fn is F.silu and native.supports(gate, up):
+        if self.act_fn is F.silu and (native.supports(gate, up) or native.supports_bf16(gate, up)):
             return self.down_proj(native.silu_mul(gate, up))  # the bits the fused decode step computes
         return self.down_proj(self.act_fn(gate) * up)
 

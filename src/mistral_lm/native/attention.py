@@ -80,8 +80,7 @@ def _inference_tensors(dtype: torch.dtype, tensors: tuple[torch.Tensor, ...]) ->
 
 
 def supports(*tensors: torch.Tensor) -> bool:
-    """Whether the float32 kernels take these tensors: float32 on CPU, no autograd through them
-    (modeling asks this one; bf16 models keep torch's path until they ask `supports_bf16`)."""
+    """Whether the float32 kernels take these tensors: float32 on CPU, no autograd through them."""
     return _inference_tensors(torch.float32, tensors) and available()
 
 

@@ -3,18 +3,24 @@
  * A decode step of a small model is a few hundred tiny kernels; from Python each costs a dispatch
  * and tensor bookkeeping that, summed, exceed the arithmetic. Here the layers run as a C loop over
  * the project's own kernels, reached through function pointers handed over by step.py (ggml.c's
- * quantize and matmul, attention.c's RMSNorm, attention and SiLU product), so every number is
- * computed by the same code in the same order as when the layer runs from Python: the fused step
- * equals the module path bit for bit. What is done here itself is exact elementwise float32:
+ * quantize and matmul, dense.c's bfloat16 linear, nf4.c's NF4/FP4 matmul, attention.c's RMSNorm,
+ * attention and SiLU product), so every number is computed by the same code in the same order as
+ * when the layer runs from Python: the fused step equals the module path bit for bit.
  *
- *   rope   y[j] = x[j] * cos[j] + x[(j + D/2) % D] * sin[j]   (sin with the signs folded in; no fma,
- *          as rope.rotate computes it: two products and a sum, each rounded)
- *   add    the residuals, one rounding each
+ * Two activation types. float32 (a GGUF model on its blocks: activations quantized to q8 per
+ * linear input); bfloat16 (a bfloat16 model, or NF4/FP4 weights computing in bfloat16: every
+ * tensor between two kernels is bfloat16, as in the modules). What is done here itself is exact
+ * elementwise arithmetic, with the roundings the modules perform:
+ *
+ *   rope   y[j] = x[j] * cos[j] + x[(j + D/2) % D] * sin[j] in float32 (sin with the signs folded
+ *          in; no fma: two products and a sum, each rounded, as rope.rotate), rounded to the
+ *          activation type
+ *   add    the residuals, x + y rounded to the activation type
  *   gather Q/K outputs in llama.cpp's stored row order -> head order (a copy)
  *
  * Per layer, for the M rows (one token each, row m at its own position):
- *   xn = rmsnorm(x); q, k, v = xn W^T (activations quantized once); q, k = rope(q, k);
- *   cache[slot] = k, v; a = attention(q, cache keys 0..used-1, mask); x += a Wo^T;
+ *   xn = rmsnorm(x); q, k, v = xn W^T; q, k = rope(q, k); cache[slot] = k, v;
+ *   a = attention(q, cache keys 0..used-1, mask); x += a Wo^T;
  *   xn = rmsnorm(x); x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T
  */
 #pragma GCC optimize("fp-contract=off")
@@ -25,51 +31,91 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifndef SPINS
+#define SPINS 2000 /* pauses before sleeping at a barrier (bench/RESULTS.md) */
+#endif
+
 typedef void (*quantize_fn)(const float *, int64_t, int64_t, int64_t, void *, int);
 typedef int (*matmul_fn)(int, const void *, int64_t, int64_t, const uint8_t *, int64_t, int64_t, float *, int64_t,
                          int);
-typedef int (*attention_fn)(const float *, const float *, const float *, const uint8_t *, const int64_t *,
-                            const int64_t *, float, float *, int);
-typedef void (*rmsnorm_fn)(const float *, int64_t, int64_t, int64_t, const float *, float, float *, int);
-typedef void (*silu_mul_fn)(const float *, int64_t, const float *, int64_t, int64_t, int64_t, float *, int);
+typedef int (*attention_fn)(const void *, const void *, const void *, const uint8_t *, const int64_t *,
+                            const int64_t *, float, void *, int);
+typedef void (*rmsnorm_fn)(const void *, int64_t, int64_t, int64_t, const void *, float, void *, int);
+typedef void (*silu_mul_fn)(const void *, int64_t, const void *, int64_t, int64_t, int64_t, void *, int);
+typedef int (*bf16_linear_fn)(const uint16_t *, int64_t, int64_t, int64_t, const uint16_t *, int64_t, int64_t,
+                              uint16_t *, int64_t, int);
+typedef int (*nf4_mm_fn)(const void *, int, const uint8_t *, const float *, const float *, void *, int, int64_t,
+                         int64_t, int64_t, int, int);
+
+/* One activation type's elementwise kernels (attention.c's float32 or bfloat16 entry points). */
+typedef struct {
+    attention_fn attention;
+    rmsnorm_fn rmsnorm;
+    silu_mul_fn silu_mul;
+} Elementwise;
 
 typedef struct {
     quantize_fn quantize;
     matmul_fn matmul;
-    attention_fn attention;
-    rmsnorm_fn rmsnorm;
-    silu_mul_fn silu_mul;
-    int64_t xblock_bytes; /* one quantized 32-block of activations */
+    bf16_linear_fn bf16_linear;
+    nf4_mm_fn nf4_mm;
+    Elementwise f32, bf16;
+    int64_t xblock_bytes; /* one q8-quantized 32-block of activations */
 } Kernels;
 
+enum { LIN_GGML = 0, LIN_BF16 = 1, LIN_NF4 = 2 };
+
 typedef struct {
-    int64_t type, n, k, ldw; /* ggml type, out and in features, bytes per stored row */
-    const uint8_t *w;
-    const int64_t *order; /* output i is stored row order[i]; NULL: in order */
+    int64_t kind, type, n, k, ldw; /* LIN_*, ggml type, out and in features, bytes per stored row */
+    const uint8_t *w;              /* GGUF blocks, bfloat16 rows, or NF4 nibbles (N, K/2) */
+    const int64_t *order;          /* output i is stored row order[i]; NULL: in order */
+    const float *absmax, *codebook; /* NF4: (N, K / blocksize) scales and the 16 code values */
+    int64_t blocksize;
 } Lin;
 
 typedef struct {
-    const float *ln1, *ln2;
+    const void *ln1, *ln2; /* norm weights in the activation type */
     float eps1, eps2;
     Lin q, k, v, o, gate, up, down;
 } Layer;
 
 typedef struct {
     int64_t M, C, H, Hkv, D, F;      /* rows, hidden, heads, kv heads, head dim, intermediate */
+    int64_t bf16;                    /* activation type: 0 float32, 1 bfloat16 */
     float scale;                     /* attention scale */
-    const float *cos, *sin;          /* (M, D), sin signed */
+    const float *cos, *sin;          /* (M, D) float32, sin signed */
     const uint8_t *mask;             /* (M, used) with strides mask_s[0] (row), mask_s[1] (key) */
     int64_t mask_s[2];
     int64_t used, slot;              /* keys attended (cache slots 0..used-1), the slot written */
-    float *const *keys, *const *values; /* per layer: (M, Hkv, slots, D) cache buffers */
-    int64_t cache_s[3];              /* their strides: row, head, slot (unit along D) */
+    void *const *keys, *const *values; /* per layer: (M, Hkv, slots, D) cache buffers, activation type */
+    int64_t cache_s[3];              /* their strides in elements: row, head, slot (unit along D) */
     int nthreads;
 } Step;
 
-/* A spinning barrier of the step's threads. libgomp's own barrier sleeps almost at once as soon as
- * its process has more OpenMP threads than CPUs (any second thread that ever ran a parallel
- * region counts, e.g. a server's engine thread beside the main thread), and a futex wake-up per
- * barrier made a step twice as slow. This one spins, then yields the CPU while it keeps waiting. */
+/* The step's barrier. libgomp's own sleeps almost at once as soon as its process has more OpenMP
+ * threads than CPUs (any second thread that ever ran a parallel region counts, e.g. a server's
+ * engine thread beside the main thread), and a futex wake-up per barrier made a step twice as
+ * slow. This one spins a little (a partner that is running arrives within microseconds), then
+ * sleeps on a futex until the last thread in wakes it: on a machine busy with other work, a
+ * spinner would hold a CPU its own partner is queued for. */
+#if defined(__linux__)
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static void futex_wait(atomic_int *addr, int value) {
+    syscall(SYS_futex, (int *)addr, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+}
+static void futex_wake(atomic_int *addr) { syscall(SYS_futex, (int *)addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0); }
+#else
+static void futex_wait(atomic_int *addr, int value) {
+    (void)addr;
+    (void)value;
+    sched_yield();
+}
+static void futex_wake(atomic_int *addr) { (void)addr; }
+#endif
+
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -77,7 +123,7 @@ static inline void cpu_relax(void) {
 }
 
 typedef struct {
-    atomic_int count, phase;
+    atomic_int count, phase, sleepers;
 } Barrier;
 
 static void barrier_wait(Barrier *b, int n) {
@@ -86,14 +132,42 @@ static void barrier_wait(Barrier *b, int n) {
     if (atomic_fetch_add(&b->count, 1) == n - 1) {
         atomic_store(&b->count, 0);
         atomic_fetch_add(&b->phase, 1);
+        if (atomic_load(&b->sleepers)) futex_wake(&b->phase);
         return;
     }
-    for (long spins = 0; atomic_load(&b->phase) == phase; spins++) {
-        if (spins < 2000) cpu_relax();
-        else sched_yield();
+    for (int spins = 0; spins < SPINS && atomic_load(&b->phase) == phase; spins++) cpu_relax();
+    while (atomic_load(&b->phase) == phase) {
+        atomic_fetch_add(&b->sleepers, 1);
+        futex_wait(&b->phase, phase); /* returns at once if the phase has moved on already */
+        atomic_fetch_sub(&b->sleepers, 1);
     }
 }
 
+/* ------------------------------------------------------------------ bfloat16 */
+static inline float widen(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t narrow(float f) { /* round to nearest even, as torch's c10::BFloat16 */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float load(const void *p, int64_t i, int bf16) {
+    return bf16 ? widen(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store(void *p, int64_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = narrow(v);
+    else ((float *)p)[i] = v;
+}
+
+/* ------------------------------------------------------------------ pieces */
 /* this thread's share [n0, n1) of N outputs, in whole 16-row tiles (the kernels' unit) */
 static void share(int64_t N, int t, int nt, int64_t *n0, int64_t *n1) {
     const int64_t tiles = (N + 15) / 16;
@@ -103,132 +177,156 @@ static void share(int64_t N, int t, int nt, int64_t *n0, int64_t *n1) {
     if (*n0 > N) *n0 = N;
 }
 
-/* rows [n0, n1) of out (M, N) = xq . W^T, on this thread alone; each output does not depend on
- * which rows share the call (ggml.c), so the split changes no bit */
-static int linear_part(const Kernels *kn, const Lin *l, const void *xq, int64_t M, float *out, int t, int nt) {
+/* rows [n0, n1) of out (M, N) = x . W^T, on this thread alone; no kernel's output depends on
+ * which rows share its call, so the split changes no bit. `x` is the q8 blocks for LIN_GGML,
+ * else the bfloat16 activations (M, K). */
+static int linear_part(const Kernels *kn, const Lin *l, const void *x, int64_t M, void *out, int t, int nt) {
     int64_t n0, n1;
     share(l->n, t, nt, &n0, &n1);
     if (n1 <= n0) return 0;
-    return kn->matmul((int)l->type, xq, M, l->k, l->w + n0 * l->ldw, n1 - n0, l->ldw, out + n0, l->n, 1);
+    const uint8_t *w = l->w + n0 * l->ldw;
+    if (l->kind == LIN_GGML)
+        return kn->matmul((int)l->type, x, M, l->k, w, n1 - n0, l->ldw, (float *)out + n0, l->n, 1);
+    if (l->kind == LIN_BF16)
+        return kn->bf16_linear(x, M, l->k, l->k, (const uint16_t *)w, n1 - n0, l->ldw / 2, (uint16_t *)out + n0, l->n,
+                               1);
+    int rc = 0; /* NF4: the kernel writes (M, N) rows contiguously, so a slice goes row by row */
+    const float *absmax = l->absmax + n0 * (l->k / l->blocksize);
+    for (int64_t m = 0; m < M; m++)
+        rc |= kn->nf4_mm((const uint16_t *)x + m * l->k, 1, w, absmax, l->codebook, (uint16_t *)out + m * l->n + n0,
+                         1, 1, n1 - n0, l->k, (int)l->blocksize, 1);
+    return rc;
 }
 
-/* y (M, heads, D) = rope(gathered raw rows) */
-static void rope(const float *raw, const int64_t *order, int64_t M, int64_t heads, int64_t D, const float *cos,
-                 const float *sin, float *tmp, float *y) {
+/* y (M, heads, D) = rope(gathered raw rows), in the activation type */
+static void rope(const void *raw, const int64_t *order, int64_t M, int64_t heads, int64_t D, const float *cos,
+                 const float *sin, int bf16, float *tmp, void *y) {
     const int64_t N = heads * D, half = D / 2;
     for (int64_t m = 0; m < M; m++) {
-        const float *r = raw + m * N;
-        const float *x = r;
-        if (order) {
-            for (int64_t i = 0; i < N; i++) tmp[i] = r[order[i]];
-            x = tmp;
-        }
+        for (int64_t i = 0; i < N; i++) tmp[i] = load(raw, m * N + (order ? order[i] : i), bf16);
         const float *c = cos + m * D, *s = sin + m * D;
         for (int64_t h = 0; h < heads; h++) {
-            const float *xh = x + h * D;
-            float *yh = y + m * N + h * D;
+            const float *xh = tmp + h * D;
             for (int64_t j = 0; j < D; j++) {
                 const float a = xh[j] * c[j];
                 const float b = xh[(j + half) % D] * s[j];
-                yh[j] = a + b;
+                store(y, m * N + h * D + j, a + b, bf16);
             }
         }
     }
 }
 
-static void add(float *x, const float *y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) x[i] = x[i] + y[i];
+static void add(void *x, const void *y, int64_t n, int bf16) {
+    for (int64_t i = 0; i < n; i++) store(x, i, load(x, i, bf16) + load(y, i, bf16), bf16);
 }
 
-/* x (M, C) float32, updated in place through every layer. Returns 0, -1 for a kernel's refusal,
- * -2 when scratch memory cannot be allocated.
+/* q8 blocks of x for a layer's GGUF linears; bfloat16 linears read x itself */
+static const void *linear_input(const Kernels *kn, const Lin *l, const void *x, int64_t M, void *xq) {
+    if (l->kind != LIN_GGML) return x;
+    kn->quantize((const float *)x, M, l->k, l->k, xq, 1);
+    return xq;
+}
+
+/* x (M, C) in the activation type, updated in place through every layer. Returns 0, -1 for a
+ * kernel's refusal, -2 when scratch memory cannot be allocated.
  *
  * One parallel region for the whole step: each thread computes its share of every projection's
  * rows and of the attention's (row, kv head) items; the small serial parts (norms, activation
  * quantization, rope, residuals) run on one thread between barriers. Starting a parallel region
  * per kernel cost more than the kernels of a small model (bench/RESULTS.md). */
-int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, const Step *st, float *x) {
+int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, const Step *st, void *x) {
     const int64_t M = st->M, C = st->C, H = st->H, Hkv = st->Hkv, D = st->D, F = st->F;
     const int64_t HD = H * D, KD = Hkv * D, widest = (C > F ? C : F) > HD ? (C > F ? C : F) : HD;
-    const int64_t rep = H / Hkv;
-    float *buf = malloc(sizeof(float) * (size_t)(M * (2 * C + 3 * HD + 3 * KD + 3 * F) + HD));
-    void *xq = malloc((size_t)(M * (widest / 32) * kn->xblock_bytes));
-    if (buf == NULL || xq == NULL || Hkv <= 0 || H % Hkv) {
+    const int64_t rep = Hkv > 0 ? H / Hkv : 0;
+    const int bf16 = st->bf16 != 0;
+    const size_t es = bf16 ? 2 : 4;
+    const Elementwise *ew = bf16 ? &kn->bf16 : &kn->f32;
+    char *buf = malloc(es * (size_t)(M * (2 * C + 3 * HD + 3 * KD + 3 * F)));
+    float *tmp = malloc(sizeof(float) * (size_t)HD);
+    void *xq = malloc((size_t)(M * (widest / 32 + 1) * kn->xblock_bytes));
+    if (buf == NULL || tmp == NULL || xq == NULL || Hkv <= 0 || H % Hkv) {
+        const int nomem = buf == NULL || tmp == NULL || xq == NULL;
         free(buf);
+        free(tmp);
         free(xq);
-        return buf == NULL || xq == NULL ? -2 : -1;
+        return nomem ? -2 : -1;
     }
-    float *xn = buf, *o = xn + M * C, *qraw = o + M * C, *q = qraw + M * HD, *att = q + M * HD;
-    float *kraw = att + M * HD, *k = kraw + M * KD, *v = k + M * KD, *gate = v + M * KD, *up = gate + M * F;
-    float *act = up + M * F, *tmp = act + M * F;
+    char *xn = buf, *o = xn + es * M * C, *qraw = o + es * M * C, *q = qraw + es * M * HD, *att = q + es * M * HD;
+    char *kraw = att + es * M * HD, *k = kraw + es * M * KD, *v = k + es * M * KD, *gate = v + es * M * KD;
+    char *up = gate + es * M * F, *act = up + es * M * F;
     int rc = 0;
     /* one (row, kv head) item: q (1, rep, 1, D), its keys and values (1, 1, used, D), mask (1, 1, 1, used) */
     const int64_t shape[6] = {1, rep, 1, 1, st->used, D};
     const int64_t strides[12] = {HD, D, D, st->cache_s[0], st->cache_s[1], st->cache_s[2],
                                  st->cache_s[0], st->cache_s[1], st->cache_s[2], st->mask_s[0], 0, st->mask_s[1]};
-    Barrier bar = {0, 0};
+    Barrier bar = {0, 0, 0};
 #pragma omp parallel num_threads(st->nthreads) reduction(| : rc)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const void *in;
         for (int64_t li = 0; li < L; li++) {
             const Layer *ly = layers + li;
-            float *keys = st->keys[li], *values = st->values[li];
+            char *keys = st->keys[li], *values = st->values[li];
             /* attention block */
             if (t == 0) {
-                kn->rmsnorm(x, M, C, C, ly->ln1, ly->eps1, xn, 1);
-                kn->quantize(xn, M, C, C, xq, 1);
+                ew->rmsnorm(x, M, C, C, ly->ln1, ly->eps1, xn, 1);
+                linear_input(kn, &ly->q, xn, M, xq);
             }
             barrier_wait(&bar, nt);
-            rc |= linear_part(kn, &ly->q, xq, M, qraw, t, nt);
-            rc |= linear_part(kn, &ly->k, xq, M, kraw, t, nt);
-            rc |= linear_part(kn, &ly->v, xq, M, v, t, nt);
+            in = ly->q.kind == LIN_GGML ? xq : xn;
+            rc |= linear_part(kn, &ly->q, in, M, qraw, t, nt);
+            rc |= linear_part(kn, &ly->k, in, M, kraw, t, nt);
+            rc |= linear_part(kn, &ly->v, in, M, v, t, nt);
             barrier_wait(&bar, nt);
             if (t == 0) {
-                rope(qraw, ly->q.order, M, H, D, st->cos, st->sin, tmp, q);
-                rope(kraw, ly->k.order, M, Hkv, D, st->cos, st->sin, tmp, k);
+                rope(qraw, ly->q.order, M, H, D, st->cos, st->sin, bf16, tmp, q);
+                rope(kraw, ly->k.order, M, Hkv, D, st->cos, st->sin, bf16, tmp, k);
                 for (int64_t m = 0; m < M; m++)
                     for (int64_t g = 0; g < Hkv; g++) {
                         const int64_t at = m * st->cache_s[0] + g * st->cache_s[1] + st->slot * st->cache_s[2];
-                        memcpy(keys + at, k + (m * Hkv + g) * D, sizeof(float) * (size_t)D);
-                        memcpy(values + at, v + (m * Hkv + g) * D, sizeof(float) * (size_t)D);
+                        memcpy(keys + es * at, k + es * (m * Hkv + g) * D, es * (size_t)D);
+                        memcpy(values + es * at, v + es * (m * Hkv + g) * D, es * (size_t)D);
                     }
             }
             barrier_wait(&bar, nt);
             for (int64_t it = t; it < M * Hkv; it += nt) {
                 const int64_t m = it / Hkv, g = it % Hkv, cache_at = m * st->cache_s[0] + g * st->cache_s[1];
-                rc |= kn->attention(q + (m * H + g * rep) * D, keys + cache_at, values + cache_at,
+                rc |= ew->attention(q + es * (m * H + g * rep) * D, keys + es * cache_at, values + es * cache_at,
                                     st->mask + m * st->mask_s[0], shape, strides, st->scale,
-                                    att + (m * H + g * rep) * D, 1);
+                                    att + es * (m * H + g * rep) * D, 1);
             }
             barrier_wait(&bar, nt);
-            if (t == 0) kn->quantize(att, M, HD, HD, xq, 1);
+            if (t == 0) linear_input(kn, &ly->o, att, M, xq);
             barrier_wait(&bar, nt);
-            rc |= linear_part(kn, &ly->o, xq, M, o, t, nt);
+            rc |= linear_part(kn, &ly->o, ly->o.kind == LIN_GGML ? xq : (const void *)att, M, o, t, nt);
             barrier_wait(&bar, nt);
             /* MLP block */
             if (t == 0) {
-                add(x, o, M * C);
-                kn->rmsnorm(x, M, C, C, ly->ln2, ly->eps2, xn, 1);
-                kn->quantize(xn, M, C, C, xq, 1);
+                add(x, o, M * C, bf16);
+                ew->rmsnorm(x, M, C, C, ly->ln2, ly->eps2, xn, 1);
+                linear_input(kn, &ly->gate, xn, M, xq);
             }
             barrier_wait(&bar, nt);
-            rc |= linear_part(kn, &ly->gate, xq, M, gate, t, nt);
-            rc |= linear_part(kn, &ly->up, xq, M, up, t, nt);
+            in = ly->gate.kind == LIN_GGML ? xq : xn;
+            rc |= linear_part(kn, &ly->gate, in, M, gate, t, nt);
+            rc |= linear_part(kn, &ly->up, in, M, up, t, nt);
             {   /* this thread's gate and up rows are its own: their product needs no barrier */
                 int64_t f0, f1;
                 share(F, t, nt, &f0, &f1);
                 for (int64_t m = 0; m < M && f1 > f0; m++)
-                    kn->silu_mul(gate + m * F + f0, F, up + m * F + f0, F, 1, f1 - f0, act + m * F + f0, 1);
+                    ew->silu_mul(gate + es * (m * F + f0), F, up + es * (m * F + f0), F, 1, f1 - f0,
+                                 act + es * (m * F + f0), 1);
             }
             barrier_wait(&bar, nt);
-            if (t == 0) kn->quantize(act, M, F, F, xq, 1);
+            if (t == 0) linear_input(kn, &ly->down, act, M, xq);
             barrier_wait(&bar, nt);
-            rc |= linear_part(kn, &ly->down, xq, M, o, t, nt);
+            rc |= linear_part(kn, &ly->down, ly->down.kind == LIN_GGML ? xq : (const void *)act, M, o, t, nt);
             barrier_wait(&bar, nt);
-            if (t == 0) add(x, o, M * C); /* the next layer's first barrier follows its norm, which reads x on thread 0 too */
+            if (t == 0) add(x, o, M * C, bf16); /* the next layer's first barrier follows its norm, on thread 0 too */
         }
     }
     free(buf);
+    free(tmp);
     free(xq);
     return rc == 0 ? 0 : rc == -2 ? -2 : -1;
 }

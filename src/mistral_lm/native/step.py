@@ -1,32 +1,37 @@
 """The decode step of every layer in one C call (step.c), over the project's own kernels.
 
-step.c composes ggml.c's quantize/matmul and attention.c's RMSNorm, attention and SiLU product,
-reached through function pointers taken from those libraries here, so the fused step computes
-what the layers compute from Python, bit for bit (tests compare the two). Which models and
-steps it serves, and the layer table it reads, are `fused_step.py`'s business; this module is
-the binding: the C structs and one call.
+step.c composes ggml.c's quantize/matmul, dense.c's bfloat16 linear, nf4.c's NF4/FP4 matmul and
+attention.c's RMSNorm, attention and SiLU product, reached through function pointers taken from
+those libraries here, so the fused step computes what the layers compute from Python, bit for
+bit (tests compare the two). Which models and steps it serves, and the layer table it reads, are
+`fused_step.py`'s business; this module is the binding: the C structs and one call.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-
 import torch
 
 from ..errors import InputError
 from . import attention, build, ggml
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+LIN_GGML, LIN_BF16, LIN_NF4 = 0, 1, 2
+
+
+class Elementwise(ctypes.Structure):
+    _fields_ = [("attention", _ptr), ("rmsnorm", _ptr), ("silu_mul", _ptr)]
 
 
 class Kernels(ctypes.Structure):
-    _fields_ = [("quantize", _ptr), ("matmul", _ptr), ("attention", _ptr), ("rmsnorm", _ptr), ("silu_mul", _ptr),
-                ("xblock_bytes", _i64)]
+    _fields_ = [("quantize", _ptr), ("matmul", _ptr), ("bf16_linear", _ptr), ("nf4_mm", _ptr),
+                ("f32", Elementwise), ("bf16", Elementwise), ("xblock_bytes", _i64)]
 
 
 class Lin(ctypes.Structure):
-    _fields_ = [("type", _i64), ("n", _i64), ("k", _i64), ("ldw", _i64), ("w", _ptr), ("order", _ptr)]
+    _fields_ = [("kind", _i64), ("type", _i64), ("n", _i64), ("k", _i64), ("ldw", _i64), ("w", _ptr),
+                ("order", _ptr), ("absmax", _ptr), ("codebook", _ptr), ("blocksize", _i64)]
 
 
 class Layer(ctypes.Structure):
@@ -35,10 +40,17 @@ class Layer(ctypes.Structure):
 
 
 class Step(ctypes.Structure):
-    _fields_ = [("M", _i64), ("C", _i64), ("H", _i64), ("Hkv", _i64), ("D", _i64), ("F", _i64),
+    _fields_ = [("M", _i64), ("C", _i64), ("H", _i64), ("Hkv", _i64), ("D", _i64), ("F", _i64), ("bf16", _i64),
                 ("scale", _f32), ("cos", _ptr), ("sin", _ptr), ("mask", _ptr), ("mask_s", _i64 * 2),
                 ("used", _i64), ("slot", _i64), ("keys", _ptr), ("values", _ptr), ("cache_s", _i64 * 3),
                 ("nthreads", ctypes.c_int)]
+
+
+def _address(lib: ctypes.CDLL | None, name: str) -> int | None:
+    """The address of `name` in `lib`, None where the library or the symbol is missing."""
+    if lib is None or not hasattr(lib, name):
+        return None
+    return ctypes.cast(getattr(lib, name), _ptr).value
 
 
 @functools.cache
@@ -46,23 +58,33 @@ def _lib() -> tuple[ctypes.CDLL, Kernels] | None:
     lib, g, a = build.library("step"), ggml._lib(), attention._lib()
     if lib is None or g is None or a is None:
         return None
+    from . import dense, nf4  # the bfloat16 kernels: optional, the float32 step runs without them
+
+    dense_lib = dense._lib()
+
     lib.mlm_decode_layers.argtypes = [ctypes.POINTER(Kernels), _ptr, _i64, ctypes.POINTER(Step), _ptr]
     lib.mlm_decode_layers.restype = ctypes.c_int
-
-    def address(fn: ctypes._CFuncPtr) -> int:
-        return ctypes.cast(fn, _ptr).value  # type: ignore[return-value]
-
-    kernels = Kernels(address(g.mlm_ggml_quantize), address(g.mlm_ggml_matmul), address(a.mlm_attention),
-                      address(a.mlm_rmsnorm), address(a.mlm_silu_mul), ggml.XBLOCK_BYTES)
+    kernels = Kernels(_address(g, "mlm_ggml_quantize"), _address(g, "mlm_ggml_matmul"),
+                      _address(dense_lib, "mlm_bf16_linear"), _address(nf4.library(), "mlm_nf4_mm"),
+                      Elementwise(*(_address(a, f"mlm_{op}") for op in ("attention", "rmsnorm", "silu_mul"))),
+                      Elementwise(*(_address(a, f"mlm_{op}_bf16") for op in ("attention", "rmsnorm", "silu_mul"))),
+                      ggml.XBLOCK_BYTES)
     return lib, kernels
 
 
-def available() -> bool:
-    """Whether the step library and the kernels it calls are built and loaded."""
-    return _lib() is not None
+def available(bf16: bool = False, kinds: frozenset[int] = frozenset({LIN_GGML})) -> bool:
+    """Whether the step can run here with this activation type and these linear kinds."""
+    found = _lib()
+    if found is None:
+        return False
+    k = found[1]
+    need = [k.f32.attention, k.f32.rmsnorm, k.f32.silu_mul] if not bf16 else [
+        k.bf16.attention, k.bf16.rmsnorm, k.bf16.silu_mul]
+    need += [{LIN_GGML: k.matmul, LIN_BF16: k.bf16_linear, LIN_NF4: k.nf4_mm}[kind] for kind in kinds]
+    return all(need)
 
 
-def linear_entry(blocks: torch.Tensor, ggml_type: int, in_features: int, order: torch.Tensor | None) -> Lin:
+def ggml_entry(blocks: torch.Tensor, ggml_type: int, in_features: int, order: torch.Tensor | None) -> Lin:
     """A Linear on GGUF blocks as step.c reads it (the caller keeps `blocks` and `order` alive)."""
     nbytes = ggml.row_bytes(int(ggml_type), in_features)
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != nbytes or blocks.stride(1) != 1 \
@@ -71,12 +93,36 @@ def linear_entry(blocks: torch.Tensor, ggml_type: int, in_features: int, order: 
     if order is not None and (order.dtype != torch.int64 or not order.is_contiguous()
                               or order.shape != (blocks.shape[0],)):
         raise InputError("a row order must be a contiguous int64 vector of one entry per row")
-    return Lin(int(ggml_type), blocks.shape[0], in_features, blocks.stride(0) if blocks.shape[0] > 1 else nbytes,
-               blocks.data_ptr(), None if order is None else order.data_ptr())
+    return Lin(LIN_GGML, int(ggml_type), blocks.shape[0], in_features,
+               blocks.stride(0) if blocks.shape[0] > 1 else nbytes, blocks.data_ptr(),
+               None if order is None else order.data_ptr(), None, None, 0)
+
+
+def bf16_entry(weight: torch.Tensor) -> Lin | None:
+    """A bfloat16 (N, K) weight with unit stride along K; None if it is not one."""
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_cpu or weight.stride(1) != 1:
+        return None
+    n, k = weight.shape
+    return Lin(LIN_BF16, 0, n, k, 2 * (weight.stride(0) if n > 1 else k), weight.data_ptr(), None, None, None, 0)
+
+
+def nf4_entry(packed: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, blocksize: int,
+              in_features: int) -> Lin | None:
+    """NF4/FP4 nibbles (N, K/2), float32 absmax (N, K/blocksize) and the 16-value codebook as
+    nf4.c reads them; None if the layout is not that one."""
+    n, groups = packed.shape[0], in_features // blocksize
+    if (packed.dtype != torch.uint8 or packed.shape != (n, in_features // 2) or packed.stride(1) != 1
+            or absmax.dtype != torch.float32 or absmax.reshape(-1).numel() != n * groups
+            or not absmax.is_contiguous() or codebook.dtype != torch.float32 or codebook.numel() != 16
+            or not codebook.is_contiguous() or in_features % blocksize):
+        return None
+    return Lin(LIN_NF4, 0, n, in_features, packed.stride(0) if n > 1 else in_features // 2, packed.data_ptr(), None,
+               absmax.data_ptr(), codebook.data_ptr(), blocksize)
 
 
 def decode_layers(layers: ctypes.Array, count: int, step: Step, x: torch.Tensor) -> None:
-    """Run `count` layers of the table on x (M, C) float32 contiguous, in place."""
+    """Run `count` layers of the table on x (M, C) contiguous (float32 or bfloat16, as `step`
+    says), in place."""
     found = _lib()
     if found is None:
         raise RuntimeError("the native step library is not available (see available())")
