@@ -28,7 +28,8 @@ run: install
 # our C kernels capped at AVX2), so a result that depends on one CPU's instructions fails here
 # rather than on a user's machine. Its own inductor cache: compiled kernels are chosen per ISA.
 NUMERICS_TESTS ?= tests/test_gguf_native.py tests/test_quantization.py tests/test_native_ggml.py \
-	tests/test_native_nf4.py tests/test_native_dense.py tests/test_matvec.py tests/test_modeling_parity.py
+	tests/test_native_nf4.py tests/test_native_dense.py tests/test_native_attention.py tests/test_fused_step.py \
+	tests/test_matvec.py tests/test_modeling_parity.py
 
 test: install
 	$(PY) -m pytest; rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi

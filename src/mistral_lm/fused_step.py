@@ -1,5 +1,5 @@
 """A decode step's layers in one native call: GGUF block models (the CLI's, the server's and
-`generate()`'s path on a .gguf), bfloat16 models, and NF4/FP4 models computing in bfloat16.
+`generate()`'s path on a .gguf), bfloat16 models, and int8/NF4/FP4 models computing in bfloat16.
 
 Why: on a small model a decode step from Python is ~400 kernel calls, each paying dispatch and
 tensor bookkeeping; the Python side costs more than the arithmetic (bench/RESULTS.md). step.c
@@ -11,8 +11,9 @@ path's bit for bit, and the module path stays the definition (tests compare the 
   SiLU, and its seven projections, without bias, one of:
   float32 activations: `GGUFBlockLinear`s (q8 activations, as llama.cpp);
   bfloat16 activations: `MatvecLinear`s with bfloat16 weights (dense.c below
-  `MatvecLinear.native_max_rows` rows) or `NF4Linear`s computing in bfloat16 on nf4.c (below
-  `NF4Linear.native_max_rows`), and norm weights in bfloat16;
+  `MatvecLinear.native_max_rows` rows), `Int8Linear`s computing in bfloat16 (dense.c, likewise)
+  or `NF4Linear`s computing in bfloat16 on nf4.c (below `NF4Linear.native_max_rows`), and norm
+  weights in bfloat16;
 - no forward hook or pre-hook on any of them (nor a global one), no attention dropout in
   training, no autograd through a weight, no per-layer outputs asked for (hidden states,
   attentions);
@@ -38,7 +39,7 @@ from .cache import CachePlan, KVCache, StepMode
 from .matvec import MatvecLinear
 from .native import step as native_step
 from .quantization.gguf_blocks import GGUFBlockLinear
-from .quantization.modules import NF4Linear
+from .quantization.modules import Int8Linear, NF4Linear
 
 _PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                 ("mlp", ("gate_proj", "up_proj", "down_proj")))
@@ -118,6 +119,9 @@ def _entry(lin: torch.nn.Module, bf16: bool) -> tuple[Any, list[torch.Tensor], i
     if type(lin) is MatvecLinear and lin.weight.dtype == torch.bfloat16:
         entry = native_step.bf16_entry(lin.weight)
         return None if entry is None else (entry, [lin.weight], MatvecLinear.native_max_rows)
+    if type(lin) is Int8Linear and lin.compute_dtype == torch.bfloat16 and hasattr(Int8Linear, "native_max_rows"):
+        entry = native_step.int8_entry(lin.weight, lin.weight_scale)
+        return None if entry is None else (entry, [lin.weight, lin.weight_scale], Int8Linear.native_max_rows)
     if type(lin) is NF4Linear and lin.compute_dtype == torch.bfloat16 and lin._native:
         from .quantization.functional import CODEBOOKS
 
@@ -184,7 +188,8 @@ def _may_qualify(decoder: Any) -> bool:
     first = next(iter(decoder.layers._modules.values()), None)
     attn = None if first is None else first._modules.get("self_attn")
     q = None if attn is None else attn._modules.get("q_proj")
-    return type(q) in (GGUFBlockLinear, NF4Linear) or (type(q) is MatvecLinear and q.weight.dtype == torch.bfloat16)
+    return type(q) in (GGUFBlockLinear, NF4Linear, Int8Linear) or (
+        type(q) is MatvecLinear and q.weight.dtype == torch.bfloat16)
 
 
 def _table(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:

@@ -3,12 +3,12 @@
  * A decode step of a small model is a few hundred tiny kernels; from Python each costs a dispatch
  * and tensor bookkeeping that, summed, exceed the arithmetic. Here the layers run as a C loop over
  * the project's own kernels, reached through function pointers handed over by step.py (ggml.c's
- * quantize and matmul, dense.c's bfloat16 linear, nf4.c's NF4/FP4 matmul, attention.c's RMSNorm,
+ * quantize and matmul, dense.c's bfloat16 and int8 linears, nf4.c's NF4/FP4 matmul, attention.c's RMSNorm,
  * attention and SiLU product), so every number is computed by the same code in the same order as
  * when the layer runs from Python: the fused step equals the module path bit for bit.
  *
  * Two activation types. float32 (a GGUF model on its blocks: activations quantized to q8 per
- * linear input); bfloat16 (a bfloat16 model, or NF4/FP4 weights computing in bfloat16: every
+ * linear input); bfloat16 (a bfloat16 model, or int8 / NF4 / FP4 weights computing in bfloat16: every
  * tensor between two kernels is bfloat16, as in the modules). What is done here itself is exact
  * elementwise arithmetic, with the roundings the modules perform:
  *
@@ -44,6 +44,8 @@ typedef void (*rmsnorm_fn)(const void *, int64_t, int64_t, int64_t, const void *
 typedef void (*silu_mul_fn)(const void *, int64_t, const void *, int64_t, int64_t, int64_t, void *, int);
 typedef int (*bf16_linear_fn)(const uint16_t *, int64_t, int64_t, int64_t, const uint16_t *, int64_t, int64_t,
                               uint16_t *, int64_t, int);
+typedef int (*int8_linear_fn)(const uint16_t *, int64_t, int64_t, int64_t, const int8_t *, int64_t, int64_t,
+                              const uint16_t *, uint16_t *, int64_t, int);
 typedef int (*nf4_mm_fn)(const void *, int, const uint8_t *, const float *, const float *, void *, int, int64_t,
                          int64_t, int64_t, int, int);
 
@@ -58,19 +60,21 @@ typedef struct {
     quantize_fn quantize;
     matmul_fn matmul;
     bf16_linear_fn bf16_linear;
+    int8_linear_fn int8_linear;
     nf4_mm_fn nf4_mm;
     Elementwise f32, bf16;
     int64_t xblock_bytes; /* one q8-quantized 32-block of activations */
 } Kernels;
 
-enum { LIN_GGML = 0, LIN_BF16 = 1, LIN_NF4 = 2 };
+enum { LIN_GGML = 0, LIN_BF16 = 1, LIN_NF4 = 2, LIN_INT8 = 3 };
 
 typedef struct {
     int64_t kind, type, n, k, ldw; /* LIN_*, ggml type, out and in features, bytes per stored row */
-    const uint8_t *w;              /* GGUF blocks, bfloat16 rows, or NF4 nibbles (N, K/2) */
+    const uint8_t *w;              /* GGUF blocks, bfloat16 rows, NF4 nibbles (N, K/2) or int8 rows */
     const int64_t *order;          /* output i is stored row order[i]; NULL: in order */
     const float *absmax, *codebook; /* NF4: (N, K / blocksize) scales and the 16 code values */
     int64_t blocksize;
+    const uint16_t *scale;         /* int8: the (N,) bfloat16 row scales */
 } Lin;
 
 typedef struct {
@@ -190,6 +194,9 @@ static int linear_part(const Kernels *kn, const Lin *l, const void *x, int64_t M
     if (l->kind == LIN_BF16)
         return kn->bf16_linear(x, M, l->k, l->k, (const uint16_t *)w, n1 - n0, l->ldw / 2, (uint16_t *)out + n0, l->n,
                                1);
+    if (l->kind == LIN_INT8)
+        return kn->int8_linear(x, M, l->k, l->k, (const int8_t *)w, n1 - n0, l->ldw, l->scale + n0, (uint16_t *)out + n0,
+                               l->n, 1);
     int rc = 0; /* NF4: the kernel writes (M, N) rows contiguously, so a slice goes row by row */
     const float *absmax = l->absmax + n0 * (l->k / l->blocksize);
     for (int64_t m = 0; m < M; m++)

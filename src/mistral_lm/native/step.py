@@ -17,7 +17,7 @@ from ..errors import InputError
 from . import attention, build, ggml
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-LIN_GGML, LIN_BF16, LIN_NF4 = 0, 1, 2
+LIN_GGML, LIN_BF16, LIN_NF4, LIN_INT8 = 0, 1, 2, 3
 
 
 class Elementwise(ctypes.Structure):
@@ -25,13 +25,13 @@ class Elementwise(ctypes.Structure):
 
 
 class Kernels(ctypes.Structure):
-    _fields_ = [("quantize", _ptr), ("matmul", _ptr), ("bf16_linear", _ptr), ("nf4_mm", _ptr),
+    _fields_ = [("quantize", _ptr), ("matmul", _ptr), ("bf16_linear", _ptr), ("int8_linear", _ptr), ("nf4_mm", _ptr),
                 ("f32", Elementwise), ("bf16", Elementwise), ("xblock_bytes", _i64)]
 
 
 class Lin(ctypes.Structure):
     _fields_ = [("kind", _i64), ("type", _i64), ("n", _i64), ("k", _i64), ("ldw", _i64), ("w", _ptr),
-                ("order", _ptr), ("absmax", _ptr), ("codebook", _ptr), ("blocksize", _i64)]
+                ("order", _ptr), ("absmax", _ptr), ("codebook", _ptr), ("blocksize", _i64), ("scale", _ptr)]
 
 
 class Layer(ctypes.Structure):
@@ -65,7 +65,8 @@ def _lib() -> tuple[ctypes.CDLL, Kernels] | None:
     lib.mlm_decode_layers.argtypes = [ctypes.POINTER(Kernels), _ptr, _i64, ctypes.POINTER(Step), _ptr]
     lib.mlm_decode_layers.restype = ctypes.c_int
     kernels = Kernels(_address(g, "mlm_ggml_quantize"), _address(g, "mlm_ggml_matmul"),
-                      _address(dense_lib, "mlm_bf16_linear"), _address(nf4.library(), "mlm_nf4_mm"),
+                      _address(dense_lib, "mlm_bf16_linear"), _address(dense_lib, "mlm_int8_linear"),
+                      _address(nf4.library(), "mlm_nf4_mm"),
                       Elementwise(*(_address(a, f"mlm_{op}") for op in ("attention", "rmsnorm", "silu_mul"))),
                       Elementwise(*(_address(a, f"mlm_{op}_bf16") for op in ("attention", "rmsnorm", "silu_mul"))),
                       ggml.XBLOCK_BYTES)
@@ -80,7 +81,8 @@ def available(bf16: bool = False, kinds: frozenset[int] = frozenset({LIN_GGML}))
     k = found[1]
     need = [k.f32.attention, k.f32.rmsnorm, k.f32.silu_mul] if not bf16 else [
         k.bf16.attention, k.bf16.rmsnorm, k.bf16.silu_mul]
-    need += [{LIN_GGML: k.matmul, LIN_BF16: k.bf16_linear, LIN_NF4: k.nf4_mm}[kind] for kind in kinds]
+    need += [{LIN_GGML: k.matmul, LIN_BF16: k.bf16_linear, LIN_NF4: k.nf4_mm, LIN_INT8: k.int8_linear}[kind]
+             for kind in kinds]
     return all(need)
 
 
@@ -95,7 +97,7 @@ def ggml_entry(blocks: torch.Tensor, ggml_type: int, in_features: int, order: to
         raise InputError("a row order must be a contiguous int64 vector of one entry per row")
     return Lin(LIN_GGML, int(ggml_type), blocks.shape[0], in_features,
                blocks.stride(0) if blocks.shape[0] > 1 else nbytes, blocks.data_ptr(),
-               None if order is None else order.data_ptr(), None, None, 0)
+               None if order is None else order.data_ptr(), None, None, 0, None)
 
 
 def bf16_entry(weight: torch.Tensor) -> Lin | None:
@@ -103,7 +105,7 @@ def bf16_entry(weight: torch.Tensor) -> Lin | None:
     if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_cpu or weight.stride(1) != 1:
         return None
     n, k = weight.shape
-    return Lin(LIN_BF16, 0, n, k, 2 * (weight.stride(0) if n > 1 else k), weight.data_ptr(), None, None, None, 0)
+    return Lin(LIN_BF16, 0, n, k, 2 * (weight.stride(0) if n > 1 else k), weight.data_ptr(), None, None, None, 0, None)
 
 
 def nf4_entry(packed: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, blocksize: int,
@@ -117,7 +119,17 @@ def nf4_entry(packed: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor
             or not codebook.is_contiguous() or in_features % blocksize):
         return None
     return Lin(LIN_NF4, 0, n, in_features, packed.stride(0) if n > 1 else in_features // 2, packed.data_ptr(), None,
-               absmax.data_ptr(), codebook.data_ptr(), blocksize)
+               absmax.data_ptr(), codebook.data_ptr(), blocksize, None)
+
+
+def int8_entry(weight: torch.Tensor, scale: torch.Tensor) -> Lin | None:
+    """int8 (N, K) rows with unit stride along K and bfloat16 (N,) scales; None if not that layout."""
+    if (weight.dtype != torch.int8 or weight.dim() != 2 or weight.stride(1) != 1 or scale.dtype != torch.bfloat16
+            or scale.shape != (weight.shape[0],) or not scale.is_contiguous()):
+        return None
+    n, k = weight.shape
+    return Lin(LIN_INT8, 0, n, k, weight.stride(0) if n > 1 else k, weight.data_ptr(), None, None, None, 0,
+               scale.data_ptr())
 
 
 def decode_layers(layers: ctypes.Array, count: int, step: Step, x: torch.Tensor) -> None:
