@@ -24,6 +24,7 @@ from .config import GROUP_SIZES, BitsAndBytesConfig
 from .functional import (CODEBOOKS, dequantize_4bit_codebook, dequantize_int4, dequantize_int8,
                          pack_nibbles, quantize_4bit_codebook, quantize_int4, quantize_int8,
                          unpack_nibbles)
+from ..native import dense as native_dense
 from ..native import nf4 as native_nf4
 from .kernels import (INT4_ROW_ALIGN, dequantize_int4_t, fast_unpack_available, int4_kernel_rows, int4_mm,
                       int8_kernel_rows, int8_mm, pack_int4, unpack_int4)
@@ -209,12 +210,17 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """Symmetric per-output-channel int8 weight: w = weight[n, k] * weight_scale[n].
 
-    Small M runs torch's `_weight_int8pack_mm` (bfloat16, K % 16 == 0); otherwise, and from
-    INT8_DENSE_MIN_ROWS rows on, the weight is expanded into the compute dtype for F.linear.
-    1 byte/param + 2 or 4 bytes per output row.
+    Decode (bfloat16, up to `native_max_rows` rows, CPU, no autograd) runs the native kernel
+    (`native.dense.linear_int8`): it is batch-invariant, a row's output bits depend only on that
+    row and the weight, so the fused decode step, which calls the same C kernel on row slices of
+    the weight, reproduces this module bit for bit; it also streams the weights 1.4-2.5x faster
+    than torch's kernel there and takes any K. Other small M runs torch's `_weight_int8pack_mm` (bfloat16, K % 16 ==
+    0); otherwise, and from INT8_DENSE_MIN_ROWS rows on, the weight is expanded into the compute
+    dtype for F.linear. 1 byte/param + 2 or 4 bytes per output row.
     """
 
     portable_names = _buffer_names = ("weight", "weight_scale")
+    native_max_rows = 8  # decode batches; the fused step's bound too
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  compute_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
@@ -232,9 +238,17 @@ class Int8Linear(QuantizedLinear):
         return module
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native(x):
+            return native_dense.linear_int8(x, self.weight, self.weight_scale)  # ``mistral_lm::int8_linear`` compiled
         if x.shape[0] < self._kernel_rows and x.dtype == torch.bfloat16:
             return int8_mm(x, self.weight, self.weight_scale)
         return F.linear(x, self.weight.to(x.dtype) * self.weight_scale[:, None])
+
+    def _native(self, x: torch.Tensor) -> bool:
+        """Decode-sized bfloat16 on the CPU with no autograd through it (the kernel has no backward)."""
+        return (x.shape[0] <= self.native_max_rows and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and self.weight_scale.dtype == torch.bfloat16 and native_dense.available()
+                and not (torch.is_grad_enabled() and x.requires_grad))
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.weight, self.weight_scale)
