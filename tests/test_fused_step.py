@@ -131,16 +131,18 @@ def bf16_model(kind: str) -> MistralForCausalLM:
 
     if kind == "bf16":
         return MistralForCausalLM.from_pretrained(PATH, torch_dtype=torch.bfloat16)
+    if kind == "int8":
+        return MistralForCausalLM.from_pretrained(PATH, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
     return MistralForCausalLM.from_pretrained(PATH, quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("kind", ["bf16", "nf4", "fp4"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "nf4", "fp4"])
 def test_bfloat16_models_fused_step_equals_the_modules_bitwise(kind, calls, monkeypatch):
-    """bfloat16 weights (dense.c) and NF4/FP4 computing in bfloat16 (nf4.c): every tensor between
-    kernels is bfloat16 in both paths, rounded at the same points."""
+    """bfloat16 and int8 weights (dense.c) and NF4/FP4 (nf4.c), computing in bfloat16: every
+    tensor between kernels is bfloat16 in both paths, rounded at the same points."""
     model = bf16_model(kind)
-    kinds = {native_step.LIN_BF16} if kind == "bf16" else {native_step.LIN_NF4}
+    kinds = {"bf16": {native_step.LIN_BF16}, "int8": {native_step.LIN_INT8}}.get(kind, {native_step.LIN_NF4})
     if not native_step.available(True, frozenset(kinds)):
         pytest.skip("the bfloat16 kernels could not be built here")
     ids, mask = prompts()

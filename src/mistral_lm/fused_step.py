@@ -119,7 +119,7 @@ def _entry(lin: torch.nn.Module, bf16: bool) -> tuple[Any, list[torch.Tensor], i
     if type(lin) is MatvecLinear and lin.weight.dtype == torch.bfloat16:
         entry = native_step.bf16_entry(lin.weight)
         return None if entry is None else (entry, [lin.weight], MatvecLinear.native_max_rows)
-    if type(lin) is Int8Linear and lin.compute_dtype == torch.bfloat16 and hasattr(Int8Linear, "native_max_rows"):
+    if type(lin) is Int8Linear and lin.compute_dtype == torch.bfloat16:
         entry = native_step.int8_entry(lin.weight, lin.weight_scale)
         return None if entry is None else (entry, [lin.weight, lin.weight_scale], Int8Linear.native_max_rows)
     if type(lin) is NF4Linear and lin.compute_dtype == torch.bfloat16 and lin._native:
