@@ -36,6 +36,7 @@
  * Contraction of a*b+c into fma is switched off: every fma here is written out.
  */
 #pragma GCC optimize("fp-contract=off")
+#include "float_common.h"
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -43,8 +44,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
-#define T256 __attribute__((target("avx2,fma")))
 
 /* Cephes expf: x = n ln2 + r, exp(r) by a degree-5 polynomial, times 2^n. Inputs are <= 0 here
  * (s - max); they are clamped at -87 so 2^n stays a normal number (exp(-87) ~ 1.6e-38 counts as
@@ -64,14 +63,6 @@
 static int isa_level = -1;
 
 /* ================================================================ scalar: the definition */
-static float tree16(const float a[16]) {
-    float s8[8], s4[4], s2[2];
-    for (int l = 0; l < 8; l++) s8[l] = a[l] + a[l + 8];
-    for (int l = 0; l < 4; l++) s4[l] = s8[l] + s8[l + 4];
-    for (int l = 0; l < 2; l++) s2[l] = s4[l] + s4[l + 2];
-    return s2[0] + s2[1];
-}
-
 static float dot_s(const float *a, const float *b, int64_t n) {
     float acc[16] = {0};
     for (int64_t d = 0; d < n; d += 16)
@@ -137,28 +128,14 @@ static void silu_mul_row_s(const float *g, const float *u, int64_t n, float *y) 
 }
 
 /* ---------------------------------------------------------------- scalar bf16 */
-static inline float bf_s(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t to_bf_s(float f) { /* c10::BFloat16's round to nearest even */
-    if (f != f) return 0x7FC0;
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float round_bf_s(float f) { return bf_s(to_bf_s(f)); }
+static inline float round_bf_s(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 static float dot_bf16_s(const float *a, const uint16_t *b, int64_t n) { /* dot_s with b widened */
     float acc[16] = {0};
     for (int64_t d = 0; d < n; d += 16)
         for (int l = 0; l < 16; l++) {
             const int in = d + l < n;
-            acc[l] = fmaf(in ? a[d + l] : 0.0f, in ? bf_s(b[d + l]) : 0.0f, acc[l]);
+            acc[l] = fmaf(in ? a[d + l] : 0.0f, in ? bf16_to_f32(b[d + l]) : 0.0f, acc[l]);
         }
     return tree16(acc);
 }
@@ -172,8 +149,8 @@ static void weighted_bf16_s(const float *p, float sum, const uint16_t *v, int64_
                             int64_t n, int64_t D, uint16_t *out) {
     for (int64_t d = 0; d < D; d++) {
         float acc = 0.0f;
-        for (int64_t j = 0; j < n; j++) acc = fmaf(p[j], bf_s(v[idx[j] * vs + d]), acc);
-        out[d] = to_bf_s(acc / sum);
+        for (int64_t j = 0; j < n; j++) acc = fmaf(p[j], bf16_to_f32(v[idx[j] * vs + d]), acc);
+        out[d] = f32_to_bf16(acc / sum);
     }
 }
 
@@ -181,29 +158,21 @@ static void rmsnorm_row_bf16_s(const uint16_t *x, const uint16_t *w, int64_t C, 
     float acc[16] = {0};
     for (int64_t c = 0; c < C; c += 16)
         for (int l = 0; l < 16; l++) {
-            const float xf = c + l < C ? bf_s(x[c + l]) : 0.0f;
+            const float xf = c + l < C ? bf16_to_f32(x[c + l]) : 0.0f;
             acc[l] = fmaf(xf, xf, acc[l]);
         }
     const float r = 1.0f / sqrtf(tree16(acc) / (float)C + eps);
-    for (int64_t c = 0; c < C; c++) y[c] = to_bf_s(bf_s(w[c]) * round_bf_s(bf_s(x[c]) * r));
+    for (int64_t c = 0; c < C; c++) y[c] = f32_to_bf16(bf16_to_f32(w[c]) * round_bf_s(bf16_to_f32(x[c]) * r));
 }
 
 static void silu_mul_row_bf16_s(const uint16_t *g, const uint16_t *u, int64_t n, uint16_t *y) {
     for (int64_t j = 0; j < n; j++) {
-        const float gf = bf_s(g[j]), x = -gf > EXP_HI ? EXP_HI : -gf;
-        y[j] = to_bf_s(round_bf_s(gf / (1.0f + exp_s(x))) * bf_s(u[j]));
+        const float gf = bf16_to_f32(g[j]), x = -gf > EXP_HI ? EXP_HI : -gf;
+        y[j] = f32_to_bf16(round_bf_s(gf / (1.0f + exp_s(x))) * bf16_to_f32(u[j]));
     }
 }
 
 /* ================================================================ AVX-512 */
-T512 static inline float hsum512(__m512 a) {
-    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a),
-                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-
 T512 static inline __mmask16 tail16(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 
 T512 static inline __m512 exp512(__m512 x) {
@@ -317,7 +286,7 @@ T512 static inline __m512 bf16x16(const uint16_t *p, __mmask16 m) { /* masked la
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-T512 static inline __m512 round512(__m512 x) { /* to_bf_s, the result kept widened */
+T512 static inline __m512 round512(__m512 x) { /* f32_to_bf16, the result kept widened */
     const __m512i u = _mm512_castps_si512(x);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     const __m512i r = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb),
@@ -411,13 +380,6 @@ T512 static void silu_mul_row_bf16_512(const uint16_t *g, const uint16_t *u, int
 }
 
 /* ================================================================ AVX2: the 16 lanes as two halves */
-T256 static inline float hsum256x2(__m256 lo, __m256 hi) {
-    const __m256 s8 = _mm256_add_ps(lo, hi);
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-
 T256 static inline __m256i tail8(int64_t left) { /* lanes l < left */
     const int32_t c = left >= 8 ? 8 : (left < 0 ? 0 : (int32_t)left);
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -541,7 +503,7 @@ T256 static inline __m256 bf16x8(const uint16_t *p, int64_t left) { /* lanes l >
     return bf16x8_all(t);
 }
 
-T256 static inline __m256 round256(__m256 x) { /* to_bf_s, the result kept widened */
+T256 static inline __m256 round256(__m256 x) { /* f32_to_bf16, the result kept widened */
     const __m256i u = _mm256_castps_si256(x);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     const __m256i r = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb),
@@ -681,18 +643,8 @@ static const Ops OPS[3] = {
      rmsnorm_row_bf16_512, silu_mul_row_bf16_512},
 };
 
-static int cpu_level(void) {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
-    return 0;
-}
-
 int mlm_set_isa(int cap) {
-    const int have = cpu_level();
-    isa_level = cap < have ? (cap < 0 ? 0 : cap) : have;
+    isa_level = capped_isa_level(cap);
     return isa_level;
 }
 
@@ -791,7 +743,7 @@ int mlm_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, 
                 continue;
             }
             const uint16_t *qr = q + t.b * strides[0] + t.h * strides[1] + t.i * strides[2];
-            for (int64_t d = 0; d < D; d++) qf[d] = bf_s(qr[d]);
+            for (int64_t d = 0; d < D; d++) qf[d] = bf16_to_f32(qr[d]);
             o->scores_bf16(qf, k + t.b * strides[3] + t.g * strides[4], strides[5], idx, n, D, scale, s);
             const float sum = o->softmax(s, n);
             o->weighted_bf16(s, sum, v + t.b * strides[6] + t.g * strides[7], strides[8], idx, n, D, dst);

@@ -37,13 +37,12 @@
  */
 #pragma GCC optimize("fp-contract=off")
 #include <immintrin.h>
+#include "float_common.h"
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
-#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
-#define T256 __attribute__((target("avx2,fma")))
 #define AI inline __attribute__((always_inline))
 
 #ifndef PREFETCH_AHEAD
@@ -53,20 +52,6 @@
 #define PARALLEL_MIN 65536 /* N * K below which a fork costs more than a second core gives */
 
 static int isa_level = -1;
-
-static inline float widen(uint16_t b) {
-    const uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t round_bf16(float f) { /* c10::BFloat16's round_to_nearest_even */
-    if (f != f) return 0x7FC0;
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
 
 /* Weight element widths in bytes, a constant at every call site (the kernels are inlined per width):
  * WB_BF16 rows are bfloat16, WB_I8 rows int8 with a bfloat16 scale per row. */
@@ -97,7 +82,7 @@ static inline void ahead_step(const int WB, Ahead *a, int64_t K, int64_t ldw, in
 
 /* the row's output: the dot itself (bfloat16 weights), or times the row's scale (int8) */
 static inline uint16_t finish(const int WB, float dot, const uint16_t *scale) {
-    return round_bf16(WB == WB_I8 ? dot * widen(*scale) : dot);
+    return f32_to_bf16(WB == WB_I8 ? dot * bf16_to_f32(*scale) : dot);
 }
 
 /* row n's scale (bfloat16 weights have none: their NULL is never offset) */
@@ -106,17 +91,9 @@ static inline const uint16_t *scale_at(const int WB, const uint16_t *scale, int6
 }
 
 /* ================================================================ scalar: the definition */
-static float tree16(const float a[16]) {
-    float s8[8], s4[4], s2[2];
-    for (int l = 0; l < 8; l++) s8[l] = a[l] + a[l + 8];
-    for (int l = 0; l < 4; l++) s4[l] = s8[l] + s8[l + 4];
-    for (int l = 0; l < 2; l++) s2[l] = s4[l] + s4[l + 2];
-    return s2[0] + s2[1];
-}
-
 /* weight i of a row as float32 (exact for both widths) */
 static inline float wval(const int WB, const void *w, int64_t i) {
-    return WB == WB_I8 ? (float)((const int8_t *)w)[i] : widen(((const uint16_t *)w)[i]);
+    return WB == WB_I8 ? (float)((const int8_t *)w)[i] : bf16_to_f32(((const uint16_t *)w)[i]);
 }
 
 static inline float dot_s(const int WB, const uint16_t *x, const void *w, int64_t K) {
@@ -124,7 +101,7 @@ static inline float dot_s(const int WB, const uint16_t *x, const void *w, int64_
     for (int64_t k = 0; k < K; k += 16)
         for (int l = 0; l < 16; l++) {
             const int in = k + l < K;
-            acc[l] = fmaf(in ? widen(x[k + l]) : 0.0f, in ? wval(WB, w, k + l) : 0.0f, acc[l]);
+            acc[l] = fmaf(in ? bf16_to_f32(x[k + l]) : 0.0f, in ? wval(WB, w, k + l) : 0.0f, acc[l]);
         }
     return tree16(acc);
 }
@@ -138,14 +115,6 @@ static inline void rows_s(const int WB, const uint16_t *x, int64_t M, int64_t K,
 }
 
 /* ================================================================ AVX-512 */
-T512 static AI float hsum512(__m512 a) {
-    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a),
-                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-
 /* 16 bfloat16 -> float32: each word to the high half of its lane, zeros below (one vpermw; the
  * zero-extend-and-shift pair took measurably longer with the weights in cache) */
 T512 static AI __m512 widen512(__m256i b) {
@@ -266,13 +235,6 @@ static void by_blocks(const tile_fn *tiles, int64_t mb_max, const uint16_t *x, i
 }
 
 /* ================================================================ AVX2: the 16 lanes as two halves */
-T256 static AI float hsum256x2(__m256 lo, __m256 hi) {
-    const __m256 s8 = _mm256_add_ps(lo, hi);
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-
 T256 static AI __m256 load256(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
@@ -398,18 +360,8 @@ ROWS_FNS(_i8, WB_I8, TILES512Q, TILES256Q)
 static const rows_fn ROWS_BF16[3] = {rows_s_bf16, rows256_bf16, rows512_bf16};
 static const rows_fn ROWS_I8[3] = {rows_s_i8, rows256_i8, rows512_i8};
 
-static int cpu_level(void) {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
-    return 0;
-}
-
 int mlm_set_isa(int cap) {
-    const int have = cpu_level();
-    isa_level = cap < have ? (cap < 0 ? 0 : cap) : have;
+    isa_level = capped_isa_level(cap);
     return isa_level;
 }
 

@@ -24,6 +24,7 @@
  *   xn = rmsnorm(x); x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T
  */
 #pragma GCC optimize("fp-contract=off")
+#include "float_common.h"
 #include <omp.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -147,27 +148,13 @@ static void barrier_wait(Barrier *b, int n) {
     }
 }
 
-/* ------------------------------------------------------------------ bfloat16 */
-static inline float widen(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t narrow(float f) { /* round to nearest even, as torch's c10::BFloat16 */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
+/* ------------------------------------------------------------------ activations, either type */
 static inline float load(const void *p, int64_t i, int bf16) {
-    return bf16 ? widen(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 static inline void store(void *p, int64_t i, float v, int bf16) {
-    if (bf16) ((uint16_t *)p)[i] = narrow(v);
+    if (bf16) ((uint16_t *)p)[i] = f32_to_bf16(v);
     else ((float *)p)[i] = v;
 }
 
