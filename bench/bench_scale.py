@@ -23,8 +23,9 @@ one-token steps), peak RSS (VmHWM of the worker, so it includes torch's own ~0.3
 run measures the machine's read bandwidth with 2 threads (a 1 GiB float32 sum, median of 7) and
 reports the fraction of it that decode streams: bytes of the quantized matrices read per token
 (every GGUFLinear's storage, counted once; llama.cpp: the file's tensors but the embedding)
-times decode tok/s. Results go to stdout and to the "## Scale" section of bench/RESULTS.md,
-which this script owns (bench_perf.py regenerates the file only above its kept section).
+times decode tok/s. Results go to stdout, to the "## Scale" section of bench/RESULTS.md, which
+this script owns (bench_perf.py regenerates the file only above its kept section), and to the
+chart bench/scale.png.
 """
 
 from __future__ import annotations
@@ -278,6 +279,37 @@ def table(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth: fl
     return "\n".join(lines)
 
 
+def write_chart(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], subtitle: str) -> Path | None:
+    """bench/scale.png: decode and prefill tok/s per file, each engine beside llama.cpp (the
+    section's table as bars); None where matplotlib (the `bench` extra) is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    medians = {name: {e: _median(runs) for e, runs in results.items()} for name, (_, _, results) in rows.items()}
+    engines = sorted({e for per in medians.values() for e in per}, key=lambda e: (e == "llama.cpp", e))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(len(engines), 1)
+    for ax, metric, label in zip(axes, ("decode_tok_s", "prefill_tok_s"), ("decode tok/s", "prefill tok/s")):
+        for i, engine in enumerate(engines):
+            values = [(medians[n].get(engine) or {}).get(metric) or 0.0 for n in medians]
+            bars = ax.bar([x + i * width for x in range(len(medians))], values, width, label=engine)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks([x + width * (len(engines) - 1) / 2 for x in range(len(medians))], list(medians))
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Mistral-shaped GGUFs, ours vs llama.cpp ({subtitle})", fontsize=10)
+    fig.tight_layout()
+    path = RESULTS.parent / "scale.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _median(runs: list[dict]) -> dict | None:
     good = [r for r in runs if "error" not in r]
     if not good:
@@ -351,10 +383,12 @@ def main() -> None:
         "`first load` builds the kernel cache beside the file (once per file); the other `ours` runs map it. "
         "`first call s` is the first generate (prefill + new tokens) after loading, when mapped pages are "
         "read in. RSS / file is the worker's peak RSS (torch and the interpreter included) over the file's "
-        "size. Regenerate with `python bench/bench_scale.py` (see its docstring for options).", ""])
+        "size. The chart `scale.png` shows the same medians. Regenerate with `python bench/bench_scale.py` "
+        "(see its docstring for options).", "", "![scale](scale.png)", ""])
     print(text)
     if not args.no_write:
         write_section(text)
+        write_chart(rows, f"prompt {args.prompt}, {args.new} new tokens, median of {args.runs} runs")
 
 
 if __name__ == "__main__":
