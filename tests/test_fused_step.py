@@ -165,3 +165,27 @@ def test_more_rows_than_the_kernels_take_run_the_modules(calls):
     ids, mask = prompts(MatvecLinear.native_max_rows + 1, 6)
     decode(model, ids, mask, 2)
     assert not calls
+
+
+def test_a_model_it_cannot_take_is_not_rebuilt_every_step(monkeypatch):
+    """Where the table cannot be built (here: the bfloat16 kernels reported missing), the refusal
+    is remembered while the modules stay the same, so steps do not pay a rebuild each."""
+    model = bf16_model("bf16")
+    builds = []
+    build = fused_step._build
+
+    def counted(*args):
+        builds.append(1)
+        return build(*args)
+
+    monkeypatch.setattr(fused_step, "_build", counted)
+    monkeypatch.setattr(native_step, "available", lambda *args: False)
+    ids, mask = prompts(1, 6)
+    refused = decode(model, ids, mask, 4)
+    assert len(builds) == 1
+    model.model.layers[1].mlp.down_proj = model.model.layers[2].mlp.down_proj  # a changed module: try again
+    decode(model, ids, mask, 2)
+    assert len(builds) == 2
+    monkeypatch.undo()
+    model = bf16_model("bf16")
+    assert torch.equal(refused, decode(model, ids, mask, 4))  # the modules computed what the step does

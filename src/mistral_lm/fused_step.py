@@ -96,13 +96,10 @@ def _links(decoder: Any, parts: list[torch.nn.Module]) -> list[tuple[dict, str, 
                                                                   norm.variance_epsilon)]
         for lin in lins:
             links += [(lin._parameters, "bias", lin.bias)]
-            if isinstance(lin, MatvecLinear):
-                links += [(lin._parameters, "weight", lin.weight)]
-            else:  # GGUFBlockLinear, NF4Linear: buffers, and the dtype they compute in
-                links += [(lin._buffers, name, lin._buffers[name]) for name in lin._buffers]
-                links += [(lin.__dict__, "compute_dtype", lin.compute_dtype)]
-            if isinstance(lin, NF4Linear):
-                links += [(lin.__dict__, "quant_type", lin.quant_type), (lin.__dict__, "_native", lin._native)]
+            links += [(lin._parameters, name, t) for name, t in lin._parameters.items()]
+            links += [(lin._buffers, name, t) for name, t in lin._buffers.items()]
+            links += [(lin.__dict__, name, lin.__dict__[name]) for name in ("compute_dtype", "quant_type", "_native")
+                      if name in lin.__dict__]
     return links
 
 
@@ -192,14 +189,36 @@ def _may_qualify(decoder: Any) -> bool:
         type(q) is MatvecLinear and q.weight.dtype == torch.bfloat16)
 
 
+@dataclass
+class _Refused:
+    """The modules a table could not be built for, remembered by the same links as a table's:
+    while they hold, the step runs the modules without trying again."""
+
+    dicts: tuple[dict, ...]
+    keys: tuple[str, ...]
+    values: tuple[Any, ...]
+
+    def current(self) -> bool:
+        return all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values))
+
+
+def _refused(decoder: Any) -> _Refused | None:
+    try:
+        parts = [p for layer in decoder.layers._modules.values() for p in _parts(layer)]
+        links = _links(decoder, parts)
+    except (KeyError, AttributeError):
+        return None
+    return _Refused(*zip(*links)) if links else None
+
+
 def _table(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
     """The decoder's layer table if it still describes its modules, else built anew (None: the
     modules are not all of the kinds step.c computes)."""
     cached = decoder.__dict__.get("_fused_step")
     if cached is not None and cached.current():
-        return cached
+        return cached if isinstance(cached, _Table) else None
     table = _build(decoder, stock)
-    decoder.__dict__["_fused_step"] = table
+    decoder.__dict__["_fused_step"] = table if table is not None else _refused(decoder)
     return table
 
 
@@ -246,7 +265,7 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
             or h.shape[1] != 1 or h.dtype not in (torch.float32, torch.bfloat16) or not h.is_cpu or mask is None
             or step.attn_implementation != "native" or mask.dtype != torch.bool or mask.shape[-1] != plan.used):
         return None
-    if decoder.__dict__.get("_fused_step") is None and not _may_qualify(decoder):
+    if "_fused_step" not in decoder.__dict__ and not _may_qualify(decoder):
         return None
     table = _table(decoder, stock)
     if (table is None or h.dtype != _ACTIVATION[table.bf16] or h.shape[0] > table.max_rows
