@@ -110,6 +110,7 @@ def test_a_changed_module_or_weight_is_seen(model, calls, monkeypatch):
     layers[0].self_attn.o_proj = GGUFBlockLinear(other.blocks, other.ggml_type, other.in_features)
     norm = layers[2].post_attention_layernorm
     norm.weight.data = norm.weight.detach() * 1.5  # new storage under the same Parameter
+    layers[3].mlp.up_proj.blocks.data = layers[4].mlp.up_proj.blocks.clone()  # and under the same buffer
     after = decode(model, ids, mask, 2)
     assert len(calls) == 4 and not torch.equal(before, after)
     modules_only(monkeypatch)

@@ -168,3 +168,18 @@ def test_without_the_kernels_the_loader_falls_back_to_torchs_int4(monkeypatch):
     model = MistralForCausalLM.from_pretrained(PATH, gguf_native=True)
     kinds = {type(m) for m in model.modules() if isinstance(m, GGUFLinear)}
     assert kinds == {GGUFLinear} and model.dtype == torch.bfloat16
+
+
+def test_embedding_weight_reads_the_table_and_refuses_writes(native):
+    """`weight` decodes a copy of the file's table: reading works as nn.Embedding's; writing into it
+    would change nothing, so it raises instead of losing the write."""
+    table = native.get_input_embeddings()
+    weight = table.weight
+    ids = torch.tensor([[1, 7, 300]])
+    assert torch.equal(torch.nn.functional.embedding(ids, weight), table(ids))
+    assert type(weight * 2) is torch.Tensor and type(weight.clone()) is torch.Tensor
+    for write in (lambda: weight.__setitem__(0, 0.0), lambda: weight.add_(1), lambda: weight.data.zero_(),
+                  lambda: torch.mul(weight, 2, out=weight)):
+        with pytest.raises(ConfigError, match="quantize='none'"):
+            write()
+    assert torch.equal(table.weight, weight)

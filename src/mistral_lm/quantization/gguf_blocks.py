@@ -132,6 +132,37 @@ class GGUFBlockLinear(GGUFLinear):
         return self
 
 
+_WRITES = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+           "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__", "set_"}
+
+
+class DecodedTable(torch.Tensor):
+    """A GGUF block table decoded for reading (`GGUFBlockEmbedding.weight`). Writing into it would
+    change this copy and leave the table, the file's pages, as it was: in-place operations, item
+    assignment, `out=` into it and `.data` writes raise instead. Everything computed from it is a
+    plain tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = args[0] if args else None
+        if isinstance(target, DecodedTable) and (name in _WRITES or (name.endswith("_") and not name.endswith("__"))) \
+                or any(isinstance(t, DecodedTable) for t in _as_tuple(kwargs.get("out"))):
+            raise ConfigError("a GGUF block embedding's weight is a decoded copy of the file's blocks; writing into "
+                              "it would change nothing. Load the model with quantize='none' (or without "
+                              "gguf_native) to edit the embedding table")
+        if name == "__get__" and getattr(func, "__self__", None) is not None and \
+                getattr(func.__self__, "__name__", "") == "data":  # `.data`: the same read-only table
+            return target
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+def _as_tuple(value: Any) -> tuple:
+    return value if isinstance(value, (tuple, list)) else (value,)
+
+
 class GGUFBlockEmbedding(nn.Module):
     """nn.Embedding's lookup on a GGUF table's blocks: only the rows asked for are decoded.
 
@@ -160,8 +191,10 @@ class GGUFBlockEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The whole (num_embeddings, embedding_dim) table, decoded (a fresh tensor each time)."""
-        return ggml.dequantize(self.blocks, self.ggml_type, self.embedding_dim).to(self.output_dtype)
+        """The whole (num_embeddings, embedding_dim) table, decoded: a fresh tensor each time, which
+        refuses in-place writes (they would change a copy, not the table)."""
+        decoded = ggml.dequantize(self.blocks, self.ggml_type, self.embedding_dim).to(self.output_dtype)
+        return decoded.as_subclass(DecodedTable)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, ggml_type={self.ggml_type.name}, kernel=native"
