@@ -190,3 +190,13 @@ def test_a_model_it_cannot_take_is_not_rebuilt_every_step(monkeypatch):
     monkeypatch.undo()
     model = bf16_model("bf16")
     assert torch.equal(refused, decode(model, ids, mask, 4))  # the modules computed what the step does
+
+
+def test_compile_is_skipped_where_the_fused_step_is_faster(model, calls):
+    """generate(compile=True) on a model the fused step takes warns and decodes with the fused
+    step (faster than the compiled layers, the same tokens) instead of compiling."""
+    ids = torch.randint(0, 2000, (1, 8))
+    with pytest.warns(RuntimeWarning, match="fused native step"):
+        compiled = model.generate(ids, max_new_tokens=6, do_sample=False, compile=True)
+    assert len(calls) == 5
+    assert torch.equal(compiled, model.generate(ids, max_new_tokens=6, do_sample=False))

@@ -6,6 +6,7 @@ chunks; `compiled_layers` is the opt-in torch.compile of the layers' decode path
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any
 
@@ -46,11 +47,17 @@ class Decoder:
     `compile=True` runs the layers through torch.compile: a decode step of a small model on
     4-bit weights is mostly fixed per-operator cost that compiling fuses away (bench/RESULTS.md);
     the first call pays the compile, so it is opt-in. The compiled layers are made once per
-    model and reused by later calls.
+    model and reused by later calls. A model whose steps the fused native step takes (GGUF
+    blocks, bfloat16, int8, NF4/FP4: fused_step.py) is not compiled: that step is faster than
+    the compiled layers and computes the same tokens (a warning says so once).
     """
 
     def __init__(self, model: Any, compile: bool = False) -> None:
         self.model = model
+        if compile and model.model.fused_step_available():
+            warnings.warn("compile=True: this model's decode steps run the fused native step, faster than "
+                          "torch.compile's layers; not compiling", RuntimeWarning, stacklevel=3)
+            compile = False
         self.layers = compiled_layers(model.model) if compile else None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

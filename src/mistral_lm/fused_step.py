@@ -222,6 +222,13 @@ def _table(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
     return table
 
 
+def table_for(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
+    """The decoder's layer table, or None where the fused step cannot take its modules."""
+    if "_fused_step" not in decoder.__dict__ and not _may_qualify(decoder):
+        return None
+    return _table(decoder, stock)
+
+
 def _runnable(table: _Table, dropout: float) -> bool:
     """No hooks, no attention dropout in training, no autograd through a weight: the modules
     would compute just what step.c does."""
@@ -265,9 +272,7 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
             or h.shape[1] != 1 or h.dtype not in (torch.float32, torch.bfloat16) or not h.is_cpu or mask is None
             or step.attn_implementation != "native" or mask.dtype != torch.bool or mask.shape[-1] != plan.used):
         return None
-    if "_fused_step" not in decoder.__dict__ and not _may_qualify(decoder):
-        return None
-    table = _table(decoder, stock)
+    table = table_for(decoder, stock)
     if (table is None or h.dtype != _ACTIVATION[table.bf16] or h.shape[0] > table.max_rows
             or not _runnable(table, decoder.config.attention_dropout) or (torch.is_grad_enabled() and h.requires_grad)):
         return None

@@ -315,6 +315,11 @@ class MistralModel(MistralPreTrainedModel):
             hidden.append(h)
         return h
 
+    def fused_step_available(self) -> bool:
+        """Whether this decoder's modules are all of the kinds the fused native step computes
+        (fused_step.py); a given step may still run the modules (hooks, autograd, many rows)."""
+        return fused_step.table_for(self, _STOCK_LAYER) is not None
+
     def _fusable_parents(self) -> list[nn.Module]:
         """Every layer's attention and MLP, listed once per ModuleList: a module swapped in later
         is simply not validated, so its layer runs the parts."""
