@@ -219,3 +219,21 @@ def test_panel_and_chunk_boundaries(ggml_type):
                     assert torch.equal(ggml.linear(x[:m], blocks, ggml_type), rows[:m]), (ggml_type, k, m, cap)
                 with threads(2):
                     assert torch.equal(ggml.linear(x, blocks[3:], ggml_type), rows[:, 3:]), (ggml_type, k, cap)
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_c_decode_is_the_torch_definition_bit_for_bit(ggml_type):
+    """ggml.dequantize in C (the embedding lookup of every decode step) equals the float64 torch
+    definition exactly: whole tables, picked rows in any order, and repeated rows."""
+    if not ggml.available():
+        pytest.skip("the ggml library could not be built here")
+    blocks = random_blocks(ggml_type, 13, 512)
+    want = ggml.reference_dequantize(blocks, ggml_type, 512)
+    torch.testing.assert_close(want, torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), Q(ggml_type))),
+                               rtol=1e-6, atol=0)
+    assert torch.equal(ggml.dequantize(blocks, ggml_type, 512), want)
+    rows = torch.tensor([12, 0, 5, 5, 7])
+    assert torch.equal(ggml.dequantize(blocks, ggml_type, 512, rows=rows), want[rows])
+    assert ggml.dequantize(blocks, ggml_type, 512, rows=torch.tensor([], dtype=torch.long)).shape == (0, 512)
+    with pytest.raises(InputError, match="out of range"):
+        ggml.dequantize(blocks, ggml_type, 512, rows=torch.tensor([13]))

@@ -253,3 +253,23 @@ int mlm_ggml_linear(int type, const float *x, int64_t M, int64_t K, int64_t ldx,
     mlm_ggml_quantize(x, M, K, ldx, xq, nthreads);
     return mlm_ggml_matmul(type, xq, M, K, w, N, ldw, out, ldo, nthreads);
 }
+
+/* Rows of weight blocks as float32 (N, K): w = cw * (scale * (u - offset)) + mw, computed in double
+ * and rounded once, which is the torch definition (ggml.py `reference_dequantize`) bit for bit.
+ * Row i is stored row rows[i] (rows NULL: row i). For the embedding's lookups, a row at a time. */
+int mlm_ggml_dequantize(int type, const uint8_t *w, int64_t ldw, const int64_t *rows, int64_t N, int64_t K,
+                        float *out) {
+    if (type_bytes(type) == 0 || K % type_block(type) != 0) return -1;
+    const int sh = off_shift(type), off = sh < 0 ? 0 : 1 << sh;
+    for (int64_t i = 0; i < N; i++) {
+        const uint8_t *row = w + (rows ? rows[i] : i) * ldw;
+        for (int64_t b = 0; b < K / 32; b++) {
+            int u[32], sc[2];
+            float cw, mw;
+            decode_scalar(type, row, b, u, sc, &cw, &mw);
+            for (int e = 0; e < 32; e++)
+                out[i * K + b * 32 + e] = (float)((double)cw * (double)(sc[e >> 4] * (u[e] - off)) + (double)mw);
+        }
+    }
+    return 0;
+}

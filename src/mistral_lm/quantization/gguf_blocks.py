@@ -185,8 +185,7 @@ class GGUFBlockEmbedding(nn.Module):
         self.register_buffer("blocks", blocks, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.blocks.index_select(0, ids.reshape(-1).to(self.blocks.device))
-        out = ggml.dequantize(rows, self.ggml_type, self.embedding_dim)
+        out = ggml.dequantize(self.blocks, self.ggml_type, self.embedding_dim, rows=ids.reshape(-1))
         return out.to(self.output_dtype).view(*ids.shape, self.embedding_dim)
 
     @property
