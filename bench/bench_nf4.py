@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_perf import TokenClock  # noqa: E402
+
 THREADS = 2
 ENGINES = ("ours-nf4", "ours-fp4", "ours-int4", "bnb-nf4")
 PROMPT = 64
@@ -65,19 +68,6 @@ def _load(engine: str, hf_dir: Path) -> Any:
     return MistralForCausalLM.from_pretrained(default_model_path(), quantization_config=_config(engine))
 
 
-class _Clock:
-    """A generate() streamer that notes when each new token arrives (the first put is the prompt)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: Any) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def speed_worker(engine: str, hf_dir: Path, new_tokens: int) -> dict:
     """Load time, prefill rate, and decode step times of three greedy generations (after a
     warm-up): on a shared machine the median and the fastest step say more than a total."""
@@ -94,7 +84,7 @@ def speed_worker(engine: str, hf_dir: Path, new_tokens: int) -> dict:
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, **options)
         for _ in range(3):
-            clock = _Clock()
+            clock = TokenClock()
             start = time.perf_counter()
             out = model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, streamer=clock,
                                  **options)

@@ -80,6 +80,20 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return value, time.perf_counter() - start
 
 
+class TokenClock:
+    """A generate() streamer that notes when each put arrives: first the prompt, then each new
+    token as it is picked (bench_scale.py and bench_nf4.py time decode steps with it)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def _torch_loader(engine: str, model_path: Path) -> Callable[[], Any]:
     """The from_pretrained call of one torch engine, unevaluated, so the worker can time it."""
     import torch

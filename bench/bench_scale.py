@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_perf import (THREADS, WORKER_TIMEOUT_S, _error_line, _llama_round, _peak_rss_mb,  # noqa: E402
-                        _timed, resolve_llama_python)
+from bench_perf import (THREADS, WORKER_TIMEOUT_S, TokenClock, _error_line, _llama_round,  # noqa: E402
+                        _peak_rss_mb, _timed, resolve_llama_python)
 
 SHAPES = {"1b": dict(hidden=2048, layers=16, heads=32, kv=8, ffn=5632, vocab=32000),
           "7b": dict(hidden=4096, layers=32, heads=32, kv=8, ffn=14336, vocab=32000)}
@@ -132,18 +132,8 @@ def ours_worker(engine: str, path: Path, ids: list[int], new_tokens: int) -> dic
                 storages[storage.data_ptr()] = storage.nbytes()
     prompt = torch.tensor([ids])
 
-    class Clock:  # a streamer: put() gets the prompt, then each token as it is picked
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def put(self, value: Any) -> None:
-            self.times.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
-
-    def generate(n: int) -> Clock:
-        clock = Clock()
+    def generate(n: int) -> TokenClock:
+        clock = TokenClock()
         start = time.perf_counter()
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                              do_sample=False, eos_token_id=None, pad_token_id=0, streamer=clock)
