@@ -98,33 +98,25 @@ def _rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     return x2, x2.stride(0) if x2.shape[0] > 1 else k
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The bfloat16 linear, or with `scale` the int8 one (the same call but for the scales)."""
     lib = _lib()
     if lib is None:
-        return reference_linear_bf16(x, weight)
+        return reference_linear_bf16(x, weight) if scale is None else reference_linear_int8(x, weight, scale)
     n, k = weight.shape
     x2, ldx = _rows(x, k)
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = lib.mlm_bf16_linear(x2.data_ptr(), m, k, ldx, weight.data_ptr(), n,
-                             weight.stride(0) if n > 1 else k, out.data_ptr(), n, torch.get_num_threads())
+    ldw = weight.stride(0) if n > 1 else k
+    if scale is None:
+        rc = lib.mlm_bf16_linear(x2.data_ptr(), m, k, ldx, weight.data_ptr(), n, ldw, out.data_ptr(), n,
+                                 torch.get_num_threads())
+    else:
+        rc = lib.mlm_int8_linear(x2.data_ptr(), m, k, ldx, weight.data_ptr(), n, ldw, scale.data_ptr(),
+                                 out.data_ptr(), n, torch.get_num_threads())
     if rc:
-        raise InputError(f"native bf16 linear refused x {tuple(x.shape)} and weight {tuple(weight.shape)}")
-    return out.view(*x.shape[:-1], n)
-
-
-def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    lib = _lib()
-    if lib is None:
-        return reference_linear_int8(x, weight, scale)
-    n, k = weight.shape
-    x2, ldx = _rows(x, k)
-    m = x2.shape[0]
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = lib.mlm_int8_linear(x2.data_ptr(), m, k, ldx, weight.data_ptr(), n, weight.stride(0) if n > 1 else k,
-                             scale.data_ptr(), out.data_ptr(), n, torch.get_num_threads())
-    if rc:
-        raise InputError(f"native int8 linear refused x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+        raise InputError(f"native {'bf16' if scale is None else 'int8'} linear refused x {tuple(x.shape)} and "
+                         f"weight {tuple(weight.shape)}")
     return out.view(*x.shape[:-1], n)
 
 
@@ -156,7 +148,7 @@ def reference_linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 @torch.library.custom_op("mistral_lm::int8_linear", mutates_args=())
 def _linear_int8_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The int8 kernel behind an opaque op, so torch.compile calls it instead of tracing ctypes."""
-    return _linear_int8(x, weight, scale)
+    return _linear(x, weight, scale)
 
 
 @_linear_int8_op.register_fake
@@ -171,7 +163,7 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     _check_int8(x, weight, scale)
     if torch.compiler.is_compiling():
         return _linear_int8_op(x, weight, scale)
-    return _linear_int8(x, weight, scale)
+    return _linear(x, weight, scale)
 
 
 def reference_linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
