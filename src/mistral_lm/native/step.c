@@ -214,11 +214,12 @@ static void add(void *x, const void *y, int64_t n, int bf16) {
     for (int64_t i = 0; i < n; i++) store(x, i, load(x, i, bf16) + load(y, i, bf16), bf16);
 }
 
-/* q8 blocks of x for a layer's GGUF linears; bfloat16 linears read x itself */
-static const void *linear_input(const Kernels *kn, const Lin *l, const void *x, int64_t M, void *xq) {
-    if (l->kind != LIN_GGML) return x;
-    kn->quantize((const float *)x, M, l->k, l->k, xq, 1);
-    return xq;
+/* What linear l reads of activations x: their q8 blocks xq for GGUF linears (written by
+ * `quantize_input`), x itself for the bfloat16 kinds. */
+static const void *input_of(const Lin *l, const void *x, const void *xq) { return l->kind == LIN_GGML ? xq : x; }
+
+static void quantize_input(const Kernels *kn, const Lin *l, const void *x, int64_t M, void *xq) {
+    if (l->kind == LIN_GGML) kn->quantize((const float *)x, M, l->k, l->k, xq, 1);
 }
 
 /* x (M, C) in the activation type, updated in place through every layer. Returns 0, -1 for a
@@ -257,20 +258,18 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, const S
 #pragma omp parallel num_threads(st->nthreads) reduction(| : rc)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const void *in;
         for (int64_t li = 0; li < L; li++) {
             const Layer *ly = layers + li;
             char *keys = st->keys[li], *values = st->values[li];
             /* attention block */
             if (t == 0) {
                 ew->rmsnorm(x, M, C, C, ly->ln1, ly->eps1, xn, 1);
-                linear_input(kn, &ly->q, xn, M, xq);
+                quantize_input(kn, &ly->q, xn, M, xq);
             }
             barrier_wait(&bar, nt);
-            in = ly->q.kind == LIN_GGML ? xq : xn;
-            rc |= linear_part(kn, &ly->q, in, M, qraw, t, nt);
-            rc |= linear_part(kn, &ly->k, in, M, kraw, t, nt);
-            rc |= linear_part(kn, &ly->v, in, M, v, t, nt);
+            rc |= linear_part(kn, &ly->q, input_of(&ly->q, xn, xq), M, qraw, t, nt);
+            rc |= linear_part(kn, &ly->k, input_of(&ly->k, xn, xq), M, kraw, t, nt);
+            rc |= linear_part(kn, &ly->v, input_of(&ly->v, xn, xq), M, v, t, nt);
             barrier_wait(&bar, nt);
             if (t == 0) {
                 rope(qraw, ly->q.order, M, H, D, st->cos, st->sin, bf16, tmp, q);
@@ -290,20 +289,21 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, const S
                                     att + es * (m * H + g * rep) * D, 1);
             }
             barrier_wait(&bar, nt);
-            if (t == 0) linear_input(kn, &ly->o, att, M, xq);
-            barrier_wait(&bar, nt);
-            rc |= linear_part(kn, &ly->o, ly->o.kind == LIN_GGML ? xq : (const void *)att, M, o, t, nt);
+            if (ly->o.kind == LIN_GGML) { /* the same kind on every thread: all take this barrier or none */
+                if (t == 0) quantize_input(kn, &ly->o, att, M, xq);
+                barrier_wait(&bar, nt);
+            }
+            rc |= linear_part(kn, &ly->o, input_of(&ly->o, att, xq), M, o, t, nt);
             barrier_wait(&bar, nt);
             /* MLP block */
             if (t == 0) {
                 add(x, o, M * C, bf16);
                 ew->rmsnorm(x, M, C, C, ly->ln2, ly->eps2, xn, 1);
-                linear_input(kn, &ly->gate, xn, M, xq);
+                quantize_input(kn, &ly->gate, xn, M, xq);
             }
             barrier_wait(&bar, nt);
-            in = ly->gate.kind == LIN_GGML ? xq : xn;
-            rc |= linear_part(kn, &ly->gate, in, M, gate, t, nt);
-            rc |= linear_part(kn, &ly->up, in, M, up, t, nt);
+            rc |= linear_part(kn, &ly->gate, input_of(&ly->gate, xn, xq), M, gate, t, nt);
+            rc |= linear_part(kn, &ly->up, input_of(&ly->up, xn, xq), M, up, t, nt);
             {   /* this thread's gate and up rows are its own: their product needs no barrier */
                 int64_t f0, f1;
                 share(F, t, nt, &f0, &f1);
@@ -312,9 +312,11 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, const S
                                  act + es * (m * F + f0), 1);
             }
             barrier_wait(&bar, nt);
-            if (t == 0) linear_input(kn, &ly->down, act, M, xq);
-            barrier_wait(&bar, nt);
-            rc |= linear_part(kn, &ly->down, ly->down.kind == LIN_GGML ? xq : (const void *)act, M, o, t, nt);
+            if (ly->down.kind == LIN_GGML) {
+                if (t == 0) quantize_input(kn, &ly->down, act, M, xq);
+                barrier_wait(&bar, nt);
+            }
+            rc |= linear_part(kn, &ly->down, input_of(&ly->down, act, xq), M, o, t, nt);
             barrier_wait(&bar, nt);
             if (t == 0) add(x, o, M * C, bf16); /* the next layer's first barrier follows its norm, on thread 0 too */
         }
