@@ -130,20 +130,24 @@ def _entry(lin: torch.nn.Module, bf16: bool) -> tuple[Any, list[torch.Tensor], i
     return None
 
 
-def _build(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
+def _all_parts(decoder: Any) -> list[torch.nn.Module] | None:
+    """Every layer's `_parts`, flat; None where a layer lacks one of them."""
     try:
-        parts = [p for layer in decoder.layers._modules.values() for p in _parts(layer)]
+        return [p for layer in decoder.layers._modules.values() for p in _parts(layer)]
     except (KeyError, AttributeError):
         return None
-    layer_kind, attention_kind, mlp_kind, norm_kind = stock
-    if not parts or any(type(p) is not kind for i, p in enumerate(parts) if i % 12 < 5
-                        for kind in (stock[min(i % 12, 3)],)):
+
+
+def _build(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
+    parts = _all_parts(decoder)
+    kinds = (*stock, stock[3])  # layer, attention, MLP, both norms: the first five of each layer's parts
+    if not parts or any(type(p) is not kinds[i % 12] for i, p in enumerate(parts) if i % 12 < 5):
         return None
     cfg = decoder.config
     c, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     hd, kd = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     bf16 = parts[3].weight.dtype == torch.bfloat16
-    kinds = set()
+    linear_kinds = set()
     if d % 2 or c % 32 or hd % 32:
         return None
     entries, pointed, max_rows = [], [], 1 << 30
@@ -164,13 +168,13 @@ def _build(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
         if any(e is None for e in found):
             return None
         for entry, tensors, rows in found:  # type: ignore[misc]
-            kinds.add(entry.kind)
+            linear_kinds.add(entry.kind)
             pointed += tensors
             max_rows = min(max_rows, rows)
         entries.append(native_step.Layer(ln1.weight.data_ptr(), ln2.weight.data_ptr(), ln1.variance_epsilon,
                                          ln2.variance_epsilon, *(e[0] for e in found)))  # type: ignore[index]
         pointed += [ln1.weight, ln2.weight]
-    if not native_step.available(bf16, frozenset(kinds)):
+    if not native_step.available(bf16, frozenset(linear_kinds)):
         return None
     dims = (c, cfg.num_attention_heads, cfg.num_key_value_heads, d, f, len(entries))
     dicts, keys, values = zip(*_links(decoder, parts))
@@ -180,7 +184,7 @@ def _build(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
 
 
 def _may_qualify(decoder: Any) -> bool:
-    """A quick no for models of other layer kinds (int4, int8, float32 dense, peft-wrapped),
+    """A quick no for models of other layer kinds (int4, float32 or float16 dense, peft-wrapped),
     before any table is built."""
     first = next(iter(decoder.layers._modules.values()), None)
     attn = None if first is None else first._modules.get("self_attn")
@@ -203,12 +207,11 @@ class _Refused:
 
 
 def _refused(decoder: Any) -> _Refused | None:
-    try:
-        parts = [p for layer in decoder.layers._modules.values() for p in _parts(layer)]
-        links = _links(decoder, parts)
-    except (KeyError, AttributeError):
+    parts = _all_parts(decoder)
+    try:  # modules of other kinds may lack what the links read (an MLP without act_fn)
+        return None if parts is None else _Refused(*zip(*_links(decoder, parts)))
+    except AttributeError:
         return None
-    return _Refused(*zip(*links)) if links else None
 
 
 def _table(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
