@@ -98,6 +98,7 @@ def test_native_quantizer_equals_torch_quantizer(cap, quant_type):
     w[3, :64] = -w[3, :64].abs()  # absmax from a negative weight
     values = CODEBOOKS[quant_type].sort().values
     w[4, :15], w[4, 15] = (values[1:] + values[:-1]) / 2, 1.0  # exactly on the mid-points (absmax 1)
+    w[5, :2] = torch.tensor([float.fromhex("-0x1.42p-1"), float.fromhex("0x1.14p+0")])  # w / absmax != w * (1 / absmax)
     q, absmax = quantize_4bit_codebook(w, CODEBOOKS[quant_type], 64)
     with isa(cap):
         packed, absmax_native = nf4.quantize(w, CODEBOOKS[quant_type], 64)

@@ -23,6 +23,7 @@ from mistral_lm.errors import CheckpointError, ConfigError, InputError
 from mistral_lm.quantization import config as config_module
 from mistral_lm.quantization import kernels, modules
 from mistral_lm.quantization.functional import FP4_CODEBOOK, NF4_CODEBOOK, pack_nibbles, unpack_nibbles
+from mistral_lm.quantization.functional import CODEBOOKS as CODEBOOKS_BY_NAME
 from mistral_lm.quantization import (BitsAndBytesConfig, GGUFLinear, Int4Linear, Int8Linear, NF4Linear,
                                      dequantize_4bit_codebook, dequantize_int4, dequantize_int8,
                                      load_quantized_state_dict, quantize_4bit_codebook, quantize_int4,
@@ -175,6 +176,40 @@ def test_codebook_codes_are_the_nearest_entries(codebook):
     best = (w[..., None] - levels).abs().amin(-1)
     torch.testing.assert_close((w - deq).abs(), best, rtol=0, atol=1e-6)
     assert torch.equal(deq[7, :64], torch.zeros(64))
+
+
+# A weight of the default model (SmolLM2's first q_proj) and its block's absmax: w / absmax is just
+# above the FP4 mid-point between -2/3 and -1/2, w * (1 / absmax) just below it.
+ON_A_MID_POINT = (float.fromhex("-0x1.42p-1"), float.fromhex("0x1.14p+0"))
+
+
+def test_codebook_scale_is_bitsandbytes_reciprocal_product():
+    """bitsandbytes scales a block by the float32 reciprocal of its absmax (its CPU and CUDA
+    kernels both), and a division rounds differently: on the default model 5887 weights got
+    another FP4 code than bitsandbytes gives them."""
+    x, absmax = (torch.tensor(v) for v in ON_A_MID_POINT)
+    scaled, divided = x * (1.0 / absmax), x / absmax
+    values = FP4_CODEBOOK.sort(stable=True).values
+    mids = (values[1:] + values[:-1]) / 2
+    assert torch.bucketize(scaled, mids) != torch.bucketize(divided, mids)  # the case tells the two apart
+    w = torch.zeros(1, 64)
+    w[0, 0], w[0, 1] = x, absmax
+    q, _ = quantize_4bit_codebook(w, FP4_CODEBOOK, 64)
+    nearest = FP4_CODEBOOK[(FP4_CODEBOOK - scaled).abs().argmin()]
+    assert FP4_CODEBOOK[int(q[0, 0])] == nearest == FP4_CODEBOOK[10]  # -2/3
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_codes_equal_bitsandbytes(quant_type):
+    """Against bitsandbytes itself, where it is installed: the packed codes and absmax of its
+    quantize_4bit, on random weights and on grid weights with the default model's case."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    grid = torch.randint(-8, 8, (64, 256)).float() * (torch.rand(64, 256 // 32) * 0.05).half().float().repeat_interleave(32, 1)
+    grid[0, :2] = torch.tensor(ON_A_MID_POINT)
+    for w in (torch.randn(64, 256), grid):
+        packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type=quant_type)
+        q, absmax = quantize_4bit_codebook(w, CODEBOOKS_BY_NAME[quant_type], 64)
+        assert torch.equal(pack_nibbles(q).flatten(), packed.flatten()) and torch.equal(absmax.flatten(), state.absmax)
 
 
 def test_pack_nibbles_order_and_round_trip():

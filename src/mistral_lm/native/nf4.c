@@ -286,7 +286,8 @@ int mlm_nf4_mm(const void *x, int x_dtype, const uint8_t *packed, const float *a
 
 /* ------------------------------------------------------------------ quantization */
 /* Codes as functional.quantize_4bit_codebook chooses them: per block absmax = max |w|, then the
-   code of w / absmax is order[#(mids < w / absmax)] (torch.bucketize over the 15 mid-points of
+   code of v = w * (1 / absmax) (bitsandbytes' arithmetic: a reciprocal, then a product) is
+   order[#(mids < v)] (torch.bucketize over the 15 mid-points of
    the sorted codebook; `order` maps sorted positions to codes). Writes packed (N, K/2) and
    absmax (N, K/blocksize). */
 __attribute__((always_inline)) static inline void quantize_row(const float *w, int64_t K, int bs, const float *mids, const uint8_t *order,
@@ -299,10 +300,10 @@ __attribute__((always_inline)) static inline void quantize_row(const float *w, i
             amax = a > amax ? a : amax;
         }
         absmax[g] = amax;
-        const float d = amax > 0 ? amax : 1.0f;
+        const float r = 1.0f / (amax > 0 ? amax : 1.0f);
         uint8_t idx[256];
         for (int j = 0; j < bs; j++) {
-            const float v = b[j] / d;
+            const float v = b[j] * r;
             int i = 0;
             for (int t = 0; t < 15; t++)
                 i += mids[t] < v;
@@ -313,8 +314,8 @@ __attribute__((always_inline)) static inline void quantize_row(const float *w, i
     }
 }
 
-/* quantize_row with 16 lanes: the count of mid-points below w / absmax by masked adds, the code by
-   a 16-entry permute; the same divisions and comparisons, so the same codes. */
+/* quantize_row with 16 lanes: the count of mid-points below w * (1 / absmax) by masked adds, the
+   code by a 16-entry permute; the same products and comparisons, so the same codes. */
 AVX512_FN void quantize_rows_avx512(const float *w, int64_t n0, int64_t n1, int64_t K, int bs, const float *mids,
                                     const uint8_t *order, uint8_t *packed, float *absmax) {
     int32_t order32[16] = {0};
@@ -329,10 +330,10 @@ AVX512_FN void quantize_rows_avx512(const float *w, int64_t n0, int64_t n1, int6
                 amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(b + j)));
             const float m = _mm512_reduce_max_ps(amax);
             absmax[n * (K / bs) + g] = m;
-            const __m512 d = _mm512_set1_ps(m > 0 ? m : 1.0f);
+            const __m512 r = _mm512_set1_ps(1.0f / (m > 0 ? m : 1.0f));
             uint8_t code[256];
             for (int j = 0; j < bs; j += 16) {
-                const __m512 v = _mm512_div_ps(_mm512_loadu_ps(b + j), d);
+                const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(b + j), r);
                 __m512i count = _mm512_setzero_si512();
                 for (int t = 0; t < 15; t++)
                     count = _mm512_mask_add_epi32(count, _mm512_cmp_ps_mask(_mm512_set1_ps(mids[t]), v, _CMP_LT_OQ),

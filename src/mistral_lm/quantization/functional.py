@@ -86,12 +86,15 @@ def quantize_4bit_codebook(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes-style 4-bit: (q uint8 (N, K) in [0, 15], absmax float32 (N, K // blocksize)).
 
-    q is the codebook entry nearest to w / absmax (bitsandbytes' decision trees compare against
-    the mid-points between sorted entries; bucketize over those mid-points is the same rule).
+    q is the codebook entry nearest to w * (1 / absmax) (bitsandbytes' decision trees compare
+    against the mid-points between sorted entries; bucketize over those mid-points is the same
+    rule). The scale is bitsandbytes' arithmetic, the float32 reciprocal of absmax times w, not
+    a division: the two round differently, and weights that sit on a mid-point (GGUF-decoded
+    weights often do) then get another code.
     """
     w = _groups(weight, blocksize)
     absmax = w.abs().amax(dim=-1)
-    normed = w / torch.where(absmax > 0, absmax, 1.0)[..., None]
+    normed = w * (1.0 / torch.where(absmax > 0, absmax, 1.0))[..., None]
     values, order = codebook.to(w.device).sort(stable=True)
     q = order[torch.bucketize(normed, (values[1:] + values[:-1]) / 2)]
     return q.to(torch.uint8).reshape(weight.shape), absmax
