@@ -18,8 +18,8 @@ worker process, engines alternate, and no two workers run at once. Engines:
 - `llama.cpp`: llama-cpp-python under `--llama-python` (or $LLAMA_CPP_PYTHON), when importable.
 
 Per run: load s (the constructor), first call s (the first greedy generate: mapped pages fault
-in there), prefill tok/s (a `--prompt`-token forward into a fresh cache), decode tok/s (`--new`
-one-token steps), peak RSS (VmHWM of the worker, so it includes torch's own ~0.3 GB). The same
+in there), prefill tok/s (a `--prompt`-token forward into a fresh cache, and a second one of
+`--long-prompt` tokens), decode tok/s (`--new` one-token steps), peak RSS (VmHWM of the worker, so it includes torch's own ~0.3 GB). The same
 run measures the machine's read bandwidth with 2 threads (a 1 GiB float32 sum, median of 7) and
 reports the fraction of it that decode streams: bytes of the quantized matrices read per token
 (every GGUFLinear's storage, counted once; llama.cpp: the file's tensors but the embedding)
@@ -115,7 +115,7 @@ def write_gguf(path: Path, name: str) -> int:
 
 
 # ----------------------------------------------------------------------------- workers
-def ours_worker(engine: str, path: Path, ids: list[int], new_tokens: int) -> dict:
+def ours_worker(engine: str, path: Path, ids: list[int], long_ids: list[int], new_tokens: int) -> dict:
     import torch
 
     from mistral_lm import MistralForCausalLM
@@ -132,7 +132,7 @@ def ours_worker(engine: str, path: Path, ids: list[int], new_tokens: int) -> dic
                 storages[storage.data_ptr()] = storage.nbytes()
     prompt = torch.tensor([ids])
 
-    def generate(n: int) -> TokenClock:
+    def generate(prompt: torch.Tensor, n: int) -> TokenClock:
         clock = TokenClock()
         start = time.perf_counter()
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
@@ -143,25 +143,29 @@ def ours_worker(engine: str, path: Path, ids: list[int], new_tokens: int) -> dic
         return clock
 
     with torch.inference_mode():
-        _, first_s = _timed(lambda: generate(new_tokens + 1))
-        timed = generate(new_tokens + 1)  # times[1]: the prefill's token; then one per decode step
+        _, first_s = _timed(lambda: generate(prompt, new_tokens + 1))
+        timed = generate(prompt, new_tokens + 1)  # times[1]: the prefill's token; then one per decode step
+        long = generate(torch.tensor([long_ids]), 1) if long_ids else None
     prefill_s, decode_s = timed.times[1] - timed.times[0], timed.times[-1] - timed.times[1]
-    return _result(load_s, first_s, len(ids) / prefill_s, new_tokens / decode_s, sum(storages.values()))
+    long_tok_s = len(long_ids) / (long.times[1] - long.times[0]) if long else None
+    return _result(load_s, first_s, len(ids) / prefill_s, new_tokens / decode_s, sum(storages.values()), long_tok_s)
 
 
-def _llama_worker(path: Path, ids: list[int], new_tokens: int) -> dict:
+def _llama_worker(path: Path, ids: list[int], long_ids: list[int], new_tokens: int) -> dict:
     from llama_cpp import Llama
 
     llm, load_s = _timed(lambda: Llama(model_path=str(path), n_threads=THREADS, n_threads_batch=THREADS,
                                        n_ctx=1024, n_batch=1024, verbose=False))
     first_s = sum(_llama_round(llm, ids, new_tokens))
     prefill_s, decode_s = _llama_round(llm, ids, new_tokens)
-    return _result(load_s, first_s, len(ids) / prefill_s, new_tokens / decode_s, None)
+    long_tok_s = len(long_ids) / _llama_round(llm, long_ids, 0)[0] if long_ids else None
+    return _result(load_s, first_s, len(ids) / prefill_s, new_tokens / decode_s, None, long_tok_s)
 
 
-def _result(load_s: float, first_s: float, prefill: float, decode: float, weight_bytes: int | None) -> dict:
+def _result(load_s: float, first_s: float, prefill: float, decode: float, weight_bytes: int | None,
+            long_prefill: float | None) -> dict:
     return {"load_s": load_s, "first_call_s": first_s, "prefill_tok_s": prefill, "decode_tok_s": decode,
-            "peak_rss_gb": _peak_rss_mb() / 1024, "weight_bytes": weight_bytes}
+            "peak_rss_gb": _peak_rss_mb() / 1024, "weight_bytes": weight_bytes, "long_prefill_tok_s": long_prefill}
 
 
 def bandwidth_worker() -> dict:
@@ -218,7 +222,7 @@ def cpu_description() -> tuple[str, str]:
     return info.get("model name", "?"), " ".join(sorted(flags))
 
 
-def bench_file(name: str, folder: Path, engines: list[str], runs: int, ids: list[int], new_tokens: int,
+def bench_file(name: str, folder: Path, engines: list[str], runs: int, ids: dict[str, list[int]], new_tokens: int,
                llama_python: str | None, baseline: Path | None) -> tuple[int, int, dict[str, list[dict]]]:
     path = folder / f"{name}.gguf"
     print(f"writing {name} ...", file=sys.stderr, flush=True)
@@ -249,22 +253,31 @@ def bench_file(name: str, folder: Path, engines: list[str], runs: int, ids: list
             leftover.unlink()
 
 
-def table(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth: float) -> str:
-    lines = ["| file | engine | load s | first call s | prefill tok/s | decode tok/s | decode vs llama.cpp "
-             "| peak RSS GB | RSS / file | decode GB/s | % of bandwidth |", "|" + "---|" * 11]
+def table(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth: float, prompt: int, long: int) -> str:
+    lines = [f"| file | engine | load s | first call s | prefill tok/s ({prompt}) | vs llama.cpp | prefill tok/s "
+             f"({long}) | vs llama.cpp | decode tok/s | vs llama.cpp | peak RSS GB | RSS / file | decode GB/s "
+             "| % of bandwidth |", "|" + "---|" * 14]
+
+    def versus(row: dict, llama: dict | None, key: str) -> str:
+        return f"{row[key] / llama[key]:.2f}x" if llama and row.get(key) and llama.get(key) else "-"
+
+    def rate(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
     for name, (size, llama_bytes, results) in rows.items():
         llama = _median(results.get("llama.cpp", []))
         for engine, runs in results.items():
             row = _median(runs)
             if row is None:
                 error = next((r["error"] for r in runs if "error" in r), "no run")
-                lines.append(f"| {name} ({size / 1e9:.2f} GB) | {engine} | {error} |" + " |" * 8)
+                lines.append(f"| {name} ({size / 1e9:.2f} GB) | {engine} | {error} |" + " |" * 11)
                 continue
             streamed = (row["weight_bytes"] or llama_bytes) * row["decode_tok_s"] / 1e9
-            versus = f"{row['decode_tok_s'] / llama['decode_tok_s']:.2f}x" if llama else "-"
             lines.append(
                 f"| {name} ({size / 1e9:.2f} GB) | {engine} | {row['load_s']:.2f} | {row['first_call_s']:.1f} | "
-                f"{row['prefill_tok_s']:.1f} | {row['decode_tok_s']:.2f} | {versus} | {row['peak_rss_gb']:.2f} | "
+                f"{row['prefill_tok_s']:.1f} | {versus(row, llama, 'prefill_tok_s')} | "
+                f"{rate(row.get('long_prefill_tok_s'))} | {versus(row, llama, 'long_prefill_tok_s')} | "
+                f"{row['decode_tok_s']:.2f} | {versus(row, llama, 'decode_tok_s')} | {row['peak_rss_gb']:.2f} | "
                 f"{row['peak_rss_gb'] * 2**30 / size:.2f} | {streamed:.1f} | {100 * streamed / bandwidth:.0f}% |")
     return "\n".join(lines)
 
@@ -327,6 +340,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--long-prompt", type=int, default=512, help="a second prefill of this many ids (0: none)")
     parser.add_argument("--baseline", type=Path, help="another checkout; adds ours@baseline (its src/ first on the path)")
     parser.add_argument("--llama-python", help="an interpreter that can import llama_cpp")
     parser.add_argument("--folder", type=Path, help="where to write the files (default: a temporary folder)")
@@ -342,15 +356,16 @@ def main() -> None:
             return
         ids = json.loads(args.ids_file.read_text())
         if args.worker == "llama.cpp":
-            print(json.dumps(_llama_worker(args.model_path, ids, args.new_tokens)))
+            print(json.dumps(_llama_worker(args.model_path, ids["prompt"], ids["long"], args.new_tokens)))
         else:
-            print(json.dumps(ours_worker(args.worker, args.model_path, ids, args.new_tokens)))
+            print(json.dumps(ours_worker(args.worker, args.model_path, ids["prompt"], ids["long"], args.new_tokens)))
         return
     engines = [e for e in args.engines.split(",") if e] + (["ours@baseline"] if args.baseline else [])
     llama_python, llama_version = resolve_llama_python(args.llama_python)
     import random
 
-    ids = [random.Random(0).randrange(3, 32000) for _ in range(args.prompt)]
+    ids = {"prompt": [random.Random(0).randrange(3, 32000) for _ in range(args.prompt)],
+           "long": [random.Random(1).randrange(3, 32000) for _ in range(args.long_prompt)]}
     rows = {}
     bandwidths = []
     with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
@@ -365,11 +380,11 @@ def main() -> None:
         SECTION, "",
         f"Measured {datetime.date.today().isoformat()} on {model} ({os.cpu_count()} CPUs visible, {THREADS} threads "
         f"used), flags: {flags}. Python {platform.python_version()}; llama.cpp: {llama_version}. "
-        f"Prompt {args.prompt} random ids, {args.new} new tokens, median of {args.runs} run(s) per engine, each "
+        f"Prompt {args.prompt} random ids (and a second prefill of {args.long_prompt}), {args.new} new tokens, median of {args.runs} run(s) per engine, each "
         f"a fresh process. 2-thread read bandwidth in the same run: {bandwidth:.1f} GB/s (median of "
         f"{', '.join(f'{b:.1f}' for b in bandwidths)}).",
         "",
-        table(rows, bandwidth), "",
+        table(rows, bandwidth, args.prompt, args.long_prompt), "",
         "`first load` builds the kernel cache beside the file (once per file); the other `ours` runs map it. "
         "`first call s` is the first generate (prefill + new tokens) after loading, when mapped pages are "
         "read in. RSS / file is the worker's peak RSS (torch and the interpreter included) over the file's "
