@@ -42,6 +42,7 @@ import gguf
 import numpy as np
 import torch
 
+from ..checkpoints.gguf import f16_field, q4_k_scale_codes
 from ..errors import CheckpointError, InputError
 from . import build
 
@@ -253,7 +254,7 @@ def linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, bias: torch.Te
 # ------------------------------------------------------------------ reference
 def _f16(raw: torch.Tensor) -> torch.Tensor:
     """(..., 2) little-endian float16 bytes -> (...) float64."""
-    return raw.contiguous().view(torch.float16).squeeze(-1).double()
+    return f16_field(raw).double()
 
 
 def _decode(blocks: torch.Tensor, ggml_type: int, in_features: int) -> tuple[torch.Tensor, ...]:
@@ -275,9 +276,7 @@ def _decode(blocks: torch.Tensor, ggml_type: int, in_features: int) -> tuple[tor
     if ggml_type == Q.Q4_K:
         qs = b[..., 16:144].reshape(n, -1, 4, 1, 32)
         u = torch.cat([qs & 15, qs >> 4], 3).reshape(n, nb, 32).long()
-        s = b[..., 4:16].long()
-        sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], -1)
-        mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
+        sc, mn = q4_k_scale_codes(b)
         cw = _f16(b[..., 0:2]).unsqueeze(-1) * sc
         mw = -(_f16(b[..., 2:4]).unsqueeze(-1) * mn)
         return u, 0, ones, cw.reshape(n, nb), mw.reshape(n, nb)

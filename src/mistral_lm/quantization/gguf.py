@@ -43,7 +43,8 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoints.gguf import DECODE_ROWS, GGUFQuantizedTensor
+from ..checkpoints.gguf import DECODE_ROWS, GGUFQuantizedTensor, q4_k_scale_codes
+from ..checkpoints.gguf import f16_field as _f16
 from ..errors import CheckpointError
 from .kernels import INT4_ROW_ALIGN, _cpu_block_rows, int4_layout
 from .modules import Int4Linear, QuantizedLinear
@@ -57,11 +58,6 @@ class QuantizedTensor(Protocol):
     ggml_type: int
     shape: tuple[int, int]   # (out_features, in_features)
     data: np.ndarray         # uint8 (out_features, bytes_per_row)
-
-
-def _f16(raw: torch.Tensor) -> torch.Tensor:
-    """(..., 2) little-endian float16 bytes -> (...) float32."""
-    return raw.contiguous().view(torch.float16).squeeze(-1).float()
 
 
 def _nibbles_32(qs: torch.Tensor) -> torch.Tensor:
@@ -90,11 +86,7 @@ def _q4_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _q4_k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, blocks, 8) scale and zero of Q4_K's eight 32-weight sub-blocks per super-block."""
     d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
-    s = b[..., 4:16].long()
-    # 12 bytes hold eight 6-bit scales and mins: bytes 0-3 / 4-7 carry sub-blocks 0-3 in their
-    # low 6 bits and the top 2 bits of sub-blocks 4-7; bytes 8-11 the low 4 bits of 4-7.
-    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
-    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
+    sc, mn = q4_k_scale_codes(b)
     scale = d * sc
     return scale, 8 * scale - dmin * mn
 
