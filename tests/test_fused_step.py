@@ -87,6 +87,61 @@ def test_a_wrapping_window_and_one_thread_change_nothing(model, calls, monkeypat
     assert torch.equal(fused, decode(model, ids, mask, 24))
 
 
+def test_threads_step_down_while_the_machine_is_busy_and_come_back():
+    threads = fused_step.Threads()
+
+    def busy(wanted: int, used: int) -> None:
+        threads.update(wanted, used, waited=0.4)
+        threads.update(wanted, used, waited=0.4)
+
+    threads.update(4, 4, waited=0.02)  # a quiet step
+    threads.update(4, 4, waited=0.3)  # one busy step alone (a blip) changes nothing
+    threads.update(4, 4, waited=0.0)
+    assert threads.count(4) == 4
+    busy(4, 4)  # two in a row: one thread fewer, for 32 steps
+    assert threads.count(4) == 3
+    busy(4, 3)  # still busy: one fewer again, now for 64 steps
+    assert threads.count(4) == 2
+    for _ in range(63):
+        threads.update(4, 2, waited=0.0)
+        assert threads.count(4) == 2
+    threads.update(4, 2, waited=0.0)
+    assert threads.count(4) == 4  # the caller's count again
+    busy(4, 4)  # busy again: the wait doubles
+    for _ in range(128):
+        assert threads.count(4) == 3
+        threads.update(4, 3, waited=0.0)
+    threads.update(4, 4, waited=0.0)  # quiet at the full count: the wait starts over
+    busy(4, 4)
+    assert (threads.count(4), threads.hold) == (3, 32)
+    threads.update(1, 1, waited=0.9)  # one thread waits for no other
+    threads.update(1, 1, waited=0.9)
+    assert threads.count(1) == 1
+
+
+def test_a_step_that_waited_for_cpus_runs_the_next_on_fewer_threads(model, monkeypatch):
+    """The first two steps report their threads waiting for a CPU all their time, as when another
+    process holds a core: the steps after them run on one thread, and the logits stay the
+    modules' bit for bit."""
+    seen: list[tuple[int, float]] = []
+    run = native_step.decode_layers
+
+    def recorded(layers, count, step, x):
+        waited = run(layers, count, step, x)
+        seen.append((step.nthreads, waited))
+        return 1.0 if len(seen) <= 2 else waited
+
+    monkeypatch.setattr(native_step, "decode_layers", recorded)
+    ids, mask = prompts(2, 6)
+    with torch_threads(2):
+        fused = decode(model, ids, mask, 6)
+        assert torch.get_num_threads() == 2  # the caller's count, put back after each step
+    assert [threads for threads, _ in seen] == [2, 2] + [1] * 4
+    assert all(0 <= waited <= 1 for _, waited in seen)
+    modules_only(monkeypatch)
+    assert torch.equal(fused, decode(model, ids, mask, 6))
+
+
 def test_a_hook_or_per_layer_outputs_take_the_modules(model, calls):
     ids, mask = prompts(1, 8)
     seen = []

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import fused_step
 from .cache import KVCache
 from .errors import ConfigError
 
@@ -61,7 +62,12 @@ class Decoder:
         self.layers = compiled_layers(model.model) if compile else None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """tokens, positions (B,) -> logits (B, V)."""
+        """tokens, positions (B,) -> logits (B, V), on fewer threads while the machine is busy
+        (fused_step.Threads)."""
+        with fused_step.step_threads(self.model.model):
+            return self._step(tokens, positions, cache)
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if self.layers is None:
             out = self.model(tokens[:, None], position_ids=positions[:, None], past_key_values=cache,
                              use_cache=True, logits_to_keep=1)

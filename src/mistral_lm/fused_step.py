@@ -27,8 +27,10 @@ is seen at once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +55,69 @@ def _parts(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
     return (layer, mods["self_attn"], mods["mlp"], mods["input_layernorm"],  # type: ignore[return-value]
             mods["post_attention_layernorm"], a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"],
             m["gate_proj"], m["up_proj"], m["down_proj"])
+
+
+@dataclass
+class Threads:
+    """How many threads the next step runs on: the caller's count (torch's), or fewer while the
+    machine is busy. A step waits at its barriers for every thread; when another process holds a
+    core, one of the step's threads is off its CPU for whole scheduler slices while the others
+    wait at a barrier (bench/RESULTS.md: a 2-thread decode with one core busy ran at a fraction
+    of the 1-thread rate). So after two steps in a row whose threads waited, runnable, for a CPU
+    for more than 15% of their time (the kernel's run delay; on a quiet machine next to none, but
+    for a rare step that loses a millisecond), the next steps run on one thread fewer; the
+    caller's count is tried again after `hold` steps, a wait that doubles while the machine stays
+    busy. The count changes no bit of a result: no kernel's
+    output depends on how its rows are split."""
+
+    fewer: int = 0  # threads taken off the caller's count
+    hold: int = 0  # steps left before the caller's count is tried again
+    backoff: int = 32  # the next hold
+    strikes: int = 0  # busy steps in a row
+    waited: float = 0.0  # the last fused step's measure (0 where the modules ran)
+
+    def count(self, wanted: int) -> int:
+        return max(1, wanted - self.fewer)
+
+    def update(self, wanted: int, used: int, waited: float) -> None:
+        """After a step on `used` of `wanted` threads that waited for a CPU that fraction of their time."""
+        busy = used > 1 and waited > 0.15
+        self.strikes = self.strikes + 1 if busy else 0
+        if self.strikes >= 2:
+            self.fewer, self.hold, self.strikes = wanted - used + 1, self.backoff, 0
+            self.backoff = min(2 * self.backoff, 1024)
+        elif self.hold:
+            self.hold -= 1
+            self.fewer = self.fewer if self.hold else 0
+        elif used == wanted and not busy:
+            self.backoff = 32
+
+
+def threads_of(decoder: Any) -> Threads:
+    """The decoder's thread policy (one per model, kept across generate calls and requests)."""
+    found = decoder.__dict__.get("_step_threads")
+    if found is None:
+        found = decoder.__dict__["_step_threads"] = Threads()
+    return found
+
+
+@contextlib.contextmanager
+def step_threads(decoder: Any) -> Iterator[None]:
+    """Run one decode step, the head and torch's own operators included, on the count the
+    decoder's `Threads` chose (torch's thread count is lowered for the step and put back), and
+    feed the step's measure back to it."""
+    threads = threads_of(decoder)
+    wanted = torch.get_num_threads()
+    used = threads.count(wanted)
+    threads.waited = 0.0
+    if used != wanted:
+        torch.set_num_threads(used)
+    try:
+        yield
+    finally:
+        if used != wanted:
+            torch.set_num_threads(wanted)
+    threads.update(wanted, used, threads.waited)
 
 
 @dataclass
@@ -294,5 +359,5 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
                            int(plan.write_slots[0]), ctypes.cast(keys, ctypes.c_void_p),
                            ctypes.cast(values, ctypes.c_void_p), (ctypes.c_int64 * 3)(stride[0], stride[1], stride[2]),
                            torch.get_num_threads())
-    native_step.decode_layers(table.layers, layers, run, x)
+    threads_of(decoder).waited = native_step.decode_layers(table.layers, layers, run, x)
     return x.view(b, 1, c)

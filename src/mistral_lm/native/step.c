@@ -31,6 +31,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #ifndef SPINS
 #define SPINS 2000 /* pauses before sleeping at a barrier (bench/RESULTS.md) */
@@ -95,6 +96,7 @@ typedef struct {
     void *const *keys, *const *values; /* per layer: (M, Hkv, slots, D) cache buffers, activation type */
     int64_t cache_s[3];              /* their strides in elements: row, head, slot (unit along D) */
     int nthreads;
+    int64_t waited_ns, wall_ns;      /* out: ns the threads waited for a CPU (summed; -1: unknown), the step's ns */
 } Step;
 
 /* The step's barrier. libgomp's own sleeps almost at once as soon as its process has more OpenMP
@@ -104,6 +106,7 @@ typedef struct {
  * sleeps on a futex until the last thread in wakes it: on a machine busy with other work, a
  * spinner would hold a CPU its own partner is queued for. */
 #if defined(__linux__)
+#include <fcntl.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -130,6 +133,33 @@ static inline void cpu_relax(void) {
 typedef struct {
     atomic_int count, phase, sleepers;
 } Barrier;
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* How long this thread has waited, runnable, for a CPU (the kernel's schedstat run_delay): the
+ * mark of a machine with fewer free cores than threads, which waiting on a disk or at a barrier
+ * is not. -1 where it cannot be read. Opened each time: a kept descriptor per thread would leak
+ * with every thread pool that ends. */
+static int64_t run_delay_ns(void) {
+#if defined(__linux__)
+    const int fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    char text[96];
+    const ssize_t n = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    text[n] = 0;
+    char *end;
+    strtoull(text, &end, 10); /* time on the CPU, then the time waiting for it */
+    return (int64_t)strtoull(end, NULL, 10);
+#else
+    return -1;
+#endif
+}
 
 static void barrier_wait(Barrier *b, int n) {
     if (n == 1) return;
@@ -229,7 +259,7 @@ static void quantize_input(const Kernels *kn, const Lin *l, const void *x, int64
  * rows and of the attention's (row, kv head) items; the small serial parts (norms, activation
  * quantization, rope, residuals) run on one thread between barriers. Starting a parallel region
  * per kernel cost more than the kernels of a small model (bench/RESULTS.md). */
-int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, const Step *st, void *x) {
+int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *st, void *x) {
     const int64_t M = st->M, C = st->C, H = st->H, Hkv = st->Hkv, D = st->D, F = st->F;
     const int64_t HD = H * D, KD = Hkv * D, widest = (C > F ? C : F) > HD ? (C > F ? C : F) : HD;
     const int64_t rep = Hkv > 0 ? H / Hkv : 0;
@@ -255,9 +285,13 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, const S
     const int64_t strides[12] = {HD, D, D, st->cache_s[0], st->cache_s[1], st->cache_s[2],
                                  st->cache_s[0], st->cache_s[1], st->cache_s[2], st->mask_s[0], 0, st->mask_s[1]};
     Barrier bar = {0, 0, 0};
+    atomic_llong waited_ns = 0;
+    atomic_int unknown = 0;
+    const int64_t start = now_ns();
 #pragma omp parallel num_threads(st->nthreads) reduction(| : rc)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t delay0 = run_delay_ns();
         for (int64_t li = 0; li < L; li++) {
             const Layer *ly = layers + li;
             char *keys = st->keys[li], *values = st->values[li];
@@ -320,7 +354,12 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, const S
             barrier_wait(&bar, nt);
             if (t == 0) add(x, o, M * C, bf16); /* the next layer's first barrier follows its norm, on thread 0 too */
         }
+        const int64_t delay1 = delay0 < 0 ? -1 : run_delay_ns();
+        if (delay1 < 0) atomic_store(&unknown, 1);
+        else atomic_fetch_add(&waited_ns, delay1 - delay0);
     }
+    st->wall_ns = now_ns() - start;
+    st->waited_ns = atomic_load(&unknown) ? -1 : atomic_load(&waited_ns);
     free(buf);
     free(tmp);
     free(xq);

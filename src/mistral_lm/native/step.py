@@ -43,7 +43,7 @@ class Step(ctypes.Structure):
     _fields_ = [("M", _i64), ("C", _i64), ("H", _i64), ("Hkv", _i64), ("D", _i64), ("F", _i64), ("bf16", _i64),
                 ("scale", _f32), ("cos", _ptr), ("sin", _ptr), ("mask", _ptr), ("mask_s", _i64 * 2),
                 ("used", _i64), ("slot", _i64), ("keys", _ptr), ("values", _ptr), ("cache_s", _i64 * 3),
-                ("nthreads", ctypes.c_int)]
+                ("nthreads", ctypes.c_int), ("waited_ns", _i64), ("wall_ns", _i64)]
 
 
 def _address(lib: ctypes.CDLL | None, name: str) -> int | None:
@@ -132,9 +132,10 @@ def int8_entry(weight: torch.Tensor, scale: torch.Tensor) -> Lin | None:
                scale.data_ptr())
 
 
-def decode_layers(layers: ctypes.Array, count: int, step: Step, x: torch.Tensor) -> None:
+def decode_layers(layers: ctypes.Array, count: int, step: Step, x: torch.Tensor) -> float:
     """Run `count` layers of the table on x (M, C) contiguous (float32 or bfloat16, as `step`
-    says), in place."""
+    says), in place; returns the fraction of the threads' time they waited, runnable, for a CPU
+    (another process had it): next to none on a quiet machine, 0 where the kernel does not say."""
     found = _lib()
     if found is None:
         raise RuntimeError("the native step library is not available (see available())")
@@ -144,3 +145,4 @@ def decode_layers(layers: ctypes.Array, count: int, step: Step, x: torch.Tensor)
     if rc:
         raise MemoryError("the native decode step could not allocate its scratch memory") if rc == -2 else \
             InputError("a kernel of the native decode step refused its arguments")
+    return step.waited_ns / max(1, step.wall_ns * step.nthreads) if step.waited_ns > 0 else 0.0
