@@ -14,6 +14,13 @@ the rate of the median step, and of the fastest step; the table takes medians ov
 
 transformers cannot quantize a GGUF checkpoint, so the bnb worker reads a float32 safetensors copy
 of the same model (written once to `--hf-dir`); its load time is that read plus bnb's quantization.
+
+Accuracy: the top-1 agreement of each quantized model with the float32 model of its own
+dequantized weights, teacher-forced over `--positions` tokens of a fixed text (the Python
+reference topics that ship with the interpreter), for three settings: the recipe as
+`from_pretrained` gives it (a bfloat16 model computing in bfloat16), a float32 model whose 4-bit
+matmuls compute in bfloat16, and float32 compute; for ours and, where importable, for
+transformers + bitsandbytes (each against its own dequantized weights). `--runs 0` measures only this.
 """
 
 from __future__ import annotations
@@ -95,11 +102,39 @@ def speed_worker(engine: str, hf_dir: Path, new_tokens: int) -> dict:
             "decode_tok_s": 1 / statistics.median(steps), "best_decode_tok_s": 1 / min(steps)}
 
 
+def _text_chunks(tokenizer: Any, positions: int) -> list[Any]:
+    """`positions` tokens of a fixed English text (the Python reference topics that ship with the
+    interpreter), as (1, 1024) id rows: the default model's context holds each at once."""
+    import pydoc_data.topics
+    import torch
+
+    text = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+    ids = tokenizer(text[:8 * positions])["input_ids"][:positions]
+    return [torch.tensor([ids[i:i + 1024]]) for i in range(0, len(ids), 1024)]
+
+
+def _top1(model: Any, reference: Any, chunks: list[Any]) -> float:
+    """The fraction of positions where the two models' argmax agree, teacher-forced."""
+    import torch
+
+    agree = total = 0
+    with torch.inference_mode():
+        for ids in chunks:
+            ours, theirs = model(input_ids=ids).logits[0].float(), reference(input_ids=ids).logits[0].float()
+            agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+            total += ids.shape[1]
+    return agree / total
+
+
+# (model dtype, compute dtype): the recipe as from_pretrained gives it (a bfloat16 model), the same
+# matmuls in a float32 model (the residual stream unrounded), and float32 compute (the kernel's own numerics)
+SETTINGS = (("bfloat16", "bfloat16"), ("float32", "bfloat16"), ("float32", "float32"))
+
+
 def accuracy_worker(positions: int) -> dict:
-    """Quantization time of the float default model, and top-1 agreement of nf4 / fp4 (every row
-    through the kernel) with the model of their dequantized weights, teacher-forced over
-    `positions` tokens of text: compute dtype bfloat16 (the recipe) against that model in float32
-    and in bfloat16, and compute dtype float32 against float32 (the kernel's own numerics)."""
+    """Quantization time of the float default model, and top-1 agreement of nf4 / fp4 models with
+    the float32 model of their own dequantized weights, teacher-forced over `positions` tokens,
+    for each of SETTINGS. Every row runs through the decode kernel (as generated tokens do)."""
     import copy
 
     import torch
@@ -110,37 +145,55 @@ def accuracy_worker(positions: int) -> dict:
 
     torch.set_num_threads(THREADS)
     path = default_model_path()
-    text = Path(__file__).with_name("RESULTS.md").read_text()
-    ids = torch.tensor([AutoTokenizer.from_pretrained(path)(text)["input_ids"][:positions]])
+    chunks = _text_chunks(AutoTokenizer.from_pretrained(path), positions)
     base = MistralForCausalLM.from_pretrained(path).eval()
     NF4Linear.native_max_rows = 1 << 30  # the kernel's numerics, not the prefill path's
     result: dict[str, float] = {}
-
-    def top1(model: Any, reference: Any) -> float:
-        with torch.inference_mode():
-            ours, theirs = model(input_ids=ids).logits[0], reference(input_ids=ids).logits[0]
-        return float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
-
     for kind in ("nf4", "fp4"):
-        for compute in (torch.bfloat16, torch.float32):
-            model = copy.deepcopy(base)
-            start = time.perf_counter()
-            quantize_model(model, BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
-                                                     bnb_4bit_compute_dtype=compute))
-            seconds = time.perf_counter() - start
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        quantize_model(model, BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind))
+        result[f"quantize_s_{kind}"] = time.perf_counter() - start
+        for dtype, compute in SETTINGS:
+            config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                                        bnb_4bit_compute_dtype=getattr(torch, compute))
+            model = MistralForCausalLM.from_pretrained(path, quantization_config=config,
+                                                       dtype=getattr(torch, dtype)).eval()
             reference = copy.deepcopy(base)
             for name, module in model.named_modules():
                 if isinstance(module, NF4Linear):
-                    reference.get_submodule(name).weight.data = module.dequantize()
-            result[f"quantize_s_{kind}"] = min(seconds, result.get(f"quantize_s_{kind}", seconds))  # same work
-            if compute == torch.bfloat16:
-                result[f"top1_{kind}_bf16_vs_f32"] = top1(model, reference)
-                result[f"top1_{kind}_bf16_vs_bf16"] = top1(model, reference.to(torch.bfloat16))
-                NF4Linear.native_max_rows = 0  # the torch path (prefill, or no compiler) for comparison
-                result[f"top1_{kind}_bf16_torch_path_vs_f32"] = top1(model, reference)
-                NF4Linear.native_max_rows = 1 << 30
-            else:
-                result[f"top1_{kind}_f32_vs_f32"] = top1(model, reference)
+                    reference.get_submodule(name).weight.data = module.dequantize().float()
+            result[f"top1_{kind}_{dtype}_{compute}"] = _top1(model, reference, chunks)
+    return result
+
+
+def bnb_accuracy_worker(hf_dir: Path, positions: int) -> dict:
+    """accuracy_worker's agreements for transformers + bitsandbytes, each model against the
+    float32 model of bitsandbytes' own dequantized weights (from the same float32 checkpoint)."""
+    import bitsandbytes
+    import torch
+    import transformers
+
+    from mistral_lm import AutoTokenizer
+    from mistral_lm.defaults import default_model_path
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    torch.set_num_threads(THREADS)
+    chunks = _text_chunks(AutoTokenizer.from_pretrained(default_model_path()), positions)
+    result: dict[str, float] = {}
+    for kind in ("nf4", "fp4"):
+        for dtype, compute in SETTINGS:
+            config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                                                     bnb_4bit_compute_dtype=getattr(torch, compute))
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                hf_dir, quantization_config=config, device_map="cpu", dtype=getattr(torch, dtype)).eval()
+            reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+            for name, module in model.named_modules():
+                if isinstance(module, bitsandbytes.nn.Linear4bit):
+                    weight = bitsandbytes.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                    reference.get_submodule(name).weight.data = weight.float()
+            result[f"top1_{kind}_{dtype}_{compute}"] = _top1(model, reference, chunks)
     return result
 
 
@@ -169,7 +222,7 @@ def prepare_hf(hf_dir: Path) -> dict:
 # ----------------------------------------------------------------------------- parent
 def spawn(args: argparse.Namespace, task: str, engine: str = "") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false")
-    if task != "accuracy" and (engine.startswith("bnb-") or task == "prepare") and args.bnb_path:
+    if (engine.startswith("bnb-") or task in ("prepare", "bnb-accuracy")) and args.bnb_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.bnb_path, env.get("PYTHONPATH")]))
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", task, "--engine", engine,
                "--threads", str(THREADS),
@@ -200,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--positions", type=int, default=1024, help="tokens for the top-1 agreement")
+    parser.add_argument("--positions", type=int, default=4096, help="tokens for the top-1 agreement")
     parser.add_argument("--bnb-path", default="/tmp/bnbpkgs" if Path("/tmp/bnbpkgs").is_dir() else None)
     parser.add_argument("--hf-dir", type=Path, default=Path("/tmp/mistral_lm_bench_nf4_hf"))
     parser.add_argument("--engines", default=",".join(ENGINES))
@@ -213,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         result = {"speed": lambda: speed_worker(args.engine, args.hf_dir, args.new_tokens),
                   "accuracy": lambda: accuracy_worker(args.positions),
+                  "bnb-accuracy": lambda: bnb_accuracy_worker(args.hf_dir, args.positions),
                   "prepare": lambda: prepare_hf(args.hf_dir)}[args.worker]()
         print(json.dumps(result), flush=True)
         return
@@ -235,12 +289,15 @@ def main(argv: list[str] | None = None) -> None:
             runs[engine].append(result)
             print(f"run {i} {engine}: {result}", flush=True)
     accuracy = spawn(args, "accuracy") if not args.skip_accuracy else {"error": "skipped"}
-    print(f"accuracy: {accuracy}")
+    bnb_accuracy = spawn(args, "bnb-accuracy") if version and not args.skip_accuracy else {"error": "skipped"}
+    print(f"accuracy: {accuracy}\nbitsandbytes accuracy: {bnb_accuracy}")
 
     print("\n| engine | decode tok/s (median step) | fastest step | prefill tok/s | load s |")
     print("|---|---|---|---|---|")
     for engine, results in runs.items():
         good = [r for r in results if "error" not in r]
+        if not results:
+            continue
         if not good:
             print(f"| {engine} | failed: {results[-1]['error']} | | | |")
             continue
@@ -249,13 +306,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {engine} | {med['decode_tok_s']:.1f} | {best:.1f} | {med['prefill_tok_s']:.0f} | {med['load_s']:.2f} |")
     if "error" not in accuracy:
         print(f"\nquantize_model to nf4 {accuracy['quantize_s_nf4']:.2f} s, fp4 {accuracy['quantize_s_fp4']:.2f} s")
-        print(f"top-1 agreement with the model of the dequantized weights over {args.positions} positions "
-              "(compute dtype vs that model's dtype):")
-        for kind in ("nf4", "fp4"):
-            print(f"  {kind}: bf16 vs f32 {accuracy[f'top1_{kind}_bf16_vs_f32']:.2%}, "
-                  f"bf16 vs bf16 {accuracy[f'top1_{kind}_bf16_vs_bf16']:.2%}, "
-                  f"f32 vs f32 {accuracy[f'top1_{kind}_f32_vs_f32']:.2%}; torch path bf16 vs f32 "
-                  f"{accuracy[f'top1_{kind}_bf16_torch_path_vs_f32']:.2%}")
+        print(f"\ntop-1 agreement with the float32 model of the engine's own dequantized weights, over "
+              f"{args.positions} positions of text, every row through the decode kernel:\n")
+        print("| engine | format | " + " | ".join(f"{m} model, {c} compute" for m, c in SETTINGS) + " |")
+        print("|---|---|" + "---|" * len(SETTINGS))
+        for engine, numbers in (("ours", accuracy), ("transformers + bitsandbytes", bnb_accuracy)):
+            for kind in ("nf4", "fp4") if "error" not in numbers else ():
+                cells = " | ".join(f"{numbers[f'top1_{kind}_{m}_{c}']:.2%}" for m, c in SETTINGS)
+                print(f"| {engine} | {kind} | {cells} |")
+
 
 if __name__ == "__main__":
     main()
