@@ -125,11 +125,16 @@ static AI void FN(store_t4)(const vi_t z[4], uint8_t *dst) {
     V_STOREI(dst + 3 * VB, V_UNHI64(t1, t3));
 }
 
+#ifndef Q4K_REUSE
+#define Q4K_REUSE 1
+#endif
 /* Block b of the NRP rows rp[] (offsets idx from rp[0]) in registers: lo[a] / hi[a] hold codes
  * 0..15 / 16..31 of rows 4l + a in 128-bit lane l; cw, mw and Q6_K's half scales sc0, sc1 per
- * row (lane). Q4_K: kcw / kmw cache the superblock's 8 scales, filled at its first block. */
+ * row (lane). Q4_K: kcw / kmw cache the superblock's 8 scales, filled at its first block, and
+ * zc the bytes of an even sub-block, whose high nibbles are the next (odd) one's codes: blocks
+ * come in order from a superblock's start, so the odd one reads them from there. */
 static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, int64_t b, vi_t lo[4], vi_t hi[4],
-                          vf_t *cw, vf_t *mw, vi_t *sc0, vi_t *sc1, vf_t kcw[8], vf_t kmw[8]) {
+                          vf_t *cw, vf_t *mw, vi_t *sc0, vi_t *sc1, vf_t kcw[8], vf_t kmw[8], vi_t zc[8]) {
     const vi_t m4 = V_SET1B(15);
     *mw = V_ZEROF();
     *sc0 = *sc1 = V_ZEROI();
@@ -155,7 +160,11 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
         const int64_t sb = (b >> 3) * 144;
         const int j = (int)(b & 7);
         for (int a = 0; a < 4; a++) {
-            const vi_t z0 = FN(load4)(rp, a, sb + 16 + 32 * (j >> 1)), z1 = FN(load4)(rp, a, sb + 32 + 32 * (j >> 1));
+            if (!Q4K_REUSE || !(j & 1)) {
+                zc[2 * a] = FN(load4)(rp, a, sb + 16 + 32 * (j >> 1));
+                zc[2 * a + 1] = FN(load4)(rp, a, sb + 32 + 32 * (j >> 1));
+            }
+            const vi_t z0 = zc[2 * a], z1 = zc[2 * a + 1];
             lo[a] = (j & 1) ? V_AND(V_SRLI16(z0, 4), m4) : V_AND(z0, m4);
             hi[a] = (j & 1) ? V_AND(V_SRLI16(z1, 4), m4) : V_AND(z1, m4);
         }
@@ -205,11 +214,13 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
 /* Blocks b0 .. b0 + kc - 1 (b0 at a superblock start) into the panel. */
 static void FN(unpack)(const int type, const uint8_t *const *rp, vi_t idx, int64_t b0, int kc, uint8_t *panel) {
     vf_t kcw[8], kmw[8];
+    vi_t zc[8];
+    for (int i = 0; i < 8; i++) zc[i] = V_ZEROI(); /* filled by each even Q4_K block before its odd one reads it */
     for (int k = 0; k < kc; k++) {
         uint8_t *pb = panel + (size_t)k * PB;
         vi_t lo[4], hi[4], sc0, sc1;
         vf_t cw, mw;
-        FN(wblock)(type, rp, idx, b0 + k, lo, hi, &cw, &mw, &sc0, &sc1, kcw, kmw);
+        FN(wblock)(type, rp, idx, b0 + k, lo, hi, &cw, &mw, &sc0, &sc1, kcw, kmw, zc);
         V_STOREF((float *)(pb + 8 * VB), cw);
         V_STOREF((float *)(pb + 9 * VB), mw);
         V_STOREI(pb + 10 * VB, sc0);
@@ -257,6 +268,9 @@ static AI void FN(direct)(const int type, const int mr, const xblock *x, int64_t
     const int sup = type == T_Q4_K || type == T_Q6_K;
     const int64_t rowb = sup ? (nb >> 3) * tb : nb * tb; /* bytes of one row of blocks */
     vf_t acc[MR], accm[MR], kcw[8], kmw[8];
+    vi_t zc[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) zc[i] = V_ZEROI(); /* as in unpack */
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) acc[i] = accm[i] = V_ZEROF();
     for (int64_t b = 0; b < nb; b++) {
@@ -271,7 +285,7 @@ static AI void FN(direct)(const int type, const int mr, const xblock *x, int64_t
         }
         vi_t lo[4], hi[4], sc0, sc1;
         vf_t cw, mw;
-        FN(wblock)(type, rp, idx, b, lo, hi, &cw, &mw, &sc0, &sc1, kcw, kmw);
+        FN(wblock)(type, rp, idx, b, lo, hi, &cw, &mw, &sc0, &sc1, kcw, kmw, zc);
 #pragma GCC unroll 8
         for (int i = 0; i < mr; i++) {
             const xblock *xb = x + i * nb + b;
