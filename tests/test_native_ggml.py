@@ -124,6 +124,28 @@ def test_kernel_matches_reference_on_every_isa(ggml_type):
 
 @needs_lib
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_scalar_row_loads_equal_the_gather(ggml_type):
+    """The tiles read each block's scales from 16 rows by scalar loads on AMD CPUs and by a gather
+    elsewhere: the same bytes, so the same outputs, decode and prefill, on every ISA."""
+    lib = ggml._lib()
+    k = k_for(ggml_type)
+    x = activations(70, k)
+    blocks = random_blocks(ggml_type, 37, k, seed=5)
+    old = lib.mlm_ggml_row_loads(-1)
+    try:
+        for cap in caps():
+            with isa(cap):
+                outs = []
+                for mode in (0, 1):
+                    lib.mlm_ggml_row_loads(mode)
+                    outs.append([ggml.linear(x[:m], blocks, ggml_type) for m in (1, 2, 70)])
+                assert all(torch.equal(a, b) for a, b in zip(*outs)), (ggml_type, cap)
+    finally:
+        lib.mlm_ggml_row_loads(old)
+
+
+@needs_lib
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 def test_batch_invariance(ggml_type):
     """Row m of an M-row call == a 1-row call of row m; 1 thread == 2 threads; a strided row slice
     of the blocks and a column slice of a wider out == the full call. Bit for bit, every ISA."""

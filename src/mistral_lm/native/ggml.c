@@ -178,6 +178,11 @@ static void quantize_scalar(const float *x, int64_t M, int64_t K, int64_t ldx, x
 
 /* ------------------------------------------------------------------ SIMD instantiations */
 
+/* How the tiles read a field of NRP rows at once (ggml_tile.h rows4): 1, NRP scalar loads; 0, a
+ * gather. AMD's Zen cores microcode vpgatherdd, and there the loads decode Q4_0 ~8% faster
+ * (bench/RESULTS.md); elsewhere the gather stays. Set with the ISA (mlm_set_isa). */
+static int scalar_row_loads = 0;
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
 #define ISA avx512
@@ -220,7 +225,17 @@ static int cpu_level(void) {
 int mlm_set_isa(int cap) {
     const int cpu = cpu_level();
     isa_level = cap < cpu ? (cap < 0 ? 0 : cap) : cpu;
+    scalar_row_loads = __builtin_cpu_is("amd");
     return isa_level;
+}
+
+/* The row-load mode (see scalar_row_loads): 0 or 1 sets it, -1 only asks; returns the old one.
+ * Both read the same bytes; the tests compare them. */
+int mlm_ggml_row_loads(int mode) {
+    if (isa_level < 0) mlm_set_isa(2);
+    const int old = scalar_row_loads;
+    if (mode >= 0) scalar_row_loads = mode != 0;
+    return old;
 }
 
 int mlm_ggml_xblock_bytes(void) { return (int)sizeof(xblock); }

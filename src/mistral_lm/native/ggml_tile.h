@@ -128,6 +128,20 @@ static AI void FN(store_t4)(const vi_t z[4], uint8_t *dst) {
 #ifndef Q4K_REUSE
 #define Q4K_REUSE 1
 #endif
+/* The 4 bytes at offset off of each of the NRP rows, lane r = row r (idx: the rows' offsets from
+ * rp[0]): by scalar loads or by a gather, as scalar_row_loads (ggml.c) says. */
+static AI vi_t FN(rows4)(const uint8_t *const *rp, vi_t idx, int64_t off) {
+    if (!scalar_row_loads) return V_GATHER(rp[0] + off, idx);
+    int32_t v[NRP];
+    for (int r = 0; r < NRP; r++) memcpy(&v[r], rp[r] + off, 4);
+#if VNNI
+    return _mm512_setr_epi32(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8 % NRP], v[9 % NRP], v[10 % NRP],
+                             v[11 % NRP], v[12 % NRP], v[13 % NRP], v[14 % NRP], v[15 % NRP]);
+#else
+    return _mm256_setr_epi32(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
+#endif
+}
+
 /* Block b of the NRP rows rp[] (offsets idx from rp[0]) in registers: lo[a] / hi[a] hold codes
  * 0..15 / 16..31 of rows 4l + a in 128-bit lane l; cw, mw and Q6_K's half scales sc0, sc1 per
  * row (lane). Q4_K: kcw / kmw cache the superblock's 8 scales, filled at its first block, and
@@ -145,7 +159,7 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
             lo[a] = V_AND(z, m4);
             hi[a] = V_AND(V_SRLI16(z, 4), m4);
         }
-        const vi_t g = V_GATHER(rp[0] + o, idx);
+        const vi_t g = FN(rows4)(rp, idx, o);
         *cw = V_H16LO(g);
         if (type == T_Q4_1) *mw = V_H16HI(g);
     } else if (type == T_Q8_0) {
@@ -155,7 +169,7 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
             lo[a] = V_XOR(FN(load4)(rp, a, o + 2), flip);
             hi[a] = V_XOR(FN(load4)(rp, a, o + 18), flip);
         }
-        *cw = V_H16LO(V_GATHER(rp[0] + o, idx));
+        *cw = V_H16LO(FN(rows4)(rp, idx, o));
     } else if (type == T_Q4_K) {
         const int64_t sb = (b >> 3) * 144;
         const int j = (int)(b & 7);
@@ -169,8 +183,8 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
             hi[a] = (j & 1) ? V_AND(V_SRLI16(z1, 4), m4) : V_AND(z1, m4);
         }
         if (j == 0) { /* the superblock's 8 scales and mins */
-            const vi_t dd = V_GATHER(rp[0] + sb, idx), s0 = V_GATHER(rp[0] + sb + 4, idx),
-                       s1 = V_GATHER(rp[0] + sb + 8, idx), s2 = V_GATHER(rp[0] + sb + 12, idx);
+            const vi_t dd = FN(rows4)(rp, idx, sb), s0 = FN(rows4)(rp, idx, sb + 4),
+                       s1 = FN(rows4)(rp, idx, sb + 8), s2 = FN(rows4)(rp, idx, sb + 12);
             const vf_t d = V_H16LO(dd), dmin = V_H16HI(dd);
             const vi_t m6 = V_SET1I(63), m4d = V_SET1I(15), m2 = V_SET1I(3);
 #pragma GCC unroll 8
@@ -204,8 +218,8 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
                 else lo[a] = u;
             }
         }
-        *cw = V_H16HI(V_GATHER(rp[0] + sb + 206, idx));
-        const vi_t sc = V_GATHER(rp[0] + sb + 192 + 2 * j, idx);
+        *cw = V_H16HI(FN(rows4)(rp, idx, sb + 206));
+        const vi_t sc = FN(rows4)(rp, idx, sb + 192 + 2 * j);
         *sc0 = V_SRAI32(V_SLLI32(sc, 24), 24);
         *sc1 = V_SRAI32(V_SLLI32(sc, 16), 24);
     }
