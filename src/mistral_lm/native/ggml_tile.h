@@ -128,6 +128,9 @@ static AI void FN(store_t4)(const vi_t z[4], uint8_t *dst) {
 #ifndef Q4K_REUSE
 #define Q4K_REUSE 1
 #endif
+#ifndef Q4K_WIDE
+#define Q4K_WIDE 1
+#endif
 /* The 4 bytes at offset off of each of the NRP rows, lane r = row r (idx: the rows' offsets from
  * rp[0]): by scalar loads or by a gather, as scalar_row_loads (ggml.c) says. */
 static AI vi_t FN(rows4)(const uint8_t *const *rp, vi_t idx, int64_t off) {
@@ -175,8 +178,23 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
         const int j = (int)(b & 7);
         for (int a = 0; a < 4; a++) {
             if (!Q4K_REUSE || !(j & 1)) {
+#if VNNI && Q4K_WIDE
+                /* both 16-byte halves of each row at once: 32 bytes from each of 4 rows, then two
+                 * lane shuffles put half 0 of rows a, a+4, a+8, a+12 in zc[2a] and half 1 in zc[2a+1],
+                 * as two load4 calls would */
+                const int64_t off = sb + 16 + 32 * (j >> 1);
+                const __m512i r01 = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(rp[a] + off))),
+                    _mm256_loadu_si256((const __m256i *)(rp[4 + a] + off)), 1);
+                const __m512i r23 = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(rp[8 + a] + off))),
+                    _mm256_loadu_si256((const __m256i *)(rp[12 + a] + off)), 1);
+                zc[2 * a] = _mm512_shuffle_i64x2(r01, r23, _MM_SHUFFLE(2, 0, 2, 0));
+                zc[2 * a + 1] = _mm512_shuffle_i64x2(r01, r23, _MM_SHUFFLE(3, 1, 3, 1));
+#else
                 zc[2 * a] = FN(load4)(rp, a, sb + 16 + 32 * (j >> 1));
                 zc[2 * a + 1] = FN(load4)(rp, a, sb + 32 + 32 * (j >> 1));
+#endif
             }
             const vi_t z0 = zc[2 * a], z1 = zc[2 * a + 1];
             lo[a] = (j & 1) ? V_AND(V_SRLI16(z0, 4), m4) : V_AND(z0, m4);
