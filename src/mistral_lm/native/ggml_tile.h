@@ -125,12 +125,6 @@ static AI void FN(store_t4)(const vi_t z[4], uint8_t *dst) {
     V_STOREI(dst + 3 * VB, V_UNHI64(t1, t3));
 }
 
-#ifndef Q4K_REUSE
-#define Q4K_REUSE 1
-#endif
-#ifndef Q4K_WIDE
-#define Q4K_WIDE 1
-#endif
 /* The 4 bytes at offset off of each of the NRP rows, lane r = row r (idx: the rows' offsets from
  * rp[0]): by scalar loads or by a gather, as scalar_row_loads (ggml.c) says. */
 static AI vi_t FN(rows4)(const uint8_t *const *rp, vi_t idx, int64_t off) {
@@ -138,8 +132,8 @@ static AI vi_t FN(rows4)(const uint8_t *const *rp, vi_t idx, int64_t off) {
     int32_t v[NRP];
     for (int r = 0; r < NRP; r++) memcpy(&v[r], rp[r] + off, 4);
 #if VNNI
-    return _mm512_setr_epi32(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8 % NRP], v[9 % NRP], v[10 % NRP],
-                             v[11 % NRP], v[12 % NRP], v[13 % NRP], v[14 % NRP], v[15 % NRP]);
+    return _mm512_setr_epi32(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13],
+                             v[14], v[15]);
 #else
     return _mm256_setr_epi32(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
 #endif
@@ -177,8 +171,8 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
         const int64_t sb = (b >> 3) * 144;
         const int j = (int)(b & 7);
         for (int a = 0; a < 4; a++) {
-            if (!Q4K_REUSE || !(j & 1)) {
-#if VNNI && Q4K_WIDE
+            if (!(j & 1)) {
+#if VNNI
                 /* both 16-byte halves of each row at once: 32 bytes from each of 4 rows, then two
                  * lane shuffles put half 0 of rows a, a+4, a+8, a+12 in zc[2a] and half 1 in zc[2a+1],
                  * as two load4 calls would */

@@ -96,7 +96,8 @@ typedef struct {
     void *const *keys, *const *values; /* per layer: (M, Hkv, slots, D) cache buffers, activation type */
     int64_t cache_s[3];              /* their strides in elements: row, head, slot (unit along D) */
     int nthreads;
-    int64_t waited_ns, wall_ns;      /* out: ns the threads waited for a CPU (summed; -1: unknown), the step's ns */
+    int64_t waited_ns, wall_ns;      /* out: ns the threads waited for a CPU (summed; -1: unknown, or one
+                                        thread) and the step's ns */
 } Step;
 
 /* The step's barrier. libgomp's own sleeps almost at once as soon as its process has more OpenMP
@@ -291,7 +292,7 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
 #pragma omp parallel num_threads(st->nthreads) reduction(| : rc)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t delay0 = run_delay_ns();
+        const int64_t delay0 = nt > 1 ? run_delay_ns() : -1; /* one thread waits for no partner: not read */
         for (int64_t li = 0; li < L; li++) {
             const Layer *ly = layers + li;
             char *keys = st->keys[li], *values = st->values[li];
