@@ -67,8 +67,8 @@ class Threads:
     for more than 15% of their time (the kernel's run delay; on a quiet machine next to none, but
     for a rare step that loses a millisecond), the next steps run on one thread fewer; the
     caller's count is tried again after `hold` steps, a wait that doubles while the machine stays
-    busy. The count changes no bit of a result: no kernel's
-    output depends on how its rows are split."""
+    busy. The count changes no bit of a result: no kernel's output depends on how its rows are
+    split."""
 
     fewer: int = 0  # threads taken off the caller's count
     hold: int = 0  # steps left before the caller's count is tried again
@@ -121,15 +121,24 @@ def step_threads(decoder: Any) -> Iterator[None]:
 
 
 @dataclass
-class _Table:
-    """step.c's layer table and what it was built from. The links are (dict, key, value) triples,
-    held as three tuples, true while the modules are the ones the table describes: every module
-    under its parent, every weight under its module, the attributes step.c copied (epsilons,
-    scale, activation). Checked with C-level iteration: a step checks over a thousand of them."""
+class _Links:
+    """The modules a table was built from, or could not be built for: (dict, key, value) triples,
+    held as three tuples, true while the modules are those: every module under its parent, every
+    weight under its module, the attributes step.c copies (epsilons, scale, activation). Checked
+    with C-level iteration: a step checks over a thousand of them."""
 
     dicts: tuple[dict, ...]
     keys: tuple[str, ...]
     values: tuple[Any, ...]
+
+    def current(self) -> bool:
+        return all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values))
+
+
+@dataclass
+class _Table(_Links):
+    """step.c's layer table and the links of the modules it describes."""
+
     hooks: tuple[dict, ...]  # every module's forward hook and pre-hook dicts: one non-empty, the modules run
     attention: tuple[torch.nn.Module, ...]  # in training mode with attention dropout, the modules run
     pointed: tuple[torch.Tensor, ...]  # tensors the table points into (autograd through one: the modules run)
@@ -142,8 +151,7 @@ class _Table:
     cache_arrays: tuple[list, Any, Any] | None = None  # the last cache buffers and their pointer arrays
 
     def current(self) -> bool:
-        return all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values)) and all(
-            map(operator.eq, map(torch.Tensor.data_ptr, self.pointed), self.pointers))
+        return super().current() and all(map(operator.eq, map(torch.Tensor.data_ptr, self.pointed), self.pointers))
 
 
 def _links(decoder: Any, parts: list[torch.nn.Module]) -> list[tuple[dict, str, Any]]:
@@ -258,23 +266,12 @@ def _may_qualify(decoder: Any) -> bool:
         type(q) is MatvecLinear and q.weight.dtype == torch.bfloat16)
 
 
-@dataclass
-class _Refused:
-    """The modules a table could not be built for, remembered by the same links as a table's:
-    while they hold, the step runs the modules without trying again."""
-
-    dicts: tuple[dict, ...]
-    keys: tuple[str, ...]
-    values: tuple[Any, ...]
-
-    def current(self) -> bool:
-        return all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values))
-
-
-def _refused(decoder: Any) -> _Refused | None:
+def _refused(decoder: Any) -> _Links | None:
+    """The links of modules a table could not be built for: while they hold, the step runs the
+    modules without trying again."""
     parts = _all_parts(decoder)
     try:  # modules of other kinds may lack what the links read (an MLP without act_fn)
-        return None if parts is None else _Refused(*zip(*_links(decoder, parts)))
+        return None if parts is None else _Links(*zip(*_links(decoder, parts)))
     except AttributeError:
         return None
 
