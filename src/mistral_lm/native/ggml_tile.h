@@ -195,8 +195,24 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
             hi[a] = (j & 1) ? V_AND(V_SRLI16(z1, 4), m4) : V_AND(z1, m4);
         }
         if (j == 0) { /* the superblock's 8 scales and mins */
-            const vi_t dd = FN(rows4)(rp, idx, sb), s0 = FN(rows4)(rp, idx, sb + 4),
-                       s1 = FN(rows4)(rp, idx, sb + 8), s2 = FN(rows4)(rp, idx, sb + 12);
+            vi_t dd, s0, s1, s2;
+            if (scalar_row_loads) {
+                /* each row's first 16 bytes (d, dmin, the 12 scale bytes) by one 16-byte load, then
+                 * a 4x4 dword transpose: 16 loads where four rows4 calls take 64 and their inserts */
+                vi_t z[4];
+                for (int a = 0; a < 4; a++) z[a] = FN(load4)(rp, a, sb);
+                const vi_t t0 = V_UNLO32(z[0], z[1]), t1 = V_UNHI32(z[0], z[1]);
+                const vi_t t2 = V_UNLO32(z[2], z[3]), t3 = V_UNHI32(z[2], z[3]);
+                dd = V_UNLO64(t0, t2);
+                s0 = V_UNHI64(t0, t2);
+                s1 = V_UNLO64(t1, t3);
+                s2 = V_UNHI64(t1, t3);
+            } else {
+                dd = FN(rows4)(rp, idx, sb);
+                s0 = FN(rows4)(rp, idx, sb + 4);
+                s1 = FN(rows4)(rp, idx, sb + 8);
+                s2 = FN(rows4)(rp, idx, sb + 12);
+            }
             const vf_t d = V_H16LO(dd), dmin = V_H16HI(dd);
             const vi_t m6 = V_SET1I(63), m4d = V_SET1I(15), m2 = V_SET1I(3);
 #pragma GCC unroll 8
