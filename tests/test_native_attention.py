@@ -55,16 +55,19 @@ def masks(b: int, nq: int, nk: int) -> dict[str, torch.Tensor]:
 
 
 SHAPES = {"gqa4": (8, 2, 64), "mha": (4, 4, 24), "mqa_d8": (3, 1, 8), "d128": (2, 1, 128),
-          "gqa3_d40": (9, 3, 40), "odd_d37": (4, 2, 37)}
+          "gqa3_d40": (9, 3, 40), "odd_d37": (4, 2, 37),
+          "gqa5_d32": (10, 2, 32)}  # five heads per key/value head: a group of four, then one
 
 
 @needs_lib
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_eager_and_sdpa_on_every_isa(shape):
+@pytest.mark.parametrize("nq,nk", [(6, 13), (21, 50)], ids=["short", "keys_in_sixteens"])
+def test_matches_eager_and_sdpa_on_every_isa(shape, nq, nk):
+    """`keys_in_sixteens`: queries that see 16 keys or more, which AVX-512 scores sixteen at a time."""
     h, h_kv, d = SHAPES[shape]
-    q, k, v = qkv(2, h, h_kv, 6, 13, d)
-    cases = {name: (q, k, v, m) for name, m in masks(2, 6, 13).items()}
-    cases["mask_none"] = (q, k[:, :, :6], v[:, :, :6], None)
+    q, k, v = qkv(2, h, h_kv, nq, nk, d)
+    cases = {name: (q, k, v, m) for name, m in masks(2, nq, nk).items()}
+    cases["mask_none"] = (q, k[:, :, :nq], v[:, :, :nq], None)
     results = {}
     for cap in caps():
         with isa(cap):

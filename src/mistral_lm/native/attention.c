@@ -201,9 +201,48 @@ T512 static float dot512(const float *a, const float *b, int64_t n) {
     return hsum512(acc);
 }
 
+/* tree16 of 16 vectors at once: lane k of the result = hsum512(a[k]), the same additions in the
+ * same order (l + l+8, + l+4, + l+2, + l+1), done on 16 keys together with 15 shuffle pairs
+ * instead of one reduction per key. */
+T512 static inline __attribute__((always_inline)) __m512 tree16x16(const __m512 a[16]) {
+    __m512 u[8], v[4];
+#pragma GCC unroll 8
+    for (int p = 0; p < 8; p++) /* 128-bit lanes: key 2p's l and l+8 halves, then key 2p+1's */
+        u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; p++) /* 128-bit lane c: key 4p + c's four s4 */
+        v[p] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * p], u[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(u[2 * p], u[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 w01 = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(v[0]), _mm512_castps_pd(v[1]))),
+                                     _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(v[0]), _mm512_castps_pd(v[1]))));
+    const __m512 w23 = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(v[2]), _mm512_castps_pd(v[3]))),
+                                     _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(v[2]), _mm512_castps_pd(v[3]))));
+    /* lane 4c + t: key 4t + c */
+    const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
+}
+
 T512 static void scores512(const float *q, const float *k, int64_t ks, const int32_t *idx, int64_t n, int64_t D,
                            float scale, float *s) {
     int64_t j = 0;
+    for (; j + 16 <= n; j += 16) { /* sixteen keys, sixteen chains (each key's the same as below) */
+        const float *kr[16];
+        __m512 a[16];
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; t++) {
+            kr[t] = k + idx[j + t] * ks;
+            a[t] = _mm512_setzero_ps();
+        }
+        for (int64_t d = 0; d < D; d += 16) {
+            const __mmask16 m = tail16(D - d);
+            const __m512 x = _mm512_maskz_loadu_ps(m, q + d);
+#pragma GCC unroll 16
+            for (int t = 0; t < 16; t++) a[t] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, kr[t] + d), a[t]);
+        }
+        _mm512_storeu_ps(s + j, _mm512_mul_ps(tree16x16(a), _mm512_set1_ps(scale)));
+    }
     for (; j + 4 <= n; j += 4) { /* four keys at once: four independent chains, each key's the same */
         const float *k0 = k + idx[j] * ks, *k1 = k + idx[j + 1] * ks, *k2 = k + idx[j + 2] * ks,
                     *k3 = k + idx[j + 3] * ks;
@@ -257,6 +296,85 @@ T512 static void weighted512(const float *p, float sum, const float *v, int64_t 
         _mm512_mask_storeu_ps(out + d + 16, m1, _mm512_div_ps(a1, vs_));
         _mm512_mask_storeu_ps(out + d + 32, m2, _mm512_div_ps(a2, vs_));
         _mm512_mask_storeu_ps(out + d + 48, m3, _mm512_div_ps(a3, vs_));
+    }
+}
+
+/* GROUP_Q queries that share their key/value head and their allowed keys (the heads of one query
+ * position under GQA) at once: each key and value row is loaded once for all of them, where one
+ * query at a time loads it per query (the load port, not the fma, bounded the kernel). Every
+ * query's operations are scores512 / weighted512's, in the same order, so the bits are the same. */
+#define GROUP_Q 4
+
+T512 static inline __attribute__((always_inline)) void group_scores_r(const float *const *q, const int R, const float *k,
+                                                                     int64_t ks, const int32_t *idx, int64_t n,
+                                                                     int64_t D, float scale, float *const *s) {
+    const int KB = 16 / R; /* keys per step: R * KB <= 16 chains, reduced together */
+    int64_t j = 0;
+    for (; j + KB <= n; j += KB) {
+        const float *kr[16];
+        __m512 a[16];
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; t++) a[t] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+        for (int t = 0; t < KB; t++) kr[t] = k + idx[j + t] * ks;
+        for (int64_t d = 0; d < D; d += 16) {
+            const __mmask16 m = tail16(D - d);
+            __m512 kv[16];
+#pragma GCC unroll 16
+            for (int t = 0; t < KB; t++) kv[t] = _mm512_maskz_loadu_ps(m, kr[t] + d);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                const __m512 x = _mm512_maskz_loadu_ps(m, q[r] + d);
+#pragma GCC unroll 16
+                for (int t = 0; t < KB; t++) a[r * KB + t] = _mm512_fmadd_ps(x, kv[t], a[r * KB + t]);
+            }
+        }
+        float z[16];
+        _mm512_storeu_ps(z, _mm512_mul_ps(tree16x16(a), _mm512_set1_ps(scale)));
+        for (int r = 0; r < R; r++) memcpy(s[r] + j, z + r * KB, sizeof(float) * (size_t)KB);
+    }
+    if (j < n)
+        for (int r = 0; r < R; r++) scores512(q[r], k, ks, idx + j, n - j, D, scale, s[r] + j);
+}
+
+T512 static void group_scores512(const float *const *q, int R, const float *k, int64_t ks, const int32_t *idx,
+                                 int64_t n, int64_t D, float scale, float *const *s) {
+    switch (R) {
+    case 1: group_scores_r(q, 1, k, ks, idx, n, D, scale, s); break;
+    case 2: group_scores_r(q, 2, k, ks, idx, n, D, scale, s); break;
+    case 3: group_scores_r(q, 3, k, ks, idx, n, D, scale, s); break;
+    default: group_scores_r(q, 4, k, ks, idx, n, D, scale, s); break;
+    }
+}
+
+T512 static void group_weighted512(const float *const *p, const float *sums, int R, const float *v, int64_t vs,
+                                   const int32_t *idx, int64_t n, int64_t D, float *const *out) {
+    for (int64_t d = 0; d < D; d += 64) { /* 64 outputs of each query in four registers, keys in order */
+        const __mmask16 mk[4] = {tail16(D - d), D - d > 16 ? tail16(D - d - 16) : 0,
+                                 D - d > 32 ? tail16(D - d - 32) : 0, D - d > 48 ? tail16(D - d - 48) : 0};
+        __m512 a[GROUP_Q][4];
+#pragma GCC unroll 4
+        for (int r = 0; r < GROUP_Q; r++)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            const float *vr = v + idx[j] * vs + d;
+            __m512 x[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) x[c] = _mm512_maskz_loadu_ps(mk[c], vr + 16 * c);
+#pragma GCC unroll 4
+            for (int r = 0; r < GROUP_Q; r++) {
+                if (r >= R) break;
+                const __m512 pj = _mm512_set1_ps(p[r][j]);
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) a[r][c] = _mm512_fmadd_ps(pj, x[c], a[r][c]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const __m512 vs_ = _mm512_set1_ps(sums[r]);
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) _mm512_mask_storeu_ps(out[r] + d + 16 * c, mk[c], _mm512_div_ps(a[r][c], vs_));
+        }
     }
 }
 
@@ -632,6 +750,11 @@ typedef struct {
                           uint16_t *);
     void (*rmsnorm_row_bf16)(const uint16_t *, const uint16_t *, int64_t, float, uint16_t *);
     void (*silu_mul_row_bf16)(const uint16_t *, const uint16_t *, int64_t, uint16_t *);
+    /* up to GROUP_Q queries of one key/value head at once (NULL: one query at a time) */
+    void (*group_scores)(const float *const *, int, const float *, int64_t, const int32_t *, int64_t, int64_t, float,
+                         float *const *);
+    void (*group_weighted)(const float *const *, const float *, int, const float *, int64_t, const int32_t *, int64_t,
+                           int64_t, float *const *);
 } Ops;
 
 static const Ops OPS[3] = {
@@ -640,7 +763,7 @@ static const Ops OPS[3] = {
     {scores256, softmax256, weighted256, rmsnorm_row256, silu_mul_row256, scores_bf16_256, weighted_bf16_256,
      rmsnorm_row_bf16_256, silu_mul_row_bf16_256},
     {scores512, softmax512, weighted512, rmsnorm_row512, silu_mul_row512, scores_bf16_512, weighted_bf16_512,
-     rmsnorm_row_bf16_512, silu_mul_row_bf16_512},
+     rmsnorm_row_bf16_512, silu_mul_row_bf16_512, group_scores512, group_weighted512},
 };
 
 int mlm_set_isa(int cap) {
@@ -682,6 +805,52 @@ static int worth_threads(int nthreads, int64_t items, int64_t K, int64_t D) {
     return nthreads > 1 && items > 1 && items * K * D >= (1 << 20);
 }
 
+/* mlm_attention with the heads that share a key/value head taken GROUP_Q at a time: the work
+ * unit is (b, g, i, a block of up to GROUP_Q of the group's heads). */
+static int attention_grouped(const Ops *o, const float *q, const float *k, const float *v, const uint8_t *mask,
+                             const int64_t *shape, const int64_t *strides, float scale, float *out, int nthreads) {
+    const int64_t B = shape[0], H = shape[1], Hkv = shape[2], Q = shape[3], K = shape[4], D = shape[5];
+    const int64_t rep = H / Hkv, blocks = (rep + GROUP_Q - 1) / GROUP_Q, units = B * Hkv * Q * blocks;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (worth_threads(nthreads, B * H * Q, K, D)) reduction(| : failed)
+    {
+        int32_t *idx = malloc(sizeof(int32_t) * (size_t)(K + 1));
+        float *sbuf = malloc(sizeof(float) * (size_t)(K + 16) * GROUP_Q);
+        failed = idx == NULL || sbuf == NULL;
+        int64_t seen_b = -1, seen_i = -1, n = 0;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {
+            if (failed) continue;
+            const int64_t blk = u % blocks, i = (u / blocks) % Q, g = (u / (blocks * Q)) % Hkv, b = u / (blocks * Q * Hkv);
+            const int64_t h0 = g * rep + blk * GROUP_Q;
+            const int R = (int)(rep - blk * GROUP_Q < GROUP_Q ? rep - blk * GROUP_Q : GROUP_Q);
+            if (b != seen_b || i != seen_i) {
+                n = allowed_keys(mask, strides, b, i, K, idx);
+                seen_b = b;
+                seen_i = i;
+            }
+            const float *qr[GROUP_Q];
+            float *dst[GROUP_Q], *sr[GROUP_Q], sums[GROUP_Q];
+            for (int r = 0; r < R; r++) {
+                qr[r] = q + b * strides[0] + (h0 + r) * strides[1] + i * strides[2];
+                dst[r] = out + ((b * Q + i) * H + h0 + r) * D;
+                sr[r] = sbuf + (size_t)r * (size_t)(K + 16);
+            }
+            if (n == 0) {
+                for (int r = 0; r < R; r++) memset(dst[r], 0, sizeof(float) * (size_t)D);
+                continue;
+            }
+            o->group_scores(qr, R, k + b * strides[3] + g * strides[4], strides[5], idx, n, D, scale, sr);
+            for (int r = 0; r < R; r++) sums[r] = o->softmax(sr[r], n);
+            o->group_weighted((const float *const *)sr, sums, R, v + b * strides[6] + g * strides[7], strides[8], idx, n,
+                              D, dst);
+        }
+        free(idx);
+        free(sbuf);
+    }
+    return failed ? -2 : 0;
+}
+
 /* shape: B, H, H_kv, Q, K, D. strides (in elements): q b,h,i; k b,g,j; v b,g,j; mask b,i,j.
  * q, k, v have unit stride along D; out is (B, Q, H, D) contiguous. Returns 0, or -1 on bad
  * arguments, -2 when scratch memory cannot be allocated. */
@@ -691,17 +860,23 @@ int mlm_attention(const float *q, const float *k, const float *v, const uint8_t 
     if (Hkv <= 0 || H % Hkv || D <= 0 || K > INT32_MAX) return -1;
     const int64_t rep = H / Hkv, items = B * H * Q;
     const Ops *o = ops();
+    if (o->group_scores && rep > 1) return attention_grouped(o, q, k, v, mask, shape, strides, scale, out, nthreads);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (worth_threads(nthreads, items, K, D)) reduction(| : failed)
     {
         int32_t *idx = malloc(sizeof(int32_t) * (size_t)(K + 1));
         float *s = malloc(sizeof(float) * (size_t)(K + 16));
         failed = idx == NULL || s == NULL;
+        int64_t seen_b = -1, seen_i = -1, n = 0; /* the (b, i) whose keys idx holds: the heads of a query share them */
 #pragma omp for schedule(dynamic, 4) /* causal rows differ in cost; any split gives the same bits */
         for (int64_t it = 0; it < items; it++) {
             if (failed) continue;
             const Item t = item_at(it, rep, Q, Hkv);
-            const int64_t n = allowed_keys(mask, strides, t.b, t.i, K, idx);
+            if (t.b != seen_b || t.i != seen_i) {
+                n = allowed_keys(mask, strides, t.b, t.i, K, idx);
+                seen_b = t.b;
+                seen_i = t.i;
+            }
             float *dst = out + ((t.b * Q + t.i) * H + t.h) * D;
             if (n == 0) {
                 memset(dst, 0, sizeof(float) * (size_t)D);
@@ -732,11 +907,16 @@ int mlm_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, 
         int32_t *idx = malloc(sizeof(int32_t) * (size_t)(K + 1));
         float *s = malloc(sizeof(float) * (size_t)(K + 16)), *qf = malloc(sizeof(float) * (size_t)D);
         failed = idx == NULL || s == NULL || qf == NULL;
+        int64_t seen_b = -1, seen_i = -1, n = 0; /* the (b, i) whose keys idx holds: the heads of a query share them */
 #pragma omp for schedule(dynamic, 4)
         for (int64_t it = 0; it < items; it++) {
             if (failed) continue;
             const Item t = item_at(it, rep, Q, Hkv);
-            const int64_t n = allowed_keys(mask, strides, t.b, t.i, K, idx);
+            if (t.b != seen_b || t.i != seen_i) {
+                n = allowed_keys(mask, strides, t.b, t.i, K, idx);
+                seen_b = t.b;
+                seen_i = t.i;
+            }
             uint16_t *dst = out + ((t.b * Q + t.i) * H + t.h) * D;
             if (n == 0) {
                 memset(dst, 0, sizeof(uint16_t) * (size_t)D); /* bf16 +0 */
