@@ -14,7 +14,8 @@
     before_placement(options)                       quantize
     place_model(model, device_map)                  placement.py
     after_placement(options, fresh_floats)          fuse on the target device, then the matvec swap
-    release_freed_memory()
+    release_freed_memory()                          the loader's temporaries back to the OS
+    keep_freed_memory()                             from then on, a forward's freed activations stay for the next
 
 Assigning is `load_state_dict(assign=True)` on mmapped tensors (no copy when dtypes agree), so
 peak memory while loading is about one copy of the weights. Each transform is a function of its
