@@ -32,7 +32,7 @@ from ..config import MistralConfig
 from ..dtypes import resolve_dtype
 from ..errors import CheckpointError, ConfigError
 from ..fusion import fuse_projections as fuse_all
-from ..loading import build_on_meta
+from ..loading import build_on_meta, keep_freed_memory
 from ..matvec import install_matvec
 from ..modeling import MistralForCausalLM
 from ..quantization import BitsAndBytesConfig
@@ -115,6 +115,7 @@ def from_pretrained(
         model.to(context.device)
     if fuse_projections:
         fuse_all(model)
+    keep_freed_memory()  # as loading.from_pretrained: each forward reuses the last one's freed activations
     return install_matvec(model).eval()
 
 
