@@ -224,25 +224,10 @@ T512 static inline __attribute__((always_inline)) __m512 tree16x16(const __m512 
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
 }
 
-T512 static void scores512(const float *q, const float *k, int64_t ks, const int32_t *idx, int64_t n, int64_t D,
-                           float scale, float *s) {
+/* scores512 for fewer keys than a step of group_scores_r takes: four at a time, then one. */
+T512 static void scores512_few(const float *q, const float *k, int64_t ks, const int32_t *idx, int64_t n, int64_t D,
+                               float scale, float *s) {
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) { /* sixteen keys, sixteen chains (each key's the same as below) */
-        const float *kr[16];
-        __m512 a[16];
-#pragma GCC unroll 16
-        for (int t = 0; t < 16; t++) {
-            kr[t] = k + idx[j + t] * ks;
-            a[t] = _mm512_setzero_ps();
-        }
-        for (int64_t d = 0; d < D; d += 16) {
-            const __mmask16 m = tail16(D - d);
-            const __m512 x = _mm512_maskz_loadu_ps(m, q + d);
-#pragma GCC unroll 16
-            for (int t = 0; t < 16; t++) a[t] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, kr[t] + d), a[t]);
-        }
-        _mm512_storeu_ps(s + j, _mm512_mul_ps(tree16x16(a), _mm512_set1_ps(scale)));
-    }
     for (; j + 4 <= n; j += 4) { /* four keys at once: four independent chains, each key's the same */
         const float *k0 = k + idx[j] * ks, *k1 = k + idx[j + 1] * ks, *k2 = k + idx[j + 2] * ks,
                     *k3 = k + idx[j + 3] * ks;
@@ -277,32 +262,11 @@ T512 static float softmax512(float *s, int64_t n) {
     return hsum512(acc);
 }
 
-T512 static void weighted512(const float *p, float sum, const float *v, int64_t vs, const int32_t *idx, int64_t n,
-                             int64_t D, float *out) {
-    const __m512 vs_ = _mm512_set1_ps(sum);
-    for (int64_t d = 0; d < D; d += 64) { /* 64 outputs in four registers, keys in order */
-        const __mmask16 m0 = tail16(D - d), m1 = D - d > 16 ? tail16(D - d - 16) : 0,
-                        m2 = D - d > 32 ? tail16(D - d - 32) : 0, m3 = D - d > 48 ? tail16(D - d - 48) : 0;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t j = 0; j < n; j++) {
-            const float *vr = v + idx[j] * vs + d;
-            const __m512 pj = _mm512_set1_ps(p[j]);
-            a0 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m0, vr), a0);
-            a1 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m1, vr + 16), a1);
-            a2 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m2, vr + 32), a2);
-            a3 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m3, vr + 48), a3);
-        }
-        _mm512_mask_storeu_ps(out + d, m0, _mm512_div_ps(a0, vs_));
-        _mm512_mask_storeu_ps(out + d + 16, m1, _mm512_div_ps(a1, vs_));
-        _mm512_mask_storeu_ps(out + d + 32, m2, _mm512_div_ps(a2, vs_));
-        _mm512_mask_storeu_ps(out + d + 48, m3, _mm512_div_ps(a3, vs_));
-    }
-}
-
 /* GROUP_Q queries that share their key/value head and their allowed keys (the heads of one query
  * position under GQA) at once: each key and value row is loaded once for all of them, where one
- * query at a time loads it per query (the load port, not the fma, bounded the kernel). Every
- * query's operations are scores512 / weighted512's, in the same order, so the bits are the same. */
+ * query at a time loads it per query (the load port, not the fma, bounded the kernel). A query's
+ * operations and their order do not depend on how many share the call: with one query these are
+ * scores512 and weighted512, so the bits are the same. */
 #define GROUP_Q 4
 
 T512 static inline __attribute__((always_inline)) void group_scores_r(const float *const *q, const int R, const float *k,
@@ -334,7 +298,12 @@ T512 static inline __attribute__((always_inline)) void group_scores_r(const floa
         for (int r = 0; r < R; r++) memcpy(s[r] + j, z + r * KB, sizeof(float) * (size_t)KB);
     }
     if (j < n)
-        for (int r = 0; r < R; r++) scores512(q[r], k, ks, idx + j, n - j, D, scale, s[r] + j);
+        for (int r = 0; r < R; r++) scores512_few(q[r], k, ks, idx + j, n - j, D, scale, s[r] + j);
+}
+
+T512 static void scores512(const float *q, const float *k, int64_t ks, const int32_t *idx, int64_t n, int64_t D,
+                           float scale, float *s) {
+    group_scores_r(&q, 1, k, ks, idx, n, D, scale, &s); /* one query: sixteen keys a step */
 }
 
 T512 static void group_scores512(const float *const *q, int R, const float *k, int64_t ks, const int32_t *idx,
@@ -347,14 +316,16 @@ T512 static void group_scores512(const float *const *q, int R, const float *k, i
     }
 }
 
-T512 static void group_weighted512(const float *const *p, const float *sums, int R, const float *v, int64_t vs,
-                                   const int32_t *idx, int64_t n, int64_t D, float *const *out) {
+T512 static inline __attribute__((always_inline)) void group_weighted_r(const float *const *p, const float *sums,
+                                                                       const int R, const float *v, int64_t vs,
+                                                                       const int32_t *idx, int64_t n, int64_t D,
+                                                                       float *const *out) {
     for (int64_t d = 0; d < D; d += 64) { /* 64 outputs of each query in four registers, keys in order */
         const __mmask16 mk[4] = {tail16(D - d), D - d > 16 ? tail16(D - d - 16) : 0,
                                  D - d > 32 ? tail16(D - d - 32) : 0, D - d > 48 ? tail16(D - d - 48) : 0};
         __m512 a[GROUP_Q][4];
 #pragma GCC unroll 4
-        for (int r = 0; r < GROUP_Q; r++)
+        for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j++) {
@@ -363,8 +334,7 @@ T512 static void group_weighted512(const float *const *p, const float *sums, int
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++) x[c] = _mm512_maskz_loadu_ps(mk[c], vr + 16 * c);
 #pragma GCC unroll 4
-            for (int r = 0; r < GROUP_Q; r++) {
-                if (r >= R) break;
+            for (int r = 0; r < R; r++) {
                 const __m512 pj = _mm512_set1_ps(p[r][j]);
 #pragma GCC unroll 4
                 for (int c = 0; c < 4; c++) a[r][c] = _mm512_fmadd_ps(pj, x[c], a[r][c]);
@@ -376,6 +346,21 @@ T512 static void group_weighted512(const float *const *p, const float *sums, int
             for (int c = 0; c < 4; c++) _mm512_mask_storeu_ps(out[r] + d + 16 * c, mk[c], _mm512_div_ps(a[r][c], vs_));
         }
     }
+}
+
+T512 static void group_weighted512(const float *const *p, const float *sums, int R, const float *v, int64_t vs,
+                                   const int32_t *idx, int64_t n, int64_t D, float *const *out) {
+    switch (R) {
+    case 1: group_weighted_r(p, sums, 1, v, vs, idx, n, D, out); break;
+    case 2: group_weighted_r(p, sums, 2, v, vs, idx, n, D, out); break;
+    case 3: group_weighted_r(p, sums, 3, v, vs, idx, n, D, out); break;
+    default: group_weighted_r(p, sums, 4, v, vs, idx, n, D, out); break;
+    }
+}
+
+T512 static void weighted512(const float *p, float sum, const float *v, int64_t vs, const int32_t *idx, int64_t n,
+                             int64_t D, float *out) {
+    group_weighted_r(&p, &sum, 1, v, vs, idx, n, D, &out); /* one query: 64 outputs in four registers */
 }
 
 T512 static void rmsnorm_row512(const float *x, const float *w, int64_t C, float eps, float *y) {
@@ -800,6 +785,18 @@ static int64_t allowed_keys(const uint8_t *mask, const int64_t *strides, int64_t
     return n;
 }
 
+/* The (b, i) whose keys a thread's idx holds, and how many: a query's heads come one after
+ * another and share them, so they are listed once. */
+typedef struct {
+    int64_t b, i, n;
+} Listed;
+
+static int64_t keys_for(Listed *l, const uint8_t *mask, const int64_t *strides, int64_t b, int64_t i, int64_t K,
+                        int32_t *idx) {
+    if (b != l->b || i != l->i) *l = (Listed){b, i, allowed_keys(mask, strides, b, i, K, idx)};
+    return l->n;
+}
+
 /* A decode step over a few hundred keys takes tens of microseconds: not worth a fork. */
 static int worth_threads(int nthreads, int64_t items, int64_t K, int64_t D) {
     return nthreads > 1 && items > 1 && items * K * D >= (1 << 20);
@@ -817,18 +814,14 @@ static int attention_grouped(const Ops *o, const float *q, const float *k, const
         int32_t *idx = malloc(sizeof(int32_t) * (size_t)(K + 1));
         float *sbuf = malloc(sizeof(float) * (size_t)(K + 16) * GROUP_Q);
         failed = idx == NULL || sbuf == NULL;
-        int64_t seen_b = -1, seen_i = -1, n = 0;
+        Listed listed = {-1, -1, 0};
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < units; u++) {
             if (failed) continue;
             const int64_t blk = u % blocks, i = (u / blocks) % Q, g = (u / (blocks * Q)) % Hkv, b = u / (blocks * Q * Hkv);
             const int64_t h0 = g * rep + blk * GROUP_Q;
             const int R = (int)(rep - blk * GROUP_Q < GROUP_Q ? rep - blk * GROUP_Q : GROUP_Q);
-            if (b != seen_b || i != seen_i) {
-                n = allowed_keys(mask, strides, b, i, K, idx);
-                seen_b = b;
-                seen_i = i;
-            }
+            const int64_t n = keys_for(&listed, mask, strides, b, i, K, idx);
             const float *qr[GROUP_Q];
             float *dst[GROUP_Q], *sr[GROUP_Q], sums[GROUP_Q];
             for (int r = 0; r < R; r++) {
@@ -867,16 +860,12 @@ int mlm_attention(const float *q, const float *k, const float *v, const uint8_t 
         int32_t *idx = malloc(sizeof(int32_t) * (size_t)(K + 1));
         float *s = malloc(sizeof(float) * (size_t)(K + 16));
         failed = idx == NULL || s == NULL;
-        int64_t seen_b = -1, seen_i = -1, n = 0; /* the (b, i) whose keys idx holds: the heads of a query share them */
+        Listed listed = {-1, -1, 0};
 #pragma omp for schedule(dynamic, 4) /* causal rows differ in cost; any split gives the same bits */
         for (int64_t it = 0; it < items; it++) {
             if (failed) continue;
             const Item t = item_at(it, rep, Q, Hkv);
-            if (t.b != seen_b || t.i != seen_i) {
-                n = allowed_keys(mask, strides, t.b, t.i, K, idx);
-                seen_b = t.b;
-                seen_i = t.i;
-            }
+            const int64_t n = keys_for(&listed, mask, strides, t.b, t.i, K, idx);
             float *dst = out + ((t.b * Q + t.i) * H + t.h) * D;
             if (n == 0) {
                 memset(dst, 0, sizeof(float) * (size_t)D);
@@ -907,16 +896,12 @@ int mlm_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, 
         int32_t *idx = malloc(sizeof(int32_t) * (size_t)(K + 1));
         float *s = malloc(sizeof(float) * (size_t)(K + 16)), *qf = malloc(sizeof(float) * (size_t)D);
         failed = idx == NULL || s == NULL || qf == NULL;
-        int64_t seen_b = -1, seen_i = -1, n = 0; /* the (b, i) whose keys idx holds: the heads of a query share them */
+        Listed listed = {-1, -1, 0};
 #pragma omp for schedule(dynamic, 4)
         for (int64_t it = 0; it < items; it++) {
             if (failed) continue;
             const Item t = item_at(it, rep, Q, Hkv);
-            if (t.b != seen_b || t.i != seen_i) {
-                n = allowed_keys(mask, strides, t.b, t.i, K, idx);
-                seen_b = t.b;
-                seen_i = t.i;
-            }
+            const int64_t n = keys_for(&listed, mask, strides, t.b, t.i, K, idx);
             uint16_t *dst = out + ((t.b * Q + t.i) * H + t.h) * D;
             if (n == 0) {
                 memset(dst, 0, sizeof(uint16_t) * (size_t)D); /* bf16 +0 */
