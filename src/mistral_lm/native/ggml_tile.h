@@ -116,13 +116,21 @@ static AI vi_t FN(load4)(const uint8_t *const *rp, int a, int64_t off) {
 #endif
 }
 
+/* A 4x4 dword transpose in each 128-bit lane: z[a] with dword k of lane l from row 4l + a  ->
+ * out[k] with lane 4l + a = that dword (one row per 32-bit lane). */
+static AI void FN(t4)(const vi_t z[4], vi_t out[4]) {
+    const vi_t t0 = V_UNLO32(z[0], z[1]), t1 = V_UNHI32(z[0], z[1]), t2 = V_UNLO32(z[2], z[3]), t3 = V_UNHI32(z[2], z[3]);
+    out[0] = V_UNLO64(t0, t2);
+    out[1] = V_UNHI64(t0, t2);
+    out[2] = V_UNLO64(t1, t3);
+    out[3] = V_UNHI64(t1, t3);
+}
+
 /* z[a] with dword k of lane l = codes 4k..4k+3 of row 4l + a  ->  dst[k] lane 4l + a. */
 static AI void FN(store_t4)(const vi_t z[4], uint8_t *dst) {
-    const vi_t t0 = V_UNLO32(z[0], z[1]), t1 = V_UNHI32(z[0], z[1]), t2 = V_UNLO32(z[2], z[3]), t3 = V_UNHI32(z[2], z[3]);
-    V_STOREI(dst, V_UNLO64(t0, t2));
-    V_STOREI(dst + VB, V_UNHI64(t0, t2));
-    V_STOREI(dst + 2 * VB, V_UNLO64(t1, t3));
-    V_STOREI(dst + 3 * VB, V_UNHI64(t1, t3));
+    vi_t out[4];
+    FN(t4)(z, out);
+    for (int k = 0; k < 4; k++) V_STOREI(dst + k * VB, out[k]);
 }
 
 /* The 4 bytes at offset off of each of the NRP rows, lane r = row r (idx: the rows' offsets from
@@ -195,24 +203,17 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
             hi[a] = (j & 1) ? V_AND(V_SRLI16(z1, 4), m4) : V_AND(z1, m4);
         }
         if (j == 0) { /* the superblock's 8 scales and mins */
-            vi_t dd, s0, s1, s2;
+            vi_t hd[4]; /* dwords 0..3 of each row's header: d | dmin, then the 12 scale bytes */
             if (scalar_row_loads) {
-                /* each row's first 16 bytes (d, dmin, the 12 scale bytes) by one 16-byte load, then
-                 * a 4x4 dword transpose: 16 loads where four rows4 calls take 64 and their inserts */
+                /* each row's 16 header bytes by one 16-byte load, then a 4x4 dword transpose: 16
+                 * loads where four rows4 calls take 64 and their inserts */
                 vi_t z[4];
                 for (int a = 0; a < 4; a++) z[a] = FN(load4)(rp, a, sb);
-                const vi_t t0 = V_UNLO32(z[0], z[1]), t1 = V_UNHI32(z[0], z[1]);
-                const vi_t t2 = V_UNLO32(z[2], z[3]), t3 = V_UNHI32(z[2], z[3]);
-                dd = V_UNLO64(t0, t2);
-                s0 = V_UNHI64(t0, t2);
-                s1 = V_UNLO64(t1, t3);
-                s2 = V_UNHI64(t1, t3);
+                FN(t4)(z, hd);
             } else {
-                dd = FN(rows4)(rp, idx, sb);
-                s0 = FN(rows4)(rp, idx, sb + 4);
-                s1 = FN(rows4)(rp, idx, sb + 8);
-                s2 = FN(rows4)(rp, idx, sb + 12);
+                for (int k = 0; k < 4; k++) hd[k] = FN(rows4)(rp, idx, sb + 4 * k);
             }
+            const vi_t dd = hd[0], s0 = hd[1], s1 = hd[2], s2 = hd[3];
             const vf_t d = V_H16LO(dd), dmin = V_H16HI(dd);
             const vi_t m6 = V_SET1I(63), m4d = V_SET1I(15), m2 = V_SET1I(3);
 #pragma GCC unroll 8
