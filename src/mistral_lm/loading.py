@@ -369,6 +369,16 @@ def _fused(model: nn.Module, **kwargs: Any) -> nn.Module:
     return model
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, for its malloc controls; None where the C library is another (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 KEEP_FREED_BYTES = 512 << 20  # free heap memory kept for the next forward instead of returned
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest: allocations below it come from the heap
@@ -383,12 +393,10 @@ def keep_freed_memory() -> None:
     reuses the same memory. The peak resident size is the same; after a long prompt up to
     KEEP_FREED_BYTES of freed memory stay resident for the next request. Process-wide, as malloc
     is; called once a model is loaded."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
+    libc = _glibc()
+    if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
         libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
-    except (OSError, AttributeError):
-        pass
 
 
 def release_freed_memory() -> None:
@@ -396,7 +404,6 @@ def release_freed_memory() -> None:
 
     Decoding and re-packing quantized blocks leaves the heap fragmented, and RSS then stays far
     above the weights' size. Freed memory is not leaked either way; this only makes RSS honest."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
