@@ -115,31 +115,35 @@ def test_resident_memory_is_the_files():
 
 
 _REUSE = r'''
-import resource, sys
+import resource, statistics, sys
 import torch
 from mistral_lm import MistralForCausalLM
 
 model = MistralForCausalLM.from_pretrained(sys.argv[1], gguf_native=True)
 ids = torch.randint(100, 30000, (1, 512), generator=torch.Generator().manual_seed(0))
+faults = []
 with torch.inference_mode():
     model(ids, logits_to_keep=1)
     model(ids, logits_to_keep=1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
+    for _ in range(8):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         model(ids, logits_to_keep=1)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(statistics.median(faults), faults)
 '''
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
 def test_a_loaded_model_reuses_freed_activation_memory():
     """After from_pretrained, the memory a forward frees stays in the heap for the next one
-    (loading.keep_freed_memory), so three more 512-token forwards fault in (almost) no fresh page:
-    measured 0-768 a forward. Under glibc's defaults each faulted its activations in again (2,000
-    to 91,000 faults a forward here; a 64-token 1B prefill 11,000, 5-10% of its time)."""
+    (loading.keep_freed_memory), so a repeated 512-token forward faults in (almost) no fresh page.
+    The median of eight is asserted: a forward now and then still grows the heap (one of 24
+    measured faulted 2,209 pages, the rest 0-274). Under glibc's defaults the median forward
+    faulted 2,000-90,000 pages (5 of 5 runs; single forwards 0-90,000)."""
     out = subprocess.run([sys.executable, "-c", _REUSE, str(PATH)], check=True, capture_output=True, text=True,
                          timeout=300)
-    assert int(out.stdout.strip().splitlines()[-1]) < 2048
+    median, faults = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert float(median) < 512, faults
 
 
 def test_logits_follow_the_8bit_activation_scheme(native, dense):
