@@ -147,19 +147,64 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 def dequantize_int4_t(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, rows: int,
                       cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """W.T as a (cols, rows) matrix in `dtype`, W = (q - 8) * scale + zero: prefill's dense operand.
+    """W.T as a contiguous (cols, rows) matrix in `dtype`, W = (q - 8) * scale + zero: the right
+    operand of `grad @ W` (read as a transposed view, see `int4_dense_operand`)."""
+    return _dequantize_int4(packed, scale_and_zero, group_size, rows, cols, dtype, transposed=True)
 
-    From the CPU layout this is two passes: nibbles to `dtype`, then one fused multiply-add,
-    q * scale + (zero - 8 * scale), written straight into the transposed result (the blocks are
-    already k-major, so no transpose pass), instead of unpack + dequantize + cast.
-    """
+
+def dequantize_int4_rows(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, rows: int,
+                         cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """W as a contiguous (rows, cols) matrix in `dtype`."""
+    return _dequantize_int4(packed, scale_and_zero, group_size, rows, cols, dtype, transposed=False)
+
+
+def int4_dense_operand(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, rows: int,
+                       cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """B = W.T for prefill's `x @ B`, laid out for the GEMM this CPU runs in `dtype`.
+
+    With a native GEMM (float32; bfloat16 where oneDNN has it, AVX-512 on) either layout is as
+    fast, and the k-major expansion is the cheaper one to write (the blocks are k-major already;
+    about 12% of an int4 prefill). Without one (bfloat16 on AVX2: oneDNN declines and ATen's
+    fallback runs) a row-major B takes a scalar loop and a transposed view of the row-major W a
+    vectorized one: 30x for the default model's prefill, 150x for a 7B-sized layer
+    (bench/RESULTS.md). The products are the same on the first kind of CPU."""
+    if not _native_gemm(dtype):
+        return dequantize_int4_rows(packed, scale_and_zero, group_size, rows, cols, dtype).T
+    return dequantize_int4_t(packed, scale_and_zero, group_size, rows, cols, dtype)
+
+
+def gemm_rhs(b: torch.Tensor) -> torch.Tensor:
+    """b, or the same matrix as a transposed view of a k-major copy where this CPU has no native
+    GEMM in b's dtype (see `int4_dense_operand`): for `x @ gemm_rhs(b)` on a row-major b, such as
+    a backward's `grad @ W` (a bfloat16 QLoRA step on AVX2: 340 -> 22 ms for a 1536x576 weight)."""
+    return b if _native_gemm(b.dtype) else b.T.contiguous().T
+
+
+def _native_gemm(dtype: torch.dtype) -> bool:
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and torch.backends.mkldnn.enabled and _mkldnn_bf16()
+
+
+@functools.cache
+def _mkldnn_bf16() -> bool:
+    """oneDNN's own answer (it honours ONEDNN_MAX_CPU_ISA), asked once per process."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def _dequantize_int4(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, rows: int, cols: int,
+                     dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+    """From the CPU layout this is two passes: nibbles to `dtype`, then one fused multiply-add,
+    q * scale + (zero - 8 * scale), written straight into the result in the asked layout,
+    instead of unpack + dequantize + cast (+ a transpose)."""
     scale, zero = scale_and_zero.float().unbind(-1)                  # (G, rows) each
     shift = zero - 8 * scale
     block = _cpu_block_rows() if int4_layout(packed.device) == "cpu" else None
     if block is None:
         q = unpack_int4(packed, rows, cols).float().reshape(rows, -1, group_size)
-        w = q * scale.T[..., None] + shift.T[..., None]
-        return w.reshape(rows, cols).T.to(dtype)
+        w = (q * scale.T[..., None] + shift.T[..., None]).reshape(rows, cols)
+        return (w.T if transposed else w).to(dtype).contiguous()
     nb, groups = rows // block, cols // group_size
     b = packed.reshape(nb, cols, block // 2)
     q = torch.cat([b & 15, b >> 4], dim=-1).to(dtype).reshape(nb, groups, group_size, block)
@@ -167,9 +212,13 @@ def dequantize_int4_t(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_
     def per_block(t: torch.Tensor) -> torch.Tensor:                  # (G, rows) -> (nb, G, 1, block)
         return t.to(dtype).reshape(groups, nb, block).permute(1, 0, 2)[:, :, None, :]
 
-    out = torch.empty(cols, rows, dtype=dtype, device=packed.device)
-    torch.addcmul(per_block(shift), q, per_block(scale),
-                  out=out.view(groups, group_size, nb, block).permute(2, 0, 1, 3))
+    if transposed:  # the blocks are k-major already: no transpose pass
+        out = torch.empty(cols, rows, dtype=dtype, device=packed.device)
+        view = out.view(groups, group_size, nb, block).permute(2, 0, 1, 3)
+    else:
+        out = torch.empty(rows, cols, dtype=dtype, device=packed.device)
+        view = out.view(nb, block, groups, group_size).permute(0, 2, 3, 1)
+    torch.addcmul(per_block(shift), q, per_block(scale), out=view)
     return out
 
 

@@ -26,8 +26,8 @@ from .functional import (CODEBOOKS, dequantize_4bit_codebook, dequantize_int4, d
                          unpack_nibbles)
 from ..native import dense as native_dense
 from ..native import nf4 as native_nf4
-from .kernels import (INT4_ROW_ALIGN, dequantize_int4_t, fast_unpack_available, int4_kernel_rows, int4_mm,
-                      int8_kernel_rows, int8_mm, pack_int4, unpack_int4)
+from .kernels import (INT4_ROW_ALIGN, dequantize_int4_t, fast_unpack_available, gemm_rhs, int4_dense_operand,
+                      int4_kernel_rows, int4_mm, int8_kernel_rows, int8_mm, pack_int4, unpack_int4)
 
 
 _CHUNK_ROWS = 2048  # output rows per expanded slice (a multiple of 64, the int4 block height)
@@ -99,7 +99,7 @@ class QuantizedLinear(nn.Module):
 
     def _input_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """(M, N) gradient of the output -> (M, K) gradient of the input, in grad's dtype."""
-        return grad @ self.dequantize().to(grad.dtype)
+        return grad @ gemm_rhs(self.dequantize().to(grad.dtype))
 
     def weight_bytes(self) -> int:
         """Bytes held for the weight: codes, scales and zeros, padding included; not the bias."""
@@ -322,7 +322,7 @@ class Int4Linear(QuantizedLinear):
             scale_and_zero = self.scale_and_zero.contiguous() if self._strided else self.scale_and_zero
             y = int4_mm(wide, self.packed, self.group_size, scale_and_zero)
         else:  # packed rows start..end hold exactly output rows start..end (64-row blocks)
-            y = _by_row_chunks(x.shape[0], self._rows, x, lambda start, end: wide @ dequantize_int4_t(
+            y = _by_row_chunks(x.shape[0], self._rows, x, lambda start, end: wide @ int4_dense_operand(
                 self.packed[start:end], self.scale_and_zero[:, start:end], self.group_size, end - start,
                 self._columns, x.dtype))
         return y if self._rows == self.out_features else y[:, : self.out_features]
@@ -488,7 +488,7 @@ class NF4Linear(QuantizedLinear):
             codes = pairs.view(x.dtype).reshape(end - start, blocks, self.blocksize)  # unscaled, (n, G, B)
             absmax = self.weight_absmax[start:end]
             if m < self.split_max_rows:
-                partial = (codes.reshape(end - start, -1) @ diag).reshape(end - start, m, blocks)
+                partial = (codes.reshape(end - start, -1) @ gemm_rhs(diag)).reshape(end - start, m, blocks)
                 return (partial.float() * absmax[:, None, :]).sum(dim=-1).T.to(x.dtype)
             return F.linear(x, codes.mul_(absmax.to(x.dtype)[..., None]).reshape(end - start, self.in_features))
 
