@@ -514,24 +514,117 @@ T256 static float dot256(const float *a, const float *b, int64_t n) {
     return hsum256x2(lo, hi);
 }
 
-T256 static void scores256(const float *q, const float *k, int64_t ks, const int32_t *idx, int64_t n, int64_t D,
-                           float scale, float *s) {
-    int64_t j = 0;
-    for (; j + 2 <= n; j += 2) {
-        const float *k0 = k + idx[j] * ks, *k1 = k + idx[j + 1] * ks;
-        __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0;
+/* GROUP_Q queries of one key/value head at once, as group_scores_r and group_weighted_r for
+ * AVX-512: each key and value row is loaded once for all of them. Per query and key the chains
+ * and reductions are scores256's and weighted256's, so the bits are the same. R queries times KB
+ * keys take 2 * R * KB accumulators: at most eight of AVX2's sixteen registers. */
+T256 static inline __attribute__((always_inline)) void group_scores256_r(const float *const *q, const int R, const int KB,
+                                                                       const float *k, int64_t ks, const int32_t *idx,
+                                                                       int64_t n, int64_t D, float scale, float *const *s,
+                                                                       int64_t j) { /* keys j.. in steps of KB */
+    for (; j + KB <= n; j += KB) {
+        const float *kr[2];
+        __m256 lo[GROUP_Q][2], hi[GROUP_Q][2];
+#pragma GCC unroll 2
+        for (int t = 0; t < KB; t++) kr[t] = k + idx[j + t] * ks;
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 2
+            for (int t = 0; t < KB; t++) lo[r][t] = hi[r][t] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
             const __m256i m0 = tail8(D - d), m1 = tail8(D - d - 8);
-            const __m256 xl = _mm256_maskload_ps(q + d, m0), xh = _mm256_maskload_ps(q + d + 8, m1);
-            l0 = _mm256_fmadd_ps(xl, _mm256_maskload_ps(k0 + d, m0), l0);
-            h0 = _mm256_fmadd_ps(xh, _mm256_maskload_ps(k0 + d + 8, m1), h0);
-            l1 = _mm256_fmadd_ps(xl, _mm256_maskload_ps(k1 + d, m0), l1);
-            h1 = _mm256_fmadd_ps(xh, _mm256_maskload_ps(k1 + d + 8, m1), h1);
+            __m256 kl[2], kh[2];
+#pragma GCC unroll 2
+            for (int t = 0; t < KB; t++) {
+                kl[t] = _mm256_maskload_ps(kr[t] + d, m0);
+                kh[t] = _mm256_maskload_ps(kr[t] + d + 8, m1);
+            }
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                const __m256 xl = _mm256_maskload_ps(q[r] + d, m0), xh = _mm256_maskload_ps(q[r] + d + 8, m1);
+#pragma GCC unroll 2
+                for (int t = 0; t < KB; t++) {
+                    lo[r][t] = _mm256_fmadd_ps(xl, kl[t], lo[r][t]);
+                    hi[r][t] = _mm256_fmadd_ps(xh, kh[t], hi[r][t]);
+                }
+            }
         }
-        s[j] = hsum256x2(l0, h0) * scale;
-        s[j + 1] = hsum256x2(l1, h1) * scale;
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 2
+            for (int t = 0; t < KB; t++) s[r][j + t] = hsum256x2(lo[r][t], hi[r][t]) * scale;
     }
-    for (; j < n; j++) s[j] = dot256(q, k + idx[j] * ks, D) * scale;
+}
+
+T256 static void group_scores256(const float *const *q, int R, const float *k, int64_t ks, const int32_t *idx,
+                                 int64_t n, int64_t D, float scale, float *const *s) {
+    switch (R) {
+    case 1: /* two keys a step, then the odd one */
+        group_scores256_r(q, 1, 2, k, ks, idx, n, D, scale, s, 0);
+        group_scores256_r(q, 1, 1, k, ks, idx, n, D, scale, s, n & ~(int64_t)1);
+        break;
+    case 2:
+        group_scores256_r(q, 2, 2, k, ks, idx, n, D, scale, s, 0);
+        group_scores256_r(q, 2, 1, k, ks, idx, n, D, scale, s, n & ~(int64_t)1);
+        break;
+    case 3: group_scores256_r(q, 3, 1, k, ks, idx, n, D, scale, s, 0); break;
+    default: group_scores256_r(q, 4, 1, k, ks, idx, n, D, scale, s, 0); break;
+    }
+}
+
+/* W vectors (8 outputs each) of every query per pass over the keys. */
+T256 static inline __attribute__((always_inline)) void group_weighted256_r(const float *const *p, const float *sums,
+                                                                         const int R, const int W, const float *v,
+                                                                         int64_t vs, const int32_t *idx, int64_t n,
+                                                                         int64_t D, float *const *out) {
+    for (int64_t d = 0; d < D; d += 8 * W) {
+        __m256i m[4];
+        __m256 a[GROUP_Q][4];
+#pragma GCC unroll 4
+        for (int c = 0; c < W; c++) m[c] = tail8(D - d - 8 * c);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+            for (int c = 0; c < W; c++) a[r][c] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            const float *vr = v + idx[j] * vs + d;
+            __m256 x[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < W; c++) x[c] = _mm256_maskload_ps(vr + 8 * c, m[c]);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                const __m256 pj = _mm256_set1_ps(p[r][j]);
+#pragma GCC unroll 4
+                for (int c = 0; c < W; c++) a[r][c] = _mm256_fmadd_ps(pj, x[c], a[r][c]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const __m256 vs_ = _mm256_set1_ps(sums[r]);
+#pragma GCC unroll 4
+            for (int c = 0; c < W; c++) _mm256_maskstore_ps(out[r] + d + 8 * c, m[c], _mm256_div_ps(a[r][c], vs_));
+        }
+    }
+}
+
+T256 static void group_weighted256(const float *const *p, const float *sums, int R, const float *v, int64_t vs,
+                                   const int32_t *idx, int64_t n, int64_t D, float *const *out) {
+    switch (R) {
+    case 1: group_weighted256_r(p, sums, 1, 4, v, vs, idx, n, D, out); break;
+    case 2: group_weighted256_r(p, sums, 2, 4, v, vs, idx, n, D, out); break;
+    case 3: group_weighted256_r(p, sums, 3, 2, v, vs, idx, n, D, out); break;
+    default: group_weighted256_r(p, sums, 4, 2, v, vs, idx, n, D, out); break;
+    }
+}
+
+T256 static void scores256(const float *q, const float *k, int64_t ks, const int32_t *idx, int64_t n, int64_t D,
+                           float scale, float *s) {
+    group_scores256(&q, 1, k, ks, idx, n, D, scale, &s); /* one query: two keys a step */
+}
+
+T256 static void weighted256(const float *p, float sum, const float *v, int64_t vs, const int32_t *idx, int64_t n,
+                             int64_t D, float *out) {
+    group_weighted256_r(&p, &sum, 1, 4, v, vs, idx, n, D, &out); /* one query: 32 outputs in four registers */
 }
 
 T256 static float softmax256(float *s, int64_t n) {
@@ -550,27 +643,6 @@ T256 static float softmax256(float *s, int64_t n) {
         hi = _mm256_blendv_ps(hi, _mm256_add_ps(hi, p1), f1);
     }
     return hsum256x2(lo, hi);
-}
-
-T256 static void weighted256(const float *p, float sum, const float *v, int64_t vs, const int32_t *idx, int64_t n,
-                             int64_t D, float *out) {
-    const __m256 vs_ = _mm256_set1_ps(sum);
-    for (int64_t d = 0; d < D; d += 32) {
-        const __m256i m0 = tail8(D - d), m1 = tail8(D - d - 8), m2 = tail8(D - d - 16), m3 = tail8(D - d - 24);
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t j = 0; j < n; j++) {
-            const float *vr = v + idx[j] * vs + d;
-            const __m256 pj = _mm256_set1_ps(p[j]);
-            a0 = _mm256_fmadd_ps(pj, _mm256_maskload_ps(vr, m0), a0);
-            a1 = _mm256_fmadd_ps(pj, _mm256_maskload_ps(vr + 8, m1), a1);
-            a2 = _mm256_fmadd_ps(pj, _mm256_maskload_ps(vr + 16, m2), a2);
-            a3 = _mm256_fmadd_ps(pj, _mm256_maskload_ps(vr + 24, m3), a3);
-        }
-        _mm256_maskstore_ps(out + d, m0, _mm256_div_ps(a0, vs_));
-        _mm256_maskstore_ps(out + d + 8, m1, _mm256_div_ps(a1, vs_));
-        _mm256_maskstore_ps(out + d + 16, m2, _mm256_div_ps(a2, vs_));
-        _mm256_maskstore_ps(out + d + 24, m3, _mm256_div_ps(a3, vs_));
-    }
 }
 
 T256 static void rmsnorm_row256(const float *x, const float *w, int64_t C, float eps, float *y) {
@@ -744,9 +816,9 @@ typedef struct {
 
 static const Ops OPS[3] = {
     {scores_s, softmax_s, weighted_s, rmsnorm_row_s, silu_mul_row_s, scores_bf16_s, weighted_bf16_s,
-     rmsnorm_row_bf16_s, silu_mul_row_bf16_s},
+     rmsnorm_row_bf16_s, silu_mul_row_bf16_s, NULL, NULL},
     {scores256, softmax256, weighted256, rmsnorm_row256, silu_mul_row256, scores_bf16_256, weighted_bf16_256,
-     rmsnorm_row_bf16_256, silu_mul_row_bf16_256},
+     rmsnorm_row_bf16_256, silu_mul_row_bf16_256, group_scores256, group_weighted256},
     {scores512, softmax512, weighted512, rmsnorm_row512, silu_mul_row512, scores_bf16_512, weighted_bf16_512,
      rmsnorm_row_bf16_512, silu_mul_row_bf16_512, group_scores512, group_weighted512},
 };
