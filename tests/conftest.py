@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import importlib.util
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +64,20 @@ def default_model_or_skip() -> Path:
         return default_model_path()
     except CheckpointError as exc:
         pytest.skip(str(exc), allow_module_level=True)
+
+
+def hf_gguf_tokenizer(path: Path):
+    """transformers' tokenizer read from the GGUF at `path` (the oracle), a copy per call: the
+    file is parsed once per session (5 s each, in six modules), and no test sees another's changes."""
+    return copy.deepcopy(_hf_gguf_tokenizer(path))
+
+
+@functools.cache
+def _hf_gguf_tokenizer(path: Path):
+    transformers = pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 # ------------------------------------------------------------------ native kernels (tests/test_native_*.py)

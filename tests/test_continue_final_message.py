@@ -16,7 +16,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as Referen
 from mistral_lm.errors import TokenizerError
 from mistral_lm.tokenizer import MistralTokenizer
 
-from .conftest import default_model_or_skip
+from .conftest import default_model_or_skip, hf_gguf_tokenizer
 
 DATA = Path(str(importlib.resources.files("mistral_common") / "data"))
 FILES = {"sp-v1": "tokenizer.model.v1", "sp-v2": "mistral_instruct_tokenizer_240216.model.v2",
@@ -92,9 +92,7 @@ def smol_pair():
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     path = default_model_or_skip()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    theirs = hf_gguf_tokenizer(path)
     return MistralTokenizer.from_pretrained(path), theirs
 
 

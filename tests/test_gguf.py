@@ -27,6 +27,7 @@ from mistral_lm.defaults import default_model_path  # noqa: E402
 from mistral_lm.errors import CheckpointError, TokenizerError  # noqa: E402
 from mistral_lm.modeling import MistralForCausalLM  # noqa: E402
 from mistral_lm.tokenizer import MistralTokenizer  # noqa: E402
+from .conftest import hf_gguf_tokenizer  # noqa: E402
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -179,7 +180,7 @@ def _reference_ids(hf_tokenizer, text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(smollm):
-    return transformers.AutoTokenizer.from_pretrained(smollm.parent, gguf_file=smollm.name)
+    return hf_gguf_tokenizer(smollm)
 
 
 def test_byte_level_tokenizer_matches_transformers(smollm, hf_tokenizer):

@@ -9,7 +9,7 @@ import torch
 from mistral_lm import MistralConfig, MistralForCausalLM
 from mistral_lm.fusion import fuse_projections, fused_names
 
-from .conftest import default_model_or_skip, tiny_config
+from .conftest import default_model_or_skip, hf_gguf_tokenizer, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,7 +95,7 @@ def test_text_generation_pipeline_matches_transformers_model(tmp_path):
     """transformers.pipeline("text-generation") runs on our model and returns the text the same
     pipeline returns on Transformers' model with the same weights (greedy)."""
     path = default_model_or_skip()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = hf_gguf_tokenizer(path)
     ours = MistralForCausalLM(tiny_config(vocab_size=len(tokenizer), sliding_window=6)).eval()
     ours.save_pretrained(tmp_path)
     theirs = transformers.MistralForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()

@@ -8,9 +8,9 @@ import torch
 
 from mistral_lm.training import chat_example, pad_batch
 
-from .conftest import default_model_or_skip
+from .conftest import default_model_or_skip, hf_gguf_tokenizer
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Capital of France?"},
@@ -22,7 +22,7 @@ CHAT = [{"role": "system", "content": "You are terse."},
 @pytest.fixture(scope="module")
 def tokenizer():
     path = default_model_or_skip()
-    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return hf_gguf_tokenizer(path)
 
 
 def test_labels_cover_exactly_the_assistant_turns(tokenizer):

@@ -12,7 +12,7 @@ import torch
 
 from mistral_lm import MistralForCausalLM
 
-from .conftest import default_model_or_skip, tiny_config
+from .conftest import default_model_or_skip, hf_gguf_tokenizer, tiny_config
 
 trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
@@ -38,7 +38,7 @@ def _train(model, tokenizer, folder) -> list[float]:
 
 def test_sft_trainer_with_lora_equals_the_run_on_transformers(tmp_path):
     path = default_model_or_skip()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = hf_gguf_tokenizer(path)
     ours = MistralForCausalLM(tiny_config(vocab_size=len(tokenizer), sliding_window=8))
     ours.save_pretrained(tmp_path / "base")
     theirs = transformers.MistralForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
@@ -90,7 +90,7 @@ def smol_tokenizers():
     from mistral_lm.tokenizer import MistralTokenizer
 
     path = default_model_or_skip()
-    theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    theirs = hf_gguf_tokenizer(path)
     return MistralTokenizer.from_pretrained(path), theirs
 
 
