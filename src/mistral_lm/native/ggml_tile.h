@@ -214,22 +214,20 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
                 for (int k = 0; k < 4; k++) hd[k] = FN(rows4)(rp, idx, sb + 4 * k);
             }
             const vi_t dd = hd[0], s0 = hd[1], s1 = hd[2], s2 = hd[3];
-            const vf_t d = V_H16LO(dd), dmin = V_H16HI(dd);
-            const vi_t m6 = V_SET1I(63), m4d = V_SET1I(15), m2 = V_SET1I(3);
+            /* -(dmin * mn) == (-dmin) * mn exactly: a product's rounding does not depend on signs */
+            const vf_t d = V_H16LO(dd), ndmin = V_NEG(V_H16HI(dd));
+            /* the four 6-bit scales (mins) of sub-blocks 0-3 and of 4-7, one per byte of a dword:
+             * low four bits from s0 / s1 (0-3) or s2's nibbles (4-7), 4-7's top two from s0 / s1 */
+            const vi_t m6 = V_SET1I(0x3f3f3f3f), m4b = V_SET1I(0x0f0f0f0f), m2b = V_SET1I(0x30303030);
+            const vi_t scb[2] = {V_AND(s0, m6), V_OR(V_AND(s2, m4b), V_AND(V_SRLI32(s0, 2), m2b))};
+            const vi_t mnb[2] = {V_AND(s1, m6), V_OR(V_AND(V_SRLI32(s2, 4), m4b), V_AND(V_SRLI32(s1, 2), m2b))};
+#define KBYTE(v, k) ((k) == 3 ? V_SRLI32(v, 24) : V_AND((k) ? V_SRLI32(v, 8 * (k)) : (v), V_SET1I(255)))
 #pragma GCC unroll 8
             for (int jj = 0; jj < 8; jj++) {
-                vi_t sc, mn;
-                if (jj < 4) {
-                    sc = V_AND(V_SRLI32(s0, 8 * jj), m6);
-                    mn = V_AND(V_SRLI32(s1, 8 * jj), m6);
-                } else {
-                    const int q = 8 * (jj - 4);
-                    sc = V_OR(V_AND(V_SRLI32(s2, q), m4d), V_SLLI32(V_AND(V_SRLI32(s0, q + 6), m2), 4));
-                    mn = V_OR(V_AND(V_SRLI32(s2, q + 4), m4d), V_SLLI32(V_AND(V_SRLI32(s1, q + 6), m2), 4));
-                }
-                kcw[jj] = V_MUL(d, V_CVT(sc));
-                kmw[jj] = V_NEG(V_MUL(dmin, V_CVT(mn)));
+                kcw[jj] = V_MUL(d, V_CVT(KBYTE(scb[jj >> 2], jj & 3)));
+                kmw[jj] = V_MUL(ndmin, V_CVT(KBYTE(mnb[jj >> 2], jj & 3)));
             }
+#undef KBYTE
         }
         *cw = kcw[j];
         *mw = kmw[j];
