@@ -147,14 +147,14 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 def dequantize_int4_t(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, rows: int,
                       cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """W.T as a contiguous (cols, rows) matrix in `dtype`, W = (q - 8) * scale + zero: the right
-    operand of `grad @ W` (read as a transposed view, see `int4_dense_operand`)."""
+    """W.T as a (cols, rows) matrix in `dtype`, W = (q - 8) * scale + zero (contiguous from the CPU
+    layout): the right operand of `grad @ W`, read as a transposed view (see `int4_dense_operand`)."""
     return _dequantize_int4(packed, scale_and_zero, group_size, rows, cols, dtype, transposed=True)
 
 
 def dequantize_int4_rows(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, rows: int,
                          cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """W as a contiguous (rows, cols) matrix in `dtype`."""
+    """W as a (rows, cols) matrix in `dtype` (contiguous from the CPU layout)."""
     return _dequantize_int4(packed, scale_and_zero, group_size, rows, cols, dtype, transposed=False)
 
 
@@ -168,7 +168,7 @@ def int4_dense_operand(packed: torch.Tensor, scale_and_zero: torch.Tensor, group
     fallback runs) a row-major B takes a scalar loop and a transposed view of the row-major W a
     vectorized one: 30x for the default model's prefill, 150x for a 7B-sized layer
     (bench/RESULTS.md). The products are the same on the first kind of CPU."""
-    if not _native_gemm(dtype):
+    if not _native_gemm(dtype, packed.device):
         return dequantize_int4_rows(packed, scale_and_zero, group_size, rows, cols, dtype).T
     return dequantize_int4_t(packed, scale_and_zero, group_size, rows, cols, dtype)
 
@@ -177,11 +177,13 @@ def gemm_rhs(b: torch.Tensor) -> torch.Tensor:
     """b, or the same matrix as a transposed view of a k-major copy where this CPU has no native
     GEMM in b's dtype (see `int4_dense_operand`): for `x @ gemm_rhs(b)` on a row-major b, such as
     a backward's `grad @ W` (a bfloat16 QLoRA step on AVX2: 340 -> 22 ms for a 1536x576 weight)."""
-    return b if _native_gemm(b.dtype) else b.T.contiguous().T
+    return b if _native_gemm(b.dtype, b.device) else b.T.contiguous().T
 
 
-def _native_gemm(dtype: torch.dtype) -> bool:
-    if dtype == torch.float32:
+def _native_gemm(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a GEMM in `dtype` on `device` is as fast for either operand layout: the question is
+    the CPU's alone (a GPU's BLAS takes any layout)."""
+    if device.type != "cpu" or dtype == torch.float32:
         return True
     return dtype == torch.bfloat16 and torch.backends.mkldnn.enabled and _mkldnn_bf16()
 
@@ -204,7 +206,7 @@ def _dequantize_int4(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_s
     if block is None:
         q = unpack_int4(packed, rows, cols).float().reshape(rows, -1, group_size)
         w = (q * scale.T[..., None] + shift.T[..., None]).reshape(rows, cols)
-        return (w.T if transposed else w).to(dtype).contiguous()
+        return (w.T if transposed else w).to(dtype)
     nb, groups = rows // block, cols // group_size
     b = packed.reshape(nb, cols, block // 2)
     q = torch.cat([b & 15, b >> 4], dim=-1).to(dtype).reshape(nb, groups, group_size, block)
