@@ -152,7 +152,7 @@ static AI vi_t FN(rows4)(const uint8_t *const *rp, vi_t idx, int64_t off) {
  * row (lane). Q4_K: kcw / kmw cache the superblock's 8 scales, filled at its first block, and
  * zc the bytes of an even sub-block, whose high nibbles are the next (odd) one's codes: blocks
  * come in order from a superblock's start, so the odd one reads them from there. */
-static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, int64_t b, vi_t lo[4], vi_t hi[4],
+static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, int64_t b, const int j, vi_t lo[4], vi_t hi[4],
                           vf_t *cw, vf_t *mw, vi_t *sc0, vi_t *sc1, vf_t kcw[8], vf_t kmw[8], vi_t zc[8]) {
     const vi_t m4 = V_SET1B(15);
     *mw = V_ZEROF();
@@ -177,7 +177,6 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
         *cw = V_H16LO(FN(rows4)(rp, idx, o));
     } else if (type == T_Q4_K) {
         const int64_t sb = (b >> 3) * 144;
-        const int j = (int)(b & 7);
         for (int a = 0; a < 4; a++) {
             if (!(j & 1)) {
 #if VNNI
@@ -233,7 +232,7 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
         *mw = kmw[j];
     } else { /* T_Q6_K */
         const int64_t sb = (b >> 3) * 210;
-        const int j = (int)(b & 7), h = j >> 2, t = j & 3;
+        const int h = j >> 2, t = j & 3;
         const vi_t m3 = V_SET1B(3);
         for (int a = 0; a < 4; a++) {
             for (int e = 0; e < 2; e++) {
@@ -252,22 +251,46 @@ static AI void FN(wblock)(const int type, const uint8_t *const *rp, vi_t idx, in
     }
 }
 
-/* Blocks b0 .. b0 + kc - 1 (b0 at a superblock start) into the panel. */
-static void FN(unpack)(const int type, const uint8_t *const *rp, vi_t idx, int64_t b0, int kc, uint8_t *panel) {
+/* Block b0 + k (sub-block j of its superblock) into the panel. */
+static AI void FN(ublock)(const int type, const uint8_t *const *rp, vi_t idx, int64_t b0, int k, const int j,
+                          uint8_t *panel, vf_t kcw[8], vf_t kmw[8], vi_t zc[8]) {
+    uint8_t *pb = panel + (size_t)k * PB;
+    vi_t lo[4], hi[4], sc0, sc1;
+    vf_t cw, mw;
+    FN(wblock)(type, rp, idx, b0 + k, j, lo, hi, &cw, &mw, &sc0, &sc1, kcw, kmw, zc);
+    V_STOREF((float *)(pb + 8 * VB), cw);
+    V_STOREF((float *)(pb + 9 * VB), mw);
+    V_STOREI(pb + 10 * VB, sc0);
+    V_STOREI(pb + 11 * VB, sc1);
+    FN(store_t4)(lo, pb);
+    FN(store_t4)(hi, pb + 4 * VB);
+}
+
+/* Blocks b0 .. b0 + kc - 1 (b0 at a superblock start, kc a multiple of 8 for superblock types)
+ * into the panel; a superblock per pass, unrolled, as in direct. */
+static AI void FN(unpack_t)(const int type, const uint8_t *const *rp, vi_t idx, int64_t b0, int kc, uint8_t *panel) {
     vf_t kcw[8], kmw[8];
     vi_t zc[8];
     for (int i = 0; i < 8; i++) zc[i] = V_ZEROI(); /* filled by each even Q4_K block before its odd one reads it */
-    for (int k = 0; k < kc; k++) {
-        uint8_t *pb = panel + (size_t)k * PB;
-        vi_t lo[4], hi[4], sc0, sc1;
-        vf_t cw, mw;
-        FN(wblock)(type, rp, idx, b0 + k, lo, hi, &cw, &mw, &sc0, &sc1, kcw, kmw, zc);
-        V_STOREF((float *)(pb + 8 * VB), cw);
-        V_STOREF((float *)(pb + 9 * VB), mw);
-        V_STOREI(pb + 10 * VB, sc0);
-        V_STOREI(pb + 11 * VB, sc1);
-        FN(store_t4)(lo, pb);
-        FN(store_t4)(hi, pb + 4 * VB);
+    if (type == T_Q4_K || type == T_Q6_K) {
+        for (int k0 = 0; k0 < kc; k0 += 8) {
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) FN(ublock)(type, rp, idx, b0, k0 + j, j, panel, kcw, kmw, zc);
+        }
+    } else {
+        for (int k = 0; k < kc; k++) FN(ublock)(type, rp, idx, b0, k, 0, panel, kcw, kmw, zc);
+    }
+}
+
+/* unpack with the type a constant in each case */
+static __attribute__((noinline)) void FN(unpack)(int type, const uint8_t *const *rp, vi_t idx, int64_t b0, int kc,
+                                                 uint8_t *panel) {
+    switch (type) {
+    case T_Q4_0: FN(unpack_t)(T_Q4_0, rp, idx, b0, kc, panel); break;
+    case T_Q4_1: FN(unpack_t)(T_Q4_1, rp, idx, b0, kc, panel); break;
+    case T_Q8_0: FN(unpack_t)(T_Q8_0, rp, idx, b0, kc, panel); break;
+    case T_Q4_K: FN(unpack_t)(T_Q4_K, rp, idx, b0, kc, panel); break;
+    case T_Q6_K: FN(unpack_t)(T_Q6_K, rp, idx, b0, kc, panel); break;
     }
 }
 
@@ -302,70 +325,85 @@ static AI vi_t FN(mad16)(const int type, vi_t W, vi_t xw) {
  * 16 rows in flight, and a longer lead streams a 7B's rows markedly faster (bench/RESULTS.md) */
 #define PREFETCH_AHEAD 4096
 #endif
-static AI void FN(direct)(const int type, const int mr, const xblock *x, int64_t nb, const uint8_t *const *rp,
-                          vi_t idx, int64_t ldw, float *out, int64_t ldo, int nr) {
+/* Block b (sub-block j of its superblock; b itself for other types) of the direct path. */
+static AI void FN(dblock)(const int type, const int mr, const xblock *x, int64_t nb, const uint8_t *const *rp,
+                          vi_t idx, int64_t ldw, int64_t b, const int j, vf_t acc[MR], vf_t accm[MR], vf_t kcw[8],
+                          vf_t kmw[8], vi_t zc[8]) {
     const int sh = off_shift(type) - (!VNNI && type == T_Q8_0 ? 8 : 0);
     const int has_min = type == T_Q4_1 || type == T_Q4_K, tb = type_bytes(type);
     const int sup = type == T_Q4_K || type == T_Q6_K;
     const int64_t rowb = sup ? (nb >> 3) * tb : nb * tb; /* bytes of one row of blocks */
+    if ((j & 1) == 0) {
+        /* PREFETCH_AHEAD bytes ahead in each row; past a row's end, into the same row of the next tile (rows
+         * NRP further on), so a new tile's rows do not start on demand misses (a 4096-wide
+         * Q4_0 row is only 2304 bytes) */
+        const int64_t o = (sup ? (b >> 3) * tb + (b & 7) * (tb / 8) : b * tb) + PREFETCH_AHEAD;
+        const int64_t ahead = o < rowb ? o : o - rowb + NRP * ldw;
+#pragma GCC unroll 16
+        for (int r = 0; r < NRP; r++) _mm_prefetch((const char *)(rp[r] + ahead), _MM_HINT_T1);
+    }
+    vi_t lo[4], hi[4], sc0, sc1;
+    vf_t cw, mw;
+    FN(wblock)(type, rp, idx, b, j, lo, hi, &cw, &mw, &sc0, &sc1, kcw, kmw, zc);
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        const xblock *xb = x + i * nb + b;
+        const vi_t xl = V_BCAST128(xb->q), xh = V_BCAST128(xb->q + 16);
+        vi_t p[4], p2[4];
+#pragma GCC unroll 4
+        for (int a = 0; a < 4; a++) {
+#if VNNI
+            if (type == T_Q6_K) {
+                p[a] = _mm512_dpbusd_epi32(V_ZEROI(), lo[a], xl);
+                p2[a] = _mm512_dpbusd_epi32(V_ZEROI(), hi[a], xh);
+            } else {
+                p[a] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(V_ZEROI(), lo[a], xl), hi[a], xh);
+            }
+#else
+            const __m256i ones = _mm256_set1_epi16(1);
+            if (type == T_Q6_K) {
+                p[a] = _mm256_madd_epi16(FN(mad16)(type, lo[a], xl), ones);
+                p2[a] = _mm256_madd_epi16(FN(mad16)(type, hi[a], xh), ones);
+            } else if (type == T_Q8_0) {
+                p[a] = _mm256_add_epi32(_mm256_madd_epi16(FN(mad16)(type, lo[a], xl), ones),
+                                        _mm256_madd_epi16(FN(mad16)(type, hi[a], xh), ones));
+            } else {
+                p[a] = _mm256_madd_epi16(_mm256_add_epi16(FN(mad16)(type, lo[a], xl), FN(mad16)(type, hi[a], xh)), ones);
+            }
+#endif
+        }
+        vi_t I;
+        if (type == T_Q6_K) {
+            const vi_t Il = V_ADDI(FN(reduce4)(p), V_SET1I(-(xb->sxl << sh)));
+            const vi_t Ih = V_ADDI(FN(reduce4)(p2), V_SET1I(-((xb->sx - xb->sxl) << sh)));
+            I = V_ADDI(V_MULLO(Il, sc0), V_MULLO(Ih, sc1));
+        } else {
+            I = FN(reduce4)(p);
+            if (sh >= 0) I = V_ADDI(I, V_SET1I(-(xb->sx << sh)));
+        }
+        acc[i] = V_FMA(V_MUL(cw, V_SET1F(xb->d)), V_CVT(I), acc[i]);
+        if (has_min) accm[i] = V_FMA(mw, V_SET1F(xb->ds), accm[i]);
+    }
+}
+
+static AI void FN(direct)(const int type, const int mr, const xblock *x, int64_t nb, const uint8_t *const *rp,
+                          vi_t idx, int64_t ldw, float *out, int64_t ldo, int nr) {
+    const int has_min = type == T_Q4_1 || type == T_Q4_K;
     vf_t acc[MR], accm[MR], kcw[8], kmw[8];
     vi_t zc[8];
 #pragma GCC unroll 8
     for (int i = 0; i < 8; i++) zc[i] = V_ZEROI(); /* as in unpack */
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) acc[i] = accm[i] = V_ZEROF();
-    for (int64_t b = 0; b < nb; b++) {
-        if ((b & 1) == 0) {
-            /* PREFETCH_AHEAD bytes ahead in each row; past a row's end, into the same row of the next tile (rows
-             * NRP further on), so a new tile's rows do not start on demand misses (a 4096-wide
-             * Q4_0 row is only 2304 bytes) */
-            const int64_t o = (sup ? (b >> 3) * tb + (b & 7) * (tb / 8) : b * tb) + PREFETCH_AHEAD;
-            const int64_t ahead = o < rowb ? o : o - rowb + NRP * ldw;
-#pragma GCC unroll 16
-            for (int r = 0; r < NRP; r++) _mm_prefetch((const char *)(rp[r] + ahead), _MM_HINT_T1);
-        }
-        vi_t lo[4], hi[4], sc0, sc1;
-        vf_t cw, mw;
-        FN(wblock)(type, rp, idx, b, lo, hi, &cw, &mw, &sc0, &sc1, kcw, kmw, zc);
+    if (type == T_Q4_K || type == T_Q6_K) {
+        /* a superblock per pass, unrolled: the sub-block index is a constant, so its scales, its
+         * nibble half and the cached codes resolve at compile time */
+        for (int64_t b0 = 0; b0 < nb; b0 += 8) {
 #pragma GCC unroll 8
-        for (int i = 0; i < mr; i++) {
-            const xblock *xb = x + i * nb + b;
-            const vi_t xl = V_BCAST128(xb->q), xh = V_BCAST128(xb->q + 16);
-            vi_t p[4], p2[4];
-#pragma GCC unroll 4
-            for (int a = 0; a < 4; a++) {
-#if VNNI
-                if (type == T_Q6_K) {
-                    p[a] = _mm512_dpbusd_epi32(V_ZEROI(), lo[a], xl);
-                    p2[a] = _mm512_dpbusd_epi32(V_ZEROI(), hi[a], xh);
-                } else {
-                    p[a] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(V_ZEROI(), lo[a], xl), hi[a], xh);
-                }
-#else
-                const __m256i ones = _mm256_set1_epi16(1);
-                if (type == T_Q6_K) {
-                    p[a] = _mm256_madd_epi16(FN(mad16)(type, lo[a], xl), ones);
-                    p2[a] = _mm256_madd_epi16(FN(mad16)(type, hi[a], xh), ones);
-                } else if (type == T_Q8_0) {
-                    p[a] = _mm256_add_epi32(_mm256_madd_epi16(FN(mad16)(type, lo[a], xl), ones),
-                                            _mm256_madd_epi16(FN(mad16)(type, hi[a], xh), ones));
-                } else {
-                    p[a] = _mm256_madd_epi16(_mm256_add_epi16(FN(mad16)(type, lo[a], xl), FN(mad16)(type, hi[a], xh)), ones);
-                }
-#endif
-            }
-            vi_t I;
-            if (type == T_Q6_K) {
-                const vi_t Il = V_ADDI(FN(reduce4)(p), V_SET1I(-(xb->sxl << sh)));
-                const vi_t Ih = V_ADDI(FN(reduce4)(p2), V_SET1I(-((xb->sx - xb->sxl) << sh)));
-                I = V_ADDI(V_MULLO(Il, sc0), V_MULLO(Ih, sc1));
-            } else {
-                I = FN(reduce4)(p);
-                if (sh >= 0) I = V_ADDI(I, V_SET1I(-(xb->sx << sh)));
-            }
-            acc[i] = V_FMA(V_MUL(cw, V_SET1F(xb->d)), V_CVT(I), acc[i]);
-            if (has_min) accm[i] = V_FMA(mw, V_SET1F(xb->ds), accm[i]);
+            for (int j = 0; j < 8; j++) FN(dblock)(type, mr, x, nb, rp, idx, ldw, b0 + j, j, acc, accm, kcw, kmw, zc);
         }
+    } else {
+        for (int64_t b = 0; b < nb; b++) FN(dblock)(type, mr, x, nb, rp, idx, ldw, b, (int)(b & 1), acc, accm, kcw, kmw, zc);
     }
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
