@@ -1,4 +1,5 @@
-"""matvec.py: one half-precision row on the CPU as torch.mv, installed by the loader as a module swap."""
+"""matvec.py: the CPU's half-precision linear (one row as torch.mv, many rows without a native
+GEMM as float32 GEMMs), installed by the loader as a module swap."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from mistral_lm import MistralForCausalLM
+from mistral_lm import MistralForCausalLM, matvec
 from mistral_lm.matvec import MatvecLinear, install_matvec
 
 from .conftest import tiny_config
@@ -67,3 +69,73 @@ def test_from_pretrained_in_bfloat16_installs_matvec_projections(tmp_path):
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         assert linears and all(type(m) is MatvecLinear for m in linears)
         assert "model.layers.0.self_attn.q_proj.weight" in model.state_dict()
+
+
+class _Products(TorchDispatchMode):
+    """The dtypes of the matrix products dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func == torch.ops.aten.linear.default:  # not decomposed under inference_mode
+            self.dtypes.append(args[1].dtype)
+        elif func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.dtypes.append(args[-1].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_many_rows_without_a_native_gemm_are_float32_gemms_rounded_once(dtype, bias, monkeypatch):
+    """Where the CPU has no GEMM in the dtype (AVX2: bfloat16, float16), a prefill-sized product
+    runs in float32 (3-4x faster than ATen's fallback) and equals the exact product rounded once
+    to the dtype, up to float32 accumulation error; weight slices of 32 rows leave a ragged last one."""
+    monkeypatch.setattr(matvec, "native_gemm", lambda dtype, device: False)
+    module = install_matvec(nn.Linear(96, 70, bias=bias).to(dtype))
+    module.float_chunk_rows = 32
+    x = torch.randn(2, MatvecLinear.float_min_rows // 2, 96, dtype=dtype)
+    with torch.inference_mode(), _Products() as products:
+        y = module(x)
+    assert products.dtypes and set(products.dtypes) == {torch.float32}, products.dtypes
+    assert y.dtype == dtype and y.shape == (2, MatvecLinear.float_min_rows // 2, 70)
+    w, b = module.weight.double(), None if module.bias is None else module.bias.double()
+    exact = F.linear(x.double(), w, b)
+    magnitude = F.linear(x.double().abs(), w.abs(), None if b is None else b.abs())
+    bound = _UNIT_ROUNDOFF[dtype] * exact.abs() + 97 * 2.0 ** -24 * magnitude + 2.0 ** -24
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+def test_few_rows_a_native_gemm_or_autograd_keep_the_dtype_product(monkeypatch):
+    module = install_matvec(nn.Linear(96, 70, bias=False).bfloat16())
+    x = torch.randn(MatvecLinear.float_min_rows, 96, dtype=torch.bfloat16)
+    monkeypatch.setattr(matvec, "native_gemm", lambda dtype, device: False)
+    for rows, grad in ((MatvecLinear.float_min_rows - 1, False), (MatvecLinear.float_min_rows, True)):
+        with torch.set_grad_enabled(grad), _Products() as products:
+            y = module(x[:rows])
+        assert set(products.dtypes) == {torch.bfloat16} and torch.equal(y, F.linear(x[:rows], module.weight))
+    monkeypatch.setattr(matvec, "native_gemm", lambda dtype, device: True)
+    with torch.inference_mode(), _Products() as products:
+        module(x)
+    assert set(products.dtypes) == {torch.bfloat16}
+
+
+def test_a_bfloat16_prefill_without_a_native_gemm_has_no_bfloat16_product(monkeypatch):
+    """Every projection of a loaded bfloat16 model (fused or not, lm_head included) takes the path."""
+    monkeypatch.setattr(matvec, "native_gemm", lambda dtype, device: False)
+    model = install_matvec(MistralForCausalLM(tiny_config()).bfloat16())
+    ids = torch.arange(1, 1 + MatvecLinear.float_min_rows).unsqueeze(0)
+    with torch.inference_mode(), _Products() as products:
+        logits = model(ids).logits
+    assert products.dtypes and torch.bfloat16 not in products.dtypes and logits.isfinite().all()
+
+
+def test_native_gemm_is_onednn_answer_on_the_cpu():
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert matvec.native_gemm(torch.float32, cpu) and matvec.native_gemm(torch.bfloat16, meta)
+    assert matvec.native_gemm(torch.bfloat16, cpu) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert matvec.native_gemm(torch.float16, cpu) == bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())

@@ -8,13 +8,21 @@ and must equal this module bit for bit). It is also the faster one at decode: ea
 streamed once for all the rows, prefetched into L2 (one row of a 1536 x 576 weight, 2 threads,
 from DRAM: ~30-60 GB/s against torch.mv's ~10 here). float16, one row: `torch.mv`, which torch
 vectorizes on the CPU unlike the (1, K) matmul `F.linear` becomes; so does a bfloat16 row the
-kernel does not take (autograd through it, no C library). Everything else: `F.linear`.
+kernel does not take (autograd through it, no C library). From `float_min_rows` (32) rows of a
+half-precision dtype this CPU has no GEMM for (bfloat16 without AVX-512 BF16 / AMX, float16 almost
+everywhere), no autograd: float32 GEMMs on `float_chunk_rows`-row slices of the weight, rounded
+once to the dtype. ATen's fallback for such a product accumulates in float32 too, so the result
+differs from it only in summation order (within the dtype's rounding), at 3-4x the speed: a
+512x4096x4096 bfloat16 product on an AVX2 CPU 351 -> 93 ms (bench/RESULTS.md). Everything else:
+`F.linear`.
 
 The loader installs it as its last module swap (`install_matvec`), after fusion and
 quantization; the module keeps nn.Linear's parameters and state-dict keys.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +55,16 @@ class MatvecLinear(nn.Linear):
     """
 
     native_max_rows = 8  # decode batches; beyond, torch's GEMM is the faster one
+    float_min_rows = 32  # without a native GEMM in the dtype; below, converting the weight costs more
+    float_chunk_rows = 512  # weight rows converted at a time: bounds the float32 copy, keeps it in cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.device.type != "cpu" or self.bias is not None or w.dtype != x.dtype or x.dtype not in _HALF:
+        if x.device.type != "cpu" or w.dtype != x.dtype or x.dtype not in _HALF:
+            return F.linear(x, w, self.bias)
+        if self._via_float32(x):
+            return linear_via_float32(x, w, self.bias, self.float_chunk_rows)
+        if self.bias is not None:
             return F.linear(x, w, self.bias)
         if x.dtype == torch.bfloat16 and self._native(x):
             return dense.linear_bf16(x, w)  # the opaque op ``mistral_lm::bf16_linear`` when compiling
@@ -64,6 +78,49 @@ class MatvecLinear(nn.Linear):
         w = self.weight
         return (x.numel() <= self.native_max_rows * x.shape[-1] and w.stride(-1) == 1 and dense.available()
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+    def _via_float32(self, x: torch.Tensor) -> bool:
+        """Many rows, no native GEMM in the dtype, no autograd (a backward would keep the float32
+        copies of the weight), not under torch.compile (inductor picks its own GEMM)."""
+        return (x.numel() >= self.float_min_rows * x.shape[-1] and not native_gemm(x.dtype, x.device)
+                and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+
+
+def linear_via_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       chunk_rows: int = 512) -> torch.Tensor:
+    """F.linear(x, weight, bias) for half-precision tensors, computed as float32 GEMMs on slices
+    of `chunk_rows` weight rows and rounded once to x's dtype: the products of two half-precision
+    numbers are exact in float32, so this is the dtype's product with float32 accumulation, where
+    the CPU has a fast float32 GEMM and no half-precision one."""
+    if chunk_rows <= 0:
+        raise ValueError(f"chunk_rows must be positive; got {chunk_rows}")
+    xf = x.reshape(-1, x.shape[-1]).float()
+    n = weight.shape[0]
+    out = torch.empty(xf.shape[0], n, dtype=x.dtype, device=x.device)
+    for n0 in range(0, n, chunk_rows):
+        b = None if bias is None else bias[n0:n0 + chunk_rows].float()
+        out[:, n0:n0 + chunk_rows] = F.linear(xf, weight[n0:n0 + chunk_rows].float(), b)
+    return out.view(*x.shape[:-1], n)
+
+
+def native_gemm(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this device multiplies `dtype` matrices in a native GEMM, fast for either operand
+    layout. A GPU's BLAS does; on a CPU float32 always, bfloat16 / float16 where oneDNN has them
+    (it honours ONEDNN_MAX_CPU_ISA); else ATen's fallback runs, several times slower."""
+    if device.type != "cpu" or dtype == torch.float32:
+        return True
+    if dtype not in _HALF or not torch.backends.mkldnn.enabled:
+        return False
+    return _mkldnn_supports(dtype)
+
+
+@functools.cache
+def _mkldnn_supports(dtype: torch.dtype) -> bool:
+    """oneDNN's own answer, asked once per process."""
+    name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    probe = getattr(torch.ops.mkldnn, name, None)
+    return bool(probe()) if probe is not None else False
 
 
 def install_matvec(model: nn.Module) -> nn.Module:

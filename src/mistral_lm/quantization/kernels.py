@@ -35,6 +35,7 @@ import functools
 
 import torch
 
+from ..matvec import native_gemm
 from .functional import pack_nibbles, unpack_nibbles
 
 # From this many rows M on, expanding the weight and one dense matmul beat the quantized kernel
@@ -168,7 +169,7 @@ def int4_dense_operand(packed: torch.Tensor, scale_and_zero: torch.Tensor, group
     fallback runs) a row-major B takes a scalar loop and a transposed view of the row-major W a
     vectorized one: 30x for the default model's prefill, 150x for a 7B-sized layer
     (bench/RESULTS.md). The products are the same on the first kind of CPU."""
-    if not _native_gemm(dtype, packed.device):
+    if not native_gemm(dtype, packed.device):
         return dequantize_int4_rows(packed, scale_and_zero, group_size, rows, cols, dtype).T
     return dequantize_int4_t(packed, scale_and_zero, group_size, rows, cols, dtype)
 
@@ -177,22 +178,7 @@ def gemm_rhs(b: torch.Tensor) -> torch.Tensor:
     """b, or the same matrix as a transposed view of a k-major copy where this CPU has no native
     GEMM in b's dtype (see `int4_dense_operand`): for `x @ gemm_rhs(b)` on a row-major b, such as
     a backward's `grad @ W` (a bfloat16 QLoRA step on AVX2: 340 -> 22 ms for a 1536x576 weight)."""
-    return b if _native_gemm(b.dtype, b.device) else b.T.contiguous().T
-
-
-def _native_gemm(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a GEMM in `dtype` on `device` is as fast for either operand layout: the question is
-    the CPU's alone (a GPU's BLAS takes any layout)."""
-    if device.type != "cpu" or dtype == torch.float32:
-        return True
-    return dtype == torch.bfloat16 and torch.backends.mkldnn.enabled and _mkldnn_bf16()
-
-
-@functools.cache
-def _mkldnn_bf16() -> bool:
-    """oneDNN's own answer (it honours ONEDNN_MAX_CPU_ISA), asked once per process."""
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(probe()) if probe is not None else False
+    return b if native_gemm(b.dtype, b.device) else b.T.contiguous().T
 
 
 def _dequantize_int4(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, rows: int, cols: int,
