@@ -292,6 +292,38 @@ def test_dense_products_take_the_fast_operand_layout_where_the_gemm_is_not_nativ
         assert all(b.stride(0) == 1 and b.stride(1) >= b.shape[0] for b in bf16), [b.stride() for b in bf16]
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int8", "nf4", "fp4"])
+def test_prefill_without_a_native_half_precision_gemm_multiplies_in_float32(scheme, monkeypatch):
+    """Where the CPU has no GEMM in the compute dtype (bfloat16 on AVX2), a quantized layer's
+    prefill multiplies its expanded weight in float32 (matvec.linear_via_float32, 3-4x ATen's
+    fallback) and still computes x @ dequantize().T in the compute dtype. Products recorded under
+    a dispatch mode: the old code ran a bfloat16 one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mistral_lm import matvec
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func == torch.ops.aten.linear.default:
+                self.dtypes.append(args[1].dtype)
+            elif func in (torch.ops.aten.matmul.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                self.dtypes.append(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    for owner in (matvec, kernels):
+        monkeypatch.setattr(owner, "native_gemm", lambda dtype, device: False)
+    module = SCHEMES[scheme](nn.Linear(K, N, bias=False), torch.bfloat16)
+    x = torch.randn(kernels.INT4_DENSE_MIN_ROWS, K, dtype=torch.bfloat16)
+    with torch.inference_mode(), Record() as record:
+        y = module(x)
+    assert record.dtypes and set(record.dtypes) == {torch.float32}, record.dtypes
+    _assert_matches_reference(y, x, module.dequantize(), torch.bfloat16)
+
+
 # ------------------------------------------------------------------------------- modules
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])

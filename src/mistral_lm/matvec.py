@@ -104,6 +104,16 @@ def linear_via_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out.view(*x.shape[:-1], n)
 
 
+def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) for x (M, K) and a weight the caller expanded for this call (the
+    quantized layers' prefill): by `linear_via_float32` where MatvecLinear would take it (many rows
+    of a half-precision dtype this CPU has no GEMM for), else F.linear itself."""
+    if (x.dtype in _HALF and x.shape[0] >= MatvecLinear.float_min_rows and not torch.compiler.is_compiling()
+            and not native_gemm(x.dtype, x.device)):
+        return linear_via_float32(x, weight, chunk_rows=MatvecLinear.float_chunk_rows)
+    return F.linear(x, weight)
+
+
 def native_gemm(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether this device multiplies `dtype` matrices in a native GEMM, fast for either operand
     layout. A GPU's BLAS does; on a CPU float32 always, bfloat16 / float16 where oneDNN has them

@@ -168,7 +168,8 @@ def int4_dense_operand(packed: torch.Tensor, scale_and_zero: torch.Tensor, group
     about 12% of an int4 prefill). Without one (bfloat16 on AVX2: oneDNN declines and ATen's
     fallback runs) a row-major B takes a scalar loop and a transposed view of the row-major W a
     vectorized one: 30x for the default model's prefill, 150x for a 7B-sized layer
-    (bench/RESULTS.md). The products are the same on the first kind of CPU."""
+    (bench/RESULTS.md). The products are the same on the first kind of CPU. Int4Linear's prefill
+    takes W = B.T through `matvec.dense_linear`, which on the second kind multiplies in float32."""
     if not native_gemm(dtype, packed.device):
         return dequantize_int4_rows(packed, scale_and_zero, group_size, rows, cols, dtype).T
     return dequantize_int4_t(packed, scale_and_zero, group_size, rows, cols, dtype)

@@ -24,6 +24,7 @@ from .config import GROUP_SIZES, BitsAndBytesConfig
 from .functional import (CODEBOOKS, dequantize_4bit_codebook, dequantize_int4, dequantize_int8,
                          pack_nibbles, quantize_4bit_codebook, quantize_int4, quantize_int8,
                          unpack_nibbles)
+from ..matvec import dense_linear
 from ..native import dense as native_dense
 from ..native import nf4 as native_nf4
 from .kernels import (INT4_ROW_ALIGN, dequantize_int4_t, fast_unpack_available, gemm_rhs, int4_dense_operand,
@@ -242,7 +243,7 @@ class Int8Linear(QuantizedLinear):
             return native_dense.linear_int8(x, self.weight, self.weight_scale)  # ``mistral_lm::int8_linear`` compiled
         if x.shape[0] < self._kernel_rows and x.dtype == torch.bfloat16:
             return int8_mm(x, self.weight, self.weight_scale)
-        return F.linear(x, self.weight.to(x.dtype) * self.weight_scale[:, None])
+        return dense_linear(x, self.weight.to(x.dtype) * self.weight_scale[:, None])
 
     def _native(self, x: torch.Tensor) -> bool:
         """Decode-sized bfloat16 on the CPU with no autograd through it (the kernel has no backward)."""
@@ -322,9 +323,9 @@ class Int4Linear(QuantizedLinear):
             scale_and_zero = self.scale_and_zero.contiguous() if self._strided else self.scale_and_zero
             y = int4_mm(wide, self.packed, self.group_size, scale_and_zero)
         else:  # packed rows start..end hold exactly output rows start..end (64-row blocks)
-            y = _by_row_chunks(x.shape[0], self._rows, x, lambda start, end: wide @ int4_dense_operand(
+            y = _by_row_chunks(x.shape[0], self._rows, x, lambda start, end: dense_linear(wide, int4_dense_operand(
                 self.packed[start:end], self.scale_and_zero[:, start:end], self.group_size, end - start,
-                self._columns, x.dtype))
+                self._columns, x.dtype).T))
         return y if self._rows == self.out_features else y[:, : self.out_features]
 
     def _input_grad(self, grad: torch.Tensor) -> torch.Tensor:
@@ -490,7 +491,7 @@ class NF4Linear(QuantizedLinear):
             if m < self.split_max_rows:
                 partial = (codes.reshape(end - start, -1) @ gemm_rhs(diag)).reshape(end - start, m, blocks)
                 return (partial.float() * absmax[:, None, :]).sum(dim=-1).T.to(x.dtype)
-            return F.linear(x, codes.mul_(absmax.to(x.dtype)[..., None]).reshape(end - start, self.in_features))
+            return dense_linear(x, codes.mul_(absmax.to(x.dtype)[..., None]).reshape(end - start, self.in_features))
 
         return _by_row_chunks(m, self.out_features, x, rows)
 
