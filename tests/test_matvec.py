@@ -110,18 +110,46 @@ def test_many_rows_without_a_native_gemm_are_float32_gemms_rounded_once(dtype, b
     assert ((y.double() - exact).abs() <= bound).all()
 
 
-def test_few_rows_a_native_gemm_or_autograd_keep_the_dtype_product(monkeypatch):
+def test_few_rows_or_a_native_gemm_keep_the_dtype_product(monkeypatch):
     module = install_matvec(nn.Linear(96, 70, bias=False).bfloat16())
     x = torch.randn(MatvecLinear.float_min_rows, 96, dtype=torch.bfloat16)
     monkeypatch.setattr(matvec, "native_gemm", lambda dtype, device: False)
-    for rows, grad in ((MatvecLinear.float_min_rows - 1, False), (MatvecLinear.float_min_rows, True)):
-        with torch.set_grad_enabled(grad), _Products() as products:
-            y = module(x[:rows])
-        assert set(products.dtypes) == {torch.bfloat16} and torch.equal(y, F.linear(x[:rows], module.weight))
+    rows = MatvecLinear.float_min_rows - 1
+    with torch.inference_mode(), _Products() as products:
+        y = module(x[:rows])
+    assert set(products.dtypes) == {torch.bfloat16} and torch.equal(y, F.linear(x[:rows], module.weight))
     monkeypatch.setattr(matvec, "native_gemm", lambda dtype, device: True)
     with torch.inference_mode(), _Products() as products:
         module(x)
     assert set(products.dtypes) == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_training_without_a_native_gemm_runs_float32_products_forward_and_backward(dtype, monkeypatch):
+    """Autograd through the layer (full fine-tuning: weight, bias and input gradients) takes float32
+    products too: autograd's own backward runs grad @ W with W row-major, ATen's scalar loop on an
+    AVX2 CPU. Every product recorded is float32, and every gradient is the float64 one rounded to
+    the dtype, up to float32 accumulation error; slices of 32 rows leave ragged last ones."""
+    monkeypatch.setattr(matvec, "native_gemm", lambda dtype, device: False)
+    module = install_matvec(nn.Linear(80, 70).to(dtype))
+    module.float_chunk_rows = 32
+    x = torch.randn(2, MatvecLinear.float_min_rows // 2, 80, dtype=dtype, requires_grad=True)
+    grad = torch.randn(2, MatvecLinear.float_min_rows // 2, 70, dtype=dtype)
+    with _Products() as products:
+        y = module(x)
+        y.backward(grad)
+    assert products.dtypes and set(products.dtypes) == {torch.float32}, products.dtypes
+    xd, w, g = x.detach().double().reshape(-1, 80), module.weight.detach().double(), grad.double().reshape(-1, 70)
+    u = _UNIT_ROUNDOFF[dtype]
+    for got, exact, magnitude, depth in (
+            (y.reshape(-1, 70), xd @ w.T + module.bias.detach().double(),
+             xd.abs() @ w.abs().T + module.bias.detach().double().abs(), 81),
+            (x.grad.reshape(-1, 80), g @ w, g.abs() @ w.abs(), 70),
+            (module.weight.grad, g.T @ xd, g.abs().T @ xd.abs(), xd.shape[0]),
+            (module.bias.grad, g.sum(0), g.abs().sum(0), xd.shape[0])):
+        assert got.dtype == dtype
+        bound = u * exact.abs() + depth * 2.0 ** -24 * magnitude + 2.0 ** -24
+        assert ((got.double() - exact).abs() <= bound).all()
 
 
 def test_a_bfloat16_prefill_without_a_native_gemm_has_no_bfloat16_product(monkeypatch):

@@ -10,7 +10,7 @@ from DRAM: ~30-60 GB/s against torch.mv's ~10 here). float16, one row: `torch.mv
 vectorizes on the CPU unlike the (1, K) matmul `F.linear` becomes; so does a bfloat16 row the
 kernel does not take (autograd through it, no C library). From `float_min_rows` (32) rows of a
 half-precision dtype this CPU has no GEMM for (bfloat16 without AVX-512 BF16 / AMX, float16 almost
-everywhere), no autograd: float32 GEMMs on `float_chunk_rows`-row slices of the weight, rounded
+everywhere), forward and backward: float32 GEMMs on `float_chunk_rows`-row slices of the weight, rounded
 once to the dtype. ATen's fallback for such a product accumulates in float32 too, so the result
 differs from it only in summation order (within the dtype's rounding), at 3-4x the speed: a
 512x4096x4096 bfloat16 product on an AVX2 CPU 351 -> 93 ms (bench/RESULTS.md). Everything else:
@@ -63,6 +63,9 @@ class MatvecLinear(nn.Linear):
         if x.device.type != "cpu" or w.dtype != x.dtype or x.dtype not in _HALF:
             return F.linear(x, w, self.bias)
         if self._via_float32(x):
+            if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                            or (self.bias is not None and self.bias.requires_grad)):
+                return _Float32Linear.apply(x, w, self.bias, self.float_chunk_rows)
             return linear_via_float32(x, w, self.bias, self.float_chunk_rows)
         if self.bias is not None:
             return F.linear(x, w, self.bias)
@@ -80,11 +83,36 @@ class MatvecLinear(nn.Linear):
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
     def _via_float32(self, x: torch.Tensor) -> bool:
-        """Many rows, no native GEMM in the dtype, no autograd (a backward would keep the float32
-        copies of the weight), not under torch.compile (inductor picks its own GEMM)."""
+        """Many rows, no native GEMM in the dtype, not under torch.compile (inductor picks its own GEMM)."""
         return (x.numel() >= self.float_min_rows * x.shape[-1] and not native_gemm(x.dtype, x.device)
-                and not torch.compiler.is_compiling()
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+                and not torch.compiler.is_compiling())
+
+
+class _Float32Linear(torch.autograd.Function):
+    """linear_via_float32 with its backward products also through float32 slices: autograd's own
+    backward of F.linear multiplies grad @ W with W row-major, which ATen's half-precision fallback
+    runs in a scalar loop (a 512x576 @ 576x1536 bfloat16 product: 355 ms against 22 with the
+    layout changed, bench/RESULTS.md). Saves x and the weight as F.linear does, no float32 copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                chunk_rows: int) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.chunk_rows = bias is not None, chunk_rows
+        return linear_via_float32(x, weight, bias, chunk_rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:   # grad @ W: W.T's rows are W's columns
+            gx = linear_via_float32(g, weight.T, None, ctx.chunk_rows).view(x.shape)
+        if ctx.needs_input_grad[1]:   # grad.T @ x
+            gw = linear_via_float32(g.T, x.reshape(-1, x.shape[-1]).T, None, ctx.chunk_rows)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.float().sum(0).to(grad.dtype)
+        return gx, gw, gb, None
 
 
 def linear_via_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
