@@ -279,25 +279,30 @@ def test_dense_products_take_the_fast_operand_layout_where_the_gemm_is_not_nativ
             return func(*args, **(kwargs or {}))
 
     module = SCHEMES[scheme](nn.Linear(K, N, bias=False), torch.bfloat16)
-    x = torch.randn(kernels.INT4_DENSE_MIN_ROWS, K, dtype=torch.bfloat16, requires_grad=True)
-    with Record() as record:
-        y = module(x)
-        y.backward(torch.ones_like(y))
     w = module.dequantize().float()
-    torch.testing.assert_close(y.float(), x.detach().float() @ w.T, rtol=2e-2, atol=5e-2)
-    torch.testing.assert_close(x.grad.float(), torch.ones(x.shape[0], N) @ w, rtol=2e-2, atol=5e-2)
-    bf16 = [b for b in record.rhs if b.dtype == torch.bfloat16 and b.dim() == 2]
-    assert bf16, "a dense product ran"
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        assert all(b.stride(0) == 1 and b.stride(1) >= b.shape[0] for b in bf16), [b.stride() for b in bf16]
+    # prefill-sized (float32 products without a native GEMM since the next test's change) and a
+    # small batch, whose backward stays a bfloat16 product
+    for rows in (kernels.INT4_DENSE_MIN_ROWS, 8):
+        x = torch.randn(rows, K, dtype=torch.bfloat16, requires_grad=True)
+        with Record() as record:
+            y = module(x)
+            y.backward(torch.ones_like(y))
+        torch.testing.assert_close(y.float(), x.detach().float() @ w.T, rtol=2e-2, atol=5e-2)
+        torch.testing.assert_close(x.grad.float(), torch.ones(x.shape[0], N) @ w, rtol=2e-2, atol=5e-2)
+        assert any(b.dim() == 2 for b in record.rhs), "a dense product ran"
+        bf16 = [b for b in record.rhs if b.dtype == torch.bfloat16 and b.dim() == 2]
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            assert bf16 or rows >= 32, "the small batch's backward is a bfloat16 product"
+            assert all(b.stride(0) == 1 and b.stride(1) >= b.shape[0] for b in bf16), [b.stride() for b in bf16]
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8", "nf4", "fp4"])
 def test_prefill_without_a_native_half_precision_gemm_multiplies_in_float32(scheme, monkeypatch):
     """Where the CPU has no GEMM in the compute dtype (bfloat16 on AVX2), a quantized layer's
-    prefill multiplies its expanded weight in float32 (matvec.linear_via_float32, 3-4x ATen's
-    fallback) and still computes x @ dequantize().T in the compute dtype. Products recorded under
-    a dispatch mode: the old code ran a bfloat16 one."""
+    prefill and its input gradient multiply the expanded weight in float32
+    (matvec.linear_via_float32, 3-4x ATen's fallback) and still compute x @ dequantize().T and
+    grad @ dequantize() in the compute dtype. Products recorded under a dispatch mode: the old
+    code ran bfloat16 ones."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from mistral_lm import matvec
@@ -317,11 +322,15 @@ def test_prefill_without_a_native_half_precision_gemm_multiplies_in_float32(sche
     for owner in (matvec, kernels):
         monkeypatch.setattr(owner, "native_gemm", lambda dtype, device: False)
     module = SCHEMES[scheme](nn.Linear(K, N, bias=False), torch.bfloat16)
-    x = torch.randn(kernels.INT4_DENSE_MIN_ROWS, K, dtype=torch.bfloat16)
-    with torch.inference_mode(), Record() as record:
+    x = torch.randn(kernels.INT4_DENSE_MIN_ROWS, K, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(x.shape[0], N, dtype=torch.bfloat16)
+    with Record() as record:
         y = module(x)
+        y.backward(grad)
     assert record.dtypes and set(record.dtypes) == {torch.float32}, record.dtypes
-    _assert_matches_reference(y, x, module.dequantize(), torch.bfloat16)
+    w = module.dequantize()
+    _assert_matches_reference(y, x.detach(), w, torch.bfloat16)
+    _assert_matches_reference(x.grad, grad, w.T, torch.bfloat16)  # the backward: grad @ W
 
 
 # ------------------------------------------------------------------------------- modules

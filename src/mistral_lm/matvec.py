@@ -134,11 +134,14 @@ def linear_via_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) for x (M, K) and a weight the caller expanded for this call (the
-    quantized layers' prefill): by `linear_via_float32` where MatvecLinear would take it (many rows
-    of a half-precision dtype this CPU has no GEMM for), else F.linear itself."""
-    if (x.dtype in _HALF and x.shape[0] >= MatvecLinear.float_min_rows and not torch.compiler.is_compiling()
-            and not native_gemm(x.dtype, x.device)):
-        return linear_via_float32(x, weight, chunk_rows=MatvecLinear.float_chunk_rows)
+    quantized layers' prefill and backward, with weight = W.T there): by `linear_via_float32` where
+    MatvecLinear would take it (many rows of a half-precision dtype this CPU has no GEMM for), else
+    F.linear itself, given a row-major weight where the GEMM is not native (F.linear multiplies by
+    its transpose, and ATen's fallback runs a transposed row-major matrix in a scalar loop)."""
+    if x.dtype in _HALF and not torch.compiler.is_compiling() and not native_gemm(x.dtype, x.device):
+        if x.shape[0] >= MatvecLinear.float_min_rows:
+            return linear_via_float32(x, weight, chunk_rows=MatvecLinear.float_chunk_rows)
+        return F.linear(x, weight.contiguous())
     return F.linear(x, weight)
 
 

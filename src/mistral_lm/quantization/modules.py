@@ -100,7 +100,7 @@ class QuantizedLinear(nn.Module):
 
     def _input_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """(M, N) gradient of the output -> (M, K) gradient of the input, in grad's dtype."""
-        return grad @ gemm_rhs(self.dequantize().to(grad.dtype))
+        return dense_linear(grad, self.dequantize().to(grad.dtype).T)
 
     def weight_bytes(self) -> int:
         """Bytes held for the weight: codes, scales and zeros, padding included; not the bias."""
@@ -339,7 +339,7 @@ class Int4Linear(QuantizedLinear):
             w_t = dequantize_int4_t(self.packed[start:end], self.scale_and_zero[:, start:end], self.group_size,
                                     end - start, self._columns, grad.dtype)        # (planes*K, rows)
             used = min(end, self.out_features) - start
-            wide += grad[:, start:start + used] @ w_t[:, :used].T
+            wide += dense_linear(grad[:, start:start + used], w_t[:, :used])
         # the kernel saw x repeated once per plane: the input's gradient sums the planes'
         return wide if self._planes == 1 else wide.reshape(-1, self._planes, self.in_features).sum(dim=1)
 
