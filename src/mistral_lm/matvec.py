@@ -1,4 +1,4 @@
-"""MatvecLinear: nn.Linear with decode-shaped shortcuts for half-precision rows on the CPU.
+"""MatvecLinear: nn.Linear with shortcuts for half-precision rows on the CPU, at decode and prefill.
 
 bfloat16, up to `MatvecLinear.native_max_rows` (8) rows, no bias: `native.dense.linear_bf16`, a
 batch-invariant kernel: a row's output bits depend only on that row and the weight, not on the
@@ -10,8 +10,8 @@ from DRAM: ~30-60 GB/s against torch.mv's ~10 here). float16, one row: `torch.mv
 vectorizes on the CPU unlike the (1, K) matmul `F.linear` becomes; so does a bfloat16 row the
 kernel does not take (autograd through it, no C library). From `float_min_rows` (32) rows of a
 half-precision dtype this CPU has no GEMM for (bfloat16 without AVX-512 BF16 / AMX, float16 almost
-everywhere), forward and backward: float32 GEMMs on `float_chunk_rows`-row slices of the weight, rounded
-once to the dtype. ATen's fallback for such a product accumulates in float32 too, so the result
+everywhere), forward and backward: float32 GEMMs on `float_chunk_rows`-row slices of the weight,
+rounded once to the dtype. ATen's fallback for such a product accumulates in float32 too, so the result
 differs from it only in summation order (within the dtype's rounding), at 3-4x the speed: a
 512x4096x4096 bfloat16 product on an AVX2 CPU 351 -> 93 ms (bench/RESULTS.md). Everything else:
 `F.linear`.
@@ -147,9 +147,9 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def native_gemm(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether this device multiplies `dtype` matrices in a native GEMM, fast for either operand
-    layout. A GPU's BLAS does; on a CPU float32 always, bfloat16 / float16 where oneDNN has them
+    layout. A GPU's BLAS does; on a CPU float32 / float64 always, bfloat16 / float16 where oneDNN has them
     (it honours ONEDNN_MAX_CPU_ISA); else ATen's fallback runs, several times slower."""
-    if device.type != "cpu" or dtype == torch.float32:
+    if device.type != "cpu" or dtype in (torch.float32, torch.float64):
         return True
     if dtype not in _HALF or not torch.backends.mkldnn.enabled:
         return False
