@@ -248,7 +248,7 @@ def test_int4_unpack_reads_back_the_codes():
         assert kernels._cpu_block_rows() == expected_rows
 
 
-def test_int4_dense_operand_is_the_transposed_weight():
+def test_int4_expansions_are_the_weight_in_either_layout():
     q = torch.randint(0, 16, (128, K), dtype=torch.uint8)
     scale, zero = torch.rand(128, K // 32), torch.randn(128, K // 32)
     sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()

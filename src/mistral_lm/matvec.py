@@ -145,6 +145,13 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def gemm_rhs(b: torch.Tensor) -> torch.Tensor:
+    """b, or the same matrix as a transposed view of a k-major copy where this CPU has no native
+    GEMM in b's dtype: for `x @ gemm_rhs(b)` on a row-major b, which ATen's fallback would
+    multiply in a scalar loop (the layout `dense_linear` gives F.linear's operand)."""
+    return b if native_gemm(b.dtype, b.device) else b.T.contiguous().T
+
+
 def native_gemm(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether this device multiplies `dtype` matrices in a native GEMM, fast for either operand
     layout. A GPU's BLAS does; on a CPU float32 / float64 always, bfloat16 / float16 where oneDNN has them

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..matvec import dense_linear
 from ..native import ggml
 from .gguf import GGUFLinear, Q, _name
-from .kernels import gemm_rhs
 from .modules import QuantizedLinear
 
 _GRAD_ROWS = 4096  # weight rows dequantized at a time for the input gradient
@@ -94,7 +94,7 @@ class GGUFBlockLinear(GGUFLinear):
             end = min(self.out_features, start + _GRAD_ROWS)
             rows = self.blocks[start:end] if self.row_order is None else self.blocks[self.row_order[start:end]]
             w = ggml.dequantize(rows, self.ggml_type, self.in_features).to(grad.dtype)
-            out += grad[:, start:end] @ gemm_rhs(w)
+            out += dense_linear(grad[:, start:end], w.T)
         return out
 
     def weight_bytes(self) -> int:

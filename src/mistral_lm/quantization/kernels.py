@@ -149,7 +149,7 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def dequantize_int4_t(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, rows: int,
                       cols: int, dtype: torch.dtype) -> torch.Tensor:
     """W.T as a (cols, rows) matrix in `dtype`, W = (q - 8) * scale + zero (contiguous from the CPU
-    layout): the right operand of `grad @ W`, read as a transposed view (see `int4_dense_operand`)."""
+    layout): the right operand of `grad @ W`, read as a transposed view (see `int4_dense_weight`)."""
     return _dequantize_int4(packed, scale_and_zero, group_size, rows, cols, dtype, transposed=True)
 
 
@@ -159,27 +159,21 @@ def dequantize_int4_rows(packed: torch.Tensor, scale_and_zero: torch.Tensor, gro
     return _dequantize_int4(packed, scale_and_zero, group_size, rows, cols, dtype, transposed=False)
 
 
-def int4_dense_operand(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, rows: int,
-                       cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """B = W.T for prefill's `x @ B`, laid out for the GEMM this CPU runs in `dtype`.
+def int4_dense_weight(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, rows: int,
+                      cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """W (rows, cols) for prefill's `F.linear(x, W)` (through `matvec.dense_linear`), laid out for
+    the GEMM this CPU runs in `dtype`.
 
     With a native GEMM (float32; bfloat16 where oneDNN has it, AVX-512 on) either layout is as
-    fast, and the k-major expansion is the cheaper one to write (the blocks are k-major already;
-    about 12% of an int4 prefill). Without one (bfloat16 on AVX2: oneDNN declines and ATen's
-    fallback runs) a row-major B takes a scalar loop and a transposed view of the row-major W a
-    vectorized one: 30x for the default model's prefill, 150x for a 7B-sized layer
-    (bench/RESULTS.md). The products are the same on the first kind of CPU. Int4Linear's prefill
-    takes W = B.T through `matvec.dense_linear`, which on the second kind multiplies in float32."""
+    fast, and W as a transposed view of the k-major expansion is the cheaper one to write (the
+    blocks are k-major already; about 12% of an int4 prefill). Without one (bfloat16 on AVX2:
+    oneDNN declines and ATen's fallback runs) F.linear's right operand W.T must be a transposed
+    view of a row-major W, which a scalar loop would otherwise multiply: 30x for the default
+    model's prefill, 150x for a 7B-sized layer (bench/RESULTS.md); dense_linear then multiplies
+    it in float32. The products are the same on the first kind of CPU."""
     if not native_gemm(dtype, packed.device):
-        return dequantize_int4_rows(packed, scale_and_zero, group_size, rows, cols, dtype).T
-    return dequantize_int4_t(packed, scale_and_zero, group_size, rows, cols, dtype)
-
-
-def gemm_rhs(b: torch.Tensor) -> torch.Tensor:
-    """b, or the same matrix as a transposed view of a k-major copy where this CPU has no native
-    GEMM in b's dtype (see `int4_dense_operand`): for `x @ gemm_rhs(b)` on a row-major b, such as
-    a backward's `grad @ W` (a bfloat16 QLoRA step on AVX2: 340 -> 22 ms for a 1536x576 weight)."""
-    return b if native_gemm(b.dtype, b.device) else b.T.contiguous().T
+        return dequantize_int4_rows(packed, scale_and_zero, group_size, rows, cols, dtype)
+    return dequantize_int4_t(packed, scale_and_zero, group_size, rows, cols, dtype).T
 
 
 def _dequantize_int4(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, rows: int, cols: int,

@@ -24,10 +24,10 @@ from .config import GROUP_SIZES, BitsAndBytesConfig
 from .functional import (CODEBOOKS, dequantize_4bit_codebook, dequantize_int4, dequantize_int8,
                          pack_nibbles, quantize_4bit_codebook, quantize_int4, quantize_int8,
                          unpack_nibbles)
-from ..matvec import dense_linear
+from ..matvec import dense_linear, gemm_rhs
 from ..native import dense as native_dense
 from ..native import nf4 as native_nf4
-from .kernels import (INT4_ROW_ALIGN, dequantize_int4_t, fast_unpack_available, gemm_rhs, int4_dense_operand,
+from .kernels import (INT4_ROW_ALIGN, dequantize_int4_t, fast_unpack_available, int4_dense_weight,
                       int4_kernel_rows, int4_mm, int8_kernel_rows, int8_mm, pack_int4, unpack_int4)
 
 
@@ -323,9 +323,9 @@ class Int4Linear(QuantizedLinear):
             scale_and_zero = self.scale_and_zero.contiguous() if self._strided else self.scale_and_zero
             y = int4_mm(wide, self.packed, self.group_size, scale_and_zero)
         else:  # packed rows start..end hold exactly output rows start..end (64-row blocks)
-            y = _by_row_chunks(x.shape[0], self._rows, x, lambda start, end: dense_linear(wide, int4_dense_operand(
+            y = _by_row_chunks(x.shape[0], self._rows, x, lambda start, end: dense_linear(wide, int4_dense_weight(
                 self.packed[start:end], self.scale_and_zero[:, start:end], self.group_size, end - start,
-                self._columns, x.dtype).T))
+                self._columns, x.dtype)))
         return y if self._rows == self.out_features else y[:, : self.out_features]
 
     def _input_grad(self, grad: torch.Tensor) -> torch.Tensor:
