@@ -325,7 +325,8 @@ static AI vi_t FN(mad16)(const int type, vi_t W, vi_t xw) {
  * 16 rows in flight, and a longer lead streams a 7B's rows markedly faster (bench/RESULTS.md) */
 #define PREFETCH_AHEAD 4096
 #endif
-/* Block b (sub-block j of its superblock; b itself for other types) of the direct path. */
+/* Block b of the direct path; j: its sub-block in the superblock (Q4_K, Q6_K), else b's parity,
+ * which is all the prefetch below reads. */
 static AI void FN(dblock)(const int type, const int mr, const xblock *x, int64_t nb, const uint8_t *const *rp,
                           vi_t idx, int64_t ldw, int64_t b, const int j, vf_t acc[MR], vf_t accm[MR], vf_t kcw[8],
                           vf_t kmw[8], vi_t zc[8]) {
