@@ -75,9 +75,39 @@ def hf_gguf_tokenizer(path: Path):
 @functools.cache
 def _hf_gguf_tokenizer(path: Path):
     transformers = pytest.importorskip("transformers")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), gguf_parsed_once():
         warnings.simplefilter("ignore")
         return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@functools.cache
+def gguf_reader(path: str):
+    """The `gguf` package's reader of the file at `path` (an oracle), parsed once per session:
+    reading the default model's 49,152-token vocabulary takes 4-5 s each time."""
+    from gguf.gguf_reader import GGUFReader  # the class itself, also while gguf_parsed_once patches gguf's name
+
+    return GGUFReader(path)
+
+
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """transformers' GGUF loader as it is, with two pure steps memoized: it parses the file
+    again for the config, the tokenizer and the weights, and builds the same tensor-name map
+    once per tensor (14 s of the default model's load, the same objects each time)."""
+    import gguf
+
+    reader = gguf.GGUFReader
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", lambda path, mode="r": gguf_reader(str(path)) if mode == "r" else reader(path, mode))
+        patch.setattr(gguf, "get_tensor_name_map", _tensor_name_map)
+        yield
+
+
+@functools.cache
+def _tensor_name_map(*args):
+    import gguf.tensor_mapping
+
+    return gguf.tensor_mapping.get_tensor_name_map(*args)
 
 
 # ------------------------------------------------------------------ native kernels (tests/test_native_*.py)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import default_model_or_skip
+from .conftest import default_model_or_skip, gguf_reader
 
 default_model_or_skip()
 
@@ -38,14 +38,13 @@ def test_chat_from_stdin_keeps_conversation_and_resets():
 
 
 def test_info_prints_config_and_parameter_count():
-    import gguf
     import numpy as np
 
     from mistral_lm.defaults import default_model_path
 
     result = _run("info")
     assert result.returncode == 0, result.stderr
-    reader = gguf.GGUFReader(default_model_path())  # independent count: every tensor in the file
+    reader = gguf_reader(str(default_model_path()))  # independent count: every tensor in the file
     expected = sum(int(np.prod(t.shape)) for t in reader.tensors)
     assert '"model_type": "llama"' in result.stdout and f"parameters: {expected:,}" in result.stdout
 

@@ -27,7 +27,7 @@ from mistral_lm.defaults import default_model_path  # noqa: E402
 from mistral_lm.errors import CheckpointError, TokenizerError  # noqa: E402
 from mistral_lm.modeling import MistralForCausalLM  # noqa: E402
 from mistral_lm.tokenizer import MistralTokenizer  # noqa: E402
-from .conftest import hf_gguf_tokenizer  # noqa: E402
+from .conftest import gguf_parsed_once, hf_gguf_tokenizer  # noqa: E402
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -70,8 +70,9 @@ def ours_raw(smollm: Path):
 @pytest.fixture(scope="module")
 def hf_model(smollm: Path):
     pytest.importorskip("accelerate")  # transformers needs it to load GGUF weights
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm.parent, gguf_file=smollm.name,
-                                                              dtype=torch.float32)
+    with gguf_parsed_once():
+        model = transformers.AutoModelForCausalLM.from_pretrained(smollm.parent, gguf_file=smollm.name,
+                                                                  dtype=torch.float32)
     return model.eval()
 
 
