@@ -222,7 +222,9 @@ def test_kernel_errors_before_c():
 def test_panel_and_chunk_boundaries(ggml_type):
     """K over several weight panels (16 blocks each) with a partial last one, M over several M chunks
     and register tiles with remainders, N not a multiple of the panel rows: within the bound, every
-    ISA bit-identical, and each row equal to its own 1-row call."""
+    ISA bit-identical, each row equal to its own 1-row call, and the default chunk size giving the
+    same bits as the small one that makes these M cross chunks."""
+    lib = ggml._lib()
     big = 256 * 64  # 512 blocks: the M chunk shrinks to a few register tiles
     for k, ms in (((768 if ggml_type in (Q.Q4_K, Q.Q6_K) else 576), (1, 2, 4, 5, 8, 9, 13, 16, 17, 33)),
                   (big, (1, 4, 15, 16, 17, 41))):
@@ -230,17 +232,28 @@ def test_panel_and_chunk_boundaries(ggml_type):
         x, blocks = activations(max(ms), k, seed=k), random_blocks(ggml_type, n, k, seed=k)
         ref = ggml._reference(x, blocks, ggml_type)
         bound = (k // 32 * 2 + 8) * 2.0 ** -24 * ggml._reference(x, blocks, ggml_type, absolute=True)
-        first = None
-        for cap in caps():
-            with isa(cap):
-                rows = torch.cat([ggml.linear(x[i:i + 1], blocks, ggml_type) for i in range(x.shape[0])])
-                assert ((rows.double() - ref).abs() <= bound).all(), (ggml_type, k, cap)
-                first = rows if first is None else first
-                assert torch.equal(rows, first), (ggml_type, k, cap)
-                for m in ms:
-                    assert torch.equal(ggml.linear(x[:m], blocks, ggml_type), rows[:m]), (ggml_type, k, m, cap)
-                with threads(2):
-                    assert torch.equal(ggml.linear(x, blocks[3:], ggml_type), rows[:, 3:]), (ggml_type, k, cap)
+        whole = ggml.linear(x, blocks, ggml_type)  # the default chunk: these M in one
+        old = lib.mlm_ggml_chunk_bytes(16 << 10)  # 8-12 rows of k = 768, 16 of the big k
+        try:
+            assert torch.equal(ggml.linear(x, blocks, ggml_type), whole), (ggml_type, k)
+            _each_isa_row_by_row(ggml_type, x, blocks, ref, bound, ms, k)
+        finally:
+            lib.mlm_ggml_chunk_bytes(old)
+
+
+def _each_isa_row_by_row(ggml_type, x, blocks, ref, bound, ms, k) -> None:
+    """Every ISA: within the bound of the float64 reference, bit-identical, and each M prefix equal to its rows."""
+    first = None
+    for cap in caps():
+        with isa(cap):
+            rows = torch.cat([ggml.linear(x[i:i + 1], blocks, ggml_type) for i in range(x.shape[0])])
+            assert ((rows.double() - ref).abs() <= bound).all(), (ggml_type, k, cap)
+            first = rows if first is None else first
+            assert torch.equal(rows, first), (ggml_type, k, cap)
+            for m in ms:
+                assert torch.equal(ggml.linear(x[:m], blocks, ggml_type), rows[:m]), (ggml_type, k, m, cap)
+            with threads(2):
+                assert torch.equal(ggml.linear(x, blocks[3:], ggml_type), rows[:, 3:]), (ggml_type, k, cap)
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)

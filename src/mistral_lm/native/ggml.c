@@ -183,6 +183,12 @@ static void quantize_scalar(const float *x, int64_t M, int64_t K, int64_t ldx, x
  * (bench/RESULTS.md); elsewhere the gather stays. Set with the ISA (mlm_set_isa). */
 static int scalar_row_loads = 0;
 
+/* Bytes of activation blocks in one M chunk of a prefill matmul. Every chunk streams the weights
+ * once more, so a wide matrix read in chunks sized for L2 (512 KB: 16 rows of a 7B's down_proj,
+ * 448 blocks a row) was read 32 times at M = 512. Activations read from the last-level cache
+ * keep the kernels fed, and 4 MB fits the L3 of the CPUs this runs on (bench/RESULTS.md). */
+static int64_t chunk_bytes = 4 << 20;
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
 #define ISA avx512
@@ -235,6 +241,14 @@ int mlm_ggml_row_loads(int mode) {
     if (isa_level < 0) mlm_set_isa(2);
     const int old = scalar_row_loads;
     if (mode >= 0) scalar_row_loads = mode != 0;
+    return old;
+}
+
+/* The M chunk's size in bytes (see chunk_bytes): a positive value sets it, 0 only asks; returns
+ * the old one. Results do not depend on it; the tests shrink it to cross chunk boundaries. */
+int64_t mlm_ggml_chunk_bytes(int64_t bytes) {
+    const int64_t old = chunk_bytes;
+    if (bytes > 0) chunk_bytes = bytes;
     return old;
 }
 

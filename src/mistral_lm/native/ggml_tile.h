@@ -555,8 +555,9 @@ static __thread size_t FN(tbuf_size);
 static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
                        int64_t ldw, float *out, int64_t ldo, int nthreads) {
     const int64_t ntiles = (N + NRP - 1) / NRP;
-    /* M chunk: its activations (mc * nb blocks) should stay in L2 while every tile passes over them */
-    int64_t mc = (int64_t)(512 * 1024 / 64) / nb / MR * MR;
+    /* M chunk: activation rows whose blocks (mc * nb * 64 bytes, read by every thread) stay cached
+     * while every tile passes over them; each chunk streams the weights once more (chunk_bytes) */
+    int64_t mc = chunk_bytes / 64 / nb / MR * MR;
     if (mc < 4 * MR) mc = 4 * MR;
     if (mc > M) mc = M;
     const int tb = type_bytes(type), sup = type == T_Q4_K || type == T_Q6_K;
