@@ -185,8 +185,8 @@ static int scalar_row_loads = 0;
 
 /* Bytes of activation blocks in one M chunk of a prefill matmul. Every chunk streams the weights
  * once more, so a wide matrix read in chunks sized for L2 (512 KB: 16 rows of a 7B's down_proj,
- * 448 blocks a row) was read 32 times at M = 512. Activations read from the last-level cache
- * keep the kernels fed, and 4 MB fits the L3 of the CPUs this runs on (bench/RESULTS.md). */
+ * 448 blocks a row) was read 32 times at M = 512. Activations read from L3 still keep the
+ * kernels fed; 4 MB measured best of 1 to 8 MB (bench/RESULTS.md). */
 static int64_t chunk_bytes = 4 << 20;
 
 #pragma GCC push_options
