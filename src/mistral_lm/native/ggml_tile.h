@@ -449,7 +449,7 @@ static AI vi_t FN(xword)(const xblock *xb, int g) {
 static AI void FN(kern)(const int type, const int mr, const xblock *x, int64_t nb, int kc, const uint8_t *panel,
                         float *abuf, float *mbuf, int first, int last, float *out, int64_t ldo, int nr) {
     const int sh = off_shift(type) - (!VNNI && type == T_Q8_0 ? 8 : 0); /* AVX2 Q8_0: signed codes */
-    const int has_min = type == T_Q4_1 || type == T_Q4_K;
+    const int has_min = type == T_Q4_1 || type == T_Q4_K, split = has_min && !VNNI;
     vf_t acc[MR], accm[MR];
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
@@ -506,8 +506,16 @@ static AI void FN(kern)(const int type, const int mr, const xblock *x, int64_t n
             const xblock *xb = x + i * nb + k;
             const vi_t Ii = type == T_Q6_K ? V_ADDI(V_MULLO(I[i], sc0), V_MULLO(I2[i], sc1)) : I[i];
             acc[i] = V_FMA(V_MUL(cw, V_SET1F(xb->d)), V_CVT(Ii), acc[i]);
-            if (has_min) accm[i] = V_FMA(mw, V_SET1F(xb->ds), accm[i]);
+            if (has_min && !split) accm[i] = V_FMA(mw, V_SET1F(xb->ds), accm[i]);
         }
+    }
+    /* AVX2's 16 registers cannot hold the min-term accumulators beside the main loop's (one was
+     * spilled to the stack, a store and a load per block): they take their own pass over the
+     * panel, each in the same order as in the loop, so the same bits */
+    for (int k = 0; split && k < kc; k++) {
+        const vf_t mw = V_LOADF((const float *)(panel + (size_t)k * PB + 9 * VB));
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) accm[i] = V_FMA(mw, V_SET1F(x[i * nb + k].ds), accm[i]);
     }
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
