@@ -183,11 +183,15 @@ static void quantize_scalar(const float *x, int64_t M, int64_t K, int64_t ldx, x
  * (bench/RESULTS.md); elsewhere the gather stays. Set with the ISA (mlm_set_isa). */
 static int scalar_row_loads = 0;
 
-/* Bytes of activation blocks in one M chunk of a prefill matmul. Every chunk streams the weights
- * once more, so a wide matrix read in chunks sized for L2 (512 KB: 16 rows of a 7B's down_proj,
- * 448 blocks a row) was read 32 times at M = 512. Activations read from L3 still keep the
- * kernels fed; 4 MB measured best of 1 to 8 MB (bench/RESULTS.md). */
-static int64_t chunk_bytes = 4 << 20;
+/* Bytes of activation blocks in one M chunk of a prefill matmul (0: the default of the ISA). Every
+ * chunk streams the weights once more, so a wide matrix read in chunks sized for L2 (512 KB: 16
+ * rows of a 7B's down_proj, 448 blocks a row) was read 32 times at M = 512. The AVX-512 kernels
+ * stay fed from L3, and 4 MB measured best of 1 to 8 MB at 1B and 7B shapes. The AVX2 kernels,
+ * a broadcast load per 4 activation codes, lost 11-18% with 4 MB at a 1B's M = 512: they keep
+ * 512 KB (bench/RESULTS.md). */
+static int64_t chunk_bytes = 0;
+
+static int64_t chunk_for(int vnni) { return chunk_bytes > 0 ? chunk_bytes : vnni ? 4 << 20 : 512 << 10; }
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
@@ -244,11 +248,11 @@ int mlm_ggml_row_loads(int mode) {
     return old;
 }
 
-/* The M chunk's size in bytes (see chunk_bytes): a positive value sets it, 0 only asks; returns
- * the old one. Results do not depend on it; the tests shrink it to cross chunk boundaries. */
+/* Sets the M chunk's size in bytes (see chunk_bytes; 0: each ISA's default) and returns the old
+ * setting. Results do not depend on it; the tests shrink it to cross chunk boundaries. */
 int64_t mlm_ggml_chunk_bytes(int64_t bytes) {
     const int64_t old = chunk_bytes;
-    if (bytes > 0) chunk_bytes = bytes;
+    chunk_bytes = bytes > 0 ? bytes : 0;
     return old;
 }
 

@@ -575,7 +575,7 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
     const int64_t ntiles = (N + NRP - 1) / NRP;
     /* M chunk: activation rows whose blocks (mc * nb * 64 bytes, read by every thread) stay cached
      * while every tile passes over them; each chunk streams the weights once more (chunk_bytes) */
-    int64_t mc = chunk_bytes / 64 / nb / MR * MR;
+    int64_t mc = chunk_for(VNNI) / 64 / nb / MR * MR;
     if (mc < 4 * MR) mc = 4 * MR;
     if (mc > M) mc = M;
     const int tb = type_bytes(type), sup = type == T_Q4_K || type == T_Q6_K;
