@@ -187,8 +187,8 @@ static int scalar_row_loads = 0;
  * chunk streams the weights once more, so a wide matrix read in chunks sized for L2 (512 KB: 16
  * rows of a 7B's down_proj, 448 blocks a row) was read 32 times at M = 512. The AVX-512 kernels
  * stay fed from L3, and 4 MB measured best of 1 to 8 MB at 1B and 7B shapes. The AVX2 kernels,
- * a broadcast load per 4 activation codes, lost 11-18% with 4 MB at a 1B's M = 512: they keep
- * 512 KB (bench/RESULTS.md). */
+ * a broadcast load per 4 activation codes, took about 8% longer with 4 MB at a 1B's M = 512
+ * (median of 8 alternated comparisons, 0.94-1.18): they keep 512 KB (bench/RESULTS.md). */
 static int64_t chunk_bytes = 0;
 
 static int64_t chunk_for(int vnni) { return chunk_bytes > 0 ? chunk_bytes : vnni ? 4 << 20 : 512 << 10; }
