@@ -21,6 +21,9 @@ reference topics that ship with the interpreter), for three settings: the recipe
 `from_pretrained` gives it (a bfloat16 model computing in bfloat16), a float32 model whose 4-bit
 matmuls compute in bfloat16, and float32 compute; for ours and, where importable, for
 transformers + bitsandbytes (each against its own dequantized weights). `--runs 0` measures only this.
+A third row, `dense`, is bfloat16's own floor: the float model of ours' nf4 weights, no 4-bit
+anywhere, in the same model and compute dtypes (its linears cast their input and weight to the
+compute dtype, as a 4-bit matmul does), against the same float32 model.
 """
 
 from __future__ import annotations
@@ -164,7 +167,36 @@ def accuracy_worker(positions: int) -> dict:
                 if isinstance(module, NF4Linear):
                     reference.get_submodule(name).weight.data = module.dequantize().float()
             result[f"top1_{kind}_{dtype}_{compute}"] = _top1(model, reference, chunks)
+            if kind == "nf4":
+                dense = _dense_in(reference, model, getattr(torch, dtype), getattr(torch, compute))
+                result[f"top1_dense_{dtype}_{compute}"] = _top1(dense, reference, chunks)
     return result
+
+
+def _dense_in(reference: Any, quantized: Any, dtype: Any, compute: Any) -> Any:
+    """The float32 `reference` cast to `dtype`, each linear `quantized` has in 4 bits computing in
+    `compute` (input and weight cast to it, the output cast back): what a 4-bit matmul costs in
+    rounding without the 4-bit codes."""
+    import copy
+
+    import torch
+
+    from mistral_lm.quantization import NF4Linear
+
+    class ComputeIn(torch.nn.Module):
+        def __init__(self, weight: torch.Tensor) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(weight.to(compute), requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(x.to(compute), self.weight).to(x.dtype)
+
+    dense = copy.deepcopy(reference).to(dtype)
+    for name, module in quantized.named_modules():
+        if isinstance(module, NF4Linear):
+            parent, _, leaf = name.rpartition(".")
+            setattr(dense.get_submodule(parent), leaf, ComputeIn(reference.get_submodule(name).weight.data))
+    return dense.eval()
 
 
 def bnb_accuracy_worker(hf_dir: Path, positions: int) -> dict:
@@ -310,10 +342,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.positions} positions of text, every row through the decode kernel:\n")
         print("| engine | format | " + " | ".join(f"{m} model, {c} compute" for m, c in SETTINGS) + " |")
         print("|---|---|" + "---|" * len(SETTINGS))
-        for engine, numbers in (("ours", accuracy), ("transformers + bitsandbytes", bnb_accuracy)):
-            for kind in ("nf4", "fp4") if "error" not in numbers else ():
+        for engine, numbers in (("ours", accuracy), ("transformers + bitsandbytes", bnb_accuracy),
+                                ("float model of ours' nf4 weights", accuracy)):
+            kinds = ("dense",) if engine.startswith("float") else ("nf4", "fp4")
+            for kind in kinds if "error" not in numbers else ():
                 cells = " | ".join(f"{numbers[f'top1_{kind}_{m}_{c}']:.2%}" for m, c in SETTINGS)
-                print(f"| {engine} | {kind} | {cells} |")
+                print(f"| {engine} | {'none' if kind == 'dense' else kind} | {cells} |")
 
 
 if __name__ == "__main__":
