@@ -443,6 +443,39 @@ static AI vi_t FN(xword)(const xblock *xb, int g) {
     return V_SET1I(v);
 }
 
+#if !VNNI
+/* s[i] += vpmaddubsw(the code vector at w: group g of a panel block, codes 4g..4g+3 of activation row i) for
+ * the Q4 types, in asm: written as intrinsics, GCC hoisted every product of the block ahead of
+ * the int16 sums and spilled them to the stack. One load of the code vector per group, reused by
+ * every activation row. The same int16 sums. */
+static AI void FN(q4group)(const int mr, __m256i s[MR], const uint8_t *w, const xblock *x0, int64_t nb, int g) {
+    __m256i W, t0, t1, t2;
+    const int32_t *a0 = (const int32_t *)(x0->q + 4 * g);
+    if (mr == 1) {
+        __asm__("vmovdqa %[w], %[W]\n\tvpbroadcastd %[a0], %[t0]\n\t"
+                "vpmaddubsw %[t0], %[W], %[t0]\n\tvpaddw %[t0], %[s0], %[s0]"
+                : [s0] "+x"(s[0]), [W] "=&x"(W), [t0] "=&x"(t0)
+                : [w] "m"(*(const __m256i *)w), [a0] "m"(*a0));
+    } else if (mr == 2) {
+        const int32_t *a1 = (const int32_t *)(x0[nb].q + 4 * g);
+        __asm__("vmovdqa %[w], %[W]\n\tvpbroadcastd %[a0], %[t0]\n\tvpbroadcastd %[a1], %[t1]\n\t"
+                "vpmaddubsw %[t0], %[W], %[t0]\n\tvpmaddubsw %[t1], %[W], %[t1]\n\t"
+                "vpaddw %[t0], %[s0], %[s0]\n\tvpaddw %[t1], %[s1], %[s1]"
+                : [s0] "+x"(s[0]), [s1] "+x"(s[1]), [W] "=&x"(W), [t0] "=&x"(t0), [t1] "=&x"(t1)
+                : [w] "m"(*(const __m256i *)w), [a0] "m"(*a0), [a1] "m"(*a1));
+    } else {
+        const int32_t *a1 = (const int32_t *)(x0[nb].q + 4 * g), *a2 = (const int32_t *)(x0[2 * nb].q + 4 * g);
+        __asm__("vmovdqa %[w], %[W]\n\tvpbroadcastd %[a0], %[t0]\n\tvpbroadcastd %[a1], %[t1]\n\t"
+                "vpbroadcastd %[a2], %[t2]\n\t"
+                "vpmaddubsw %[t0], %[W], %[t0]\n\tvpmaddubsw %[t1], %[W], %[t1]\n\tvpmaddubsw %[t2], %[W], %[t2]\n\t"
+                "vpaddw %[t0], %[s0], %[s0]\n\tvpaddw %[t1], %[s1], %[s1]\n\tvpaddw %[t2], %[s2], %[s2]"
+                : [s0] "+x"(s[0]), [s1] "+x"(s[1]), [s2] "+x"(s[2]), [W] "=&x"(W), [t0] "=&x"(t0),
+                  [t1] "=&x"(t1), [t2] "=&x"(t2)
+                : [w] "m"(*(const __m256i *)w), [a0] "m"(*a0), [a1] "m"(*a1), [a2] "m"(*a2));
+    }
+}
+#endif
+
 #if VNNI
 /* acc + the dot products of W's lanes with activation codes 4g..4g+3 of xb, the codes read by the
  * instruction's own broadcast ({1to16}): GCC emits a separate vpbroadcastd for the intrinsic, an
@@ -494,6 +527,15 @@ static AI void FN(kern)(const int type, const int mr, const xblock *x, int64_t n
         /* int16 sums that cannot overflow: Q4 codes <= 15 (8 groups), Q6_K <= 63 (2), Q8_0 (1) */
         const int pairs = type == T_Q8_0 ? 1 : type == T_Q6_K ? 2 : 8;
         const __m256i ones = _mm256_set1_epi16(1);
+        if (pairs == 8 && MR <= 3) { /* q4group holds up to 3 rows */
+            __m256i s[MR];
+#pragma GCC unroll 8
+            for (int i = 0; i < MR; i++) s[i] = V_ZEROI();
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) FN(q4group)(mr, s, pb + g * VB, x + k, nb, g);
+#pragma GCC unroll 8
+            for (int i = 0; i < mr; i++) I[i] = V_ADDI(I[i], _mm256_madd_epi16(s[i], ones));
+        } else
 #pragma GCC unroll 8
         for (int g0 = 0; g0 < 8; g0 += pairs) {
 #pragma GCC unroll 8
