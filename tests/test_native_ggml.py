@@ -254,6 +254,8 @@ def _each_isa_row_by_row(ggml_type, x, blocks, ref, bound, ms, k) -> None:
                 assert torch.equal(ggml.linear(x[:m], blocks, ggml_type), rows[:m]), (ggml_type, k, m, cap)
             with threads(2):
                 assert torch.equal(ggml.linear(x, blocks[3:], ggml_type), rows[:, 3:]), (ggml_type, k, cap)
+            # 30 rows: an even count of 8-row tiles, the last one partial (AVX2 takes Q4 tiles in pairs)
+            assert torch.equal(ggml.linear(x, blocks[7:], ggml_type), rows[:, 7:]), (ggml_type, k, cap)
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)

@@ -191,7 +191,16 @@ static int scalar_row_loads = 0;
  * (median of 8 alternated comparisons, 0.94-1.18): they keep 512 KB (bench/RESULTS.md). */
 static int64_t chunk_bytes = 0;
 
-static int64_t chunk_for(int vnni) { return chunk_bytes > 0 ? chunk_bytes : vnni ? 4 << 20 : 512 << 10; }
+/* Activation rows per M chunk (a multiple of mr): chunk_bytes where set, else the ISA's default
+ * bytes but at least 128 rows. Every chunk also unpacks each weight panel once more, and with
+ * fewer rows to share it that shows: on AVX2 a 7B's down_proj (K = 14336) got 18 rows of 512 KB
+ * and took 1.19x the time it takes with 4 MB at M = 512, while K = 2048 runs best at 512 KB
+ * (bench/RESULTS.md). */
+static int64_t chunk_rows(int vnni, int64_t nb, int mr) {
+    const int64_t rows = (chunk_bytes > 0 ? chunk_bytes : vnni ? 4 << 20 : 512 << 10) / 64 / nb / mr * mr;
+    const int64_t least = chunk_bytes > 0 ? 4 * mr : (128 + mr - 1) / mr * mr;
+    return rows < least ? least : rows;
+}
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")

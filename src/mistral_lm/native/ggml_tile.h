@@ -608,73 +608,216 @@ static __attribute__((noinline)) void FN(run_kern)(int type, int mr, const xbloc
 }
 #undef KERN_MR
 
+#if !VNNI
+/* s[i] += the products of activation row i with panel A's code vector g, s[2 + i] with panel B's:
+ * each broadcast feeds two tiles, so a block costs 16 code-vector loads and 8 broadcasts per row
+ * for 16 weight rows, against 8 and 8 for 8 in q4group. In asm for the reason given there. */
+static AI void FN(q4group2)(const int mr, __m256i s[4], const uint8_t *wa, const uint8_t *wb, const xblock *x0,
+                            int64_t nb, int g) {
+    __m256i A, B, t0, t1, p0;
+    const int32_t *a0 = (const int32_t *)(x0->q + 4 * g);
+    if (mr == 1) {
+        __asm__("vmovdqa %[wa], %[A]\n\tvmovdqa %[wb], %[B]\n\tvpbroadcastd %[a0], %[t0]\n\t"
+                "vpmaddubsw %[t0], %[A], %[p0]\n\tvpmaddubsw %[t0], %[B], %[t0]\n\t"
+                "vpaddw %[p0], %[s0], %[s0]\n\tvpaddw %[t0], %[s2], %[s2]"
+                : [s0] "+x"(s[0]), [s2] "+x"(s[2]), [A] "=&x"(A), [B] "=&x"(B), [t0] "=&x"(t0), [p0] "=&x"(p0)
+                : [wa] "m"(*(const __m256i *)wa), [wb] "m"(*(const __m256i *)wb), [a0] "m"(*a0));
+    } else {
+        const int32_t *a1 = (const int32_t *)(x0[nb].q + 4 * g);
+        __asm__("vmovdqa %[wa], %[A]\n\tvmovdqa %[wb], %[B]\n\tvpbroadcastd %[a0], %[t0]\n\tvpbroadcastd %[a1], %[t1]\n\t"
+                "vpmaddubsw %[t0], %[A], %[p0]\n\tvpmaddubsw %[t0], %[B], %[t0]\n\t"
+                "vpaddw %[p0], %[s0], %[s0]\n\tvpaddw %[t0], %[s2], %[s2]\n\t"
+                "vpmaddubsw %[t1], %[A], %[p0]\n\tvpmaddubsw %[t1], %[B], %[t1]\n\t"
+                "vpaddw %[p0], %[s1], %[s1]\n\tvpaddw %[t1], %[s3], %[s3]"
+                : [s0] "+x"(s[0]), [s1] "+x"(s[1]), [s2] "+x"(s[2]), [s3] "+x"(s[3]), [A] "=&x"(A), [B] "=&x"(B),
+                  [t0] "=&x"(t0), [t1] "=&x"(t1), [p0] "=&x"(p0)
+                : [wa] "m"(*(const __m256i *)wa), [wb] "m"(*(const __m256i *)wb), [a0] "m"(*a0), [a1] "m"(*a1));
+    }
+}
+
+/* kern for the Q4 types on two panels at once (tiles n and n + NRP, the same kb), mr <= 2 rows:
+ * per (m, n) and block the same exact I and the same float sequence as kern, so the same bits. */
+static AI void FN(kern2)(const int type, const int mr, const xblock *x, int64_t nb, int kc, const uint8_t *pa,
+                         const uint8_t *pbb, float *abuf[2], float *mbuf[2], int first, int last, float *out[2],
+                         int64_t ldo, const int nr[2]) {
+    const int sh = off_shift(type);
+    const int has_min = type == T_Q4_1 || type == T_Q4_K;
+    const uint8_t *panels[2] = {pa, pbb};
+    const __m256i ones = _mm256_set1_epi16(1);
+    vf_t acc[2][2], accm[2][2];
+#pragma GCC unroll 2
+    for (int p = 0; p < 2; p++)
+#pragma GCC unroll 2
+        for (int i = 0; i < mr; i++) {
+            acc[p][i] = first ? V_ZEROF() : V_LOADF(abuf[p] + i * NRP);
+            accm[p][i] = first || !has_min ? V_ZEROF() : V_LOADF(mbuf[p] + i * NRP);
+        }
+    for (int k = 0; k < kc; k++) {
+        __m256i s[4] = {V_ZEROI(), V_ZEROI(), V_ZEROI(), V_ZEROI()};
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) FN(q4group2)(mr, s, pa + (size_t)k * PB + g * VB, pbb + (size_t)k * PB + g * VB, x + k, nb, g);
+#pragma GCC unroll 2
+        for (int p = 0; p < 2; p++) {
+            const vf_t cw = V_LOADF((const float *)(panels[p] + (size_t)k * PB + 8 * VB));
+#pragma GCC unroll 2
+            for (int i = 0; i < mr; i++) {
+                const xblock *xb = x + i * nb + k;
+                const vi_t I = V_ADDI(sh >= 0 ? V_SET1I(-(xb->sx << sh)) : V_ZEROI(), _mm256_madd_epi16(s[2 * p + i], ones));
+                acc[p][i] = V_FMA(V_MUL(cw, V_SET1F(xb->d)), V_CVT(I), acc[p][i]);
+            }
+        }
+    }
+    /* the min terms in their own pass, as in kern on AVX2 */
+    for (int k = 0; has_min && k < kc; k++) {
+#pragma GCC unroll 2
+        for (int p = 0; p < 2; p++) {
+            const vf_t mw = V_LOADF((const float *)(panels[p] + (size_t)k * PB + 9 * VB));
+#pragma GCC unroll 2
+            for (int i = 0; i < mr; i++) accm[p][i] = V_FMA(mw, V_SET1F(x[i * nb + k].ds), accm[p][i]);
+        }
+    }
+#pragma GCC unroll 2
+    for (int p = 0; p < 2; p++)
+#pragma GCC unroll 2
+        for (int i = 0; i < mr; i++) {
+            if (!last) {
+                V_STOREF(abuf[p] + i * NRP, acc[p][i]);
+                if (has_min) V_STOREF(mbuf[p] + i * NRP, accm[p][i]);
+                continue;
+            }
+            const vf_t o = has_min ? V_ADD(acc[p][i], accm[p][i]) : acc[p][i];
+            _mm256_maskstore_ps(out[p] + i * ldo, _mm256_cmpgt_epi32(_mm256_set1_epi32(nr[p]), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), o);
+        }
+}
+
+static __attribute__((noinline)) void FN(run_kern2)(int type, int mr, const xblock *x, int64_t nb, int kc,
+                                                    const uint8_t *pa, const uint8_t *pbb, float *abuf[2],
+                                                    float *mbuf[2], int first, int last, float *out[2], int64_t ldo,
+                                                    const int nr[2]) {
+#define KERN2(T)                                                                                                  \
+    case T:                                                                                                       \
+        if (mr == 1) FN(kern2)(T, 1, x, nb, kc, pa, pbb, abuf, mbuf, first, last, out, ldo, nr);                  \
+        else FN(kern2)(T, 2, x, nb, kc, pa, pbb, abuf, mbuf, first, last, out, ldo, nr);                          \
+        break;
+    switch (type) {
+        KERN2(T_Q4_0)
+        KERN2(T_Q4_1)
+        KERN2(T_Q4_K)
+    }
+#undef KERN2
+}
+#endif
+
 /* Per thread, grown as needed: the panel and the accumulators of an M chunk. */
 static __thread uint8_t *FN(tbuf);
 static __thread size_t FN(tbuf_size);
+
+/* Prefetch the K range [nkb, nkb + KC) of NRP weight rows (row r at base + off[r], rows past nr
+ * skipped): the next panel's weights, while the current one is multiplied. */
+static AI void FN(prefetch_panel)(const uint8_t *base, const int32_t *off, int nr, int64_t nkb, int64_t nb, int tb,
+                                  int sup) {
+    const int64_t lo = (sup ? nkb >> 3 : nkb) * tb, hi = (sup ? (nkb + KC) >> 3 : nkb + KC) * tb;
+    const int64_t end = hi < (sup ? nb >> 3 : nb) * tb ? hi : (sup ? nb >> 3 : nb) * tb;
+    for (int r = 0; r < nr; r++)
+        for (int64_t o = lo; o < end; o += 64) _mm_prefetch((const char *)(base + off[r] + o), _MM_HINT_T0);
+}
+
+/* The row pointers and offsets of the tile at weight row n (rows past N repeat the last one). */
+static AI int FN(tile_rows)(const uint8_t *w, int64_t N, int64_t ldw, int64_t n, const uint8_t *rp[NRP],
+                            int32_t off[NRP]) {
+    const int nr = (int)(N - n < NRP ? N - n : NRP);
+    for (int r = 0; r < NRP; r++) {
+        off[r] = (int32_t)((r < nr ? r : nr - 1) * ldw);
+        rp[r] = w + (n + (r < nr ? r : nr - 1)) * ldw;
+    }
+    return nr;
+}
 
 static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
                        int64_t ldw, float *out, int64_t ldo, int nthreads) {
     const int64_t ntiles = (N + NRP - 1) / NRP;
     /* M chunk: activation rows whose blocks (mc * nb * 64 bytes, read by every thread) stay cached
      * while every tile passes over them; each chunk streams the weights once more (chunk_bytes) */
-    int64_t mc = chunk_for(VNNI) / 64 / nb / MR * MR;
-    if (mc < 4 * MR) mc = 4 * MR;
+    int64_t mc = chunk_rows(VNNI, nb, MR);
     if (mc > M) mc = M;
     const int tb = type_bytes(type), sup = type == T_Q4_K || type == T_Q6_K;
+    /* AVX2, Q4 types: two tiles per pass (kern2), each activation broadcast feeding both */
+    const int pair = !VNNI && M > DIRECT_M && (type == T_Q4_0 || type == T_Q4_1 || type == T_Q4_K);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t t0 = ntiles * t / nt, t1 = ntiles * (t + 1) / nt;
-        const size_t need = (size_t)KC * PB + 2 * sizeof(float) * NRP * (size_t)mc;
+        const size_t one = (size_t)KC * PB + 2 * sizeof(float) * NRP * (size_t)mc, need = (pair ? 2 : 1) * one;
         if (FN(tbuf_size) < need) {
             free(FN(tbuf));
             FN(tbuf) = aligned_alloc(64, (need + 63) & ~(size_t)63);
             FN(tbuf_size) = FN(tbuf) ? need : 0;
         }
+        /* a panel and its accumulators per tile of a pass */
         uint8_t *panel = FN(tbuf);
         float *abuf = (float *)(panel + (size_t)KC * PB), *mbuf = abuf + NRP * mc;
+#if !VNNI
+        uint8_t *panel2 = panel + one;
+        float *abuf2 = (float *)(panel2 + (size_t)KC * PB), *mbuf2 = abuf2 + NRP * mc;
+#endif
         for (int64_t m0 = 0; panel && m0 < M; m0 += mc) {
             const int64_t m1 = m0 + mc < M ? m0 + mc : M;
-            for (int64_t tile = t0; tile < t1; tile++) {
+            for (int64_t tile = t0; tile < t1;) {
+                const int two = pair && tile + 1 < t1, step = two ? 2 : 1;
                 const int64_t n = tile * NRP;
-                const int nr = (int)(N - n < NRP ? N - n : NRP);
-                const uint8_t *rp[NRP];
-                int32_t off[NRP];
-                for (int r = 0; r < NRP; r++) {
-                    off[r] = (int32_t)((r < nr ? r : nr - 1) * ldw);
-                    rp[r] = w + (n + (r < nr ? r : nr - 1)) * ldw;
-                }
+                const uint8_t *rp[NRP], *rp2[NRP];
+                int32_t off[NRP], off2[NRP];
+                const int nr = FN(tile_rows)(w, N, ldw, n, rp, off);
+                const int nr2 = two ? FN(tile_rows)(w, N, ldw, n + NRP, rp2, off2) : 0;
 #if VNNI
                 const vi_t idx = _mm512_loadu_si512(off);
 #else
                 const vi_t idx = _mm256_loadu_si256((const __m256i *)off);
+                const vi_t idx2 = two ? _mm256_loadu_si256((const __m256i *)off2) : idx;
 #endif
                 if (M <= DIRECT_M) {
                     for (int64_t i = m0; i < m1; i += 2)
                         FN(run_direct)(type, (int)(m1 - i < 2 ? m1 - i : 2), x + i * nb, nb, rp, idx, ldw, out + i * ldo + n, ldo, nr);
+                    tile += step;
                     continue;
                 }
                 for (int64_t kb = 0; kb < nb; kb += KC) {
                     const int kc = (int)(nb - kb < KC ? nb - kb : KC);
-                    /* prefetch the next panel's weights: this tile's next K chunk, else the next tile */
-                    {
-                        const int64_t nkb = kb + kc < nb ? kb + kc : 0;
-                        const uint8_t *base = kb + kc < nb ? rp[0] : (tile + 1 < t1 ? rp[0] + NRP * ldw : NULL);
-                        if (base) {
-                            const int64_t lo = (sup ? nkb >> 3 : nkb) * tb, hi = (sup ? (nkb + KC) >> 3 : nkb + KC) * tb;
-                            const int64_t end = hi < (sup ? nb >> 3 : nb) * tb ? hi : (sup ? nb >> 3 : nb) * tb;
-                            for (int r = 0; r < NRP; r++)
-                                if (base != rp[0] || r < nr)
-                                    for (int64_t o = lo; o < end; o += 64) _mm_prefetch((const char *)(base + (base == rp[0] ? off[r] : r * ldw) + o), _MM_HINT_T0);
+                    /* prefetch the next panels' weights: these tiles' next K chunk, else the next tiles' first */
+                    if (kb + kc < nb) {
+                        FN(prefetch_panel)(rp[0], off, nr, kb + kc, nb, tb, sup);
+                        if (two) FN(prefetch_panel)(rp2[0], off2, nr2, kb + kc, nb, tb, sup);
+                    } else {
+                        for (int64_t next = tile + step; next < t1 && next < tile + 2 * step; next++) {
+                            int32_t noff[NRP];
+                            for (int r = 0; r < NRP; r++) noff[r] = (int32_t)(r * ldw);
+                            const int64_t nn = next * NRP;
+                            FN(prefetch_panel)(w + nn * ldw, noff, (int)(N - nn < NRP ? N - nn : NRP), 0, nb, tb, sup);
                         }
                     }
                     FN(unpack)(type, rp, idx, kb, kc, panel);
+#if !VNNI
+                    if (two) {
+                        FN(unpack)(type, rp2, idx2, kb, kc, panel2);
+                        const int nrs[2] = {nr, nr2};
+                        for (int64_t i = m0; i < m1; i += 2) {
+                            const int mr = (int)(m1 - i < 2 ? m1 - i : 2);
+                            float *ab[2] = {abuf + (i - m0) * NRP, abuf2 + (i - m0) * NRP};
+                            float *mb[2] = {mbuf + (i - m0) * NRP, mbuf2 + (i - m0) * NRP};
+                            float *o[2] = {out + i * ldo + n, out + i * ldo + n + NRP};
+                            FN(run_kern2)(type, mr, x + i * nb + kb, nb, kc, panel, panel2, ab, mb, kb == 0,
+                                          kb + kc == nb, o, ldo, nrs);
+                        }
+                        continue;
+                    }
+#endif
                     for (int64_t i = m0; i < m1; i += MR) {
                         const int mr = (int)(m1 - i < MR ? m1 - i : MR);
                         FN(run_kern)(type, mr, x + i * nb + kb, nb, kc, panel, abuf + (i - m0) * NRP, mbuf + (i - m0) * NRP,
                                      kb == 0, kb + kc == nb, out + i * ldo + n, ldo, nr);
                     }
                 }
+                tile += step;
             }
         }
     }
