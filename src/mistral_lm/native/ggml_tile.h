@@ -635,8 +635,11 @@ static AI void FN(q4group2)(const int mr, __m256i s[4], const uint8_t *wa, const
     }
 }
 
-/* kern for the Q4 types on two panels at once (tiles n and n + NRP, the same kb), mr <= 2 rows:
- * per (m, n) and block the same exact I and the same float sequence as kern, so the same bits. */
+/* kern for the Q4 types on two panels at once (tiles n and n + NRP, the same kb), mr <= 4 rows:
+ * per (m, n) and block the same exact I and the same float sequences as kern, so the same bits.
+ * The blocks go two activation rows at a time (q4group2's registers), the block sums through
+ * abuf; the min terms (Q4_1, Q4_K) then take one pass for all mr rows: 2 * mr chains of fmas,
+ * where 4 leave the pass waiting on the fma latency. */
 static AI void FN(kern2)(const int type, const int mr, const xblock *x, int64_t nb, int kc, const uint8_t *pa,
                          const uint8_t *pbb, float *abuf[2], float *mbuf[2], int first, int last, float *out[2],
                          int64_t ldo, const int nr[2]) {
@@ -644,48 +647,62 @@ static AI void FN(kern2)(const int type, const int mr, const xblock *x, int64_t 
     const int has_min = type == T_Q4_1 || type == T_Q4_K;
     const uint8_t *panels[2] = {pa, pbb};
     const __m256i ones = _mm256_set1_epi16(1);
-    vf_t acc[2][2], accm[2][2];
 #pragma GCC unroll 2
-    for (int p = 0; p < 2; p++)
+    for (int r0 = 0; r0 < mr; r0 += 2) {
+        const int rows = mr - r0 < 2 ? mr - r0 : 2;
+        const xblock *xr = x + r0 * nb;
+        vf_t acc[2][2];
 #pragma GCC unroll 2
-        for (int i = 0; i < mr; i++) {
-            acc[p][i] = first ? V_ZEROF() : V_LOADF(abuf[p] + i * NRP);
-            accm[p][i] = first || !has_min ? V_ZEROF() : V_LOADF(mbuf[p] + i * NRP);
-        }
-    for (int k = 0; k < kc; k++) {
-        __m256i s[4] = {V_ZEROI(), V_ZEROI(), V_ZEROI(), V_ZEROI()};
+        for (int p = 0; p < 2; p++)
+#pragma GCC unroll 2
+            for (int i = 0; i < rows; i++) acc[p][i] = first ? V_ZEROF() : V_LOADF(abuf[p] + (r0 + i) * NRP);
+        for (int k = 0; k < kc; k++) {
+            __m256i s[4] = {V_ZEROI(), V_ZEROI(), V_ZEROI(), V_ZEROI()};
 #pragma GCC unroll 8
-        for (int g = 0; g < 8; g++) FN(q4group2)(mr, s, pa + (size_t)k * PB + g * VB, pbb + (size_t)k * PB + g * VB, x + k, nb, g);
+            for (int g = 0; g < 8; g++)
+                FN(q4group2)(rows, s, pa + (size_t)k * PB + g * VB, pbb + (size_t)k * PB + g * VB, xr + k, nb, g);
 #pragma GCC unroll 2
-        for (int p = 0; p < 2; p++) {
-            const vf_t cw = V_LOADF((const float *)(panels[p] + (size_t)k * PB + 8 * VB));
+            for (int p = 0; p < 2; p++) {
+                const vf_t cw = V_LOADF((const float *)(panels[p] + (size_t)k * PB + 8 * VB));
 #pragma GCC unroll 2
-            for (int i = 0; i < mr; i++) {
-                const xblock *xb = x + i * nb + k;
-                const vi_t I = V_ADDI(sh >= 0 ? V_SET1I(-(xb->sx << sh)) : V_ZEROI(), _mm256_madd_epi16(s[2 * p + i], ones));
-                acc[p][i] = V_FMA(V_MUL(cw, V_SET1F(xb->d)), V_CVT(I), acc[p][i]);
+                for (int i = 0; i < rows; i++) {
+                    const xblock *xb = xr + i * nb + k;
+                    const vi_t I = V_ADDI(sh >= 0 ? V_SET1I(-(xb->sx << sh)) : V_ZEROI(),
+                                          _mm256_madd_epi16(s[2 * p + i], ones));
+                    acc[p][i] = V_FMA(V_MUL(cw, V_SET1F(xb->d)), V_CVT(I), acc[p][i]);
+                }
+            }
+        }
+#pragma GCC unroll 2
+        for (int p = 0; p < 2; p++)
+#pragma GCC unroll 2
+            for (int i = 0; i < rows; i++) V_STOREF(abuf[p] + (r0 + i) * NRP, acc[p][i]);
+    }
+    vf_t accm[2][4];
+    if (has_min) {
+#pragma GCC unroll 2
+        for (int p = 0; p < 2; p++)
+#pragma GCC unroll 4
+            for (int i = 0; i < mr; i++) accm[p][i] = first ? V_ZEROF() : V_LOADF(mbuf[p] + i * NRP);
+        for (int k = 0; k < kc; k++) {
+#pragma GCC unroll 2
+            for (int p = 0; p < 2; p++) {
+                const vf_t mw = V_LOADF((const float *)(panels[p] + (size_t)k * PB + 9 * VB));
+#pragma GCC unroll 4
+                for (int i = 0; i < mr; i++) accm[p][i] = V_FMA(mw, V_SET1F(x[i * nb + k].ds), accm[p][i]);
             }
         }
     }
-    /* the min terms in their own pass, as in kern on AVX2 */
-    for (int k = 0; has_min && k < kc; k++) {
-#pragma GCC unroll 2
-        for (int p = 0; p < 2; p++) {
-            const vf_t mw = V_LOADF((const float *)(panels[p] + (size_t)k * PB + 9 * VB));
-#pragma GCC unroll 2
-            for (int i = 0; i < mr; i++) accm[p][i] = V_FMA(mw, V_SET1F(x[i * nb + k].ds), accm[p][i]);
-        }
-    }
 #pragma GCC unroll 2
     for (int p = 0; p < 2; p++)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int i = 0; i < mr; i++) {
             if (!last) {
-                V_STOREF(abuf[p] + i * NRP, acc[p][i]);
                 if (has_min) V_STOREF(mbuf[p] + i * NRP, accm[p][i]);
                 continue;
             }
-            const vf_t o = has_min ? V_ADD(acc[p][i], accm[p][i]) : acc[p][i];
+            const vf_t acc = V_LOADF(abuf[p] + i * NRP);
+            const vf_t o = has_min ? V_ADD(acc, accm[p][i]) : acc;
             _mm256_maskstore_ps(out[p] + i * ldo, _mm256_cmpgt_epi32(_mm256_set1_epi32(nr[p]), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), o);
         }
 }
@@ -696,8 +713,12 @@ static __attribute__((noinline)) void FN(run_kern2)(int type, int mr, const xblo
                                                     const int nr[2]) {
 #define KERN2(T)                                                                                                  \
     case T:                                                                                                       \
-        if (mr == 1) FN(kern2)(T, 1, x, nb, kc, pa, pbb, abuf, mbuf, first, last, out, ldo, nr);                  \
-        else FN(kern2)(T, 2, x, nb, kc, pa, pbb, abuf, mbuf, first, last, out, ldo, nr);                          \
+        switch (mr) {                                                                                             \
+        case 1: FN(kern2)(T, 1, x, nb, kc, pa, pbb, abuf, mbuf, first, last, out, ldo, nr); break;                \
+        case 2: FN(kern2)(T, 2, x, nb, kc, pa, pbb, abuf, mbuf, first, last, out, ldo, nr); break;                \
+        case 3: FN(kern2)(T, 3, x, nb, kc, pa, pbb, abuf, mbuf, first, last, out, ldo, nr); break;                \
+        default: FN(kern2)(T, 4, x, nb, kc, pa, pbb, abuf, mbuf, first, last, out, ldo, nr); break;               \
+        }                                                                                                         \
         break;
     switch (type) {
         KERN2(T_Q4_0)
@@ -800,8 +821,8 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
                     if (two) {
                         FN(unpack)(type, rp2, idx2, kb, kc, panel2);
                         const int nrs[2] = {nr, nr2};
-                        for (int64_t i = m0; i < m1; i += 2) {
-                            const int mr = (int)(m1 - i < 2 ? m1 - i : 2);
+                        for (int64_t i = m0; i < m1; i += 4) {
+                            const int mr = (int)(m1 - i < 4 ? m1 - i : 4);
                             float *ab[2] = {abuf + (i - m0) * NRP, abuf2 + (i - m0) * NRP};
                             float *mb[2] = {mbuf + (i - m0) * NRP, mbuf2 + (i - m0) * NRP};
                             float *o[2] = {out + i * ldo + n, out + i * ldo + n + NRP};
