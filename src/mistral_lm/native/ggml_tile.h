@@ -294,6 +294,16 @@ static __attribute__((noinline)) void FN(unpack)(int type, const uint8_t *const 
     }
 }
 
+/* The first nr lanes of o to dst: one output row of a tile (lanes past the matrix's last row are
+ * not stored). */
+static AI void FN(store_row)(float *dst, vf_t o, int nr) {
+#if VNNI
+    _mm512_mask_storeu_ps(dst, (__mmask16)((1u << nr) - 1), o);
+#else
+    _mm256_maskstore_ps(dst, _mm256_cmpgt_epi32(_mm256_set1_epi32(nr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), o);
+#endif
+}
+
 /* Sum of the four dwords of each 128-bit lane of p[a] -> lane 4l + a (l: the 128-bit lane). */
 static AI vi_t FN(reduce4)(const vi_t p[4]) {
     const vi_t s01 = V_ADDI(V_UNLO32(p[0], p[1]), V_UNHI32(p[0], p[1]));
@@ -409,11 +419,7 @@ static AI void FN(direct)(const int type, const int mr, const xblock *x, int64_t
 #pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
         const vf_t o = has_min ? V_ADD(acc[i], accm[i]) : acc[i];
-#if VNNI
-        _mm512_mask_storeu_ps(out + i * ldo, (__mmask16)((1u << nr) - 1), o);
-#else
-        _mm256_maskstore_ps(out + i * ldo, _mm256_cmpgt_epi32(_mm256_set1_epi32(nr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), o);
-#endif
+        FN(store_row)(out + i * ldo, o, nr);
     }
 }
 
@@ -577,11 +583,7 @@ static AI void FN(kern)(const int type, const int mr, const xblock *x, int64_t n
             continue;
         }
         const vf_t o = has_min ? V_ADD(acc[i], accm[i]) : acc[i];
-#if VNNI
-        _mm512_mask_storeu_ps(out + i * ldo, (__mmask16)((1u << nr) - 1), o);
-#else
-        _mm256_maskstore_ps(out + i * ldo, _mm256_cmpgt_epi32(_mm256_set1_epi32(nr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), o);
-#endif
+        FN(store_row)(out + i * ldo, o, nr);
     }
 }
 
@@ -703,7 +705,7 @@ static AI void FN(kern2)(const int type, const int mr, const xblock *x, int64_t 
             }
             const vf_t acc = V_LOADF(abuf[p] + i * NRP);
             const vf_t o = has_min ? V_ADD(acc, accm[p][i]) : acc;
-            _mm256_maskstore_ps(out[p] + i * ldo, _mm256_cmpgt_epi32(_mm256_set1_epi32(nr[p]), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), o);
+            FN(store_row)(out[p] + i * ldo, o, nr[p]);
         }
 }
 
