@@ -342,12 +342,13 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.positions} positions of text, every row through the decode kernel:\n")
         print("| engine | format | " + " | ".join(f"{m} model, {c} compute" for m, c in SETTINGS) + " |")
         print("|---|---|" + "---|" * len(SETTINGS))
-        for engine, numbers in (("ours", accuracy), ("transformers + bitsandbytes", bnb_accuracy),
-                                ("float model of ours' nf4 weights", accuracy)):
-            kinds = ("dense",) if engine.startswith("float") else ("nf4", "fp4")
-            for kind in kinds if "error" not in numbers else ():
+        rows = (("ours", accuracy, {"nf4": "nf4", "fp4": "fp4"}),
+                ("transformers + bitsandbytes", bnb_accuracy, {"nf4": "nf4", "fp4": "fp4"}),
+                ("float model of ours' nf4 weights", accuracy, {"dense": "none"}))  # key -> format column
+        for engine, numbers, kinds in rows:
+            for kind, label in kinds.items() if "error" not in numbers else ():
                 cells = " | ".join(f"{numbers[f'top1_{kind}_{m}_{c}']:.2%}" for m, c in SETTINGS)
-                print(f"| {engine} | {'none' if kind == 'dense' else kind} | {cells} |")
+                print(f"| {engine} | {label} | {cells} |")
 
 
 if __name__ == "__main__":

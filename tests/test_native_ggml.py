@@ -232,8 +232,8 @@ def test_panel_and_chunk_boundaries(ggml_type):
         x, blocks = activations(max(ms), k, seed=k), random_blocks(ggml_type, n, k, seed=k)
         ref = ggml._reference(x, blocks, ggml_type)
         bound = (k // 32 * 2 + 8) * 2.0 ** -24 * ggml._reference(x, blocks, ggml_type, absolute=True)
-        whole = ggml.linear(x, blocks, ggml_type)  # the default chunk (AVX-512: these M in one)
-        old = lib.mlm_ggml_chunk_bytes(16 << 10)  # 8-12 rows of k = 768, 16 of the big k
+        whole = ggml.linear(x, blocks, ggml_type)  # the default chunk: at least 128 rows, these M in one
+        old = lib.mlm_ggml_chunk_bytes(16 << 10)  # 8-12 rows at k = 576 / 768; big k: 4 tiles (12-16)
         try:
             assert torch.equal(ggml.linear(x, blocks, ggml_type), whole), (ggml_type, k)
             _each_isa_row_by_row(ggml_type, x, blocks, ref, bound, ms, k)

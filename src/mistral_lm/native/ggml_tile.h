@@ -812,10 +812,10 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
                         if (two) FN(prefetch_panel)(rp2[0], off2, nr2, kb + kc, nb, tb, sup);
                     } else {
                         for (int64_t next = tile + step; next < t1 && next < tile + 2 * step; next++) {
+                            const uint8_t *nrp[NRP];
                             int32_t noff[NRP];
-                            for (int r = 0; r < NRP; r++) noff[r] = (int32_t)(r * ldw);
-                            const int64_t nn = next * NRP;
-                            FN(prefetch_panel)(w + nn * ldw, noff, (int)(N - nn < NRP ? N - nn : NRP), 0, nb, tb, sup);
+                            const int nnr = FN(tile_rows)(w, N, ldw, next * NRP, nrp, noff);
+                            FN(prefetch_panel)(nrp[0], noff, nnr, 0, nb, tb, sup);
                         }
                     }
                     FN(unpack)(type, rp, idx, kb, kc, panel);
