@@ -162,18 +162,25 @@ def torch_int4_gguf_path() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ a quantized model against its float32 load
-def assert_logits_track(ours: torch.Tensor, dense: torch.Tensor, floor: torch.Tensor, factor: float) -> None:
+def assert_logits_track(ours: torch.Tensor, dense: torch.Tensor, floor, factor: float) -> None:
     """`ours` agrees with the float32 `dense` logits on decisive top-1 predictions (the top two
     at least 0.1 nats apart: near ties flip under any rounding), and its error is within `factor`
-    times that of `floor`, the same model under the rounding scheme `ours` is meant to follow."""
+    times that of `floor`, the same model under the rounding scheme `ours` is meant to follow.
+
+    `floor` may be a tuple of equally valid roundings of that scheme. The largest error over
+    millions of logits of a deep model is a heavy-tailed statistic: two implementations of one
+    scheme that differ only in the last bit of a division can differ by 1.5x there, while their
+    RMS errors stay within a few percent. The max bound takes the largest of the floors; the RMS
+    bound, the stable statistic, takes the smallest."""
+    floors = floor if isinstance(floor, tuple) else (floor,)
     top2 = dense.log_softmax(-1).topk(2, dim=-1).values
     decisive = (top2[..., 0] - top2[..., 1]) >= 0.1
     assert decisive.float().mean() > 0.5
     assert (ours.argmax(-1) == dense.argmax(-1))[decisive].float().mean() >= 0.95
-    err, base = ours - dense, floor - dense
-    assert base.abs().max() > 0  # the scheme rounds something
-    assert err.abs().max() <= factor * base.abs().max()
-    assert err.pow(2).mean().sqrt() <= factor * base.pow(2).mean().sqrt()
+    err, bases = ours - dense, [f - dense for f in floors]
+    assert all(base.abs().max() > 0 for base in bases)  # the scheme rounds something
+    assert err.abs().max() <= factor * max(base.abs().max() for base in bases)
+    assert err.pow(2).mean().sqrt() <= factor * min(base.pow(2).mean().sqrt() for base in bases)
 
 
 def assert_greedy_follows(model, dense) -> None:
