@@ -396,9 +396,13 @@ def machine_header(args: argparse.Namespace, llama_version: str, model_path: Pat
     ])
 
 
-def write_chart(table: dict[str, dict], out: Path, subtitle: str) -> Path:
-    """Two horizontal bar panels (decode, prefill tok/s); engines without numbers read "n/a"."""
-    import matplotlib
+def write_chart(table: dict[str, dict], out: Path, subtitle: str) -> Path | None:
+    """Two horizontal bar panels (decode, prefill tok/s); engines without numbers read "n/a".
+    None where matplotlib (the `bench` extra) is missing: the table, written before, stands alone."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -490,7 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     results.write_text(report, encoding="utf-8")
     chart = write_chart(table, args.out, "smoke run" if args.quick else f"median of {args.runs} runs")
     print(markdown_table(table))
-    print(f"\nwrote {args.out / 'RESULTS.md'} and {chart}")
+    print(f"\nwrote {args.out / 'RESULTS.md'}" + (f" and {chart}" if chart else
+                                                   " (no chart: matplotlib, the `bench` extra, is not installed)"))
 
 
 if __name__ == "__main__":
