@@ -162,7 +162,8 @@ def torch_int4_gguf_path() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ a quantized model against its float32 load
-def assert_logits_track(ours: torch.Tensor, dense: torch.Tensor, floor, factor: float) -> None:
+def assert_logits_track(ours: torch.Tensor, dense: torch.Tensor, floor: torch.Tensor | tuple[torch.Tensor, ...],
+                        factor: float) -> None:
     """`ours` agrees with the float32 `dense` logits on decisive top-1 predictions (the top two
     at least 0.1 nats apart: near ties flip under any rounding), and its error is within `factor`
     times that of `floor`, the same model under the rounding scheme `ours` is meant to follow.

@@ -27,10 +27,10 @@ def cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.T
     freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # (B, T, D/2)
     if freqs.device.type == "cpu" and not torch.compiler.is_compiling():
         angles = freqs.detach().numpy().astype(np.float64)
-        cos, sin = torch.from_numpy(np.cos(angles).astype(np.float32)), torch.from_numpy(np.sin(angles).astype(np.float32))
-        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)  # (B, T, D): half-split layout
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+        cos, sin = (torch.from_numpy(f(angles).astype(np.float32)) for f in (np.cos, np.sin))
+    else:
+        cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)  # (B, T, D): half-split layout
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
