@@ -18,6 +18,9 @@ from mistral_lm.tokenizer import MistralTokenizer
 
 from .conftest import default_model_or_skip, hf_gguf_tokenizer
 
+# its tests share costly module fixtures: one xdist worker runs them all (make test's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("continue_final_message")
+
 DATA = Path(str(importlib.resources.files("mistral_common") / "data"))
 FILES = {"sp-v1": "tokenizer.model.v1", "sp-v2": "mistral_instruct_tokenizer_240216.model.v2",
          "sp-v3": "mistral_instruct_tokenizer_240323.model.v3", "sp-v7": "mistral_instruct_tokenizer_241114.model.v7",

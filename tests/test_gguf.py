@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+# its tests share costly module fixtures: one xdist worker runs them all (make test's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("gguf")
+
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")

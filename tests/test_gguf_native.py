@@ -105,6 +105,7 @@ print(json.dumps({"grown": rss() - base, "peak": rss("VmHWM:") - base, "held": h
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+@pytest.mark.one_isa
 @pytest.mark.parametrize("options", [{"gguf_native": True}, {"quantization_config": {"load_in_8bit": True}}])
 def test_resident_memory_after_loading_is_close_to_the_weights(options):
     """Decoding blocks leaves freed temporaries in a fragmented heap: RSS grew by 2.5x the

@@ -15,6 +15,9 @@ from mistral_lm.tokenizer import MistralTokenizer
 from mistral_lm.tokenizer.mistral_chat import (encode_chat, parse_tool_calls, sentencepiece_chat_version,
                                                tekken_chat_version)
 
+# its tests share costly module fixtures: one xdist worker runs them all (make test's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("mistral_chat")
+
 DATA = Path(str(importlib.resources.files("mistral_common") / "data"))
 FILES = {
     "sp-v1": ("tokenizer.model.v1", "v1"),

@@ -160,6 +160,7 @@ def test_top1_agrees_with_float_model_of_dequantized_weights(compute_dtype, top1
 
 
 @needs_lib
+@pytest.mark.one_isa  # the graph, not its numbers: 20 s of compiling again under the AVX2 cap
 def test_compiled_module_calls_the_kernel_in_one_graph():
     module = layer(128, 64)
     x = torch.randn(2, 128)

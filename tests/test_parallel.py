@@ -30,6 +30,9 @@ import torch
 from mistral_lm.errors import CheckpointError
 from mistral_lm.quantization import BitsAndBytesConfig, quantize_model
 
+# its tests share costly module fixtures: one xdist worker runs them all (make test's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("parallel")
+
 if __name__ != "__main__":
     from .conftest import tiny_config
 

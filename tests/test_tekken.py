@@ -19,6 +19,9 @@ from mistral_lm import AutoTokenizer
 from mistral_lm.errors import TokenizerError
 from mistral_lm.tokenizer import MistralTokenizer, StreamingDetokenizer
 
+# its tests share costly module fixtures: one xdist worker runs them all (make test's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("tekken")
+
 pytest.importorskip("mistral_common")
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy  # noqa: E402
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer  # noqa: E402
