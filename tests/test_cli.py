@@ -1,4 +1,4 @@
-"""The command line end to end, in subprocesses, on the embedded default model."""
+"""The command line end to end, in subprocesses (error paths also in-process), on the embedded default model."""
 
 from __future__ import annotations
 
@@ -50,13 +50,17 @@ def test_info_prints_config_and_parameter_count():
 
 
 @pytest.mark.parametrize("content", [b"", b"GGUF\x03\x00\x00\x00garbage", b"not a model at all"])
-def test_bad_model_file_is_one_clear_line(content, tmp_path):
+def test_bad_model_file_is_one_clear_line(content, tmp_path, capsys):
+    """In-process, `main` as the console script calls it: an exception escaping it fails the
+    test as its traceback would fail the user (the subprocess path: the missing-model test)."""
+    from mistral_lm.cli import main
+
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(content)
-    result = _run("generate", "hi", "--model", str(bad))
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error:")
+    assert main(["generate", "hi", "--model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error:")
 
 
 def test_missing_model_is_one_clear_line(tmp_path):

@@ -32,6 +32,10 @@ from mistral_lm.flax import FlaxMistralForCausalLM, FlaxMistralModel  # noqa: E4
 from mistral_lm.flax.generation import apply_repetition_penalty, top_k_filter, top_p_filter  # noqa: E402
 from mistral_lm.flax.modeling import build_attention_mask, positions_from_padding  # noqa: E402
 
+# one worker runs them all (make test's --dist loadgroup): tests that decode the same shapes reuse
+# one compiled program, which costs seconds to compile in each worker
+pytestmark = pytest.mark.xdist_group("flax")
+
 TOL = 1e-4  # float32 parity bound asked of the twin
 
 
