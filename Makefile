@@ -32,10 +32,10 @@ NUMERICS_TESTS ?= tests/test_gguf_native.py tests/test_quantization.py tests/tes
 	tests/test_matvec.py tests/test_modeling_parity.py
 
 # Two pytest workers, one torch thread each: much of the suite waits on one Python thread
-# (subprocesses, compilers, small forwards), so two processes fill two cores. Two threads per
-# worker made every parallel op wait for a thread the other worker held (each test ran ~2x
-# slower); tests of thread counts set theirs (tests/conftest.py torch_threads), and OpenMP's
-# threads then sleep rather than spin while they wait for the other worker's core.
+# (subprocesses, compilers, small forwards), so two processes fill two cores. With two threads a
+# worker, every parallel op would wait for a thread the other worker holds. Tests of thread
+# counts set theirs (tests/conftest.py torch_threads), and OpenMP's threads then sleep rather
+# than spin while they wait for the other worker's core.
 PYTEST := OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n 2 --dist loadgroup
 
 test: install
