@@ -52,7 +52,7 @@ from mistral_lm.evaluation import (
     reference_text_ids,
     token_logprobs,
 )
-from .conftest import default_model_or_skip, tiny_config
+from .conftest import default_model_or_skip, tiny_config, torch_threads
 
 # its tests share costly module fixtures: one xdist worker runs them all (make test's --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("accuracy")
@@ -94,7 +94,8 @@ def scores(model_path: Path, fp32_model: MistralForCausalLM, text_ids: torch.Ten
             else:
                 kwargs = ROUNDINGS[mode]() if mode in ROUNDINGS else mode_kwargs(mode)
                 model = MistralForCausalLM.from_pretrained(model_path, **kwargs)
-            cache[mode] = token_logprobs(model, text_ids)
+            with torch_threads(2):  # compute-bound: two threads even where make test gives each worker one
+                cache[mode] = token_logprobs(model, text_ids)
         return cache[mode]
 
     return get
