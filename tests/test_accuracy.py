@@ -24,12 +24,13 @@ gguf-native 0.9735 both (0.991 both).
 
 Why not 99 % top-1 for int8: 5.7 % of positions are near ties (float32's top-1 beats its top-2
 by < 0.1 nats), and those flip under any rounding: loading in bfloat16 alone agrees on only
-97.3-97.4 %, int8 with float32 compute on 97.6 %. So int8 is held to the sum of its two roundings'
-flips (its weights' and bfloat16's), and to >= 98 % on the decisive positions. Why int4 groups 32 by default and nf4
-misses 95 %: this checkpoint is itself Q4_1 (blocks of 32); groups of 64 re-quantize two blocks
-on one coarser grid, compounding two 4-bit roundings (relative weight error 0.079 vs 0.004 for
-groups of 32). int4 with groups of 32 lands on the file's own grid and reaches 97.8-98.4 %; no
-nf4 block size matches the affine Q4_1 grid (80 % with 32).
+97.3-97.4 %, int8 with float32 compute on 97.6 %. So int8 is held to the sum of its two
+roundings' flips (its weights' and bfloat16's), and to >= 98 % on the decisive positions. Why
+int4 groups 32 by default and nf4 misses 95 %: this checkpoint is itself Q4_1 (blocks of 32);
+groups of 64 re-quantize two blocks on one coarser grid, compounding two 4-bit roundings
+(relative weight error 0.079 vs 0.004 for groups of 32). int4 with groups of 32 lands on the
+file's own grid and reaches 97.8-98.4 %; no nf4 block size matches the affine Q4_1 grid (80 %
+with 32).
 """
 
 from __future__ import annotations
