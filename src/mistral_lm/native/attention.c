@@ -954,6 +954,46 @@ int mlm_attention(const float *q, const float *k, const float *v, const uint8_t 
     return failed ? -2 : 0;
 }
 
+/* Rows (B, G, N) of D bf16 values at src (strides s[0..2]) widened into dst, contiguous. */
+static void widen_rows(const uint16_t *src, const int64_t *s, int64_t B, int64_t G, int64_t N, int64_t D, float *dst,
+                       int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && B * G * N * D >= (1 << 16)) schedule(static)
+    for (int64_t r = 0; r < B * G * N; r++) {
+        const uint16_t *row = src + (r / (G * N)) * s[0] + ((r / N) % G) * s[1] + (r % N) * s[2];
+        for (int64_t d = 0; d < D; d++) dst[r * D + d] = bf16_to_f32(row[d]);
+    }
+}
+
+/* Queries in a call from which on mlm_attention_bf16 widens q, k and v once and runs the float32
+ * kernel: the per-query path widens every key and value row again for each query that reads it. */
+#define WIDEN_QUERIES 16
+
+/* mlm_attention_bf16 by way of float32 copies: the definition itself, bf16(mlm_attention of the
+ * widened inputs), so the same bits as the per-query path, and the float32 path shares each key
+ * and value row among a query's heads (bench/RESULTS.md). Returns 1, having done nothing, when the
+ * copies cannot be allocated. */
+static int attention_bf16_widened(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
+                                  const int64_t *shape, const int64_t *strides, float scale, uint16_t *out,
+                                  int nthreads) {
+    const int64_t B = shape[0], H = shape[1], Hkv = shape[2], Q = shape[3], K = shape[4], D = shape[5];
+    const size_t nq = (size_t)(B * H * Q * D), nk = (size_t)(B * Hkv * K * D);
+    float *qf = malloc(sizeof(float) * (2 * nq + 2 * nk));
+    if (qf == NULL) return 1;
+    float *kf = qf + nq, *vf = kf + nk, *of = vf + nk;
+    widen_rows(q, strides, B, H, Q, D, qf, nthreads);
+    widen_rows(k, strides + 3, B, Hkv, K, D, kf, nthreads);
+    widen_rows(v, strides + 6, B, Hkv, K, D, vf, nthreads);
+    const int64_t wide[12] = {H * Q * D, Q * D, D, Hkv * K * D, K * D, D, Hkv * K * D, K * D, D,
+                              strides[9], strides[10], strides[11]};
+    const int rc = mlm_attention(qf, kf, vf, mask, shape, wide, scale, of, nthreads);
+    if (rc == 0) {
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && nq >= (1 << 16)) schedule(static)
+        for (size_t i = 0; i < nq; i++) out[i] = f32_to_bf16(of[i]);
+    }
+    free(qf);
+    return rc;
+}
+
 /* mlm_attention on bf16 q, k, v (same shape, strides and codes), out bf16: bf16(mlm_attention of
  * the widened inputs). The query row is widened once; keys and values as they are loaded. */
 int mlm_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
@@ -962,6 +1002,10 @@ int mlm_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, 
     if (Hkv <= 0 || H % Hkv || D <= 0 || K > INT32_MAX) return -1;
     const int64_t rep = H / Hkv, items = B * H * Q;
     const Ops *o = ops();
+    if (Q >= WIDEN_QUERIES && B * H * Q * D > 0) {
+        const int rc = attention_bf16_widened(q, k, v, mask, shape, strides, scale, out, nthreads);
+        if (rc != 1) return rc;
+    }
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (worth_threads(nthreads, items, K, D)) reduction(| : failed)
     {
