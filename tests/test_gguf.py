@@ -735,3 +735,29 @@ def test_convert_output_loads_in_transformers_with_the_same_logits(smollm, hf_mo
     ids = torch.tensor([ref_tok("Hello, converted world!")["input_ids"]])
     with torch.no_grad():
         assert (converted(ids).logits - hf_model(ids).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K])
+def test_native_decoder_gives_the_gguf_package_bits(qtype):
+    """Loading decodes blocks with the native kernels' C decoder where it covers the type; the
+    values are gguf's own (the oracle transformers loads with): every scale field random,
+    subnormal, infinite and NaN halves included (NaN where gguf has NaN). Equal as numbers: a zero
+    code of a negative scale is -0 in gguf's product and +0 in ours (the min term, zero for these
+    types, is added), which no sum of products can tell apart."""
+    import gguf
+
+    from mistral_lm.checkpoints.gguf import DECODE_ROWS, _dequantize_rows
+    from mistral_lm.native import ggml
+
+    if not ggml.available():
+        pytest.skip("the native decoder is not built here")
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(int(qtype))
+    n_blocks = 512 // block
+    rows = rng.integers(0, 256, (DECODE_ROWS + 3, n_blocks * size), dtype=np.uint8)  # two slices
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and infinite scales, on purpose
+        want = torch.from_numpy(gguf.quants.dequantize(rows, qtype).reshape(len(rows), -1))
+    got = _dequantize_rows(rows, qtype, (len(rows), n_blocks * block), torch.float32)
+    nan = want.isnan()
+    assert nan.any() and torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan], want[~nan])

@@ -23,6 +23,7 @@ import math
 import mmap
 import os
 import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,10 +442,27 @@ def q4_k_scale_codes(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 DECODE_ROWS = 4096
 
 
+def _decode(rows: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """(rows, bytes_per_row) -> float32 (rows, row_elements): the native kernels' decoder where it
+    covers the type (a C loop; gguf's numpy one took most of a small model's load), else gguf's.
+    Both round the exact value once: every product of a block's float16 scale and its integer
+    codes fits float32's mantissa but Q6_K's, which either rounds once, so the bits agree
+    (tests/test_gguf.py)."""
+    from ..native import ggml  # here: native.ggml imports this module
+
+    if int(ggml_type) in ggml.SUPPORTED and ggml.available() and rows.ndim == 2 and rows.shape[0]:
+        block, size = GGML_QUANT_SIZES[ggml_type]
+        with warnings.catch_warnings():  # a read-only map: the decoder only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            blocks = torch.from_numpy(np.ascontiguousarray(rows))
+        return ggml.dequantize(blocks, int(ggml_type), rows.shape[1] // size * block).numpy()
+    return _gguf_dequantize(rows, ggml_type)
+
+
 def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: tuple[int, ...],
                      dtype: torch.dtype) -> torch.Tensor:
     if rows.shape[0] <= DECODE_ROWS:  # rows is (rows, bytes_per_row), as GGUFFile.rows gives
-        values = _gguf_dequantize(rows, ggml_type)  # float32, (rows, row_elements)
+        values = _decode(rows, ggml_type)  # float32, (rows, row_elements)
         if not values.flags.writeable:  # F32 comes back as a view of the read-only map
             values = values.copy()
         return torch.from_numpy(values.reshape(shape)).to(dtype)
@@ -452,7 +470,7 @@ def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: t
     # once, its float32 temporaries are several times the result (bench/RESULTS.md)
     out = torch.empty(shape, dtype=dtype).view(rows.shape[0], -1)
     for start in range(0, rows.shape[0], DECODE_ROWS):
-        chunk = _gguf_dequantize(rows[start:start + DECODE_ROWS], ggml_type)
+        chunk = _decode(rows[start:start + DECODE_ROWS], ggml_type)
         out[start:start + len(chunk)] = torch.from_numpy(np.array(chunk, copy=not chunk.flags.writeable))
     return out.view(shape)
 

@@ -303,6 +303,8 @@ int mlm_ggml_dequantize(int type, const uint8_t *w, int64_t ldw, const int64_t *
                         float *out) {
     if (type_bytes(type) == 0 || K % type_block(type) != 0) return -1;
     const int sh = off_shift(type), off = sh < 0 ? 0 : 1 << sh;
+    /* whole matrices (a load decoding a checkpoint) on torch's threads; an embedding's few rows on one */
+#pragma omp parallel for if (N * K >= (1 << 18)) schedule(static)
     for (int64_t i = 0; i < N; i++) {
         const uint8_t *row = w + (rows ? rows[i] : i) * ldw;
         for (int64_t b = 0; b < K / 32; b++) {
