@@ -22,9 +22,11 @@ import functools
 import math
 import mmap
 import os
+import contextlib
 import struct
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -98,7 +100,7 @@ class GGUFQuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out_features, in_features) weight in `dtype`."""
-        return _dequantize_rows(self.data, GGMLQuantizationType(self.ggml_type), self.shape, dtype)
+        return _dequantize_rows(self.stored, GGMLQuantizationType(self.ggml_type), self.shape, dtype, self.row_order)
 
 
 @dataclass
@@ -442,36 +444,73 @@ def q4_k_scale_codes(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 DECODE_ROWS = 4096
 
 
-def _decode(rows: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
-    """(rows, bytes_per_row) -> float32 (rows, row_elements): the native kernels' decoder where it
-    covers the type (a C loop; gguf's numpy one took most of a small model's load), else gguf's.
-    Both round the exact value once: every product of a block's float16 scale and its integer
-    codes fits float32's mantissa but Q6_K's, which either rounds once, so the bits agree
-    (tests/test_gguf.py)."""
+# Float32 values decoded per pass when the result has another dtype: a bounded scratch, reused
+# for every slice and every tensor of a load (a fresh float32 temporary per tensor left a small
+# model's load 180 MB of freed heap above the weights it kept; bench/RESULTS.md).
+_SCRATCH_VALUES = 1 << 22
+_scratch = threading.local()
+
+
+@contextlib.contextmanager
+def _scratch_for_load() -> Iterator[None]:
+    """One decode scratch for a whole load, freed at its end."""
+    _scratch.depth = getattr(_scratch, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _scratch.depth -= 1
+        if _scratch.depth == 0:
+            _scratch.tensor = None
+
+
+def _scratch_rows(n: int, k: int) -> torch.Tensor:
+    """A float32 (n, k) view of the load's scratch (a fresh tensor outside a load)."""
+    held = getattr(_scratch, "tensor", None)
+    if getattr(_scratch, "depth", 0) == 0:
+        return torch.empty(n, k, dtype=torch.float32)
+    if held is None or held.numel() < n * k:
+        held = _scratch.tensor = torch.empty(max(n * k, _SCRATCH_VALUES), dtype=torch.float32)
+    return held[:n * k].view(n, k)
+
+
+def _native_decoder(ggml_type: GGMLQuantizationType) -> Any:
+    """The native kernels' ggml module where its C decoder covers the type, else None. It gives
+    gguf's values: both round each block's exact value once (every product of a float16 scale
+    and the integer codes fits float32's mantissa but Q6_K's, which either rounds once;
+    tests/test_gguf.py)."""
     from ..native import ggml  # here: native.ggml imports this module
 
-    if int(ggml_type) in ggml.SUPPORTED and ggml.available() and rows.ndim == 2 and rows.shape[0]:
-        block, size = GGML_QUANT_SIZES[ggml_type]
-        with warnings.catch_warnings():  # a read-only map: the decoder only reads it
-            warnings.simplefilter("ignore", UserWarning)
-            blocks = torch.from_numpy(np.ascontiguousarray(rows))
-        return ggml.dequantize(blocks, int(ggml_type), rows.shape[1] // size * block).numpy()
-    return _gguf_dequantize(rows, ggml_type)
+    return ggml if int(ggml_type) in ggml.SUPPORTED and ggml.available() else None
 
 
 def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: tuple[int, ...],
-                     dtype: torch.dtype) -> torch.Tensor:
-    if rows.shape[0] <= DECODE_ROWS:  # rows is (rows, bytes_per_row), as GGUFFile.rows gives
-        values = _decode(rows, ggml_type)  # float32, (rows, row_elements)
-        if not values.flags.writeable:  # F32 comes back as a view of the read-only map
-            values = values.copy()
-        return torch.from_numpy(values.reshape(shape)).to(dtype)
-    # a large matrix (the embedding) slice by slice, straight into the target dtype: decoded at
-    # once, its float32 temporaries are several times the result (bench/RESULTS.md)
-    out = torch.empty(shape, dtype=dtype).view(rows.shape[0], -1)
-    for start in range(0, rows.shape[0], DECODE_ROWS):
-        chunk = _decode(rows[start:start + DECODE_ROWS], ggml_type)
-        out[start:start + len(chunk)] = torch.from_numpy(np.array(chunk, copy=not chunk.flags.writeable))
+                     dtype: torch.dtype, order: np.ndarray | None = None) -> torch.Tensor:
+    """(rows, bytes_per_row) blocks, as GGUFFile.rows gives them, -> `shape` in `dtype`; with
+    `order`, row i of the result is stored row order[i]. Decoded a slice at a time straight into
+    the result: a float32 result is written in place, others through one bounded scratch."""
+    n = rows.shape[0]
+    out = torch.empty(shape, dtype=dtype).view(n, -1)
+    k = out.shape[1]
+    native = _native_decoder(ggml_type) if rows.ndim == 2 and n else None
+    if native is not None:
+        with warnings.catch_warnings():  # a read-only map: the decoder only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            blocks = torch.from_numpy(np.ascontiguousarray(rows))
+        index = None if order is None else torch.from_numpy(np.asarray(order, dtype=np.int64))
+    step = max(1, min(DECODE_ROWS, _SCRATCH_VALUES // max(1, k)))
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        if native is not None:
+            part = index[start:end] if index is not None else None
+            src = blocks if part is not None else blocks[start:end]
+            dst = out[start:end] if dtype == torch.float32 else _scratch_rows(end - start, k)
+            native.dequantize(src, int(ggml_type), k, rows=part, out=dst)
+            if dtype != torch.float32:
+                out[start:end].copy_(dst)
+            continue
+        part_rows = rows[start:end] if order is None else rows[order[start:end]]
+        values = _gguf_dequantize(part_rows, ggml_type)  # float32 (rows, row_elements); F32: a view of the map
+        out[start:end] = torch.from_numpy(np.array(values, copy=not values.flags.writeable)).view(end - start, k)
     return out.view(shape)
 
 
@@ -481,7 +520,7 @@ def _load_tensor(file: GGUFFile, info: TensorInfo, entry: _Entry, config: Mistra
     order = None if entry.rope_heads is None else unpermute_rope_rows(rows.shape[0], getattr(config, entry.rope_heads))
     shape = tuple(reversed(info.dims))
     if dequantize or info.ggml_type in _FLOAT_TYPES or len(shape) != 2:
-        return _dequantize_rows(rows if order is None else rows[order], info.ggml_type, shape, dtype)
+        return _dequantize_rows(rows, info.ggml_type, shape, dtype, order)
     return GGUFQuantizedTensor(int(info.ggml_type), (shape[0], shape[1]), rows, order,
                                functools.partial(file.release, info))
 
@@ -502,8 +541,9 @@ def load_gguf(path: str | os.PathLike, *, dequantize: bool = True,
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     file = read_gguf(path)
     config = config_from_gguf(file)
-    tensors = {hf_name: _load_tensor(file, file.tensors[gguf_name], entry, config, dequantize, dtype)
-               for gguf_name, (hf_name, entry) in _match_tensors(file, config).items()}
+    with _scratch_for_load():
+        tensors = {hf_name: _load_tensor(file, file.tensors[gguf_name], entry, config, dequantize, dtype)
+                   for gguf_name, (hf_name, entry) in _match_tensors(file, config).items()}
     template = file.metadata.get("tokenizer.chat_template")
     return GGUFCheckpoint(config, tensors, _plain_metadata(file.metadata),
                           template if isinstance(template, str) else None)

@@ -296,20 +296,26 @@ def _decode(blocks: torch.Tensor, ggml_type: int, in_features: int) -> tuple[tor
 
 
 def dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
+               rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Weight blocks -> float32 (N, K), the values the kernels multiply with; with `rows` (int64),
     only those rows, in that order (an embedding lookup). In C where the library is built (a
-    lookup per decode step: the torch definition took ~0.25 ms), else `reference_dequantize`."""
+    lookup per decode step: the torch definition took ~0.25 ms), else `reference_dequantize`.
+    `out`: a contiguous float32 (N, K) tensor to write into (a loader's slice of the result)."""
     nbytes = _check_blocks(blocks, ggml_type, in_features)
     lib = _lib()
     if lib is None or blocks.stride(-1) != 1:
-        return reference_dequantize(blocks if rows is None else blocks.index_select(0, rows), ggml_type, in_features)
+        decoded = reference_dequantize(blocks if rows is None else blocks.index_select(0, rows), ggml_type, in_features)
+        return decoded if out is None else out.copy_(decoded)
     if rows is not None:
         rows = rows.reshape(-1).to(torch.int64).contiguous()
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= blocks.shape[0]):
             raise InputError(f"row index out of range for {blocks.shape[0]} rows")
     n = blocks.shape[0] if rows is None else rows.numel()
-    out = torch.empty(n, in_features, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(n, in_features, dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.shape != (n, in_features) or not out.is_contiguous():
+        raise InputError(f"out must be a contiguous float32 ({n}, {in_features}) tensor; got {out.dtype} "
+                         f"{tuple(out.shape)}")
     if n:
         rc = lib.mlm_ggml_dequantize(ggml_type, blocks.data_ptr(), blocks.stride(0) if blocks.shape[0] > 1 else nbytes,
                                      None if rows is None else rows.data_ptr(), n, in_features, out.data_ptr())
