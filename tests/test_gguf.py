@@ -761,3 +761,29 @@ def test_native_decoder_gives_the_gguf_package_bits(qtype):
     nan = want.isnan()
     assert nan.any() and torch.equal(got.isnan(), nan)
     assert torch.equal(got[~nan], want[~nan])
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_in_slices_keeps_the_row_order(monkeypatch, native, dtype):
+    """Loading decodes a slice of rows at a time through one reused scratch, Q/K rows by their
+    HF order: the result is gguf's decode of the reordered rows, whatever the slice size."""
+    import gguf
+
+    import mistral_lm.checkpoints.gguf as checkpoint
+    from mistral_lm.native import ggml
+
+    if native and not ggml.available():
+        pytest.skip("the native decoder is not built here")
+    if not native:
+        monkeypatch.setattr(checkpoint, "_native_decoder", lambda ggml_type: None)
+    monkeypatch.setattr(checkpoint, "_SCRATCH_VALUES", 3 * 64)  # slices of 3 rows: 7 slices, the last short
+    rng = np.random.default_rng(7)
+    rows = gguf.quants.quantize(rng.standard_normal((20, 64)).astype(np.float32), Q.Q4_1)
+    order = rng.permutation(20)
+    want = torch.from_numpy(gguf.quants.dequantize(rows[order], Q.Q4_1).reshape(20, 64)).to(dtype)
+    with checkpoint._scratch_for_load():
+        got = checkpoint._dequantize_rows(rows, Q.Q4_1, (20, 64), dtype, order)
+        again = checkpoint._dequantize_rows(rows, Q.Q4_1, (20, 64), dtype, order)  # the scratch reused
+    assert got.dtype == dtype and torch.equal(got, want) and torch.equal(again, want)
+    assert checkpoint._scratch.tensor is None  # freed with the load
