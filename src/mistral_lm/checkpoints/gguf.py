@@ -420,25 +420,6 @@ def _match_tensors(file: GGUFFile, config: MistralConfig) -> dict[str, tuple[str
     return expected
 
 
-# ------------------------------------------------------------------ block fields
-# The torch definitions of the block formats (native/ggml.py's reference, quantization/gguf.py's
-# int4 repacking) read the same fields of a block; they are read here once.
-def f16_field(raw: torch.Tensor) -> torch.Tensor:
-    """(..., 2) little-endian float16 bytes of a block -> (...) float32 (exact)."""
-    return raw.contiguous().view(torch.float16).squeeze(-1).float()
-
-
-def q4_k_scale_codes(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K super-blocks (..., 144 bytes) -> the eight 6-bit scales and mins (..., 8) int64 of
-    their 32-weight sub-blocks. The 12 bytes after d and dmin hold them: bytes 0-3 / 4-7 carry
-    sub-blocks 0-3 in their low 6 bits and the top 2 bits of sub-blocks 4-7; bytes 8-11 the low
-    4 bits of 4-7."""
-    s = b[..., 4:16].long()
-    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
-    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
-    return sc, mn
-
-
 # Rows of a quantized matrix decoded at a time, here and by quantization.gguf.GGUFLinear:
 # decoders hold several float32 copies of what they decode. A multiple of 64, the int4 packing block.
 DECODE_ROWS = 4096
@@ -478,7 +459,7 @@ def _native_decoder(ggml_type: GGMLQuantizationType) -> Any:
     gguf's values: both round each block's exact value once (every product of a float16 scale
     and the integer codes fits float32's mantissa but Q6_K's, which either rounds once;
     tests/test_gguf.py)."""
-    from ..native import ggml  # here: native.ggml imports this module
+    from ..native import ggml  # at first use: the library is built or found then
 
     return ggml if int(ggml_type) in ggml.SUPPORTED and ggml.available() else None
 
@@ -486,31 +467,46 @@ def _native_decoder(ggml_type: GGMLQuantizationType) -> Any:
 def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: tuple[int, ...],
                      dtype: torch.dtype, order: np.ndarray | None = None) -> torch.Tensor:
     """(rows, bytes_per_row) blocks, as GGUFFile.rows gives them, -> `shape` in `dtype`; with
-    `order`, row i of the result is stored row order[i]. Decoded a slice at a time straight into
-    the result: a float32 result is written in place, others through one bounded scratch."""
+    `order`, row i of the result is stored row order[i]. The native decoder writes a slice at a
+    time straight into the result (float32) or through one bounded scratch (other dtypes)."""
     n = rows.shape[0]
+    native = _native_decoder(ggml_type) if rows.ndim == 2 and n else None
+    if native is None:
+        return _gguf_rows(rows, ggml_type, shape, dtype, order)
     out = torch.empty(shape, dtype=dtype).view(n, -1)
     k = out.shape[1]
-    native = _native_decoder(ggml_type) if rows.ndim == 2 and n else None
-    if native is not None:
-        with warnings.catch_warnings():  # a read-only map: the decoder only reads it
-            warnings.simplefilter("ignore", UserWarning)
-            blocks = torch.from_numpy(np.ascontiguousarray(rows))
-        index = None if order is None else torch.from_numpy(np.asarray(order, dtype=np.int64))
+    with warnings.catch_warnings():  # a read-only map: the decoder only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        blocks = torch.from_numpy(np.ascontiguousarray(rows))
+    index = None if order is None else torch.from_numpy(np.asarray(order, dtype=np.int64))
     step = max(1, min(DECODE_ROWS, _SCRATCH_VALUES // max(1, k)))
     for start in range(0, n, step):
         end = min(n, start + step)
-        if native is not None:
-            part = index[start:end] if index is not None else None
-            src = blocks if part is not None else blocks[start:end]
-            dst = out[start:end] if dtype == torch.float32 else _scratch_rows(end - start, k)
-            native.dequantize(src, int(ggml_type), k, rows=part, out=dst)
-            if dtype != torch.float32:
-                out[start:end].copy_(dst)
-            continue
-        part_rows = rows[start:end] if order is None else rows[order[start:end]]
-        values = _gguf_dequantize(part_rows, ggml_type)  # float32 (rows, row_elements); F32: a view of the map
-        out[start:end] = torch.from_numpy(np.array(values, copy=not values.flags.writeable)).view(end - start, k)
+        part = index[start:end] if index is not None else None
+        src = blocks if part is not None else blocks[start:end]
+        dst = out[start:end] if dtype == torch.float32 else _scratch_rows(end - start, k)
+        native.dequantize(src, int(ggml_type), k, rows=part, out=dst)
+        if dtype != torch.float32:
+            out[start:end].copy_(dst)
+    return out.view(shape)
+
+
+def _gguf_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: tuple[int, ...], dtype: torch.dtype,
+               order: np.ndarray | None) -> torch.Tensor:
+    """_dequantize_rows by the gguf package's decoder: a matrix of up to DECODE_ROWS rows at
+    once (a float32 result is then numpy's array itself, not a copy), a larger one (the
+    embedding) slice by slice straight into the target dtype: decoded at once, its float32
+    temporaries are several times the result (bench/RESULTS.md)."""
+    if rows.shape[0] <= DECODE_ROWS:
+        values = _gguf_dequantize(rows if order is None else rows[order], ggml_type)  # float32 (rows, elements)
+        if not values.flags.writeable:  # F32 comes back as a view of the read-only map
+            values = values.copy()
+        return torch.from_numpy(values.reshape(shape)).to(dtype)
+    out = torch.empty(shape, dtype=dtype).view(rows.shape[0], -1)
+    for start in range(0, rows.shape[0], DECODE_ROWS):
+        part = rows[start:start + DECODE_ROWS] if order is None else rows[order[start:start + DECODE_ROWS]]
+        chunk = _gguf_dequantize(part, ggml_type)
+        out[start:start + len(chunk)] = torch.from_numpy(np.array(chunk, copy=not chunk.flags.writeable))
     return out.view(shape)
 
 

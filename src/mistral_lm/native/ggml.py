@@ -42,7 +42,7 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoints.gguf import f16_field, q4_k_scale_codes
+from ..checkpoints.gguf_fields import f16_field, q4_k_scale_codes
 from ..errors import CheckpointError, InputError
 from . import build
 

@@ -43,8 +43,9 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoints.gguf import DECODE_ROWS, GGUFQuantizedTensor, q4_k_scale_codes
-from ..checkpoints.gguf import f16_field as _f16
+from ..checkpoints.gguf import DECODE_ROWS, GGUFQuantizedTensor
+from ..checkpoints.gguf_fields import f16_field as _f16
+from ..checkpoints.gguf_fields import q4_k_scale_codes
 from ..errors import CheckpointError
 from .kernels import INT4_ROW_ALIGN, _cpu_block_rows, int4_layout
 from .modules import Int4Linear, QuantizedLinear
