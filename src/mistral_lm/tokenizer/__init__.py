@@ -14,6 +14,7 @@ Special-token strings typed inside text ("<s>", "[INST]") stay text unless a cal
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 import warnings
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 __all__ = ["BatchEncoding", "LlamaTokenizer", "LlamaTokenizerFast", "MistralTokenizer", "StreamingDetokenizer"]
 
 _IGNORED_OPTIONS = frozenset({"use_fast", "trust_remote_code", "legacy"})  # HF options with no effect here
+# The tokenizers.Tokenizer that from_pretrained built for the tokenizer it is constructing, which
+# may then use it without a copy; a tokenizer_object passed by a caller is copied.
+_loading: contextvars.ContextVar[Any] = contextvars.ContextVar("mistral_lm_tokenizer_loading", default=None)
 _SETTINGS = frozenset({"bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token", "add_eos_token",
                        "chat_template", "padding_side", "model_max_length"})
 # Transformers options of apply_chat_template that tokenize differently; refused (when set) rather than passed
@@ -118,7 +122,7 @@ class MistralTokenizer:
         # mistral-common's chat version (v1/v2/v3/v7) of a Mistral tokenizer file, else None
         self._chat_version: str | None = None
         if tokenizer_object is not None:
-            self._engine: Engine = TokenizersEngine(tokenizer_object)
+            self._engine: Engine = TokenizersEngine(tokenizer_object, private=tokenizer_object is _loading.get())
         elif tekken_file is not None:
             self._engine = TekkenEngine(read_file(Path(str(tekken_file)), "Tekken file"), str(tekken_file))
             self._chat_version = tekken_chat_version(self._engine.version)
@@ -162,9 +166,9 @@ class MistralTokenizer:
             unknown = set(overrides) - _SETTINGS
             if unknown:
                 raise TypeError(f"from_pretrained() got unexpected keyword arguments {sorted(unknown)}")
-            return cls(**(file_kwargs(path) | overrides))
+            return _construct(cls, file_kwargs(path), overrides, merge=True)
         if path.is_file():
-            return cls(**file_kwargs(path), **overrides)
+            return _construct(cls, file_kwargs(path), overrides)
         if not path.is_dir():
             raise TokenizerError(f"{str(path)!r} is neither a file nor a folder; mistral_lm never downloads: fetch "
                                  f"the model first (e.g. `huggingface-cli download <repo> --local-dir ./model`)")
@@ -172,8 +176,7 @@ class MistralTokenizer:
         if not found:
             raise TokenizerError(f"{str(path)!r} has no tokenizer.model (SentencePiece), tekken.json (Tekken) or "
                                  f"tokenizer.json (tokenizers) file; found: {sorted(p.name for p in path.iterdir())}")
-        kwargs = file_kwargs(found[0]) | folder_config(path)
-        return cls(**(kwargs | overrides))
+        return _construct(cls, file_kwargs(found[0]) | folder_config(path), overrides, merge=True)
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> tuple[str, ...]:
         """Write tokenizer.model (SentencePiece engine), tokenizer.json and tokenizer_config.json.
@@ -575,3 +578,13 @@ def _as_tensors(rows: list[list[int]], kind: str) -> Any:
             raise TokenizerError('return_tensors="jax" needs jax: pip install "mistral_lm[flax]"') from err
         return jnp.array(rows, dtype=jnp.int32).reshape(len(rows), -1)
     raise TokenizerError(f"return_tensors={kind!r} is not supported; use 'pt', 'np', 'jax' or None")
+
+
+def _construct(cls: type, built: dict[str, Any], overrides: dict[str, Any], merge: bool = False) -> Any:
+    """cls(**built, **overrides) (`merge`: overrides replace keys of `built`) for from_pretrained,
+    which built `built`'s tokenizer_object itself: that one object goes in without a copy."""
+    token = _loading.set(built.get("tokenizer_object"))
+    try:
+        return cls(**(built | overrides)) if merge else cls(**built, **overrides)
+    finally:
+        _loading.reset(token)

@@ -160,22 +160,24 @@ class TokenizersEngine:
 
     name = "tokenizers"
 
-    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+    def __init__(self, backend: tokenizers.Tokenizer, *, private: bool = False) -> None:
+        """`private`: the backend is this engine's alone (a loader built it), so no copy is made
+        of it before its options change (a copy of a 49k-token vocabulary costs 0.2 s)."""
         from tokenizers import Tokenizer
 
-        self.backend = Tokenizer.from_str(backend.to_str())  # a private copy: we change its options
+        self.backend = backend if private else Tokenizer.from_str(backend.to_str())  # we change its options
         self.backend.encode_special_tokens = True  # special-token strings in text stay text
         self.backend.no_padding()
         self.backend.no_truncation()
-        spec = json.loads(self.backend.to_str())
-        added = {t["id"]: t for t in spec.get("added_tokens", [])}
+        added = self.backend.get_added_tokens_decoder()  # id -> AddedToken
         size = self.backend.get_vocab_size(with_added_tokens=True)
         self.pieces = [self.backend.id_to_token(i) or "" for i in range(size)]
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=False)
-        self.special = frozenset(i for i, t in added.items() if t.get("special"))
+        self.special = frozenset(i for i, t in added.items() if t.special)
         self.added = frozenset(added)
         self.defaults: dict[str, str] = {}
-        byte_level, strips = _decoder_style(spec.get("decoder"))
+        decoder = self.backend.decoder  # its own JSON: the whole tokenizer's is megabytes
+        byte_level, strips = _decoder_style(None if decoder is None else json.loads(decoder.__getstate__()))
         self.table = token_table(self.pieces, frozenset(added), strips=strips, byte_level=byte_level)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
