@@ -97,9 +97,10 @@ def test_query_without_keys_gets_zeros_like_sdpa():
 @pytest.mark.parametrize("shape", ["gqa4", "mha", "odd_d37"])
 def test_batch_invariance(shape, dtype):
     """Query i of a Q-query call == a 1-query call with the same allowed keys, also over a cache
-    buffer with extra masked slots appended, with strided inputs."""
+    buffer with extra masked slots appended, with strided inputs. 40 queries: a bf16 call of 32
+    or more widens q, k and v once and runs the float32 kernel (attention.c WIDEN_QUERIES)."""
     h, h_kv, d = SHAPES[shape]
-    nq = nk = 20
+    nq = nk = 40
     q, k, v = (t.to(dtype) for t in qkv(2, h, h_kv, nq, nk, d))
     mask = masks(2, nq, nk)["padding"]
     for cap in caps():

@@ -965,8 +965,10 @@ static void widen_rows(const uint16_t *src, const int64_t *s, int64_t B, int64_t
 }
 
 /* Queries in a call from which on mlm_attention_bf16 widens q, k and v once and runs the float32
- * kernel: the per-query path widens every key and value row again for each query that reads it. */
-#define WIDEN_QUERIES 16
+ * kernel: the per-query path widens every key and value row again for each query that reads it,
+ * while the copies cost fresh pages in proportion to the keys; at a 7B's shape over 8192 keys the
+ * two broke even at 24 queries (bench/RESULTS.md). */
+#define WIDEN_QUERIES 32
 
 /* mlm_attention_bf16 by way of float32 copies: the definition itself, bf16(mlm_attention of the
  * widened inputs), so the same bits as the per-query path, and the float32 path shares each key
