@@ -787,3 +787,39 @@ def test_decoding_in_slices_keeps_the_row_order(monkeypatch, native, dtype):
         again = checkpoint._dequantize_rows(rows, Q.Q4_1, (20, 64), dtype, order)  # the scratch reused
     assert got.dtype == dtype and torch.equal(got, want) and torch.equal(again, want)
     assert checkpoint._scratch.tensor is None  # freed with the load
+
+
+def test_shared_headers_parse_each_file_once(tiny_file, tmp_path, monkeypatch):
+    """Within shared_headers() a file is parsed once (a model, then its tokenizer); a file changed
+    on disk in between is parsed again; outside, every read parses."""
+    import os
+    import shutil
+
+    import mistral_lm.checkpoints.gguf as checkpoint
+
+    parsed = []
+    parse = checkpoint._parse
+    monkeypatch.setattr(checkpoint, "_parse", lambda cursor: parsed.append(1) or parse(cursor))
+    path = tmp_path / "model.gguf"
+    shutil.copy(tiny_file[0], path)
+    checkpoint.read_gguf(path), checkpoint.read_gguf(path)
+    assert len(parsed) == 2
+    with checkpoint.shared_headers():
+        first = checkpoint.read_gguf(path)
+        assert checkpoint.read_gguf(path) is first and len(parsed) == 3
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        assert checkpoint.read_gguf(path) is not first and len(parsed) == 4
+    checkpoint.read_gguf(path)
+    assert len(parsed) == 5
+
+
+def test_loading_for_inference_parses_the_header_once(smollm, monkeypatch):
+    import mistral_lm.checkpoints.gguf as checkpoint
+    from mistral_lm.runtime import load_for_inference
+
+    parsed = []
+    parse = checkpoint._parse
+    monkeypatch.setattr(checkpoint, "_parse", lambda cursor: parsed.append(1) or parse(cursor))
+    model, tokenizer = load_for_inference(smollm)
+    assert len(parsed) == 1 and tokenizer.encode("Hello") and model.config.vocab_size == len(tokenizer)

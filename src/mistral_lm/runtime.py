@@ -66,14 +66,16 @@ def load_for_inference(model_path: str | Path | None = None, dtype: str | None =
 
     Under `torchrun --nproc-per-node N` (WORLD_SIZE > 1) each rank loads its tensor-parallel shard
     (`parallel.from_pretrained`) with the same defaults; every rank must then run the same calls."""
+    from .checkpoints.gguf import shared_headers
     from .modeling import MistralForCausalLM
     from .tokenizer import MistralTokenizer
 
     path = resolve_model_path(model_path)
-    if tensor_parallel_size() > 1:
-        from .parallel import from_pretrained as sharded
+    with shared_headers():  # a .gguf's header is parsed once for the model and its tokenizer
+        if tensor_parallel_size() > 1:
+            from .parallel import from_pretrained as sharded
 
-        model = sharded(path, torch_dtype=dtype, **load_options(path, quantize))
-    else:
-        model = MistralForCausalLM.from_pretrained(path, torch_dtype=dtype, **load_options(path, quantize))
-    return model.eval(), MistralTokenizer.from_pretrained(path)
+            model = sharded(path, torch_dtype=dtype, **load_options(path, quantize))
+        else:
+            model = MistralForCausalLM.from_pretrained(path, torch_dtype=dtype, **load_options(path, quantize))
+        return model.eval(), MistralTokenizer.from_pretrained(path)

@@ -18,11 +18,12 @@ to `general.alignment`, then the tensor data.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import mmap
 import os
-import contextlib
 import struct
 import threading
 import warnings
@@ -201,6 +202,23 @@ class _Cursor:
         return items
 
 
+# Within `shared_headers()`: the files read so far, by (device, inode, size, mtime).
+_SHARED: contextvars.ContextVar[dict[tuple[int, ...], GGUFFile] | None] = contextvars.ContextVar(
+    "mistral_lm_gguf_headers", default=None)
+
+
+@contextlib.contextmanager
+def shared_headers() -> Iterator[None]:
+    """Within the block read_gguf parses each file once: loading a model and then its tokenizer
+    from one .gguf (the CLI, the server) read the default model's 49k-token vocabulary twice.
+    The parsed header is read-only; a file changed on disk in between is read again."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Parse and validate a GGUF header; tensor data stays in the memory map until asked for.
 
@@ -208,19 +226,26 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     or lengths the file cannot hold, unknown value or tensor types, tensors past the end of file.
     """
     path = Path(path)
+    shared = _SHARED.get()
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < _HEADER.size:
-                raise CheckpointError(f"{path}: {size} bytes is too short for a GGUF header (truncated?)")
+            stat = os.fstat(f.fileno())
+            key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            if shared is not None and key in shared:
+                return shared[key]
+            if stat.st_size < _HEADER.size:
+                raise CheckpointError(f"{path}: {stat.st_size} bytes is too short for a GGUF header (truncated?)")
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as exc:
         raise CheckpointError(f"cannot read GGUF file {path}: {exc}") from exc
     try:
-        return _parse(_Cursor(buffer, path))
+        file = _parse(_Cursor(buffer, path))
     except BaseException:
         buffer.close()  # nothing exported a view yet: metadata arrays are copies
         raise
+    if shared is not None:
+        shared[key] = file
+    return file
 
 
 def _parse(cur: _Cursor) -> GGUFFile:
