@@ -786,7 +786,7 @@ def test_decoding_in_slices_keeps_the_row_order(monkeypatch, native, dtype):
         got = checkpoint._dequantize_rows(rows, Q.Q4_1, (20, 64), dtype, order)
         again = checkpoint._dequantize_rows(rows, Q.Q4_1, (20, 64), dtype, order)  # the scratch reused
     assert got.dtype == dtype and torch.equal(got, want) and torch.equal(again, want)
-    assert checkpoint._scratch.tensor is None  # freed with the load
+    assert checkpoint._SCRATCH.get() is None  # dropped with the load
 
 
 def test_shared_headers_parse_each_file_once(tiny_file, tmp_path, monkeypatch):

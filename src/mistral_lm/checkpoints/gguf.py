@@ -25,7 +25,6 @@ import math
 import mmap
 import os
 import struct
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -454,29 +453,29 @@ DECODE_ROWS = 4096
 # for every slice and every tensor of a load (a fresh float32 temporary per tensor left a small
 # model's load 180 MB of freed heap above the weights it kept; bench/RESULTS.md).
 _SCRATCH_VALUES = 1 << 22
-_scratch = threading.local()
+# Within `_scratch_for_load()`: a one-item list holding the load's scratch once made.
+_SCRATCH: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
+    "mistral_lm_gguf_scratch", default=None)
 
 
 @contextlib.contextmanager
 def _scratch_for_load() -> Iterator[None]:
-    """One decode scratch for a whole load, freed at its end."""
-    _scratch.depth = getattr(_scratch, "depth", 0) + 1
+    """One decode scratch for a whole load, dropped at its end."""
+    token = _SCRATCH.set([])
     try:
         yield
     finally:
-        _scratch.depth -= 1
-        if _scratch.depth == 0:
-            _scratch.tensor = None
+        _SCRATCH.reset(token)
 
 
 def _scratch_rows(n: int, k: int) -> torch.Tensor:
     """A float32 (n, k) view of the load's scratch (a fresh tensor outside a load)."""
-    held = getattr(_scratch, "tensor", None)
-    if getattr(_scratch, "depth", 0) == 0:
+    held = _SCRATCH.get()
+    if held is None:
         return torch.empty(n, k, dtype=torch.float32)
-    if held is None or held.numel() < n * k:
-        held = _scratch.tensor = torch.empty(max(n * k, _SCRATCH_VALUES), dtype=torch.float32)
-    return held[:n * k].view(n, k)
+    if not held or held[0].numel() < n * k:
+        held[:] = [torch.empty(max(n * k, _SCRATCH_VALUES), dtype=torch.float32)]
+    return held[0][:n * k].view(n, k)
 
 
 def _native_decoder(ggml_type: GGMLQuantizationType) -> Any:
