@@ -814,12 +814,12 @@ def test_shared_headers_parse_each_file_once(tiny_file, tmp_path, monkeypatch):
     assert len(parsed) == 5
 
 
-def test_loading_for_inference_parses_the_header_once(smollm, monkeypatch):
+def test_loading_for_inference_parses_the_header_once(tiny_file, monkeypatch):
     import mistral_lm.checkpoints.gguf as checkpoint
     from mistral_lm.runtime import load_for_inference
 
     parsed = []
     parse = checkpoint._parse
     monkeypatch.setattr(checkpoint, "_parse", lambda cursor: parsed.append(1) or parse(cursor))
-    model, tokenizer = load_for_inference(smollm)
+    model, tokenizer = load_for_inference(tiny_file[0])
     assert len(parsed) == 1 and tokenizer.encode("Hello") and model.config.vocab_size == len(tokenizer)
