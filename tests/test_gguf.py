@@ -740,10 +740,9 @@ def test_convert_output_loads_in_transformers_with_the_same_logits(smollm, hf_mo
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K])
 def test_native_decoder_gives_the_gguf_package_bits(qtype):
     """Loading decodes blocks with the native kernels' C decoder where it covers the type; the
-    values are gguf's own (the oracle transformers loads with): every scale field random,
-    subnormal, infinite and NaN halves included (NaN where gguf has NaN). Equal as numbers: a zero
-    code of a negative scale is -0 in gguf's product and +0 in ours (the min term, zero for these
-    types, is added), which no sum of products can tell apart."""
+    values are gguf's own (the oracle transformers loads with), bit for bit: every scale field
+    random, subnormal, infinite and NaN halves included (NaN where gguf has NaN), and a zero code
+    under a negative scale -0 as in gguf."""
     import gguf
 
     from mistral_lm.checkpoints.gguf import DECODE_ROWS, _dequantize_rows
@@ -760,7 +759,7 @@ def test_native_decoder_gives_the_gguf_package_bits(qtype):
     got = _dequantize_rows(rows, qtype, (len(rows), n_blocks * block), torch.float32)
     nan = want.isnan()
     assert nan.any() and torch.equal(got.isnan(), nan)
-    assert torch.equal(got[~nan], want[~nan])
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -296,13 +296,16 @@ int mlm_ggml_linear(int type, const float *x, int64_t M, int64_t K, int64_t ldx,
     return mlm_ggml_matmul(type, xq, M, K, w, N, ldw, out, ldo, nthreads);
 }
 
-/* Rows of weight blocks as float32 (N, K): w = cw * (scale * (u - offset)) + mw, computed in double
- * and rounded once, which is the torch definition (ggml.py `reference_dequantize`) bit for bit.
- * Row i is stored row rows[i] (rows NULL: row i). For the embedding's lookups, a row at a time. */
+/* Rows of weight blocks as float32 (N, K): w = (cw * scale) * (u - offset) (+ mw for the types
+ * with a min), computed in double and rounded once, which is the torch definition (ggml.py
+ * `reference_dequantize`) bit for bit, and gguf's decoder too, down to the sign of a zero: a zero
+ * code under a negative scale stays -0 (adding a zero min, or multiplying the integers first,
+ * would make it +0). Row i is stored row rows[i] (rows NULL: row i). For the embedding's lookups,
+ * a row at a time. */
 int mlm_ggml_dequantize(int type, const uint8_t *w, int64_t ldw, const int64_t *rows, int64_t N, int64_t K,
                         float *out) {
     if (type_bytes(type) == 0 || K % type_block(type) != 0) return -1;
-    const int sh = off_shift(type), off = sh < 0 ? 0 : 1 << sh;
+    const int sh = off_shift(type), off = sh < 0 ? 0 : 1 << sh, has_min = type == T_Q4_1 || type == T_Q4_K;
     /* whole matrices (a load decoding a checkpoint) on torch's threads; an embedding's few rows on one */
 #pragma omp parallel for if (N * K >= (1 << 18)) schedule(static)
     for (int64_t i = 0; i < N; i++) {
@@ -311,8 +314,10 @@ int mlm_ggml_dequantize(int type, const uint8_t *w, int64_t ldw, const int64_t *
             int u[32], sc[2];
             float cw, mw;
             decode_scalar(type, row, b, u, sc, &cw, &mw);
-            for (int e = 0; e < 32; e++)
-                out[i * K + b * 32 + e] = (float)((double)cw * (double)(sc[e >> 4] * (u[e] - off)) + (double)mw);
+            for (int e = 0; e < 32; e++) {
+                const double v = ((double)cw * (double)sc[e >> 4]) * (double)(u[e] - off); /* gguf's grouping */
+                out[i * K + b * 32 + e] = (float)(has_min ? v + (double)mw : v);
+            }
         }
     }
     return 0;

@@ -325,9 +325,13 @@ def dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int,
 
 
 def reference_dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
-    """The definition in torch: w = cw * (scale * (u - offset)) + mw in float64, rounded to float32."""
+    """The definition in torch: w = (cw * scale) * (u - offset) (+ mw for Q4_1 and Q4_K) in
+    float64 (exact), rounded to float32. The grouping and the missing zero min are gguf's: a zero
+    code under a negative scale stays -0."""
     u, off, scl, cw, mw = _decode(blocks, ggml_type, in_features)
-    w = cw.unsqueeze(-1) * (scl * (u - off)).double() + mw.unsqueeze(-1)
+    w = (cw.unsqueeze(-1) * scl.double()) * (u - off).double()
+    if int(ggml_type) in (Q.Q4_1, Q.Q4_K):
+        w = w + mw.unsqueeze(-1)
     return w.reshape(blocks.shape[0], in_features).float()
 
 
