@@ -450,8 +450,8 @@ DECODE_ROWS = 4096
 
 
 # Float32 values decoded per pass when the result has another dtype: a bounded scratch, reused
-# for every slice and every tensor of a load (a fresh float32 temporary per tensor left a small
-# model's load 180 MB of freed heap above the weights it kept; bench/RESULTS.md).
+# for every slice and every tensor of a load (a fresh float32 temporary per tensor left freed heap
+# above the weights a load kept, raising its peak; bench/RESULTS.md).
 _SCRATCH_VALUES = 1 << 22
 # Within `_scratch_for_load()`: a one-item list holding the load's scratch once made.
 _SCRATCH: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(

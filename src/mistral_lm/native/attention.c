@@ -966,8 +966,8 @@ static void widen_rows(const uint16_t *src, const int64_t *s, int64_t B, int64_t
 
 /* Queries in a call from which on mlm_attention_bf16 widens q, k and v once and runs the float32
  * kernel: the per-query path widens every key and value row again for each query that reads it,
- * while the copies cost fresh pages in proportion to the keys; at a 7B's shape over 8192 keys the
- * two broke even at 24 queries (bench/RESULTS.md). */
+ * while the copies cost fresh pages in proportion to the keys; set where the two break even at a
+ * 7B's shape over long caches (bench/RESULTS.md). */
 #define WIDEN_QUERIES 32
 
 /* mlm_attention_bf16 by way of float32 copies: the definition itself, bf16(mlm_attention of the
@@ -997,7 +997,8 @@ static int attention_bf16_widened(const uint16_t *q, const uint16_t *k, const ui
 }
 
 /* mlm_attention on bf16 q, k, v (same shape, strides and codes), out bf16: bf16(mlm_attention of
- * the widened inputs). The query row is widened once; keys and values as they are loaded. */
+ * the widened inputs). From WIDEN_QUERIES queries on, attention_bf16_widened; below, one query at
+ * a time, its row widened once and the keys and values as they are loaded. */
 int mlm_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
                        const int64_t *shape, const int64_t *strides, float scale, uint16_t *out, int nthreads) {
     const int64_t B = shape[0], H = shape[1], Hkv = shape[2], Q = shape[3], K = shape[4], D = shape[5];
