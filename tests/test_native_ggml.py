@@ -144,6 +144,44 @@ def test_scalar_row_loads_equal_the_gather(ggml_type):
         lib.mlm_ggml_row_loads(old)
 
 
+def amx_usable() -> bool:
+    lib = ggml._lib()
+    if lib is None:
+        return False
+    old = lib.mlm_ggml_amx(1)
+    usable = lib.mlm_ggml_amx(old) == 1
+    return usable
+
+
+@needs_lib
+@pytest.mark.skipif(not amx_usable(), reason="no AMX-INT8 here (or the OS withholds the tile state)")
+@pytest.mark.parametrize("ggml_type", [t for t in TYPES if t != Q.Q6_K], ids=lambda t: t.name)  # Q6_K: no tiles
+def test_amx_prefill_equals_the_vector_kernel(ggml_type):
+    """On a CPU with AMX the prefill multiplies each 16-row group's codes in tiles: the same exact
+    int32 sums and then the vector kernel's float steps in its order, so the same bits. Row
+    counts around the 16-row groups and the M chunks (whole groups), a partial last tile of
+    weight rows, K not a multiple of 256 for the 32-value types, 1 and 2 threads."""
+    lib = ggml._lib()
+    k = 768 if ggml_type in (Q.Q4_K, Q.Q6_K) else 800
+    x = activations(100, k)
+    blocks = random_blocks(ggml_type, 37, k, seed=7)
+    old, old_chunk = lib.mlm_ggml_amx(-1), lib.mlm_ggml_chunk_bytes(-1)
+    try:
+        for chunk in (0, 16 * 3 * 64 * (k // 32)):  # the default chunk, and 48-row chunks
+            lib.mlm_ggml_chunk_bytes(chunk)
+            for n_threads in (1, 2):
+                with threads(n_threads):
+                    outs = []
+                    for mode in (0, 1):
+                        lib.mlm_ggml_amx(mode)
+                        outs.append([ggml.linear(x[:m], blocks, ggml_type) for m in (15, 16, 17, 33, 48, 100)])
+                    for m, a, b in zip((15, 16, 17, 33, 48, 100), *outs):
+                        assert torch.equal(a, b), (ggml_type, m, chunk, n_threads, (a - b).abs().max())
+    finally:
+        lib.mlm_ggml_amx(old)
+        lib.mlm_ggml_chunk_bytes(old_chunk)
+
+
 @needs_lib
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 def test_batch_invariance(ggml_type):

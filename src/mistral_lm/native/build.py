@@ -14,7 +14,7 @@ pure-torch path, which is also the reference the tests compare every kernel with
 
 Instruction sets: each library picks its fastest path at run time (`__builtin_cpu_supports`)
 and exports ``int mlm_set_isa(int cap)`` to cap it. `isa_cap` reads the cap from
-``MISTRAL_LM_NATIVE_ISA`` (scalar / avx2 / avx512) or else from torch's own
+``MISTRAL_LM_NATIVE_ISA`` (scalar / avx2 / avx512 / amx; avx512 leaves AMX out) or else from torch's own
 ``ATEN_CPU_CAPABILITY`` (default / avx2 / avx512), so the second kernel set the numerics tests
 run under covers our kernels too.
 """
@@ -37,7 +37,9 @@ import torch  # noqa: F401  (loads libgomp.so.1 before any of our libraries bind
 
 SOURCE_DIR = Path(__file__).resolve().parent
 FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-Wall"]
-ISA = {"scalar": 0, "avx2": 1, "avx512": 2, "default": 2}
+ISA = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3, "default": 3}
+# torch's own levels: its avx512 is its widest, so it caps nothing of ours
+ATEN_ISA = {"default": 3, "avx2": 1, "avx512": 3}
 
 
 def cache_dir() -> Path:
@@ -55,13 +57,12 @@ def enabled() -> bool:
 
 
 def isa_cap() -> int:
-    """The widest instruction set the kernels may use: 0 scalar, 1 AVX2, 2 AVX-512."""
+    """The widest instruction set the kernels may use: 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 and AMX."""
     own = os.environ.get("MISTRAL_LM_NATIVE_ISA", "").lower()
     aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
-    for value in (own, aten):
-        if value in ISA:
-            return ISA[value]
-    return ISA["default"]
+    if own in ISA:
+        return ISA[own]
+    return ATEN_ISA.get(aten, ISA["default"])
 
 
 @functools.cache

@@ -10,12 +10,17 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+#include <cpuid.h>
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 
@@ -183,6 +188,10 @@ static void quantize_scalar(const float *x, int64_t M, int64_t K, int64_t ldx, x
  * (bench/RESULTS.md); elsewhere the gather stays. Set with the ISA (mlm_set_isa). */
 static int scalar_row_loads = 0;
 
+/* Whether the AVX-512 prefill hands its 16-row groups to AMX tiles (kern_amx): set by
+ * mlm_set_isa where the CPU has AMX-INT8, the OS grants the tile state and the cap allows it. */
+static int use_amx = 0;
+
 /* Bytes of activation blocks in one M chunk of a prefill matmul (0: the default of the ISA). Every
  * chunk streams the weights once more, so a wide matrix read in chunks sized for L2 (512 KB: 16
  * rows of a 7B's down_proj, 448 blocks a row) was read 32 times at M = 512. The AVX-512 kernels
@@ -241,17 +250,44 @@ static int cpu_level(void) {
     return 0;
 }
 
+/* AMX-TILE and AMX-INT8 in CPUID, and Linux's permission for this process to use the tile
+ * state (without it the first tile instruction faults): asked once. */
+static int amx_ready(void) {
+    static int ready = -1;
+    if (ready < 0) {
+        unsigned a, b, c, d;
+        ready = 0;
+#if defined(__linux__)
+        if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 25 & 1))
+            ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#endif
+    }
+    return ready;
+}
+
+/* cap: 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 and AMX (the widest the CPU has); returns the
+ * vector level in use (0-2). */
 int mlm_set_isa(int cap) {
     const int cpu = cpu_level();
     isa_level = cap < cpu ? (cap < 0 ? 0 : cap) : cpu;
+    use_amx = cap >= 3 && isa_level == 2 && amx_ready();
     scalar_row_loads = __builtin_cpu_is("amd");
     return isa_level;
+}
+
+/* Whether the prefill uses AMX: 0 or 1 sets it (1 only where mlm_set_isa found it usable), -1
+ * only asks; returns the old setting. The tests compare both. */
+int mlm_ggml_amx(int mode) {
+    if (isa_level < 0) mlm_set_isa(3);
+    const int old = use_amx;
+    if (mode >= 0) use_amx = mode && isa_level == 2 && amx_ready();
+    return old;
 }
 
 /* The row-load mode (see scalar_row_loads): 0 or 1 sets it, -1 only asks; returns the old one.
  * Both read the same bytes; the tests compare them. */
 int mlm_ggml_row_loads(int mode) {
-    if (isa_level < 0) mlm_set_isa(2);
+    if (isa_level < 0) mlm_set_isa(3);
     const int old = scalar_row_loads;
     if (mode >= 0) scalar_row_loads = mode != 0;
     return old;
@@ -269,7 +305,7 @@ int mlm_ggml_xblock_bytes(void) { return (int)sizeof(xblock); }
 
 /* x float32 (M, K) with row stride ldx -> out: M * K/32 blocks. K % 32 == 0. */
 void mlm_ggml_quantize(const float *x, int64_t M, int64_t K, int64_t ldx, void *out, int nthreads) {
-    if (isa_level < 0) mlm_set_isa(2);
+    if (isa_level < 0) mlm_set_isa(3);
     if (isa_level >= 1) quantize_avx2(x, M, K, ldx, out, nthreads);
     else quantize_scalar(x, M, K, ldx, out, nthreads);
 }
@@ -279,7 +315,7 @@ void mlm_ggml_quantize(const float *x, int64_t M, int64_t K, int64_t ldx, void *
 int mlm_ggml_matmul(int type, const void *xq, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t ldw,
                     float *out, int64_t ldo, int nthreads) {
     if (type_bytes(type) == 0 || K % type_block(type) != 0) return -1;
-    if (isa_level < 0) mlm_set_isa(2);
+    if (isa_level < 0) mlm_set_isa(3);
     if (M <= 0 || N <= 0) return 0;
     const int64_t nb = K / 32;
     if (isa_level == 2) matmul_avx512(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);

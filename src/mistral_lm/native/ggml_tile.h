@@ -587,6 +587,135 @@ static AI void FN(kern)(const int type, const int mr, const xblock *x, int64_t n
     }
 }
 
+#if VNNI
+/* AMX: 16 activation rows times a panel of kc blocks, a tile multiply per block. tdpbsud takes
+ * the rows' signed codes (A: 16 rows of 32 bytes, read from the blocks in place, row stride nb
+ * blocks) and the panel block's 8 code vectors, already the K-by-4 layout of a B tile, and
+ * makes the same exact int32 sums as kern's vpdpbusd; the float steps after are kern's, in its
+ * order, so the result has kern's bits. Two sets of tiles alternate, so the next block's
+ * multiply runs while this one's sums are scaled. The min terms (Q4_1, Q4_K) take their own
+ * pass, each accumulator in kern's order: 16 rows of both do not fit the registers. Q6_K's two
+ * half sums per block stay with kern. The tile configuration is the caller's (amx_begin). */
+/* A 16-row group's block, packed for the tiles (amx_pack): the 16 rows' codes (the A tile, 32
+ * bytes a row), then per row the block's integer offset -(sx << sh), d and ds. */
+#define AMX_XQ 0
+#define AMX_XOFF 512
+#define AMX_XD 576
+#define AMX_XDS 640
+#define AMX_XB 704
+#define AMX_MUL(C, A, B, xa, wb)                                                                     \
+    __asm__ volatile("tilezero %%tmm" #C "\n\ttileloadd (%[a],%[as],1), %%tmm" #A                    \
+                     "\n\ttileloadd (%[b],%[bs],1), %%tmm" #B "\n\ttdpbsud %%tmm" #B ", %%tmm" #A     \
+                     ", %%tmm" #C                                                                    \
+                     :                                                                               \
+                     : [a] "r"(xa), [as] "r"((int64_t)32), [b] "r"(wb), [bs] "r"((int64_t)VB)         \
+                     : "memory")
+#define AMX_STORE(C, dst) \
+    __asm__ volatile("tilestored %%tmm" #C ", (%[c],%[cs],1)" : : [c] "r"(dst), [cs] "r"((int64_t)64) : "memory")
+
+/* Rows 16g .. 16g + 15 of x (M rows of nb blocks), every block, into xa (nb * AMX_XB bytes). */
+static AI void FN(amx_pack)(const int sh, const xblock *x, int64_t nb, int64_t g, uint8_t *xa) {
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *pb = xa + b * AMX_XB;
+        for (int r = 0; r < 16; r++) {
+            const xblock *xb = x + (16 * g + r) * nb + b;
+            memcpy(pb + AMX_XQ + 32 * r, xb->q, 32);
+            ((int32_t *)(pb + AMX_XOFF))[r] = sh >= 0 ? -(xb->sx << sh) : 0;
+            ((float *)(pb + AMX_XD))[r] = xb->d;
+            ((float *)(pb + AMX_XDS))[r] = xb->ds;
+        }
+    }
+}
+
+static AI void FN(amx_scale)(const uint8_t *xb, const uint8_t *pb, const int32_t *c, vf_t acc[16]) {
+    const vf_t cw = V_LOADF((const float *)(pb + 8 * VB));
+    const int32_t *off = (const int32_t *)(xb + AMX_XOFF);
+    const float *d = (const float *)(xb + AMX_XD);
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) {
+        const vi_t I = V_ADDI(V_SET1I(off[i]), V_LOADI(c + 16 * i));
+        acc[i] = V_FMA(V_MUL(cw, V_SET1F(d[i])), V_CVT(I), acc[i]);
+    }
+}
+
+/* xa: the group's packed blocks from this panel's first (kc of them, AMX_XB bytes apart). */
+static AI void FN(kern_amx_t)(const int type, const uint8_t *xa, int kc, const uint8_t *panel, float *abuf,
+                              float *mbuf, int first, int last, float *out, int64_t ldo, int nr) {
+    const int has_min = type == T_Q4_1 || type == T_Q4_K;
+    int32_t c0[16 * 16] __attribute__((aligned(64))), c1[16 * 16] __attribute__((aligned(64)));
+    vf_t acc[16];
+    if (has_min) {
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) acc[i] = first ? V_ZEROF() : V_LOADF(mbuf + i * NRP);
+        for (int k = 0; k < kc; k++) {
+            const vf_t mw = V_LOADF((const float *)(panel + (size_t)k * PB + 9 * VB));
+            const float *ds = (const float *)(xa + (size_t)k * AMX_XB + AMX_XDS);
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) acc[i] = V_FMA(mw, V_SET1F(ds[i]), acc[i]);
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) V_STOREF(mbuf + i * NRP, acc[i]);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) acc[i] = first ? V_ZEROF() : V_LOADF(abuf + i * NRP);
+    /* block k's sums go to c0 / c1 (k even / odd) and are read after the next block's store: a
+     * load right after a tile store waits for the store to reach the cache */
+#define XA(k) (xa + (size_t)(k) * AMX_XB)
+    AMX_MUL(0, 1, 2, XA(0), panel);
+    if (kc > 1) AMX_MUL(3, 4, 5, XA(1), panel + PB);
+    for (int k = 0; k < kc; k += 2) {
+        const uint8_t *pb = panel + (size_t)k * PB;
+        AMX_STORE(0, c0);
+        if (k + 2 < kc) AMX_MUL(0, 1, 2, XA(k + 2), pb + 2 * PB);
+        if (k > 0) FN(amx_scale)(XA(k - 1), pb - PB, c1, acc);
+        if (k + 1 < kc) {
+            AMX_STORE(3, c1);
+            if (k + 3 < kc) AMX_MUL(3, 4, 5, XA(k + 3), pb + 3 * PB);
+            FN(amx_scale)(XA(k), pb, c0, acc);
+        }
+    }
+    if (kc & 1) FN(amx_scale)(XA(kc - 1), panel + (size_t)(kc - 1) * PB, c0, acc);
+    else FN(amx_scale)(XA(kc - 1), panel + (size_t)(kc - 1) * PB, c1, acc);
+#undef XA
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) {
+        if (!last) {
+            V_STOREF(abuf + i * NRP, acc[i]);
+            continue;
+        }
+        FN(store_row)(out + i * ldo, has_min ? V_ADD(acc[i], V_LOADF(mbuf + i * NRP)) : acc[i], nr);
+    }
+}
+#undef AMX_MUL
+#undef AMX_STORE
+
+/* kern_amx_t with the type a constant in each case */
+static __attribute__((noinline)) void FN(kern_amx)(int type, const uint8_t *xa, int kc, const uint8_t *panel,
+                                                   float *abuf, float *mbuf, int first, int last, float *out,
+                                                   int64_t ldo, int nr) {
+    switch (type) {
+    case T_Q4_0: FN(kern_amx_t)(T_Q4_0, xa, kc, panel, abuf, mbuf, first, last, out, ldo, nr); break;
+    case T_Q4_1: FN(kern_amx_t)(T_Q4_1, xa, kc, panel, abuf, mbuf, first, last, out, ldo, nr); break;
+    case T_Q8_0: FN(kern_amx_t)(T_Q8_0, xa, kc, panel, abuf, mbuf, first, last, out, ldo, nr); break;
+    case T_Q4_K: FN(kern_amx_t)(T_Q4_K, xa, kc, panel, abuf, mbuf, first, last, out, ldo, nr); break;
+    }
+}
+
+/* This thread's tile shapes for kern_amx, two sets: tmm0 / tmm3 the 16 x 16 int32 sums, tmm1 /
+ * tmm4 16 activation rows of 32 codes, tmm2 / tmm5 one panel block (8 rows of 64 bytes). */
+static void FN(amx_begin)(void) {
+    uint8_t cfg[64] __attribute__((aligned(64))) = {0};
+    cfg[0] = 1; /* palette 1 */
+    const uint16_t colsb[6] = {64, 32, 64, 64, 32, 64};
+    const uint8_t rows[6] = {16, 16, 8, 16, 16, 8};
+    memcpy(cfg + 16, colsb, sizeof colsb);
+    memcpy(cfg + 48, rows, sizeof rows);
+    __asm__ volatile("ldtilecfg %0" : : "m"(cfg) : "memory");
+}
+
+static void FN(amx_end)(void) { __asm__ volatile("tilerelease" ::: "memory"); }
+#endif
+
 #define KERN_MR(T)                                                                                   \
     case T:                                                                                          \
         switch (mr) {                                                                                \
@@ -734,6 +863,10 @@ static __attribute__((noinline)) void FN(run_kern2)(int type, int mr, const xblo
 /* Per thread, grown as needed: the panel and the accumulators of an M chunk. */
 static __thread uint8_t *FN(tbuf);
 static __thread size_t FN(tbuf_size);
+#if VNNI
+static __thread uint8_t *FN(xabuf); /* the caller's packed activations for the tiles */
+static __thread size_t FN(xabuf_size);
+#endif
 
 /* Prefetch the K range [nkb, nkb + KC) of NRP weight rows (row r at base + off[r], rows past nr
  * skipped): the next panel's weights, while the current one is multiplied. */
@@ -766,8 +899,33 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
     const int tb = type_bytes(type), sup = type == T_Q4_K || type == T_Q6_K;
     /* AVX2, Q4 types: two tiles per pass (kern2), each activation broadcast feeding both */
     const int pair = !VNNI && M > DIRECT_M && (type == T_Q4_0 || type == T_Q4_1 || type == T_Q4_K);
+    /* AMX for the 16-row groups of a prefill (kern_amx), where mlm_set_isa enabled it */
+    int amx = VNNI && use_amx && M >= 16 && M > DIRECT_M && type != T_Q6_K;
+    uint8_t *xa = NULL; /* the 16-row groups' activations packed for the tiles (amx_pack) */
+#if VNNI
+    if (amx) {
+        mc = mc < 16 ? 16 : mc / 16 * 16; /* chunks of whole groups */
+        const size_t need = (size_t)(M / 16) * (size_t)nb * AMX_XB;
+        if (FN(xabuf_size) < need) {
+            free(FN(xabuf));
+            FN(xabuf) = aligned_alloc(64, (need + 63) & ~(size_t)63);
+            FN(xabuf_size) = FN(xabuf) ? need : 0;
+        }
+        xa = FN(xabuf);
+        amx = xa != NULL;
+    }
+#endif
+    (void)xa;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
+#if VNNI
+        if (amx) {
+            FN(amx_begin)();
+            const int sh = off_shift(type);
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < M / 16; g++) FN(amx_pack)(sh, x, nb, g, xa + (size_t)g * nb * AMX_XB);
+        }
+#endif
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t t0 = ntiles * t / nt, t1 = ntiles * (t + 1) / nt;
         const size_t one = (size_t)KC * PB + 2 * sizeof(float) * NRP * (size_t)mc, need = (pair ? 2 : 1) * one;
@@ -834,7 +992,13 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
                         continue;
                     }
 #endif
-                    for (int64_t i = m0; i < m1; i += MR) {
+                    int64_t i = m0;
+#if VNNI
+                    for (; amx && m1 - i >= 16; i += 16)
+                        FN(kern_amx)(type, xa + ((size_t)(i / 16) * nb + kb) * AMX_XB, kc, panel, abuf + (i - m0) * NRP,
+                                     mbuf + (i - m0) * NRP, kb == 0, kb + kc == nb, out + i * ldo + n, ldo, nr);
+#endif
+                    for (; i < m1; i += MR) {
                         const int mr = (int)(m1 - i < MR ? m1 - i : MR);
                         FN(run_kern)(type, mr, x + i * nb + kb, nb, kc, panel, abuf + (i - m0) * NRP, mbuf + (i - m0) * NRP,
                                      kb == 0, kb + kc == nb, out + i * ldo + n, ldo, nr);
@@ -843,6 +1007,9 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
                 tile += step;
             }
         }
+#if VNNI
+        if (amx) FN(amx_end)();
+#endif
     }
 }
 
