@@ -589,11 +589,12 @@ static AI void FN(kern)(const int type, const int mr, const xblock *x, int64_t n
 
 #if VNNI
 /* AMX: 16 activation rows times a panel of kc blocks, a tile multiply per block. tdpbsud takes
- * the rows' signed codes (A: 16 rows of 32 bytes, read from the blocks in place, row stride nb
- * blocks) and the panel block's 8 code vectors, already the K-by-4 layout of a B tile, and
- * makes the same exact int32 sums as kern's vpdpbusd; the float steps after are kern's, in its
- * order, so the result has kern's bits. Two sets of tiles alternate, so the next block's
- * multiply runs while this one's sums are scaled. The min terms (Q4_1, Q4_K) take their own
+ * the rows' signed codes (A: 16 rows of 32 bytes, packed by amx_pack so that a tile load reads
+ * 512 contiguous bytes instead of 16 half-used lines of the row-major blocks) and the panel
+ * block's 8 code vectors, already the K-by-4 layout of a B tile, and makes the same exact int32
+ * sums as kern's vpdpbusd; the float steps after are kern's, in its order, so the result has
+ * kern's bits. Two sets of tiles alternate, so the next block's multiply runs while this one's
+ * sums are scaled. The min terms (Q4_1, Q4_K) take their own
  * pass, each accumulator in kern's order: 16 rows of both do not fit the registers. Q6_K's two
  * half sums per block stay with kern. The tile configuration is the caller's (amx_begin). */
 /* A 16-row group's block, packed for the tiles (amx_pack): the 16 rows' codes (the A tile, 32
