@@ -140,3 +140,24 @@ def test_min_p_and_no_repeat_ngram_equal_transformers_processors():
         expected = transformers.NoRepeatNGramLogitsProcessor(n)(ids, logits.clone())
         assert torch.equal(no_repeat_ngram(logits, ids, n), expected), n
     assert torch.equal(no_repeat_ngram(logits, ids[:, :2], 4), logits)  # too short to hold an n-gram
+
+
+def test_greedy_picks_torchs_argmax():
+    """greedy == torch.argmax (the first of tied maxima, a NaN before any number) on the float32
+    CPU rows it takes through numpy, and on the dtypes it leaves to torch."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 1000, generator=g)
+    rows[1, [10, 500, 900]] = 9.0  # tied maxima
+    rows[2, 700] = float("nan")
+    rows[2, 800] = float("nan")
+    rows[3] = float("-inf")
+    rows[4, 5] = float("inf")
+    rows[5, 999] = 1e30
+    cases = [rows, rows[:, ::3], rows[2], rows.t().contiguous().t(), rows.bfloat16(), rows.double(),
+             rows.clone().requires_grad_()]
+    for case in cases:
+        want = torch.argmax(case.detach(), dim=-1)
+        got = sampling.greedy(case)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    with torch.inference_mode():
+        assert torch.equal(sampling.greedy(rows), torch.argmax(rows, dim=-1))
