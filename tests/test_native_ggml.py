@@ -160,15 +160,17 @@ def test_amx_prefill_equals_the_vector_kernel(ggml_type):
     """On a CPU with AMX the prefill multiplies each 16-row group's codes in tiles: the same exact
     int32 sums and then the vector kernel's float steps in its order, so the same bits. Row
     counts around the 16-row groups and the M chunks (whole groups), a partial last tile of
-    weight rows, K not a multiple of 256 for the 32-value types, 1 and 2 threads."""
+    weight rows, K not a multiple of 256 for the 32-value types, 1 and 2 threads, one weight
+    tile per pass and three (7 tiles: a short last pass on each thread)."""
     lib = ggml._lib()
     k = 768 if ggml_type in (Q.Q4_K, Q.Q6_K) else 800
     x = activations(100, k)
-    blocks = random_blocks(ggml_type, 37, k, seed=7)
-    old, old_chunk = lib.mlm_ggml_amx(-1), lib.mlm_ggml_chunk_bytes(-1)
+    blocks = random_blocks(ggml_type, 101, k, seed=7)
+    old, old_chunk, old_panels = lib.mlm_ggml_amx(-1), lib.mlm_ggml_chunk_bytes(-1), lib.mlm_ggml_amx_panels(0)
     try:
-        for chunk in (0, 16 * 3 * 64 * (k // 32)):  # the default chunk, and 48-row chunks
+        for chunk, panels in ((0, 1), (0, 3), (16 * 3 * 64 * (k // 32), 3)):  # default chunks, and 48 rows
             lib.mlm_ggml_chunk_bytes(chunk)
+            lib.mlm_ggml_amx_panels(panels)
             for n_threads in (1, 2):
                 with threads(n_threads):
                     outs = []
@@ -176,10 +178,11 @@ def test_amx_prefill_equals_the_vector_kernel(ggml_type):
                         lib.mlm_ggml_amx(mode)
                         outs.append([ggml.linear(x[:m], blocks, ggml_type) for m in (15, 16, 17, 33, 48, 100)])
                     for m, a, b in zip((15, 16, 17, 33, 48, 100), *outs):
-                        assert torch.equal(a, b), (ggml_type, m, chunk, n_threads, (a - b).abs().max())
+                        assert torch.equal(a, b), (ggml_type, m, chunk, panels, n_threads, (a - b).abs().max())
     finally:
         lib.mlm_ggml_amx(old)
         lib.mlm_ggml_chunk_bytes(old_chunk)
+        lib.mlm_ggml_amx_panels(old_panels)
 
 
 @needs_lib

@@ -192,6 +192,10 @@ static int scalar_row_loads = 0;
  * mlm_set_isa where the CPU has AMX-INT8, the OS grants the tile state and the cap allows it. */
 static int use_amx = 0;
 
+/* Weight tiles per pass of the AMX prefill (matmul_amx), 1..32: their panels stay in L2 while
+ * each 16-row group runs over all of them (bench/RESULTS.md). */
+static int amx_panels = 4;
+
 /* Bytes of activation blocks in one M chunk of a prefill matmul (0: the default of the ISA). Every
  * chunk streams the weights once more, so a wide matrix read in chunks sized for L2 (512 KB: 16
  * rows of a 7B's down_proj, 448 blocks a row) was read 32 times at M = 512. The AVX-512 kernels
@@ -281,6 +285,13 @@ int mlm_ggml_amx(int mode) {
     if (isa_level < 0) mlm_set_isa(3);
     const int old = use_amx;
     if (mode >= 0) use_amx = mode && isa_level == 2 && amx_ready();
+    return old;
+}
+
+/* Sets amx_panels (clamped to 1..32) where panels > 0; returns the old value. */
+int mlm_ggml_amx_panels(int panels) {
+    const int old = amx_panels;
+    if (panels > 0) amx_panels = panels > 32 ? 32 : panels;
     return old;
 }
 

@@ -69,6 +69,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.mlm_ggml_row_loads.restype = ctypes.c_int
     lib.mlm_ggml_amx.argtypes = [ctypes.c_int]
     lib.mlm_ggml_amx.restype = ctypes.c_int
+    lib.mlm_ggml_amx_panels.argtypes = [ctypes.c_int]
+    lib.mlm_ggml_amx_panels.restype = ctypes.c_int
     lib.mlm_ggml_chunk_bytes.argtypes = [i64]
     lib.mlm_ggml_chunk_bytes.restype = i64
     lib.mlm_ggml_dequantize.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, i64, ptr]

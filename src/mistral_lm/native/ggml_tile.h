@@ -890,6 +890,65 @@ static AI int FN(tile_rows)(const uint8_t *w, int64_t N, int64_t ldw, int64_t n,
     return nr;
 }
 
+#if VNNI
+#define AMX_P 32 /* the most weight tiles per pass of the AMX prefill (amx_panels: how many) */
+/* One thread's tiles t0 .. t1 - 1 of an AMX prefill: AMX_P tiles per pass, their panels unpacked
+ * for one K chunk, then each 16-row group runs over all of them while its packed activations
+ * (kc * AMX_XB bytes) stay in L1; one panel per group pass made every tile stream all groups'
+ * activations from L2 (or L3 at 7B widths). Rows past the last whole group take kern. The same
+ * sums in the same order per output as one panel at a time. */
+static void FN(matmul_amx)(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N, int64_t ldw,
+                           float *out, int64_t ldo, int64_t mc, const uint8_t *xa, int64_t t0, int64_t t1) {
+    const int tb = type_bytes(type), sup = type == T_Q4_K || type == T_Q6_K;
+    const int panels = amx_panels;
+    const size_t one = (size_t)KC * PB + 2 * sizeof(float) * NRP * (size_t)mc, need = panels * one;
+    if (FN(tbuf_size) < need) {
+        free(FN(tbuf));
+        FN(tbuf) = aligned_alloc(64, (need + 63) & ~(size_t)63);
+        FN(tbuf_size) = FN(tbuf) ? need : 0;
+    }
+    if (!FN(tbuf)) return;
+    const uint8_t *rp[AMX_P][NRP];
+    int32_t off[AMX_P][NRP];
+    int nr[AMX_P];
+    for (int64_t m0 = 0; m0 < M; m0 += mc) {
+        const int64_t m1 = m0 + mc < M ? m0 + mc : M;
+        for (int64_t tile0 = t0; tile0 < t1; tile0 += panels) {
+            const int np = (int)(t1 - tile0 < panels ? t1 - tile0 : panels);
+            for (int p = 0; p < np; p++) nr[p] = FN(tile_rows)(w, N, ldw, (tile0 + p) * NRP, rp[p], off[p]);
+            for (int64_t kb = 0; kb < nb; kb += KC) {
+                const int kc = (int)(nb - kb < KC ? nb - kb : KC);
+                for (int p = 0; p < np; p++) {
+                    uint8_t *panel = FN(tbuf) + p * one;
+                    if (kb + kc < nb) FN(prefetch_panel)(rp[p][0], off[p], nr[p], kb + kc, nb, tb, sup);
+                    FN(unpack)(type, rp[p], _mm512_loadu_si512(off[p]), kb, kc, panel);
+                }
+                int64_t i = m0;
+                for (; m1 - i >= 16; i += 16) {
+                    const uint8_t *xg = xa + ((size_t)(i / 16) * nb + kb) * AMX_XB;
+                    for (int p = 0; p < np; p++) {
+                        uint8_t *panel = FN(tbuf) + p * one;
+                        float *abuf = (float *)(panel + (size_t)KC * PB), *mbuf = abuf + NRP * mc;
+                        FN(kern_amx)(type, xg, kc, panel, abuf + (i - m0) * NRP, mbuf + (i - m0) * NRP, kb == 0,
+                                     kb + kc == nb, out + i * ldo + (tile0 + p) * NRP, ldo, nr[p]);
+                    }
+                }
+                for (; i < m1; i += MR) {
+                    const int mr = (int)(m1 - i < MR ? m1 - i : MR);
+                    for (int p = 0; p < np; p++) {
+                        uint8_t *panel = FN(tbuf) + p * one;
+                        float *abuf = (float *)(panel + (size_t)KC * PB), *mbuf = abuf + NRP * mc;
+                        FN(run_kern)(type, mr, x + i * nb + kb, nb, kc, panel, abuf + (i - m0) * NRP,
+                                     mbuf + (i - m0) * NRP, kb == 0, kb + kc == nb, out + i * ldo + (tile0 + p) * NRP,
+                                     ldo, nr[p]);
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
 static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
                        int64_t ldw, float *out, int64_t ldo, int nthreads) {
     const int64_t ntiles = (N + NRP - 1) / NRP;
@@ -929,6 +988,12 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
 #endif
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t t0 = ntiles * t / nt, t1 = ntiles * (t + 1) / nt;
+#if VNNI
+        if (amx) {
+            FN(matmul_amx)(type, x, M, nb, w, N, ldw, out, ldo, mc, xa, t0, t1);
+            FN(amx_end)();
+        }
+#endif
         const size_t one = (size_t)KC * PB + 2 * sizeof(float) * NRP * (size_t)mc, need = (pair ? 2 : 1) * one;
         if (FN(tbuf_size) < need) {
             free(FN(tbuf));
@@ -942,7 +1007,7 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
         uint8_t *panel2 = panel + one;
         float *abuf2 = (float *)(panel2 + (size_t)KC * PB), *mbuf2 = abuf2 + NRP * mc;
 #endif
-        for (int64_t m0 = 0; panel && m0 < M; m0 += mc) {
+        for (int64_t m0 = 0; panel && !amx && m0 < M; m0 += mc) {
             const int64_t m1 = m0 + mc < M ? m0 + mc : M;
             for (int64_t tile = t0; tile < t1;) {
                 const int two = pair && tile + 1 < t1, step = two ? 2 : 1;
@@ -993,13 +1058,7 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
                         continue;
                     }
 #endif
-                    int64_t i = m0;
-#if VNNI
-                    for (; amx && m1 - i >= 16; i += 16)
-                        FN(kern_amx)(type, xa + ((size_t)(i / 16) * nb + kb) * AMX_XB, kc, panel, abuf + (i - m0) * NRP,
-                                     mbuf + (i - m0) * NRP, kb == 0, kb + kc == nb, out + i * ldo + n, ldo, nr);
-#endif
-                    for (; i < m1; i += MR) {
+                    for (int64_t i = m0; i < m1; i += MR) {
                         const int mr = (int)(m1 - i < MR ? m1 - i : MR);
                         FN(run_kern)(type, mr, x + i * nb + kb, nb, kc, panel, abuf + (i - m0) * NRP, mbuf + (i - m0) * NRP,
                                      kb == 0, kb + kc == nb, out + i * ldo + n, ldo, nr);
@@ -1008,9 +1067,6 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
                 tile += step;
             }
         }
-#if VNNI
-        if (amx) FN(amx_end)();
-#endif
     }
 }
 
