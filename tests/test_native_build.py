@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mistral_lm.native import build
 
 
@@ -13,3 +15,26 @@ def test_build_all_maps_each_source_to_its_own_library():
     for name, path in built.items():
         assert path == build.shared_object(name)
         assert path is None or path.name.startswith(f"{name}-")
+
+
+@pytest.mark.parametrize("env, cap", [
+    ({}, 3),
+    ({"MISTRAL_LM_NATIVE_ISA": "avx512"}, 2),
+    ({"MISTRAL_LM_NATIVE_ISA": "amx", "ONEDNN_MAX_CPU_ISA": "AVX2"}, 3),  # ours, when given, wins
+    ({"ATEN_CPU_CAPABILITY": "avx2"}, 1),
+    ({"ATEN_CPU_CAPABILITY": "avx512"}, 3),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, 2),  # AMX off for oneDNN: off for ours
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, 3),
+    ({"ONEDNN_MAX_CPU_ISA": "avx2_vnni"}, 1),
+    ({"ONEDNN_MAX_CPU_ISA": "SSE41"}, 0),
+    ({"ONEDNN_MAX_CPU_ISA": "ALL"}, 3),
+    ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, 1),  # the lower cap
+])
+def test_isa_cap_follows_the_environment(monkeypatch, env, cap):
+    """make test's second pass and an AMX-off measurement cap our kernels through the same
+    variables that cap torch's (build.py's docstring)."""
+    for name in ("MISTRAL_LM_NATIVE_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert build.isa_cap() == cap

@@ -14,9 +14,11 @@ pure-torch path, which is also the reference the tests compare every kernel with
 
 Instruction sets: each library picks its fastest path at run time (`__builtin_cpu_supports`)
 and exports ``int mlm_set_isa(int cap)`` to cap it. `isa_cap` reads the cap from
-``MISTRAL_LM_NATIVE_ISA`` (scalar / avx2 / avx512 / amx; avx512 leaves AMX out) or else from torch's own
-``ATEN_CPU_CAPABILITY`` (default / avx2 / avx512), so the second kernel set the numerics tests
-run under covers our kernels too.
+``MISTRAL_LM_NATIVE_ISA`` (scalar / avx2 / avx512 / amx; avx512 leaves AMX out), or else takes
+the lower of torch's own caps, ``ATEN_CPU_CAPABILITY`` (default / avx2 / avx512) and oneDNN's
+``ONEDNN_MAX_CPU_ISA`` (AVX2... caps at AVX2, AVX512_CORE_BF16 at AVX-512 without AMX). So the
+second kernel set the numerics tests run under covers our kernels too, and a run with AMX
+switched off for torch has it off for our kernels as well.
 """
 
 from __future__ import annotations
@@ -56,13 +58,24 @@ def enabled() -> bool:
     return os.environ.get("MISTRAL_LM_NATIVE", "1").lower() not in ("0", "off", "false", "no")
 
 
+def _onednn_cap(value: str) -> int:
+    """Our level for a ``ONEDNN_MAX_CPU_ISA`` value: its AMX ISAs 3, its other AVX-512 (and
+    AVX10) ones 2, AVX2 and its VNNI variants 1, SSE4.1 and AVX 0; ALL, DEFAULT or none: no cap."""
+    value = value.upper()
+    if not value or value in ("ALL", "DEFAULT") or "AMX" in value:
+        return ISA["default"]
+    if value.startswith(("AVX512", "AVX10")):
+        return ISA["avx512"]
+    return ISA["avx2"] if value.startswith("AVX2") else ISA["scalar"]
+
+
 def isa_cap() -> int:
     """The widest instruction set the kernels may use: 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 and AMX."""
     own = os.environ.get("MISTRAL_LM_NATIVE_ISA", "").lower()
-    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
     if own in ISA:
         return ISA[own]
-    return ATEN_ISA.get(aten, ISA["default"])
+    aten = ATEN_ISA.get(os.environ.get("ATEN_CPU_CAPABILITY", "").lower(), ISA["default"])
+    return min(aten, _onednn_cap(os.environ.get("ONEDNN_MAX_CPU_ISA", "")))
 
 
 @functools.cache
