@@ -38,3 +38,22 @@ def test_isa_cap_follows_the_environment(monkeypatch, env, cap):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert build.isa_cap() == cap
+
+
+def test_the_retry_build_has_no_tile_instructions(tmp_path):
+    """Where the first compile fails (an assembler older than AMX), build.py compiles again with
+    RETRY_FLAGS: that assembly must hold no tile instruction, and the first one must."""
+    import re
+    import subprocess
+
+    cc = build.compiler()
+    if cc is None:
+        pytest.skip("no C compiler here")
+    tile = re.compile(r"\b(ldtilecfg|tilerelease|tilezero|tileloadd|tilestored|tdpb[su][su]d)\b")
+    for extra, wanted in (([], True), (build.RETRY_FLAGS, False)):
+        out = tmp_path / "ggml.s"
+        flags = [{"-O3": "-O0"}.get(f, f) for f in build.FLAGS if f not in ("-shared", "-fPIC")]  # seconds, not 15
+        subprocess.run([cc, *flags, *extra, "-S",
+                        f"-I{build.SOURCE_DIR}", str(build.SOURCE_DIR / "ggml.c"), "-o", str(out)],
+                       check=True, capture_output=True, timeout=300)
+        assert bool(tile.search(out.read_text())) is wanted, extra

@@ -40,6 +40,9 @@ import torch  # noqa: F401  (loads libgomp.so.1 before any of our libraries bind
 SOURCE_DIR = Path(__file__).resolve().parent
 FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-Wall"]
 ISA = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3, "default": 3}
+# a second try where the first compile fails: an assembler older than the AMX tile instructions
+# (binutils 2.36) still builds the vector kernels
+RETRY_FLAGS = ["-DMLM_NO_AMX"]
 # torch's own levels: its avx512 is its widest, so it caps nothing of ours
 ATEN_ISA = {"default": 3, "avx2": 1, "avx512": 3}
 
@@ -103,8 +106,11 @@ def shared_object(name: str) -> Path | None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, f"-I{SOURCE_DIR}", str(source), "-o", tmp, "-lm"],
-                              capture_output=True, text=True, timeout=300)
+        for extra in ([], RETRY_FLAGS):
+            done = subprocess.run([cc, *FLAGS, *extra, f"-I{SOURCE_DIR}", str(source), "-o", tmp, "-lm"],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                break
         if done.returncode != 0:
             warnings.warn(f"mistral_lm: could not compile {source.name} with {cc}; using the pure-torch "
                           f"path instead (slower). Compiler said:\n{done.stderr[-2000:]}", RuntimeWarning,

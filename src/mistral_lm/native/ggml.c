@@ -221,12 +221,18 @@ static int64_t chunk_rows(int vnni, int64_t nb, int mr) {
 #define VNNI 1
 #define MR 4
 #define NRP 16
+#ifdef MLM_NO_AMX /* build.py's retry for an assembler that lacks the tile instructions */
+#define TILES 0
+#else
+#define TILES 1
+#endif
 #include "ggml_tile.h"
 #pragma GCC pop_options
 #undef ISA
 #undef VNNI
 #undef MR
 #undef NRP
+#undef TILES
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -234,12 +240,14 @@ static int64_t chunk_rows(int vnni, int64_t nb, int mr) {
 #define VNNI 0
 #define MR 3
 #define NRP 8
+#define TILES 0
 #include "ggml_tile.h"
 #pragma GCC pop_options
 #undef ISA
 #undef VNNI
 #undef MR
 #undef NRP
+#undef TILES
 
 /* ------------------------------------------------------------------ exported API */
 
@@ -260,8 +268,9 @@ static int amx_ready(void) {
     static int ready = -1;
     if (ready < 0) {
         unsigned a, b, c, d;
+        (void)a, (void)b, (void)c, (void)d;
         ready = 0;
-#if defined(__linux__)
+#if defined(__linux__) && !defined(MLM_NO_AMX)
         if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 25 & 1))
             ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
 #endif

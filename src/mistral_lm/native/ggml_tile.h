@@ -587,7 +587,7 @@ static AI void FN(kern)(const int type, const int mr, const xblock *x, int64_t n
     }
 }
 
-#if VNNI
+#if TILES
 /* AMX: 16 activation rows times a panel of kc blocks, a tile multiply per block. tdpbsud takes
  * the rows' signed codes (A: 16 rows of 32 bytes, packed by amx_pack so that a tile load reads
  * 512 contiguous bytes instead of 16 half-used lines of the row-major blocks) and the panel
@@ -864,7 +864,7 @@ static __attribute__((noinline)) void FN(run_kern2)(int type, int mr, const xblo
 /* Per thread, grown as needed: the panel and the accumulators of an M chunk. */
 static __thread uint8_t *FN(tbuf);
 static __thread size_t FN(tbuf_size);
-#if VNNI
+#if TILES
 static __thread uint8_t *FN(xabuf); /* the caller's packed activations for the tiles */
 static __thread size_t FN(xabuf_size);
 #endif
@@ -890,14 +890,15 @@ static AI int FN(tile_rows)(const uint8_t *w, int64_t N, int64_t ldw, int64_t n,
     return nr;
 }
 
-#if VNNI
+#if TILES
 #define AMX_P 32 /* the most weight tiles per pass of the AMX prefill (amx_panels: how many) */
-/* One thread's tiles t0 .. t1 - 1 of an AMX prefill: AMX_P tiles per pass, their panels unpacked
- * for one K chunk, then each 16-row group runs over all of them while its packed activations
- * (kc * AMX_XB bytes) stay in L1; one panel per group pass made every tile stream all groups'
- * activations from L2 (or L3 at 7B widths). Rows past the last whole group take kern. The same
- * sums in the same order per output as one panel at a time. */
-static void FN(matmul_amx)(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N, int64_t ldw,
+/* One thread's tiles t0 .. t1 - 1 of an AMX prefill: amx_panels tiles per pass, their panels
+ * unpacked for one K chunk, then each 16-row group runs over all of them while its packed
+ * activations (kc * AMX_XB bytes) stay in L1; one panel per group pass made every tile stream all
+ * groups' activations from L2 (or L3 at 7B widths). Rows past the last whole group take kern. The
+ * same sums in the same order per output as one panel at a time. Returns 0, having computed
+ * nothing, where its buffers cannot be had (the caller's vector loop then runs). */
+static int FN(matmul_amx)(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N, int64_t ldw,
                            float *out, int64_t ldo, int64_t mc, const uint8_t *xa, int64_t t0, int64_t t1) {
     const int tb = type_bytes(type), sup = type == T_Q4_K || type == T_Q6_K;
     const int panels = amx_panels;
@@ -907,7 +908,7 @@ static void FN(matmul_amx)(int type, const xblock *x, int64_t M, int64_t nb, con
         FN(tbuf) = aligned_alloc(64, (need + 63) & ~(size_t)63);
         FN(tbuf_size) = FN(tbuf) ? need : 0;
     }
-    if (!FN(tbuf)) return;
+    if (!FN(tbuf)) return 0;
     const uint8_t *rp[AMX_P][NRP];
     int32_t off[AMX_P][NRP];
     int nr[AMX_P];
@@ -946,6 +947,7 @@ static void FN(matmul_amx)(int type, const xblock *x, int64_t M, int64_t nb, con
             }
         }
     }
+    return 1;
 }
 #endif
 
@@ -960,9 +962,9 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
     /* AVX2, Q4 types: two tiles per pass (kern2), each activation broadcast feeding both */
     const int pair = !VNNI && M > DIRECT_M && (type == T_Q4_0 || type == T_Q4_1 || type == T_Q4_K);
     /* AMX for the 16-row groups of a prefill (kern_amx), where mlm_set_isa enabled it */
-    int amx = VNNI && use_amx && M >= 16 && M > DIRECT_M && type != T_Q6_K;
+    int amx = TILES && use_amx && M >= 16 && M > DIRECT_M && type != T_Q6_K;
     uint8_t *xa = NULL; /* the 16-row groups' activations packed for the tiles (amx_pack) */
-#if VNNI
+#if TILES
     if (amx) {
         mc = mc < 16 ? 16 : mc / 16 * 16; /* chunks of whole groups */
         const size_t need = (size_t)(M / 16) * (size_t)nb * AMX_XB;
@@ -976,9 +978,10 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
     }
 #endif
     (void)xa;
+    (void)amx;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-#if VNNI
+#if TILES
         if (amx) {
             FN(amx_begin)();
             const int sh = off_shift(type);
@@ -988,9 +991,10 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
 #endif
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t t0 = ntiles * t / nt, t1 = ntiles * (t + 1) / nt;
-#if VNNI
+        int tiled = 0; /* this thread's tiles done by matmul_amx */
+#if TILES
         if (amx) {
-            FN(matmul_amx)(type, x, M, nb, w, N, ldw, out, ldo, mc, xa, t0, t1);
+            tiled = FN(matmul_amx)(type, x, M, nb, w, N, ldw, out, ldo, mc, xa, t0, t1);
             FN(amx_end)();
         }
 #endif
@@ -1007,7 +1011,7 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
         uint8_t *panel2 = panel + one;
         float *abuf2 = (float *)(panel2 + (size_t)KC * PB), *mbuf2 = abuf2 + NRP * mc;
 #endif
-        for (int64_t m0 = 0; panel && !amx && m0 < M; m0 += mc) {
+        for (int64_t m0 = 0; panel && !tiled && m0 < M; m0 += mc) {
             const int64_t m1 = m0 + mc < M ? m0 + mc : M;
             for (int64_t tile = t0; tile < t1;) {
                 const int two = pair && tile + 1 < t1, step = two ? 2 : 1;
