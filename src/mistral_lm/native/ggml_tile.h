@@ -604,21 +604,34 @@ static AI void FN(kern)(const int type, const int mr, const xblock *x, int64_t n
 #define AMX_XD 576
 #define AMX_XDS 640
 #define AMX_XB 704
-#define AMX_MUL(C, A, B, xa, wb)                                                                     \
+/* C = A times B: tdpbssd (signed codes) or tdpbsud (unsigned), as the constant `sgn` says */
+#define AMX_MUL_OP(OP, C, A, B, xa, wb)                                                              \
     __asm__ volatile("tilezero %%tmm" #C "\n\ttileloadd (%[a],%[as],1), %%tmm" #A                    \
-                     "\n\ttileloadd (%[b],%[bs],1), %%tmm" #B "\n\ttdpbsud %%tmm" #B ", %%tmm" #A     \
+                     "\n\ttileloadd (%[b],%[bs],1), %%tmm" #B "\n\t" OP " %%tmm" #B ", %%tmm" #A     \
                      ", %%tmm" #C                                                                    \
                      :                                                                               \
                      : [a] "r"(xa), [as] "r"((int64_t)32), [b] "r"(wb), [bs] "r"((int64_t)VB)         \
                      : "memory")
+#define AMX_MUL(C, A, B, xa, wb)                                                                     \
+    do {                                                                                             \
+        if (sgn) AMX_MUL_OP("tdpbssd", C, A, B, xa, wb);                                             \
+        else AMX_MUL_OP("tdpbsud", C, A, B, xa, wb);                                                 \
+    } while (0)
 #define AMX_STORE(C, dst) \
     __asm__ volatile("tilestored %%tmm" #C ", (%[c],%[cs],1)" : : [c] "r"(dst), [cs] "r"((int64_t)64) : "memory")
 
-/* Rows 16g .. 16g + 15 of x (M rows of nb blocks), every block, into xa (nb * AMX_XB bytes). */
-static AI void FN(amx_pack)(const int sh, const xblock *x, int64_t nb, int64_t g, uint8_t *xa) {
+/* Rows 16g .. 16g + 15 of x (M rows of nb blocks), every block, into xa (nb * AMX_XB bytes);
+ * rows from M on are zeros (a last group's padding: its sums are never stored). */
+static AI void FN(amx_pack)(const int sh, const xblock *x, int64_t M, int64_t nb, int64_t g, uint8_t *xa) {
     for (int64_t b = 0; b < nb; b++) {
         uint8_t *pb = xa + b * AMX_XB;
         for (int r = 0; r < 16; r++) {
+            if (16 * g + r >= M) {
+                memset(pb + AMX_XQ + 32 * r, 0, 32);
+                ((int32_t *)(pb + AMX_XOFF))[r] = 0;
+                ((float *)(pb + AMX_XD))[r] = ((float *)(pb + AMX_XDS))[r] = 0.0f;
+                continue;
+            }
             const xblock *xb = x + (16 * g + r) * nb + b;
             memcpy(pb + AMX_XQ + 32 * r, xb->q, 32);
             ((int32_t *)(pb + AMX_XOFF))[r] = sh >= 0 ? -(xb->sx << sh) : 0;
@@ -628,21 +641,37 @@ static AI void FN(amx_pack)(const int sh, const xblock *x, int64_t nb, int64_t g
     }
 }
 
-static AI void FN(amx_scale)(const uint8_t *xb, const uint8_t *pb, const int32_t *c, vf_t acc[16]) {
+/* sgn: the panel's codes are signed (amx_signed), so the sums need no offset */
+static AI void FN(amx_scale)(const int sgn, const uint8_t *xb, const uint8_t *pb, const int32_t *c, vf_t acc[16]) {
     const vf_t cw = V_LOADF((const float *)(pb + 8 * VB));
     const int32_t *off = (const int32_t *)(xb + AMX_XOFF);
     const float *d = (const float *)(xb + AMX_XD);
 #pragma GCC unroll 16
     for (int i = 0; i < 16; i++) {
-        const vi_t I = V_ADDI(V_SET1I(off[i]), V_LOADI(c + 16 * i));
+        const vi_t I = sgn ? V_LOADI(c + 16 * i) : V_ADDI(V_SET1I(off[i]), V_LOADI(c + 16 * i));
         acc[i] = V_FMA(V_MUL(cw, V_SET1F(d[i])), V_CVT(I), acc[i]);
     }
 }
 
-/* xa: the group's packed blocks from this panel's first (kc of them, AMX_XB bytes apart). */
+/* The codes of Q4_0 and Q8_0, signed in the panel (u - 8 and q): tdpbssd's sums are then the
+ * vector kernel's sums after its offset, -(sx << sh), which is exact integer arithmetic. */
+static AI int FN(amx_signed)(int type) { return type == T_Q4_0 || type == T_Q8_0; }
+
+/* The panel's kc blocks of Q4_0 / Q8_0 codes, as unpack leaves them for vpdpbusd (unsigned),
+ * made signed for tdpbssd. */
+static AI void FN(amx_sign_panel)(int type, uint8_t *panel, int kc) {
+    for (int k = 0; k < kc; k++)
+        for (int g = 0; g < 8; g++) {
+            uint8_t *v = panel + (size_t)k * PB + g * VB;
+            V_STOREI(v, type == T_Q4_0 ? _mm512_sub_epi8(V_LOADI(v), V_SET1B(8)) : V_XOR(V_LOADI(v), V_SET1B((char)0x80)));
+        }
+}
+
+/* xa: the group's packed blocks from this panel's first (kc of them, AMX_XB bytes apart); rows:
+ * the group's rows that exist (the outputs stored). */
 static AI void FN(kern_amx_t)(const int type, const uint8_t *xa, int kc, const uint8_t *panel, float *abuf,
-                              float *mbuf, int first, int last, float *out, int64_t ldo, int nr) {
-    const int has_min = type == T_Q4_1 || type == T_Q4_K;
+                              float *mbuf, int first, int last, float *out, int64_t ldo, int nr, int rows) {
+    const int has_min = type == T_Q4_1 || type == T_Q4_K, sgn = FN(amx_signed)(type);
     int32_t c0[16 * 16] __attribute__((aligned(64))), c1[16 * 16] __attribute__((aligned(64)));
     vf_t acc[16];
     if (has_min) {
@@ -668,15 +697,15 @@ static AI void FN(kern_amx_t)(const int type, const uint8_t *xa, int kc, const u
         const uint8_t *pb = panel + (size_t)k * PB;
         AMX_STORE(0, c0);
         if (k + 2 < kc) AMX_MUL(0, 1, 2, XA(k + 2), pb + 2 * PB);
-        if (k > 0) FN(amx_scale)(XA(k - 1), pb - PB, c1, acc);
+        if (k > 0) FN(amx_scale)(sgn, XA(k - 1), pb - PB, c1, acc);
         if (k + 1 < kc) {
             AMX_STORE(3, c1);
             if (k + 3 < kc) AMX_MUL(3, 4, 5, XA(k + 3), pb + 3 * PB);
-            FN(amx_scale)(XA(k), pb, c0, acc);
+            FN(amx_scale)(sgn, XA(k), pb, c0, acc);
         }
     }
-    if (kc & 1) FN(amx_scale)(XA(kc - 1), panel + (size_t)(kc - 1) * PB, c0, acc);
-    else FN(amx_scale)(XA(kc - 1), panel + (size_t)(kc - 1) * PB, c1, acc);
+    if (kc & 1) FN(amx_scale)(sgn, XA(kc - 1), panel + (size_t)(kc - 1) * PB, c0, acc);
+    else FN(amx_scale)(sgn, XA(kc - 1), panel + (size_t)(kc - 1) * PB, c1, acc);
 #undef XA
 #pragma GCC unroll 16
     for (int i = 0; i < 16; i++) {
@@ -684,21 +713,22 @@ static AI void FN(kern_amx_t)(const int type, const uint8_t *xa, int kc, const u
             V_STOREF(abuf + i * NRP, acc[i]);
             continue;
         }
-        FN(store_row)(out + i * ldo, has_min ? V_ADD(acc[i], V_LOADF(mbuf + i * NRP)) : acc[i], nr);
+        if (i < rows) FN(store_row)(out + i * ldo, has_min ? V_ADD(acc[i], V_LOADF(mbuf + i * NRP)) : acc[i], nr);
     }
 }
 #undef AMX_MUL
+#undef AMX_MUL_OP
 #undef AMX_STORE
 
 /* kern_amx_t with the type a constant in each case */
 static __attribute__((noinline)) void FN(kern_amx)(int type, const uint8_t *xa, int kc, const uint8_t *panel,
                                                    float *abuf, float *mbuf, int first, int last, float *out,
-                                                   int64_t ldo, int nr) {
+                                                   int64_t ldo, int nr, int rows) {
     switch (type) {
-    case T_Q4_0: FN(kern_amx_t)(T_Q4_0, xa, kc, panel, abuf, mbuf, first, last, out, ldo, nr); break;
-    case T_Q4_1: FN(kern_amx_t)(T_Q4_1, xa, kc, panel, abuf, mbuf, first, last, out, ldo, nr); break;
-    case T_Q8_0: FN(kern_amx_t)(T_Q8_0, xa, kc, panel, abuf, mbuf, first, last, out, ldo, nr); break;
-    case T_Q4_K: FN(kern_amx_t)(T_Q4_K, xa, kc, panel, abuf, mbuf, first, last, out, ldo, nr); break;
+    case T_Q4_0: FN(kern_amx_t)(T_Q4_0, xa, kc, panel, abuf, mbuf, first, last, out, ldo, nr, rows); break;
+    case T_Q4_1: FN(kern_amx_t)(T_Q4_1, xa, kc, panel, abuf, mbuf, first, last, out, ldo, nr, rows); break;
+    case T_Q8_0: FN(kern_amx_t)(T_Q8_0, xa, kc, panel, abuf, mbuf, first, last, out, ldo, nr, rows); break;
+    case T_Q4_K: FN(kern_amx_t)(T_Q4_K, xa, kc, panel, abuf, mbuf, first, last, out, ldo, nr, rows); break;
     }
 }
 
@@ -895,10 +925,10 @@ static AI int FN(tile_rows)(const uint8_t *w, int64_t N, int64_t ldw, int64_t n,
 /* One thread's tiles t0 .. t1 - 1 of an AMX prefill: amx_panels tiles per pass, their panels
  * unpacked for one K chunk, then each 16-row group runs over all of them while its packed
  * activations (kc * AMX_XB bytes) stay in L1; one panel per group pass made every tile stream all
- * groups' activations from L2 (or L3 at 7B widths). Rows past the last whole group take kern. The
+ * groups' activations from L2 (or L3 at 7B widths). A last partial group is padded with zero rows. The
  * same sums in the same order per output as one panel at a time. Returns 0, having computed
  * nothing, where its buffers cannot be had (the caller's vector loop then runs). */
-static int FN(matmul_amx)(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N, int64_t ldw,
+static int FN(matmul_amx)(int type, int64_t M, int64_t nb, const uint8_t *w, int64_t N, int64_t ldw,
                            float *out, int64_t ldo, int64_t mc, const uint8_t *xa, int64_t t0, int64_t t1) {
     const int tb = type_bytes(type), sup = type == T_Q4_K || type == T_Q6_K;
     const int panels = amx_panels;
@@ -923,25 +953,16 @@ static int FN(matmul_amx)(int type, const xblock *x, int64_t M, int64_t nb, cons
                     uint8_t *panel = FN(tbuf) + p * one;
                     if (kb + kc < nb) FN(prefetch_panel)(rp[p][0], off[p], nr[p], kb + kc, nb, tb, sup);
                     FN(unpack)(type, rp[p], _mm512_loadu_si512(off[p]), kb, kc, panel);
+                    if (FN(amx_signed)(type)) FN(amx_sign_panel)(type, panel, kc);
                 }
-                int64_t i = m0;
-                for (; m1 - i >= 16; i += 16) {
+                for (int64_t i = m0; i < m1; i += 16) { /* the last group may be partial: padded */
                     const uint8_t *xg = xa + ((size_t)(i / 16) * nb + kb) * AMX_XB;
+                    const int rows = (int)(m1 - i < 16 ? m1 - i : 16);
                     for (int p = 0; p < np; p++) {
                         uint8_t *panel = FN(tbuf) + p * one;
                         float *abuf = (float *)(panel + (size_t)KC * PB), *mbuf = abuf + NRP * mc;
                         FN(kern_amx)(type, xg, kc, panel, abuf + (i - m0) * NRP, mbuf + (i - m0) * NRP, kb == 0,
-                                     kb + kc == nb, out + i * ldo + (tile0 + p) * NRP, ldo, nr[p]);
-                    }
-                }
-                for (; i < m1; i += MR) {
-                    const int mr = (int)(m1 - i < MR ? m1 - i : MR);
-                    for (int p = 0; p < np; p++) {
-                        uint8_t *panel = FN(tbuf) + p * one;
-                        float *abuf = (float *)(panel + (size_t)KC * PB), *mbuf = abuf + NRP * mc;
-                        FN(run_kern)(type, mr, x + i * nb + kb, nb, kc, panel, abuf + (i - m0) * NRP,
-                                     mbuf + (i - m0) * NRP, kb == 0, kb + kc == nb, out + i * ldo + (tile0 + p) * NRP,
-                                     ldo, nr[p]);
+                                     kb + kc == nb, out + i * ldo + (tile0 + p) * NRP, ldo, nr[p], rows);
                     }
                 }
             }
@@ -966,8 +987,8 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
     uint8_t *xa = NULL; /* the 16-row groups' activations packed for the tiles (amx_pack) */
 #if TILES
     if (amx) {
-        mc = mc < 16 ? 16 : mc / 16 * 16; /* chunks of whole groups */
-        const size_t need = (size_t)(M / 16) * (size_t)nb * AMX_XB;
+        mc = (mc + 15) / 16 * 16; /* chunks of whole groups (the last one padded) */
+        const size_t need = (size_t)((M + 15) / 16) * (size_t)nb * AMX_XB;
         if (FN(xabuf_size) < need) {
             free(FN(xabuf));
             FN(xabuf) = aligned_alloc(64, (need + 63) & ~(size_t)63);
@@ -986,7 +1007,7 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
             FN(amx_begin)();
             const int sh = off_shift(type);
 #pragma omp for schedule(static)
-            for (int64_t g = 0; g < M / 16; g++) FN(amx_pack)(sh, x, nb, g, xa + (size_t)g * nb * AMX_XB);
+            for (int64_t g = 0; g < (M + 15) / 16; g++) FN(amx_pack)(sh, x, M, nb, g, xa + (size_t)g * nb * AMX_XB);
         }
 #endif
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
@@ -994,7 +1015,7 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
         int tiled = 0; /* this thread's tiles done by matmul_amx */
 #if TILES
         if (amx) {
-            tiled = FN(matmul_amx)(type, x, M, nb, w, N, ldw, out, ldo, mc, xa, t0, t1);
+            tiled = FN(matmul_amx)(type, M, nb, w, N, ldw, out, ldo, mc, xa, t0, t1);
             FN(amx_end)();
         }
 #endif
