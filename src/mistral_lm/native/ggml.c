@@ -204,6 +204,17 @@ static int amx_panels = 4;
  * (median of 8 alternated comparisons, 0.94-1.18): they keep 512 KB (bench/RESULTS.md). */
 static int64_t chunk_bytes = 0;
 
+/* *buf with room for `need` bytes (64-byte aligned, grown as needed; *size its room): a thread's
+ * scratch kept across calls. NULL where it cannot be had. */
+static uint8_t *grown(uint8_t **buf, size_t *size, size_t need) {
+    if (*size < need) {
+        free(*buf);
+        *buf = aligned_alloc(64, (need + 63) & ~(size_t)63);
+        *size = *buf ? need : 0;
+    }
+    return *buf;
+}
+
 /* Activation rows per M chunk (a multiple of mr): chunk_bytes where set, else the ISA's default
  * bytes but at least 128 rows. Every chunk also unpacks each weight panel once more, and with
  * fewer rows to share it that shows: on AVX2 a 7B's down_proj (K = 14336) got 18 rows of 512 KB

@@ -588,8 +588,8 @@ static AI void FN(kern)(const int type, const int mr, const xblock *x, int64_t n
 }
 
 #if TILES
-/* AMX: 16 activation rows times a panel of kc blocks, a tile multiply per block. tdpbsud takes
- * the rows' signed codes (A: 16 rows of 32 bytes, packed by amx_pack so that a tile load reads
+/* AMX: 16 activation rows times a panel of kc blocks, a tile multiply per block. tdpbsud (tdpbssd
+ * where the panel's codes are signed: amx_signed) takes the rows' signed codes (A: 16 rows of 32 bytes, packed by amx_pack so that a tile load reads
  * 512 contiguous bytes instead of 16 half-used lines of the row-major blocks) and the panel
  * block's 8 code vectors, already the K-by-4 layout of a B tile, and makes the same exact int32
  * sums as kern's vpdpbusd; the float steps after are kern's, in its order, so the result has
@@ -598,12 +598,12 @@ static AI void FN(kern)(const int type, const int mr, const xblock *x, int64_t n
  * pass, each accumulator in kern's order: 16 rows of both do not fit the registers. Q6_K's two
  * half sums per block stay with kern. The tile configuration is the caller's (amx_begin). */
 /* A 16-row group's block, packed for the tiles (amx_pack): the 16 rows' codes (the A tile, 32
- * bytes a row), then per row the block's integer offset -(sx << sh), d and ds. */
+ * bytes a row), then per row the block's d and ds. No offset: Q4_0 and Q8_0 panels hold signed
+ * codes (amx_signed), Q4_1 and Q4_K have none. */
 #define AMX_XQ 0
-#define AMX_XOFF 512
-#define AMX_XD 576
-#define AMX_XDS 640
-#define AMX_XB 704
+#define AMX_XD 512
+#define AMX_XDS 576
+#define AMX_XB 640
 /* C = A times B: tdpbssd (signed codes) or tdpbsud (unsigned), as the constant `sgn` says */
 #define AMX_MUL_OP(OP, C, A, B, xa, wb)                                                              \
     __asm__ volatile("tilezero %%tmm" #C "\n\ttileloadd (%[a],%[as],1), %%tmm" #A                    \
@@ -622,39 +622,35 @@ static AI void FN(kern)(const int type, const int mr, const xblock *x, int64_t n
 
 /* Rows 16g .. 16g + 15 of x (M rows of nb blocks), every block, into xa (nb * AMX_XB bytes);
  * rows from M on are zeros (a last group's padding: its sums are never stored). */
-static AI void FN(amx_pack)(const int sh, const xblock *x, int64_t M, int64_t nb, int64_t g, uint8_t *xa) {
+static AI void FN(amx_pack)(const xblock *x, int64_t M, int64_t nb, int64_t g, uint8_t *xa) {
     for (int64_t b = 0; b < nb; b++) {
         uint8_t *pb = xa + b * AMX_XB;
         for (int r = 0; r < 16; r++) {
             if (16 * g + r >= M) {
                 memset(pb + AMX_XQ + 32 * r, 0, 32);
-                ((int32_t *)(pb + AMX_XOFF))[r] = 0;
                 ((float *)(pb + AMX_XD))[r] = ((float *)(pb + AMX_XDS))[r] = 0.0f;
                 continue;
             }
             const xblock *xb = x + (16 * g + r) * nb + b;
             memcpy(pb + AMX_XQ + 32 * r, xb->q, 32);
-            ((int32_t *)(pb + AMX_XOFF))[r] = sh >= 0 ? -(xb->sx << sh) : 0;
             ((float *)(pb + AMX_XD))[r] = xb->d;
             ((float *)(pb + AMX_XDS))[r] = xb->ds;
         }
     }
 }
 
-/* sgn: the panel's codes are signed (amx_signed), so the sums need no offset */
-static AI void FN(amx_scale)(const int sgn, const uint8_t *xb, const uint8_t *pb, const int32_t *c, vf_t acc[16]) {
+static AI void FN(amx_scale)(const uint8_t *xb, const uint8_t *pb, const int32_t *c, vf_t acc[16]) {
     const vf_t cw = V_LOADF((const float *)(pb + 8 * VB));
-    const int32_t *off = (const int32_t *)(xb + AMX_XOFF);
     const float *d = (const float *)(xb + AMX_XD);
 #pragma GCC unroll 16
     for (int i = 0; i < 16; i++) {
-        const vi_t I = sgn ? V_LOADI(c + 16 * i) : V_ADDI(V_SET1I(off[i]), V_LOADI(c + 16 * i));
-        acc[i] = V_FMA(V_MUL(cw, V_SET1F(d[i])), V_CVT(I), acc[i]);
+        acc[i] = V_FMA(V_MUL(cw, V_SET1F(d[i])), V_CVT(V_LOADI(c + 16 * i)), acc[i]);
     }
 }
 
 /* The codes of Q4_0 and Q8_0, signed in the panel (u - 8 and q): tdpbssd's sums are then the
- * vector kernel's sums after its offset, -(sx << sh), which is exact integer arithmetic. */
+ * vector kernel's sums after its offset, -(sx << sh), which is exact integer arithmetic. Q4_1 and
+ * Q4_K have no offset (their min term is its own pass). */
 static AI int FN(amx_signed)(int type) { return type == T_Q4_0 || type == T_Q8_0; }
 
 /* The panel's kc blocks of Q4_0 / Q8_0 codes, as unpack leaves them for vpdpbusd (unsigned),
@@ -697,15 +693,15 @@ static AI void FN(kern_amx_t)(const int type, const uint8_t *xa, int kc, const u
         const uint8_t *pb = panel + (size_t)k * PB;
         AMX_STORE(0, c0);
         if (k + 2 < kc) AMX_MUL(0, 1, 2, XA(k + 2), pb + 2 * PB);
-        if (k > 0) FN(amx_scale)(sgn, XA(k - 1), pb - PB, c1, acc);
+        if (k > 0) FN(amx_scale)(XA(k - 1), pb - PB, c1, acc);
         if (k + 1 < kc) {
             AMX_STORE(3, c1);
             if (k + 3 < kc) AMX_MUL(3, 4, 5, XA(k + 3), pb + 3 * PB);
-            FN(amx_scale)(sgn, XA(k), pb, c0, acc);
+            FN(amx_scale)(XA(k), pb, c0, acc);
         }
     }
-    if (kc & 1) FN(amx_scale)(sgn, XA(kc - 1), panel + (size_t)(kc - 1) * PB, c0, acc);
-    else FN(amx_scale)(sgn, XA(kc - 1), panel + (size_t)(kc - 1) * PB, c1, acc);
+    if (kc & 1) FN(amx_scale)(XA(kc - 1), panel + (size_t)(kc - 1) * PB, c0, acc);
+    else FN(amx_scale)(XA(kc - 1), panel + (size_t)(kc - 1) * PB, c1, acc);
 #undef XA
 #pragma GCC unroll 16
     for (int i = 0; i < 16; i++) {
@@ -933,12 +929,7 @@ static int FN(matmul_amx)(int type, int64_t M, int64_t nb, const uint8_t *w, int
     const int tb = type_bytes(type), sup = type == T_Q4_K || type == T_Q6_K;
     const int panels = amx_panels;
     const size_t one = (size_t)KC * PB + 2 * sizeof(float) * NRP * (size_t)mc, need = panels * one;
-    if (FN(tbuf_size) < need) {
-        free(FN(tbuf));
-        FN(tbuf) = aligned_alloc(64, (need + 63) & ~(size_t)63);
-        FN(tbuf_size) = FN(tbuf) ? need : 0;
-    }
-    if (!FN(tbuf)) return 0;
+    if (!grown(&FN(tbuf), &FN(tbuf_size), need)) return 0;
     const uint8_t *rp[AMX_P][NRP];
     int32_t off[AMX_P][NRP];
     int nr[AMX_P];
@@ -988,13 +979,7 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
 #if TILES
     if (amx) {
         mc = (mc + 15) / 16 * 16; /* chunks of whole groups (the last one padded) */
-        const size_t need = (size_t)((M + 15) / 16) * (size_t)nb * AMX_XB;
-        if (FN(xabuf_size) < need) {
-            free(FN(xabuf));
-            FN(xabuf) = aligned_alloc(64, (need + 63) & ~(size_t)63);
-            FN(xabuf_size) = FN(xabuf) ? need : 0;
-        }
-        xa = FN(xabuf);
+        xa = grown(&FN(xabuf), &FN(xabuf_size), (size_t)((M + 15) / 16) * (size_t)nb * AMX_XB);
         amx = xa != NULL;
     }
 #endif
@@ -1005,9 +990,8 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
 #if TILES
         if (amx) {
             FN(amx_begin)();
-            const int sh = off_shift(type);
 #pragma omp for schedule(static)
-            for (int64_t g = 0; g < (M + 15) / 16; g++) FN(amx_pack)(sh, x, M, nb, g, xa + (size_t)g * nb * AMX_XB);
+            for (int64_t g = 0; g < (M + 15) / 16; g++) FN(amx_pack)(x, M, nb, g, xa + (size_t)g * nb * AMX_XB);
         }
 #endif
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
@@ -1019,20 +1003,15 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
             FN(amx_end)();
         }
 #endif
-        const size_t one = (size_t)KC * PB + 2 * sizeof(float) * NRP * (size_t)mc, need = (pair ? 2 : 1) * one;
-        if (FN(tbuf_size) < need) {
-            free(FN(tbuf));
-            FN(tbuf) = aligned_alloc(64, (need + 63) & ~(size_t)63);
-            FN(tbuf_size) = FN(tbuf) ? need : 0;
-        }
+        const size_t one = (size_t)KC * PB + 2 * sizeof(float) * NRP * (size_t)mc;
         /* a panel and its accumulators per tile of a pass */
-        uint8_t *panel = FN(tbuf);
+        uint8_t *panel = tiled ? NULL : grown(&FN(tbuf), &FN(tbuf_size), (pair ? 2 : 1) * one);
         float *abuf = (float *)(panel + (size_t)KC * PB), *mbuf = abuf + NRP * mc;
 #if !VNNI
         uint8_t *panel2 = panel + one;
         float *abuf2 = (float *)(panel2 + (size_t)KC * PB), *mbuf2 = abuf2 + NRP * mc;
 #endif
-        for (int64_t m0 = 0; panel && !tiled && m0 < M; m0 += mc) {
+        for (int64_t m0 = 0; panel && m0 < M; m0 += mc) {
             const int64_t m1 = m0 + mc < M ? m0 + mc : M;
             for (int64_t tile = t0; tile < t1;) {
                 const int two = pair && tile + 1 < t1, step = two ? 2 : 1;
