@@ -89,10 +89,9 @@ def test_a_wrapping_window_and_one_thread_change_nothing(model, calls, monkeypat
 
 @pytest.mark.parametrize("threads", [3, 5])
 def test_any_thread_count_gives_the_modules_bits(model, calls, monkeypatch, threads):
-    """Threads split every projection's rows (gate/up in 32-row units whose q8 blocks each thread
-    writes), the attention items with their RoPE and cache writes, and each compute the residual
-    sums themselves: more threads than the machine's cores, and than the 3 key/value heads of
-    the default model, leave some with uneven shares and none of the bits."""
+    """Threads split every projection's rows and the attention's (row, key/value head) items:
+    more threads than the machine's cores, and than the default model's 3 key/value heads, give
+    some threads uneven shares or none, and change no bit."""
     ids, mask = prompts(4, 10)
     with torch_threads(threads):
         fused = decode(model, ids, mask, 6)

@@ -190,12 +190,11 @@ static inline void store(void *p, int64_t i, float v, int bf16) {
 }
 
 /* ------------------------------------------------------------------ pieces */
-/* this thread's share [n0, n1) of N outputs, in whole units of `unit` rows (16: the kernels' tile;
- * 32 where the rows are also the next linear's input blocks) */
-static void share(int64_t N, int64_t unit, int t, int nt, int64_t *n0, int64_t *n1) {
-    const int64_t units = (N + unit - 1) / unit;
-    *n0 = units * t / nt * unit;
-    *n1 = units * (t + 1) / nt * unit;
+/* this thread's share [n0, n1) of N outputs, in whole 16-row tiles (the kernels' unit) */
+static void share(int64_t N, int t, int nt, int64_t *n0, int64_t *n1) {
+    const int64_t tiles = (N + 15) / 16;
+    *n0 = tiles * t / nt * 16;
+    *n1 = tiles * (t + 1) / nt * 16;
     if (*n1 > N) *n1 = N;
     if (*n0 > N) *n0 = N;
 }
@@ -203,7 +202,9 @@ static void share(int64_t N, int64_t unit, int t, int nt, int64_t *n0, int64_t *
 /* rows [n0, n1) of out (M, N) = x . W^T, on this thread alone; no kernel's output depends on
  * which rows share its call, so the split changes no bit. `x` is the q8 blocks for LIN_GGML,
  * else the bfloat16 activations (M, K). */
-static int linear_rows(const Kernels *kn, const Lin *l, const void *x, int64_t M, void *out, int64_t n0, int64_t n1) {
+static int linear_part(const Kernels *kn, const Lin *l, const void *x, int64_t M, void *out, int t, int nt) {
+    int64_t n0, n1;
+    share(l->n, t, nt, &n0, &n1);
     if (n1 <= n0) return 0;
     const uint8_t *w = l->w + n0 * l->ldw;
     if (l->kind == LIN_GGML)
@@ -222,32 +223,26 @@ static int linear_rows(const Kernels *kn, const Lin *l, const void *x, int64_t M
     return rc;
 }
 
-/* this thread's share of linear l's rows */
-static int linear_part(const Kernels *kn, const Lin *l, const void *x, int64_t M, void *out, int t, int nt) {
-    int64_t n0, n1;
-    share(l->n, 16, t, nt, &n0, &n1);
-    return linear_rows(kn, l, x, M, out, n0, n1);
-}
-
-/* Row m, heads [h0, h1) of y (M, heads, D) = rope(gathered raw rows), in the activation type;
- * tmp: D floats. Each output element is its own: a head at a time gives the same bits. */
-static void rope(const void *raw, const int64_t *order, int64_t m, int64_t heads, int64_t h0, int64_t h1, int64_t D,
-                 const float *cos, const float *sin, int bf16, float *tmp, void *y) {
+/* y (M, heads, D) = rope(gathered raw rows), in the activation type */
+static void rope(const void *raw, const int64_t *order, int64_t M, int64_t heads, int64_t D, const float *cos,
+                 const float *sin, int bf16, float *tmp, void *y) {
     const int64_t N = heads * D, half = D / 2;
-    const float *c = cos + m * D, *s = sin + m * D;
-    for (int64_t h = h0; h < h1; h++) {
-        for (int64_t j = 0; j < D; j++) tmp[j] = load(raw, m * N + (order ? order[h * D + j] : h * D + j), bf16);
-        for (int64_t j = 0; j < D; j++) {
-            const float a = tmp[j] * c[j];
-            const float b = tmp[(j + half) % D] * s[j];
-            store(y, m * N + h * D + j, a + b, bf16);
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t i = 0; i < N; i++) tmp[i] = load(raw, m * N + (order ? order[i] : i), bf16);
+        const float *c = cos + m * D, *s = sin + m * D;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *xh = tmp + h * D;
+            for (int64_t j = 0; j < D; j++) {
+                const float a = xh[j] * c[j];
+                const float b = xh[(j + half) % D] * s[j];
+                store(y, m * N + h * D + j, a + b, bf16);
+            }
         }
     }
 }
 
-/* out = x + y, rounded to the activation type (out may be x) */
-static void add(void *out, const void *x, const void *y, int64_t n, int bf16) {
-    for (int64_t i = 0; i < n; i++) store(out, i, load(x, i, bf16) + load(y, i, bf16), bf16);
+static void add(void *x, const void *y, int64_t n, int bf16) {
+    for (int64_t i = 0; i < n; i++) store(x, i, load(x, i, bf16) + load(y, i, bf16), bf16);
 }
 
 /* What linear l reads of activations x: their q8 blocks xq for GGUF linears (written by
@@ -258,54 +253,33 @@ static void quantize_input(const Kernels *kn, const Lin *l, const void *x, int64
     if (l->kind == LIN_GGML) kn->quantize((const float *)x, M, l->k, l->k, xq, 1);
 }
 
-/* Columns [c0, c0 + n) of the M rows of x (row stride ldx, float32) into their q8 blocks of xq
- * (row stride ldx / 32 blocks): a block depends on its own 32 values only, so a thread can
- * quantize the columns it wrote. */
-static void quantize_cols(const Kernels *kn, const Lin *l, const void *x, int64_t M, int64_t ldx, int64_t c0,
-                          int64_t n, void *xq) {
-    if (l->kind != LIN_GGML || n <= 0) return;
-    for (int64_t m = 0; m < M; m++)
-        kn->quantize((const float *)x + m * ldx + c0, 1, n, ldx, (char *)xq + (m * (ldx / 32) + c0 / 32) * kn->xblock_bytes,
-                     1);
-}
-
 /* x (M, C) in the activation type, updated in place through every layer. Returns 0, -1 for a
  * kernel's refusal, -2 when scratch memory cannot be allocated.
  *
- * One parallel region for the whole step, five barriers a layer. Each thread computes its share
- * of every projection's rows, and of the attention's (row, kv head) items with their RoPE, cache
- * writes and (GGUF) the q8 blocks of their outputs; its gate/up rows come in whole 32-row units,
- * so it quantizes its own share of the down projection's input too. The residual sum, its norm
- * and q8 blocks are computed by every thread into its own buffers (a few thousand values: less
- * than a barrier costs), and thread 0 stores the sum into x once every thread has read x.
- * Starting a parallel region per kernel cost more than the kernels of a small model, and each
- * barrier with a serial part before it cost the other threads that part (bench/RESULTS.md). */
+ * One parallel region for the whole step: each thread computes its share of every projection's
+ * rows and of the attention's (row, kv head) items; the small serial parts (norms, activation
+ * quantization, rope, residuals) run on one thread between barriers. Starting a parallel region
+ * per kernel cost more than the kernels of a small model (bench/RESULTS.md). */
 int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *st, void *x) {
     const int64_t M = st->M, C = st->C, H = st->H, Hkv = st->Hkv, D = st->D, F = st->F;
-    const int64_t HD = H * D, KD = Hkv * D, widest = F > HD ? F : HD;
+    const int64_t HD = H * D, KD = Hkv * D, widest = (C > F ? C : F) > HD ? (C > F ? C : F) : HD;
     const int64_t rep = Hkv > 0 ? H / Hkv : 0;
     const int bf16 = st->bf16 != 0;
     const size_t es = bf16 ? 2 : 4;
     const Elementwise *ew = bf16 ? &kn->bf16 : &kn->f32;
-    const int T = st->nthreads > 0 ? st->nthreads : 1;
-    /* per thread: the residual sum y and its norm xn (M, C), its q8 blocks, and RoPE's D floats */
-    const size_t act_bytes = (es * (size_t)(M * C) + 63) / 64 * 64, xqn_bytes = (size_t)(M * (C / 32 + 1) * kn->xblock_bytes);
-    const size_t own = 2 * act_bytes + xqn_bytes + (sizeof(float) * (size_t)D + 63) / 64 * 64; /* a multiple of 64 */
-    char *buf = malloc(es * (size_t)(M * (3 * HD + 3 * KD + 3 * F + C)));
-    char *mine = aligned_alloc(64, own * (size_t)T);
+    char *buf = malloc(es * (size_t)(M * (2 * C + 3 * HD + 3 * KD + 3 * F)));
+    float *tmp = malloc(sizeof(float) * (size_t)HD);
     void *xq = malloc((size_t)(M * (widest / 32 + 1) * kn->xblock_bytes));
-    if (buf == NULL || mine == NULL || xq == NULL || Hkv <= 0 || H % Hkv) {
-        const int nomem = buf == NULL || mine == NULL || xq == NULL;
+    if (buf == NULL || tmp == NULL || xq == NULL || Hkv <= 0 || H % Hkv) {
+        const int nomem = buf == NULL || tmp == NULL || xq == NULL;
         free(buf);
-        free(mine);
+        free(tmp);
         free(xq);
         return nomem ? -2 : -1;
     }
-    char *o = buf, *qraw = o + es * M * C, *q = qraw + es * M * HD, *att = q + es * M * HD;
+    char *xn = buf, *o = xn + es * M * C, *qraw = o + es * M * C, *q = qraw + es * M * HD, *att = q + es * M * HD;
     char *kraw = att + es * M * HD, *k = kraw + es * M * KD, *v = k + es * M * KD, *gate = v + es * M * KD;
     char *up = gate + es * M * F, *act = up + es * M * F;
-    /* an item's attention output is rep * D whole q8 blocks: its thread quantizes them for o */
-    const int items_quantize = (rep * D) % 32 == 0;
     int rc = 0;
     /* one (row, kv head) item: q (1, rep, 1, D), its keys and values (1, 1, used, D), mask (1, 1, 1, used) */
     const int64_t shape[6] = {1, rep, 1, 1, st->used, D};
@@ -315,69 +289,72 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
     atomic_llong waited_ns = 0;
     atomic_int unknown = 0;
     const int64_t start = now_ns();
-#pragma omp parallel num_threads(T) reduction(| : rc)
+#pragma omp parallel num_threads(st->nthreads) reduction(| : rc)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t delay0 = nt > 1 ? run_delay_ns() : -1; /* one thread waits for no partner: not read */
-        char *y = mine + own * (size_t)t, *xn = y + act_bytes, *xqn = xn + act_bytes;
-        float *tmp = (float *)(xqn + xqn_bytes);
         for (int64_t li = 0; li < L; li++) {
             const Layer *ly = layers + li;
             char *keys = st->keys[li], *values = st->values[li];
-            /* attention block: the residual sum of the last layer's MLP (x itself for layer 0), here */
-            const void *res = x;
-            if (li > 0) {
-                add(y, x, o, M * C, bf16);
-                res = y;
+            /* attention block */
+            if (t == 0) {
+                ew->rmsnorm(x, M, C, C, ly->ln1, ly->eps1, xn, 1);
+                quantize_input(kn, &ly->q, xn, M, xq);
             }
-            ew->rmsnorm(res, M, C, C, ly->ln1, ly->eps1, xn, 1);
-            quantize_input(kn, &ly->q, xn, M, xqn);
-            rc |= linear_part(kn, &ly->q, input_of(&ly->q, xn, xqn), M, qraw, t, nt);
-            rc |= linear_part(kn, &ly->k, input_of(&ly->k, xn, xqn), M, kraw, t, nt);
-            rc |= linear_part(kn, &ly->v, input_of(&ly->v, xn, xqn), M, v, t, nt);
-            barrier_wait(&bar, nt); /* every thread has read x and o */
-            if (t == 0 && li > 0) memcpy(x, y, es * (size_t)(M * C));
+            barrier_wait(&bar, nt);
+            rc |= linear_part(kn, &ly->q, input_of(&ly->q, xn, xq), M, qraw, t, nt);
+            rc |= linear_part(kn, &ly->k, input_of(&ly->k, xn, xq), M, kraw, t, nt);
+            rc |= linear_part(kn, &ly->v, input_of(&ly->v, xn, xq), M, v, t, nt);
+            barrier_wait(&bar, nt);
+            if (t == 0) {
+                rope(qraw, ly->q.order, M, H, D, st->cos, st->sin, bf16, tmp, q);
+                rope(kraw, ly->k.order, M, Hkv, D, st->cos, st->sin, bf16, tmp, k);
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t g = 0; g < Hkv; g++) {
+                        const int64_t at = m * st->cache_s[0] + g * st->cache_s[1] + st->slot * st->cache_s[2];
+                        memcpy(keys + es * at, k + es * (m * Hkv + g) * D, es * (size_t)D);
+                        memcpy(values + es * at, v + es * (m * Hkv + g) * D, es * (size_t)D);
+                    }
+            }
+            barrier_wait(&bar, nt);
             for (int64_t it = t; it < M * Hkv; it += nt) {
                 const int64_t m = it / Hkv, g = it % Hkv, cache_at = m * st->cache_s[0] + g * st->cache_s[1];
-                rope(qraw, ly->q.order, m, H, g * rep, (g + 1) * rep, D, st->cos, st->sin, bf16, tmp, q);
-                rope(kraw, ly->k.order, m, Hkv, g, g + 1, D, st->cos, st->sin, bf16, tmp, k);
-                const int64_t at = cache_at + st->slot * st->cache_s[2];
-                memcpy(keys + es * at, k + es * (m * Hkv + g) * D, es * (size_t)D);
-                memcpy(values + es * at, v + es * (m * Hkv + g) * D, es * (size_t)D);
                 rc |= ew->attention(q + es * (m * H + g * rep) * D, keys + es * cache_at, values + es * cache_at,
                                     st->mask + m * st->mask_s[0], shape, strides, st->scale,
                                     att + es * (m * H + g * rep) * D, 1);
-                if (items_quantize) quantize_cols(kn, &ly->o, att + es * m * HD, 1, HD, g * rep * D, rep * D,
-                                                  (char *)xq + m * (HD / 32) * kn->xblock_bytes);
             }
             barrier_wait(&bar, nt);
-            if (ly->o.kind == LIN_GGML && !items_quantize) { /* the same on every thread: all take this barrier or none */
+            if (ly->o.kind == LIN_GGML) { /* the same kind on every thread: all take this barrier or none */
                 if (t == 0) quantize_input(kn, &ly->o, att, M, xq);
                 barrier_wait(&bar, nt);
             }
             rc |= linear_part(kn, &ly->o, input_of(&ly->o, att, xq), M, o, t, nt);
             barrier_wait(&bar, nt);
             /* MLP block */
-            add(y, x, o, M * C, bf16);
-            ew->rmsnorm(y, M, C, C, ly->ln2, ly->eps2, xn, 1);
-            quantize_input(kn, &ly->gate, xn, M, xqn);
-            {   /* this thread's gate and up rows, in 32-row units: their SiLU product and its q8 blocks
-                 * (the down projection's input) are its own, and need no barrier */
+            if (t == 0) {
+                add(x, o, M * C, bf16);
+                ew->rmsnorm(x, M, C, C, ly->ln2, ly->eps2, xn, 1);
+                quantize_input(kn, &ly->gate, xn, M, xq);
+            }
+            barrier_wait(&bar, nt);
+            rc |= linear_part(kn, &ly->gate, input_of(&ly->gate, xn, xq), M, gate, t, nt);
+            rc |= linear_part(kn, &ly->up, input_of(&ly->up, xn, xq), M, up, t, nt);
+            {   /* this thread's gate and up rows are its own: their product needs no barrier */
                 int64_t f0, f1;
-                share(F, 32, t, nt, &f0, &f1);
-                rc |= linear_rows(kn, &ly->gate, input_of(&ly->gate, xn, xqn), M, gate, f0, f1);
-                rc |= linear_rows(kn, &ly->up, input_of(&ly->up, xn, xqn), M, up, f0, f1);
+                share(F, t, nt, &f0, &f1);
                 for (int64_t m = 0; m < M && f1 > f0; m++)
                     ew->silu_mul(gate + es * (m * F + f0), F, up + es * (m * F + f0), F, 1, f1 - f0,
                                  act + es * (m * F + f0), 1);
-                quantize_cols(kn, &ly->down, act, M, F, f0, f1 - f0, xq);
             }
-            barrier_wait(&bar, nt); /* every thread has read x and o */
-            if (t == 0) memcpy(x, y, es * (size_t)(M * C));
+            barrier_wait(&bar, nt);
+            if (ly->down.kind == LIN_GGML) {
+                if (t == 0) quantize_input(kn, &ly->down, act, M, xq);
+                barrier_wait(&bar, nt);
+            }
             rc |= linear_part(kn, &ly->down, input_of(&ly->down, act, xq), M, o, t, nt);
             barrier_wait(&bar, nt);
+            if (t == 0) add(x, o, M * C, bf16); /* the next layer's first barrier follows its norm, on thread 0 too */
         }
-        if (t == 0 && L > 0) add(x, x, o, M * C, bf16); /* the last layer's residual sum */
         const int64_t delay1 = delay0 < 0 ? -1 : run_delay_ns();
         if (delay1 < 0) atomic_store(&unknown, 1);
         else atomic_fetch_add(&waited_ns, delay1 - delay0);
@@ -385,7 +362,7 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
     st->wall_ns = now_ns() - start;
     st->waited_ns = atomic_load(&unknown) ? -1 : atomic_load(&waited_ns);
     free(buf);
-    free(mine);
+    free(tmp);
     free(xq);
     return rc == 0 ? 0 : rc == -2 ? -2 : -1;
 }
