@@ -8,6 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mistral_lm import sampling
+from mistral_lm.errors import GenerationError
 
 logits_rows = st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=2, max_size=40)
 
@@ -84,6 +85,42 @@ def test_sample_frequencies_follow_softmax():
     draws = torch.stack([sampling.sample(logits, gen) for _ in range(6000)])
     freq = torch.bincount(draws.flatten(), minlength=3).float() / draws.numel()
     assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.02)
+
+
+def test_inverse_cdf_draws_follow_softmax_and_skip_masked_tokens():
+    """The server's sampler against the distribution's definition: 200,000 draws over 7 tokens,
+    two of them masked (-inf) and one very unlikely, each token's count within 5 standard
+    deviations of n * p, and no masked token ever drawn."""
+    logits = torch.tensor([[0.0, 1.0, float("-inf"), 2.0, -8.0, float("-inf"), 0.5]])
+    p = logits.softmax(-1)[0].double()
+    n = 200_000
+    draws = sampling.sample_by_inverse_cdf(logits.expand(n, -1), torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=7).double()
+    assert counts[2] == 0 and counts[5] == 0
+    assert ((counts - n * p).abs() <= 5 * (n * p * (1 - p)).sqrt() + 1).all(), (counts, n * p)
+
+
+def test_inverse_cdf_is_reproducible_with_a_seeded_generator():
+    logits = torch.randn(5, 49152, generator=torch.Generator().manual_seed(1))
+    a = sampling.sample_by_inverse_cdf(logits, torch.Generator().manual_seed(7))
+    b = sampling.sample_by_inverse_cdf(logits, torch.Generator().manual_seed(7))
+    c = sampling.sample_by_inverse_cdf(logits, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_inverse_cdf_at_the_top_of_the_unit_interval_draws_the_last_possible_token(monkeypatch):
+    """u * total can round up to total, past every token's interval: the draw is then the last
+    token with a probability, never a masked one after it (forced here with u = 1)."""
+    real = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones_like(real(*a, **k)))
+    logits = torch.tensor([[0.0, 3.0, 1.0, float("-inf"), float("-inf")], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    assert sampling.sample_by_inverse_cdf(logits).tolist() == [2, 4]
+
+
+def test_inverse_cdf_refuses_a_row_without_a_finite_logit():
+    logits = torch.tensor([[0.0, 1.0], [float("-inf"), float("-inf")]])
+    with pytest.raises(GenerationError, match="no token can be sampled"):
+        sampling.sample_by_inverse_cdf(logits)
 
 
 @settings(max_examples=50, deadline=None)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import GenerationError
+
 Picker = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
@@ -151,27 +153,56 @@ def make_processor(config: Any, *, presence_penalty: float = 0.0, frequency_pena
     return scores
 
 
-def make_picker(config: Any, **openai: Any) -> Picker:
+Sampler = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
+
+
+def make_picker(config: Any, draw: Sampler | None = None, **openai: Any) -> Picker:
     """`pick(logits (B, V), history (B, L), generator) -> (B,)` token ids, with `config`'s
-    settings (a GenerationConfig) read once per request rather than on every step; `openai`
-    as `make_processor`'s keywords."""
+    settings (a GenerationConfig) read once per request rather than on every step; `draw` the
+    sampler (default `sample`); `openai` as `make_processor`'s keywords."""
     scores = make_processor(config, **openai)
 
     def pick(logits: torch.Tensor, history: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return choose(scores(logits, history), config.do_sample, generator)
+        return choose(scores(logits, history), config.do_sample, generator, draw or sample)
 
     return pick
 
 
-def choose(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The next token per row from processed `scores` (B, V): drawn, or the argmax."""
-    return sample(scores, generator) if do_sample else greedy(scores)
+def choose(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None,
+           draw: Sampler | None = None) -> torch.Tensor:
+    """The next token per row from processed `scores` (B, V): drawn (by `draw`, default
+    `sample`), or the argmax."""
+    return (draw or sample)(scores, generator) if do_sample else greedy(scores)
 
 
 def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row, drawn from softmax(logits) with an explicit generator."""
+    """One token id per row, drawn from softmax(logits) with an explicit generator: torch's
+    multinomial, as transformers' generate() draws, so a seeded generate() samples its tokens."""
     probs = logits.float().softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_by_inverse_cdf(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row from softmax(logits), by one uniform number per row and the
+    cumulative distribution (float64). The server's sampler: torch.multinomial draws an
+    exponential number for every vocabulary entry, which cost a server more per sampled row than
+    its batched decode step (bench/RESULTS.md). Another stream of draws than `sample`'s for the
+    same seed, so generate() keeps that one. A token of probability 0 (a -inf logit) is never
+    drawn; a row with no finite logit raises."""
+    probs = logits.float().softmax(dim=-1).double()
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        raise GenerationError("no token can be sampled: every token's probability is zero or undefined "
+                              "(all logits -inf or NaN)")
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    picked = torch.searchsorted(cdf, u * total, right=True)[:, 0]
+    # u * total can round up to total itself: then the last token with a probability
+    past = picked >= probs.shape[-1]
+    if bool(past.any()):
+        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+        picked = torch.where(past, last, picked)
+    return picked
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
