@@ -117,6 +117,13 @@ def test_inverse_cdf_at_the_top_of_the_unit_interval_draws_the_last_possible_tok
     assert sampling.sample_by_inverse_cdf(logits).tolist() == [2, 4]
 
 
+def test_inverse_cdf_at_zero_draws_the_first_possible_token(monkeypatch):
+    real = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros_like(real(*a, **k)))
+    logits = torch.tensor([[float("-inf"), float("-inf"), 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    assert sampling.sample_by_inverse_cdf(logits).tolist() == [2, 0]
+
+
 def test_inverse_cdf_refuses_a_row_without_a_finite_logit():
     logits = torch.tensor([[0.0, 1.0], [float("-inf"), float("-inf")]])
     with pytest.raises(GenerationError, match="no token can be sampled"):
