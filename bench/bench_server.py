@@ -2,8 +2,8 @@
 schema, and the prefix cache's effect on a chat's second turn, same model, one run.
 
 The server runs in its own process (so the clients' JSON parsing does not share its GIL) on
-127.0.0.1; clients stream /v1/completions with temperature 0 and count the tokens that `usage`
-reports. Continuous batching should make the 32-client total several times the one-client rate:
+127.0.0.1; clients stream /v1/completions with temperature 0 (`--temperature` to sample) and
+count the tokens that `usage` reports. Continuous batching should make the 32-client total several times the one-client rate:
 a decode step for 32 rows costs far less than 32 steps of one row. `logprobs: 5` adds a
 log-softmax and a top-5 per token and the per-token JSON; the schema phase streams chat answers
 under `response_format` json_schema, so each step also pays the grammar's mask (grammar.py).
@@ -82,12 +82,12 @@ SCHEMA = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
 
 
 def stream_one(url: str, prompt: str, max_tokens: int, logprobs: int | None = None, schema: bool = False,
-               rates: list[float] | None = None) -> int:
+               rates: list[float] | None = None, temperature: float = 0.0) -> int:
     """Stream one completion (a chat answer under SCHEMA with `schema`); return its completion
     tokens (from the final usage chunk). `rates` receives the stream's own rate: tokens per
     second from its first token chunk to its last (decode as the client sees it, without the
     request's set-up and prefill: the figure comparable to an engine's decode rate)."""
-    body: dict = {"max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body: dict = {"max_tokens": max_tokens, "temperature": temperature, "stream": True,
                   "stream_options": {"include_usage": True}}
     if schema:
         body |= {"messages": [{"role": "user", "content": prompt}], "response_format": SCHEMA}
@@ -113,7 +113,8 @@ def stream_one(url: str, prompt: str, max_tokens: int, logprobs: int | None = No
     return produced
 
 
-def phase(url: str, clients: int, requests_each: int, max_tokens: int, mode: str = "plain") -> dict[str, float]:
+def phase(url: str, clients: int, requests_each: int, max_tokens: int, mode: str = "plain",
+          temperature: float = 0.0) -> dict[str, float]:
     """`clients` concurrent clients, each sending `requests_each` streams one after the other;
     `mode` "plain", "logprobs" (5 alternatives per token) or "schema" (SCHEMA's grammar)."""
     before = httpx.get(url + "/health").json()
@@ -122,7 +123,7 @@ def phase(url: str, clients: int, requests_each: int, max_tokens: int, mode: str
 
     def client(c: int) -> int:
         return sum(stream_one(url, f"Story {c}.{r}: Once upon a time, in a city by the sea,", max_tokens, logprobs,
-                              schema=mode == "schema", rates=rates)
+                              schema=mode == "schema", rates=rates, temperature=temperature)
                    for r in range(requests_each))
 
     start = time.perf_counter()
@@ -177,6 +178,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=2, help="requests per client in each phase")
     parser.add_argument("--threads", type=int, help="torch intra-op threads in the server (default: torch's)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="the clients' sampling temperature (0: greedy, the default; OpenAI's own default is 1)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,7 +204,7 @@ def main() -> None:
             wait_ready(url, server)
             stream_one(url, "Warm up.", 8)
             stream_one(url, "Warm up.", 8, schema=True)  # the grammar engine's one-time setup per vocabulary
-            results = [(clients, mode, phase(url, clients, args.requests, args.max_tokens, mode))
+            results = [(clients, mode, phase(url, clients, args.requests, args.max_tokens, mode, args.temperature))
                        for clients in args.clients for mode in ("plain", "logprobs", "schema")]
             turns = turn_two(url, args.turns) if args.turns else None
         finally:
@@ -209,7 +212,8 @@ def main() -> None:
             server.wait(30)
 
     label = "random 4-layer Mistral" if model == Path(tmp) else model.name
-    print(f"model: {label}, max_tokens {args.max_tokens}, {args.requests} requests per client")
+    print(f"model: {label}, max_tokens {args.max_tokens}, {args.requests} requests per client, "
+          f"temperature {args.temperature:g}")
     print(f"{'clients':>8} {'mode':>9} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'rows/forward':>13} "
           f"{'stream tok/s':>13}")
     for clients, mode, r in results:
