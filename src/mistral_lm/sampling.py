@@ -156,7 +156,7 @@ def make_processor(config: Any, *, presence_penalty: float = 0.0, frequency_pena
 Sampler = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
-def make_picker(config: Any, draw: Sampler | None = None, **openai: Any) -> Picker:
+def make_picker(config: Any, *, draw: Sampler | None = None, **openai: Any) -> Picker:
     """`pick(logits (B, V), history (B, L), generator) -> (B,)` token ids, with `config`'s
     settings (a GenerationConfig) read once per request rather than on every step; `draw` the
     sampler (default `sample`); `openai` as `make_processor`'s keywords."""
