@@ -91,6 +91,20 @@ def test_sampling_reproducible_and_num_return_sequences():
     assert torch.equal(a[0, :5], a[2, :5]) and torch.equal(a[3, :5], ids[1])
 
 
+def test_the_inverse_cdf_sampler_is_seeded_and_checked():
+    """generate(sampler="inverse_cdf") (the CLI's) draws with the seed's generator; the default
+    stays torch's multinomial, which a seeded run shares with Transformers."""
+    model = MistralForCausalLM(tiny_config()).eval()
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=12, do_sample=True, temperature=1.5, top_k=0, eos_token_id=None)
+    a = model.generate(ids, seed=5, sampler="inverse_cdf", **kwargs)
+    assert torch.equal(a, model.generate(ids, seed=5, sampler="inverse_cdf", **kwargs))
+    assert not torch.equal(a, model.generate(ids, seed=5, **kwargs))  # another stream of draws
+    assert not torch.equal(a, model.generate(ids, seed=6, sampler="inverse_cdf", **kwargs))
+    with pytest.raises(GenerationError, match="sampler"):
+        model.generate(ids, sampler="gumbel", **kwargs)
+
+
 def test_generation_config_object_and_batch_encoding_mapping():
     model = MistralForCausalLM(tiny_config(sliding_window=6)).eval()
     ids, mask = _left_padded([7, 4])

@@ -330,6 +330,25 @@ def test_engine_n_choices_and_seeds(engine: Engine, model: Any, tokenizer: Mistr
     assert busy[8][0] == [greedy, greedy]
 
 
+def test_engine_samples_by_the_inverse_cdf(engine: Engine, monkeypatch) -> None:
+    """The server draws its sampled tokens with one uniform number a row, not torch.multinomial
+    (an exponential number per vocabulary entry, slower than a batched step: bench/RESULTS.md)."""
+    from mistral_lm import sampling
+
+    used: list[str] = []
+
+    def spy(name, draw):  # noqa: ANN001, ANN202
+        def counted(logits, generator):  # noqa: ANN001, ANN202
+            used.append(name)
+            return draw(logits, generator)
+        return counted
+
+    for name, draw in list(sampling.SAMPLERS.items()):
+        monkeypatch.setitem(sampling.SAMPLERS, name, spy(name, draw))
+    _run(engine, [{"prompt": _prompt(1), "max_tokens": 4, "temperature": 0.8, "seed": 3}])
+    assert used and set(used) == {"inverse_cdf"}
+
+
 def test_engine_thread_computes_with_the_servers_thread_count(tokenizer: MistralTokenizer) -> None:
     """torch's intra-op thread count is per thread and a new thread starts at 1: the engine's
     thread must run with the count set where the engine was made (`--threads`, or torch's

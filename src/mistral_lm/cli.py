@@ -33,7 +33,8 @@ def load(model_path: str | None, dtype: str | None, quantize: str = "auto") -> t
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     do_sample = args.temperature > 0
     kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, seed=args.seed,
-                                  repetition_penalty=args.repetition_penalty, compile=args.compile)
+                                  repetition_penalty=args.repetition_penalty, compile=args.compile,
+                                  sampler="inverse_cdf")
     if do_sample:
         kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     return kwargs

@@ -184,7 +184,7 @@ def generate_tokens(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen: Gene
                          history[:, :end], padding)
         if record is not None:
             record(logits, scores)
-        token = sampling.choose(scores, gen.do_sample, generator)
+        token = sampling.choose(scores, gen.do_sample, generator, sampling.SAMPLERS[gen.sampler])
         if eos:
             token = torch.where(finished, torch.full_like(token, pad), token)
         history[:, end] = token

@@ -40,6 +40,10 @@ class GenerationConfig:
     seed: int | None = None
     prefill_chunk_size: int | None = None
     compile: bool = False  # ours: torch.compile the decode step (generation.Decoder)
+    # ours: how a sampled token is drawn (sampling.SAMPLERS): "multinomial", torch's, which a seeded
+    # run shares with Transformers' generate(); "inverse_cdf", one uniform number a row, much faster
+    # on large vocabularies (the CLI's and the server's)
+    sampler: str = "multinomial"
     num_beams: int = 1  # > 1: beam search (beam_search.py), do_sample=False only
     num_beam_groups: int = 1  # group (diverse) beam search: refused unless 1
     length_penalty: float = 1.0  # beam scores are divided by (new tokens) ** length_penalty
@@ -100,6 +104,8 @@ class GenerationConfig:
                 raise GenerationError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.compile, bool):
             raise GenerationError(f"compile must be True or False, got {self.compile!r}")
+        if self.sampler not in ("multinomial", "inverse_cdf"):
+            raise GenerationError(f'sampler must be "multinomial" or "inverse_cdf", got {self.sampler!r}')
         if self.prefill_chunk_size is not None and (not is_int(self.prefill_chunk_size) or self.prefill_chunk_size < 1):
             raise GenerationError(f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}")
         ids = self.eos_ids + ([self.pad_token_id] if self.pad_token_id is not None else [])

@@ -156,14 +156,15 @@ def make_processor(config: Any, *, presence_penalty: float = 0.0, frequency_pena
 Sampler = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
-def make_picker(config: Any, *, draw: Sampler | None = None, **openai: Any) -> Picker:
+def make_picker(config: Any, **openai: Any) -> Picker:
     """`pick(logits (B, V), history (B, L), generator) -> (B,)` token ids, with `config`'s
-    settings (a GenerationConfig) read once per request rather than on every step; `draw` the
-    sampler (default `sample`); `openai` as `make_processor`'s keywords."""
+    settings (a GenerationConfig, its `sampler` included) read once per request rather than on
+    every step; `openai` as `make_processor`'s keywords."""
     scores = make_processor(config, **openai)
+    draw = SAMPLERS[getattr(config, "sampler", "multinomial")]
 
     def pick(logits: torch.Tensor, history: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return choose(scores(logits, history), config.do_sample, generator, draw or sample)
+        return choose(scores(logits, history), config.do_sample, generator, draw)
 
     return pick
 
@@ -184,10 +185,11 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> to
 
 def sample_by_inverse_cdf(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id per row from softmax(logits), by one uniform number per row and the
-    cumulative distribution (float64). The server's sampler: torch.multinomial draws an
-    exponential number for every vocabulary entry, which cost a server more per sampled row than
-    its batched decode step (bench/RESULTS.md). Another stream of draws than `sample`'s for the
-    same seed, so generate() keeps that one. A token of probability 0 (a -inf logit) is never
+    cumulative distribution (float64). The server's and the CLI's sampler (GenerationConfig
+    sampler="inverse_cdf"): torch.multinomial draws an exponential number for every vocabulary
+    entry, which cost a server more per sampled row than its batched decode step and a CLI token
+    a fifth of its time (bench/RESULTS.md). Another stream of draws than `sample`'s for the same
+    seed, so generate() keeps that one by default. A token of probability 0 (a -inf logit) is never
     drawn; a row with no finite logit raises."""
     probs = logits.float().softmax(dim=-1).double()
     cdf = probs.cumsum(dim=-1)
@@ -203,6 +205,10 @@ def sample_by_inverse_cdf(logits: torch.Tensor, generator: torch.Generator | Non
         last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
         picked = torch.where(past, last, picked)
     return picked
+
+
+# GenerationConfig.sampler -> the draw
+SAMPLERS: dict[str, Sampler] = {"multinomial": sample, "inverse_cdf": sample_by_inverse_cdf}
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

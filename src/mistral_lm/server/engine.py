@@ -99,8 +99,7 @@ class Submission:
         # Its own generator: a seeded request samples the same text however it is batched.
         seed = config.seed if config.seed is not None else secrets.randbits(62)
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.pick = sampling.make_picker(config, draw=sampling.sample_by_inverse_cdf,
-                                         presence_penalty=request.presence_penalty,
+        self.pick = sampling.make_picker(config, presence_penalty=request.presence_penalty,
                                          frequency_penalty=request.frequency_penalty,
                                          logit_bias=dict(request.logit_bias))
         self.choices: list[_Choice] = []

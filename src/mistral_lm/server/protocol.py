@@ -91,7 +91,7 @@ class CompletionRequest:
         sampled = self.temperature > 0
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=sampled, temperature=self.temperature if sampled else 1.0,
-            top_p=self.top_p, top_k=0, seed=self.seed, eos_token_id=eos_token_id,
+            top_p=self.top_p, top_k=0, seed=self.seed, eos_token_id=eos_token_id, sampler="inverse_cdf",
         )
         config.validate()
         return config
