@@ -87,6 +87,26 @@ def test_sample_frequencies_follow_softmax():
     assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.02)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 1e-30, -1e-30, 3e38, -3e38,
+                                          float("inf"), float("-inf"), float("nan"), -float("nan")]),
+                         min_size=1, max_size=12), min_size=1, max_size=3).filter(lambda r: len({len(x) for x in r}) == 1))
+def test_ascending_order_is_torchs_stable_sort(rows):
+    """Ties (+0 and -0 included) in index order, -inf first, NaN of either sign last: torch's own
+    stable sort is the reference the top-p filter was written against."""
+    logits = torch.tensor(rows, dtype=torch.float32)
+    assert torch.equal(sampling.ascending_order(logits), torch.sort(logits, dim=-1, stable=True).indices)
+
+
+def test_ascending_order_on_a_vocabulary_and_a_strided_view():
+    x = torch.randn(3, 49152, generator=torch.Generator().manual_seed(0))
+    x[:, 100:400] = 0.5  # a run of ties
+    x[1, :50] = float("-inf")
+    view = x[:, ::2]
+    assert torch.equal(sampling.ascending_order(x), torch.sort(x, dim=-1, stable=True).indices)
+    assert torch.equal(sampling.ascending_order(view), torch.sort(view, dim=-1, stable=True).indices)
+
+
 def test_inverse_cdf_draws_follow_softmax_and_skip_masked_tokens():
     """The server's sampler against the distribution's definition: 200,000 draws over 7 tokens,
     two of them masked (-inf) and one very unlikely, each token's count within 5 standard

@@ -68,11 +68,31 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+def ascending_order(logits: torch.Tensor) -> torch.Tensor:
+    """`torch.sort(logits, dim=-1, stable=True).indices`: ascending, ties in index order, NaN last.
+
+    float32 CPU rows go through one numpy sort of 64-bit keys (the value's bits in an order that
+    sorts as the floats do, then the index), about 4x faster than torch's stable sort over a
+    vocabulary, which cost a top-p sampled token more than the model's step (bench/RESULTS.md)."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() < 1 or not logits.shape[-1]:
+        return torch.sort(logits, dim=-1, stable=True).indices
+    rows = logits.detach().reshape(-1, logits.shape[-1]).numpy()
+    index = np.arange(rows.shape[-1], dtype=np.uint64)
+    out = np.empty(rows.shape, dtype=np.int64)
+    for r, row in enumerate(rows):
+        row = np.where(np.isnan(row), np.float32(np.nan), row + np.float32(0.0))  # one NaN, -0.0 as +0.0
+        bits = row.view(np.int32).astype(np.int64)
+        key = np.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000).astype(np.uint64)  # float order, unsigned
+        out[r] = (np.sort((key << np.uint64(32)) | index) & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    return torch.from_numpy(out).reshape(logits.shape)
+
+
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches p."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=False, stable=True)  # ties: lower index dropped first
+    order = ascending_order(logits)  # ties: lower index dropped first
+    sorted_logits = logits.gather(-1, order)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cumulative <= 1 - p  # the low tail whose mass is at most 1 - p
     remove_sorted[..., -1] = False  # the most likely token always stays
