@@ -3,10 +3,11 @@ schema, and the prefix cache's effect on a chat's second turn, same model, one r
 
 The server runs in its own process (so the clients' JSON parsing does not share its GIL) on
 127.0.0.1; clients stream /v1/completions with temperature 0 (`--temperature` to sample) and
-count the tokens that `usage` reports. Continuous batching should make the 32-client total several times the one-client rate:
-a decode step for 32 rows costs far less than 32 steps of one row. `logprobs: 5` adds a
-log-softmax and a top-5 per token and the per-token JSON; the schema phase streams chat answers
-under `response_format` json_schema, so each step also pays the grammar's mask (grammar.py).
+count the tokens that `usage` reports. Continuous batching should make the 32-client total
+several times the one-client rate: a decode step for 32 rows costs far less than 32 steps of
+one row. `logprobs: 5` adds a log-softmax and a top-5 per token and the per-token JSON; the
+schema phase streams chat answers under `response_format` json_schema, so each step also pays
+the grammar's mask (grammar.py).
 
 Turn-2 time to first token: a chat whose first user message makes a ~1,450-token prompt, its
 answer, then a short second question (a ~1,500-token history). Measured as the latency of

@@ -327,6 +327,8 @@ def test_generate_rejects_bad_arguments(checkpoint):
             model.generate(np.array([[1, 2, 3]]), **bad)
     with pytest.raises(TypeError, match="num_beams"):
         model.generate(np.array([[1, 2, 3]]), num_beams=2)
+    with pytest.raises(TypeError, match="sampler"):  # JAX draws its own way: refused, not ignored
+        model.generate(np.array([[1, 2, 3]]), do_sample=True, sampler="inverse_cdf")
     np.testing.assert_array_equal(model.generate(np.array([[1, 2, 3]]), max_new_tokens=0).sequences, [[1, 2, 3]])
 
 

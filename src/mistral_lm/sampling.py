@@ -72,8 +72,8 @@ def ascending_order(logits: torch.Tensor) -> torch.Tensor:
     """`torch.sort(logits, dim=-1, stable=True).indices`: ascending, ties in index order, NaN last.
 
     float32 CPU rows go through one numpy sort of 64-bit keys (the value's bits in an order that
-    sorts as the floats do, then the index), about 4x faster than torch's stable sort over a
-    vocabulary, which cost a top-p sampled token more than the model's step (bench/RESULTS.md)."""
+    sorts as the floats do, then the index): torch's stable sort over a vocabulary cost a top-p
+    sampled token more than the model's decode step (bench/RESULTS.md)."""
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() < 1 or not logits.shape[-1]:
         return torch.sort(logits, dim=-1, stable=True).indices
     rows = logits.detach().reshape(-1, logits.shape[-1]).numpy()
@@ -204,13 +204,13 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> to
 
 
 def sample_by_inverse_cdf(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row from softmax(logits), by one uniform number per row and the
-    cumulative distribution (float64). The server's and the CLI's sampler (GenerationConfig
+    """One token id per row of `logits` (B, V) from its softmax, by one uniform number per row and
+    the cumulative distribution (float64). The server's and the CLI's sampler (GenerationConfig
     sampler="inverse_cdf"): torch.multinomial draws an exponential number for every vocabulary
-    entry, which cost a server more per sampled row than its batched decode step and a CLI token
-    a fifth of its time (bench/RESULTS.md). Another stream of draws than `sample`'s for the same
-    seed, so generate() keeps that one by default. A token of probability 0 (a -inf logit) is never
-    drawn; a row with no finite logit raises."""
+    entry, which cost a server more per sampled row than its batched decode step
+    (bench/RESULTS.md). Another stream of draws than `sample`'s for the same seed, so generate()
+    keeps that one by default. A token of probability 0 (a -inf logit) is never drawn; a row
+    with no finite logit raises."""
     probs = logits.float().softmax(dim=-1).double()
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]

@@ -64,7 +64,7 @@ def default_config(config: Any) -> GenerationConfig:
 
 
 _TORCH_ONLY = (("num_beams", 1), ("return_dict_in_generate", False), ("output_scores", False),
-               ("output_logits", False), ("stop_strings", None))
+               ("output_logits", False), ("stop_strings", None), ("sampler", "multinomial"))
 
 
 def resolve_settings(config: Any, gen: GenerationConfig, prompt_length: int) -> GenerationSettings:
@@ -77,7 +77,8 @@ def resolve_settings(config: Any, gen: GenerationConfig, prompt_length: int) -> 
     torch_only = [f"{name}={getattr(gen, name)!r}" for name, off in _TORCH_ONLY if getattr(gen, name) != off]
     if torch_only:  # a TypeError, as for a keyword this program does not take
         raise TypeError(f"the Flax generate() does not support {', '.join(torch_only)} (beam search, output "
-                        "objects with scores and stop strings are PyTorch-only); use MistralForCausalLM.generate")
+                        "objects with scores, stop strings and the choice of sampler are PyTorch-only); use "
+                        "MistralForCausalLM.generate")
     if gen.min_p or gen.no_repeat_ngram_size:  # not traced into the Flax program: refuse, never ignore
         raise GenerationError("min_p and no_repeat_ngram_size are not supported by the Flax generate; use the "
                               "PyTorch model")
