@@ -16,6 +16,7 @@ import torch
 
 from ._util import Output, is_int
 from .errors import GenerationError
+from .sampling import SAMPLERS
 
 
 @dataclass
@@ -104,8 +105,8 @@ class GenerationConfig:
                 raise GenerationError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.compile, bool):
             raise GenerationError(f"compile must be True or False, got {self.compile!r}")
-        if self.sampler not in ("multinomial", "inverse_cdf"):
-            raise GenerationError(f'sampler must be "multinomial" or "inverse_cdf", got {self.sampler!r}')
+        if self.sampler not in SAMPLERS:
+            raise GenerationError(f"sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
         if self.prefill_chunk_size is not None and (not is_int(self.prefill_chunk_size) or self.prefill_chunk_size < 1):
             raise GenerationError(f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}")
         ids = self.eos_ids + ([self.pad_token_id] if self.pad_token_id is not None else [])
