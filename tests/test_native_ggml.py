@@ -123,6 +123,34 @@ def test_kernel_matches_reference_on_every_isa(ggml_type):
 
 
 @needs_lib
+@pytest.mark.parametrize("m", [1, 40], ids=["decode", "prefill"])
+def test_a_scratch_the_kernel_cannot_allocate_raises_memory_error(m):
+    """Each thread's panel is scratch kept across calls. Where it cannot be allocated, that thread's
+    output rows were left as torch.empty left them, and the call returned garbage. A 1-byte cap on
+    the scratch stands in for a failed allocation, on every ISA and with 1 and 2 threads; lifted,
+    the same call gives the reference's result."""
+    lib = ggml._lib()
+    k, ggml_type = 160, Q.Q4_0
+    x, blocks = activations(m, k), random_blocks(ggml_type, 37, k)
+    xq = ggml.quantize_activations(x)
+    for cap in caps():
+        with isa(cap):
+            old = lib.mlm_ggml_scratch_limit(1)
+            try:
+                for n_threads in (1, 2):
+                    with threads(n_threads):
+                        with pytest.raises(MemoryError, match="scratch"):
+                            ggml.linear(x, blocks, ggml_type)
+                        with pytest.raises(MemoryError, match="scratch"):
+                            ggml.matmul(xq, blocks, ggml_type, k, torch.empty(m, 37))
+            finally:
+                lib.mlm_ggml_scratch_limit(old)
+            y = ggml.linear(x, blocks, ggml_type)
+            bound = (k // 32 * 2 + 8) * 2.0 ** -24 * ggml._reference(x, blocks, ggml_type, absolute=True)
+            assert ((y.double() - ggml._reference(x, blocks, ggml_type)).abs() <= bound).all(), cap
+
+
+@needs_lib
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 def test_scalar_row_loads_equal_the_gather(ggml_type):
     """The tiles read each block's scales from 16 rows by scalar loads on AMD CPUs and by a gather

@@ -121,13 +121,25 @@ static void decode_scalar(int type, const uint8_t *row, int64_t b, int u[32], in
     }
 }
 
-static void matmul_scalar(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
-                          int64_t ldw, float *out, int64_t ldo, int nthreads) {
+/* The most bytes one scratch allocation of the matmuls may take (0: no limit). Only the tests set
+ * it (mlm_ggml_scratch_limit), so that a failed allocation, which leaves output rows unwritten, can
+ * be seen to reach the caller as an error. */
+static size_t scratch_limit = 0;
+
+static void *scratch_malloc(size_t bytes) {
+    return scratch_limit && bytes > scratch_limit ? NULL : malloc(bytes);
+}
+
+/* Returns 0, or -2 where a thread's scratch could not be had (its rows are then unwritten). */
+static int matmul_scalar(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
+                         int64_t ldw, float *out, int64_t ldo, int nthreads) {
     const int has_min = type == T_Q4_1 || type == T_Q4_K, sh = off_shift(type);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(| : failed)
     {
-        float *acc = malloc(sizeof(float) * (size_t)M), *accm = malloc(sizeof(float) * (size_t)M);
+        float *acc = scratch_malloc(sizeof(float) * (size_t)M), *accm = scratch_malloc(sizeof(float) * (size_t)M);
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        failed |= (!acc || !accm) && N * t / nt < N * (t + 1) / nt;
         for (int64_t n = N * t / nt; acc && accm && n < N * (t + 1) / nt; n++) {
             memset(acc, 0, sizeof(float) * (size_t)M);
             memset(accm, 0, sizeof(float) * (size_t)M);
@@ -153,6 +165,7 @@ static void matmul_scalar(int type, const xblock *x, int64_t M, int64_t nb, cons
         free(acc);
         free(accm);
     }
+    return failed ? -2 : 0;
 }
 
 static void quantize_scalar(const float *x, int64_t M, int64_t K, int64_t ldx, xblock *out, int nthreads) {
@@ -207,6 +220,7 @@ static int64_t chunk_bytes = 0;
 /* *buf with room for `need` bytes (64-byte aligned, grown as needed; *size its room): a thread's
  * scratch kept across calls. NULL where it cannot be had. */
 static uint8_t *grown(uint8_t **buf, size_t *size, size_t need) {
+    if (scratch_limit && need > scratch_limit) return NULL;
     if (*size < need) {
         free(*buf);
         *buf = aligned_alloc(64, (need + 63) & ~(size_t)63);
@@ -342,17 +356,24 @@ void mlm_ggml_quantize(const float *x, int64_t M, int64_t K, int64_t ldx, void *
 }
 
 /* out[m, n] (row stride ldo) = row m of the quantized activations . weight row n (row stride ldw
- * bytes). Returns 0, or -1 for an unsupported type or a K the type's blocks do not divide. */
+ * bytes). Returns 0, -1 for an unsupported type or a K the type's blocks do not divide, or -2 where
+ * a thread's scratch could not be allocated (out is then incomplete). */
 int mlm_ggml_matmul(int type, const void *xq, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t ldw,
                     float *out, int64_t ldo, int nthreads) {
     if (type_bytes(type) == 0 || K % type_block(type) != 0) return -1;
     if (isa_level < 0) mlm_set_isa(3);
     if (M <= 0 || N <= 0) return 0;
     const int64_t nb = K / 32;
-    if (isa_level == 2) matmul_avx512(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);
-    else if (isa_level == 1) matmul_avx2(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);
-    else matmul_scalar(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);
-    return 0;
+    if (isa_level == 2) return matmul_avx512(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);
+    if (isa_level == 1) return matmul_avx2(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);
+    return matmul_scalar(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);
+}
+
+/* Sets the scratch limit in bytes (see scratch_limit; 0: none) and returns the old one. */
+int64_t mlm_ggml_scratch_limit(int64_t bytes) {
+    const int64_t old = (int64_t)scratch_limit;
+    scratch_limit = bytes > 0 ? (size_t)bytes : 0;
+    return old;
 }
 
 /* quantize + matmul in one call (one ctypes crossing per Linear); xq: M * K/32 blocks of scratch. */

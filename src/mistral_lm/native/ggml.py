@@ -73,6 +73,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.mlm_ggml_amx_panels.restype = ctypes.c_int
     lib.mlm_ggml_chunk_bytes.argtypes = [i64]
     lib.mlm_ggml_chunk_bytes.restype = i64
+    lib.mlm_ggml_scratch_limit.argtypes = [i64]
+    lib.mlm_ggml_scratch_limit.restype = i64
     lib.mlm_ggml_dequantize.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, i64, ptr]
     lib.mlm_ggml_dequantize.restype = ctypes.c_int
     if lib.mlm_ggml_xblock_bytes() != XBLOCK_BYTES:
@@ -188,8 +190,16 @@ def matmul(xq: torch.Tensor, blocks: torch.Tensor, ggml_type: int, in_features: 
                                  blocks.stride(0) if n > 1 else nbytes, out.data_ptr(), out.stride(0) if m > 1 else n,
                                  torch.get_num_threads())
         if rc:
-            raise CheckpointError(f"ggml kernel refused {_name(ggml_type)} with in_features={in_features}")
+            _raise_for(rc, ggml_type, in_features)
     return out
+
+
+def _raise_for(rc: int, ggml_type: int, in_features: int) -> None:
+    """A kernel's error code as the error a caller can act on; its output is incomplete."""
+    if rc == -2:
+        raise MemoryError(f"the ggml kernel could not allocate its per-thread scratch for {_name(ggml_type)} "
+                          f"with in_features={in_features}")
+    raise CheckpointError(f"ggml kernel refused {_name(ggml_type)} with in_features={in_features}")
 
 
 _ROW_BYTES: dict[tuple[int, int], int] = {}
@@ -226,9 +236,11 @@ def _linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, bias: torch.T
         if scratch is None or scratch[1] < need:
             t = torch.empty(need, dtype=torch.uint8)
             scratch = _SCRATCH.xq = (t, need, t.data_ptr())
-        lib.mlm_ggml_linear(ggml_type, x2.data_ptr(), m, k, xst[0] if m > 1 else k, scratch[2],
-                            blocks.data_ptr(), n, bst[0] if n > 1 else nbytes, out.data_ptr(), n,
-                            torch.get_num_threads())
+        rc = lib.mlm_ggml_linear(ggml_type, x2.data_ptr(), m, k, xst[0] if m > 1 else k, scratch[2],
+                                 blocks.data_ptr(), n, bst[0] if n > 1 else nbytes, out.data_ptr(), n,
+                                 torch.get_num_threads())
+        if rc:
+            _raise_for(rc, ggml_type, k)
     if bias is not None:
         out += bias
     return out if len(shape) == 2 else out.view(*shape[:-1], n)

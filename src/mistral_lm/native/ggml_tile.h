@@ -963,8 +963,9 @@ static int FN(matmul_amx)(int type, int64_t M, int64_t nb, const uint8_t *w, int
 }
 #endif
 
-static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
-                       int64_t ldw, float *out, int64_t ldo, int nthreads) {
+/* Returns 0, or -2 where a thread's panel could not be allocated: its tiles are then unwritten. */
+static int FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
+                      int64_t ldw, float *out, int64_t ldo, int nthreads) {
     const int64_t ntiles = (N + NRP - 1) / NRP;
     /* M chunk: activation rows whose blocks (mc * nb * 64 bytes, read by every thread) stay cached
      * while every tile passes over them; each chunk streams the weights once more (chunk_bytes) */
@@ -985,7 +986,8 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
 #endif
     (void)xa;
     (void)amx;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(| : failed)
     {
 #if TILES
         if (amx) {
@@ -1006,6 +1008,7 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
         const size_t one = (size_t)KC * PB + 2 * sizeof(float) * NRP * (size_t)mc;
         /* a panel and its accumulators per tile of a pass */
         uint8_t *panel = tiled ? NULL : grown(&FN(tbuf), &FN(tbuf_size), (pair ? 2 : 1) * one);
+        failed |= !tiled && !panel && t0 < t1;
         float *abuf = (float *)(panel + (size_t)KC * PB), *mbuf = abuf + NRP * mc;
 #if !VNNI
         uint8_t *panel2 = panel + one;
@@ -1072,6 +1075,7 @@ static void FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const u
             }
         }
     }
+    return failed ? -2 : 0;
 }
 
 static __attribute__((unused)) void FN(quantize)(const float *x, int64_t M, int64_t K, int64_t ldx, xblock *out, int nthreads) {
