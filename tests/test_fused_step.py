@@ -155,6 +155,34 @@ def test_a_step_that_waited_for_cpus_runs_the_next_on_fewer_threads(model, monke
     assert torch.equal(fused, decode(model, ids, mask, 6))
 
 
+def test_a_scratch_the_kernels_cannot_allocate_fails_the_step_with_memory_error(model, calls):
+    """A projection whose kernel could not allocate its scratch left rows of the step's buffers
+    unwritten, and the step went on with them; now the step stops with MemoryError (a 1-byte cap
+    on the kernels' scratch stands in for the failed allocation)."""
+    from mistral_lm.native import ggml
+
+    ids, mask = prompts(2, 6)
+    lib = ggml._lib()
+    old = lib.mlm_ggml_scratch_limit(1)
+    try:
+        with pytest.raises(MemoryError, match="scratch"):
+            with torch.inference_mode():
+                cache = model.make_cache(2, 32)
+                logits = prefill(model, cache, ids, mask, 1024)
+    finally:
+        lib.mlm_ggml_scratch_limit(old)
+    with torch.inference_mode():
+        cache = model.make_cache(2, 32)
+        logits = prefill(model, cache, ids, mask, 1024)
+        old = lib.mlm_ggml_scratch_limit(1)
+        try:
+            with pytest.raises(MemoryError, match="scratch"):
+                Decoder(model)(logits.argmax(-1), mask.sum(1), cache)
+        finally:
+            lib.mlm_ggml_scratch_limit(old)
+    assert len(calls) == 1
+
+
 def test_a_hook_or_per_layer_outputs_take_the_modules(model, calls):
     ids, mask = prompts(1, 8)
     seen = []
