@@ -37,6 +37,11 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, k, d).reshape(b, h * n_rep, k, d)
 
 
+def _kv_like(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v in q's dtype: a cache may store them narrower than the model computes (kv_cache_dtype)."""
+    return (k, v) if k.dtype == q.dtype else (k.to(q.dtype), v.to(q.dtype))
+
+
 def eager_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
     dropout: float = 0.0, training: bool = False, *, causal: bool = False, window: int | None = None,
@@ -44,6 +49,7 @@ def eager_attention(
     """Reference path; the only one that returns attention weights. Softmax runs in float32."""
     if mask is None:
         mask = _causal(q.shape[2], k.shape[2], q.device)
+    k, v = _kv_like(q, k, v)
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, H, Q, K)
@@ -58,6 +64,7 @@ def sdpa_attention(
     dropout: float = 0.0, training: bool = False, *, causal: bool = False, window: int | None = None,
 ) -> tuple[torch.Tensor, None]:
     """torch's fused scaled_dot_product_attention; GQA is handled by the kernel, not by copies."""
+    k, v = _kv_like(q, k, v)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1], is_causal=mask is None,
@@ -71,7 +78,8 @@ def native_attention(
 ) -> tuple[torch.Tensor, None]:
     """Our C kernel (native/attention.c), batch-invariant; SDPA where it does not apply
     (not float32 on CPU, gradients needed, dropout in training)."""
-    if (training and dropout > 0.0) or not (native.supports(q, k, v) or native.supports_bf16(q, k, v)):
+    if (training and dropout > 0.0) or not (native.supports(q, k, v) or native.supports_bf16(q, k, v)
+                                             or native.supports_kv16(q, k, v)):
         return sdpa_attention(q, k, v, mask, scale, dropout, training)
     return native.attention(q, k, v, mask, scale), None
 
@@ -90,6 +98,8 @@ def flash_attention_2(
     if mask is not None and not causal:
         return sdpa_attention(q, k, v, mask, scale, dropout, training)
     from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+
+    k, v = _kv_like(q, k, v)
 
     band = (window - 1, 0) if window is not None and window < k.shape[2] else (-1, -1)
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -305,23 +305,25 @@ def _runnable(table: _Table, dropout: float) -> bool:
     return not (torch.is_grad_enabled() and any(w.requires_grad for w in table.pointed))
 
 
-def _cache_arrays(table: _Table, cache: KVCache, plan: CachePlan) -> tuple[Any, Any, tuple[int, ...]] | None:
-    """Pointer arrays to every layer's key and value buffers (reused while the buffers are the same)."""
+def _cache_arrays(table: _Table, cache: KVCache, plan: CachePlan) -> tuple[Any, Any, tuple[int, ...], bool] | None:
+    """Pointer arrays to every layer's key and value buffers (reused while the buffers are the
+    same), their strides, and whether they hold bfloat16 under float32 activations."""
     keys, values = cache.step_buffers(plan)
     buffers = [*keys, *values]
+    kv16 = not table.bf16 and keys[0].dtype == torch.bfloat16
     last = table.cache_arrays
     if last is not None and len(last[0]) == len(buffers) and all(a is b for a, b in zip(last[0], buffers)):
-        return last[1], last[2], keys[0].stride()
+        return last[1], last[2], keys[0].stride(), kv16
     layers = table.dims[5]
-    if len(keys) != layers:
+    if len(keys) != layers or (kv16 and not native_step.available(kv16=True)):
         return None
-    stride, dtype = keys[0].stride(), _ACTIVATION[table.bf16]
+    stride, dtype = keys[0].stride(), torch.bfloat16 if kv16 else _ACTIVATION[table.bf16]
     if any(t.dtype != dtype or not t.is_cpu or t.stride() != stride for t in buffers):
         return None
     pointers = ctypes.c_void_p * layers
     key_ptrs, value_ptrs = pointers(*(k.data_ptr() for k in keys)), pointers(*(v.data_ptr() for v in values))
     table.cache_arrays = (buffers, key_ptrs, value_ptrs)
-    return key_ptrs, value_ptrs, stride
+    return key_ptrs, value_ptrs, stride, kv16
 
 
 def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | None,
@@ -348,10 +350,11 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
     arrays = _cache_arrays(table, cache, plan)
     if arrays is None:
         return None
-    keys, values, stride = arrays
+    keys, values, stride, kv16 = arrays
     x = h.reshape(b, c).contiguous().clone()  # the input may be the caller's inputs_embeds
     cos, sin = step.cos.reshape(b, d).contiguous(), step.sin.reshape(b, d).contiguous()
-    run = native_step.Step(b, c, heads, kv_heads, d, f, int(table.bf16), table.scale, cos.data_ptr(), sin.data_ptr(),
+    run = native_step.Step(b, c, heads, kv_heads, d, f, int(table.bf16), int(kv16), table.scale, cos.data_ptr(),
+                           sin.data_ptr(),
                            mask.data_ptr(), (ctypes.c_int64 * 2)(mask.stride(0), mask.stride(3)), plan.used,
                            int(plan.write_slots[0]), ctypes.cast(keys, ctypes.c_void_p),
                            ctypes.cast(values, ctypes.c_void_p), (ctypes.c_int64 * 3)(stride[0], stride[1], stride[2]),

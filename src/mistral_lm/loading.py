@@ -77,6 +77,7 @@ def from_pretrained(
     gguf_native: bool = False,
     fuse_projections: bool = True,
     progress: bool | None = None,
+    kv_cache_dtype: Any = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Load an HF folder (safetensors, sharded or not; or pytorch_model.bin), a folder in Mistral's
@@ -96,6 +97,9 @@ def from_pretrained(
     `fuse_projections`: q/k/v and gate/up run as one matmul each (fusion.py; the state dict
     keeps Transformers' names). Pass False to keep the separate `q_proj`... modules.
     Float Linears come back as `MatvecLinear` (matvec.py): same parameters and state dict.
+    `kv_cache_dtype` (ours): the dtype of the KV cache `make_cache` and `generate()` allocate.
+    None: bfloat16 for `gguf_native` models, as llama.cpp keeps a 16-bit cache; else the model's
+    own dtype, so a float model's logits stay those of Transformers.
     """
     options = LoadOptions.parse(
         pretrained_model_name_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype, device_map=device_map,
@@ -105,6 +109,8 @@ def from_pretrained(
     )
     model, fresh_floats = assemble(cls, options)
     model.attn_implementation = check_implementation(options.attn_implementation, model.dtype)
+    model.kv_cache_dtype = (torch.bfloat16 if options.gguf_native else None) if kv_cache_dtype is None \
+        else resolve_dtype(kv_cache_dtype, "kv_cache_dtype")
     for transform in before_placement(options):
         model = transform(model)
     place_model(model, options.device_map)

@@ -229,6 +229,7 @@ class MistralModel(MistralPreTrainedModel):
         dtype = getattr(self.embed_tokens, "output_dtype", None) or self.embed_tokens.weight.dtype  # a block table's
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             dtype = torch.float32
+        dtype = self.kv_cache_dtype or dtype
         return KVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, cfg.head_dim, size,
                        rolling=rolling, dtype=dtype, device=devices)
 

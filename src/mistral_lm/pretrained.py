@@ -41,6 +41,7 @@ class MistralPreTrainedModel(nn.Module):
             raise ConfigError(f"expected a MistralConfig, got {type(config).__name__}")
         self.config = config
         self.attn_implementation = default_implementation(None)  # what from_pretrained / from_config pick
+        self.kv_cache_dtype = None
         self.quantization_config: Any = None
 
     @property
@@ -53,6 +54,23 @@ class MistralPreTrainedModel(nn.Module):
         for module in self.modules():
             if isinstance(module, MistralPreTrainedModel):
                 object.__setattr__(module, "_attn_implementation", name)
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype | None:
+        """The dtype `make_cache` stores keys and values in; None: the model's activations' dtype.
+        A GGUF model on the native kernels stores them in bfloat16 by default (llama.cpp keeps a
+        16-bit cache too): half the memory and half the bytes a long decode step reads, at a
+        rounding well under what the kernels' 8-bit activations already cost (bench/RESULTS.md).
+        `from_pretrained(kv_cache_dtype=torch.float32)` keeps float32."""
+        return self._kv_cache_dtype
+
+    @kv_cache_dtype.setter
+    def kv_cache_dtype(self, dtype: torch.dtype | None) -> None:
+        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ConfigError(f"kv_cache_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+        for module in self.modules():
+            if isinstance(module, MistralPreTrainedModel):
+                object.__setattr__(module, "_kv_cache_dtype", dtype)
 
     # ------------------------------------------------------------------ init and ties
     def post_init(self) -> None:

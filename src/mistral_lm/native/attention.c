@@ -146,11 +146,12 @@ static void scores_bf16_s(const float *q, const uint16_t *k, int64_t ks, const i
 }
 
 static void weighted_bf16_s(const float *p, float sum, const uint16_t *v, int64_t vs, const int32_t *idx,
-                            int64_t n, int64_t D, uint16_t *out) {
+                            int64_t n, int64_t D, void *out, int wide) {
     for (int64_t d = 0; d < D; d++) {
         float acc = 0.0f;
         for (int64_t j = 0; j < n; j++) acc = fmaf(p[j], bf16_to_f32(v[idx[j] * vs + d]), acc);
-        out[d] = f32_to_bf16(acc / sum);
+        if (wide) ((float *)out)[d] = acc / sum;
+        else ((uint16_t *)out)[d] = f32_to_bf16(acc / sum);
     }
 }
 
@@ -434,8 +435,13 @@ T512 static void scores_bf16_512(const float *q, const uint16_t *k, int64_t ks, 
     for (; j < n; j++) s[j] = dot_bf16_512(q, k + idx[j] * ks, D) * scale;
 }
 
+T512 static inline void store512(void *out, int64_t d, __mmask16 m, __m512 x, int wide) {
+    if (wide) _mm512_mask_storeu_ps((float *)out + d, m, x);
+    else store_bf16x16((uint16_t *)out + d, m, round512(x));
+}
+
 T512 static void weighted_bf16_512(const float *p, float sum, const uint16_t *v, int64_t vs, const int32_t *idx,
-                                   int64_t n, int64_t D, uint16_t *out) {
+                                   int64_t n, int64_t D, void *out, int wide) {
     const __m512 vs_ = _mm512_set1_ps(sum);
     for (int64_t d = 0; d < D; d += 64) {
         const __mmask16 m0 = tail16(D - d), m1 = D - d > 16 ? tail16(D - d - 16) : 0,
@@ -449,10 +455,10 @@ T512 static void weighted_bf16_512(const float *p, float sum, const uint16_t *v,
             a2 = _mm512_fmadd_ps(pj, bf16x16(vr + 32, m2), a2);
             a3 = _mm512_fmadd_ps(pj, bf16x16(vr + 48, m3), a3);
         }
-        store_bf16x16(out + d, m0, round512(_mm512_div_ps(a0, vs_)));
-        store_bf16x16(out + d + 16, m1, round512(_mm512_div_ps(a1, vs_)));
-        store_bf16x16(out + d + 32, m2, round512(_mm512_div_ps(a2, vs_)));
-        store_bf16x16(out + d + 48, m3, round512(_mm512_div_ps(a3, vs_)));
+        store512(out, d, m0, _mm512_div_ps(a0, vs_), wide);
+        store512(out, d + 16, m1, _mm512_div_ps(a1, vs_), wide);
+        store512(out, d + 32, m2, _mm512_div_ps(a2, vs_), wide);
+        store512(out, d + 48, m3, _mm512_div_ps(a3, vs_), wide);
     }
 }
 
@@ -737,8 +743,13 @@ T256 static void scores_bf16_256(const float *q, const uint16_t *k, int64_t ks, 
     for (; j < n; j++) s[j] = dot_bf16_256(q, k + idx[j] * ks, D) * scale;
 }
 
+T256 static inline void store256(void *out, int64_t d, int64_t left, __m256 x, int wide) {
+    if (!wide) store_bf16x8((uint16_t *)out + d, left, round256(x));
+    else if (left > 0) _mm256_maskstore_ps((float *)out + d, tail8(left), x);
+}
+
 T256 static void weighted_bf16_256(const float *p, float sum, const uint16_t *v, int64_t vs, const int32_t *idx,
-                                   int64_t n, int64_t D, uint16_t *out) {
+                                   int64_t n, int64_t D, void *out, int wide) {
     const __m256 vs_ = _mm256_set1_ps(sum);
     for (int64_t d = 0; d < D; d += 32) {
         const int64_t left = D - d;
@@ -762,10 +773,10 @@ T256 static void weighted_bf16_256(const float *p, float sum, const uint16_t *v,
                 a3 = _mm256_fmadd_ps(pj, bf16x8(vr + 24, left - 24), a3);
             }
         }
-        store_bf16x8(out + d, left, round256(_mm256_div_ps(a0, vs_)));
-        store_bf16x8(out + d + 8, left - 8, round256(_mm256_div_ps(a1, vs_)));
-        store_bf16x8(out + d + 16, left - 16, round256(_mm256_div_ps(a2, vs_)));
-        store_bf16x8(out + d + 24, left - 24, round256(_mm256_div_ps(a3, vs_)));
+        store256(out, d, left, _mm256_div_ps(a0, vs_), wide);
+        store256(out, d + 8, left - 8, _mm256_div_ps(a1, vs_), wide);
+        store256(out, d + 16, left - 16, _mm256_div_ps(a2, vs_), wide);
+        store256(out, d + 24, left - 24, _mm256_div_ps(a3, vs_), wide);
     }
 }
 
@@ -803,8 +814,9 @@ typedef struct {
     void (*silu_mul_row)(const float *, const float *, int64_t, float *);
     /* bf16 storage, float32 arithmetic (softmax is shared: scores are float32 either way) */
     void (*scores_bf16)(const float *, const uint16_t *, int64_t, const int32_t *, int64_t, int64_t, float, float *);
+    /* out: bf16 rounded, or (wide) the float32 result itself (float32 queries over a bf16 cache) */
     void (*weighted_bf16)(const float *, float, const uint16_t *, int64_t, const int32_t *, int64_t, int64_t,
-                          uint16_t *);
+                          void *, int);
     void (*rmsnorm_row_bf16)(const uint16_t *, const uint16_t *, int64_t, float, uint16_t *);
     void (*silu_mul_row_bf16)(const uint16_t *, const uint16_t *, int64_t, uint16_t *);
     /* up to GROUP_Q queries of one key/value head at once (NULL: one query at a time) */
@@ -1030,11 +1042,63 @@ int mlm_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, 
             for (int64_t d = 0; d < D; d++) qf[d] = bf16_to_f32(qr[d]);
             o->scores_bf16(qf, k + t.b * strides[3] + t.g * strides[4], strides[5], idx, n, D, scale, s);
             const float sum = o->softmax(s, n);
-            o->weighted_bf16(s, sum, v + t.b * strides[6] + t.g * strides[7], strides[8], idx, n, D, dst);
+            o->weighted_bf16(s, sum, v + t.b * strides[6] + t.g * strides[7], strides[8], idx, n, D, dst, 0);
         }
         free(idx);
         free(s);
         free(qf);
+    }
+    return failed ? -2 : 0;
+}
+
+/* mlm_attention on float32 q and out over bf16 k and v (a bfloat16 KV cache under a float32
+ * model): exactly mlm_attention of q and the widened k and v. From WIDEN_QUERIES queries on (a
+ * prefill) k and v are widened once and the float32 kernel runs; below (decode), one query at a
+ * time with the keys and values widened as they are loaded. */
+int mlm_attention_kv16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, const int64_t *shape,
+                       const int64_t *strides, float scale, float *out, int nthreads) {
+    const int64_t B = shape[0], H = shape[1], Hkv = shape[2], Q = shape[3], K = shape[4], D = shape[5];
+    if (Hkv <= 0 || H % Hkv || D <= 0 || K > INT32_MAX) return -1;
+    const int64_t rep = H / Hkv, items = B * H * Q;
+    const Ops *o = ops();
+    if (Q >= WIDEN_QUERIES && items * D > 0) {
+        const size_t nk = (size_t)(B * Hkv * K * D);
+        float *kf = malloc(sizeof(float) * 2 * (nk ? nk : 1));
+        if (kf != NULL) {
+            float *vf = kf + nk;
+            widen_rows(k, strides + 3, B, Hkv, K, D, kf, nthreads);
+            widen_rows(v, strides + 6, B, Hkv, K, D, vf, nthreads);
+            const int64_t wide[12] = {strides[0], strides[1], strides[2], Hkv * K * D, K * D, D, Hkv * K * D, K * D, D,
+                                      strides[9], strides[10], strides[11]};
+            const int rc = mlm_attention(q, kf, vf, mask, shape, wide, scale, out, nthreads);
+            free(kf);
+            return rc;
+        }
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (worth_threads(nthreads, items, K, D)) reduction(| : failed)
+    {
+        int32_t *idx = malloc(sizeof(int32_t) * (size_t)(K + 1));
+        float *s = malloc(sizeof(float) * (size_t)(K + 16));
+        failed = idx == NULL || s == NULL;
+        Listed listed = {-1, -1, 0};
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t it = 0; it < items; it++) {
+            if (failed) continue;
+            const Item t = item_at(it, rep, Q, Hkv);
+            const int64_t n = keys_for(&listed, mask, strides, t.b, t.i, K, idx);
+            float *dst = out + ((t.b * Q + t.i) * H + t.h) * D;
+            if (n == 0) {
+                memset(dst, 0, sizeof(float) * (size_t)D);
+                continue;
+            }
+            o->scores_bf16(q + t.b * strides[0] + t.h * strides[1] + t.i * strides[2],
+                           k + t.b * strides[3] + t.g * strides[4], strides[5], idx, n, D, scale, s);
+            const float sum = o->softmax(s, n);
+            o->weighted_bf16(s, sum, v + t.b * strides[6] + t.g * strides[7], strides[8], idx, n, D, dst, 1);
+        }
+        free(idx);
+        free(s);
     }
     return failed ? -2 : 0;
 }

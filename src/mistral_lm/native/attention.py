@@ -55,6 +55,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.mlm_silu_mul.restype = None
     lib.mlm_attention_bf16.argtypes = lib.mlm_attention.argtypes
     lib.mlm_attention_bf16.restype = ctypes.c_int
+    lib.mlm_attention_kv16.argtypes = lib.mlm_attention.argtypes
+    lib.mlm_attention_kv16.restype = ctypes.c_int
     lib.mlm_rmsnorm_bf16.argtypes = lib.mlm_rmsnorm.argtypes
     lib.mlm_rmsnorm_bf16.restype = None
     lib.mlm_silu_mul_bf16.argtypes = lib.mlm_silu_mul.argtypes
@@ -89,6 +91,11 @@ def supports_bf16(*tensors: torch.Tensor) -> bool:
     return _inference_tensors(torch.bfloat16, tensors) and available()
 
 
+def supports_kv16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel for float32 queries over a bfloat16 KV cache takes these tensors."""
+    return _inference_tensors(torch.float32, (q,)) and _inference_tensors(torch.bfloat16, (k, v)) and available()
+
+
 def _storage_dtype(op: str, *tensors: torch.Tensor) -> torch.dtype:
     """The one dtype the kernels compute in (float32 or bfloat16), or an error naming the mix."""
     dtypes = {t.dtype for t in tensors}
@@ -113,8 +120,11 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     if k.shape != (b, h_kv, nk, d) or v.shape != k.shape or h_kv == 0 or h % h_kv:
         raise InputError(f"attention needs q (B, H, Q, D) and k, v (B, H_kv, K, D) with H % H_kv == 0; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    dtype = _storage_dtype("attention", q, k, v)
-    kernel = lib.mlm_attention if dtype == torch.float32 else lib.mlm_attention_bf16
+    if q.dtype == torch.float32 and k.dtype == v.dtype == torch.bfloat16:  # float32 model, bfloat16 KV cache
+        dtype, kernel = torch.float32, lib.mlm_attention_kv16
+    else:
+        dtype = _storage_dtype("attention", q, k, v)
+        kernel = lib.mlm_attention if dtype == torch.float32 else lib.mlm_attention_bf16
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     mstrides = (0, 0, 0)
     if mask is not None:
@@ -150,9 +160,10 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | No
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float) -> torch.Tensor:
-    """q (B, H, Q, D), k and v (B, H_kv, K, D) CPU (any strides), all float32 or all bfloat16,
-    boolean mask (B, 1, Q, K) True = allowed or None = causal over the first Q keys -> out
-    (B, Q, H, D) in the inputs' dtype (bf16: the float32 result on the widened inputs, rounded)."""
+    """q (B, H, Q, D), k and v (B, H_kv, K, D) CPU (any strides), all float32 or all bfloat16, or
+    float32 q over bfloat16 k and v (a bfloat16 KV cache), boolean mask (B, 1, Q, K) True = allowed
+    or None = causal over the first Q keys -> out (B, Q, H, D) in q's dtype (bf16: the float32
+    result on the widened inputs, rounded; float32 q: the float32 result on the widened k, v)."""
     if torch.compiler.is_compiling():
         return _attention_op(q, k, v, mask, scale)
     return _attention(q, k, v, mask, scale)

@@ -66,6 +66,7 @@ typedef struct {
     nf4_mm_fn nf4_mm;
     Elementwise f32, bf16;
     int64_t xblock_bytes; /* one q8-quantized 32-block of activations */
+    attention_fn attention_kv16; /* float32 queries and output over a bfloat16 KV cache */
 } Kernels;
 
 enum { LIN_GGML = 0, LIN_BF16 = 1, LIN_NF4 = 2, LIN_INT8 = 3 };
@@ -88,12 +89,14 @@ typedef struct {
 typedef struct {
     int64_t M, C, H, Hkv, D, F;      /* rows, hidden, heads, kv heads, head dim, intermediate */
     int64_t bf16;                    /* activation type: 0 float32, 1 bfloat16 */
+    int64_t kv16;                    /* the cache holds bfloat16 under float32 activations */
     float scale;                     /* attention scale */
     const float *cos, *sin;          /* (M, D) float32, sin signed */
     const uint8_t *mask;             /* (M, used) with strides mask_s[0] (row), mask_s[1] (key) */
     int64_t mask_s[2];
     int64_t used, slot;              /* keys attended (cache slots 0..used-1), the slot written */
-    void *const *keys, *const *values; /* per layer: (M, Hkv, slots, D) cache buffers, activation type */
+    void *const *keys, *const *values; /* per layer: (M, Hkv, slots, D) cache buffers, activation type
+                                          (bfloat16 with kv16) */
     int64_t cache_s[3];              /* their strides in elements: row, head, slot (unit along D) */
     int nthreads;
     int64_t waited_ns, wall_ns;      /* out: ns the threads waited for a CPU (summed; -1: unknown, or one
@@ -265,8 +268,11 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
     const int64_t HD = H * D, KD = Hkv * D, widest = (C > F ? C : F) > HD ? (C > F ? C : F) : HD;
     const int64_t rep = Hkv > 0 ? H / Hkv : 0;
     const int bf16 = st->bf16 != 0;
-    const size_t es = bf16 ? 2 : 4;
+    const int kv16 = !bf16 && st->kv16 != 0;
+    const size_t es = bf16 ? 2 : 4, kes = kv16 ? 2 : es; /* activation and cache element bytes */
     const Elementwise *ew = bf16 ? &kn->bf16 : &kn->f32;
+    const attention_fn attend = kv16 ? kn->attention_kv16 : ew->attention;
+    if (attend == NULL) return -1;
     char *buf = malloc(es * (size_t)(M * (2 * C + 3 * HD + 3 * KD + 3 * F)));
     float *tmp = malloc(sizeof(float) * (size_t)HD);
     void *xq = malloc((size_t)(M * (widest / 32 + 1) * kn->xblock_bytes));
@@ -312,6 +318,15 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
                 for (int64_t m = 0; m < M; m++)
                     for (int64_t g = 0; g < Hkv; g++) {
                         const int64_t at = m * st->cache_s[0] + g * st->cache_s[1] + st->slot * st->cache_s[2];
+                        if (kv16) { /* rounded as the cache's `.to(bfloat16)` rounds */
+                            const float *kr = (const float *)k + (m * Hkv + g) * D, *vr = (const float *)v + (m * Hkv + g) * D;
+                            uint16_t *kd = (uint16_t *)keys + at, *vd = (uint16_t *)values + at;
+                            for (int64_t j = 0; j < D; j++) {
+                                kd[j] = f32_to_bf16(kr[j]);
+                                vd[j] = f32_to_bf16(vr[j]);
+                            }
+                            continue;
+                        }
                         memcpy(keys + es * at, k + es * (m * Hkv + g) * D, es * (size_t)D);
                         memcpy(values + es * at, v + es * (m * Hkv + g) * D, es * (size_t)D);
                     }
@@ -319,7 +334,7 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
             barrier_wait(&bar, nt);
             for (int64_t it = t; it < M * Hkv; it += nt) {
                 const int64_t m = it / Hkv, g = it % Hkv, cache_at = m * st->cache_s[0] + g * st->cache_s[1];
-                rc |= ew->attention(q + es * (m * H + g * rep) * D, keys + es * cache_at, values + es * cache_at,
+                rc |= attend(q + es * (m * H + g * rep) * D, keys + kes * cache_at, values + kes * cache_at,
                                     st->mask + m * st->mask_s[0], shape, strides, st->scale,
                                     att + es * (m * H + g * rep) * D, 1);
             }

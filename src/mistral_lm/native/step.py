@@ -26,7 +26,7 @@ class Elementwise(ctypes.Structure):
 
 class Kernels(ctypes.Structure):
     _fields_ = [("quantize", _ptr), ("matmul", _ptr), ("bf16_linear", _ptr), ("int8_linear", _ptr), ("nf4_mm", _ptr),
-                ("f32", Elementwise), ("bf16", Elementwise), ("xblock_bytes", _i64)]
+                ("f32", Elementwise), ("bf16", Elementwise), ("xblock_bytes", _i64), ("attention_kv16", _ptr)]
 
 
 class Lin(ctypes.Structure):
@@ -41,7 +41,7 @@ class Layer(ctypes.Structure):
 
 class Step(ctypes.Structure):
     _fields_ = [("M", _i64), ("C", _i64), ("H", _i64), ("Hkv", _i64), ("D", _i64), ("F", _i64), ("bf16", _i64),
-                ("scale", _f32), ("cos", _ptr), ("sin", _ptr), ("mask", _ptr), ("mask_s", _i64 * 2),
+                ("kv16", _i64), ("scale", _f32), ("cos", _ptr), ("sin", _ptr), ("mask", _ptr), ("mask_s", _i64 * 2),
                 ("used", _i64), ("slot", _i64), ("keys", _ptr), ("values", _ptr), ("cache_s", _i64 * 3),
                 ("nthreads", ctypes.c_int), ("waited_ns", _i64), ("wall_ns", _i64)]
 
@@ -69,16 +69,19 @@ def _lib() -> tuple[ctypes.CDLL, Kernels] | None:
                       _address(nf4.library(), "mlm_nf4_mm"),
                       Elementwise(*(_address(a, f"mlm_{op}") for op in ("attention", "rmsnorm", "silu_mul"))),
                       Elementwise(*(_address(a, f"mlm_{op}_bf16") for op in ("attention", "rmsnorm", "silu_mul"))),
-                      ggml.XBLOCK_BYTES)
+                      ggml.XBLOCK_BYTES, _address(a, "mlm_attention_kv16"))
     return lib, kernels
 
 
-def available(bf16: bool = False, kinds: frozenset[int] = frozenset({LIN_GGML})) -> bool:
-    """Whether the step can run here with this activation type and these linear kinds."""
+def available(bf16: bool = False, kinds: frozenset[int] = frozenset({LIN_GGML}), kv16: bool = False) -> bool:
+    """Whether the step can run here with this activation type and these linear kinds (and,
+    with `kv16`, a bfloat16 cache under float32 activations)."""
     found = _lib()
     if found is None:
         return False
     k = found[1]
+    if kv16 and not k.attention_kv16:
+        return False
     need = [k.f32.attention, k.f32.rmsnorm, k.f32.silu_mul] if not bf16 else [
         k.bf16.attention, k.bf16.rmsnorm, k.bf16.silu_mul]
     need += [{LIN_GGML: k.matmul, LIN_BF16: k.bf16_linear, LIN_NF4: k.nf4_mm, LIN_INT8: k.int8_linear}[kind]
