@@ -225,6 +225,50 @@ def test_bf16_attention_is_the_float32_kernel_rounded(shape):
 
 
 @needs_lib
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float32_queries_over_a_bf16_cache_are_the_float32_kernel_on_the_widened_cache(shape):
+    """A GGUF model's float32 queries over its bfloat16 KV cache: exactly the float32 kernel on
+    the widened keys and values, bitwise on every ISA, one query at a time (decode) and from 32
+    queries on (prefill, which widens the cache once); masks, GQA groups, head_dim tails, a long
+    key axis, and strided keys (a cache's first `used` slots)."""
+    h, h_kv, d = SHAPES[shape]
+    q, k, v = qkv(2, h, h_kv, 40, 53, d)
+    k, v = k.to(BF16), v.to(BF16)
+    cases = {name: (q[:, :, -6:], k, v, m[:, :, -6:]) for name, m in masks(2, 40, 53).items()}
+    cases |= {"prefill_" + name: (q, k, v, m) for name, m in masks(2, 40, 53).items()}
+    cases["decode"] = (q[:, :, -1:], k, v, masks(2, 40, 53)["padding"][:, :, -1:])
+    cases["mask_none"] = (q[:, :, :6], k[:, :, :6], v[:, :, :6], None)
+    cases["strided_slots"] = (q[:, :, -1:], k[:, :, :20], v[:, :, :20], None)
+    lk, lv = (t.to(BF16) for t in qkv(1, h, h_kv, 3, 3001, d)[1:])
+    cases["long"] = (q[:1, :, :3], lk, lv, torch.rand(1, 1, 3, 3001, generator=torch.Generator().manual_seed(2)) > 0.2)
+    results = {}
+    for cap in caps():
+        with isa(cap):
+            for name, (q_, k_, v_, m) in cases.items():
+                assert na.supports_kv16(q_, k_, v_)
+                out = na.attention(q_, k_, v_, m, d**-0.5)
+                assert out.dtype == torch.float32
+                assert torch.equal(out, na.attention(q_, k_.float(), v_.float(), m, d**-0.5)), f"{name} cap {cap}"
+                ref = na.reference_attention(q_, k_.float(), v_.float(), m, d**-0.5)
+                assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), name
+                results.setdefault(name, []).append(out)
+    for name, outs in results.items():
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), name
+
+
+def test_every_attention_takes_a_bf16_cache_under_float32_queries():
+    """eager, SDPA and the native kernel attend a narrower cache as its values widened to q's dtype."""
+    q, k, v = qkv(1, 8, 2, 5, 9, 16)
+    kb, vb = k.to(BF16), v.to(BF16)
+    mask = masks(1, 5, 9)["padding"]
+    want = na.reference_attention(q, kb.float(), vb.float(), mask, 0.25)
+    for name in ("eager", "sdpa", "native"):
+        out, _ = ATTENTION_FUNCTIONS[name](q, kb, vb, mask, 0.25)
+        assert out.dtype == torch.float32
+        assert torch.allclose(out, want, atol=1e-5, rtol=1e-5), name
+
+
+@needs_lib
 def test_bf16_rmsnorm_rounds_where_mistral_rmsnorm_does():
     """bf16(w * bf16(x * r)) with the float32 kernel's r, bitwise (the float32 kernel with weight
     ones returns x * r itself); one bf16 step of modeling's expression; the same on every ISA,
