@@ -241,3 +241,55 @@ def test_rows_moved_into_a_batch_cache_decode_as_they_do_alone(window):
     assert batch.batch_size == 0
     join("c", 2)
     step(2)
+
+
+@pytest.mark.parametrize("attn", ["native", "sdpa", "eager"])
+@torch.no_grad()
+def test_a_bf16_cache_is_the_float32_model_with_keys_and_values_rounded(attn, monkeypatch):
+    """kv_cache_dtype=bfloat16 on a float32 model: every logit, prefill and decode steps, equals
+    what the float32 cache gives when `update` is handed keys and values rounded to bfloat16 by
+    torch (the reference: the same rounding, no narrower storage)."""
+    model = _model(sliding_window=None)
+    model.attn_implementation = attn
+    ids = torch.randint(0, 128, (2, 40))
+
+    def run() -> torch.Tensor:
+        cache = model.make_cache(2, 64)
+        logits = [model(ids[:, :33], past_key_values=cache).logits]
+        logits += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(33, 40)]
+        return torch.cat(logits, 1)
+
+    model.kv_cache_dtype = torch.bfloat16
+    assert model.make_cache(1).keys[0].dtype == torch.bfloat16
+    narrow = run()
+    model.kv_cache_dtype = None
+    assert model.make_cache(1).keys[0].dtype == torch.float32
+    update = KVCache.update
+    monkeypatch.setattr(KVCache, "update", lambda self, layer, k, v, plan: update(
+        self, layer, k.bfloat16().float(), v.bfloat16().float(), plan))
+    rounded = run()
+    assert torch.equal(narrow, rounded)
+    monkeypatch.setattr(KVCache, "update", update)
+    assert not torch.equal(narrow, run())  # the rounding is seen: the test can fail
+
+
+def test_kv_cache_dtype_defaults_and_checks(tmp_path):
+    """bfloat16 for a GGUF model on the native kernels (llama.cpp keeps 16 bits too); a float
+    model's own dtype otherwise, so its logits stay Transformers'; names and dtypes are taken,
+    anything else refused by name."""
+    from mistral_lm.errors import ConfigError
+
+    from .conftest import default_model_or_skip
+
+    _model().save_pretrained(tmp_path)
+    assert MistralForCausalLM.from_pretrained(tmp_path).make_cache(1).keys[0].dtype == torch.float32
+    assert MistralForCausalLM.from_pretrained(tmp_path, kv_cache_dtype="bfloat16").kv_cache_dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="kv_cache_dtype"):
+        MistralForCausalLM.from_pretrained(tmp_path, kv_cache_dtype="int8")
+    with pytest.raises(ConfigError, match="kv_cache_dtype"):
+        _model().kv_cache_dtype = torch.int8
+    path = default_model_or_skip()
+    native = MistralForCausalLM.from_pretrained(path, gguf_native=True)
+    assert native.kv_cache_dtype == torch.bfloat16 and native.make_cache(1).values[-1].dtype == torch.bfloat16
+    kept = MistralForCausalLM.from_pretrained(path, gguf_native=True, kv_cache_dtype=torch.float32)
+    assert kept.make_cache(1).keys[0].dtype == torch.float32
