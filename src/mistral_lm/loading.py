@@ -109,8 +109,7 @@ def from_pretrained(
     )
     model, fresh_floats = assemble(cls, options)
     model.attn_implementation = check_implementation(options.attn_implementation, model.dtype)
-    model.kv_cache_dtype = (torch.bfloat16 if options.gguf_native else None) if kv_cache_dtype is None \
-        else resolve_dtype(kv_cache_dtype, "kv_cache_dtype")
+    model.kv_cache_dtype = kv_cache_dtype_for(kv_cache_dtype, options.gguf_native)
     for transform in before_placement(options):
         model = transform(model)
     place_model(model, options.device_map)
@@ -119,6 +118,14 @@ def from_pretrained(
     release_freed_memory()
     keep_freed_memory()
     return model.eval()
+
+
+def kv_cache_dtype_for(requested: Any, gguf_native: bool) -> torch.dtype | None:
+    """The KV cache's dtype policy, shared by every loader: what was asked for; else bfloat16 for
+    a model on GGUF blocks (llama.cpp keeps a 16-bit cache); else None, the model's own dtype."""
+    if requested is not None:
+        return resolve_dtype(requested, "kv_cache_dtype")
+    return torch.bfloat16 if gguf_native else None
 
 
 def assemble(cls: type, options: LoadOptions) -> tuple[nn.Module, bool]:

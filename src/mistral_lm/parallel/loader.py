@@ -32,7 +32,7 @@ from ..config import MistralConfig
 from ..dtypes import resolve_dtype
 from ..errors import CheckpointError, ConfigError
 from ..fusion import fuse_projections as fuse_all
-from ..loading import build_on_meta, keep_freed_memory
+from ..loading import build_on_meta, keep_freed_memory, kv_cache_dtype_for
 from ..matvec import install_matvec
 from ..modeling import MistralForCausalLM
 from ..quantization import BitsAndBytesConfig
@@ -56,6 +56,7 @@ def from_pretrained(
     fuse_projections: bool = True,
     vocab_parallel: bool = False,
     gguf_native: bool = False,
+    kv_cache_dtype: Any = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> nn.Module:
     """This rank's shard of the model in the HF safetensors folder or .gguf file `path`, under torchrun.
@@ -67,7 +68,8 @@ def from_pretrained(
     `vocab_parallel`: split embed_tokens and lm_head by vocabulary rows (plan.py) instead of
     replicating them. `gguf_native` (GGUF only): keep the rank's Q4_0/Q4_1/Q4_K/Q8_0 blocks and
     compute on them (GGUFLinear), as loading.py does; else its slices are dequantized to
-    `torch_dtype`. `timeout_s` bounds every collective (process.py). The model's `config`
+    `torch_dtype`. `kv_cache_dtype`: as loading.from_pretrained (bfloat16 for `gguf_native`).
+    `timeout_s` bounds every collective (process.py). The model's `config`
     is the rank's (divided head counts); `model.tensor_parallel.full_config` is the checkpoint's.
     """
     if tp_plan != "auto":
@@ -109,6 +111,7 @@ def from_pretrained(
     _assign(model, tensors, local_shapes, str(source))
     model.requires_grad_(False)  # inference only: the all-reduce hooks sum in place (apply.py)
     model.attn_implementation = check_implementation(attn_implementation, model.dtype)
+    model.kv_cache_dtype = kv_cache_dtype_for(kv_cache_dtype, gguf_native)
     if quantization_config is not None:
         quantize_sharded(model, quantization_config)
     if context.device.type != "cpu":
