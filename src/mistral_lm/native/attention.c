@@ -263,6 +263,11 @@ T512 static float softmax512(float *s, int64_t n) {
     return hsum512(acc);
 }
 
+/* bf16 loads (defined with the bf16 kernels below): the grouped kernels also read a bf16 cache */
+T512 static inline __m512 bf16x16(const uint16_t *p, __mmask16 m);
+T512 static void scores_bf16_512(const float *q, const uint16_t *k, int64_t ks, const int32_t *idx, int64_t n,
+                                 int64_t D, float scale, float *s);
+
 /* GROUP_Q queries that share their key/value head and their allowed keys (the heads of one query
  * position under GQA) at once: each key and value row is loaded once for all of them, where one
  * query at a time loads it per query (the load port, not the fma, bounded the kernel). A query's
@@ -270,23 +275,25 @@ T512 static float softmax512(float *s, int64_t n) {
  * scores512 and weighted512, so the bits are the same. */
 #define GROUP_Q 4
 
-T512 static inline __attribute__((always_inline)) void group_scores_r(const float *const *q, const int R, const float *k,
+T512 static inline __attribute__((always_inline)) void group_scores_r(const float *const *q, const int R, const void *k,
                                                                      int64_t ks, const int32_t *idx, int64_t n,
-                                                                     int64_t D, float scale, float *const *s) {
+                                                                     int64_t D, float scale, float *const *s,
+                                                                     const int K16) { /* K16: k is bf16 */
     const int KB = 16 / R; /* keys per step: R * KB <= 16 chains, reduced together */
     int64_t j = 0;
     for (; j + KB <= n; j += KB) {
-        const float *kr[16];
+        const char *kr[16];
         __m512 a[16];
 #pragma GCC unroll 16
         for (int t = 0; t < 16; t++) a[t] = _mm512_setzero_ps();
 #pragma GCC unroll 16
-        for (int t = 0; t < KB; t++) kr[t] = k + idx[j + t] * ks;
+        for (int t = 0; t < KB; t++) kr[t] = (const char *)k + idx[j + t] * ks * (K16 ? 2 : 4);
         for (int64_t d = 0; d < D; d += 16) {
             const __mmask16 m = tail16(D - d);
             __m512 kv[16];
 #pragma GCC unroll 16
-            for (int t = 0; t < KB; t++) kv[t] = _mm512_maskz_loadu_ps(m, kr[t] + d);
+            for (int t = 0; t < KB; t++)
+                kv[t] = K16 ? bf16x16((const uint16_t *)kr[t] + d, m) : _mm512_maskz_loadu_ps(m, (const float *)kr[t] + d);
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
                 const __m512 x = _mm512_maskz_loadu_ps(m, q[r] + d);
@@ -299,28 +306,43 @@ T512 static inline __attribute__((always_inline)) void group_scores_r(const floa
         for (int r = 0; r < R; r++) memcpy(s[r] + j, z + r * KB, sizeof(float) * (size_t)KB);
     }
     if (j < n)
-        for (int r = 0; r < R; r++) scores512_few(q[r], k, ks, idx + j, n - j, D, scale, s[r] + j);
+        for (int r = 0; r < R; r++) {
+            if (K16) scores_bf16_512(q[r], (const uint16_t *)k, ks, idx + j, n - j, D, scale, s[r] + j);
+            else scores512_few(q[r], (const float *)k, ks, idx + j, n - j, D, scale, s[r] + j);
+        }
 }
 
 T512 static void scores512(const float *q, const float *k, int64_t ks, const int32_t *idx, int64_t n, int64_t D,
                            float scale, float *s) {
-    group_scores_r(&q, 1, k, ks, idx, n, D, scale, &s); /* one query: sixteen keys a step */
+    group_scores_r(&q, 1, k, ks, idx, n, D, scale, &s, 0); /* one query: sixteen keys a step */
+}
+
+T512 static inline __attribute__((always_inline)) void group_scores512_k(const float *const *q, int R, const void *k,
+                                                                        int64_t ks, const int32_t *idx, int64_t n,
+                                                                        int64_t D, float scale, float *const *s,
+                                                                        const int K16) {
+    switch (R) {
+    case 1: group_scores_r(q, 1, k, ks, idx, n, D, scale, s, K16); break;
+    case 2: group_scores_r(q, 2, k, ks, idx, n, D, scale, s, K16); break;
+    case 3: group_scores_r(q, 3, k, ks, idx, n, D, scale, s, K16); break;
+    default: group_scores_r(q, 4, k, ks, idx, n, D, scale, s, K16); break;
+    }
 }
 
 T512 static void group_scores512(const float *const *q, int R, const float *k, int64_t ks, const int32_t *idx,
                                  int64_t n, int64_t D, float scale, float *const *s) {
-    switch (R) {
-    case 1: group_scores_r(q, 1, k, ks, idx, n, D, scale, s); break;
-    case 2: group_scores_r(q, 2, k, ks, idx, n, D, scale, s); break;
-    case 3: group_scores_r(q, 3, k, ks, idx, n, D, scale, s); break;
-    default: group_scores_r(q, 4, k, ks, idx, n, D, scale, s); break;
-    }
+    group_scores512_k(q, R, k, ks, idx, n, D, scale, s, 0);
+}
+
+T512 static void group_scores_kv16_512(const float *const *q, int R, const uint16_t *k, int64_t ks, const int32_t *idx,
+                                       int64_t n, int64_t D, float scale, float *const *s) {
+    group_scores512_k(q, R, k, ks, idx, n, D, scale, s, 1);
 }
 
 T512 static inline __attribute__((always_inline)) void group_weighted_r(const float *const *p, const float *sums,
-                                                                       const int R, const float *v, int64_t vs,
+                                                                       const int R, const void *v, int64_t vs,
                                                                        const int32_t *idx, int64_t n, int64_t D,
-                                                                       float *const *out) {
+                                                                       float *const *out, const int K16) {
     for (int64_t d = 0; d < D; d += 64) { /* 64 outputs of each query in four registers, keys in order */
         const __mmask16 mk[4] = {tail16(D - d), D - d > 16 ? tail16(D - d - 16) : 0,
                                  D - d > 32 ? tail16(D - d - 32) : 0, D - d > 48 ? tail16(D - d - 48) : 0};
@@ -330,10 +352,12 @@ T512 static inline __attribute__((always_inline)) void group_weighted_r(const fl
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j++) {
-            const float *vr = v + idx[j] * vs + d;
+            const char *vr = (const char *)v + (idx[j] * vs + d) * (K16 ? 2 : 4);
             __m512 x[4];
 #pragma GCC unroll 4
-            for (int c = 0; c < 4; c++) x[c] = _mm512_maskz_loadu_ps(mk[c], vr + 16 * c);
+            for (int c = 0; c < 4; c++)
+                x[c] = K16 ? bf16x16((const uint16_t *)vr + 16 * c, mk[c])
+                           : _mm512_maskz_loadu_ps(mk[c], (const float *)vr + 16 * c);
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
                 const __m512 pj = _mm512_set1_ps(p[r][j]);
@@ -349,19 +373,31 @@ T512 static inline __attribute__((always_inline)) void group_weighted_r(const fl
     }
 }
 
+T512 static inline __attribute__((always_inline)) void group_weighted512_k(const float *const *p, const float *sums,
+                                                                          int R, const void *v, int64_t vs,
+                                                                          const int32_t *idx, int64_t n, int64_t D,
+                                                                          float *const *out, const int K16) {
+    switch (R) {
+    case 1: group_weighted_r(p, sums, 1, v, vs, idx, n, D, out, K16); break;
+    case 2: group_weighted_r(p, sums, 2, v, vs, idx, n, D, out, K16); break;
+    case 3: group_weighted_r(p, sums, 3, v, vs, idx, n, D, out, K16); break;
+    default: group_weighted_r(p, sums, 4, v, vs, idx, n, D, out, K16); break;
+    }
+}
+
 T512 static void group_weighted512(const float *const *p, const float *sums, int R, const float *v, int64_t vs,
                                    const int32_t *idx, int64_t n, int64_t D, float *const *out) {
-    switch (R) {
-    case 1: group_weighted_r(p, sums, 1, v, vs, idx, n, D, out); break;
-    case 2: group_weighted_r(p, sums, 2, v, vs, idx, n, D, out); break;
-    case 3: group_weighted_r(p, sums, 3, v, vs, idx, n, D, out); break;
-    default: group_weighted_r(p, sums, 4, v, vs, idx, n, D, out); break;
-    }
+    group_weighted512_k(p, sums, R, v, vs, idx, n, D, out, 0);
+}
+
+T512 static void group_weighted_kv16_512(const float *const *p, const float *sums, int R, const uint16_t *v, int64_t vs,
+                                         const int32_t *idx, int64_t n, int64_t D, float *const *out) {
+    group_weighted512_k(p, sums, R, v, vs, idx, n, D, out, 1);
 }
 
 T512 static void weighted512(const float *p, float sum, const float *v, int64_t vs, const int32_t *idx, int64_t n,
                              int64_t D, float *out) {
-    group_weighted_r(&p, &sum, 1, v, vs, idx, n, D, &out); /* one query: 64 outputs in four registers */
+    group_weighted_r(&p, &sum, 1, v, vs, idx, n, D, &out, 0); /* one query: 64 outputs in four registers */
 }
 
 T512 static void rmsnorm_row512(const float *x, const float *w, int64_t C, float eps, float *y) {
@@ -520,19 +556,21 @@ T256 static float dot256(const float *a, const float *b, int64_t n) {
     return hsum256x2(lo, hi);
 }
 
+T256 static inline __m256 bf16x8(const uint16_t *p, int64_t left); /* with the bf16 kernels below */
+
 /* GROUP_Q queries of one key/value head at once, as group_scores_r and group_weighted_r for
  * AVX-512: each key and value row is loaded once for all of them. Per query and key the chains
  * and reductions are scores256's and weighted256's, so the bits are the same. R queries times KB
  * keys take 2 * R * KB accumulators: at most eight of AVX2's sixteen registers. */
 T256 static inline __attribute__((always_inline)) void group_scores256_r(const float *const *q, const int R, const int KB,
-                                                                       const float *k, int64_t ks, const int32_t *idx,
+                                                                       const void *k, int64_t ks, const int32_t *idx,
                                                                        int64_t n, int64_t D, float scale, float *const *s,
-                                                                       int64_t j) { /* keys j.. in steps of KB */
+                                                                       int64_t j, const int K16) { /* keys j.. in steps of KB */
     for (; j + KB <= n; j += KB) {
-        const float *kr[2];
+        const char *kr[2];
         __m256 lo[GROUP_Q][2], hi[GROUP_Q][2];
 #pragma GCC unroll 2
-        for (int t = 0; t < KB; t++) kr[t] = k + idx[j + t] * ks;
+        for (int t = 0; t < KB; t++) kr[t] = (const char *)k + idx[j + t] * ks * (K16 ? 2 : 4);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 2
@@ -542,8 +580,9 @@ T256 static inline __attribute__((always_inline)) void group_scores256_r(const f
             __m256 kl[2], kh[2];
 #pragma GCC unroll 2
             for (int t = 0; t < KB; t++) {
-                kl[t] = _mm256_maskload_ps(kr[t] + d, m0);
-                kh[t] = _mm256_maskload_ps(kr[t] + d + 8, m1);
+                kl[t] = K16 ? bf16x8((const uint16_t *)kr[t] + d, D - d) : _mm256_maskload_ps((const float *)kr[t] + d, m0);
+                kh[t] = K16 ? bf16x8((const uint16_t *)kr[t] + d + 8, D - d - 8)
+                            : _mm256_maskload_ps((const float *)kr[t] + d + 8, m1);
             }
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
@@ -562,27 +601,39 @@ T256 static inline __attribute__((always_inline)) void group_scores256_r(const f
     }
 }
 
-T256 static void group_scores256(const float *const *q, int R, const float *k, int64_t ks, const int32_t *idx,
-                                 int64_t n, int64_t D, float scale, float *const *s) {
+T256 static inline __attribute__((always_inline)) void group_scores256_k(const float *const *q, int R, const void *k,
+                                                                        int64_t ks, const int32_t *idx, int64_t n,
+                                                                        int64_t D, float scale, float *const *s,
+                                                                        const int K16) {
     switch (R) {
     case 1: /* two keys a step, then the odd one */
-        group_scores256_r(q, 1, 2, k, ks, idx, n, D, scale, s, 0);
-        group_scores256_r(q, 1, 1, k, ks, idx, n, D, scale, s, n & ~(int64_t)1);
+        group_scores256_r(q, 1, 2, k, ks, idx, n, D, scale, s, 0, K16);
+        group_scores256_r(q, 1, 1, k, ks, idx, n, D, scale, s, n & ~(int64_t)1, K16);
         break;
     case 2:
-        group_scores256_r(q, 2, 2, k, ks, idx, n, D, scale, s, 0);
-        group_scores256_r(q, 2, 1, k, ks, idx, n, D, scale, s, n & ~(int64_t)1);
+        group_scores256_r(q, 2, 2, k, ks, idx, n, D, scale, s, 0, K16);
+        group_scores256_r(q, 2, 1, k, ks, idx, n, D, scale, s, n & ~(int64_t)1, K16);
         break;
-    case 3: group_scores256_r(q, 3, 1, k, ks, idx, n, D, scale, s, 0); break;
-    default: group_scores256_r(q, 4, 1, k, ks, idx, n, D, scale, s, 0); break;
+    case 3: group_scores256_r(q, 3, 1, k, ks, idx, n, D, scale, s, 0, K16); break;
+    default: group_scores256_r(q, 4, 1, k, ks, idx, n, D, scale, s, 0, K16); break;
     }
+}
+
+T256 static void group_scores256(const float *const *q, int R, const float *k, int64_t ks, const int32_t *idx,
+                                 int64_t n, int64_t D, float scale, float *const *s) {
+    group_scores256_k(q, R, k, ks, idx, n, D, scale, s, 0);
+}
+
+T256 static void group_scores_kv16_256(const float *const *q, int R, const uint16_t *k, int64_t ks, const int32_t *idx,
+                                       int64_t n, int64_t D, float scale, float *const *s) {
+    group_scores256_k(q, R, k, ks, idx, n, D, scale, s, 1);
 }
 
 /* W vectors (8 outputs each) of every query per pass over the keys. */
 T256 static inline __attribute__((always_inline)) void group_weighted256_r(const float *const *p, const float *sums,
-                                                                         const int R, const int W, const float *v,
+                                                                         const int R, const int W, const void *v,
                                                                          int64_t vs, const int32_t *idx, int64_t n,
-                                                                         int64_t D, float *const *out) {
+                                                                         int64_t D, float *const *out, const int K16) {
     for (int64_t d = 0; d < D; d += 8 * W) {
         __m256i m[4];
         __m256 a[GROUP_Q][4];
@@ -593,10 +644,12 @@ T256 static inline __attribute__((always_inline)) void group_weighted256_r(const
 #pragma GCC unroll 4
             for (int c = 0; c < W; c++) a[r][c] = _mm256_setzero_ps();
         for (int64_t j = 0; j < n; j++) {
-            const float *vr = v + idx[j] * vs + d;
+            const char *vr = (const char *)v + (idx[j] * vs + d) * (K16 ? 2 : 4);
             __m256 x[4];
 #pragma GCC unroll 4
-            for (int c = 0; c < W; c++) x[c] = _mm256_maskload_ps(vr + 8 * c, m[c]);
+            for (int c = 0; c < W; c++)
+                x[c] = K16 ? bf16x8((const uint16_t *)vr + 8 * c, D - d - 8 * c)
+                           : _mm256_maskload_ps((const float *)vr + 8 * c, m[c]);
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
                 const __m256 pj = _mm256_set1_ps(p[r][j]);
@@ -613,14 +666,26 @@ T256 static inline __attribute__((always_inline)) void group_weighted256_r(const
     }
 }
 
+T256 static inline __attribute__((always_inline)) void group_weighted256_k(const float *const *p, const float *sums,
+                                                                          int R, const void *v, int64_t vs,
+                                                                          const int32_t *idx, int64_t n, int64_t D,
+                                                                          float *const *out, const int K16) {
+    switch (R) {
+    case 1: group_weighted256_r(p, sums, 1, 4, v, vs, idx, n, D, out, K16); break;
+    case 2: group_weighted256_r(p, sums, 2, 4, v, vs, idx, n, D, out, K16); break;
+    case 3: group_weighted256_r(p, sums, 3, 2, v, vs, idx, n, D, out, K16); break;
+    default: group_weighted256_r(p, sums, 4, 2, v, vs, idx, n, D, out, K16); break;
+    }
+}
+
 T256 static void group_weighted256(const float *const *p, const float *sums, int R, const float *v, int64_t vs,
                                    const int32_t *idx, int64_t n, int64_t D, float *const *out) {
-    switch (R) {
-    case 1: group_weighted256_r(p, sums, 1, 4, v, vs, idx, n, D, out); break;
-    case 2: group_weighted256_r(p, sums, 2, 4, v, vs, idx, n, D, out); break;
-    case 3: group_weighted256_r(p, sums, 3, 2, v, vs, idx, n, D, out); break;
-    default: group_weighted256_r(p, sums, 4, 2, v, vs, idx, n, D, out); break;
-    }
+    group_weighted256_k(p, sums, R, v, vs, idx, n, D, out, 0);
+}
+
+T256 static void group_weighted_kv16_256(const float *const *p, const float *sums, int R, const uint16_t *v, int64_t vs,
+                                         const int32_t *idx, int64_t n, int64_t D, float *const *out) {
+    group_weighted256_k(p, sums, R, v, vs, idx, n, D, out, 1);
 }
 
 T256 static void scores256(const float *q, const float *k, int64_t ks, const int32_t *idx, int64_t n, int64_t D,
@@ -630,7 +695,7 @@ T256 static void scores256(const float *q, const float *k, int64_t ks, const int
 
 T256 static void weighted256(const float *p, float sum, const float *v, int64_t vs, const int32_t *idx, int64_t n,
                              int64_t D, float *out) {
-    group_weighted256_r(&p, &sum, 1, 4, v, vs, idx, n, D, &out); /* one query: 32 outputs in four registers */
+    group_weighted256_r(&p, &sum, 1, 4, v, vs, idx, n, D, &out, 0); /* one query: 32 outputs in four registers */
 }
 
 T256 static float softmax256(float *s, int64_t n) {
@@ -824,15 +889,22 @@ typedef struct {
                          float *const *);
     void (*group_weighted)(const float *const *, const float *, int, const float *, int64_t, const int32_t *, int64_t,
                            int64_t, float *const *);
+    /* the same over bf16 keys and values (a bfloat16 cache), widened as they are loaded */
+    void (*group_scores_kv16)(const float *const *, int, const uint16_t *, int64_t, const int32_t *, int64_t, int64_t,
+                              float, float *const *);
+    void (*group_weighted_kv16)(const float *const *, const float *, int, const uint16_t *, int64_t, const int32_t *,
+                                int64_t, int64_t, float *const *);
 } Ops;
 
 static const Ops OPS[3] = {
     {scores_s, softmax_s, weighted_s, rmsnorm_row_s, silu_mul_row_s, scores_bf16_s, weighted_bf16_s,
-     rmsnorm_row_bf16_s, silu_mul_row_bf16_s, NULL, NULL},
+     rmsnorm_row_bf16_s, silu_mul_row_bf16_s, NULL, NULL, NULL, NULL},
     {scores256, softmax256, weighted256, rmsnorm_row256, silu_mul_row256, scores_bf16_256, weighted_bf16_256,
-     rmsnorm_row_bf16_256, silu_mul_row_bf16_256, group_scores256, group_weighted256},
+     rmsnorm_row_bf16_256, silu_mul_row_bf16_256, group_scores256, group_weighted256, group_scores_kv16_256,
+     group_weighted_kv16_256},
     {scores512, softmax512, weighted512, rmsnorm_row512, silu_mul_row512, scores_bf16_512, weighted_bf16_512,
-     rmsnorm_row_bf16_512, silu_mul_row_bf16_512, group_scores512, group_weighted512},
+     rmsnorm_row_bf16_512, silu_mul_row_bf16_512, group_scores512, group_weighted512, group_scores_kv16_512,
+     group_weighted_kv16_512},
 };
 
 int mlm_set_isa(int cap) {
@@ -888,8 +960,9 @@ static int worth_threads(int nthreads, int64_t items, int64_t K, int64_t D) {
 
 /* mlm_attention with the heads that share a key/value head taken GROUP_Q at a time: the work
  * unit is (b, g, i, a block of up to GROUP_Q of the group's heads). */
-static int attention_grouped(const Ops *o, const float *q, const float *k, const float *v, const uint8_t *mask,
-                             const int64_t *shape, const int64_t *strides, float scale, float *out, int nthreads) {
+static int attention_grouped(const Ops *o, const float *q, const void *k, const void *v, const uint8_t *mask,
+                             const int64_t *shape, const int64_t *strides, float scale, float *out, int nthreads,
+                             int kv16) { /* kv16: k and v are bf16 */
     const int64_t B = shape[0], H = shape[1], Hkv = shape[2], Q = shape[3], K = shape[4], D = shape[5];
     const int64_t rep = H / Hkv, blocks = (rep + GROUP_Q - 1) / GROUP_Q, units = B * Hkv * Q * blocks;
     int failed = 0;
@@ -917,10 +990,14 @@ static int attention_grouped(const Ops *o, const float *q, const float *k, const
                 for (int r = 0; r < R; r++) memset(dst[r], 0, sizeof(float) * (size_t)D);
                 continue;
             }
-            o->group_scores(qr, R, k + b * strides[3] + g * strides[4], strides[5], idx, n, D, scale, sr);
+            const int64_t ko = b * strides[3] + g * strides[4], vo = b * strides[6] + g * strides[7];
+            if (kv16) o->group_scores_kv16(qr, R, (const uint16_t *)k + ko, strides[5], idx, n, D, scale, sr);
+            else o->group_scores(qr, R, (const float *)k + ko, strides[5], idx, n, D, scale, sr);
             for (int r = 0; r < R; r++) sums[r] = o->softmax(sr[r], n);
-            o->group_weighted((const float *const *)sr, sums, R, v + b * strides[6] + g * strides[7], strides[8], idx, n,
-                              D, dst);
+            if (kv16)
+                o->group_weighted_kv16((const float *const *)sr, sums, R, (const uint16_t *)v + vo, strides[8], idx, n, D,
+                                       dst);
+            else o->group_weighted((const float *const *)sr, sums, R, (const float *)v + vo, strides[8], idx, n, D, dst);
         }
         free(idx);
         free(sbuf);
@@ -937,7 +1014,7 @@ int mlm_attention(const float *q, const float *k, const float *v, const uint8_t 
     if (Hkv <= 0 || H % Hkv || D <= 0 || K > INT32_MAX) return -1;
     const int64_t rep = H / Hkv, items = B * H * Q;
     const Ops *o = ops();
-    if (o->group_scores && rep > 1) return attention_grouped(o, q, k, v, mask, shape, strides, scale, out, nthreads);
+    if (o->group_scores && rep > 1) return attention_grouped(o, q, k, v, mask, shape, strides, scale, out, nthreads, 0);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (worth_threads(nthreads, items, K, D)) reduction(| : failed)
     {
@@ -1075,6 +1152,8 @@ int mlm_attention_kv16(const float *q, const uint16_t *k, const uint16_t *v, con
             return rc;
         }
     }
+    if (o->group_scores_kv16 && rep > 1) /* a query position's heads read each key and value row once */
+        return attention_grouped(o, q, k, v, mask, shape, strides, scale, out, nthreads, 1);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (worth_threads(nthreads, items, K, D)) reduction(| : failed)
     {
