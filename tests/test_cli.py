@@ -66,3 +66,20 @@ def test_bad_model_file_is_one_clear_line(content, tmp_path, capsys):
 def test_missing_model_is_one_clear_line(tmp_path):
     result = _run("info", "--model", str(tmp_path / "nope.gguf"))
     assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_kv_cache_dtype_reaches_the_model_from_every_command(monkeypatch):
+    """--kv-cache-dtype is parsed by generate, chat and serve and reaches the loader they share;
+    without it a GGUF's own blocks get the bfloat16 cache from_pretrained gives them."""
+    import torch
+
+    from mistral_lm import cli
+    from mistral_lm.runtime import load_for_inference
+
+    parser = cli.build_parser()
+    for command in (["generate", "hi"], ["chat"], ["serve"]):
+        assert parser.parse_args([*command, "--kv-cache-dtype", "float32"]).kv_cache_dtype == "float32"
+        assert parser.parse_args(command).kv_cache_dtype is None
+    path = default_model_or_skip()
+    assert load_for_inference(path)[0].kv_cache_dtype == torch.bfloat16
+    assert load_for_inference(path, kv_cache_dtype="float32")[0].make_cache(1).keys[0].dtype == torch.float32

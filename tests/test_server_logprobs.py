@@ -297,7 +297,7 @@ def test_serve_loads_like_the_cli(monkeypatch: pytest.MonkeyPatch, model_dir: Pa
         app.serve(model_dir, quantize="int8")
     with pytest.raises(Stop):
         cli.load(str(model_dir), None, "int8")
-    assert calls == [(model_dir, None, "int8"), (model_dir, None, "int8")]
+    assert calls == [(model_dir, None, "int8", None), (model_dir, None, "int8", None)]
     assert runtime.load_options(Path("m.gguf"))["gguf_native"] is True
     assert runtime.load_options(model_dir) == {"gguf_native": False}
     assert cli.build_parser().parse_args(["serve"]).quantize == "auto"

@@ -18,14 +18,15 @@ from .errors import MistralLMError
 from .runtime import QUANTIZE_CHOICES
 
 
-def load(model_path: str | None, dtype: str | None, quantize: str = "auto") -> tuple[Any, Any]:
+def load(model_path: str | None, dtype: str | None, quantize: str = "auto",
+         kv_cache_dtype: str | None = None) -> tuple[Any, Any]:
     """`runtime.load_for_inference` (the loader `serve` shares), timed on stderr."""
     from .runtime import load_for_inference, resolve_model_path
 
     path = resolve_model_path(model_path)
     start = time.perf_counter()
     print(f"loading {path.name} ...", end="", file=sys.stderr, flush=True)
-    model, tokenizer = load_for_inference(path, dtype, quantize)
+    model, tokenizer = load_for_inference(path, dtype, quantize, kv_cache_dtype)
     print(f" {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
     return model, tokenizer
 
@@ -63,7 +64,7 @@ def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]], raw: bool) -> to
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    model, tokenizer = load(args.model, args.dtype, args.quantize)
+    model, tokenizer = load(args.model, args.dtype, args.quantize, args.kv_cache_dtype)
     if args.adapter:  # checked against the model before anything loads (training.load_adapter)
         from .training import load_adapter
 
@@ -78,7 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    model, tokenizer = load(args.model, args.dtype, args.quantize)
+    model, tokenizer = load(args.model, args.dtype, args.quantize, args.kv_cache_dtype)
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -152,7 +153,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import serve
 
     return serve(model_path=args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
-                 quantize=args.quantize, cors_origins=args.cors_origin, prefix_cache_mb=args.prefix_cache_mb) or 0
+                 quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype, cors_origins=args.cors_origin,
+                 prefix_cache_mb=args.prefix_cache_mb) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     def quantize_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--quantize", default="auto", choices=list(QUANTIZE_CHOICES),
                        help="auto: a GGUF's own blocks (gguf), else none; int8/int4/nf4 quantize at load")
+        p.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16"],
+                       help="the KV cache's dtype; default: bfloat16 on a GGUF's own blocks (as llama.cpp "
+                            "keeps 16 bits), else the model's dtype")
 
     def sampling_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=int, default=256)

@@ -61,7 +61,7 @@ def tensor_parallel_size() -> int:
 
 
 def load_for_inference(model_path: str | Path | None = None, dtype: str | None = None,
-                       quantize: str = "auto") -> tuple[Any, Any]:
+                       quantize: str = "auto", kv_cache_dtype: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from a folder or .gguf file; the embedded default model when None.
 
     Under `torchrun --nproc-per-node N` (WORLD_SIZE > 1) each rank loads its tensor-parallel shard
@@ -75,7 +75,8 @@ def load_for_inference(model_path: str | Path | None = None, dtype: str | None =
         if tensor_parallel_size() > 1:
             from .parallel import from_pretrained as sharded
 
-            model = sharded(path, torch_dtype=dtype, **load_options(path, quantize))
+            model = sharded(path, torch_dtype=dtype, kv_cache_dtype=kv_cache_dtype, **load_options(path, quantize))
         else:
-            model = MistralForCausalLM.from_pretrained(path, torch_dtype=dtype, **load_options(path, quantize))
+            model = MistralForCausalLM.from_pretrained(path, torch_dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                                                       **load_options(path, quantize))
         return model.eval(), MistralTokenizer.from_pretrained(path)

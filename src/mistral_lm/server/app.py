@@ -234,7 +234,8 @@ async def _on_disconnect(request: Request, action: Callable[[], None]) -> None:
 
 
 def serve(model_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, *, dtype: str | None = None, quantize: str = "auto", max_batch_size: int = 32,
+          api_key: str | None = None, *, dtype: str | None = None, quantize: str = "auto",
+          kv_cache_dtype: str | None = None, max_batch_size: int = 32,
           max_queue: int = 128, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors_origins: list[str] | None = None,
           prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_BYTES >> 20, log_level: str = "info") -> None:
     """Load a model (a folder or .gguf; the embedded default when None) and serve it until interrupted.
@@ -250,7 +251,7 @@ def serve(model_path: str | Path | None = None, host: str = "127.0.0.1", port: i
     from ..runtime import load_for_inference, resolve_model_path, tensor_parallel_size
 
     path = resolve_model_path(model_path)
-    model, tokenizer = load_for_inference(path, dtype, quantize)
+    model, tokenizer = load_for_inference(path, dtype, quantize, kv_cache_dtype)
     runner = None
     if tensor_parallel_size() > 1:  # under torchrun: rank 0 serves, the others replay its steps
         import torch.distributed as dist
