@@ -32,6 +32,8 @@
  *   attention  bf16(out);
  *   RMSNorm    bf16(w * bf16(x * r)), r as above (MistralRMSNorm's `weight * (x * r).to(bf16)`);
  *   SiLU       bf16(bf16(silu(g)) * u) (torch's `F.silu(g) * u` on bf16 tensors, our exp).
+ * mlm_attention_kv16 (float32 queries over a bf16 KV cache) rounds nothing: it is mlm_attention of
+ * q and the widened keys and values, its grouped kernels the float32 ones with 16-bit loads.
  *
  * Contraction of a*b+c into fma is switched off: every fma here is written out.
  */

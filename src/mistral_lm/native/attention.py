@@ -23,6 +23,8 @@ in the same orders, rounded to bf16 where torch's bf16 expression rounds. So a b
 what the float32 kernel computes from the widened inputs, rounded (attention: once, at the end;
 RMSNorm: `weight * (x * r).to(bf16)` as MistralRMSNorm; SiLU: `F.silu(g) * u`, each op rounded),
 and it is batch-invariant the same way. K and V are widened as they are read, never copied.
+float32 queries over a bfloat16 cache (a GGUF model's `kv_cache_dtype`) take the same loads: the
+result is the float32 kernel's on the widened keys and values, exactly, in float32.
 
 `reference_attention` / `reference_rmsnorm` / `reference_silu_mul` are the definitions in torch (SDPA's semantics:
 a query with no allowed key gets zeros); the kernels agree with them to float32 rounding (bf16: to
