@@ -243,12 +243,13 @@ def test_rows_moved_into_a_batch_cache_decode_as_they_do_alone(window):
     step(2)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("attn", ["native", "sdpa", "eager"])
 @torch.no_grad()
-def test_a_bf16_cache_is_the_float32_model_with_keys_and_values_rounded(attn, monkeypatch):
-    """kv_cache_dtype=bfloat16 on a float32 model: every logit, prefill and decode steps, equals
-    what the float32 cache gives when `update` is handed keys and values rounded to bfloat16 by
-    torch (the reference: the same rounding, no narrower storage)."""
+def test_a_16_bit_cache_is_the_float32_model_with_keys_and_values_rounded(attn, cache_dtype, monkeypatch):
+    """kv_cache_dtype float16 or bfloat16 on a float32 model: every logit, prefill and decode
+    steps, equals what the float32 cache gives when `update` is handed keys and values rounded
+    by torch (the reference: the same rounding, no narrower storage)."""
     model = _model(sliding_window=None)
     model.attn_implementation = attn
     ids = torch.randint(0, 128, (2, 40))
@@ -259,14 +260,14 @@ def test_a_bf16_cache_is_the_float32_model_with_keys_and_values_rounded(attn, mo
         logits += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(33, 40)]
         return torch.cat(logits, 1)
 
-    model.kv_cache_dtype = torch.bfloat16
-    assert model.make_cache(1).keys[0].dtype == torch.bfloat16
+    model.kv_cache_dtype = cache_dtype
+    assert model.make_cache(1).keys[0].dtype == cache_dtype
     narrow = run()
     model.kv_cache_dtype = None
     assert model.make_cache(1).keys[0].dtype == torch.float32
     update = KVCache.update
     monkeypatch.setattr(KVCache, "update", lambda self, layer, k, v, plan: update(
-        self, layer, k.bfloat16().float(), v.bfloat16().float(), plan))
+        self, layer, k.to(cache_dtype).float(), v.to(cache_dtype).float(), plan))
     rounded = run()
     assert torch.equal(narrow, rounded)
     monkeypatch.setattr(KVCache, "update", update)
@@ -274,8 +275,8 @@ def test_a_bf16_cache_is_the_float32_model_with_keys_and_values_rounded(attn, mo
 
 
 def test_kv_cache_dtype_defaults_and_checks(tmp_path):
-    """bfloat16 for a GGUF model on the native kernels (llama.cpp keeps 16 bits too); a float
-    model's own dtype otherwise, so its logits stay Transformers'; names and dtypes are taken,
+    """float16 for a GGUF model on the native kernels (llama.cpp's default); a float model's own
+    dtype otherwise, so its logits stay Transformers'; names and dtypes are taken,
     anything else refused by name."""
     from mistral_lm.errors import ConfigError
 
@@ -290,6 +291,6 @@ def test_kv_cache_dtype_defaults_and_checks(tmp_path):
         _model().kv_cache_dtype = torch.int8
     path = default_model_or_skip()
     native = MistralForCausalLM.from_pretrained(path, gguf_native=True)
-    assert native.kv_cache_dtype == torch.bfloat16 and native.make_cache(1).values[-1].dtype == torch.bfloat16
+    assert native.kv_cache_dtype == torch.float16 and native.make_cache(1).values[-1].dtype == torch.float16
     kept = MistralForCausalLM.from_pretrained(path, gguf_native=True, kv_cache_dtype=torch.float32)
     assert kept.make_cache(1).keys[0].dtype == torch.float32

@@ -70,7 +70,7 @@ def test_missing_model_is_one_clear_line(tmp_path):
 
 def test_kv_cache_dtype_reaches_the_model_from_every_command(monkeypatch):
     """--kv-cache-dtype is parsed by generate, chat and serve and reaches the loader they share;
-    without it a GGUF's own blocks get the bfloat16 cache from_pretrained gives them."""
+    without it a GGUF's own blocks get the float16 cache from_pretrained gives them."""
     import torch
 
     from mistral_lm import cli
@@ -81,5 +81,5 @@ def test_kv_cache_dtype_reaches_the_model_from_every_command(monkeypatch):
         assert parser.parse_args([*command, "--kv-cache-dtype", "float32"]).kv_cache_dtype == "float32"
         assert parser.parse_args(command).kv_cache_dtype is None
     path = default_model_or_skip()
-    assert load_for_inference(path)[0].kv_cache_dtype == torch.bfloat16
+    assert load_for_inference(path)[0].kv_cache_dtype == torch.float16
     assert load_for_inference(path, kv_cache_dtype="float32")[0].make_cache(1).keys[0].dtype == torch.float32

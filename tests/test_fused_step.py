@@ -68,12 +68,14 @@ def prompts(b: int = 3, t: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.mark.parametrize("kv_cache_dtype", [None, torch.float32], ids=["bf16_cache", "float32_cache"])
+@pytest.mark.parametrize("kv_cache_dtype", [None, torch.bfloat16, torch.float32],
+                         ids=["float16_cache", "bf16_cache", "float32_cache"])
 def test_fused_step_equals_the_modules_bitwise(kv_cache_dtype, calls, monkeypatch):
-    """The default bfloat16 cache (the step rounds the keys and values it writes as the cache's
-    `.to(bfloat16)` does, and attends float32 queries over them) and a float32 one."""
+    """The default float16 cache and a bfloat16 one (the step rounds the keys and values it
+    writes as the cache's `.to(dtype)` does, and attends float32 queries over them), and a
+    float32 one."""
     model = MistralForCausalLM.from_pretrained(PATH, gguf_native=True, kv_cache_dtype=kv_cache_dtype)
-    assert model.make_cache(1).keys[0].dtype == (kv_cache_dtype or torch.bfloat16)
+    assert model.make_cache(1).keys[0].dtype == (kv_cache_dtype or torch.float16)
     ids, mask = prompts()
     fused = decode(model, ids, mask, 12)
     assert len(calls) == 12  # every decode step took the fused path

@@ -225,21 +225,22 @@ def test_bf16_attention_is_the_float32_kernel_rounded(shape):
 
 
 @needs_lib
+@pytest.mark.parametrize("cache_dtype", [torch.float16, BF16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_float32_queries_over_a_bf16_cache_are_the_float32_kernel_on_the_widened_cache(shape):
-    """A GGUF model's float32 queries over its bfloat16 KV cache: exactly the float32 kernel on
-    the widened keys and values, bitwise on every ISA, one query at a time (decode) and from 32
-    queries on (prefill, which widens the cache once); masks, GQA groups, head_dim tails, a long
-    key axis, and strided keys (a cache's first `used` slots)."""
+def test_float32_queries_over_a_16_bit_cache_are_the_float32_kernel_on_the_widened_cache(shape, cache_dtype):
+    """A GGUF model's float32 queries over its 16-bit KV cache: exactly the float32 kernel on the
+    widened keys and values, bitwise on every ISA, a query position's heads together (decode) and
+    from 32 queries on (prefill, which widens the cache once); masks, GQA groups, head_dim tails,
+    a long key axis, and strided keys (a cache's first `used` slots)."""
     h, h_kv, d = SHAPES[shape]
     q, k, v = qkv(2, h, h_kv, 40, 53, d)
-    k, v = k.to(BF16), v.to(BF16)
+    k, v = k.to(cache_dtype), v.to(cache_dtype)
     cases = {name: (q[:, :, -6:], k, v, m[:, :, -6:]) for name, m in masks(2, 40, 53).items()}
     cases |= {"prefill_" + name: (q, k, v, m) for name, m in masks(2, 40, 53).items()}
     cases["decode"] = (q[:, :, -1:], k, v, masks(2, 40, 53)["padding"][:, :, -1:])
     cases["mask_none"] = (q[:, :, :6], k[:, :, :6], v[:, :, :6], None)
     cases["strided_slots"] = (q[:, :, -1:], k[:, :, :20], v[:, :, :20], None)
-    lk, lv = (t.to(BF16) for t in qkv(1, h, h_kv, 3, 3001, d)[1:])
+    lk, lv = (t.to(cache_dtype) for t in qkv(1, h, h_kv, 3, 3001, d)[1:])
     cases["long"] = (q[:1, :, :3], lk, lv, torch.rand(1, 1, 3, 3001, generator=torch.Generator().manual_seed(2)) > 0.2)
     results = {}
     for cap in caps():
@@ -256,16 +257,42 @@ def test_float32_queries_over_a_bf16_cache_are_the_float32_kernel_on_the_widened
         assert all(torch.equal(outs[0], o) for o in outs[1:]), name
 
 
-def test_every_attention_takes_a_bf16_cache_under_float32_queries():
+@pytest.mark.parametrize("cache_dtype", [torch.float16, BF16], ids=["float16", "bfloat16"])
+def test_every_attention_takes_a_16_bit_cache_under_float32_queries(cache_dtype):
     """eager, SDPA and the native kernel attend a narrower cache as its values widened to q's dtype."""
     q, k, v = qkv(1, 8, 2, 5, 9, 16)
-    kb, vb = k.to(BF16), v.to(BF16)
+    kb, vb = k.to(cache_dtype), v.to(cache_dtype)
     mask = masks(1, 5, 9)["padding"]
     want = na.reference_attention(q, kb.float(), vb.float(), mask, 0.25)
     for name in ("eager", "sdpa", "native"):
         out, _ = ATTENTION_FUNCTIONS[name](q, kb, vb, mask, 0.25)
         assert out.dtype == torch.float32
         assert torch.allclose(out, want, atol=1e-5, rtol=1e-5), name
+
+
+@needs_lib
+def test_float16_conversions_are_torchs():
+    """The fused step writes a float16 cache in C and the kernels read it back: both conversions
+    equal torch's, bit for bit, on every float16 value and on the float32 edge cases (halfway
+    cases each side of even, subnormals, the overflow threshold 65520, infinities, NaN, -0)."""
+    lib = na._lib()
+    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    wide = torch.empty(halves.numel(), dtype=torch.float32)
+    lib.mlm_f16_to_f32(halves.data_ptr(), halves.numel(), wide.data_ptr())
+    want = halves.float()
+    assert torch.equal(wide.view(torch.int32)[~want.isnan()], want.view(torch.int32)[~want.isnan()])
+    assert wide.isnan().equal(want.isnan())
+    finite = want[want.isfinite()]
+    steps = torch.cat([finite, finite.nextafter(torch.tensor(float("inf"))), finite.nextafter(torch.tensor(-float("inf")))])
+    ulp = (finite.double().abs() * 2**-11).clamp(min=2.0**-25)
+    midpoints = torch.cat([(finite.double() + ulp).float(), (finite.double() - ulp).float()])  # ties and near-ties
+    edge = torch.tensor([65504.0, 65519.99, 65520.0, 65536.0, 1e30, float("inf"), -float("inf"), float("nan"),
+                         -0.0, 0.0, 2.0**-24, 2.0**-25, 2.0**-25 * 1.0000001, 2.0**-26, 2.0**-14, 3 * 2.0**-26])
+    x = torch.cat([steps, midpoints, edge, torch.randn(100000) * 1000, torch.randn(100000) * 1e-5])
+    x = torch.cat([x, -x])
+    out = torch.empty(x.numel(), dtype=torch.int16)
+    lib.mlm_f32_to_f16(x.data_ptr(), x.numel(), out.data_ptr())
+    assert torch.equal(out, x.to(torch.float16).view(torch.int16))
 
 
 @needs_lib

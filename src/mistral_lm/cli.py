@@ -172,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     def quantize_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--quantize", default="auto", choices=list(QUANTIZE_CHOICES),
                        help="auto: a GGUF's own blocks (gguf), else none; int8/int4/nf4 quantize at load")
-        p.add_argument("--kv-cache-dtype", default=None, choices=["float32", "bfloat16"],
-                       help="the KV cache's dtype; default: bfloat16 on a GGUF's own blocks (as llama.cpp "
-                            "keeps 16 bits), else the model's dtype")
+        p.add_argument("--kv-cache-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                       help="the KV cache's dtype; default: float16 on a GGUF's own blocks (llama.cpp's "
+                            "default), else the model's dtype")
 
     def sampling_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=int, default=256)

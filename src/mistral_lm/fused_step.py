@@ -305,19 +305,23 @@ def _runnable(table: _Table, dropout: float) -> bool:
     return not (torch.is_grad_enabled() and any(w.requires_grad for w in table.pointed))
 
 
-def _cache_arrays(table: _Table, cache: KVCache, plan: CachePlan) -> tuple[Any, Any, tuple[int, ...], bool] | None:
+_KV16 = {torch.bfloat16: 1, torch.float16: 2}  # a 16-bit cache under float32 activations: step.c's kv16
+
+
+def _cache_arrays(table: _Table, cache: KVCache, plan: CachePlan) -> tuple[Any, Any, tuple[int, ...], int] | None:
     """Pointer arrays to every layer's key and value buffers (reused while the buffers are the
-    same), their strides, and whether they hold bfloat16 under float32 activations."""
+    same), their strides, and the 16-bit kind they hold under float32 activations (0: none, 1:
+    bfloat16, 2: float16)."""
     keys, values = cache.step_buffers(plan)
     buffers = [*keys, *values]
-    kv16 = not table.bf16 and keys[0].dtype == torch.bfloat16
+    kv16 = 0 if table.bf16 else _KV16.get(keys[0].dtype, 0)
     last = table.cache_arrays
     if last is not None and len(last[0]) == len(buffers) and all(a is b for a, b in zip(last[0], buffers)):
         return last[1], last[2], keys[0].stride(), kv16
     layers = table.dims[5]
-    if len(keys) != layers or (kv16 and not native_step.available(kv16=True)):
+    if len(keys) != layers or (kv16 and not native_step.available(kv16=kv16)):
         return None
-    stride, dtype = keys[0].stride(), torch.bfloat16 if kv16 else _ACTIVATION[table.bf16]
+    stride, dtype = keys[0].stride(), keys[0].dtype if kv16 else _ACTIVATION[table.bf16]
     if any(t.dtype != dtype or not t.is_cpu or t.stride() != stride for t in buffers):
         return None
     pointers = ctypes.c_void_p * layers

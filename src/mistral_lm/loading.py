@@ -98,8 +98,8 @@ def from_pretrained(
     keeps Transformers' names). Pass False to keep the separate `q_proj`... modules.
     Float Linears come back as `MatvecLinear` (matvec.py): same parameters and state dict.
     `kv_cache_dtype` (ours): the dtype of the KV cache `make_cache` and `generate()` allocate.
-    None: bfloat16 for `gguf_native` models, as llama.cpp keeps a 16-bit cache; else the model's
-    own dtype, so a float model's logits stay those of Transformers.
+    None: float16 for `gguf_native` models, as llama.cpp's default cache; else the model's own
+    dtype, so a float model's logits stay those of Transformers.
     """
     options = LoadOptions.parse(
         pretrained_model_name_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype, device_map=device_map,
@@ -121,11 +121,11 @@ def from_pretrained(
 
 
 def kv_cache_dtype_for(requested: Any, gguf_native: bool) -> torch.dtype | None:
-    """The KV cache's dtype policy, shared by every loader: what was asked for; else bfloat16 for
-    a model on GGUF blocks (llama.cpp keeps a 16-bit cache); else None, the model's own dtype."""
+    """The KV cache's dtype policy, shared by every loader: what was asked for; else float16 for
+    a model on GGUF blocks, as llama.cpp's default; else None, the model's own dtype."""
     if requested is not None:
         return resolve_dtype(requested, "kv_cache_dtype")
-    return torch.bfloat16 if gguf_native else None
+    return torch.float16 if gguf_native else None
 
 
 def assemble(cls: type, options: LoadOptions) -> tuple[nn.Module, bool]:

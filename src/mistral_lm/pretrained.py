@@ -58,9 +58,9 @@ class MistralPreTrainedModel(nn.Module):
     @property
     def kv_cache_dtype(self) -> torch.dtype | None:
         """The dtype `make_cache` stores keys and values in; None: the model's activations' dtype.
-        A GGUF model on the native kernels stores them in bfloat16 by default (llama.cpp keeps a
-        16-bit cache too): half the memory and half the bytes a long decode step reads, at a
-        rounding well under what the kernels' 8-bit activations already cost (bench/RESULTS.md).
+        A GGUF model on the native kernels stores them in float16 by default, as llama.cpp does:
+        half the memory and half the bytes a long decode step reads, at a rounding well under what
+        the kernels' 8-bit activations already cost (bench/RESULTS.md).
         `from_pretrained(kv_cache_dtype=torch.float32)` keeps float32."""
         return self._kv_cache_dtype
 

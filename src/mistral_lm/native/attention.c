@@ -32,8 +32,9 @@
  *   attention  bf16(out);
  *   RMSNorm    bf16(w * bf16(x * r)), r as above (MistralRMSNorm's `weight * (x * r).to(bf16)`);
  *   SiLU       bf16(bf16(silu(g)) * u) (torch's `F.silu(g) * u` on bf16 tensors, our exp).
- * mlm_attention_kv16 (float32 queries over a bf16 KV cache) rounds nothing: it is mlm_attention of
- * q and the widened keys and values, its grouped kernels the float32 ones with 16-bit loads.
+ * mlm_attention_kv16 / _kvf16 (float32 queries over a bfloat16 / float16 KV cache) round nothing:
+ * mlm_attention of q and the widened keys and values, the grouped kernels the float32 ones with
+ * 16-bit loads.
  *
  * Contraction of a*b+c into fma is switched off: every fma here is written out.
  */
@@ -148,12 +149,11 @@ static void scores_bf16_s(const float *q, const uint16_t *k, int64_t ks, const i
 }
 
 static void weighted_bf16_s(const float *p, float sum, const uint16_t *v, int64_t vs, const int32_t *idx,
-                            int64_t n, int64_t D, void *out, int wide) {
+                            int64_t n, int64_t D, uint16_t *out) {
     for (int64_t d = 0; d < D; d++) {
         float acc = 0.0f;
         for (int64_t j = 0; j < n; j++) acc = fmaf(p[j], bf16_to_f32(v[idx[j] * vs + d]), acc);
-        if (wide) ((float *)out)[d] = acc / sum;
-        else ((uint16_t *)out)[d] = f32_to_bf16(acc / sum);
+        out[d] = f32_to_bf16(acc / sum);
     }
 }
 
@@ -265,10 +265,44 @@ T512 static float softmax512(float *s, int64_t n) {
     return hsum512(acc);
 }
 
-/* bf16 loads (defined with the bf16 kernels below): the grouped kernels also read a bf16 cache */
-T512 static inline __m512 bf16x16(const uint16_t *p, __mmask16 m);
-T512 static void scores_bf16_512(const float *q, const uint16_t *k, int64_t ks, const int32_t *idx, int64_t n,
-                                 int64_t D, float scale, float *s);
+/* 16 values of a 16-bit cache row widened exactly (masked lanes: 0): kind 1 bfloat16, 2 float16. */
+T512 static inline __attribute__((always_inline)) __m512 load16x16(const uint16_t *p, __mmask16 m, const int kind) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return kind == 2 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* scores512_few over a 16-bit cache: the same chains, the keys widened as they are loaded. */
+T512 static inline __attribute__((always_inline)) void scores16_512_few(const float *q, const uint16_t *k, int64_t ks,
+                                                                       const int32_t *idx, int64_t n, int64_t D,
+                                                                       float scale, float *s, const int kind) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const uint16_t *k0 = k + idx[j] * ks, *k1 = k + idx[j + 1] * ks, *k2 = k + idx[j + 2] * ks,
+                       *k3 = k + idx[j + 3] * ks;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < D; d += 16) {
+            const __mmask16 m = tail16(D - d);
+            const __m512 x = _mm512_maskz_loadu_ps(m, q + d);
+            a0 = _mm512_fmadd_ps(x, load16x16(k0 + d, m, kind), a0);
+            a1 = _mm512_fmadd_ps(x, load16x16(k1 + d, m, kind), a1);
+            a2 = _mm512_fmadd_ps(x, load16x16(k2 + d, m, kind), a2);
+            a3 = _mm512_fmadd_ps(x, load16x16(k3 + d, m, kind), a3);
+        }
+        s[j] = hsum512(a0) * scale;
+        s[j + 1] = hsum512(a1) * scale;
+        s[j + 2] = hsum512(a2) * scale;
+        s[j + 3] = hsum512(a3) * scale;
+    }
+    for (; j < n; j++) {
+        const uint16_t *kr = k + idx[j] * ks;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            const __mmask16 m = tail16(D - d);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), load16x16(kr + d, m, kind), acc);
+        }
+        s[j] = hsum512(acc) * scale;
+    }
+}
 
 /* GROUP_Q queries that share their key/value head and their allowed keys (the heads of one query
  * position under GQA) at once: each key and value row is loaded once for all of them, where one
@@ -280,7 +314,7 @@ T512 static void scores_bf16_512(const float *q, const uint16_t *k, int64_t ks, 
 T512 static inline __attribute__((always_inline)) void group_scores_r(const float *const *q, const int R, const void *k,
                                                                      int64_t ks, const int32_t *idx, int64_t n,
                                                                      int64_t D, float scale, float *const *s,
-                                                                     const int K16) { /* K16: k is bf16 */
+                                                                     const int K16) { /* K16: k is 16-bit, of that kind */
     const int KB = 16 / R; /* keys per step: R * KB <= 16 chains, reduced together */
     int64_t j = 0;
     for (; j + KB <= n; j += KB) {
@@ -295,7 +329,7 @@ T512 static inline __attribute__((always_inline)) void group_scores_r(const floa
             __m512 kv[16];
 #pragma GCC unroll 16
             for (int t = 0; t < KB; t++)
-                kv[t] = K16 ? bf16x16((const uint16_t *)kr[t] + d, m) : _mm512_maskz_loadu_ps(m, (const float *)kr[t] + d);
+                kv[t] = K16 ? load16x16((const uint16_t *)kr[t] + d, m, K16) : _mm512_maskz_loadu_ps(m, (const float *)kr[t] + d);
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
                 const __m512 x = _mm512_maskz_loadu_ps(m, q[r] + d);
@@ -309,7 +343,7 @@ T512 static inline __attribute__((always_inline)) void group_scores_r(const floa
     }
     if (j < n)
         for (int r = 0; r < R; r++) {
-            if (K16) scores_bf16_512(q[r], (const uint16_t *)k, ks, idx + j, n - j, D, scale, s[r] + j);
+            if (K16) scores16_512_few(q[r], (const uint16_t *)k, ks, idx + j, n - j, D, scale, s[r] + j, K16);
             else scores512_few(q[r], (const float *)k, ks, idx + j, n - j, D, scale, s[r] + j);
         }
 }
@@ -341,6 +375,11 @@ T512 static void group_scores_kv16_512(const float *const *q, int R, const uint1
     group_scores512_k(q, R, k, ks, idx, n, D, scale, s, 1);
 }
 
+T512 static void group_scores_kvh_512(const float *const *q, int R, const uint16_t *k, int64_t ks, const int32_t *idx,
+                                      int64_t n, int64_t D, float scale, float *const *s) {
+    group_scores512_k(q, R, k, ks, idx, n, D, scale, s, 2);
+}
+
 T512 static inline __attribute__((always_inline)) void group_weighted_r(const float *const *p, const float *sums,
                                                                        const int R, const void *v, int64_t vs,
                                                                        const int32_t *idx, int64_t n, int64_t D,
@@ -358,7 +397,7 @@ T512 static inline __attribute__((always_inline)) void group_weighted_r(const fl
             __m512 x[4];
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++)
-                x[c] = K16 ? bf16x16((const uint16_t *)vr + 16 * c, mk[c])
+                x[c] = K16 ? load16x16((const uint16_t *)vr + 16 * c, mk[c], K16)
                            : _mm512_maskz_loadu_ps(mk[c], (const float *)vr + 16 * c);
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
@@ -395,6 +434,11 @@ T512 static void group_weighted512(const float *const *p, const float *sums, int
 T512 static void group_weighted_kv16_512(const float *const *p, const float *sums, int R, const uint16_t *v, int64_t vs,
                                          const int32_t *idx, int64_t n, int64_t D, float *const *out) {
     group_weighted512_k(p, sums, R, v, vs, idx, n, D, out, 1);
+}
+
+T512 static void group_weighted_kvh_512(const float *const *p, const float *sums, int R, const uint16_t *v, int64_t vs,
+                                        const int32_t *idx, int64_t n, int64_t D, float *const *out) {
+    group_weighted512_k(p, sums, R, v, vs, idx, n, D, out, 2);
 }
 
 T512 static void weighted512(const float *p, float sum, const float *v, int64_t vs, const int32_t *idx, int64_t n,
@@ -473,13 +517,8 @@ T512 static void scores_bf16_512(const float *q, const uint16_t *k, int64_t ks, 
     for (; j < n; j++) s[j] = dot_bf16_512(q, k + idx[j] * ks, D) * scale;
 }
 
-T512 static inline void store512(void *out, int64_t d, __mmask16 m, __m512 x, int wide) {
-    if (wide) _mm512_mask_storeu_ps((float *)out + d, m, x);
-    else store_bf16x16((uint16_t *)out + d, m, round512(x));
-}
-
 T512 static void weighted_bf16_512(const float *p, float sum, const uint16_t *v, int64_t vs, const int32_t *idx,
-                                   int64_t n, int64_t D, void *out, int wide) {
+                                   int64_t n, int64_t D, uint16_t *out) {
     const __m512 vs_ = _mm512_set1_ps(sum);
     for (int64_t d = 0; d < D; d += 64) {
         const __mmask16 m0 = tail16(D - d), m1 = D - d > 16 ? tail16(D - d - 16) : 0,
@@ -493,10 +532,10 @@ T512 static void weighted_bf16_512(const float *p, float sum, const uint16_t *v,
             a2 = _mm512_fmadd_ps(pj, bf16x16(vr + 32, m2), a2);
             a3 = _mm512_fmadd_ps(pj, bf16x16(vr + 48, m3), a3);
         }
-        store512(out, d, m0, _mm512_div_ps(a0, vs_), wide);
-        store512(out, d + 16, m1, _mm512_div_ps(a1, vs_), wide);
-        store512(out, d + 32, m2, _mm512_div_ps(a2, vs_), wide);
-        store512(out, d + 48, m3, _mm512_div_ps(a3, vs_), wide);
+        store_bf16x16(out + d, m0, round512(_mm512_div_ps(a0, vs_)));
+        store_bf16x16(out + d + 16, m1, round512(_mm512_div_ps(a1, vs_)));
+        store_bf16x16(out + d + 32, m2, round512(_mm512_div_ps(a2, vs_)));
+        store_bf16x16(out + d + 48, m3, round512(_mm512_div_ps(a3, vs_)));
     }
 }
 
@@ -558,7 +597,13 @@ T256 static float dot256(const float *a, const float *b, int64_t n) {
     return hsum256x2(lo, hi);
 }
 
-T256 static inline __m256 bf16x8(const uint16_t *p, int64_t left); /* with the bf16 kernels below */
+/* 8 values of a 16-bit cache row widened exactly, lanes l >= left 0: kind 1 bfloat16, 2 float16. */
+T256 static inline __attribute__((always_inline)) __m256 load16x8(const uint16_t *p, int64_t left, const int kind) {
+    uint16_t t[8] = {0}; /* AVX2 has no 16-bit masked load: never read past the row's end */
+    if (left < 8 && left > 0) memcpy(t, p, sizeof(uint16_t) * (size_t)left);
+    const __m128i h = _mm_loadu_si128((const __m128i *)(left >= 8 ? p : t));
+    return kind == 2 ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 
 /* GROUP_Q queries of one key/value head at once, as group_scores_r and group_weighted_r for
  * AVX-512: each key and value row is loaded once for all of them. Per query and key the chains
@@ -582,8 +627,9 @@ T256 static inline __attribute__((always_inline)) void group_scores256_r(const f
             __m256 kl[2], kh[2];
 #pragma GCC unroll 2
             for (int t = 0; t < KB; t++) {
-                kl[t] = K16 ? bf16x8((const uint16_t *)kr[t] + d, D - d) : _mm256_maskload_ps((const float *)kr[t] + d, m0);
-                kh[t] = K16 ? bf16x8((const uint16_t *)kr[t] + d + 8, D - d - 8)
+                kl[t] = K16 ? load16x8((const uint16_t *)kr[t] + d, D - d, K16)
+                            : _mm256_maskload_ps((const float *)kr[t] + d, m0);
+                kh[t] = K16 ? load16x8((const uint16_t *)kr[t] + d + 8, D - d - 8, K16)
                             : _mm256_maskload_ps((const float *)kr[t] + d + 8, m1);
             }
 #pragma GCC unroll 4
@@ -631,6 +677,11 @@ T256 static void group_scores_kv16_256(const float *const *q, int R, const uint1
     group_scores256_k(q, R, k, ks, idx, n, D, scale, s, 1);
 }
 
+T256 static void group_scores_kvh_256(const float *const *q, int R, const uint16_t *k, int64_t ks, const int32_t *idx,
+                                      int64_t n, int64_t D, float scale, float *const *s) {
+    group_scores256_k(q, R, k, ks, idx, n, D, scale, s, 2);
+}
+
 /* W vectors (8 outputs each) of every query per pass over the keys. */
 T256 static inline __attribute__((always_inline)) void group_weighted256_r(const float *const *p, const float *sums,
                                                                          const int R, const int W, const void *v,
@@ -650,7 +701,7 @@ T256 static inline __attribute__((always_inline)) void group_weighted256_r(const
             __m256 x[4];
 #pragma GCC unroll 4
             for (int c = 0; c < W; c++)
-                x[c] = K16 ? bf16x8((const uint16_t *)vr + 8 * c, D - d - 8 * c)
+                x[c] = K16 ? load16x8((const uint16_t *)vr + 8 * c, D - d - 8 * c, K16)
                            : _mm256_maskload_ps((const float *)vr + 8 * c, m[c]);
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
@@ -688,6 +739,11 @@ T256 static void group_weighted256(const float *const *p, const float *sums, int
 T256 static void group_weighted_kv16_256(const float *const *p, const float *sums, int R, const uint16_t *v, int64_t vs,
                                          const int32_t *idx, int64_t n, int64_t D, float *const *out) {
     group_weighted256_k(p, sums, R, v, vs, idx, n, D, out, 1);
+}
+
+T256 static void group_weighted_kvh_256(const float *const *p, const float *sums, int R, const uint16_t *v, int64_t vs,
+                                        const int32_t *idx, int64_t n, int64_t D, float *const *out) {
+    group_weighted256_k(p, sums, R, v, vs, idx, n, D, out, 2);
 }
 
 T256 static void scores256(const float *q, const float *k, int64_t ks, const int32_t *idx, int64_t n, int64_t D,
@@ -810,13 +866,8 @@ T256 static void scores_bf16_256(const float *q, const uint16_t *k, int64_t ks, 
     for (; j < n; j++) s[j] = dot_bf16_256(q, k + idx[j] * ks, D) * scale;
 }
 
-T256 static inline void store256(void *out, int64_t d, int64_t left, __m256 x, int wide) {
-    if (!wide) store_bf16x8((uint16_t *)out + d, left, round256(x));
-    else if (left > 0) _mm256_maskstore_ps((float *)out + d, tail8(left), x);
-}
-
 T256 static void weighted_bf16_256(const float *p, float sum, const uint16_t *v, int64_t vs, const int32_t *idx,
-                                   int64_t n, int64_t D, void *out, int wide) {
+                                   int64_t n, int64_t D, uint16_t *out) {
     const __m256 vs_ = _mm256_set1_ps(sum);
     for (int64_t d = 0; d < D; d += 32) {
         const int64_t left = D - d;
@@ -840,10 +891,10 @@ T256 static void weighted_bf16_256(const float *p, float sum, const uint16_t *v,
                 a3 = _mm256_fmadd_ps(pj, bf16x8(vr + 24, left - 24), a3);
             }
         }
-        store256(out, d, left, _mm256_div_ps(a0, vs_), wide);
-        store256(out, d + 8, left - 8, _mm256_div_ps(a1, vs_), wide);
-        store256(out, d + 16, left - 16, _mm256_div_ps(a2, vs_), wide);
-        store256(out, d + 24, left - 24, _mm256_div_ps(a3, vs_), wide);
+        store_bf16x8(out + d, left, round256(_mm256_div_ps(a0, vs_)));
+        store_bf16x8(out + d + 8, left - 8, round256(_mm256_div_ps(a1, vs_)));
+        store_bf16x8(out + d + 16, left - 16, round256(_mm256_div_ps(a2, vs_)));
+        store_bf16x8(out + d + 24, left - 24, round256(_mm256_div_ps(a3, vs_)));
     }
 }
 
@@ -881,9 +932,8 @@ typedef struct {
     void (*silu_mul_row)(const float *, const float *, int64_t, float *);
     /* bf16 storage, float32 arithmetic (softmax is shared: scores are float32 either way) */
     void (*scores_bf16)(const float *, const uint16_t *, int64_t, const int32_t *, int64_t, int64_t, float, float *);
-    /* out: bf16 rounded, or (wide) the float32 result itself (float32 queries over a bf16 cache) */
     void (*weighted_bf16)(const float *, float, const uint16_t *, int64_t, const int32_t *, int64_t, int64_t,
-                          void *, int);
+                          uint16_t *);
     void (*rmsnorm_row_bf16)(const uint16_t *, const uint16_t *, int64_t, float, uint16_t *);
     void (*silu_mul_row_bf16)(const uint16_t *, const uint16_t *, int64_t, uint16_t *);
     /* up to GROUP_Q queries of one key/value head at once (NULL: one query at a time) */
@@ -891,22 +941,22 @@ typedef struct {
                          float *const *);
     void (*group_weighted)(const float *const *, const float *, int, const float *, int64_t, const int32_t *, int64_t,
                            int64_t, float *const *);
-    /* the same over bf16 keys and values (a bfloat16 cache), widened as they are loaded */
-    void (*group_scores_kv16)(const float *const *, int, const uint16_t *, int64_t, const int32_t *, int64_t, int64_t,
+    /* the same over a 16-bit cache, widened as it is loaded: [0] bfloat16, [1] float16 */
+    void (*group_scores16[2])(const float *const *, int, const uint16_t *, int64_t, const int32_t *, int64_t, int64_t,
                               float, float *const *);
-    void (*group_weighted_kv16)(const float *const *, const float *, int, const uint16_t *, int64_t, const int32_t *,
+    void (*group_weighted16[2])(const float *const *, const float *, int, const uint16_t *, int64_t, const int32_t *,
                                 int64_t, int64_t, float *const *);
 } Ops;
 
 static const Ops OPS[3] = {
     {scores_s, softmax_s, weighted_s, rmsnorm_row_s, silu_mul_row_s, scores_bf16_s, weighted_bf16_s,
-     rmsnorm_row_bf16_s, silu_mul_row_bf16_s, NULL, NULL, NULL, NULL},
+     rmsnorm_row_bf16_s, silu_mul_row_bf16_s, NULL, NULL, {NULL, NULL}, {NULL, NULL}},
     {scores256, softmax256, weighted256, rmsnorm_row256, silu_mul_row256, scores_bf16_256, weighted_bf16_256,
-     rmsnorm_row_bf16_256, silu_mul_row_bf16_256, group_scores256, group_weighted256, group_scores_kv16_256,
-     group_weighted_kv16_256},
+     rmsnorm_row_bf16_256, silu_mul_row_bf16_256, group_scores256, group_weighted256,
+     {group_scores_kv16_256, group_scores_kvh_256}, {group_weighted_kv16_256, group_weighted_kvh_256}},
     {scores512, softmax512, weighted512, rmsnorm_row512, silu_mul_row512, scores_bf16_512, weighted_bf16_512,
-     rmsnorm_row_bf16_512, silu_mul_row_bf16_512, group_scores512, group_weighted512, group_scores_kv16_512,
-     group_weighted_kv16_512},
+     rmsnorm_row_bf16_512, silu_mul_row_bf16_512, group_scores512, group_weighted512,
+     {group_scores_kv16_512, group_scores_kvh_512}, {group_weighted_kv16_512, group_weighted_kvh_512}},
 };
 
 int mlm_set_isa(int cap) {
@@ -964,7 +1014,7 @@ static int worth_threads(int nthreads, int64_t items, int64_t K, int64_t D) {
  * unit is (b, g, i, a block of up to GROUP_Q of the group's heads). */
 static int attention_grouped(const Ops *o, const float *q, const void *k, const void *v, const uint8_t *mask,
                              const int64_t *shape, const int64_t *strides, float scale, float *out, int nthreads,
-                             int kv16) { /* kv16: k and v are bf16 */
+                             int kind) { /* kind: k and v are 0 float32, 1 bfloat16, 2 float16 */
     const int64_t B = shape[0], H = shape[1], Hkv = shape[2], Q = shape[3], K = shape[4], D = shape[5];
     const int64_t rep = H / Hkv, blocks = (rep + GROUP_Q - 1) / GROUP_Q, units = B * Hkv * Q * blocks;
     int failed = 0;
@@ -993,12 +1043,12 @@ static int attention_grouped(const Ops *o, const float *q, const void *k, const 
                 continue;
             }
             const int64_t ko = b * strides[3] + g * strides[4], vo = b * strides[6] + g * strides[7];
-            if (kv16) o->group_scores_kv16(qr, R, (const uint16_t *)k + ko, strides[5], idx, n, D, scale, sr);
+            if (kind) o->group_scores16[kind - 1](qr, R, (const uint16_t *)k + ko, strides[5], idx, n, D, scale, sr);
             else o->group_scores(qr, R, (const float *)k + ko, strides[5], idx, n, D, scale, sr);
             for (int r = 0; r < R; r++) sums[r] = o->softmax(sr[r], n);
-            if (kv16)
-                o->group_weighted_kv16((const float *const *)sr, sums, R, (const uint16_t *)v + vo, strides[8], idx, n, D,
-                                       dst);
+            if (kind)
+                o->group_weighted16[kind - 1]((const float *const *)sr, sums, R, (const uint16_t *)v + vo, strides[8], idx,
+                                              n, D, dst);
             else o->group_weighted((const float *const *)sr, sums, R, (const float *)v + vo, strides[8], idx, n, D, dst);
         }
         free(idx);
@@ -1047,11 +1097,11 @@ int mlm_attention(const float *q, const float *k, const float *v, const uint8_t 
 
 /* Rows (B, G, N) of D bf16 values at src (strides s[0..2]) widened into dst, contiguous. */
 static void widen_rows(const uint16_t *src, const int64_t *s, int64_t B, int64_t G, int64_t N, int64_t D, float *dst,
-                       int nthreads) {
+                       int nthreads, int kind) { /* kind 1 bfloat16, 2 float16 */
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && B * G * N * D >= (1 << 16)) schedule(static)
     for (int64_t r = 0; r < B * G * N; r++) {
         const uint16_t *row = src + (r / (G * N)) * s[0] + ((r / N) % G) * s[1] + (r % N) * s[2];
-        for (int64_t d = 0; d < D; d++) dst[r * D + d] = bf16_to_f32(row[d]);
+        for (int64_t d = 0; d < D; d++) dst[r * D + d] = kind == 2 ? f16_to_f32(row[d]) : bf16_to_f32(row[d]);
     }
 }
 
@@ -1073,9 +1123,9 @@ static int attention_bf16_widened(const uint16_t *q, const uint16_t *k, const ui
     float *qf = malloc(sizeof(float) * (2 * nq + 2 * nk));
     if (qf == NULL) return 1;
     float *kf = qf + nq, *vf = kf + nk, *of = vf + nk;
-    widen_rows(q, strides, B, H, Q, D, qf, nthreads);
-    widen_rows(k, strides + 3, B, Hkv, K, D, kf, nthreads);
-    widen_rows(v, strides + 6, B, Hkv, K, D, vf, nthreads);
+    widen_rows(q, strides, B, H, Q, D, qf, nthreads, 1);
+    widen_rows(k, strides + 3, B, Hkv, K, D, kf, nthreads, 1);
+    widen_rows(v, strides + 6, B, Hkv, K, D, vf, nthreads, 1);
     const int64_t wide[12] = {H * Q * D, Q * D, D, Hkv * K * D, K * D, D, Hkv * K * D, K * D, D,
                               strides[9], strides[10], strides[11]};
     const int rc = mlm_attention(qf, kf, vf, mask, shape, wide, scale, of, nthreads);
@@ -1121,7 +1171,7 @@ int mlm_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, 
             for (int64_t d = 0; d < D; d++) qf[d] = bf16_to_f32(qr[d]);
             o->scores_bf16(qf, k + t.b * strides[3] + t.g * strides[4], strides[5], idx, n, D, scale, s);
             const float sum = o->softmax(s, n);
-            o->weighted_bf16(s, sum, v + t.b * strides[6] + t.g * strides[7], strides[8], idx, n, D, dst, 0);
+            o->weighted_bf16(s, sum, v + t.b * strides[6] + t.g * strides[7], strides[8], idx, n, D, dst);
         }
         free(idx);
         free(s);
@@ -1130,58 +1180,51 @@ int mlm_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, 
     return failed ? -2 : 0;
 }
 
-/* mlm_attention on float32 q and out over bf16 k and v (a bfloat16 KV cache under a float32
- * model): exactly mlm_attention of q and the widened k and v. From WIDEN_QUERIES queries on (a
- * prefill) k and v are widened once and the float32 kernel runs; below (decode), one query at a
- * time with the keys and values widened as they are loaded. */
-int mlm_attention_kv16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, const int64_t *shape,
-                       const int64_t *strides, float scale, float *out, int nthreads) {
+/* mlm_attention on float32 q and out over a 16-bit KV cache (kind 1 bfloat16, 2 float16; a GGUF
+ * model's cache): exactly mlm_attention of q and the widened k and v. Below WIDEN_QUERIES queries
+ * (decode) a query position's heads go together through the grouped kernels, each key and value
+ * widened as it is loaded; from there on (a prefill), and on the scalar path, k and v are widened
+ * once and the float32 kernel runs. */
+static int attention_kv(int kind, const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
+                        const int64_t *shape, const int64_t *strides, float scale, float *out, int nthreads) {
     const int64_t B = shape[0], H = shape[1], Hkv = shape[2], Q = shape[3], K = shape[4], D = shape[5];
     if (Hkv <= 0 || H % Hkv || D <= 0 || K > INT32_MAX) return -1;
-    const int64_t rep = H / Hkv, items = B * H * Q;
     const Ops *o = ops();
-    if (Q >= WIDEN_QUERIES && items * D > 0) {
-        const size_t nk = (size_t)(B * Hkv * K * D);
-        float *kf = malloc(sizeof(float) * 2 * (nk ? nk : 1));
-        if (kf != NULL) {
-            float *vf = kf + nk;
-            widen_rows(k, strides + 3, B, Hkv, K, D, kf, nthreads);
-            widen_rows(v, strides + 6, B, Hkv, K, D, vf, nthreads);
-            const int64_t wide[12] = {strides[0], strides[1], strides[2], Hkv * K * D, K * D, D, Hkv * K * D, K * D, D,
-                                      strides[9], strides[10], strides[11]};
-            const int rc = mlm_attention(q, kf, vf, mask, shape, wide, scale, out, nthreads);
-            free(kf);
-            return rc;
-        }
-    }
-    if (o->group_scores_kv16 && rep > 1) /* a query position's heads read each key and value row once */
-        return attention_grouped(o, q, k, v, mask, shape, strides, scale, out, nthreads, 1);
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads) if (worth_threads(nthreads, items, K, D)) reduction(| : failed)
-    {
-        int32_t *idx = malloc(sizeof(int32_t) * (size_t)(K + 1));
-        float *s = malloc(sizeof(float) * (size_t)(K + 16));
-        failed = idx == NULL || s == NULL;
-        Listed listed = {-1, -1, 0};
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t it = 0; it < items; it++) {
-            if (failed) continue;
-            const Item t = item_at(it, rep, Q, Hkv);
-            const int64_t n = keys_for(&listed, mask, strides, t.b, t.i, K, idx);
-            float *dst = out + ((t.b * Q + t.i) * H + t.h) * D;
-            if (n == 0) {
-                memset(dst, 0, sizeof(float) * (size_t)D);
-                continue;
-            }
-            o->scores_bf16(q + t.b * strides[0] + t.h * strides[1] + t.i * strides[2],
-                           k + t.b * strides[3] + t.g * strides[4], strides[5], idx, n, D, scale, s);
-            const float sum = o->softmax(s, n);
-            o->weighted_bf16(s, sum, v + t.b * strides[6] + t.g * strides[7], strides[8], idx, n, D, dst, 1);
-        }
-        free(idx);
-        free(s);
-    }
-    return failed ? -2 : 0;
+    const int grouped = o->group_scores16[kind - 1] != NULL;
+    if (grouped && Q < WIDEN_QUERIES)
+        return attention_grouped(o, q, k, v, mask, shape, strides, scale, out, nthreads, kind);
+    const size_t nk = (size_t)(B * Hkv * K * D);
+    float *kf = malloc(sizeof(float) * 2 * (nk ? nk : 1));
+    if (kf == NULL)
+        return grouped ? attention_grouped(o, q, k, v, mask, shape, strides, scale, out, nthreads, kind) : -2;
+    float *vf = kf + nk;
+    widen_rows(k, strides + 3, B, Hkv, K, D, kf, nthreads, kind);
+    widen_rows(v, strides + 6, B, Hkv, K, D, vf, nthreads, kind);
+    const int64_t wide[12] = {strides[0], strides[1], strides[2], Hkv * K * D, K * D, D, Hkv * K * D, K * D, D,
+                              strides[9], strides[10], strides[11]};
+    const int rc = mlm_attention(q, kf, vf, mask, shape, wide, scale, out, nthreads);
+    free(kf);
+    return rc;
+}
+
+int mlm_attention_kv16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, const int64_t *shape,
+                       const int64_t *strides, float scale, float *out, int nthreads) {
+    return attention_kv(1, q, k, v, mask, shape, strides, scale, out, nthreads);
+}
+
+int mlm_attention_kvf16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
+                        const int64_t *shape, const int64_t *strides, float scale, float *out, int nthreads) {
+    return attention_kv(2, q, k, v, mask, shape, strides, scale, out, nthreads);
+}
+
+/* float32 <-> float16 as the fused step writes and attention reads a float16 cache (the tests
+ * compare them with torch's own conversions). */
+void mlm_f32_to_f16(const float *x, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = f32_to_f16(x[i]);
+}
+
+void mlm_f16_to_f32(const uint16_t *x, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(x[i]);
 }
 
 /* y[m] = w * rmsnorm(x[m]) for M rows of C values (row stride xs, unit stride within a row). */

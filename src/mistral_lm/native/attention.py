@@ -23,8 +23,8 @@ in the same orders, rounded to bf16 where torch's bf16 expression rounds. So a b
 what the float32 kernel computes from the widened inputs, rounded (attention: once, at the end;
 RMSNorm: `weight * (x * r).to(bf16)` as MistralRMSNorm; SiLU: `F.silu(g) * u`, each op rounded),
 and it is batch-invariant the same way. K and V are widened as they are read, never copied.
-float32 queries over a bfloat16 cache (a GGUF model's `kv_cache_dtype`) take the same loads: the
-result is the float32 kernel's on the widened keys and values, exactly, in float32.
+float32 queries over a float16 or bfloat16 cache (a GGUF model's `kv_cache_dtype`) load it the same
+way: the result is the float32 kernel's on the widened keys and values, exactly, in float32.
 
 `reference_attention` / `reference_rmsnorm` / `reference_silu_mul` are the definitions in torch (SDPA's semantics:
 a query with no allowed key gets zeros); the kernels agree with them to float32 rounding (bf16: to
@@ -57,8 +57,11 @@ def _lib() -> ctypes.CDLL | None:
     lib.mlm_silu_mul.restype = None
     lib.mlm_attention_bf16.argtypes = lib.mlm_attention.argtypes
     lib.mlm_attention_bf16.restype = ctypes.c_int
-    lib.mlm_attention_kv16.argtypes = lib.mlm_attention.argtypes
-    lib.mlm_attention_kv16.restype = ctypes.c_int
+    for name in ("mlm_attention_kv16", "mlm_attention_kvf16"):
+        getattr(lib, name).argtypes = lib.mlm_attention.argtypes
+        getattr(lib, name).restype = ctypes.c_int
+    lib.mlm_f32_to_f16.argtypes = [ptr, i64, ptr]
+    lib.mlm_f16_to_f32.argtypes = [ptr, i64, ptr]
     lib.mlm_rmsnorm_bf16.argtypes = lib.mlm_rmsnorm.argtypes
     lib.mlm_rmsnorm_bf16.restype = None
     lib.mlm_silu_mul_bf16.argtypes = lib.mlm_silu_mul.argtypes
@@ -94,8 +97,12 @@ def supports_bf16(*tensors: torch.Tensor) -> bool:
 
 
 def supports_kv16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel for float32 queries over a bfloat16 KV cache takes these tensors."""
-    return _inference_tensors(torch.float32, (q,)) and _inference_tensors(torch.bfloat16, (k, v)) and available()
+    """Whether the kernels for float32 queries over a bfloat16 or float16 KV cache take these tensors."""
+    return (_inference_tensors(torch.float32, (q,)) and k.dtype in _KV16 and _inference_tensors(k.dtype, (k, v))
+            and available())
+
+
+_KV16 = {torch.bfloat16: "mlm_attention_kv16", torch.float16: "mlm_attention_kvf16"}
 
 
 def _storage_dtype(op: str, *tensors: torch.Tensor) -> torch.dtype:
@@ -122,8 +129,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     if k.shape != (b, h_kv, nk, d) or v.shape != k.shape or h_kv == 0 or h % h_kv:
         raise InputError(f"attention needs q (B, H, Q, D) and k, v (B, H_kv, K, D) with H % H_kv == 0; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.dtype == torch.float32 and k.dtype == v.dtype == torch.bfloat16:  # float32 model, bfloat16 KV cache
-        dtype, kernel = torch.float32, lib.mlm_attention_kv16
+    if q.dtype == torch.float32 and k.dtype == v.dtype and k.dtype in _KV16:  # float32 model, 16-bit cache
+        dtype, kernel = torch.float32, getattr(lib, _KV16[k.dtype])
     else:
         dtype = _storage_dtype("attention", q, k, v)
         kernel = lib.mlm_attention if dtype == torch.float32 else lib.mlm_attention_bf16
@@ -163,7 +170,7 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | No
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float) -> torch.Tensor:
     """q (B, H, Q, D), k and v (B, H_kv, K, D) CPU (any strides), all float32 or all bfloat16, or
-    float32 q over bfloat16 k and v (a bfloat16 KV cache), boolean mask (B, 1, Q, K) True = allowed
+    float32 q over bfloat16 or float16 k and v (a 16-bit KV cache), boolean mask (B, 1, Q, K) True = allowed
     or None = causal over the first Q keys -> out (B, Q, H, D) in q's dtype (bf16: the float32
     result on the widened inputs, rounded; float32 q: the float32 result on the widened k, v)."""
     if torch.compiler.is_compiling():

@@ -10,7 +10,7 @@
 #include <string.h>
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
-#define T256 __attribute__((target("avx2,fma")))
+#define T256 __attribute__((target("avx2,fma,f16c"))) /* every AVX2 CPU has F16C */
 
 static inline float bf16_to_f32(uint16_t h) { /* exact */
     const uint32_t u = (uint32_t)h << 16;
@@ -24,6 +24,47 @@ static inline uint16_t f32_to_bf16(float f) { /* c10::BFloat16's round to neares
     uint32_t u;
     memcpy(&u, &f, 4);
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) { /* exact, as torch widens float16 */
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F;
+    uint32_t m = h & 0x3FF, u;
+    if (e == 0x1F) u = sign | 0x7F800000u | (m << 13);
+    else if (e) u = sign | ((e + 112) << 23) | (m << 13);
+    else if (m == 0) u = sign;
+    else { /* subnormal: normalize */
+        uint32_t x = 113;
+        while (!(m & 0x400)) {
+            m <<= 1;
+            x--;
+        }
+        u = sign | (x << 23) | ((m & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* torch's float -> float16: round to nearest even, subnormals kept, overflow to infinity, NaN ->
+ * 0x7E00 with its sign (c10::Half's rule), done with integers. */
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+    const uint32_t a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return sign | 0x7E00;
+    if (a >= 0x477FF000u) return sign | 0x7C00; /* from 65520 on (and infinity): infinity */
+    if (a >= 0x38800000u) {                      /* normal: rebias the exponent, round 13 bits off */
+        const uint32_t r = a - 0x38000000u;
+        return sign | (uint16_t)((r + 0x0FFFu + ((r >> 13) & 1u)) >> 13);
+    }
+    if (a <= 0x33000000u) return sign; /* at most 2^-25: rounds to zero */
+    const uint32_t mant = (a & 0x7FFFFFu) | 0x800000u;
+    const int shift = 126 - (int)(a >> 23); /* 14..24 */
+    uint32_t h = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (h & 1u))) h++;
+    return sign | (uint16_t)h;
 }
 
 static inline float tree16(const float a[16]) {
@@ -53,7 +94,7 @@ T256 static inline __attribute__((always_inline)) float hsum256x2(__m256 lo, __m
 static inline int capped_isa_level(int cap) {
     __builtin_cpu_init();
     int have = 0;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         have = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                        __builtin_cpu_supports("avx512vl") ? 2 : 1;
     return cap < have ? (cap < 0 ? 0 : cap) : have;

@@ -66,7 +66,7 @@ typedef struct {
     nf4_mm_fn nf4_mm;
     Elementwise f32, bf16;
     int64_t xblock_bytes; /* one q8-quantized 32-block of activations */
-    attention_fn attention_kv16; /* float32 queries and output over a bfloat16 KV cache */
+    attention_fn attention_kv16[2]; /* float32 queries and output over a bfloat16 / float16 KV cache */
 } Kernels;
 
 enum { LIN_GGML = 0, LIN_BF16 = 1, LIN_NF4 = 2, LIN_INT8 = 3 };
@@ -89,14 +89,15 @@ typedef struct {
 typedef struct {
     int64_t M, C, H, Hkv, D, F;      /* rows, hidden, heads, kv heads, head dim, intermediate */
     int64_t bf16;                    /* activation type: 0 float32, 1 bfloat16 */
-    int64_t kv16;                    /* the cache holds bfloat16 under float32 activations */
+    int64_t kv16;                    /* under float32 activations, the cache holds 0 float32, 1 bfloat16,
+                                        2 float16 */
     float scale;                     /* attention scale */
     const float *cos, *sin;          /* (M, D) float32, sin signed */
     const uint8_t *mask;             /* (M, used) with strides mask_s[0] (row), mask_s[1] (key) */
     int64_t mask_s[2];
     int64_t used, slot;              /* keys attended (cache slots 0..used-1), the slot written */
     void *const *keys, *const *values; /* per layer: (M, Hkv, slots, D) cache buffers, activation type
-                                          (bfloat16 with kv16) */
+                                          (16-bit with kv16) */
     int64_t cache_s[3];              /* their strides in elements: row, head, slot (unit along D) */
     int nthreads;
     int64_t waited_ns, wall_ns;      /* out: ns the threads waited for a CPU (summed; -1: unknown, or one
@@ -268,10 +269,11 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
     const int64_t HD = H * D, KD = Hkv * D, widest = (C > F ? C : F) > HD ? (C > F ? C : F) : HD;
     const int64_t rep = Hkv > 0 ? H / Hkv : 0;
     const int bf16 = st->bf16 != 0;
-    const int kv16 = !bf16 && st->kv16 != 0;
+    const int kv16 = bf16 ? 0 : (int)st->kv16;
+    if (kv16 < 0 || kv16 > 2) return -1;
     const size_t es = bf16 ? 2 : 4, kes = kv16 ? 2 : es; /* activation and cache element bytes */
     const Elementwise *ew = bf16 ? &kn->bf16 : &kn->f32;
-    const attention_fn attend = kv16 ? kn->attention_kv16 : ew->attention;
+    const attention_fn attend = kv16 ? kn->attention_kv16[kv16 - 1] : ew->attention;
     if (attend == NULL) return -1;
     char *buf = malloc(es * (size_t)(M * (2 * C + 3 * HD + 3 * KD + 3 * F)));
     float *tmp = malloc(sizeof(float) * (size_t)HD);
@@ -318,12 +320,12 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
                 for (int64_t m = 0; m < M; m++)
                     for (int64_t g = 0; g < Hkv; g++) {
                         const int64_t at = m * st->cache_s[0] + g * st->cache_s[1] + st->slot * st->cache_s[2];
-                        if (kv16) { /* rounded as the cache's `.to(bfloat16)` rounds */
+                        if (kv16) { /* rounded as the cache's `.to(bfloat16 / float16)` rounds */
                             const float *kr = (const float *)k + (m * Hkv + g) * D, *vr = (const float *)v + (m * Hkv + g) * D;
                             uint16_t *kd = (uint16_t *)keys + at, *vd = (uint16_t *)values + at;
                             for (int64_t j = 0; j < D; j++) {
-                                kd[j] = f32_to_bf16(kr[j]);
-                                vd[j] = f32_to_bf16(vr[j]);
+                                kd[j] = kv16 == 2 ? f32_to_f16(kr[j]) : f32_to_bf16(kr[j]);
+                                vd[j] = kv16 == 2 ? f32_to_f16(vr[j]) : f32_to_bf16(vr[j]);
                             }
                             continue;
                         }

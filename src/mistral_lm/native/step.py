@@ -26,7 +26,7 @@ class Elementwise(ctypes.Structure):
 
 class Kernels(ctypes.Structure):
     _fields_ = [("quantize", _ptr), ("matmul", _ptr), ("bf16_linear", _ptr), ("int8_linear", _ptr), ("nf4_mm", _ptr),
-                ("f32", Elementwise), ("bf16", Elementwise), ("xblock_bytes", _i64), ("attention_kv16", _ptr)]
+                ("f32", Elementwise), ("bf16", Elementwise), ("xblock_bytes", _i64), ("attention_kv16", _ptr * 2)]
 
 
 class Lin(ctypes.Structure):
@@ -69,18 +69,19 @@ def _lib() -> tuple[ctypes.CDLL, Kernels] | None:
                       _address(nf4.library(), "mlm_nf4_mm"),
                       Elementwise(*(_address(a, f"mlm_{op}") for op in ("attention", "rmsnorm", "silu_mul"))),
                       Elementwise(*(_address(a, f"mlm_{op}_bf16") for op in ("attention", "rmsnorm", "silu_mul"))),
-                      ggml.XBLOCK_BYTES, _address(a, "mlm_attention_kv16"))
+                      ggml.XBLOCK_BYTES,
+                      (_ptr * 2)(_address(a, "mlm_attention_kv16"), _address(a, "mlm_attention_kvf16")))
     return lib, kernels
 
 
-def available(bf16: bool = False, kinds: frozenset[int] = frozenset({LIN_GGML}), kv16: bool = False) -> bool:
+def available(bf16: bool = False, kinds: frozenset[int] = frozenset({LIN_GGML}), kv16: int = 0) -> bool:
     """Whether the step can run here with this activation type and these linear kinds (and,
-    with `kv16`, a bfloat16 cache under float32 activations)."""
+    with `kv16` 1 or 2, a bfloat16 or float16 cache under float32 activations)."""
     found = _lib()
     if found is None:
         return False
     k = found[1]
-    if kv16 and not k.attention_kv16:
+    if kv16 and not k.attention_kv16[kv16 - 1]:
         return False
     need = [k.f32.attention, k.f32.rmsnorm, k.f32.silu_mul] if not bf16 else [
         k.bf16.attention, k.bf16.rmsnorm, k.bf16.silu_mul]

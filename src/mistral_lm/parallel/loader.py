@@ -68,7 +68,7 @@ def from_pretrained(
     `vocab_parallel`: split embed_tokens and lm_head by vocabulary rows (plan.py) instead of
     replicating them. `gguf_native` (GGUF only): keep the rank's Q4_0/Q4_1/Q4_K/Q8_0 blocks and
     compute on them (GGUFLinear), as loading.py does; else its slices are dequantized to
-    `torch_dtype`. `kv_cache_dtype`: as loading.from_pretrained (bfloat16 for `gguf_native`).
+    `torch_dtype`. `kv_cache_dtype`: as loading.from_pretrained (float16 for `gguf_native`).
     `timeout_s` bounds every collective (process.py). The model's `config`
     is the rank's (divided head counts); `model.tensor_parallel.full_config` is the checkpoint's.
     """
