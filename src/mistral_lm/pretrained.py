@@ -51,9 +51,13 @@ class MistralPreTrainedModel(nn.Module):
     @attn_implementation.setter
     def attn_implementation(self, name: str) -> None:
         """Set for the whole model: a head model and the decoder inside it run the same kernels."""
+        self._set_on_every_model("_attn_implementation", name)
+
+    def _set_on_every_model(self, name: str, value: Any) -> None:
+        """One setting for this model and every MistralPreTrainedModel inside it (a head's decoder)."""
         for module in self.modules():
             if isinstance(module, MistralPreTrainedModel):
-                object.__setattr__(module, "_attn_implementation", name)
+                object.__setattr__(module, name, value)
 
     @property
     def kv_cache_dtype(self) -> torch.dtype | None:
@@ -68,9 +72,7 @@ class MistralPreTrainedModel(nn.Module):
     def kv_cache_dtype(self, dtype: torch.dtype | None) -> None:
         if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"kv_cache_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
-        for module in self.modules():
-            if isinstance(module, MistralPreTrainedModel):
-                object.__setattr__(module, "_kv_cache_dtype", dtype)
+        self._set_on_every_model("_kv_cache_dtype", dtype)
 
     # ------------------------------------------------------------------ init and ties
     def post_init(self) -> None:

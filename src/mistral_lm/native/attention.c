@@ -271,7 +271,8 @@ T512 static inline __attribute__((always_inline)) __m512 load16x16(const uint16_
     return kind == 2 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* scores512_few over a 16-bit cache: the same chains, the keys widened as they are loaded. */
+/* scores512_few over 16-bit keys (a bf16 model's, or a 16-bit cache): the same chains, the keys
+ * widened as they are loaded. */
 T512 static inline __attribute__((always_inline)) void scores16_512_few(const float *q, const uint16_t *k, int64_t ks,
                                                                        const int32_t *idx, int64_t n, int64_t D,
                                                                        float scale, float *s, const int kind) {
@@ -365,17 +366,17 @@ T512 static inline __attribute__((always_inline)) void group_scores512_k(const f
     }
 }
 
-T512 static void group_scores512(const float *const *q, int R, const float *k, int64_t ks, const int32_t *idx,
+T512 static void group_scores512(const float *const *q, int R, const void *k, int64_t ks, const int32_t *idx,
                                  int64_t n, int64_t D, float scale, float *const *s) {
     group_scores512_k(q, R, k, ks, idx, n, D, scale, s, 0);
 }
 
-T512 static void group_scores_kv16_512(const float *const *q, int R, const uint16_t *k, int64_t ks, const int32_t *idx,
+T512 static void group_scores_kv16_512(const float *const *q, int R, const void *k, int64_t ks, const int32_t *idx,
                                        int64_t n, int64_t D, float scale, float *const *s) {
     group_scores512_k(q, R, k, ks, idx, n, D, scale, s, 1);
 }
 
-T512 static void group_scores_kvh_512(const float *const *q, int R, const uint16_t *k, int64_t ks, const int32_t *idx,
+T512 static void group_scores_kvh_512(const float *const *q, int R, const void *k, int64_t ks, const int32_t *idx,
                                       int64_t n, int64_t D, float scale, float *const *s) {
     group_scores512_k(q, R, k, ks, idx, n, D, scale, s, 2);
 }
@@ -426,17 +427,17 @@ T512 static inline __attribute__((always_inline)) void group_weighted512_k(const
     }
 }
 
-T512 static void group_weighted512(const float *const *p, const float *sums, int R, const float *v, int64_t vs,
+T512 static void group_weighted512(const float *const *p, const float *sums, int R, const void *v, int64_t vs,
                                    const int32_t *idx, int64_t n, int64_t D, float *const *out) {
     group_weighted512_k(p, sums, R, v, vs, idx, n, D, out, 0);
 }
 
-T512 static void group_weighted_kv16_512(const float *const *p, const float *sums, int R, const uint16_t *v, int64_t vs,
+T512 static void group_weighted_kv16_512(const float *const *p, const float *sums, int R, const void *v, int64_t vs,
                                          const int32_t *idx, int64_t n, int64_t D, float *const *out) {
     group_weighted512_k(p, sums, R, v, vs, idx, n, D, out, 1);
 }
 
-T512 static void group_weighted_kvh_512(const float *const *p, const float *sums, int R, const uint16_t *v, int64_t vs,
+T512 static void group_weighted_kvh_512(const float *const *p, const float *sums, int R, const void *v, int64_t vs,
                                         const int32_t *idx, int64_t n, int64_t D, float *const *out) {
     group_weighted512_k(p, sums, R, v, vs, idx, n, D, out, 2);
 }
@@ -468,9 +469,7 @@ T512 static void silu_mul_row512(const float *g, const float *u, int64_t n, floa
 }
 
 /* ---------------------------------------------------------------- AVX-512 bf16 */
-T512 static inline __m512 bf16x16(const uint16_t *p, __mmask16 m) { /* masked lanes: 0 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
+T512 static inline __m512 bf16x16(const uint16_t *p, __mmask16 m) { return load16x16(p, m, 1); }
 
 T512 static inline __m512 round512(__m512 x) { /* f32_to_bf16, the result kept widened */
     const __m512i u = _mm512_castps_si512(x);
@@ -485,36 +484,9 @@ T512 static inline void store_bf16x16(uint16_t *p, __mmask16 m, __m512 rounded) 
     _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
 }
 
-T512 static float dot_bf16_512(const float *a, const uint16_t *b, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < n; d += 16) {
-        const __mmask16 m = tail16(n - d);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), bf16x16(b + d, m), acc);
-    }
-    return hsum512(acc);
-}
-
 T512 static void scores_bf16_512(const float *q, const uint16_t *k, int64_t ks, const int32_t *idx, int64_t n,
                                  int64_t D, float scale, float *s) {
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const uint16_t *k0 = k + idx[j] * ks, *k1 = k + idx[j + 1] * ks, *k2 = k + idx[j + 2] * ks,
-                       *k3 = k + idx[j + 3] * ks;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t d = 0; d < D; d += 16) {
-            const __mmask16 m = tail16(D - d);
-            const __m512 x = _mm512_maskz_loadu_ps(m, q + d);
-            a0 = _mm512_fmadd_ps(x, bf16x16(k0 + d, m), a0);
-            a1 = _mm512_fmadd_ps(x, bf16x16(k1 + d, m), a1);
-            a2 = _mm512_fmadd_ps(x, bf16x16(k2 + d, m), a2);
-            a3 = _mm512_fmadd_ps(x, bf16x16(k3 + d, m), a3);
-        }
-        s[j] = hsum512(a0) * scale;
-        s[j + 1] = hsum512(a1) * scale;
-        s[j + 2] = hsum512(a2) * scale;
-        s[j + 3] = hsum512(a3) * scale;
-    }
-    for (; j < n; j++) s[j] = dot_bf16_512(q, k + idx[j] * ks, D) * scale;
+    scores16_512_few(q, k, ks, idx, n, D, scale, s, 1); /* one query: four keys a step */
 }
 
 T512 static void weighted_bf16_512(const float *p, float sum, const uint16_t *v, int64_t vs, const int32_t *idx,
@@ -667,17 +639,17 @@ T256 static inline __attribute__((always_inline)) void group_scores256_k(const f
     }
 }
 
-T256 static void group_scores256(const float *const *q, int R, const float *k, int64_t ks, const int32_t *idx,
+T256 static void group_scores256(const float *const *q, int R, const void *k, int64_t ks, const int32_t *idx,
                                  int64_t n, int64_t D, float scale, float *const *s) {
     group_scores256_k(q, R, k, ks, idx, n, D, scale, s, 0);
 }
 
-T256 static void group_scores_kv16_256(const float *const *q, int R, const uint16_t *k, int64_t ks, const int32_t *idx,
+T256 static void group_scores_kv16_256(const float *const *q, int R, const void *k, int64_t ks, const int32_t *idx,
                                        int64_t n, int64_t D, float scale, float *const *s) {
     group_scores256_k(q, R, k, ks, idx, n, D, scale, s, 1);
 }
 
-T256 static void group_scores_kvh_256(const float *const *q, int R, const uint16_t *k, int64_t ks, const int32_t *idx,
+T256 static void group_scores_kvh_256(const float *const *q, int R, const void *k, int64_t ks, const int32_t *idx,
                                       int64_t n, int64_t D, float scale, float *const *s) {
     group_scores256_k(q, R, k, ks, idx, n, D, scale, s, 2);
 }
@@ -731,17 +703,17 @@ T256 static inline __attribute__((always_inline)) void group_weighted256_k(const
     }
 }
 
-T256 static void group_weighted256(const float *const *p, const float *sums, int R, const float *v, int64_t vs,
+T256 static void group_weighted256(const float *const *p, const float *sums, int R, const void *v, int64_t vs,
                                    const int32_t *idx, int64_t n, int64_t D, float *const *out) {
     group_weighted256_k(p, sums, R, v, vs, idx, n, D, out, 0);
 }
 
-T256 static void group_weighted_kv16_256(const float *const *p, const float *sums, int R, const uint16_t *v, int64_t vs,
+T256 static void group_weighted_kv16_256(const float *const *p, const float *sums, int R, const void *v, int64_t vs,
                                          const int32_t *idx, int64_t n, int64_t D, float *const *out) {
     group_weighted256_k(p, sums, R, v, vs, idx, n, D, out, 1);
 }
 
-T256 static void group_weighted_kvh_256(const float *const *p, const float *sums, int R, const uint16_t *v, int64_t vs,
+T256 static void group_weighted_kvh_256(const float *const *p, const float *sums, int R, const void *v, int64_t vs,
                                         const int32_t *idx, int64_t n, int64_t D, float *const *out) {
     group_weighted256_k(p, sums, R, v, vs, idx, n, D, out, 2);
 }
@@ -800,12 +772,7 @@ T256 static inline __m256 bf16x8_all(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-T256 static inline __m256 bf16x8(const uint16_t *p, int64_t left) { /* lanes l >= left: 0 */
-    if (left >= 8) return bf16x8_all(p);
-    uint16_t t[8] = {0}; /* AVX2 has no 16-bit masked load: never read past the row's end */
-    if (left > 0) memcpy(t, p, sizeof(uint16_t) * (size_t)left);
-    return bf16x8_all(t);
-}
+T256 static inline __m256 bf16x8(const uint16_t *p, int64_t left) { return load16x8(p, left, 1); } /* lanes >= left: 0 */
 
 T256 static inline __m256 round256(__m256 x) { /* f32_to_bf16, the result kept widened */
     const __m256i u = _mm256_castps_si256(x);
@@ -937,26 +904,23 @@ typedef struct {
     void (*rmsnorm_row_bf16)(const uint16_t *, const uint16_t *, int64_t, float, uint16_t *);
     void (*silu_mul_row_bf16)(const uint16_t *, const uint16_t *, int64_t, uint16_t *);
     /* up to GROUP_Q queries of one key/value head at once (NULL: one query at a time) */
-    void (*group_scores)(const float *const *, int, const float *, int64_t, const int32_t *, int64_t, int64_t, float,
-                         float *const *);
-    void (*group_weighted)(const float *const *, const float *, int, const float *, int64_t, const int32_t *, int64_t,
-                           int64_t, float *const *);
-    /* the same over a 16-bit cache, widened as it is loaded: [0] bfloat16, [1] float16 */
-    void (*group_scores16[2])(const float *const *, int, const uint16_t *, int64_t, const int32_t *, int64_t, int64_t,
-                              float, float *const *);
-    void (*group_weighted16[2])(const float *const *, const float *, int, const uint16_t *, int64_t, const int32_t *,
-                                int64_t, int64_t, float *const *);
+    /* by the keys' and values' kind: [0] float32, [1] bfloat16, [2] float16 (a 16-bit cache, widened
+     * as it is loaded) */
+    void (*group_scores[3])(const float *const *, int, const void *, int64_t, const int32_t *, int64_t, int64_t, float,
+                            float *const *);
+    void (*group_weighted[3])(const float *const *, const float *, int, const void *, int64_t, const int32_t *, int64_t,
+                              int64_t, float *const *);
 } Ops;
 
 static const Ops OPS[3] = {
     {scores_s, softmax_s, weighted_s, rmsnorm_row_s, silu_mul_row_s, scores_bf16_s, weighted_bf16_s,
-     rmsnorm_row_bf16_s, silu_mul_row_bf16_s, NULL, NULL, {NULL, NULL}, {NULL, NULL}},
+     rmsnorm_row_bf16_s, silu_mul_row_bf16_s, {NULL, NULL, NULL}, {NULL, NULL, NULL}},
     {scores256, softmax256, weighted256, rmsnorm_row256, silu_mul_row256, scores_bf16_256, weighted_bf16_256,
-     rmsnorm_row_bf16_256, silu_mul_row_bf16_256, group_scores256, group_weighted256,
-     {group_scores_kv16_256, group_scores_kvh_256}, {group_weighted_kv16_256, group_weighted_kvh_256}},
+     rmsnorm_row_bf16_256, silu_mul_row_bf16_256, {group_scores256, group_scores_kv16_256, group_scores_kvh_256},
+     {group_weighted256, group_weighted_kv16_256, group_weighted_kvh_256}},
     {scores512, softmax512, weighted512, rmsnorm_row512, silu_mul_row512, scores_bf16_512, weighted_bf16_512,
-     rmsnorm_row_bf16_512, silu_mul_row_bf16_512, group_scores512, group_weighted512,
-     {group_scores_kv16_512, group_scores_kvh_512}, {group_weighted_kv16_512, group_weighted_kvh_512}},
+     rmsnorm_row_bf16_512, silu_mul_row_bf16_512, {group_scores512, group_scores_kv16_512, group_scores_kvh_512},
+     {group_weighted512, group_weighted_kv16_512, group_weighted_kvh_512}},
 };
 
 int mlm_set_isa(int cap) {
@@ -1042,14 +1006,12 @@ static int attention_grouped(const Ops *o, const float *q, const void *k, const 
                 for (int r = 0; r < R; r++) memset(dst[r], 0, sizeof(float) * (size_t)D);
                 continue;
             }
-            const int64_t ko = b * strides[3] + g * strides[4], vo = b * strides[6] + g * strides[7];
-            if (kind) o->group_scores16[kind - 1](qr, R, (const uint16_t *)k + ko, strides[5], idx, n, D, scale, sr);
-            else o->group_scores(qr, R, (const float *)k + ko, strides[5], idx, n, D, scale, sr);
+            const size_t es = kind ? 2 : 4; /* element bytes */
+            const char *kg = (const char *)k + (b * strides[3] + g * strides[4]) * es;
+            const char *vg = (const char *)v + (b * strides[6] + g * strides[7]) * es;
+            o->group_scores[kind](qr, R, kg, strides[5], idx, n, D, scale, sr);
             for (int r = 0; r < R; r++) sums[r] = o->softmax(sr[r], n);
-            if (kind)
-                o->group_weighted16[kind - 1]((const float *const *)sr, sums, R, (const uint16_t *)v + vo, strides[8], idx,
-                                              n, D, dst);
-            else o->group_weighted((const float *const *)sr, sums, R, (const float *)v + vo, strides[8], idx, n, D, dst);
+            o->group_weighted[kind]((const float *const *)sr, sums, R, vg, strides[8], idx, n, D, dst);
         }
         free(idx);
         free(sbuf);
@@ -1066,7 +1028,7 @@ int mlm_attention(const float *q, const float *k, const float *v, const uint8_t 
     if (Hkv <= 0 || H % Hkv || D <= 0 || K > INT32_MAX) return -1;
     const int64_t rep = H / Hkv, items = B * H * Q;
     const Ops *o = ops();
-    if (o->group_scores && rep > 1) return attention_grouped(o, q, k, v, mask, shape, strides, scale, out, nthreads, 0);
+    if (o->group_scores[0] && rep > 1) return attention_grouped(o, q, k, v, mask, shape, strides, scale, out, nthreads, 0);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (worth_threads(nthreads, items, K, D)) reduction(| : failed)
     {
@@ -1190,7 +1152,7 @@ static int attention_kv(int kind, const float *q, const uint16_t *k, const uint1
     const int64_t B = shape[0], H = shape[1], Hkv = shape[2], Q = shape[3], K = shape[4], D = shape[5];
     if (Hkv <= 0 || H % Hkv || D <= 0 || K > INT32_MAX) return -1;
     const Ops *o = ops();
-    const int grouped = o->group_scores16[kind - 1] != NULL;
+    const int grouped = o->group_scores[kind] != NULL;
     if (grouped && Q < WIDEN_QUERIES)
         return attention_grouped(o, q, k, v, mask, shape, strides, scale, out, nthreads, kind);
     const size_t nk = (size_t)(B * Hkv * K * D);
