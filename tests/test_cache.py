@@ -279,6 +279,7 @@ def test_kv_cache_dtype_defaults_and_checks(tmp_path):
     dtype otherwise, so its logits stay Transformers'; names and dtypes are taken,
     anything else refused by name."""
     from mistral_lm.errors import ConfigError
+    from mistral_lm.loading import kv_cache_dtype_for
 
     from .conftest import default_model_or_skip
 
@@ -289,6 +290,9 @@ def test_kv_cache_dtype_defaults_and_checks(tmp_path):
         MistralForCausalLM.from_pretrained(tmp_path, kv_cache_dtype="int8")
     with pytest.raises(ConfigError, match="kv_cache_dtype"):
         _model().kv_cache_dtype = torch.int8
+    assert kv_cache_dtype_for(None, True, torch.float32) == torch.float16  # the native kernels' float32 model
+    assert kv_cache_dtype_for(None, True, torch.bfloat16) is None  # torch's int4 path: already 16 bits, not twice
+    assert kv_cache_dtype_for("bfloat16", True, torch.float32) == torch.bfloat16
     path = default_model_or_skip()
     native = MistralForCausalLM.from_pretrained(path, gguf_native=True)
     assert native.kv_cache_dtype == torch.float16 and native.make_cache(1).values[-1].dtype == torch.float16

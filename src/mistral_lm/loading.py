@@ -98,8 +98,8 @@ def from_pretrained(
     keeps Transformers' names). Pass False to keep the separate `q_proj`... modules.
     Float Linears come back as `MatvecLinear` (matvec.py): same parameters and state dict.
     `kv_cache_dtype` (ours): the dtype of the KV cache `make_cache` and `generate()` allocate.
-    None: float16 for `gguf_native` models, as llama.cpp's default cache; else the model's own
-    dtype, so a float model's logits stay those of Transformers.
+    None: float16 for `gguf_native` models on the native kernels (float32), as llama.cpp's default
+    cache; else the model's own dtype, so a float model's logits stay those of Transformers.
     """
     options = LoadOptions.parse(
         pretrained_model_name_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype, device_map=device_map,
@@ -109,7 +109,7 @@ def from_pretrained(
     )
     model, fresh_floats = assemble(cls, options)
     model.attn_implementation = check_implementation(options.attn_implementation, model.dtype)
-    model.kv_cache_dtype = kv_cache_dtype_for(kv_cache_dtype, options.gguf_native)
+    model.kv_cache_dtype = kv_cache_dtype_for(kv_cache_dtype, options.gguf_native, model.dtype)
     for transform in before_placement(options):
         model = transform(model)
     place_model(model, options.device_map)
@@ -120,12 +120,14 @@ def from_pretrained(
     return model.eval()
 
 
-def kv_cache_dtype_for(requested: Any, gguf_native: bool) -> torch.dtype | None:
+def kv_cache_dtype_for(requested: Any, gguf_native: bool, activations: torch.dtype) -> torch.dtype | None:
     """The KV cache's dtype policy, shared by every loader: what was asked for; else float16 for
-    a model on GGUF blocks, as llama.cpp's default; else None, the model's own dtype."""
+    a model on GGUF blocks computing in float32 (the native kernels), as llama.cpp's default; else
+    None, the model's own dtype (one already in 16 bits, as torch's int4 path where the kernels
+    cannot be built, would only round its keys twice)."""
     if requested is not None:
         return resolve_dtype(requested, "kv_cache_dtype")
-    return torch.float16 if gguf_native else None
+    return torch.float16 if gguf_native and activations == torch.float32 else None
 
 
 def assemble(cls: type, options: LoadOptions) -> tuple[nn.Module, bool]:

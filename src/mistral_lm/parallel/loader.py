@@ -111,7 +111,7 @@ def from_pretrained(
     _assign(model, tensors, local_shapes, str(source))
     model.requires_grad_(False)  # inference only: the all-reduce hooks sum in place (apply.py)
     model.attn_implementation = check_implementation(attn_implementation, model.dtype)
-    model.kv_cache_dtype = kv_cache_dtype_for(kv_cache_dtype, gguf_native)
+    model.kv_cache_dtype = kv_cache_dtype_for(kv_cache_dtype, gguf_native, model.dtype)
     if quantization_config is not None:
         quantize_sharded(model, quantization_config)
     if context.device.type != "cpu":
