@@ -29,7 +29,7 @@ run: install
 # rather than on a user's machine. Its own inductor cache: compiled kernels are chosen per ISA.
 NUMERICS_TESTS ?= tests/test_gguf_native.py tests/test_quantization.py tests/test_native_ggml.py \
 	tests/test_native_nf4.py tests/test_native_dense.py tests/test_native_attention.py tests/test_fused_step.py \
-	tests/test_matvec.py tests/test_modeling_parity.py
+	tests/test_matvec.py tests/test_modeling_parity.py tests/test_gguf_tiled.py
 
 # Two pytest workers, one torch thread each: much of the suite waits on one Python thread
 # (subprocesses, compilers, small forwards), so two processes fill two cores. With two threads a

@@ -210,7 +210,7 @@ def test_a_changed_module_or_weight_is_seen(model, calls, monkeypatch):
     before = decode(model, ids, mask, 2)
     layers = model.model.layers
     other = layers[1].self_attn.o_proj
-    layers[0].self_attn.o_proj = GGUFBlockLinear(other.blocks, other.ggml_type, other.in_features)
+    layers[0].self_attn.o_proj = GGUFBlockLinear(other.blocks, other.ggml_type, other.in_features, tiled=other.tiled)
     norm = layers[2].post_attention_layernorm
     norm.weight.data = norm.weight.detach() * 1.5  # new storage under the same Parameter
     layers[3].mlp.up_proj.blocks.data = layers[4].mlp.up_proj.blocks.clone()  # and under the same buffer

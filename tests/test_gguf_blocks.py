@@ -65,9 +65,12 @@ def test_every_quantized_linear_reads_the_files_blocks(native):
     for name, module in linears.items():
         source = raw.get(name + ".weight", raw["model.embed_tokens.weight"])  # the tied head: the embedding's
         assert module.ggml_type == source.ggml_type
-        rows = module.blocks if module.row_order is None else module.blocks[module.row_order]
+        # Q4_0/Q4_1/Q8_0 in the tiled layout (a permutation of the file's bytes), the rest as stored
+        assert module.tiled == (source.ggml_type in ggml.TILEABLE)
+        stored = ggml.untile(module.blocks, module.kernel_type, module.in_features) if module.tiled else module.blocks
+        rows = stored if module.row_order is None else stored[module.row_order]
         assert torch.equal(rows, torch.from_numpy(np.ascontiguousarray(source.data)))
-        assert module.weight_bytes() == source.data.nbytes  # no padding, no repacking, no copy of Q/K
+        assert module.weight_bytes() == source.data.nbytes  # no padding, no copy of Q/K
         # llama.cpp permutes Q and K rows for its rotary layout: they stay as stored, outputs gathered
         assert (module.row_order is not None) == (source.row_order is not None)
     assert linears["model.layers.0.self_attn.q_proj"].row_order is not None

@@ -344,3 +344,88 @@ def test_c_decode_is_the_torch_definition_bit_for_bit(ggml_type):
     assert ggml.dequantize(blocks, ggml_type, 512, rows=torch.tensor([], dtype=torch.long)).shape == (0, 512)
     with pytest.raises(InputError, match="out of range"):
         ggml.dequantize(blocks, ggml_type, 512, rows=torch.tensor([13]))
+
+
+# ------------------------------------------------------------------ the tiled layout
+TILEABLE = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+
+
+@pytest.mark.parametrize("ggml_type", TILEABLE, ids=lambda t: t.name)
+def test_tile_is_a_permutation_of_the_rows_bytes(ggml_type):
+    """`tile` keeps every byte (same shape, same multiset), puts row r's block b codes where the
+    kernels read them, and `untile` gives the file's rows back."""
+    k = 160
+    blocks = random_blocks(ggml_type, 48, k, seed=3)
+    tiled = ggml.tile(blocks, ggml_type, k)
+    assert tiled.shape == blocks.shape and not torch.equal(tiled, blocks)
+    assert torch.equal(tiled.flatten().sort().values, blocks.flatten().sort().values)
+    assert torch.equal(ggml.untile(tiled, ggml_type | ggml.TILED, k), blocks)
+    assert torch.equal(ggml.reference_tile(blocks, ggml_type, k), tiled)  # C's copy == torch's definition
+    big = random_blocks(ggml_type, 16 * 37, 32 * 41, seed=4)  # several groups a thread, K not a multiple of 256
+    with threads(2):
+        assert torch.equal(ggml.tile(big, ggml_type, 32 * 41), ggml.reference_tile(big, ggml_type, 32 * 41))
+    # the first 4-byte code group of group 1, row 5, block 2: right after the 16 rows' groups before it
+    head, cb = (4, 16) if ggml_type == Q.Q4_1 else (2, 32 if ggml_type == Q.Q8_0 else 16)
+    g = 1
+    flat = tiled[16 * g:16 * (g + 1)].flatten()
+    row, b = 5, 2
+    start = b * 16 * cb + 4 * row
+    assert torch.equal(flat[start:start + 4], blocks[16 * g + row, b * (head + cb) + head:b * (head + cb) + head + 4])
+
+
+@needs_lib
+@pytest.mark.parametrize("ggml_type", TILEABLE, ids=lambda t: t.name)
+def test_tiled_kernels_equal_the_row_kernels_bit_for_bit(ggml_type):
+    """Same exact integer sums and the row kernels' float steps in their order: the tiled layout
+    gives the same bits on every ISA, for decode (1-2 rows), the vector prefill and AMX's (where
+    present), at 1 and 2 threads, K not a multiple of 256, and row counts around the groups."""
+    lib = ggml._lib()
+    k = 800
+    x = activations(40, k)
+    amx_old = lib.mlm_ggml_amx(-1)
+    try:
+        for n in (16, 48, 144):
+            blocks = random_blocks(ggml_type, n, k, seed=n)
+            tiled = ggml.tile(blocks, ggml_type, k)
+            for cap in caps():
+                with isa(cap):
+                    for amx in ((0, 1) if amx_usable() and cap >= 3 else (amx_old,)):
+                        lib.mlm_ggml_amx(amx)
+                        for n_threads in (1, 2):
+                            with threads(n_threads):
+                                for m in (1, 2, 3, 15, 17, 40):
+                                    want = ggml.linear(x[:m], blocks, ggml_type)
+                                    got = ggml.linear(x[:m], tiled, ggml_type | ggml.TILED)
+                                    assert torch.equal(got, want), (ggml_type, n, cap, amx, n_threads, m)
+                with isa(cap):
+                    assert torch.equal(ggml.dequantize(tiled, ggml_type | ggml.TILED, k),
+                                       ggml.dequantize(blocks, ggml_type, k))
+                    rows = torch.tensor([n - 1, 0, 17 % n, 5])
+                    assert torch.equal(ggml.dequantize(tiled, ggml_type | ggml.TILED, k, rows=rows),
+                                       ggml.dequantize(blocks, ggml_type, k, rows=rows))
+    finally:
+        lib.mlm_ggml_amx(amx_old)
+
+
+@needs_lib
+def test_tiled_layout_refuses_what_it_cannot_hold():
+    """Row counts that are not whole groups, K-quants and row slices refuse with a typed error
+    before any C runs, and so does C itself when reached directly."""
+    k = 160
+    blocks = random_blocks(Q.Q4_0, 40, k)
+    with pytest.raises(CheckpointError, match="16"):
+        ggml.tile(blocks, Q.Q4_0, k)
+    with pytest.raises(CheckpointError, match="Q4_K"):
+        ggml.tile(random_blocks(Q.Q4_K, 16, 512), Q.Q4_K, 512)
+    tiled = ggml.tile(random_blocks(Q.Q4_0, 32, k), Q.Q4_0, k)
+    with pytest.raises(CheckpointError, match="16-row groups"):
+        ggml.linear(torch.randn(1, k), tiled[:8], Q.Q4_0 | ggml.TILED)
+    with pytest.raises(CheckpointError, match="16-row groups"):
+        ggml.linear(torch.randn(1, k), tiled.t().contiguous().t(), Q.Q4_0 | ggml.TILED)  # not row-major
+    xq = ggml.quantize_activations(torch.randn(1, k))
+    out = torch.empty(1, 40)
+    lib = ggml._lib()
+    import ctypes
+    rc = lib.mlm_ggml_matmul(int(Q.Q4_0) | ggml.TILED, ctypes.c_void_p(xq.data_ptr()), 1, k,
+                             ctypes.c_void_p(blocks.data_ptr()), 40, blocks.shape[1], ctypes.c_void_p(out.data_ptr()), 40, 1)
+    assert rc == -1

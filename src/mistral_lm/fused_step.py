@@ -184,7 +184,7 @@ def _entry(lin: torch.nn.Module, bf16: bool) -> tuple[Any, list[torch.Tensor], i
     if not bf16:
         if type(lin) is not GGUFBlockLinear or lin.compute_dtype != torch.float32:
             return None
-        entry = native_step.ggml_entry(lin.blocks, lin.ggml_type, lin.in_features, lin.row_order)
+        entry = native_step.ggml_entry(lin.blocks, lin.kernel_type, lin.in_features, lin.row_order)
         return entry, [t for t in (lin.blocks, lin.row_order) if t is not None], 1 << 30
     if type(lin) is MatvecLinear and lin.weight.dtype == torch.bfloat16:
         entry = native_step.bf16_entry(lin.weight)

@@ -24,6 +24,10 @@
 
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 
+/* A flag on the type: the weights are in the tiled layout of ggml_tile.h (Q4_0, Q4_1, Q8_0 with
+ * N % 16 == 0; ggml.py `tile`), not in the file's rows. The same bytes in all, the same results. */
+#define TILED 0x100
+
 /* One quantized activation block: 32 int8 codes, the sum of all 32 codes and of the first 16
  * (the offset corrections: Q6_K has two 16-element scales), the scale d and ds = fl(d * sx) (the
  * min term's factor); 64 bytes, one cache line. */
@@ -121,6 +125,23 @@ static void decode_scalar(int type, const uint8_t *row, int64_t b, int u[32], in
     }
 }
 
+/* Block b of row n, from the file's rows or from the tiled layout (gathered into one block). */
+static void decode_row_block(int type, const uint8_t *w, int64_t ldw, int64_t n, int64_t nb, int64_t b, int u[32],
+                             int sc[2], float *cw, float *mw) {
+    if (!(type & TILED)) {
+        decode_scalar(type, w + n * ldw, b, u, sc, cw, mw);
+        return;
+    }
+    type &= ~TILED;
+    const int cb = type == T_Q8_0 ? 32 : 16, head = type == T_Q4_1 ? 4 : 2, r = (int)(n & 15);
+    const uint8_t *g = w + (n >> 4) * 16 * ldw, *codes = g + b * 16 * cb + 4 * r, *scales = g + nb * 16 * cb + b * 32 + 2 * r;
+    uint8_t blk[34];
+    memcpy(blk, scales, 2);
+    if (type == T_Q4_1) memcpy(blk + 2, scales + nb * 32, 2);
+    for (int v = 0; v < cb / 4; v++) memcpy(blk + head + 4 * v, codes + 64 * v, 4);
+    decode_scalar(type, blk, 0, u, sc, cw, mw);
+}
+
 /* The most bytes one scratch allocation of the matmuls may take (0: no limit). Only the tests set
  * it (mlm_ggml_scratch_limit), so that a failed allocation, which leaves output rows unwritten, can
  * be seen to reach the caller as an error. */
@@ -133,6 +154,8 @@ static void *scratch_malloc(size_t bytes) {
 /* Returns 0, or -2 where a thread's scratch could not be had (its rows are then unwritten). */
 static int matmul_scalar(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
                          int64_t ldw, float *out, int64_t ldo, int nthreads) {
+    const int full = type;
+    type &= ~TILED;
     const int has_min = type == T_Q4_1 || type == T_Q4_K, sh = off_shift(type);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(| : failed)
@@ -146,7 +169,7 @@ static int matmul_scalar(int type, const xblock *x, int64_t M, int64_t nb, const
             for (int64_t b = 0; b < nb; b++) {
                 int u[32], sc[2];
                 float cw, mw;
-                decode_scalar(type, w + n * ldw, b, u, sc, &cw, &mw);
+                decode_row_block(full, w, ldw, n, nb, b, u, sc, &cw, &mw);
                 for (int64_t m = 0; m < M; m++) {
                     const xblock *xb = x + m * nb + b;
                     int32_t h[2] = {0, 0};
@@ -355,18 +378,51 @@ void mlm_ggml_quantize(const float *x, int64_t M, int64_t K, int64_t ldx, void *
     else quantize_scalar(x, M, K, ldx, out, nthreads);
 }
 
+/* Whether `type` (with TILED or not) can hold (N, K) weights; the base type in *base. */
+static int valid(int type, int64_t N, int64_t K, int *base) {
+    *base = type & ~TILED;
+    if (type_bytes(*base) == 0 || K % type_block(*base) != 0 || (type & ~(TILED | 0xff))) return 0;
+    if (type & TILED) return (*base == T_Q4_0 || *base == T_Q4_1 || *base == T_Q8_0) && N % 16 == 0;
+    return 1;
+}
+
 /* out[m, n] (row stride ldo) = row m of the quantized activations . weight row n (row stride ldw
  * bytes). Returns 0, -1 for an unsupported type or a K the type's blocks do not divide, or -2 where
  * a thread's scratch could not be allocated (out is then incomplete). */
 int mlm_ggml_matmul(int type, const void *xq, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t ldw,
                     float *out, int64_t ldo, int nthreads) {
-    if (type_bytes(type) == 0 || K % type_block(type) != 0) return -1;
+    int base;
+    if (!valid(type, N, K, &base)) return -1;
+    if ((type & TILED) && ldw != K / 32 * type_bytes(base)) return -1;
     if (isa_level < 0) mlm_set_isa(3);
     if (M <= 0 || N <= 0) return 0;
     const int64_t nb = K / 32;
     if (isa_level == 2) return matmul_avx512(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);
     if (isa_level == 1) return matmul_avx2(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);
     return matmul_scalar(type, xq, M, nb, w, N, ldw, out, ldo, nthreads);
+}
+
+/* The file's rows (N, K/32 blocks each) -> the tiled layout (ggml_tile.h; ggml.py `tile` is its
+ * torch definition) in dst, N a multiple of 16, for Q4_0, Q4_1 and Q8_0. A 16-row group is read
+ * and written within its own 16 rows' bytes, so groups run on any thread. Returns 0, or -1. */
+int mlm_ggml_tile(int type, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, int nthreads) {
+    if (N % 16 || K % 32 || (type != T_Q4_0 && type != T_Q4_1 && type != T_Q8_0)) return -1;
+    const int64_t nb = K / 32, tb = type_bytes(type), ldw = nb * tb;
+    const int cb = type == T_Q8_0 ? 32 : 16, head = type == T_Q4_1 ? 4 : 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t g = 0; g < N / 16; g++) {
+        uint8_t *codes = dst + g * 16 * ldw, *d = codes + nb * 16 * cb, *m = d + nb * 32;
+        for (int r = 0; r < 16; r++) {
+            const uint8_t *row = src + (g * 16 + r) * ldw;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = row + b * tb;
+                memcpy(d + b * 32 + 2 * r, blk, 2);
+                if (type == T_Q4_1) memcpy(m + b * 32 + 2 * r, blk + 2, 2);
+                for (int v = 0; v < cb / 4; v++) memcpy(codes + b * 16 * cb + 64 * v + 4 * r, blk + head + 4 * v, 4);
+            }
+        }
+    }
+    return 0;
 }
 
 /* Sets the scratch limit in bytes (see scratch_limit; 0: none) and returns the old one. */
@@ -379,7 +435,8 @@ int64_t mlm_ggml_scratch_limit(int64_t bytes) {
 /* quantize + matmul in one call (one ctypes crossing per Linear); xq: M * K/32 blocks of scratch. */
 int mlm_ggml_linear(int type, const float *x, int64_t M, int64_t K, int64_t ldx, void *xq, const uint8_t *w,
                     int64_t N, int64_t ldw, float *out, int64_t ldo, int nthreads) {
-    if (type_bytes(type) == 0 || K % type_block(type) != 0) return -1;
+    int base;
+    if (!valid(type, N, K, &base)) return -1;
     mlm_ggml_quantize(x, M, K, ldx, xq, nthreads);
     return mlm_ggml_matmul(type, xq, M, K, w, N, ldw, out, ldo, nthreads);
 }
@@ -392,18 +449,17 @@ int mlm_ggml_linear(int type, const float *x, int64_t M, int64_t K, int64_t ldx,
  * a row at a time. */
 int mlm_ggml_dequantize(int type, const uint8_t *w, int64_t ldw, const int64_t *rows, int64_t N, int64_t K,
                         float *out) {
-    if (type_bytes(type) == 0 || K % type_block(type) != 0) return -1;
-    const int sh = off_shift(type), off = sh < 0 ? 0 : 1 << sh, has_min = type == T_Q4_1 || type == T_Q4_K;
-    /* whole matrices (a load decoding a checkpoint) on torch's threads; an embedding's few rows on one */
+    int base;
+    if (!valid(type, 16, K, &base)) return -1;
+    const int sh = off_shift(base), off = sh < 0 ? 0 : 1 << sh, has_min = base == T_Q4_1 || base == T_Q4_K;
 #pragma omp parallel for if (N * K >= (1 << 18)) schedule(static)
     for (int64_t i = 0; i < N; i++) {
-        const uint8_t *row = w + (rows ? rows[i] : i) * ldw;
         for (int64_t b = 0; b < K / 32; b++) {
             int u[32], sc[2];
             float cw, mw;
-            decode_scalar(type, row, b, u, sc, &cw, &mw);
+            decode_row_block(type, w, ldw, rows ? rows[i] : i, K / 32, b, u, sc, &cw, &mw);
             for (int e = 0; e < 32; e++) {
-                const double v = ((double)cw * (double)sc[e >> 4]) * (double)(u[e] - off); /* gguf's grouping */
+                const double v = ((double)cw * (double)sc[e >> 4]) * (double)(u[e] - off);
                 out[i * K + b * 32 + e] = (float)(has_min ? v + (double)mw : v);
             }
         }

@@ -50,6 +50,10 @@ Q = gguf.GGMLQuantizationType
 SUPPORTED: frozenset[int] = frozenset(int(t) for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K))
 XBLOCK_BYTES = 64  # one quantized activation block: 32 int8 codes, int32 sums of all and of the first 16, float32 d and d*sum, padding
 _SIZES = {t: gguf.GGML_QUANT_SIZES[Q(t)] for t in SUPPORTED}  # type -> (weights per block, bytes per block)
+# A flag on the type: the blocks are in the tiled layout (`tile`), not the file's rows.
+TILED = 0x100
+TILEABLE: frozenset[int] = frozenset(int(t) for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0))
+TILE_ROWS = 16
 
 
 @functools.cache
@@ -77,6 +81,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.mlm_ggml_scratch_limit.restype = i64
     lib.mlm_ggml_dequantize.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, i64, ptr]
     lib.mlm_ggml_dequantize.restype = ctypes.c_int
+    lib.mlm_ggml_tile.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.mlm_ggml_tile.restype = ctypes.c_int
     if lib.mlm_ggml_xblock_bytes() != XBLOCK_BYTES:
         raise RuntimeError("ggml.c and ggml.py disagree on the activation block size")
     return lib
@@ -89,13 +95,15 @@ def available() -> bool:
 
 def _name(ggml_type: int) -> str:
     try:
-        return Q(ggml_type).name
+        return Q(ggml_type & ~TILED).name + (" (tiled)" if ggml_type & TILED else "")
     except ValueError:
         return f"type {ggml_type}"
 
 
 def row_bytes(ggml_type: int, in_features: int) -> int:
-    """Bytes of one weight row of `in_features` values in blocks of `ggml_type`."""
+    """Bytes of one weight row of `in_features` values in blocks of `ggml_type` (tiled or not)."""
+    if ggml_type & TILED and ggml_type & ~TILED in TILEABLE:
+        ggml_type &= ~TILED
     if ggml_type not in SUPPORTED:
         raise CheckpointError(f"no ggml kernel for {_name(ggml_type)}; supported: "
                               f"{', '.join(sorted(_name(t) for t in SUPPORTED))}")
@@ -154,6 +162,9 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ kernel
 def _check_blocks(blocks: torch.Tensor, ggml_type: int, in_features: int) -> int:
     nbytes = row_bytes(ggml_type, in_features)
+    if ggml_type & TILED and (blocks.dim() != 2 or blocks.shape[0] % TILE_ROWS or not blocks.is_contiguous()):
+        raise CheckpointError(f"tiled {_name(ggml_type)} weights must be a whole contiguous tensor of "
+                              f"{TILE_ROWS}-row groups; got shape {tuple(blocks.shape)}, strides {blocks.stride()}")
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.device.type != "cpu":
         raise CheckpointError(f"{_name(ggml_type)} blocks must be a uint8 (N, bytes) CPU tensor; got "
                               f"{blocks.dtype} {tuple(blocks.shape)} on {blocks.device}")
@@ -226,7 +237,7 @@ def _linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, bias: torch.T
         nbytes = _ROW_BYTES[(ggml_type, k)] = row_bytes(ggml_type, k)  # raises for bad types and K
     bshape, bst = blocks.shape, blocks.stride()
     if (blocks.dtype is not torch.uint8 or len(bshape) != 2 or bshape[1] != nbytes or bst[1] != 1
-            or bst[0] < nbytes or not blocks.is_cpu):
+            or bst[0] < nbytes or not blocks.is_cpu or ggml_type & TILED and (bst[0] != nbytes or bshape[0] % TILE_ROWS)):
         _check_blocks(blocks, ggml_type, k)
     m, n = x2.shape[0], bshape[0]
     out = torch.empty(m, n, dtype=torch.float32)
@@ -282,6 +293,8 @@ def _decode(blocks: torch.Tensor, ggml_type: int, in_features: int) -> tuple[tor
     w = cw * scl * (u - off) + mw with u (N, K/32, 32) unsigned codes, scl (N, K/32, 32) integer
     scales (ones but for Q6_K), cw and mw (N, K/32) float64 (mw zero for types without a min)."""
     _check_blocks(blocks, ggml_type, in_features)
+    if ggml_type & TILED:
+        blocks, ggml_type = untile(blocks, ggml_type, in_features), ggml_type & ~TILED
     n, nb = blocks.shape[0], in_features // 32
     b = blocks.contiguous().view(n, -1, _SIZES[ggml_type][1])
     ones = torch.ones(n, nb, 32, dtype=torch.int64)
@@ -320,6 +333,8 @@ def dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int,
     nbytes = _check_blocks(blocks, ggml_type, in_features)
     lib = _lib()
     if lib is None or blocks.stride(-1) != 1:
+        if ggml_type & TILED:
+            blocks, ggml_type = untile(blocks, ggml_type, in_features), ggml_type & ~TILED
         decoded = reference_dequantize(blocks if rows is None else blocks.index_select(0, rows), ggml_type, in_features)
         return decoded if out is None else out.copy_(decoded)
     if rows is not None:
@@ -349,6 +364,65 @@ def reference_dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int)
     if int(ggml_type) in (Q.Q4_1, Q.Q4_K):
         w = w + mw.unsqueeze(-1)
     return w.reshape(blocks.shape[0], in_features).float()
+
+
+# ------------------------------------------------------------------ the tiled layout
+def _tile_fields(ggml_type: int) -> tuple[int, int, int]:
+    """(bytes before the codes, code bytes, scale fields) of one block of a tileable type."""
+    if ggml_type == Q.Q8_0:
+        return 2, 32, 1
+    return (4, 16, 2) if ggml_type == Q.Q4_1 else (2, 16, 1)
+
+
+def tile(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
+    """The file's rows (N, row bytes) -> the tiled layout ggml_tile.h reads, the same shape and
+    bytes: per 16 rows, block after block, the codes as 4-byte groups of the 16 rows side by
+    side (what one vpdpbusd multiplies), then the blocks' float16 scales, then (Q4_1) their mins.
+    A decode step then reads a block of 16 rows with whole-vector loads from one stream instead
+    of 16 row loads, a gather for the scales and a lane reduction. Q4_0, Q4_1 and Q8_0 with
+    N % 16 == 0; a fresh tensor (C's copy where built, else `reference_tile`)."""
+    _check_tileable(blocks, ggml_type, in_features)
+    lib = _lib()
+    if lib is None:
+        return reference_tile(blocks, ggml_type, in_features)
+    src = blocks.contiguous()
+    out = torch.empty_like(src)
+    if lib.mlm_ggml_tile(int(ggml_type), src.data_ptr(), src.shape[0], in_features, out.data_ptr(),
+                         torch.get_num_threads()):
+        raise CheckpointError(f"cannot tile {_name(ggml_type)} rows of {in_features} values")
+    return out
+
+
+def _check_tileable(blocks: torch.Tensor, ggml_type: int, in_features: int) -> None:
+    _check_blocks(blocks, ggml_type, in_features)
+    if ggml_type not in TILEABLE or blocks.shape[0] % TILE_ROWS:
+        raise CheckpointError(f"only {sorted(_name(t) for t in TILEABLE)} weights with a multiple of {TILE_ROWS} rows "
+                              f"tile; got {_name(ggml_type)} with {blocks.shape[0]} rows")
+
+
+def reference_tile(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
+    """`tile` in torch: the definition its C copy is tested against."""
+    _check_tileable(blocks, ggml_type, in_features)
+    nbytes = row_bytes(ggml_type, in_features)
+    n, nb, g = blocks.shape[0] // TILE_ROWS, in_features // 32, TILE_ROWS
+    head, cb, fields = _tile_fields(ggml_type)
+    b = blocks.contiguous().view(n, g, nb, head + cb)
+    codes = b[..., head:].reshape(n, g, nb, cb // 4, 4).permute(0, 2, 3, 1, 4).reshape(n, -1)
+    scales = [b[..., 2 * f:2 * f + 2].permute(0, 2, 1, 3).reshape(n, -1) for f in range(fields)]
+    return torch.cat([codes, *scales], 1).view(n * g, nbytes)
+
+
+def untile(tiled: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
+    """`tile`'s inverse: the file's rows again."""
+    ggml_type &= ~TILED
+    nbytes = row_bytes(ggml_type, in_features)
+    n, nb, g = tiled.shape[0] // TILE_ROWS, in_features // 32, TILE_ROWS
+    head, cb, fields = _tile_fields(ggml_type)
+    flat = tiled.contiguous().view(n, g * nbytes)
+    codes = flat[:, :nb * g * cb].reshape(n, nb, cb // 4, g, 4).permute(0, 3, 1, 2, 4).reshape(n, g, nb, cb)
+    parts = [flat[:, nb * g * cb + nb * g * 2 * f:nb * g * cb + nb * g * 2 * (f + 1)].reshape(n, nb, g, 2)
+             .permute(0, 2, 1, 3) for f in range(fields)]
+    return torch.cat([*parts, codes], -1).reshape(n * g, nbytes)
 
 
 def _reference(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, absolute: bool = False) -> torch.Tensor:

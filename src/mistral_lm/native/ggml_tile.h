@@ -887,6 +887,142 @@ static __attribute__((noinline)) void FN(run_kern2)(int type, int mr, const xblo
 }
 #endif
 
+/* ------------------------------------------------------------------ the tiled layout (ggml.c TILED)
+ * Q4_0, Q4_1 and Q8_0 rows regrouped by 16: per group, block after block, the codes as the
+ * dot-product instructions read them (vector g: bytes 4g..4g+3 of each of the 16 rows, lane r =
+ * row r; a Q4 byte holds codes j and j + 16), then every block's 16 float16 scales d, then (Q4_1)
+ * its 16 mins. A block costs 4 (Q8_0: 8) aligned vector loads and one scale load for 16 rows,
+ * where the file's row layout takes 16 row loads, their inserts, a gather and a lane reduction.
+ * The AVX2 tile of 8 rows is half a group: the low or high 32 bytes of each vector. */
+
+/* code bytes of one row's block */
+#define TCB(type) ((type) == T_Q8_0 ? 32 : 16)
+
+/* NRP float16 values at p as floats */
+static AI vf_t FN(th16)(const uint8_t *p) {
+#if VNNI
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#else
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#endif
+}
+
+static AI vi_t FN(tload)(const uint8_t *p) {
+#if VNNI
+    return _mm512_loadu_si512((const void *)p);
+#else
+    return _mm256_loadu_si256((const __m256i *)p);
+#endif
+}
+
+/* The 8 code vectors of block b of a tile (tw: its group, half: which 8 rows for AVX2), as the
+ * panel holds them: group g = codes 4g..4g+3, Q8_0 with VNNI's sign flip. */
+static AI void FN(tcodes)(const int type, const uint8_t *tw, int64_t b, int half, vi_t c[8]) {
+    const uint8_t *p = tw + b * 16 * TCB(type) + half * 32;
+    if (type == T_Q8_0) {
+        const vi_t flip = VNNI ? V_SET1B((char)0x80) : V_ZEROI();
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) c[g] = V_XOR(FN(tload)(p + 64 * g), flip);
+        return;
+    }
+    const vi_t m4 = V_SET1B(15);
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; g++) {
+        const vi_t v = FN(tload)(p + 64 * g);
+        c[g] = V_AND(v, m4);
+        c[g + 4] = V_AND(V_SRLI16(v, 4), m4);
+    }
+}
+
+/* Prefetches a group's codes of the K chunk from block b (a group is one stream; its scales are
+ * read a few at a time and left to the hardware's prefetcher). */
+static AI void FN(tprefetch)(const int type, const uint8_t *tw, int64_t b, int64_t nb) {
+    const int64_t cb = 16 * TCB(type), e = b + KC < nb ? b + KC : nb;
+    for (int64_t o = b * cb; o < e * cb; o += 64) _mm_prefetch((const char *)(tw + o), _MM_HINT_T0);
+}
+
+/* Blocks b0 .. b0 + kc - 1 of a tile into the panel (prefill). */
+static __attribute__((noinline)) void FN(tunpack)(int type, const uint8_t *tw, int64_t nb, int half, int64_t b0,
+                                                  int kc, uint8_t *panel) {
+    const uint8_t *sd = tw + nb * 16 * TCB(type) + half * 2 * NRP, *sm = sd + nb * 32;
+    for (int k = 0; k < kc; k++) {
+        uint8_t *pb = panel + (size_t)k * PB;
+        vi_t c[8];
+        if (type == T_Q8_0) FN(tcodes)(T_Q8_0, tw, b0 + k, half, c);
+        else FN(tcodes)(T_Q4_0, tw, b0 + k, half, c);
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) V_STOREI(pb + g * VB, c[g]);
+        V_STOREF((float *)(pb + 8 * VB), FN(th16)(sd + (b0 + k) * 32));
+        V_STOREF((float *)(pb + 9 * VB), type == T_Q4_1 ? FN(th16)(sm + (b0 + k) * 32) : V_ZEROF());
+    }
+}
+
+/* Small M (decode) on a tile: kern's sequence, block after block, straight from the tiled codes. */
+static AI void FN(tdirect)(const int type, const int mr, const xblock *x, int64_t nb, const uint8_t *tw, int half,
+                           float *out, int64_t ldo, int nr) {
+    const int sh = off_shift(type) - (!VNNI && type == T_Q8_0 ? 8 : 0);
+    const int has_min = type == T_Q4_1;
+    const uint8_t *sd = tw + nb * 16 * TCB(type) + half * 2 * NRP, *sm = sd + nb * 32;
+    vf_t acc[MR], accm[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) acc[i] = accm[i] = V_ZEROF();
+    for (int64_t b = 0; b < nb; b++) {
+#ifndef TPF
+#define TPF 16
+#endif
+#pragma GCC unroll 8
+        for (int l = 0; l < TCB(type) / 4; l++) _mm_prefetch((const char *)(tw + (b + TPF) * 16 * TCB(type) + 64 * l), _MM_HINT_T0);
+        vi_t c[8], I[MR];
+        FN(tcodes)(type, tw, b, half, c);
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            const xblock *xb = x + i * nb + b;
+            I[i] = sh >= 0 ? V_SET1I(-(xb->sx << sh)) : V_ZEROI();
+#if VNNI
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) I[i] = FN(dpbusd_x)(I[i], c[g], xb, g);
+#else
+            const __m256i ones = _mm256_set1_epi16(1);
+            if (type == T_Q8_0) {
+#pragma GCC unroll 8
+                for (int g = 0; g < 8; g++) I[i] = V_ADDI(I[i], _mm256_madd_epi16(FN(mad16)(type, c[g], FN(xword)(xb, g)), ones));
+            } else { /* int16 sums of the 8 groups cannot overflow: codes <= 15 */
+                __m256i s = FN(mad16)(type, c[0], FN(xword)(xb, 0));
+#pragma GCC unroll 8
+                for (int g = 1; g < 8; g++) s = _mm256_add_epi16(s, FN(mad16)(type, c[g], FN(xword)(xb, g)));
+                I[i] = V_ADDI(I[i], _mm256_madd_epi16(s, ones));
+            }
+#endif
+        }
+        const vf_t cw = FN(th16)(sd + b * 32);
+        const vf_t mw = has_min ? FN(th16)(sm + b * 32) : V_ZEROF();
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            const xblock *xb = x + i * nb + b;
+            acc[i] = V_FMA(V_MUL(cw, V_SET1F(xb->d)), V_CVT(I[i]), acc[i]);
+            if (has_min) accm[i] = V_FMA(mw, V_SET1F(xb->ds), accm[i]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) FN(store_row)(out + i * ldo, has_min ? V_ADD(acc[i], accm[i]) : acc[i], nr);
+}
+
+#define TDIRECT_MR(T)                                                                               \
+    case T:                                                                                         \
+        if (mr == 1) FN(tdirect)(T, 1, x, nb, tw, half, out, ldo, nr);                              \
+        else FN(tdirect)(T, 2, x, nb, tw, half, out, ldo, nr);                                      \
+        break;
+
+static __attribute__((noinline)) void FN(run_tdirect)(int type, int mr, const xblock *x, int64_t nb,
+                                                      const uint8_t *tw, int half, float *out, int64_t ldo, int nr) {
+    switch (type) {
+        TDIRECT_MR(T_Q4_0)
+        TDIRECT_MR(T_Q4_1)
+        TDIRECT_MR(T_Q8_0)
+    }
+}
+#undef TDIRECT_MR
+
 /* Per thread, grown as needed: the panel and the accumulators of an M chunk. */
 static __thread uint8_t *FN(tbuf);
 static __thread size_t FN(tbuf_size);
@@ -924,7 +1060,7 @@ static AI int FN(tile_rows)(const uint8_t *w, int64_t N, int64_t ldw, int64_t n,
  * groups' activations from L2 (or L3 at 7B widths). A last partial group is padded with zero rows. The
  * same sums in the same order per output as one panel at a time. Returns 0, having computed
  * nothing, where its buffers cannot be had (the caller's vector loop then runs). */
-static int FN(matmul_amx)(int type, int64_t M, int64_t nb, const uint8_t *w, int64_t N, int64_t ldw,
+static int FN(matmul_amx)(int type, int tl, int64_t M, int64_t nb, const uint8_t *w, int64_t N, int64_t ldw,
                            float *out, int64_t ldo, int64_t mc, const uint8_t *xa, int64_t t0, int64_t t1) {
     const int tb = type_bytes(type), sup = type == T_Q4_K || type == T_Q6_K;
     const int panels = amx_panels;
@@ -937,13 +1073,19 @@ static int FN(matmul_amx)(int type, int64_t M, int64_t nb, const uint8_t *w, int
         const int64_t m1 = m0 + mc < M ? m0 + mc : M;
         for (int64_t tile0 = t0; tile0 < t1; tile0 += panels) {
             const int np = (int)(t1 - tile0 < panels ? t1 - tile0 : panels);
-            for (int p = 0; p < np; p++) nr[p] = FN(tile_rows)(w, N, ldw, (tile0 + p) * NRP, rp[p], off[p]);
+            for (int p = 0; p < np; p++)
+                nr[p] = tl ? NRP : FN(tile_rows)(w, N, ldw, (tile0 + p) * NRP, rp[p], off[p]);
             for (int64_t kb = 0; kb < nb; kb += KC) {
                 const int kc = (int)(nb - kb < KC ? nb - kb : KC);
                 for (int p = 0; p < np; p++) {
                     uint8_t *panel = FN(tbuf) + p * one;
-                    if (kb + kc < nb) FN(prefetch_panel)(rp[p][0], off[p], nr[p], kb + kc, nb, tb, sup);
-                    FN(unpack)(type, rp[p], _mm512_loadu_si512(off[p]), kb, kc, panel);
+                    if (tl) { /* a group of the tiled layout: NRP = 16 rows, one stream */
+                        FN(tprefetch)(type, w + (tile0 + p) * NRP * ldw, kb + kc, nb);
+                        FN(tunpack)(type, w + (tile0 + p) * NRP * ldw, nb, 0, kb, kc, panel);
+                    } else {
+                        if (kb + kc < nb) FN(prefetch_panel)(rp[p][0], off[p], nr[p], kb + kc, nb, tb, sup);
+                        FN(unpack)(type, rp[p], _mm512_loadu_si512(off[p]), kb, kc, panel);
+                    }
                     if (FN(amx_signed)(type)) FN(amx_sign_panel)(type, panel, kc);
                 }
                 for (int64_t i = m0; i < m1; i += 16) { /* the last group may be partial: padded */
@@ -966,6 +1108,8 @@ static int FN(matmul_amx)(int type, int64_t M, int64_t nb, const uint8_t *w, int
 /* Returns 0, or -2 where a thread's panel could not be allocated: its tiles are then unwritten. */
 static int FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
                       int64_t ldw, float *out, int64_t ldo, int nthreads) {
+    const int tl = (type & TILED) != 0;
+    type &= ~TILED;
     const int64_t ntiles = (N + NRP - 1) / NRP;
     /* M chunk: activation rows whose blocks (mc * nb * 64 bytes, read by every thread) stay cached
      * while every tile passes over them; each chunk streams the weights once more (chunk_bytes) */
@@ -998,17 +1142,17 @@ static int FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const ui
 #endif
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t t0 = ntiles * t / nt, t1 = ntiles * (t + 1) / nt;
-        int tiled = 0; /* this thread's tiles done by matmul_amx */
+        int by_amx = 0; /* this thread's tiles done by matmul_amx */
 #if TILES
         if (amx) {
-            tiled = FN(matmul_amx)(type, M, nb, w, N, ldw, out, ldo, mc, xa, t0, t1);
+            by_amx = FN(matmul_amx)(type, tl, M, nb, w, N, ldw, out, ldo, mc, xa, t0, t1);
             FN(amx_end)();
         }
 #endif
         const size_t one = (size_t)KC * PB + 2 * sizeof(float) * NRP * (size_t)mc;
         /* a panel and its accumulators per tile of a pass */
-        uint8_t *panel = tiled ? NULL : grown(&FN(tbuf), &FN(tbuf_size), (pair ? 2 : 1) * one);
-        failed |= !tiled && !panel && t0 < t1;
+        uint8_t *panel = by_amx ? NULL : grown(&FN(tbuf), &FN(tbuf_size), (pair ? 2 : 1) * one);
+        failed |= !by_amx && !panel && t0 < t1;
         float *abuf = (float *)(panel + (size_t)KC * PB), *mbuf = abuf + NRP * mc;
 #if !VNNI
         uint8_t *panel2 = panel + one;
@@ -1029,6 +1173,15 @@ static int FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const ui
                 const vi_t idx = _mm256_loadu_si256((const __m256i *)off);
                 const vi_t idx2 = two ? _mm256_loadu_si256((const __m256i *)off2) : idx;
 #endif
+                /* the tiled layout: the tile's group and, for an 8-row tile, its half */
+                const uint8_t *tw = w + (n >> 4) * 16 * ldw, *tw2 = w + ((n + NRP) >> 4) * 16 * ldw;
+                const int half = (int)((n >> 3) & 1) * (NRP == 8), half2 = (int)(((n + NRP) >> 3) & 1) * (NRP == 8);
+                if (tl && M <= DIRECT_M) {
+                    for (int64_t i = m0; i < m1; i += 2)
+                        FN(run_tdirect)(type, (int)(m1 - i < 2 ? m1 - i : 2), x + i * nb, nb, tw, half, out + i * ldo + n, ldo, nr);
+                    tile += step;
+                    continue;
+                }
                 if (M <= DIRECT_M) {
                     for (int64_t i = m0; i < m1; i += 2)
                         FN(run_direct)(type, (int)(m1 - i < 2 ? m1 - i : 2), x + i * nb, nb, rp, idx, ldw, out + i * ldo + n, ldo, nr);
@@ -1038,7 +1191,9 @@ static int FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const ui
                 for (int64_t kb = 0; kb < nb; kb += KC) {
                     const int kc = (int)(nb - kb < KC ? nb - kb : KC);
                     /* prefetch the next panels' weights: these tiles' next K chunk, else the next tiles' first */
-                    if (kb + kc < nb) {
+                    if (tl) {
+                        FN(tprefetch)(type, tw, kb + kc, nb);
+                    } else if (kb + kc < nb) {
                         FN(prefetch_panel)(rp[0], off, nr, kb + kc, nb, tb, sup);
                         if (two) FN(prefetch_panel)(rp2[0], off2, nr2, kb + kc, nb, tb, sup);
                     } else {
@@ -1049,10 +1204,12 @@ static int FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const ui
                             FN(prefetch_panel)(nrp[0], noff, nnr, 0, nb, tb, sup);
                         }
                     }
-                    FN(unpack)(type, rp, idx, kb, kc, panel);
+                    if (tl) FN(tunpack)(type, tw, nb, half, kb, kc, panel);
+                    else FN(unpack)(type, rp, idx, kb, kc, panel);
 #if !VNNI
                     if (two) {
-                        FN(unpack)(type, rp2, idx2, kb, kc, panel2);
+                        if (tl) FN(tunpack)(type, tw2, nb, half2, kb, kc, panel2);
+                        else FN(unpack)(type, rp2, idx2, kb, kc, panel2);
                         const int nrs[2] = {nr, nr2};
                         for (int64_t i = m0; i < m1; i += 4) {
                             const int mr = (int)(m1 - i < 4 ? m1 - i : 4);

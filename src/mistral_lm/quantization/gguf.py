@@ -378,9 +378,9 @@ class KernelCache:
     The file is written under a temporary name and renamed, so readers see all or nothing.
     """
 
-    def __init__(self, source: Path, layout: dict[str, Any]) -> None:
+    def __init__(self, source: Path, layout: dict[str, Any], suffix: str = _CACHE_SUFFIX) -> None:
         self.source = source
-        self.path = source.with_name(source.name + _CACHE_SUFFIX)
+        self.path = source.with_name(source.name + suffix)
         stat = source.stat()
         self.key = {"version": _CACHE_VERSION, "source_size": stat.st_size,
                     "source_mtime_ns": stat.st_mtime_ns, **layout}

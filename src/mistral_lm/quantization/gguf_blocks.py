@@ -1,8 +1,9 @@
-"""GGUFBlockLinear: a Linear computing on a GGUF file's blocks where they lie, as llama.cpp does.
+"""GGUFBlockLinear: a Linear computing on a GGUF file's blocks, as llama.cpp does.
 
-The weight is the file's own bytes, a read-only view of its memory map: loading repacks and
-copies nothing, the pages are shared with the page cache, and the model's resident size is the
-file's. The product runs in `native.ggml`'s C kernels: activations are quantized to 8 bits per
+The weight is the file's own bytes: a read-only view of its memory map, or for Q4_0, Q4_1 and
+Q8_0 the same bytes regrouped by 16 rows (`ggml.tile`, kept in a cache file beside the GGUF and
+mapped the same way). Either way the pages are shared with the page cache and the model's
+resident size is the file's. The product runs in `native.ggml`'s C kernels: activations are quantized to 8 bits per
 32 values (llama.cpp's q8 scheme) and multiplied with the 4/6/8-bit codes by integer dot
 products, then scaled in float32. Each output element is computed the same way whatever the
 number of rows, threads or output columns of the call, so a token's logits from a one-row decode
@@ -45,6 +46,12 @@ def as_tensor(rows: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(rows) if rows.strides[-1] != 1 else rows)
 
 
+def _check_tiled(blocks: torch.Tensor, ggml_type: int, tiled: bool) -> None:
+    if tiled and (ggml_type not in ggml.TILEABLE or blocks.shape[0] % ggml.TILE_ROWS or not blocks.is_contiguous()):
+        raise CheckpointError(f"tiled {_name(ggml_type)} blocks must be whole contiguous groups of {ggml.TILE_ROWS} "
+                              f"rows of a tileable type (Q4_0, Q4_1, Q8_0); got {tuple(blocks.shape)}")
+
+
 class GGUFBlockLinear(GGUFLinear):
     """y = x @ W.T with W in GGUF blocks (N, row_bytes), computed by the native kernels.
 
@@ -59,7 +66,7 @@ class GGUFBlockLinear(GGUFLinear):
     _buffer_names = ("blocks",)
 
     def __init__(self, blocks: torch.Tensor, ggml_type: int, in_features: int,
-                 row_order: np.ndarray | torch.Tensor | None = None) -> None:
+                 row_order: np.ndarray | torch.Tensor | None = None, tiled: bool = False) -> None:
         if int(ggml_type) not in ggml.SUPPORTED:
             raise CheckpointError(f"no native kernel for {_name(int(ggml_type))} blocks; "
                                   f"supported: {sorted(_name(t) for t in ggml.SUPPORTED)}")
@@ -67,8 +74,11 @@ class GGUFBlockLinear(GGUFLinear):
         if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != want:
             raise CheckpointError(f"{_name(int(ggml_type))} blocks for {in_features} inputs must be uint8 "
                                   f"(rows, {want}); got {tuple(blocks.shape)} {blocks.dtype}")
+        _check_tiled(blocks, int(ggml_type), tiled)
         QuantizedLinear.__init__(self, in_features, blocks.shape[0], False, torch.float32, None)
         self.ggml_type = Q(int(ggml_type))
+        # what the kernels are told: the type, flagged when `blocks` holds the tiled layout
+        self.kernel_type = int(ggml_type) | (ggml.TILED if tiled else 0)
         self.group_size = 32
         self._planes = 1
         self.register_buffer("blocks", blocks, persistent=False)
@@ -80,20 +90,31 @@ class GGUFBlockLinear(GGUFLinear):
             raise CheckpointError(f"row_order must be a permutation of the {blocks.shape[0]} rows")
         self.register_buffer("row_order", order, persistent=False)
 
+    @classmethod
+    def tiled_from(cls, rows: torch.Tensor, ggml_type: int, in_features: int,
+                   row_order: np.ndarray | torch.Tensor | None = None) -> GGUFBlockLinear:
+        """The layer on a tiled copy of the file's `rows` (`ggml.tile`): the same products, bit
+        for bit, with a decode step's weights read as one stream per 16 rows."""
+        return cls(ggml.tile(rows, int(ggml_type), in_features), ggml_type, in_features, row_order, tiled=True)
+
+    @property
+    def tiled(self) -> bool:
+        return bool(self.kernel_type & ggml.TILED)
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        y = ggml.linear(x, self.blocks, self.ggml_type)
+        y = ggml.linear(x, self.blocks, self.kernel_type)
         return y if self.row_order is None else y.index_select(-1, self.row_order)
 
     def dequantize(self) -> torch.Tensor:
-        w = ggml.dequantize(self.blocks, self.ggml_type, self.in_features)
+        w = ggml.dequantize(self.blocks, self.kernel_type, self.in_features)
         return w if self.row_order is None else w.index_select(0, self.row_order)
 
     def _input_grad(self, grad: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(grad.shape[0], self.in_features, dtype=grad.dtype, device=grad.device)
         for start in range(0, self.out_features, _GRAD_ROWS):
             end = min(self.out_features, start + _GRAD_ROWS)
-            rows = self.blocks[start:end] if self.row_order is None else self.blocks[self.row_order[start:end]]
-            w = ggml.dequantize(rows, self.ggml_type, self.in_features).to(grad.dtype)
+            rows = torch.arange(start, end) if self.row_order is None else self.row_order[start:end]
+            w = ggml.dequantize(self.blocks, self.kernel_type, self.in_features, rows=rows).to(grad.dtype)
             out += dense_linear(grad[:, start:end], w.T)
         return out
 
@@ -102,7 +123,8 @@ class GGUFBlockLinear(GGUFLinear):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, ggml_type={self.ggml_type.name}, kernel=native")
+                f"bias={self.bias is not None}, ggml_type={self.ggml_type.name}, kernel=native"
+                + (", layout=tiled" if self.tiled else ""))
 
     # The blocks have no portable (safetensors) form: save_pretrained refuses GGUFLinears.
     def _portable_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -173,31 +195,34 @@ class GGUFBlockEmbedding(nn.Module):
     """
 
     def __init__(self, blocks: torch.Tensor, ggml_type: int, embedding_dim: int,
-                 padding_idx: int | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 padding_idx: int | None = None, dtype: torch.dtype = torch.float32, tiled: bool = False) -> None:
         super().__init__()
         if int(ggml_type) not in ggml.SUPPORTED or blocks.dtype != torch.uint8 or blocks.dim() != 2 \
                 or blocks.shape[1] != ggml.row_bytes(int(ggml_type), embedding_dim):
             raise CheckpointError(f"cannot look up {_name(int(ggml_type))} rows of width {embedding_dim} in "
                                   f"blocks of shape {tuple(blocks.shape)}")
+        _check_tiled(blocks, int(ggml_type), tiled)
         self.ggml_type = Q(int(ggml_type))
+        self.kernel_type = int(ggml_type) | (ggml.TILED if tiled else 0)  # a tied head's tiled table
         self.num_embeddings, self.embedding_dim = blocks.shape[0], embedding_dim
         self.padding_idx = padding_idx
         self.output_dtype = dtype
         self.register_buffer("blocks", blocks, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = ggml.dequantize(self.blocks, self.ggml_type, self.embedding_dim, rows=ids.reshape(-1))
+        out = ggml.dequantize(self.blocks, self.kernel_type, self.embedding_dim, rows=ids.reshape(-1))
         return out.to(self.output_dtype).view(*ids.shape, self.embedding_dim)
 
     @property
     def weight(self) -> torch.Tensor:
         """The whole (num_embeddings, embedding_dim) table, decoded: a fresh tensor each time, which
         refuses in-place writes (they would change a copy, not the table)."""
-        decoded = ggml.dequantize(self.blocks, self.ggml_type, self.embedding_dim).to(self.output_dtype)
+        decoded = ggml.dequantize(self.blocks, self.kernel_type, self.embedding_dim).to(self.output_dtype)
         return decoded.as_subclass(DecodedTable)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, ggml_type={self.ggml_type.name}, kernel=native"
+        return (f"{self.num_embeddings}, {self.embedding_dim}, ggml_type={self.ggml_type.name}, kernel=native"
+                + (", layout=tiled" if self.kernel_type & ggml.TILED else ""))
 
     def _apply(self, fn: Any, recurse: bool = True) -> GGUFBlockEmbedding:
         probe = fn(torch.empty(0, dtype=self.output_dtype))

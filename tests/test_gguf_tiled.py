@@ -1,0 +1,120 @@
+"""Loading GGUF blocks into the tiled layout (`ggml.tile`), kept in a cache file beside the GGUF.
+
+The reference is the same file loaded with the file's rows (`MISTRAL_LM_GGUF_TILED=0`): the
+kernels give the same bits on either layout (test_native_ggml.py), so whole models must too,
+for a prefill and for greedy decoding through the fused step. Files are the tiny random models
+of test_gguf_cache.py: vocab 100 (not whole 16-row groups: the head stays in rows) and ffn 352.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+from mistral_lm.checkpoints.gguf import load_gguf  # noqa: E402
+from mistral_lm.errors import CheckpointError  # noqa: E402
+from mistral_lm.native import ggml  # noqa: E402
+from mistral_lm.quantization import gguf as qgguf  # noqa: E402
+from mistral_lm.quantization import gguf_install  # noqa: E402
+from mistral_lm.quantization.gguf_blocks import GGUFBlockLinear  # noqa: E402
+
+from .test_gguf_cache import load, logits, write_model  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not ggml.available(), reason="ggml C library not built here")
+
+
+def tiled_file(path):
+    return path.with_name(path.name + ".mistral_lm-tiled")
+
+
+def greedy(model, steps: int = 6) -> torch.Tensor:
+    ids = torch.arange(5, 17)[None]
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=steps, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True).logits
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K], ids=lambda t: t.name)
+def test_tiled_load_gives_the_rows_bits(tmp_path, monkeypatch, qtype):
+    path = tmp_path / f"{qtype.name}.gguf"
+    write_model(path, qtype, tied=qtype == Q.Q8_0)
+    monkeypatch.setenv(gguf_install.TILED_ENV, "0")
+    rows = load(path)
+    assert not tiled_file(path).exists()
+    monkeypatch.delenv(gguf_install.TILED_ENV)
+    built = load(path)  # a miss: tiled, written, mapped back
+    assert tiled_file(path).exists() == (qtype != Q.Q4_K)  # Q4_K has no tiled layout: nothing to cache
+    written = tiled_file(path).exists() and tiled_file(path).stat().st_mtime_ns
+    mapped = load(path)  # a hit: nothing written
+    assert not written or tiled_file(path).stat().st_mtime_ns == written
+    raw = load_gguf(path, dequantize=False).tensors
+    layers = {name: m for name, m in mapped.named_modules() if isinstance(m, GGUFBlockLinear)}
+    for name, module in layers.items():
+        source = raw.get(name + ".weight", raw["model.embed_tokens.weight"])
+        assert module.tiled == (qtype != Q.Q4_K and source.shape[0] % 16 == 0), name
+    assert not layers["lm_head"].tiled and layers["model.layers.0.mlp.up_proj"].tiled == (qtype != Q.Q4_K)
+    want = logits(rows)
+    assert torch.equal(logits(built), want) and torch.equal(logits(mapped), want)
+    steps = greedy(rows)
+    assert all(torch.equal(a, b) for a, b in zip(greedy(mapped), steps))
+    assert all(torch.equal(a, b) for a, b in zip(greedy(built), steps))
+
+
+def test_the_tiled_cache_follows_the_file(tmp_path, monkeypatch):
+    """A changed file (same size, newer mtime) or a damaged cache is a miss and is rebuilt."""
+    path = tmp_path / "m.gguf"
+    write_model(path, Q.Q4_0, seed=0)
+    old = logits(load(path))
+    stat = path.stat()
+    write_model(path, Q.Q4_0, seed=1)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    new = logits(load(path))
+    monkeypatch.setenv(gguf_install.TILED_ENV, "0")
+    assert torch.equal(new, logits(load(path))) and not torch.equal(new, old)
+    monkeypatch.delenv(gguf_install.TILED_ENV)
+    cache = tiled_file(path)
+    size = cache.stat().st_size
+    cache.write_bytes(os.urandom(size))
+    assert torch.equal(logits(load(path)), new) and cache.stat().st_size == size
+
+
+def test_without_a_writable_folder_the_tiles_stay_in_memory(tmp_path, monkeypatch):
+    path = tmp_path / "m.gguf"
+    write_model(path, Q.Q4_1)
+    monkeypatch.setenv(gguf_install.TILED_ENV, "0")
+    want = logits(load(path))
+    monkeypatch.delenv(gguf_install.TILED_ENV)
+
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(qgguf.tempfile, "mkstemp", refuse)
+    model = load(path)
+    assert model.model.layers[0].mlp.up_proj.tiled and not tiled_file(path).exists()
+    assert torch.equal(logits(model), want)
+    monkeypatch.undo()
+    monkeypatch.setattr(qgguf._CacheWriter, "add", lambda self, tensors: self.abort() or False)  # disk full midway
+    assert torch.equal(logits(load(path)), want)
+    assert not tiled_file(path).exists() and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.undo()
+    monkeypatch.setenv(qgguf.CACHE_ENV, "0")  # caches off: tiled in memory, nothing written
+    assert torch.equal(logits(load(path)), want) and not tiled_file(path).exists()
+
+
+def test_a_layer_built_from_tiled_blocks_must_say_so():
+    """Tiled blocks are a permutation of the rows: a layer refuses a layout it cannot hold, and one
+    built from another's blocks with its `tiled` flag computes the same bits."""
+    blocks = torch.from_numpy(gguf.quants.quantize(torch.randn(48, 128).numpy(), Q.Q4_0))
+    layer = GGUFBlockLinear.tiled_from(blocks, Q.Q4_0, 128)
+    twin = GGUFBlockLinear(layer.blocks, layer.ggml_type, 128, tiled=layer.tiled)
+    x = torch.randn(3, 128)
+    assert torch.equal(twin(x), GGUFBlockLinear(blocks, Q.Q4_0, 128)(x)) and torch.equal(twin(x), layer(x))
+    with pytest.raises(CheckpointError, match="16"):
+        GGUFBlockLinear(blocks[:40], Q.Q4_0, 128, tiled=True)
+    assert "layout=tiled" in repr(layer)
