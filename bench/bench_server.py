@@ -17,6 +17,12 @@ answer, then a short second question (a ~1,500-token history). Measured as the l
     python bench/bench_server.py                  # the packaged SmolLM2-135M (or a random model without it)
     python bench/bench_server.py --model PATH     # any folder or .gguf
     python bench/bench_server.py --random         # a random 4-layer Mistral, no download needed
+    python bench/bench_server.py --llama-python /path/to/venv/bin/python   # llama.cpp as the reference
+
+With `--llama-python` (a GGUF model), the same run measures llama.cpp at one stream on the same
+prompt ids and token count, in process (bench_perf.py's worker, before the server starts and after
+it stops), and through llama-cpp-python's own OpenAI server with the same client where its
+`server` extra is installed: every client count is reported against them.
 """
 
 from __future__ import annotations
@@ -60,13 +66,13 @@ def start_server(model: Path | None, port: int, threads: int | None) -> subproce
     return subprocess.Popen([sys.executable, "-c", code])
 
 
-def wait_ready(url: str, server: subprocess.Popen, seconds: float = 300) -> None:
+def wait_ready(url: str, server: subprocess.Popen, seconds: float = 300, health: str = "/health") -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise SystemExit(f"the server exited with status {server.returncode}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if httpx.get(url + health, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -83,13 +89,14 @@ SCHEMA = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
 
 
 def stream_one(url: str, prompt: str, max_tokens: int, logprobs: int | None = None, schema: bool = False,
-               rates: list[float] | None = None, temperature: float = 0.0) -> int:
+               rates: list[float] | None = None, temperature: float = 0.0, usage: bool = True) -> int:
     """Stream one completion (a chat answer under SCHEMA with `schema`); return its completion
     tokens (from the final usage chunk). `rates` receives the stream's own rate: tokens per
     second from its first token chunk to its last (decode as the client sees it, without the
     request's set-up and prefill: the figure comparable to an engine's decode rate)."""
-    body: dict = {"max_tokens": max_tokens, "temperature": temperature, "stream": True,
-                  "stream_options": {"include_usage": True}}
+    body: dict = {"max_tokens": max_tokens, "temperature": temperature, "stream": True}
+    if usage:  # without it (a server that does not send usage), every choice chunk counts as a token
+        body["stream_options"] = {"include_usage": True}
     if schema:
         body |= {"messages": [{"role": "user", "content": prompt}], "response_format": SCHEMA}
     else:
@@ -106,8 +113,10 @@ def stream_one(url: str, prompt: str, max_tokens: int, logprobs: int | None = No
                 event = json.loads(line[6:])
                 if event.get("usage"):
                     produced = event["usage"]["completion_tokens"]
-                elif event.get("choices"):
-                    arrivals.append(time.perf_counter())
+                elif event.get("choices") and (usage or event["choices"][0].get("finish_reason") is None):
+                    arrivals.append(time.perf_counter())  # (without usage, a closing chunk is no token)
+    if not usage:
+        produced = len(arrivals)
     assert produced is not None, "no usage chunk"
     if rates is not None and len(arrivals) > 2 and produced == len(arrivals):  # one token per chunk
         rates.append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
@@ -123,7 +132,7 @@ def phase(url: str, clients: int, requests_each: int, max_tokens: int, mode: str
     rates: list[float] = []
 
     def client(c: int) -> int:
-        return sum(stream_one(url, f"Story {c}.{r}: Once upon a time, in a city by the sea,", max_tokens, logprobs,
+        return sum(stream_one(url, PROMPT.format(c=c, r=r), max_tokens, logprobs,
                               schema=mode == "schema", rates=rates, temperature=temperature)
                    for r in range(requests_each))
 
@@ -170,6 +179,84 @@ def turn_two(url: str, repeats: int, history_tokens: int = 1450) -> dict[str, fl
     return {"history": size, "turn1": median(firsts), "turn2": median(seconds), "cold": median(colds)}
 
 
+class LlamaReference:
+    """llama.cpp's greedy decode rate at one stream on the server's model and the phases' first
+    prompt (bench_perf.py's worker, each run a fresh process), run before the server starts and
+    after it stops so that both sides of the machine's drift are in the median."""
+
+    def __init__(self, args: argparse.Namespace, model: Path, folder: Path) -> None:
+        from bench_perf import REFERENCE_LLAMA, resolve_llama_python
+
+        if model.suffix != ".gguf":
+            raise SystemExit(f"--llama-python needs a .gguf model; {model} is not one")
+        self.python, self.version = resolve_llama_python(args.llama_python)
+        if self.python is None:
+            raise SystemExit(f"llama.cpp: {self.version}")
+        self.engine, self.model, self.new = REFERENCE_LLAMA, model, args.max_tokens
+        self.ids_file, self.rates = folder / "llama_ids.json", []
+        self.before = args.llama_runs // 2
+
+    def prepare(self, url: str) -> None:
+        """The prompt's ids as the server tokenizes it, then the runs before the server works."""
+        ids = httpx.post(url + "/tokenize", json={"prompt": PROMPT.format(c=0, r=0)}).json()["tokens"]
+        self.ids_file.write_text(json.dumps(ids))
+        self.run(self.before)
+
+    def run(self, count: int) -> None:
+        from bench_perf import spawn
+
+        for _ in range(count):
+            result = spawn(self.python, self.engine, self.model, self.ids_file, self.new)
+            if "error" in result:
+                raise SystemExit(f"llama.cpp failed: {result['error']}")
+            self.rates.append(result["decode_tok_s"])
+
+    def serve(self, requests: int) -> None:
+        """llama-cpp-python's own OpenAI server (its `server` extra) on the same file, one client
+        streaming the phases' prompts one after the other; skipped where the extra is missing."""
+        probe = subprocess.run([self.python, "-c", "import llama_cpp.server.app"], capture_output=True)
+        if probe.returncode != 0:
+            self.server = None
+            return
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([self.python, "-m", "llama_cpp.server", "--model", str(self.model), "--port", str(port),
+                                   "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "2048", "--verbose", "False"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_ready(url, server, health="/v1/models")
+            stream_one(url, "Warm up.", 8, usage=False)
+            rates: list[float] = []
+            start, tokens = time.perf_counter(), 0
+            for r in range(requests):
+                tokens += stream_one(url, PROMPT.format(c=0, r=r), self.new, rates=rates, usage=False)
+            self.server = {"tok_s": tokens / (time.perf_counter() - start), "stream_tok_s": statistics.median(rates)}
+        finally:
+            server.terminate()
+            server.wait(30)
+
+    def report(self, results: list) -> str:
+        rate = statistics.median(self.rates)
+        lines = [f"llama.cpp {self.version}, one stream: {rate:.1f} tok/s (median of "
+                 f"{', '.join(f'{r:.1f}' for r in self.rates)})"]
+        ours = next(r for c, m, r in results if m == "plain")
+        if self.server:
+            lines.append(f"llama-cpp-python's server, one client: {self.server['tok_s']:.1f} tok/s, one stream's rate "
+                         f"{self.server['stream_tok_s']:.1f}; ours at {results[0][0]} client(s): "
+                         f"{ours['tok_s'] / self.server['tok_s']:.2f}x and "
+                         f"{ours['stream_tok_s'] / self.server['stream_tok_s']:.2f}x")
+        for clients, mode, r in results:
+            if mode == "plain":
+                lines.append(f"  {clients} clients: {r['tok_s']:.1f} tok/s = {r['tok_s'] / rate:.2f}x llama.cpp's one "
+                             f"stream; one stream's rate {r['stream_tok_s']:.1f} = {r['stream_tok_s'] / rate:.2f}x")
+        return "\n".join(lines)
+
+
+PROMPT = "Story {c}.{r}: Once upon a time, in a city by the sea,"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model folder or .gguf file (default: the packaged SmolLM2)")
@@ -179,6 +266,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=2, help="requests per client in each phase")
     parser.add_argument("--threads", type=int, help="torch intra-op threads in the server (default: torch's)")
+    parser.add_argument("--llama-python", help="an interpreter with llama-cpp-python: adds llama.cpp's decode rate "
+                        "at one stream (bench_perf.py's worker: the same GGUF, the phase's prompt ids, --max-tokens "
+                        "greedy tokens), run before and after the server, as the reference for every client count")
+    parser.add_argument("--llama-runs", type=int, default=4, help="llama.cpp runs, half before and half after")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="the clients' sampling temperature (0: greedy, the default; OpenAI's own default is 1)")
     args = parser.parse_args()
@@ -200,9 +291,12 @@ def main() -> None:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
+        llama = LlamaReference(args, model, Path(tmp)) if args.llama_python else None
         server = start_server(model, port, args.threads)
         try:
             wait_ready(url, server)
+            if llama is not None:
+                llama.prepare(url)
             stream_one(url, "Warm up.", 8)
             stream_one(url, "Warm up.", 8, schema=True)  # the grammar engine's one-time setup per vocabulary
             results = [(clients, mode, phase(url, clients, args.requests, args.max_tokens, mode, args.temperature))
@@ -211,6 +305,9 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
+        if llama is not None:
+            llama.run(args.llama_runs - args.llama_runs // 2)
+            llama.serve(args.requests)
 
     label = "random 4-layer Mistral" if model == Path(tmp) else model.name
     print(f"model: {label}, max_tokens {args.max_tokens}, {args.requests} requests per client, "
@@ -228,6 +325,8 @@ def main() -> None:
               f"{args.clients[0]}-client rate; logprobs 5 costs "
               f"{1 - base[clients, 'logprobs'] / base[clients, 'plain']:+.0%}, the JSON schema "
               f"{1 - base[clients, 'schema'] / base[clients, 'plain']:+.0%}")
+    if llama is not None:
+        print(llama.report(results))
     if turns:
         print(f"turn-2 time to first token on a {turns['history']}-token history: turn 1 {turns['turn1']:.2f} s, "
               f"turn 2 {turns['turn2']:.2f} s ({turns['turn2'] / turns['turn1']:.2f}x turn 1), "
