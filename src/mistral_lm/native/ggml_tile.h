@@ -957,63 +957,77 @@ static __attribute__((noinline)) void FN(tunpack)(int type, const uint8_t *tw, i
     }
 }
 
-/* Small M (decode) on a tile: kern's sequence, block after block, straight from the tiled codes. */
-static AI void FN(tdirect)(const int type, const int mr, const xblock *x, int64_t nb, const uint8_t *tw, int half,
-                           float *out, int64_t ldo, int nr) {
+/* Small M (decode) on a tile: kern's sequence, block after block, straight from the tiled codes.
+ * `halves` = 2 (AVX2 only: a group is two 8-row tiles) takes both halves of the group in one pass,
+ * so each code line is read once, from memory, for 16 rows; out then holds 16 outputs. */
+static AI void FN(tdirect)(const int type, const int mr, const int halves, const xblock *x, int64_t nb,
+                           const uint8_t *tw, int half, float *out, int64_t ldo, int nr) {
     const int sh = off_shift(type) - (!VNNI && type == T_Q8_0 ? 8 : 0);
     const int has_min = type == T_Q4_1;
     const uint8_t *sd = tw + nb * 16 * TCB(type) + half * 2 * NRP, *sm = sd + nb * 32;
-    vf_t acc[MR], accm[MR];
+    vf_t acc[2][MR], accm[2][MR];
+#pragma GCC unroll 2
+    for (int h = 0; h < halves; h++)
 #pragma GCC unroll 8
-    for (int i = 0; i < mr; i++) acc[i] = accm[i] = V_ZEROF();
+        for (int i = 0; i < mr; i++) acc[h][i] = accm[h][i] = V_ZEROF();
     for (int64_t b = 0; b < nb; b++) {
 #ifndef TPF
 #define TPF 16
 #endif
 #pragma GCC unroll 8
         for (int l = 0; l < TCB(type) / 4; l++) _mm_prefetch((const char *)(tw + (b + TPF) * 16 * TCB(type) + 64 * l), _MM_HINT_T0);
-        vi_t c[8], I[MR];
-        FN(tcodes)(type, tw, b, half, c);
+#pragma GCC unroll 2
+        for (int h = 0; h < halves; h++) {
+            vi_t c[8], I[MR];
+            FN(tcodes)(type, tw, b, half + h, c);
 #pragma GCC unroll 8
-        for (int i = 0; i < mr; i++) {
-            const xblock *xb = x + i * nb + b;
-            I[i] = sh >= 0 ? V_SET1I(-(xb->sx << sh)) : V_ZEROI();
+            for (int i = 0; i < mr; i++) {
+                const xblock *xb = x + i * nb + b;
+                I[i] = sh >= 0 ? V_SET1I(-(xb->sx << sh)) : V_ZEROI();
 #if VNNI
 #pragma GCC unroll 8
-            for (int g = 0; g < 8; g++) I[i] = FN(dpbusd_x)(I[i], c[g], xb, g);
+                for (int g = 0; g < 8; g++) I[i] = FN(dpbusd_x)(I[i], c[g], xb, g);
 #else
-            const __m256i ones = _mm256_set1_epi16(1);
-            if (type == T_Q8_0) {
+                const __m256i ones = _mm256_set1_epi16(1);
+                if (type == T_Q8_0) {
 #pragma GCC unroll 8
-                for (int g = 0; g < 8; g++) I[i] = V_ADDI(I[i], _mm256_madd_epi16(FN(mad16)(type, c[g], FN(xword)(xb, g)), ones));
-            } else { /* int16 sums of the 8 groups cannot overflow: codes <= 15 */
-                __m256i s = FN(mad16)(type, c[0], FN(xword)(xb, 0));
+                    for (int g = 0; g < 8; g++)
+                        I[i] = V_ADDI(I[i], _mm256_madd_epi16(FN(mad16)(type, c[g], FN(xword)(xb, g)), ones));
+                } else { /* int16 sums of the 8 groups cannot overflow: codes <= 15 */
+                    __m256i sum = FN(mad16)(type, c[0], FN(xword)(xb, 0));
 #pragma GCC unroll 8
-                for (int g = 1; g < 8; g++) s = _mm256_add_epi16(s, FN(mad16)(type, c[g], FN(xword)(xb, g)));
-                I[i] = V_ADDI(I[i], _mm256_madd_epi16(s, ones));
-            }
+                    for (int g = 1; g < 8; g++) sum = _mm256_add_epi16(sum, FN(mad16)(type, c[g], FN(xword)(xb, g)));
+                    I[i] = V_ADDI(I[i], _mm256_madd_epi16(sum, ones));
+                }
 #endif
-        }
-        const vf_t cw = FN(th16)(sd + b * 32);
-        const vf_t mw = has_min ? FN(th16)(sm + b * 32) : V_ZEROF();
+            }
+            const vf_t cw = FN(th16)(sd + b * 32 + h * 2 * NRP);
+            const vf_t mw = has_min ? FN(th16)(sm + b * 32 + h * 2 * NRP) : V_ZEROF();
 #pragma GCC unroll 8
-        for (int i = 0; i < mr; i++) {
-            const xblock *xb = x + i * nb + b;
-            acc[i] = V_FMA(V_MUL(cw, V_SET1F(xb->d)), V_CVT(I[i]), acc[i]);
-            if (has_min) accm[i] = V_FMA(mw, V_SET1F(xb->ds), accm[i]);
+            for (int i = 0; i < mr; i++) {
+                const xblock *xb = x + i * nb + b;
+                acc[h][i] = V_FMA(V_MUL(cw, V_SET1F(xb->d)), V_CVT(I[i]), acc[h][i]);
+                if (has_min) accm[h][i] = V_FMA(mw, V_SET1F(xb->ds), accm[h][i]);
+            }
         }
     }
+#pragma GCC unroll 2
+    for (int h = 0; h < halves; h++)
 #pragma GCC unroll 8
-    for (int i = 0; i < mr; i++) FN(store_row)(out + i * ldo, has_min ? V_ADD(acc[i], accm[i]) : acc[i], nr);
+        for (int i = 0; i < mr; i++)
+            FN(store_row)(out + i * ldo + h * NRP, has_min ? V_ADD(acc[h][i], accm[h][i]) : acc[h][i], nr);
 }
 
 #define TDIRECT_MR(T)                                                                               \
     case T:                                                                                         \
-        if (mr == 1) FN(tdirect)(T, 1, x, nb, tw, half, out, ldo, nr);                              \
-        else FN(tdirect)(T, 2, x, nb, tw, half, out, ldo, nr);                                      \
+        if (halves == 2) {                                                                          \
+            if (mr == 1) FN(tdirect)(T, 1, 2, x, nb, tw, half, out, ldo, nr);                       \
+            else FN(tdirect)(T, 2, 2, x, nb, tw, half, out, ldo, nr);                               \
+        } else if (mr == 1) FN(tdirect)(T, 1, 1, x, nb, tw, half, out, ldo, nr);                   \
+        else FN(tdirect)(T, 2, 1, x, nb, tw, half, out, ldo, nr);                                   \
         break;
 
-static __attribute__((noinline)) void FN(run_tdirect)(int type, int mr, const xblock *x, int64_t nb,
+static __attribute__((noinline)) void FN(run_tdirect)(int type, int mr, int halves, const xblock *x, int64_t nb,
                                                       const uint8_t *tw, int half, float *out, int64_t ldo, int nr) {
     switch (type) {
         TDIRECT_MR(T_Q4_0)
@@ -1176,10 +1190,12 @@ static int FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const ui
                 /* the tiled layout: the tile's group and, for an 8-row tile, its half */
                 const uint8_t *tw = w + (n >> 4) * 16 * ldw, *tw2 = w + ((n + NRP) >> 4) * 16 * ldw;
                 const int half = (int)((n >> 3) & 1) * (NRP == 8), half2 = (int)(((n + NRP) >> 3) & 1) * (NRP == 8);
-                if (tl && M <= DIRECT_M) {
+                if (tl && M <= DIRECT_M) { /* AVX2: both 8-row halves of a group where this thread has them */
+                    const int halves = NRP == 8 && half == 0 && tile + 1 < t1 ? 2 : 1;
                     for (int64_t i = m0; i < m1; i += 2)
-                        FN(run_tdirect)(type, (int)(m1 - i < 2 ? m1 - i : 2), x + i * nb, nb, tw, half, out + i * ldo + n, ldo, nr);
-                    tile += step;
+                        FN(run_tdirect)(type, (int)(m1 - i < 2 ? m1 - i : 2), halves, x + i * nb, nb, tw, half,
+                                        out + i * ldo + n, ldo, nr);
+                    tile += halves;
                     continue;
                 }
                 if (M <= DIRECT_M) {
