@@ -361,6 +361,11 @@ def test_tile_is_a_permutation_of_the_rows_bytes(ggml_type):
     assert torch.equal(tiled.flatten().sort().values, blocks.flatten().sort().values)
     assert torch.equal(ggml.untile(tiled, ggml_type | ggml.TILED, k), blocks)
     assert torch.equal(ggml.reference_tile(blocks, ggml_type, k), tiled)  # C's copy == torch's definition
+    # the torch definitions read the tiled layout too (the path taken where C cannot be built)
+    x = activations(3, k)
+    assert torch.equal(ggml.reference_linear(x, tiled, ggml_type | ggml.TILED), ggml.reference_linear(x, blocks, ggml_type))
+    assert torch.equal(ggml.reference_dequantize(ggml.untile(tiled, ggml_type | ggml.TILED, k), ggml_type, k),
+                       ggml.reference_dequantize(blocks, ggml_type, k))
     big = random_blocks(ggml_type, 16 * 37, 32 * 41, seed=4)  # several groups a thread, K not a multiple of 256
     with threads(2):
         assert torch.equal(ggml.tile(big, ggml_type, 32 * 41), ggml.reference_tile(big, ggml_type, 32 * 41))
