@@ -409,6 +409,15 @@ int mlm_ggml_tile(int type, const uint8_t *src, int64_t N, int64_t K, uint8_t *d
     if (N % 16 || K % 32 || (type != T_Q4_0 && type != T_Q4_1 && type != T_Q8_0)) return -1;
     const int64_t nb = K / 32, tb = type_bytes(type), ldw = nb * tb;
     const int cb = type == T_Q8_0 ? 32 : 16, head = type == T_Q4_1 ? 4 : 2;
+    if (isa_level < 0) mlm_set_isa(3);
+    if (isa_level == 2) {
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+        {
+            const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num(), groups = N / 16;
+            tile_groups_avx512(type, src, nb, groups * t / nt, groups * (t + 1) / nt, dst);
+        }
+        return 0;
+    }
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int64_t g = 0; g < N / 16; g++) {
         uint8_t *codes = dst + g * 16 * ldw, *d = codes + nb * 16 * cb, *m = d + nb * 32;

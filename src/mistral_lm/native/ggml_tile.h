@@ -934,6 +934,33 @@ static AI void FN(tcodes)(const int type, const uint8_t *tw, int64_t b, int half
     }
 }
 
+#if VNNI
+/* ggml.c's mlm_ggml_tile for 16-row groups g0 .. g1 - 1: each block's codes of the 16 rows as
+ * load4 reads them, transposed by t4 into the four (Q8_0: eight) vectors of the layout; the
+ * scales (and mins) two bytes a row. The same bytes as the scalar copy (ggml.py reference_tile). */
+static void FN(tile_groups)(const int type, const uint8_t *src, int64_t nb, int64_t g0, int64_t g1, uint8_t *dst) {
+    const int64_t tb = type_bytes(type), ldw = nb * tb;
+    const int cb = TCB(type), head = type == T_Q4_1 ? 4 : 2;
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *rp[16];
+        for (int r = 0; r < 16; r++) rp[r] = src + (g * 16 + r) * ldw;
+        uint8_t *codes = dst + g * 16 * ldw, *d = codes + nb * 16 * cb, *m = d + nb * 32;
+        for (int64_t b = 0; b < nb; b++) {
+            for (int part = 0; part < cb / 16; part++) {
+                vi_t z[4], out[4];
+                for (int a = 0; a < 4; a++) z[a] = FN(load4)(rp, a, b * tb + head + 16 * part);
+                FN(t4)(z, out);
+                for (int k = 0; k < 4; k++) _mm512_storeu_si512((void *)(codes + b * 16 * cb + 256 * part + 64 * k), out[k]);
+            }
+            for (int r = 0; r < 16; r++) {
+                memcpy(d + b * 32 + 2 * r, rp[r] + b * tb, 2);
+                if (type == T_Q4_1) memcpy(m + b * 32 + 2 * r, rp[r] + b * tb + 2, 2);
+            }
+        }
+    }
+}
+#endif
+
 /* Prefetches a group's codes of the K chunk from block b (a group is one stream; its scales are
  * read a few at a time and left to the hardware's prefetcher). */
 static AI void FN(tprefetch)(const int type, const uint8_t *tw, int64_t b, int64_t nb) {

@@ -103,9 +103,14 @@ def _tiled_tensors(candidates: dict[str, GGUFQuantizedTensor], source: str | os.
         return {key: found[key] for key in keys}
     writer = cache.writer() if cache is not None else None
     made: dict[str, torch.Tensor] = {}
+    # written to the cache one at a time, through one buffer: its pages fault in once, not per tensor
+    scratch = torch.empty(max(_as_stored(candidates[k])[0].nbytes for k in keys), dtype=torch.uint8) \
+        if writer is not None else None
     for key in keys:
         qt = candidates[key]
-        tiles = ggml.tile(as_tensor(_as_stored(qt)[0]), int(qt.ggml_type), qt.shape[1])
+        rows = as_tensor(_as_stored(qt)[0])
+        tiles = ggml.tile(rows, int(qt.ggml_type), qt.shape[1],
+                          out=None if scratch is None else scratch[:rows.numel()].view(rows.shape))
         getattr(qt, "release", lambda: None)()  # its file pages are read: out of our RSS
         if writer is not None and not writer.add({key: tiles}):
             return _tiled_tensors(candidates, None)  # could not write (disk full?): all in memory
