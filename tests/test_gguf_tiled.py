@@ -118,3 +118,11 @@ def test_a_layer_built_from_tiled_blocks_must_say_so():
     with pytest.raises(CheckpointError, match="16"):
         GGUFBlockLinear(blocks[:40], Q.Q4_0, 128, tiled=True)
     assert "layout=tiled" in repr(layer)
+    # LoRA below a tiled layer: the input gradient multiplies by the same dequantized rows
+    rows = GGUFBlockLinear(blocks, Q.Q4_0, 128)
+    grads = []
+    for module in (layer, rows):
+        xg = x.clone().requires_grad_(True)
+        module(xg).backward(torch.ones(3, 48))
+        grads.append(xg.grad)
+    assert torch.equal(*grads) and torch.equal(layer.dequantize(), rows.dequantize())
