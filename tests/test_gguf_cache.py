@@ -81,6 +81,14 @@ def write_model(path: Path, qtype: Q, seed: int = 0, tied: bool = False) -> None
     writer.close()
 
 
+def refuse_new_files(monkeypatch) -> None:
+    """The cache writer cannot even create its file (a read-only folder, a full disk)."""
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(qgguf.tempfile, "mkstemp", refuse)
+
+
 def cache_file(path: Path) -> Path:
     return path.with_name(path.name + ".mistral_lm-cache")
 
@@ -174,11 +182,7 @@ def test_unwritable_folder_or_full_disk_loads_in_memory(tmp_path, monkeypatch):
     monkeypatch.setenv(qgguf.CACHE_ENV, "0")
     want = logits(load(path))
     monkeypatch.delenv(qgguf.CACHE_ENV)
-
-    def refuse(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(qgguf.tempfile, "mkstemp", refuse)  # cannot even create the file
+    refuse_new_files(monkeypatch)
     assert torch.equal(logits(load(path)), want) and not cache_file(path).exists()
     monkeypatch.undo()
     calls = []

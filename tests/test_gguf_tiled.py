@@ -24,7 +24,7 @@ from mistral_lm.quantization import gguf as qgguf  # noqa: E402
 from mistral_lm.quantization import gguf_install  # noqa: E402
 from mistral_lm.quantization.gguf_blocks import GGUFBlockLinear  # noqa: E402
 
-from .test_gguf_cache import load, logits, write_model  # noqa: E402
+from .test_gguf_cache import load, logits, refuse_new_files, write_model  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ggml.available(), reason="ggml C library not built here")
 
@@ -90,11 +90,7 @@ def test_without_a_writable_folder_the_tiles_stay_in_memory(tmp_path, monkeypatc
     monkeypatch.setenv(gguf_install.TILED_ENV, "0")
     want = logits(load(path))
     monkeypatch.delenv(gguf_install.TILED_ENV)
-
-    def refuse(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(qgguf.tempfile, "mkstemp", refuse)
+    refuse_new_files(monkeypatch)
     model = load(path)
     assert model.model.layers[0].mlp.up_proj.tiled and not tiled_file(path).exists()
     assert torch.equal(logits(model), want)
