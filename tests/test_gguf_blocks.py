@@ -104,21 +104,26 @@ copied = status("RssAnon:") - anon
 with torch.inference_mode():
     model.generate(torch.arange(3, 67)[None], max_new_tokens=4)
 print(json.dumps({"copied": copied, "used": status("VmRSS:") - base}))
+gguf_install.wait_for_cache_writes()  # a first load's tile cache, for the next process to map
 '''
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
-def test_resident_memory_is_the_files():
-    """Loading maps the file and copies no weight: private (anonymous) memory grows by the
-    small tensors only (norms, Q/K row orders; measured 0.01x the file). After a generate the
-    process holds the file's pages plus the cache, activations and kernel scratch (measured
-    1.19x the file, imports excluded)."""
-    out = subprocess.run([sys.executable, "-c", _RSS, str(PATH)], check=True, capture_output=True, text=True,
-                         timeout=300)
-    m = json.loads(out.stdout.strip().splitlines()[-1])
+def test_resident_memory_is_the_files(tmp_path):
+    """A load with the tile cache beside the file maps the file and the cache and copies no weight:
+    private (anonymous) memory grows by the small tensors only (norms, Q/K row orders; measured
+    0.01x the file). After a generate the process holds the weights' pages plus the KV cache,
+    activations and kernel scratch (measured 1.19x the file, imports excluded). The first load,
+    which tiles in memory and writes the cache behind it, holds one copy of the weights."""
+    path = tmp_path / PATH.name
+    path.symlink_to(PATH)  # the cache goes beside the link: this test's own first load
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _RSS, str(path)], check=True, capture_output=True,
+                                      text=True, timeout=300).stdout.strip().splitlines()[-1]) for _ in range(2)]
     size = os.path.getsize(PATH)
-    assert m["copied"] <= 0.1 * size, m
-    assert m["used"] <= 1.3 * size, m
+    first, mapped = runs
+    assert first["copied"] <= 1.1 * size and first["used"] <= 1.4 * size, first
+    assert mapped["copied"] <= 0.1 * size, mapped
+    assert mapped["used"] <= 1.3 * size, mapped
 
 
 _REUSE = r'''

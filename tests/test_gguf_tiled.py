@@ -33,6 +33,18 @@ def tiled_file(path):
     return path.with_name(path.name + ".mistral_lm-tiled")
 
 
+def _in_file(tensor: torch.Tensor, path) -> bool:
+    """Whether `tensor`'s memory is a map of `path` (/proc/self/maps)."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            if start <= address < end:
+                return len(fields) > 5 and fields[5] == str(path)
+    return False
+
+
 def greedy(model, steps: int = 6) -> torch.Tensor:
     ids = torch.arange(5, 17)[None]
     with torch.inference_mode():
@@ -48,11 +60,15 @@ def test_tiled_load_gives_the_rows_bits(tmp_path, monkeypatch, qtype):
     rows = load(path)
     assert not tiled_file(path).exists()
     monkeypatch.delenv(gguf_install.TILED_ENV)
-    built = load(path)  # a miss: tiled, written, mapped back
+    built = load(path)  # a miss: tiled in memory, the cache written behind the load
+    gguf_install.wait_for_cache_writes()
     assert tiled_file(path).exists() == (qtype != Q.Q4_K)  # Q4_K has no tiled layout: nothing to cache
     written = tiled_file(path).exists() and tiled_file(path).stat().st_mtime_ns
     mapped = load(path)  # a hit: nothing written
+    gguf_install.wait_for_cache_writes()
     assert not written or tiled_file(path).stat().st_mtime_ns == written
+    if written:  # the hit's tiles are views of the cache file: nothing copied
+        assert _in_file(mapped.model.layers[0].mlp.up_proj.blocks, tiled_file(path))
     raw = load_gguf(path, dequantize=False).tensors
     layers = {name: m for name, m in mapped.named_modules() if isinstance(m, GGUFBlockLinear)}
     for name, module in layers.items():
@@ -71,17 +87,21 @@ def test_the_tiled_cache_follows_the_file(tmp_path, monkeypatch):
     path = tmp_path / "m.gguf"
     write_model(path, Q.Q4_0, seed=0)
     old = logits(load(path))
+    gguf_install.wait_for_cache_writes()
     stat = path.stat()
     write_model(path, Q.Q4_0, seed=1)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     new = logits(load(path))
+    gguf_install.wait_for_cache_writes()
     monkeypatch.setenv(gguf_install.TILED_ENV, "0")
     assert torch.equal(new, logits(load(path))) and not torch.equal(new, old)
     monkeypatch.delenv(gguf_install.TILED_ENV)
     cache = tiled_file(path)
     size = cache.stat().st_size
     cache.write_bytes(os.urandom(size))
-    assert torch.equal(logits(load(path)), new) and cache.stat().st_size == size
+    assert torch.equal(logits(load(path)), new)
+    gguf_install.wait_for_cache_writes()
+    assert cache.stat().st_size == size and _in_file(load(path).model.layers[1].mlp.down_proj.blocks, cache)
 
 
 def test_without_a_writable_folder_the_tiles_stay_in_memory(tmp_path, monkeypatch):
@@ -92,15 +112,19 @@ def test_without_a_writable_folder_the_tiles_stay_in_memory(tmp_path, monkeypatc
     monkeypatch.delenv(gguf_install.TILED_ENV)
     refuse_new_files(monkeypatch)
     model = load(path)
+    gguf_install.wait_for_cache_writes()
     assert model.model.layers[0].mlp.up_proj.tiled and not tiled_file(path).exists()
     assert torch.equal(logits(model), want)
     monkeypatch.undo()
     monkeypatch.setattr(qgguf._CacheWriter, "add", lambda self, tensors: self.abort() or False)  # disk full midway
     assert torch.equal(logits(load(path)), want)
+    gguf_install.wait_for_cache_writes()
     assert not tiled_file(path).exists() and not list(tmp_path.glob("*.tmp"))
     monkeypatch.undo()
     monkeypatch.setenv(qgguf.CACHE_ENV, "0")  # caches off: tiled in memory, nothing written
-    assert torch.equal(logits(load(path)), want) and not tiled_file(path).exists()
+    assert torch.equal(logits(load(path)), want)
+    gguf_install.wait_for_cache_writes()
+    assert not tiled_file(path).exists()
 
 
 def test_a_layer_built_from_tiled_blocks_must_say_so():

@@ -374,23 +374,19 @@ def _tile_fields(ggml_type: int) -> tuple[int, int, int]:
     return (4, 16, 2) if ggml_type == Q.Q4_1 else (2, 16, 1)
 
 
-def tile(blocks: torch.Tensor, ggml_type: int, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def tile(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
     """The file's rows (N, row bytes) -> the tiled layout ggml_tile.h reads, the same shape and
     bytes: per 16 rows, block after block, the codes as 4-byte groups of the 16 rows side by
     side (what one vpdpbusd multiplies), then the blocks' float16 scales, then (Q4_1) their mins.
     A decode step then reads a block of 16 rows with whole-vector loads from one stream instead
     of 16 row loads, a gather for the scales and a lane reduction. Q4_0, Q4_1 and Q8_0 with
-    N % 16 == 0; C's copy where built, else `reference_tile`. `out`: a contiguous uint8 tensor of
-    the blocks' shape to write into (a loader reusing one buffer: fresh pages cost more than the copy)."""
+    N % 16 == 0; a fresh tensor (C's copy where built, else `reference_tile`)."""
     _check_tileable(blocks, ggml_type, in_features)
-    if out is not None and (out.dtype != torch.uint8 or out.shape != blocks.shape or not out.is_contiguous()):
-        raise InputError(f"out must be a contiguous uint8 {tuple(blocks.shape)} tensor; got {out.dtype} {tuple(out.shape)}")
     lib = _lib()
     if lib is None:
-        tiled = reference_tile(blocks, ggml_type, in_features)
-        return tiled if out is None else out.copy_(tiled)
+        return reference_tile(blocks, ggml_type, in_features)
     src = blocks.contiguous()
-    out = torch.empty_like(src) if out is None else out
+    out = torch.empty_like(src)
     if lib.mlm_ggml_tile(int(ggml_type), src.data_ptr(), src.shape[0], in_features, out.data_ptr(),
                          torch.get_num_threads()):
         raise CheckpointError(f"cannot tile {_name(ggml_type)} rows of {in_features} values")

@@ -463,8 +463,9 @@ class _CacheWriter:
             self.abort()
             return False
 
-    def commit(self) -> dict[str, torch.Tensor] | None:
-        """Write the header, move the file into place and map it; None if any step failed."""
+    def commit(self, read_back: bool = True) -> dict[str, torch.Tensor] | None:
+        """Write the header, move the file into place and map it (`read_back`); None if any step
+        failed or nothing is read back."""
         header = json.dumps({"key": self.cache.key, "tensors": self.entries}).encode()
         try:
             self.file.write(header)
@@ -474,7 +475,7 @@ class _CacheWriter:
         except OSError:
             self.abort()
             return None
-        return self.cache.read()
+        return self.cache.read() if read_back else None
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):

@@ -10,6 +10,7 @@ what neither can hold is dequantized.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -86,42 +87,58 @@ def _tiled_tensors(candidates: dict[str, GGUFQuantizedTensor], source: str | os.
     """The tiled layout (`ggml.tile`) of every candidate whose type and row count allow it, by key.
 
     A decode step then reads 16 rows' blocks as one stream, which is faster where the weights
-    come from DRAM (a 7B); the products are the same bits. With `source`, the tiles are written
-    once to a `KernelCache` beside the file and mapped from there (shared pages, as the file's
-    own), so later loads copy nothing; without a writable folder they stay in memory. Each
-    tensor's file pages are dropped from the process once tiled."""
+    come from DRAM (a 7B); the products are the same bits. With `source`, later loads map the
+    tiles from a `KernelCache` file beside the GGUF (shared pages, as the file's own: nothing is
+    copied); the first load tiles into memory and writes that file behind it (`_write_behind`),
+    so it waits for the tiling only, not for the disk. Each tensor's file pages are dropped from
+    the process once tiled."""
     keys = [key for key, qt in candidates.items() if int(qt.ggml_type) in ggml.TILEABLE
             and qt.shape[0] % ggml.TILE_ROWS == 0]
     if not keys or os.environ.get(TILED_ENV, "1") in ("0", "off"):
         return {}
     cache = None
     if source is not None and os.environ.get(CACHE_ENV, "1") not in ("0", "off"):
-        cache = KernelCache(Path(source), {"layout": "ggml-tiled", "layout_version": 1, "rows": ggml.TILE_ROWS}, suffix=_TILED_SUFFIX)
+        cache = KernelCache(Path(source), {"layout": "ggml-tiled", "layout_version": 1, "rows": ggml.TILE_ROWS},
+                            suffix=_TILED_SUFFIX)
     found = cache.read() if cache is not None else None
     if found is not None and all(key in found and tuple(found[key].shape) == _as_stored(candidates[key])[0].shape
                                  for key in keys):
         return {key: found[key] for key in keys}
-    writer = cache.writer() if cache is not None else None
     made: dict[str, torch.Tensor] = {}
-    # written to the cache one at a time, through one buffer: its pages fault in once, not per tensor
-    scratch = torch.empty(max(_as_stored(candidates[k])[0].nbytes for k in keys), dtype=torch.uint8) \
-        if writer is not None else None
     for key in keys:
         qt = candidates[key]
-        rows = as_tensor(_as_stored(qt)[0])
-        tiles = ggml.tile(rows, int(qt.ggml_type), qt.shape[1],
-                          out=None if scratch is None else scratch[:rows.numel()].view(rows.shape))
+        made[key] = ggml.tile(as_tensor(_as_stored(qt)[0]), int(qt.ggml_type), qt.shape[1])
         getattr(qt, "release", lambda: None)()  # its file pages are read: out of our RSS
-        if writer is not None and not writer.add({key: tiles}):
-            return _tiled_tensors(candidates, None)  # could not write (disk full?): all in memory
-        if writer is None:
-            made[key] = tiles
-    if writer is not None:
-        found = writer.commit()
-        if found is not None:
-            return {key: found[key] for key in keys}
-        return _tiled_tensors(candidates, None)
+    if cache is not None:
+        _write_behind(cache, made)
     return made
+
+
+_WRITERS: list[threading.Thread] = []  # tile caches being written behind a load
+
+
+def _write_behind(cache: KernelCache, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` to `cache` on a background thread (a 7B's 4 GB take seconds once the
+    kernel holds the writer to the disk's pace). Nothing waits for it: a write that fails (a
+    read-only folder, a full disk) or that the process's exit cuts short leaves no cache, and a
+    later load tiles again; a cut writer's temporary file is removed by the next writer."""
+    def write() -> None:
+        writer = cache.writer()
+        if writer is None:
+            return
+        if all(writer.add({key: tensor}) for key, tensor in tensors.items()):
+            writer.commit(read_back=False)
+
+    thread = threading.Thread(target=write, name="mistral-lm-tile-cache", daemon=True)
+    _WRITERS.append(thread)
+    thread.start()
+
+
+def wait_for_cache_writes(timeout: float | None = None) -> None:
+    """Block until the tile caches being written behind loads are on disk (or have failed)."""
+    for thread in list(_WRITERS):
+        thread.join(timeout)
+    _WRITERS[:] = [thread for thread in _WRITERS if thread.is_alive()]
 
 
 def _as_stored(qt: Any) -> tuple[Any, Any]:
