@@ -194,6 +194,7 @@ class LlamaReference:
             raise SystemExit(f"llama.cpp: {self.version}")
         self.engine, self.model, self.new = REFERENCE_LLAMA, model, args.max_tokens
         self.ids_file, self.rates = folder / "llama_ids.json", []
+        self.server: dict[str, float] | None = None  # llama-cpp-python's server, once `serve` ran
         self.before = args.llama_runs // 2
 
     def prepare(self, url: str) -> None:
@@ -216,7 +217,6 @@ class LlamaReference:
         streaming the phases' prompts one after the other; skipped where the extra is missing."""
         probe = subprocess.run([self.python, "-c", "import llama_cpp.server.app"], capture_output=True)
         if probe.returncode != 0:
-            self.server = None
             return
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))

@@ -27,6 +27,11 @@ enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 /* A flag on the type: the weights are in the tiled layout of ggml_tile.h (Q4_0, Q4_1, Q8_0 with
  * N % 16 == 0; ggml.py `tile`), not in the file's rows. The same bytes in all, the same results. */
 #define TILED 0x100
+/* The tileable types, and per block of one of them: its code bytes, and the bytes before them
+ * (the float16 scale, and for Q4_1 the min). */
+#define TILEABLE(type) ((type) == T_Q4_0 || (type) == T_Q4_1 || (type) == T_Q8_0)
+#define TCB(type) ((type) == T_Q8_0 ? 32 : 16)
+#define THEAD(type) ((type) == T_Q4_1 ? 4 : 2)
 
 /* One quantized activation block: 32 int8 codes, the sum of all 32 codes and of the first 16
  * (the offset corrections: Q6_K has two 16-element scales), the scale d and ds = fl(d * sx) (the
@@ -133,7 +138,7 @@ static void decode_row_block(int type, const uint8_t *w, int64_t ldw, int64_t n,
         return;
     }
     type &= ~TILED;
-    const int cb = type == T_Q8_0 ? 32 : 16, head = type == T_Q4_1 ? 4 : 2, r = (int)(n & 15);
+    const int cb = TCB(type), head = THEAD(type), r = (int)(n & 15);
     const uint8_t *g = w + (n >> 4) * 16 * ldw, *codes = g + b * 16 * cb + 4 * r, *scales = g + nb * 16 * cb + b * 32 + 2 * r;
     uint8_t blk[34];
     memcpy(blk, scales, 2);
@@ -382,7 +387,7 @@ void mlm_ggml_quantize(const float *x, int64_t M, int64_t K, int64_t ldx, void *
 static int valid(int type, int64_t N, int64_t K, int *base) {
     *base = type & ~TILED;
     if (type_bytes(*base) == 0 || K % type_block(*base) != 0 || (type & ~(TILED | 0xff))) return 0;
-    if (type & TILED) return (*base == T_Q4_0 || *base == T_Q4_1 || *base == T_Q8_0) && N % 16 == 0;
+    if (type & TILED) return TILEABLE(*base) && N % 16 == 0;
     return 1;
 }
 
@@ -406,9 +411,9 @@ int mlm_ggml_matmul(int type, const void *xq, int64_t M, int64_t K, const uint8_
  * torch definition) in dst, N a multiple of 16, for Q4_0, Q4_1 and Q8_0. A 16-row group is read
  * and written within its own 16 rows' bytes, so groups run on any thread. Returns 0, or -1. */
 int mlm_ggml_tile(int type, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, int nthreads) {
-    if (N % 16 || K % 32 || (type != T_Q4_0 && type != T_Q4_1 && type != T_Q8_0)) return -1;
+    if (N % 16 || K % 32 || !TILEABLE(type)) return -1;
     const int64_t nb = K / 32, tb = type_bytes(type), ldw = nb * tb;
-    const int cb = type == T_Q8_0 ? 32 : 16, head = type == T_Q4_1 ? 4 : 2;
+    const int cb = TCB(type), head = THEAD(type);
     if (isa_level < 0) mlm_set_isa(3);
     if (isa_level == 2) {
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
@@ -461,6 +466,7 @@ int mlm_ggml_dequantize(int type, const uint8_t *w, int64_t ldw, const int64_t *
     int base;
     if (!valid(type, 16, K, &base)) return -1;
     const int sh = off_shift(base), off = sh < 0 ? 0 : 1 << sh, has_min = base == T_Q4_1 || base == T_Q4_K;
+    /* whole matrices (a load decoding a checkpoint) on torch's threads; an embedding's few rows on one */
 #pragma omp parallel for if (N * K >= (1 << 18)) schedule(static)
     for (int64_t i = 0; i < N; i++) {
         for (int64_t b = 0; b < K / 32; b++) {
@@ -468,7 +474,7 @@ int mlm_ggml_dequantize(int type, const uint8_t *w, int64_t ldw, const int64_t *
             float cw, mw;
             decode_row_block(type, w, ldw, rows ? rows[i] : i, K / 32, b, u, sc, &cw, &mw);
             for (int e = 0; e < 32; e++) {
-                const double v = ((double)cw * (double)sc[e >> 4]) * (double)(u[e] - off);
+                const double v = ((double)cw * (double)sc[e >> 4]) * (double)(u[e] - off); /* gguf's grouping */
                 out[i * K + b * 32 + e] = (float)(has_min ? v + (double)mw : v);
             }
         }

@@ -160,11 +160,19 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ kernel
+def check_tiled(blocks: torch.Tensor, ggml_type: int) -> None:
+    """Tiled blocks (`ggml_type` with TILED) must be whole contiguous 16-row groups of a tileable
+    type: raises CheckpointError naming what is wrong."""
+    if ggml_type & TILED and (ggml_type & ~TILED not in TILEABLE or blocks.dim() != 2
+                              or blocks.shape[0] % TILE_ROWS or not blocks.is_contiguous()):
+        raise CheckpointError(f"tiled {_name(ggml_type)} weights must be a whole contiguous tensor of "
+                              f"{TILE_ROWS}-row groups of Q4_0, Q4_1 or Q8_0; got shape {tuple(blocks.shape)}, "
+                              f"strides {blocks.stride()}")
+
+
 def _check_blocks(blocks: torch.Tensor, ggml_type: int, in_features: int) -> int:
     nbytes = row_bytes(ggml_type, in_features)
-    if ggml_type & TILED and (blocks.dim() != 2 or blocks.shape[0] % TILE_ROWS or not blocks.is_contiguous()):
-        raise CheckpointError(f"tiled {_name(ggml_type)} weights must be a whole contiguous tensor of "
-                              f"{TILE_ROWS}-row groups; got shape {tuple(blocks.shape)}, strides {blocks.stride()}")
+    check_tiled(blocks, ggml_type)
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.device.type != "cpu":
         raise CheckpointError(f"{_name(ggml_type)} blocks must be a uint8 (N, bytes) CPU tensor; got "
                               f"{blocks.dtype} {tuple(blocks.shape)} on {blocks.device}")

@@ -895,9 +895,6 @@ static __attribute__((noinline)) void FN(run_kern2)(int type, int mr, const xblo
  * where the file's row layout takes 16 row loads, their inserts, a gather and a lane reduction.
  * The AVX2 tile of 8 rows is half a group: the low or high 32 bytes of each vector. */
 
-/* code bytes of one row's block */
-#define TCB(type) ((type) == T_Q8_0 ? 32 : 16)
-
 /* NRP float16 values at p as floats */
 static AI vf_t FN(th16)(const uint8_t *p) {
 #if VNNI
@@ -940,7 +937,7 @@ static AI void FN(tcodes)(const int type, const uint8_t *tw, int64_t b, int half
  * scales (and mins) two bytes a row. The same bytes as the scalar copy (ggml.py reference_tile). */
 static void FN(tile_groups)(const int type, const uint8_t *src, int64_t nb, int64_t g0, int64_t g1, uint8_t *dst) {
     const int64_t tb = type_bytes(type), ldw = nb * tb;
-    const int cb = TCB(type), head = type == T_Q4_1 ? 4 : 2;
+    const int cb = TCB(type), head = THEAD(type);
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *rp[16];
         for (int r = 0; r < 16; r++) rp[r] = src + (g * 16 + r) * ldw;
@@ -1047,7 +1044,7 @@ static AI void FN(tdirect)(const int type, const int mr, const int halves, const
 
 #define TDIRECT_MR(T)                                                                               \
     case T:                                                                                         \
-        if (halves == 2) {                                                                          \
+        if (!VNNI && halves == 2) { /* AVX2's two 8-row halves (VNNI tiles are whole groups) */ \
             if (mr == 1) FN(tdirect)(T, 1, 2, x, nb, tw, half, out, ldo, nr);                       \
             else FN(tdirect)(T, 2, 2, x, nb, tw, half, out, ldo, nr);                               \
         } else if (mr == 1) FN(tdirect)(T, 1, 1, x, nb, tw, half, out, ldo, nr);                   \

@@ -46,12 +46,6 @@ def as_tensor(rows: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(rows) if rows.strides[-1] != 1 else rows)
 
 
-def _check_tiled(blocks: torch.Tensor, ggml_type: int, tiled: bool) -> None:
-    if tiled and (ggml_type not in ggml.TILEABLE or blocks.shape[0] % ggml.TILE_ROWS or not blocks.is_contiguous()):
-        raise CheckpointError(f"tiled {_name(ggml_type)} blocks must be whole contiguous groups of {ggml.TILE_ROWS} "
-                              f"rows of a tileable type (Q4_0, Q4_1, Q8_0); got {tuple(blocks.shape)}")
-
-
 class GGUFBlockLinear(GGUFLinear):
     """y = x @ W.T with W in GGUF blocks (N, row_bytes), computed by the native kernels.
 
@@ -74,7 +68,7 @@ class GGUFBlockLinear(GGUFLinear):
         if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != want:
             raise CheckpointError(f"{_name(int(ggml_type))} blocks for {in_features} inputs must be uint8 "
                                   f"(rows, {want}); got {tuple(blocks.shape)} {blocks.dtype}")
-        _check_tiled(blocks, int(ggml_type), tiled)
+        ggml.check_tiled(blocks, int(ggml_type) | (ggml.TILED if tiled else 0))
         QuantizedLinear.__init__(self, in_features, blocks.shape[0], False, torch.float32, None)
         self.ggml_type = Q(int(ggml_type))
         # what the kernels are told: the type, flagged when `blocks` holds the tiled layout
@@ -201,7 +195,7 @@ class GGUFBlockEmbedding(nn.Module):
                 or blocks.shape[1] != ggml.row_bytes(int(ggml_type), embedding_dim):
             raise CheckpointError(f"cannot look up {_name(int(ggml_type))} rows of width {embedding_dim} in "
                                   f"blocks of shape {tuple(blocks.shape)}")
-        _check_tiled(blocks, int(ggml_type), tiled)
+        ggml.check_tiled(blocks, int(ggml_type) | (ggml.TILED if tiled else 0))
         self.ggml_type = Q(int(ggml_type))
         self.kernel_type = int(ggml_type) | (ggml.TILED if tiled else 0)  # a tied head's tiled table
         self.num_embeddings, self.embedding_dim = blocks.shape[0], embedding_dim
