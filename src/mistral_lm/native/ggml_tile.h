@@ -998,7 +998,6 @@ static AI void FN(tdirect)(const int type, const int mr, const int halves, const
 #ifndef TPF
 #define TPF 16
 #endif
-#pragma GCC unroll 8
         for (int l = 0; l < TCB(type) / 4; l++) _mm_prefetch((const char *)(tw + (b + TPF) * 16 * TCB(type) + 64 * l), _MM_HINT_T0);
 #pragma GCC unroll 2
         for (int h = 0; h < halves; h++) {
@@ -1212,8 +1211,8 @@ static int FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const ui
                 const vi_t idx2 = two ? _mm256_loadu_si256((const __m256i *)off2) : idx;
 #endif
                 /* the tiled layout: the tile's group and, for an 8-row tile, its half */
-                const uint8_t *tw = w + (n >> 4) * 16 * ldw, *tw2 = w + ((n + NRP) >> 4) * 16 * ldw;
-                const int half = (int)((n >> 3) & 1) * (NRP == 8), half2 = (int)(((n + NRP) >> 3) & 1) * (NRP == 8);
+                const uint8_t *tw = w + (n >> 4) * 16 * ldw;
+                const int half = (int)((n >> 3) & 1) * (NRP == 8);
                 if (tl && M <= DIRECT_M) { /* AVX2: both 8-row halves of a group where this thread has them */
                     const int halves = NRP == 8 && half == 0 && tile + 1 < t1 ? 2 : 1;
                     for (int64_t i = m0; i < m1; i += 2)
@@ -1248,7 +1247,9 @@ static int FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const ui
                     else FN(unpack)(type, rp, idx, kb, kc, panel);
 #if !VNNI
                     if (two) {
-                        if (tl) FN(tunpack)(type, tw2, nb, half2, kb, kc, panel2);
+                        if (tl) /* the pair's second tile: the next 8 rows */
+                            FN(tunpack)(type, w + ((n + NRP) >> 4) * 16 * ldw, nb, (int)(((n + NRP) >> 3) & 1), kb, kc,
+                                        panel2);
                         else FN(unpack)(type, rp2, idx2, kb, kc, panel2);
                         const int nrs[2] = {nr, nr2};
                         for (int64_t i = m0; i < m1; i += 4) {
