@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import GenerationError
+from .native import draw
 
 Picker = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
@@ -198,9 +199,11 @@ def choose(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | N
 
 def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id per row, drawn from softmax(logits) with an explicit generator: torch's
-    multinomial, as transformers' generate() draws, so a seeded generate() samples its tokens."""
+    multinomial, as transformers' generate() draws, so a seeded generate() samples its tokens.
+    The draw runs in C where it can (native/draw.py: the same tokens and generator state)."""
     probs = logits.float().softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    drawn = draw.multinomial(probs, generator) if probs.dim() == 2 else None
+    return drawn if drawn is not None else torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def sample_by_inverse_cdf(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
