@@ -85,32 +85,44 @@ def test_default_generator():
     assert torch.equal(after, torch.get_rng_state())
 
 
-def zero_draw_state(seed: int, entry: int) -> torch.Tensor:
-    """A generator state whose next draw gives entry `entry` of the row u = 0 (both its words
-    0), so q = 0: the ratio is p / 0, infinite for p > 0 and NaN for p = 0."""
+def crafted_state(seed: int, raw: dict[int, tuple[int, int]]) -> torch.Tensor:
+    """A generator state whose next draw reads the raw (untempered) words `raw[entry]` = (high,
+    low) for those entries of the row. Both 0: u = 0, so q = 0 and the ratio is p / 0 (infinite
+    for p > 0, NaN for p = 0); equal words: equal ratios for equal p."""
     state = bytearray(torch.Generator().manual_seed(seed).get_state().numpy().tobytes())
     words = list(struct.unpack_from("<624Q", state, 24))
     next_word = 100
-    words[next_word + 2 * entry] = words[next_word + 2 * entry + 1] = 0
+    for entry, (high, low) in raw.items():
+        words[next_word + 2 * entry], words[next_word + 2 * entry + 1] = high, low
     struct.pack_into("<624Q", state, 24, *words)
     struct.pack_into("<i", state, 8, 625 - next_word)  # left
     struct.pack_into("<Q", state, 16, next_word)  # next
     return torch.frombuffer(state, dtype=torch.uint8).clone()
 
 
-@needs_lib
-@pytest.mark.parametrize("p_at_zero_draw", [0.0, 0.25])
-def test_a_zero_uniform_draw_wins_as_in_torch(p_at_zero_draw):
-    probs = torch.tensor([[0.25, 0.0, 0.5, 0.25, 0.0, 0.0]])
-    probs[0, 4] = p_at_zero_draw
-    state = zero_draw_state(0, 4)
+def assert_crafted_as_torch(probs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     ours, theirs = torch.Generator(), torch.Generator()
     ours.set_state(state)
     theirs.set_state(state)
     expected = torch.multinomial(probs, 1, generator=theirs)[:, 0]
-    assert expected.item() == 4  # torch's argmax takes the NaN (0 / 0) or the infinity (p / 0)
     assert torch.equal(draw.multinomial(probs, ours), expected)
     assert torch.equal(ours.get_state(), theirs.get_state())
+    return expected
+
+
+@needs_lib
+@pytest.mark.parametrize("p_at_zero_draw", [0.0, 0.25])
+def test_a_zero_uniform_draw_wins_as_in_torch(p_at_zero_draw):
+    probs = torch.tensor([[0.25, 0.0, 0.5, 0.25, p_at_zero_draw, 0.0]])
+    # torch's argmax takes the NaN (0 / 0) or the infinity (p / 0)
+    assert assert_crafted_as_torch(probs, crafted_state(0, {4: (0, 0)})).item() == 4
+
+
+@needs_lib
+def test_tied_ratios_go_to_the_first_entry_as_in_torch():
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.1, 0.3]])
+    # entries 2 and 4: equal p, equal words giving the row's smallest q
+    assert assert_crafted_as_torch(probs, crafted_state(0, {2: (0, 1), 4: (0, 1)})).item() == 2
 
 
 @needs_lib
