@@ -449,3 +449,76 @@ def test_default_gguf_model_logprobs_decode_equal_forward():
     assert model.attn_implementation == "native"
     ids = torch.randint(0, model.config.vocab_size, (1, 16))
     assert incremental_equals_full(model, ids, full_threads=1) == 0.0  # and the threads do not matter
+
+
+def _parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, kind: int, key_cuts: int,
+           lane_cuts: int) -> torch.Tensor:
+    """One decode position's attention (q (H, D), k and v (H_kv, K, D)) from attention.c's pieces,
+    as step.c shares them among threads: the allowed keys' scores in `key_cuts` ranges, each
+    head's softmax, and the output in `lane_cuts` ranges of whole 16-lane groups."""
+    import ctypes
+
+    lib = na._lib()
+    h, d = q.shape
+    h_kv, nk = k.shape[0], k.shape[1]
+    rep, es = h // h_kv, k.element_size()
+    idx = torch.nonzero(mask).flatten().to(torch.int32)
+    n = idx.numel()
+    scores = torch.zeros(h, nk + 16)
+    out = torch.full((h, d), float("nan"))
+    fp = ctypes.POINTER(ctypes.c_float)
+
+    def ptrs(rows: list[torch.Tensor], offset: int = 0) -> ctypes.Array:
+        return (ctypes.c_void_p * 4)(*(r.data_ptr() + 4 * offset for r in rows))
+
+    for g in range(h_kv):
+        heads = range(g * rep, (g + 1) * rep)
+        blocks = [list(heads[i:i + 4]) for i in range(0, rep, 4)]
+        for cut in range(key_cuts):
+            j0, j1 = n * cut // key_cuts, n * (cut + 1) // key_cuts
+            for block in blocks:
+                lib.mlm_attention_part_scores(kind, ptrs([q[i] for i in block]), len(block), ctypes.c_void_p(
+                    k[g].data_ptr()), ctypes.c_int64(d), ctypes.c_void_p(idx.data_ptr() + 4 * j0),
+                    ctypes.c_int64(j1 - j0), ctypes.c_int64(d), ctypes.c_float(d ** -0.5),
+                    ptrs([scores[i] for i in block], j0))
+        groups = -(-d // 16)
+        for cut in range(lane_cuts):
+            d0, d1 = 16 * (groups * cut // lane_cuts), min(d, 16 * (groups * (cut + 1) // lane_cuts))
+            if d1 <= d0:
+                continue
+            for block in blocks:
+                probs = [scores[i].clone() for i in block]
+                sums = (ctypes.c_float * 4)(*(lib.mlm_attention_part_softmax(ctypes.cast(p.data_ptr(), fp),
+                                                                             ctypes.c_int64(n)) for p in probs))
+                lib.mlm_attention_part_weighted(kind, ptrs(probs), sums, len(block), ctypes.c_void_p(
+                    v[g].data_ptr() + es * d0), ctypes.c_int64(d), ctypes.c_void_p(idx.data_ptr()), ctypes.c_int64(n),
+                    ctypes.c_int64(d1 - d0), ptrs([out[i] for i in block], d0))
+    return out
+
+
+@needs_lib
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("h,h_kv,d", [(9, 3, 64), (12, 2, 80), (8, 8, 128), (10, 1, 64)])
+def test_attention_pieces_shared_among_threads_give_attentions_bits(kind, h, h_kv, d):
+    """step.c shares a decode step's key/value heads among threads through attention.c's pieces:
+    scores over ranges of the keys, each thread's own softmax, ranges of the output lanes. Any
+    split gives what attention gives in one call, bit for bit, on every ISA the pieces serve."""
+    import ctypes
+
+    lib = na._lib()
+    lib.mlm_attention_parts.restype = ctypes.c_int
+    lib.mlm_attention_part_softmax.restype = ctypes.c_float
+    dtype = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}[kind]
+    q, k, v = qkv(1, h, h_kv, 1, 301, d)
+    k, v = k.to(dtype), v.to(dtype)
+    mask = torch.rand(301, generator=torch.Generator().manual_seed(d)) > 0.2
+    served = 0
+    for cap in caps():
+        with isa(cap):
+            if not lib.mlm_attention_parts(kind, ctypes.c_int64(h // h_kv)):
+                continue
+            served += 1
+            whole = na.attention(q, k, v, mask[None, None, None], d ** -0.5)[0, 0]
+            for key_cuts, lane_cuts in ((1, 1), (2, 2), (3, 5)):
+                assert torch.equal(_parts(q[0, :, 0], k[0], v[0], mask, kind, key_cuts, lane_cuts), whole)
+    assert served or kind == 0 and h == h_kv or caps() == [0]

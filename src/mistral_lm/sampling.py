@@ -105,9 +105,8 @@ def suppress(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
     """Forbid `token_ids` (used to hold back EOS until min_new_tokens)."""
     if not token_ids:
         return logits
-    logits = logits.clone()
-    logits[:, token_ids] = float("-inf")
-    return logits
+    # index_fill rather than `logits[:, token_ids] = -inf`: indexing with a list costs ~5x more
+    return logits.index_fill(-1, torch.tensor(token_ids, device=logits.device), float("-inf"))
 
 
 def min_p_filter(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:

@@ -1179,6 +1179,29 @@ int mlm_attention_kvf16(const float *q, const uint16_t *k, const uint16_t *v, co
     return attention_kv(2, q, k, v, mask, shape, strides, scale, out, nthreads);
 }
 
+/* The grouped decode attention in pieces, for a caller that shares one query position's
+ * key/value head among threads (step.c): scores over any range of the listed keys, the softmax,
+ * and any range of the output's lanes starting at a multiple of 16 give attention_grouped's bits,
+ * since each score, each exponential and each output lane is computed by the same operations in
+ * the same order whatever the range and whichever heads share the call (up to GROUP_Q).
+ * `mlm_attention_parts` says whether the grouped kernels are what attention runs for a decode
+ * step with keys and values of `kind` and `rep` heads a key/value head, on this CPU. */
+int mlm_attention_parts(int kind, int64_t rep) {
+    return kind >= 0 && kind <= 2 && rep >= 1 && ops()->group_scores[kind] != NULL && (kind != 0 || rep > 1);
+}
+
+void mlm_attention_part_scores(int kind, const float *const *q, int R, const void *k, int64_t ks, const int32_t *idx,
+                               int64_t n, int64_t D, float scale, float *const *s) {
+    ops()->group_scores[kind](q, R, k, ks, idx, n, D, scale, s);
+}
+
+float mlm_attention_part_softmax(float *s, int64_t n) { return ops()->softmax(s, n); }
+
+void mlm_attention_part_weighted(int kind, const float *const *p, const float *sums, int R, const void *v, int64_t vs,
+                                 const int32_t *idx, int64_t n, int64_t D, float *const *out) {
+    ops()->group_weighted[kind](p, sums, R, v, vs, idx, n, D, out);
+}
+
 /* float32 <-> float16 as the fused step writes and attention reads a float16 cache (the tests
  * compare them with torch's own conversions). */
 void mlm_f32_to_f16(const float *x, int64_t n, uint16_t *out) {

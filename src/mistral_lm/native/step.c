@@ -48,6 +48,12 @@ typedef int (*bf16_linear_fn)(const uint16_t *, int64_t, int64_t, int64_t, const
                               uint16_t *, int64_t, int);
 typedef int (*int8_linear_fn)(const uint16_t *, int64_t, int64_t, int64_t, const int8_t *, int64_t, int64_t,
                               const uint16_t *, uint16_t *, int64_t, int);
+typedef int (*attention_parts_fn)(int, int64_t);
+typedef void (*part_scores_fn)(int, const float *const *, int, const void *, int64_t, const int32_t *, int64_t, int64_t,
+                               float, float *const *);
+typedef float (*part_softmax_fn)(float *, int64_t);
+typedef void (*part_weighted_fn)(int, const float *const *, const float *, int, const void *, int64_t, const int32_t *,
+                                 int64_t, int64_t, float *const *);
 typedef int (*nf4_mm_fn)(const void *, int, const uint8_t *, const float *, const float *, void *, int, int64_t,
                          int64_t, int64_t, int, int);
 
@@ -67,6 +73,12 @@ typedef struct {
     Elementwise f32, bf16;
     int64_t xblock_bytes; /* one q8-quantized 32-block of activations */
     attention_fn attention_kv16[2]; /* float32 queries and output over a bfloat16 / float16 KV cache */
+    /* the grouped decode attention in pieces (float32 queries; keys and values float32, bfloat16 or
+     * float16), so every thread takes a share of every key/value head: NULL where missing */
+    attention_parts_fn attention_parts;
+    part_scores_fn part_scores;
+    part_softmax_fn part_softmax;
+    part_weighted_fn part_weighted;
 } Kernels;
 
 enum { LIN_GGML = 0, LIN_BF16 = 1, LIN_NF4 = 2, LIN_INT8 = 3 };
@@ -227,20 +239,18 @@ static int linear_part(const Kernels *kn, const Lin *l, const void *x, int64_t M
     return rc;
 }
 
-/* y (M, heads, D) = rope(gathered raw rows), in the activation type */
-static void rope(const void *raw, const int64_t *order, int64_t M, int64_t heads, int64_t D, const float *cos,
-                 const float *sin, int bf16, float *tmp, void *y) {
-    const int64_t N = heads * D, half = D / 2;
-    for (int64_t m = 0; m < M; m++) {
-        for (int64_t i = 0; i < N; i++) tmp[i] = load(raw, m * N + (order ? order[i] : i), bf16);
-        const float *c = cos + m * D, *s = sin + m * D;
-        for (int64_t h = 0; h < heads; h++) {
-            const float *xh = tmp + h * D;
-            for (int64_t j = 0; j < D; j++) {
-                const float a = xh[j] * c[j];
-                const float b = xh[(j + half) % D] * s[j];
-                store(y, m * N + h * D + j, a + b, bf16);
-            }
+/* heads [h0, h1) of row m of y (M, heads, D) = rope(gathered raw rows), in the activation type;
+ * raw holds N = heads * D outputs a row, output i stored at raw index order[i] */
+static void rope_heads(const void *raw, const int64_t *order, int64_t N, int64_t m, int64_t h0, int64_t h1,
+                       int64_t D, const float *cos, const float *sin, int bf16, float *tmp, void *y) {
+    const int64_t half = D / 2;
+    const float *c = cos + m * D, *s = sin + m * D;
+    for (int64_t h = h0; h < h1; h++) {
+        for (int64_t j = 0; j < D; j++) tmp[j] = load(raw, m * N + (order ? order[h * D + j] : h * D + j), bf16);
+        for (int64_t j = 0; j < D; j++) {
+            const float a = tmp[j] * c[j];
+            const float b = tmp[(j + half) % D] * s[j];
+            store(y, m * N + h * D + j, a + b, bf16);
         }
     }
 }
@@ -257,13 +267,80 @@ static void quantize_input(const Kernels *kn, const Lin *l, const void *x, int64
     if (l->kind == LIN_GGML) kn->quantize((const float *)x, M, l->k, l->k, xq, 1);
 }
 
+/* ------------------------------------------------------------------ attention split among threads */
+#define PART_Q 4 /* heads of one key/value head a call of attention.c's pieces takes at most */
+
+/* This thread's share [j0, j1) of every (row, key/value head)'s allowed keys: their scores for
+ * each of the head's queries, into `scores` (M, H, used + 16) */
+static void split_scores(const Kernels *kn, int kind, const Step *st, int64_t M, int64_t H, int64_t Hkv, int64_t D,
+                         const char *keys, size_t kes, const float *q, const int32_t *idx, const int64_t *count,
+                         float *scores, int t, int nt) {
+    const int64_t rep = H / Hkv, row = st->used + 16;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t n = count[m], j0 = n * t / nt, j1 = n * (t + 1) / nt;
+        if (j1 <= j0) continue;
+        for (int64_t g = 0; g < Hkv; g++) {
+            const char *kg = keys + kes * (size_t)(m * st->cache_s[0] + g * st->cache_s[1]);
+            for (int64_t h0 = g * rep; h0 < (g + 1) * rep; h0 += PART_Q) {
+                const int R = (int)((g + 1) * rep - h0 < PART_Q ? (g + 1) * rep - h0 : PART_Q);
+                const float *qr[PART_Q];
+                float *sr[PART_Q];
+                for (int r = 0; r < R; r++) {
+                    qr[r] = q + (m * H + h0 + r) * D;
+                    sr[r] = scores + (m * H + h0 + r) * row + j0;
+                }
+                kn->part_scores(kind, qr, R, kg, st->cache_s[2], idx + m * (st->used + 1) + j0, j1 - j0, D, st->scale,
+                                sr);
+            }
+        }
+    }
+}
+
+/* This thread's lanes [d0, d1) (whole groups of 16) of every head's output: the softmax of the
+ * head's scores (each thread its own copy, the same bits), then the weighted sum of its lanes */
+static void split_weighted(const Kernels *kn, int kind, const Step *st, int64_t M, int64_t H, int64_t Hkv, int64_t D,
+                           const char *values, size_t kes, const int32_t *idx, const int64_t *count,
+                           const float *scores, float *probs, float *att, int t, int nt) {
+    const int64_t rep = H / Hkv, row = st->used + 16, groups = (D + 15) / 16;
+    const int64_t d0 = 16 * (groups * t / nt), d1 = 16 * (groups * (t + 1) / nt) < D ? 16 * (groups * (t + 1) / nt) : D;
+    if (d1 <= d0) return;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t n = count[m];
+        for (int64_t g = 0; g < Hkv; g++) {
+            const char *vg = values + kes * (size_t)(m * st->cache_s[0] + g * st->cache_s[1] + d0);
+            for (int64_t h0 = g * rep; h0 < (g + 1) * rep; h0 += PART_Q) {
+                const int R = (int)((g + 1) * rep - h0 < PART_Q ? (g + 1) * rep - h0 : PART_Q);
+                const float *pr[PART_Q];
+                float *dst[PART_Q], sums[PART_Q];
+                for (int r = 0; r < R; r++) {
+                    dst[r] = att + (m * H + h0 + r) * D + d0;
+                    if (n == 0) { /* no key allowed: zeros, as attention writes */
+                        memset(dst[r], 0, sizeof(float) * (size_t)(d1 - d0));
+                        continue;
+                    }
+                    float *p = probs + r * row;
+                    memcpy(p, scores + (m * H + h0 + r) * row, sizeof(float) * (size_t)n);
+                    sums[r] = kn->part_softmax(p, n);
+                    pr[r] = p;
+                }
+                if (n > 0)
+                    kn->part_weighted(kind, pr, sums, R, vg, st->cache_s[2], idx + m * (st->used + 1), n, d1 - d0,
+                                      dst);
+            }
+        }
+    }
+}
+
 /* x (M, C) in the activation type, updated in place through every layer. Returns 0, -1 for a
  * kernel's refusal, -2 when scratch memory cannot be allocated.
  *
  * One parallel region for the whole step: each thread computes its share of every projection's
- * rows and of the attention's (row, kv head) items; the small serial parts (norms, activation
- * quantization, rope, residuals) run on one thread between barriers. Starting a parallel region
- * per kernel cost more than the kernels of a small model (bench/RESULTS.md). */
+ * rows and its (row, kv head) items of the attention (their rope and cache write included).
+ * Starting a parallel region per kernel cost more than the kernels of a small model
+ * (bench/RESULTS.md). The small serial parts (norms, activation quantization, residuals) run on
+ * every thread, each on its own copy of the residual stream (the same code on the same inputs:
+ * the same bits), so a thread waits only where it reads rows another thread wrote: five
+ * barriers a layer. */
 int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *st, void *x) {
     const int64_t M = st->M, C = st->C, H = st->H, Hkv = st->Hkv, D = st->D, F = st->F;
     const int64_t HD = H * D, KD = Hkv * D, widest = (C > F ? C : F) > HD ? (C > F ? C : F) : HD;
@@ -275,17 +352,32 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
     const Elementwise *ew = bf16 ? &kn->bf16 : &kn->f32;
     const attention_fn attend = kv16 ? kn->attention_kv16[kv16 - 1] : ew->attention;
     if (attend == NULL) return -1;
-    char *buf = malloc(es * (size_t)(M * (2 * C + 3 * HD + 3 * KD + 3 * F)));
-    float *tmp = malloc(sizeof(float) * (size_t)HD);
-    void *xq = malloc((size_t)(M * (widest / 32 + 1) * kn->xblock_bytes));
-    if (buf == NULL || tmp == NULL || xq == NULL || Hkv <= 0 || H % Hkv) {
-        const int nomem = buf == NULL || tmp == NULL || xq == NULL;
+    const int threads = st->nthreads > 0 ? st->nthreads : 1;
+    /* each thread's own: the residual stream (thread 0 works in x itself), its norm, the q8 blocks
+     * of a projection's input, rope's gathered head; 64-byte aligned slices */
+    const size_t xq_bytes = (size_t)(M * (widest / 32 + 1) * kn->xblock_bytes);
+    const size_t own_bytes = ((2 * es * (size_t)(M * C) + xq_bytes + sizeof(float) * (size_t)D) + 63) / 64 * 64;
+    /* float32 activations over a cache attention's grouped kernels read: every thread takes a
+     * share of every key/value head's keys (scores) and of its output lanes (the weighted sum),
+     * rather than whole heads, so a step's threads stay even however few key/value heads it has */
+    const int split = !bf16 && Hkv > 0 && kn->attention_parts != NULL && kn->part_scores != NULL &&
+                      kn->part_softmax != NULL && kn->part_weighted != NULL && kn->attention_parts(kv16, rep);
+    const int64_t row = st->used + 16; /* a head's scores, padded for the softmax's vector loads */
+    /* each thread's own for the split attention: every row's allowed keys (the mask is the same for
+     * every layer), their counts, and up to PART_Q heads' probabilities */
+    const size_t part_bytes = split ? ((sizeof(int32_t) * (size_t)(M * (st->used + 1)) + sizeof(int64_t) * (size_t)M +
+                                        sizeof(float) * PART_Q * (size_t)row) + 63) / 64 * 64 : 0;
+    char *buf = malloc(es * (size_t)(M * (C + 3 * HD + 3 * KD + 3 * F)));
+    char *own = aligned_alloc(64, (own_bytes + part_bytes) * (size_t)threads);
+    float *scores = split ? malloc(sizeof(float) * (size_t)(M * H * row)) : NULL;
+    if (buf == NULL || own == NULL || (split && scores == NULL) || Hkv <= 0 || H % Hkv) {
+        const int nomem = buf == NULL || own == NULL || (split && scores == NULL);
         free(buf);
-        free(tmp);
-        free(xq);
+        free(own);
+        free(scores);
         return nomem ? -2 : -1;
     }
-    char *xn = buf, *o = xn + es * M * C, *qraw = o + es * M * C, *q = qraw + es * M * HD, *att = q + es * M * HD;
+    char *o = buf, *qraw = o + es * M * C, *q = qraw + es * M * HD, *att = q + es * M * HD;
     char *kraw = att + es * M * HD, *k = kraw + es * M * KD, *v = k + es * M * KD, *gate = v + es * M * KD;
     char *up = gate + es * M * F, *act = up + es * M * F;
     int rc = 0;
@@ -297,63 +389,69 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
     atomic_llong waited_ns = 0;
     atomic_int unknown = 0;
     const int64_t start = now_ns();
-#pragma omp parallel num_threads(st->nthreads) reduction(| : rc)
+#pragma omp parallel num_threads(threads) reduction(| : rc)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t delay0 = nt > 1 ? run_delay_ns() : -1; /* one thread waits for no partner: not read */
+        char *mine = own + (own_bytes + part_bytes) * (size_t)t;
+        char *xt = t == 0 ? (char *)x : mine, *xn = mine + es * M * C, *xq = xn + es * M * C;
+        float *tmp = (float *)(xq + xq_bytes);
+        int32_t *idx = (int32_t *)(mine + own_bytes);
+        int64_t *count = (int64_t *)(idx + M * (st->used + 1));
+        float *probs = (float *)(count + M);
+        if (t != 0) memcpy(xt, x, es * (size_t)(M * C)); /* before the first barrier: x is still the input */
+        for (int64_t m = 0; m < M && split; m++) {
+            int64_t n = 0;
+            for (int64_t j = 0; j < st->used; j++)
+                if (st->mask[m * st->mask_s[0] + j * st->mask_s[1]]) idx[m * (st->used + 1) + n++] = (int32_t)j;
+            count[m] = n;
+        }
         for (int64_t li = 0; li < L; li++) {
             const Layer *ly = layers + li;
             char *keys = st->keys[li], *values = st->values[li];
             /* attention block */
-            if (t == 0) {
-                ew->rmsnorm(x, M, C, C, ly->ln1, ly->eps1, xn, 1);
-                quantize_input(kn, &ly->q, xn, M, xq);
-            }
-            barrier_wait(&bar, nt);
+            ew->rmsnorm(xt, M, C, C, ly->ln1, ly->eps1, xn, 1);
+            quantize_input(kn, &ly->q, xn, M, xq); /* q, k and v read the same blocks */
             rc |= linear_part(kn, &ly->q, input_of(&ly->q, xn, xq), M, qraw, t, nt);
             rc |= linear_part(kn, &ly->k, input_of(&ly->k, xn, xq), M, kraw, t, nt);
             rc |= linear_part(kn, &ly->v, input_of(&ly->v, xn, xq), M, v, t, nt);
             barrier_wait(&bar, nt);
-            if (t == 0) {
-                rope(qraw, ly->q.order, M, H, D, st->cos, st->sin, bf16, tmp, q);
-                rope(kraw, ly->k.order, M, Hkv, D, st->cos, st->sin, bf16, tmp, k);
-                for (int64_t m = 0; m < M; m++)
-                    for (int64_t g = 0; g < Hkv; g++) {
-                        const int64_t at = m * st->cache_s[0] + g * st->cache_s[1] + st->slot * st->cache_s[2];
-                        if (kv16) { /* rounded as the cache's `.to(bfloat16 / float16)` rounds */
-                            const float *kr = (const float *)k + (m * Hkv + g) * D, *vr = (const float *)v + (m * Hkv + g) * D;
-                            uint16_t *kd = (uint16_t *)keys + at, *vd = (uint16_t *)values + at;
-                            for (int64_t j = 0; j < D; j++) {
-                                kd[j] = kv16 == 2 ? f32_to_f16(kr[j]) : f32_to_bf16(kr[j]);
-                                vd[j] = kv16 == 2 ? f32_to_f16(vr[j]) : f32_to_bf16(vr[j]);
-                            }
-                            continue;
-                        }
-                        memcpy(keys + es * at, k + es * (m * Hkv + g) * D, es * (size_t)D);
-                        memcpy(values + es * at, v + es * (m * Hkv + g) * D, es * (size_t)D);
-                    }
-            }
-            barrier_wait(&bar, nt);
             for (int64_t it = t; it < M * Hkv; it += nt) {
                 const int64_t m = it / Hkv, g = it % Hkv, cache_at = m * st->cache_s[0] + g * st->cache_s[1];
-                rc |= attend(q + es * (m * H + g * rep) * D, keys + kes * cache_at, values + kes * cache_at,
-                                    st->mask + m * st->mask_s[0], shape, strides, st->scale,
-                                    att + es * (m * H + g * rep) * D, 1);
+                rope_heads(qraw, ly->q.order, HD, m, g * rep, (g + 1) * rep, D, st->cos, st->sin, bf16, tmp, q);
+                rope_heads(kraw, ly->k.order, KD, m, g, g + 1, D, st->cos, st->sin, bf16, tmp, k);
+                const int64_t at = cache_at + st->slot * st->cache_s[2];
+                if (kv16) { /* rounded as the cache's `.to(bfloat16 / float16)` rounds */
+                    const float *kr = (const float *)k + (m * Hkv + g) * D, *vr = (const float *)v + (m * Hkv + g) * D;
+                    uint16_t *kd = (uint16_t *)keys + at, *vd = (uint16_t *)values + at;
+                    for (int64_t j = 0; j < D; j++) {
+                        kd[j] = kv16 == 2 ? f32_to_f16(kr[j]) : f32_to_bf16(kr[j]);
+                        vd[j] = kv16 == 2 ? f32_to_f16(vr[j]) : f32_to_bf16(vr[j]);
+                    }
+                } else {
+                    memcpy(keys + es * at, k + es * (m * Hkv + g) * D, es * (size_t)D);
+                    memcpy(values + es * at, v + es * (m * Hkv + g) * D, es * (size_t)D);
+                }
+                if (!split)
+                    rc |= attend(q + es * (m * H + g * rep) * D, keys + kes * cache_at, values + kes * cache_at,
+                                 st->mask + m * st->mask_s[0], shape, strides, st->scale,
+                                 att + es * (m * H + g * rep) * D, 1);
+            }
+            if (split) {
+                barrier_wait(&bar, nt); /* every query roped, every new key and value in the cache */
+                split_scores(kn, kv16, st, M, H, Hkv, D, keys, kes, (const float *)q, idx, count, scores, t, nt);
+                barrier_wait(&bar, nt);
+                split_weighted(kn, kv16, st, M, H, Hkv, D, values, kes, idx, count, scores, probs, (float *)att, t,
+                               nt);
             }
             barrier_wait(&bar, nt);
-            if (ly->o.kind == LIN_GGML) { /* the same kind on every thread: all take this barrier or none */
-                if (t == 0) quantize_input(kn, &ly->o, att, M, xq);
-                barrier_wait(&bar, nt);
-            }
+            quantize_input(kn, &ly->o, att, M, xq);
             rc |= linear_part(kn, &ly->o, input_of(&ly->o, att, xq), M, o, t, nt);
             barrier_wait(&bar, nt);
             /* MLP block */
-            if (t == 0) {
-                add(x, o, M * C, bf16);
-                ew->rmsnorm(x, M, C, C, ly->ln2, ly->eps2, xn, 1);
-                quantize_input(kn, &ly->gate, xn, M, xq);
-            }
-            barrier_wait(&bar, nt);
+            add(xt, o, M * C, bf16);
+            ew->rmsnorm(xt, M, C, C, ly->ln2, ly->eps2, xn, 1);
+            quantize_input(kn, &ly->gate, xn, M, xq);
             rc |= linear_part(kn, &ly->gate, input_of(&ly->gate, xn, xq), M, gate, t, nt);
             rc |= linear_part(kn, &ly->up, input_of(&ly->up, xn, xq), M, up, t, nt);
             {   /* this thread's gate and up rows are its own: their product needs no barrier */
@@ -364,13 +462,10 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
                                  act + es * (m * F + f0), 1);
             }
             barrier_wait(&bar, nt);
-            if (ly->down.kind == LIN_GGML) {
-                if (t == 0) quantize_input(kn, &ly->down, act, M, xq);
-                barrier_wait(&bar, nt);
-            }
+            quantize_input(kn, &ly->down, act, M, xq);
             rc |= linear_part(kn, &ly->down, input_of(&ly->down, act, xq), M, o, t, nt);
             barrier_wait(&bar, nt);
-            if (t == 0) add(x, o, M * C, bf16); /* the next layer's first barrier follows its norm, on thread 0 too */
+            add(xt, o, M * C, bf16); /* o is next written after the next layer's attention barrier */
         }
         const int64_t delay1 = delay0 < 0 ? -1 : run_delay_ns();
         if (delay1 < 0) atomic_store(&unknown, 1);
@@ -379,7 +474,7 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
     st->wall_ns = now_ns() - start;
     st->waited_ns = atomic_load(&unknown) ? -1 : atomic_load(&waited_ns);
     free(buf);
-    free(tmp);
-    free(xq);
+    free(own);
+    free(scores);
     return rc == 0 ? 0 : rc == -2 ? -2 : -1;
 }
