@@ -335,12 +335,15 @@ static void split_weighted(const Kernels *kn, int kind, const Step *st, int64_t 
  * kernel's refusal, -2 when scratch memory cannot be allocated.
  *
  * One parallel region for the whole step: each thread computes its share of every projection's
- * rows and its (row, kv head) items of the attention (their rope and cache write included).
+ * rows, the rope and cache write of its (row, kv head) items, and either those items'
+ * attention or, where attention.c's grouped kernels run (float32 activations), a share of every
+ * item's keys and output lanes (split_scores, split_weighted: the same bits).
  * Starting a parallel region per kernel cost more than the kernels of a small model
  * (bench/RESULTS.md). The small serial parts (norms, activation quantization, residuals) run on
  * every thread, each on its own copy of the residual stream (the same code on the same inputs:
- * the same bits), so a thread waits only where it reads rows another thread wrote: five
- * barriers a layer. */
+ * the same bits), so a thread waits only where it reads rows another thread wrote: seven
+ * barriers a layer with the attention shared, five without (ten when one thread ran the serial
+ * parts). */
 int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *st, void *x) {
     const int64_t M = st->M, C = st->C, H = st->H, Hkv = st->Hkv, D = st->D, F = st->F;
     const int64_t HD = H * D, KD = Hkv * D, widest = (C > F ? C : F) > HD ? (C > F ? C : F) : HD;
