@@ -175,6 +175,17 @@ static void silu_mul_row_bf16_s(const uint16_t *g, const uint16_t *u, int64_t n,
     }
 }
 
+/* Software prefetch of the cache rows a grouped decode kernel reads next: a decode step finds
+ * its keys and values in memory (the weights it streamed since the last step evicted them), and
+ * with the hardware prefetcher alone the kernels waited on them (bench/RESULTS.md). Leads: keys
+ * KEY_LEAD steps of the score loop ahead, values VALUE_LEAD keys ahead. Hints change no result. */
+#define KEY_LEAD 8
+#define VALUE_LEAD 32
+
+static inline __attribute__((always_inline)) void prefetch_bytes(const char *p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+}
+
 /* ================================================================ AVX-512 */
 T512 static inline __mmask16 tail16(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 
@@ -325,6 +336,9 @@ T512 static inline __attribute__((always_inline)) void group_scores_r(const floa
         for (int t = 0; t < 16; t++) a[t] = _mm512_setzero_ps();
 #pragma GCC unroll 16
         for (int t = 0; t < KB; t++) kr[t] = (const char *)k + idx[j + t] * ks * (K16 ? 2 : 4);
+        if (j + (KEY_LEAD + 1) * KB <= n)
+            for (int t = 0; t < KB; t++)
+                prefetch_bytes((const char *)k + idx[j + KEY_LEAD * KB + t] * ks * (K16 ? 2 : 4), D * (K16 ? 2 : 4));
         for (int64_t d = 0; d < D; d += 16) {
             const __mmask16 m = tail16(D - d);
             __m512 kv[16];
@@ -395,6 +409,9 @@ T512 static inline __attribute__((always_inline)) void group_weighted_r(const fl
             for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j++) {
             const char *vr = (const char *)v + (idx[j] * vs + d) * (K16 ? 2 : 4);
+            if (j + VALUE_LEAD < n)
+                prefetch_bytes((const char *)v + (idx[j + VALUE_LEAD] * vs + d) * (K16 ? 2 : 4),
+                               (D - d < 64 ? D - d : 64) * (K16 ? 2 : 4));
             __m512 x[4];
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++)
@@ -590,6 +607,9 @@ T256 static inline __attribute__((always_inline)) void group_scores256_r(const f
         __m256 lo[GROUP_Q][2], hi[GROUP_Q][2];
 #pragma GCC unroll 2
         for (int t = 0; t < KB; t++) kr[t] = (const char *)k + idx[j + t] * ks * (K16 ? 2 : 4);
+        if (j + (KEY_LEAD + 1) * KB <= n)
+            for (int t = 0; t < KB; t++)
+                prefetch_bytes((const char *)k + idx[j + KEY_LEAD * KB + t] * ks * (K16 ? 2 : 4), D * (K16 ? 2 : 4));
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 2
@@ -670,6 +690,9 @@ T256 static inline __attribute__((always_inline)) void group_weighted256_r(const
             for (int c = 0; c < W; c++) a[r][c] = _mm256_setzero_ps();
         for (int64_t j = 0; j < n; j++) {
             const char *vr = (const char *)v + (idx[j] * vs + d) * (K16 ? 2 : 4);
+            if (j + VALUE_LEAD < n)
+                prefetch_bytes((const char *)v + (idx[j + VALUE_LEAD] * vs + d) * (K16 ? 2 : 4),
+                               (D - d < 8 * W ? D - d : 8 * W) * (K16 ? 2 : 4));
             __m256 x[4];
 #pragma GCC unroll 4
             for (int c = 0; c < W; c++)
