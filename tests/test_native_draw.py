@@ -161,3 +161,27 @@ def test_sample_draws_torchs_tokens(monkeypatch):
     monkeypatch.setattr(draw, "multinomial", lambda probs, generator=None: None)
     slow = [sampling.sample(logits, g) for g in [torch.Generator().manual_seed(9)] * 5]
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+@needs_lib
+def test_threads_drawing_from_one_generator_draw_what_one_thread_would():
+    """Four threads drawing 50 times each from one generator advance it exactly 200 draws, as
+    torch's multinomial does under its lock: no two draws read the same state."""
+    import threading
+
+    probs = rows("top-k", 1, 4000, 5)
+    shared, alone = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    drawn: list[int] = []
+
+    def worker():
+        for _ in range(50):
+            drawn.append(int(draw.multinomial(probs, shared)))
+
+    workers = [threading.Thread(target=worker) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    expected = [int(torch.multinomial(probs, 1, generator=alone)) for _ in range(200)]
+    assert torch.equal(shared.get_state(), alone.get_state())
+    assert sorted(drawn) == sorted(expected)

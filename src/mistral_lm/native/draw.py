@@ -13,15 +13,18 @@ is not contiguous float32 rows on the CPU (torch draws a strided tensor's number
 order), or torch would raise (NaN, a negative entry, a row of zeros),
 `multinomial` returns None and the caller calls torch.
 
-The generator's state is read and written around the C call, so two threads drawing from one
-generator at the same moment may draw the same numbers (torch takes the generator's lock for
-each draw); each thread should have its own generator, as the server's requests do.
+The generator's state is read, advanced in C and written back under one lock, so threads that
+sample through here (generate() in several threads on torch's default generator) never draw
+the same numbers. Another thread drawing from the same generator through torch itself in that
+moment could (torch's own lock is not reachable from Python): give such threads their own
+generators.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 import warnings
 
 import torch
@@ -42,14 +45,19 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+_LOCK = threading.Lock()  # one read-draw-write of a generator's state at a time (see the module docstring)
+
+
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
-    state = generator.get_state()
-    if state.numel() != _STATE_BYTES or state.dtype != torch.uint8:
-        return None
     out = torch.empty(probs.shape[0], dtype=torch.int64)
-    if library().mlm_multinomial(probs.data_ptr(), probs.shape[0], probs.shape[1], state.data_ptr(), out.data_ptr()):
-        return None
-    generator.set_state(state)
+    with _LOCK:
+        state = generator.get_state()
+        if state.numel() != _STATE_BYTES or state.dtype != torch.uint8:
+            return None
+        if library().mlm_multinomial(probs.data_ptr(), probs.shape[0], probs.shape[1], state.data_ptr(),
+                                     out.data_ptr()):
+            return None
+        generator.set_state(state)
     return out
 
 
