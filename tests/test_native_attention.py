@@ -464,6 +464,11 @@ def _parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     rep, es = h // h_kv, k.element_size()
     idx = torch.nonzero(mask).flatten().to(torch.int32)
     n = idx.numel()
+    listed = torch.empty(nk, dtype=torch.int32)
+    lib.mlm_attention_part_keys.restype = ctypes.c_int64
+    assert lib.mlm_attention_part_keys(ctypes.c_void_p(mask.data_ptr()), ctypes.c_int64(1), ctypes.c_int64(nk),
+                                       ctypes.c_void_p(listed.data_ptr())) == n
+    assert torch.equal(listed[:n], idx)
     scores = torch.zeros(h, nk + 16)
     out = torch.full((h, d), float("nan"))
     fp = ctypes.POINTER(ctypes.c_float)

@@ -201,7 +201,7 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> to
     multinomial, as transformers' generate() draws, so a seeded generate() samples its tokens.
     The draw runs in C where it can (native/draw.py: the same tokens and generator state)."""
     probs = logits.float().softmax(dim=-1)
-    drawn = draw.multinomial(probs, generator) if probs.dim() == 2 else None
+    drawn = draw.multinomial(probs, generator)
     return drawn if drawn is not None else torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

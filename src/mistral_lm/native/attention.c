@@ -186,6 +186,19 @@ static inline __attribute__((always_inline)) void prefetch_bytes(const char *p, 
     for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
 }
 
+/* the KB key rows (row bytes each) a score loop at key j reads KEY_LEAD steps later */
+static inline __attribute__((always_inline)) void prefetch_keys(const void *k, int64_t ks, const int32_t *idx,
+                                                                int64_t j, int KB, int64_t n, int64_t row, int es) {
+    if (j + (KEY_LEAD + 1) * KB <= n)
+        for (int t = 0; t < KB; t++) prefetch_bytes((const char *)k + idx[j + KEY_LEAD * KB + t] * ks * es, row);
+}
+
+/* the `bytes` at lane d of the value row a weighted loop at key j reads VALUE_LEAD keys later */
+static inline __attribute__((always_inline)) void prefetch_value(const void *v, int64_t vs, const int32_t *idx,
+                                                                 int64_t j, int64_t n, int64_t d, int64_t bytes, int es) {
+    if (j + VALUE_LEAD < n) prefetch_bytes((const char *)v + (idx[j + VALUE_LEAD] * vs + d) * es, bytes);
+}
+
 /* ================================================================ AVX-512 */
 T512 static inline __mmask16 tail16(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 
@@ -336,9 +349,7 @@ T512 static inline __attribute__((always_inline)) void group_scores_r(const floa
         for (int t = 0; t < 16; t++) a[t] = _mm512_setzero_ps();
 #pragma GCC unroll 16
         for (int t = 0; t < KB; t++) kr[t] = (const char *)k + idx[j + t] * ks * (K16 ? 2 : 4);
-        if (j + (KEY_LEAD + 1) * KB <= n)
-            for (int t = 0; t < KB; t++)
-                prefetch_bytes((const char *)k + idx[j + KEY_LEAD * KB + t] * ks * (K16 ? 2 : 4), D * (K16 ? 2 : 4));
+        prefetch_keys(k, ks, idx, j, KB, n, D * (K16 ? 2 : 4), K16 ? 2 : 4);
         for (int64_t d = 0; d < D; d += 16) {
             const __mmask16 m = tail16(D - d);
             __m512 kv[16];
@@ -409,9 +420,7 @@ T512 static inline __attribute__((always_inline)) void group_weighted_r(const fl
             for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j++) {
             const char *vr = (const char *)v + (idx[j] * vs + d) * (K16 ? 2 : 4);
-            if (j + VALUE_LEAD < n)
-                prefetch_bytes((const char *)v + (idx[j + VALUE_LEAD] * vs + d) * (K16 ? 2 : 4),
-                               (D - d < 64 ? D - d : 64) * (K16 ? 2 : 4));
+            prefetch_value(v, vs, idx, j, n, d, (D - d < 64 ? D - d : 64) * (K16 ? 2 : 4), K16 ? 2 : 4);
             __m512 x[4];
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++)
@@ -607,9 +616,7 @@ T256 static inline __attribute__((always_inline)) void group_scores256_r(const f
         __m256 lo[GROUP_Q][2], hi[GROUP_Q][2];
 #pragma GCC unroll 2
         for (int t = 0; t < KB; t++) kr[t] = (const char *)k + idx[j + t] * ks * (K16 ? 2 : 4);
-        if (j + (KEY_LEAD + 1) * KB <= n)
-            for (int t = 0; t < KB; t++)
-                prefetch_bytes((const char *)k + idx[j + KEY_LEAD * KB + t] * ks * (K16 ? 2 : 4), D * (K16 ? 2 : 4));
+        prefetch_keys(k, ks, idx, j, KB, n, D * (K16 ? 2 : 4), K16 ? 2 : 4);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 2
@@ -690,9 +697,7 @@ T256 static inline __attribute__((always_inline)) void group_weighted256_r(const
             for (int c = 0; c < W; c++) a[r][c] = _mm256_setzero_ps();
         for (int64_t j = 0; j < n; j++) {
             const char *vr = (const char *)v + (idx[j] * vs + d) * (K16 ? 2 : 4);
-            if (j + VALUE_LEAD < n)
-                prefetch_bytes((const char *)v + (idx[j + VALUE_LEAD] * vs + d) * (K16 ? 2 : 4),
-                               (D - d < 8 * W ? D - d : 8 * W) * (K16 ? 2 : 4));
+            prefetch_value(v, vs, idx, j, n, d, (D - d < 8 * W ? D - d : 8 * W) * (K16 ? 2 : 4), K16 ? 2 : 4);
             __m256 x[4];
 #pragma GCC unroll 4
             for (int c = 0; c < W; c++)
@@ -966,17 +971,20 @@ static Item item_at(int64_t it, int64_t rep, int64_t Q, int64_t Hkv) {
     return (Item){b, g, g * rep + r, i};
 }
 
+/* The keys a mask row allows (key j at row[j * stride]), in key order, into idx; returns how many. */
+static int64_t masked_keys(const uint8_t *row, int64_t stride, int64_t K, int32_t *idx) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < K; j++)
+        if (row[j * stride]) idx[n++] = (int32_t)j;
+    return n;
+}
+
 /* The keys query (b, i) may see, in key order, into idx; returns how many. */
 static int64_t allowed_keys(const uint8_t *mask, const int64_t *strides, int64_t b, int64_t i, int64_t K,
                             int32_t *idx) {
+    if (mask != NULL) return masked_keys(mask + b * strides[9] + i * strides[10], strides[11], K, idx);
     int64_t n = 0;
-    if (mask == NULL) {
-        for (int64_t j = 0; j <= i && j < K; j++) idx[n++] = (int32_t)j;
-    } else {
-        const uint8_t *mr = mask + b * strides[9] + i * strides[10];
-        for (int64_t j = 0; j < K; j++)
-            if (mr[j * strides[11]]) idx[n++] = (int32_t)j;
-    }
+    for (int64_t j = 0; j <= i && j < K; j++) idx[n++] = (int32_t)j;
     return n;
 }
 
@@ -1207,10 +1215,15 @@ int mlm_attention_kvf16(const float *q, const uint16_t *k, const uint16_t *v, co
  * and any range of the output's lanes starting at a multiple of 16 give attention_grouped's bits,
  * since each score, each exponential and each output lane is computed by the same operations in
  * the same order whatever the range and whichever heads share the call (up to GROUP_Q).
+ * `mlm_attention_part_keys` lists a query's keys as attention lists them from a mask row.
  * `mlm_attention_parts` says whether the grouped kernels are what attention runs for a decode
  * step with keys and values of `kind` and `rep` heads a key/value head, on this CPU. */
 int mlm_attention_parts(int kind, int64_t rep) {
     return kind >= 0 && kind <= 2 && rep >= 1 && ops()->group_scores[kind] != NULL && (kind != 0 || rep > 1);
+}
+
+int64_t mlm_attention_part_keys(const uint8_t *row, int64_t stride, int64_t K, int32_t *idx) {
+    return masked_keys(row, stride, K, idx);
 }
 
 void mlm_attention_part_scores(int kind, const float *const *q, int R, const void *k, int64_t ks, const int32_t *idx,

@@ -49,6 +49,7 @@ typedef int (*bf16_linear_fn)(const uint16_t *, int64_t, int64_t, int64_t, const
 typedef int (*int8_linear_fn)(const uint16_t *, int64_t, int64_t, int64_t, const int8_t *, int64_t, int64_t,
                               const uint16_t *, uint16_t *, int64_t, int);
 typedef int (*attention_parts_fn)(int, int64_t);
+typedef int64_t (*part_keys_fn)(const uint8_t *, int64_t, int64_t, int32_t *);
 typedef void (*part_scores_fn)(int, const float *const *, int, const void *, int64_t, const int32_t *, int64_t, int64_t,
                                float, float *const *);
 typedef float (*part_softmax_fn)(float *, int64_t);
@@ -76,6 +77,7 @@ typedef struct {
     /* the grouped decode attention in pieces (float32 queries; keys and values float32, bfloat16 or
      * float16), so every thread takes a share of every key/value head: NULL where missing */
     attention_parts_fn attention_parts;
+    part_keys_fn part_keys;
     part_scores_fn part_scores;
     part_softmax_fn part_softmax;
     part_weighted_fn part_weighted;
@@ -270,6 +272,9 @@ static void quantize_input(const Kernels *kn, const Lin *l, const void *x, int64
 /* ------------------------------------------------------------------ attention split among threads */
 #define PART_Q 4 /* heads of one key/value head a call of attention.c's pieces takes at most */
 
+/* the heads of the block starting at h0 among heads [h0, end): PART_Q at most */
+static inline int block_heads(int64_t h0, int64_t end) { return (int)(end - h0 < PART_Q ? end - h0 : PART_Q); }
+
 /* This thread's share [j0, j1) of every (row, key/value head)'s allowed keys: their scores for
  * each of the head's queries, into `scores` (M, H, used + 16) */
 static void split_scores(const Kernels *kn, int kind, const Step *st, int64_t M, int64_t H, int64_t Hkv, int64_t D,
@@ -282,7 +287,7 @@ static void split_scores(const Kernels *kn, int kind, const Step *st, int64_t M,
         for (int64_t g = 0; g < Hkv; g++) {
             const char *kg = keys + kes * (size_t)(m * st->cache_s[0] + g * st->cache_s[1]);
             for (int64_t h0 = g * rep; h0 < (g + 1) * rep; h0 += PART_Q) {
-                const int R = (int)((g + 1) * rep - h0 < PART_Q ? (g + 1) * rep - h0 : PART_Q);
+                const int R = block_heads(h0, (g + 1) * rep);
                 const float *qr[PART_Q];
                 float *sr[PART_Q];
                 for (int r = 0; r < R; r++) {
@@ -302,14 +307,14 @@ static void split_weighted(const Kernels *kn, int kind, const Step *st, int64_t 
                            const char *values, size_t kes, const int32_t *idx, const int64_t *count,
                            const float *scores, float *probs, float *att, int t, int nt) {
     const int64_t rep = H / Hkv, row = st->used + 16, groups = (D + 15) / 16;
-    const int64_t d0 = 16 * (groups * t / nt), d1 = 16 * (groups * (t + 1) / nt) < D ? 16 * (groups * (t + 1) / nt) : D;
+    const int64_t d0 = 16 * (groups * t / nt), end = 16 * (groups * (t + 1) / nt), d1 = end < D ? end : D;
     if (d1 <= d0) return;
     for (int64_t m = 0; m < M; m++) {
         const int64_t n = count[m];
         for (int64_t g = 0; g < Hkv; g++) {
             const char *vg = values + kes * (size_t)(m * st->cache_s[0] + g * st->cache_s[1] + d0);
             for (int64_t h0 = g * rep; h0 < (g + 1) * rep; h0 += PART_Q) {
-                const int R = (int)((g + 1) * rep - h0 < PART_Q ? (g + 1) * rep - h0 : PART_Q);
+                const int R = block_heads(h0, (g + 1) * rep);
                 const float *pr[PART_Q];
                 float *dst[PART_Q], sums[PART_Q];
                 for (int r = 0; r < R; r++) {
@@ -363,8 +368,9 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
     /* float32 activations over a cache attention's grouped kernels read: every thread takes a
      * share of every key/value head's keys (scores) and of its output lanes (the weighted sum),
      * rather than whole heads, so a step's threads stay even however few key/value heads it has */
-    const int split = !bf16 && Hkv > 0 && kn->attention_parts != NULL && kn->part_scores != NULL &&
-                      kn->part_softmax != NULL && kn->part_weighted != NULL && kn->attention_parts(kv16, rep);
+    const int split = !bf16 && Hkv > 0 && kn->attention_parts != NULL && kn->part_keys != NULL &&
+                      kn->part_scores != NULL && kn->part_softmax != NULL && kn->part_weighted != NULL &&
+                      kn->attention_parts(kv16, rep);
     const int64_t row = st->used + 16; /* a head's scores, padded for the softmax's vector loads */
     /* each thread's own for the split attention: every row's allowed keys (the mask is the same for
      * every layer), their counts, and up to PART_Q heads' probabilities */
@@ -403,12 +409,8 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
         int64_t *count = (int64_t *)(idx + M * (st->used + 1));
         float *probs = (float *)(count + M);
         if (t != 0) memcpy(xt, x, es * (size_t)(M * C)); /* before the first barrier: x is still the input */
-        for (int64_t m = 0; m < M && split; m++) {
-            int64_t n = 0;
-            for (int64_t j = 0; j < st->used; j++)
-                if (st->mask[m * st->mask_s[0] + j * st->mask_s[1]]) idx[m * (st->used + 1) + n++] = (int32_t)j;
-            count[m] = n;
-        }
+        for (int64_t m = 0; m < M && split; m++)
+            count[m] = kn->part_keys(st->mask + m * st->mask_s[0], st->mask_s[1], st->used, idx + m * (st->used + 1));
         for (int64_t li = 0; li < L; li++) {
             const Layer *ly = layers + li;
             char *keys = st->keys[li], *values = st->values[li];

@@ -28,7 +28,8 @@ class Kernels(ctypes.Structure):
     _fields_ = [("quantize", _ptr), ("matmul", _ptr), ("bf16_linear", _ptr), ("int8_linear", _ptr), ("nf4_mm", _ptr),
                 ("f32", Elementwise), ("bf16", Elementwise), ("xblock_bytes", _i64), ("attention_kv16", _ptr * 2),
                 # attention.c's grouped decode attention in pieces (a key/value head shared among threads)
-                ("attention_parts", _ptr), ("part_scores", _ptr), ("part_softmax", _ptr), ("part_weighted", _ptr)]
+                ("attention_parts", _ptr), ("part_keys", _ptr), ("part_scores", _ptr), ("part_softmax", _ptr),
+                ("part_weighted", _ptr)]
 
 
 class Lin(ctypes.Structure):
@@ -73,8 +74,8 @@ def _lib() -> tuple[ctypes.CDLL, Kernels] | None:
                       Elementwise(*(_address(a, f"mlm_{op}_bf16") for op in ("attention", "rmsnorm", "silu_mul"))),
                       ggml.XBLOCK_BYTES,
                       (_ptr * 2)(_address(a, "mlm_attention_kv16"), _address(a, "mlm_attention_kvf16")),
-                      *(_address(a, f"mlm_attention_{name}") for name in ("parts", "part_scores", "part_softmax",
-                                                                            "part_weighted")))
+                      *(_address(a, f"mlm_attention_{name}") for name in ("parts", "part_keys", "part_scores",
+                                                                            "part_softmax", "part_weighted")))
     return lib, kernels
 
 
