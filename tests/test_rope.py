@@ -110,3 +110,28 @@ def test_score_depends_only_on_relative_position(head_dim, theta, seed, offset, 
     scale = float(q.norm() * k.norm())
     for s in scores[1:]:
         assert abs(s - scores[0]) <= 2e-4 * scale  # float32 angles at positions ~2000
+
+
+@settings(max_examples=40, deadline=None)
+@given(head_dim=HEAD_DIMS, theta=THETAS, seed=st.integers(0, 2**16),
+       max_pos=st.sampled_from([4, 300, 5000, 200_000]))
+def test_step_tables_are_cos_sin_and_signed_sin_bit_for_bit(head_dim, theta, seed, max_pos):
+    """The cached rows a step looks up equal what cos_sin and signed_sin compute for the same
+    positions, across table growth and past the cached range."""
+    from mistral_lm import rope
+
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(3):  # each call may grow the table
+        positions = torch.randint(0, max_pos, (2, 3), generator=gen)
+        cos, sin = cos_sin(positions, inv_frequencies(head_dim, theta))
+        got_cos, got_sin = rope.step_tables(positions, head_dim, theta)
+        assert torch.equal(got_cos, cos) and torch.equal(got_sin, rope.signed_sin(sin))
+
+
+def test_step_tables_take_negative_and_empty_positions():
+    from mistral_lm import rope
+
+    for positions in (torch.tensor([[-3, 0, 7]]), torch.zeros(1, 0, dtype=torch.long)):
+        cos, sin = cos_sin(positions, inv_frequencies(16, 1e4))
+        got_cos, got_sin = rope.step_tables(positions, 16, 1e4)
+        assert torch.equal(got_cos, cos) and torch.equal(got_sin, rope.signed_sin(sin))

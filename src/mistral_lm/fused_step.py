@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .cache import CachePlan, KVCache, StepMode
 from .matvec import MatvecLinear
+from .native import links as native_links
 from .native import step as native_step
 from .quantization.gguf_blocks import GGUFBlockLinear
 from .quantization.modules import Int8Linear, NF4Linear
@@ -125,14 +126,14 @@ class _Links:
     """The modules a table was built from, or could not be built for: (dict, key, value) triples,
     held as three tuples, true while the modules are those: every module under its parent, every
     weight under its module, the attributes step.c copies (epsilons, scale, activation). Checked
-    with C-level iteration: a step checks over a thousand of them."""
+    in C (native/links.c): a step checks over a thousand of them."""
 
     dicts: tuple[dict, ...]
     keys: tuple[str, ...]
     values: tuple[Any, ...]
 
     def current(self) -> bool:
-        return all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values))
+        return native_links.current(self.dicts, self.keys, self.values)
 
 
 @dataclass

@@ -97,8 +97,8 @@ def make_step(config: MistralConfig, positions: torch.Tensor, valid: torch.Tenso
     causal = (t > 1 and not positions_given and (cache is None or cache.get_seq_length() == 0)
               and k_pos.shape[1] == t and bool(valid.all()))
     mask = None if causal and (window is None or window >= t) else build_mask(positions, k_pos, k_valid, window)
-    cos, sin = rope.cos_sin(positions, rope.inv_frequencies(config.head_dim, config.rope_theta, positions.device))
-    return Step(cos, rope.signed_sin(sin), mask, causal, window, plan, attn_implementation)
+    cos, sin = rope.step_tables(positions, config.head_dim, config.rope_theta)
+    return Step(cos, sin, mask, causal, window, plan, attn_implementation)
 
 
 # --------------------------------------------------------------------------- layers

@@ -7,6 +7,8 @@ nearby positions would collide.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -40,6 +42,42 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     table once per forward turns every layer's rotation into one roll and two multiply-adds."""
     half = sin.shape[-1] // 2
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+_TABLE_LIMIT = 1 << 17  # positions past it are computed per step: a table stays under 128 MB at D=128
+_TABLES: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def _grown(head_dim: int, theta: float, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (n, head_dim) cos and signed sin rows of positions [0, n), n >= need: rows 0..n-1 of
+    `cos_sin` and `signed_sin`, the same bits. Grown by doubling under a lock; a reader holds
+    the tuple it got, so a growth never changes rows under it."""
+    with _TABLES_LOCK:
+        table = _TABLES.get((head_dim, theta))
+        if table is None or table[0].shape[0] < need:
+            n = min(_TABLE_LIMIT, max(need, 256, 2 * (0 if table is None else table[0].shape[0])))
+            cos, sin = cos_sin(torch.arange(n)[None], inv_frequencies(head_dim, theta))
+            table = _TABLES[(head_dim, theta)] = (cos[0], signed_sin(sin)[0])
+        return table
+
+
+def step_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin) tables for `positions` (B, T): `cos_sin` and `signed_sin`, read for CPU
+    positions from rows cached per (head_dim, theta), so a decode step looks its rows up instead
+    of computing a dozen small tensors; the same bits."""
+    if positions.device.type != "cpu" or torch.compiler.is_compiling() or not positions.numel():
+        cos, sin = cos_sin(positions, inv_frequencies(head_dim, theta, positions.device))
+        return cos, signed_sin(sin)
+    lo, hi = torch.aminmax(positions)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= _TABLE_LIMIT:
+        cos, sin = cos_sin(positions, inv_frequencies(head_dim, theta))
+        return cos, signed_sin(sin)
+    table = _TABLES.get((head_dim, theta))
+    if table is None or table[0].shape[0] <= hi:
+        table = _grown(head_dim, theta, hi + 1)
+    return table[0][positions], table[1][positions]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
