@@ -1248,34 +1248,54 @@ void mlm_f16_to_f32(const uint16_t *x, int64_t n, float *out) {
     for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(x[i]);
 }
 
-/* y[m] = w * rmsnorm(x[m]) for M rows of C values (row stride xs, unit stride within a row). */
+/* The row-wise kernels below run their rows in the calling thread without entering OpenMP at
+ * all when they do not split them (the fused decode step's calls): even a region of one thread
+ * costs 0.4-0.9 us to make and tear down.
+ *
+ * y[m] = w * rmsnorm(x[m]) for M rows of C values (row stride xs, unit stride within a row). */
 void mlm_rmsnorm(const float *x, int64_t M, int64_t C, int64_t xs, const float *w, float eps, float *y,
                  int nthreads) {
     const Ops *o = ops();
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M > 1 && M * C >= 65536) schedule(static)
-    for (int64_t m = 0; m < M; m++) o->rmsnorm_row(x + m * xs, w, C, eps, y + m * C);
+    if (nthreads > 1 && M > 1 && M * C >= 65536) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t m = 0; m < M; m++) o->rmsnorm_row(x + m * xs, w, C, eps, y + m * C);
+    } else {
+        for (int64_t m = 0; m < M; m++) o->rmsnorm_row(x + m * xs, w, C, eps, y + m * C);
+    }
 }
 
 /* y[m] = silu(g[m]) * u[m] for M rows of N values (row strides gs, us; y contiguous). */
 void mlm_silu_mul(const float *g, int64_t gs, const float *u, int64_t us, int64_t M, int64_t N, float *y,
                   int nthreads) {
     const Ops *o = ops();
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M > 1 && M * N >= 65536) schedule(static)
-    for (int64_t m = 0; m < M; m++) o->silu_mul_row(g + m * gs, u + m * us, N, y + m * N);
+    if (nthreads > 1 && M > 1 && M * N >= 65536) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t m = 0; m < M; m++) o->silu_mul_row(g + m * gs, u + m * us, N, y + m * N);
+    } else {
+        for (int64_t m = 0; m < M; m++) o->silu_mul_row(g + m * gs, u + m * us, N, y + m * N);
+    }
 }
 
 /* mlm_rmsnorm on bf16 x and w, y bf16: bf16(w * bf16(x * r)), r from the widened row as mlm_rmsnorm's. */
 void mlm_rmsnorm_bf16(const uint16_t *x, int64_t M, int64_t C, int64_t xs, const uint16_t *w, float eps, uint16_t *y,
                       int nthreads) {
     const Ops *o = ops();
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M > 1 && M * C >= 65536) schedule(static)
-    for (int64_t m = 0; m < M; m++) o->rmsnorm_row_bf16(x + m * xs, w, C, eps, y + m * C);
+    if (nthreads > 1 && M > 1 && M * C >= 65536) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t m = 0; m < M; m++) o->rmsnorm_row_bf16(x + m * xs, w, C, eps, y + m * C);
+    } else {
+        for (int64_t m = 0; m < M; m++) o->rmsnorm_row_bf16(x + m * xs, w, C, eps, y + m * C);
+    }
 }
 
 /* mlm_silu_mul on bf16 g and u, y bf16: bf16(bf16(silu(g)) * u), silu as mlm_silu_mul's. */
 void mlm_silu_mul_bf16(const uint16_t *g, int64_t gs, const uint16_t *u, int64_t us, int64_t M, int64_t N,
                        uint16_t *y, int nthreads) {
     const Ops *o = ops();
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M > 1 && M * N >= 65536) schedule(static)
-    for (int64_t m = 0; m < M; m++) o->silu_mul_row_bf16(g + m * gs, u + m * us, N, y + m * N);
+    if (nthreads > 1 && M > 1 && M * N >= 65536) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t m = 0; m < M; m++) o->silu_mul_row_bf16(g + m * gs, u + m * us, N, y + m * N);
+    } else {
+        for (int64_t m = 0; m < M; m++) o->silu_mul_row_bf16(g + m * gs, u + m * us, N, y + m * N);
+    }
 }

@@ -1142,17 +1142,138 @@ static int FN(matmul_amx)(int type, int tl, int64_t M, int64_t nb, const uint8_t
 }
 #endif
 
+/* Thread t of nt's share of FN(matmul): its tiles, over every M chunk; 1 where its panel could not
+ * be allocated. Called in matmul's parallel region, or directly where one thread computes the
+ * product: even an OpenMP region of one thread costs 0.4-0.9 us to make and tear down, and the
+ * fused decode step's threads each call ~200 products a token (bench/RESULTS.md). */
+static int FN(matmul_share)(int type, int tl, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
+                            int64_t ldw, float *out, int64_t ldo, int64_t mc, int pair, int amx, uint8_t *xa,
+                            int64_t t, int64_t nt) {
+    const int64_t ntiles = (N + NRP - 1) / NRP;
+    const int tb = type_bytes(type), sup = type == T_Q4_K || type == T_Q6_K;
+    (void)xa;
+    (void)amx;
+    (void)tb;
+    (void)sup;
+    (void)pair;
+    int failed = 0;
+#if TILES
+    if (amx) {
+        FN(amx_begin)();
+        if (nt > 1) {
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < (M + 15) / 16; g++) FN(amx_pack)(x, M, nb, g, xa + (size_t)g * nb * AMX_XB);
+        } else { /* called outside matmul's region: an orphaned `omp for` would bind to the caller's team */
+            for (int64_t g = 0; g < (M + 15) / 16; g++) FN(amx_pack)(x, M, nb, g, xa + (size_t)g * nb * AMX_XB);
+        }
+    }
+#endif
+    const int64_t t0 = ntiles * t / nt, t1 = ntiles * (t + 1) / nt;
+    int by_amx = 0; /* this thread's tiles done by matmul_amx */
+#if TILES
+    if (amx) {
+        by_amx = FN(matmul_amx)(type, tl, M, nb, w, N, ldw, out, ldo, mc, xa, t0, t1);
+        FN(amx_end)();
+    }
+#endif
+    const size_t one = (size_t)KC * PB + 2 * sizeof(float) * NRP * (size_t)mc;
+    /* a panel and its accumulators per tile of a pass */
+    uint8_t *panel = by_amx ? NULL : grown(&FN(tbuf), &FN(tbuf_size), (pair ? 2 : 1) * one);
+    failed |= !by_amx && !panel && t0 < t1;
+    float *abuf = (float *)(panel + (size_t)KC * PB), *mbuf = abuf + NRP * mc;
+#if !VNNI
+    uint8_t *panel2 = panel + one;
+    float *abuf2 = (float *)(panel2 + (size_t)KC * PB), *mbuf2 = abuf2 + NRP * mc;
+#endif
+    for (int64_t m0 = 0; panel && m0 < M; m0 += mc) {
+        const int64_t m1 = m0 + mc < M ? m0 + mc : M;
+        for (int64_t tile = t0; tile < t1;) {
+            const int two = pair && tile + 1 < t1, step = two ? 2 : 1;
+            const int64_t n = tile * NRP;
+            const uint8_t *rp[NRP], *rp2[NRP];
+            int32_t off[NRP], off2[NRP];
+            const int nr = FN(tile_rows)(w, N, ldw, n, rp, off);
+            const int nr2 = two ? FN(tile_rows)(w, N, ldw, n + NRP, rp2, off2) : 0;
+#if VNNI
+            const vi_t idx = _mm512_loadu_si512(off);
+#else
+            const vi_t idx = _mm256_loadu_si256((const __m256i *)off);
+            const vi_t idx2 = two ? _mm256_loadu_si256((const __m256i *)off2) : idx;
+#endif
+            /* the tiled layout: the tile's group and, for an 8-row tile, its half */
+            const uint8_t *tw = w + (n >> 4) * 16 * ldw;
+            const int half = (int)((n >> 3) & 1) * (NRP == 8);
+            if (tl && M <= DIRECT_M) { /* AVX2: both 8-row halves of a group where this thread has them */
+                const int halves = NRP == 8 && half == 0 && tile + 1 < t1 ? 2 : 1;
+                for (int64_t i = m0; i < m1; i += 2)
+                    FN(run_tdirect)(type, (int)(m1 - i < 2 ? m1 - i : 2), halves, x + i * nb, nb, tw, half,
+                                    out + i * ldo + n, ldo, nr);
+                tile += halves;
+                continue;
+            }
+            if (M <= DIRECT_M) {
+                for (int64_t i = m0; i < m1; i += 2)
+                    FN(run_direct)(type, (int)(m1 - i < 2 ? m1 - i : 2), x + i * nb, nb, rp, idx, ldw, out + i * ldo + n, ldo, nr);
+                tile += step;
+                continue;
+            }
+            for (int64_t kb = 0; kb < nb; kb += KC) {
+                const int kc = (int)(nb - kb < KC ? nb - kb : KC);
+                /* prefetch the next panels' weights: these tiles' next K chunk, else the next tiles' first */
+                if (tl) {
+                    FN(tprefetch)(type, tw, kb + kc, nb);
+                } else if (kb + kc < nb) {
+                    FN(prefetch_panel)(rp[0], off, nr, kb + kc, nb, tb, sup);
+                    if (two) FN(prefetch_panel)(rp2[0], off2, nr2, kb + kc, nb, tb, sup);
+                } else {
+                    for (int64_t next = tile + step; next < t1 && next < tile + 2 * step; next++) {
+                        const uint8_t *nrp[NRP];
+                        int32_t noff[NRP];
+                        const int nnr = FN(tile_rows)(w, N, ldw, next * NRP, nrp, noff);
+                        FN(prefetch_panel)(nrp[0], noff, nnr, 0, nb, tb, sup);
+                    }
+                }
+                if (tl) FN(tunpack)(type, tw, nb, half, kb, kc, panel);
+                else FN(unpack)(type, rp, idx, kb, kc, panel);
+#if !VNNI
+                if (two) {
+                    if (tl) /* the pair's second tile: the next 8 rows */
+                        FN(tunpack)(type, w + ((n + NRP) >> 4) * 16 * ldw, nb, (int)(((n + NRP) >> 3) & 1), kb, kc,
+                                    panel2);
+                    else FN(unpack)(type, rp2, idx2, kb, kc, panel2);
+                    const int nrs[2] = {nr, nr2};
+                    for (int64_t i = m0; i < m1; i += 4) {
+                        const int mr = (int)(m1 - i < 4 ? m1 - i : 4);
+                        float *ab[2] = {abuf + (i - m0) * NRP, abuf2 + (i - m0) * NRP};
+                        float *mb[2] = {mbuf + (i - m0) * NRP, mbuf2 + (i - m0) * NRP};
+                        float *o[2] = {out + i * ldo + n, out + i * ldo + n + NRP};
+                        FN(run_kern2)(type, mr, x + i * nb + kb, nb, kc, panel, panel2, ab, mb, kb == 0,
+                                      kb + kc == nb, o, ldo, nrs);
+                    }
+                    continue;
+                }
+#endif
+                for (int64_t i = m0; i < m1; i += MR) {
+                    const int mr = (int)(m1 - i < MR ? m1 - i : MR);
+                    FN(run_kern)(type, mr, x + i * nb + kb, nb, kc, panel, abuf + (i - m0) * NRP, mbuf + (i - m0) * NRP,
+                                 kb == 0, kb + kc == nb, out + i * ldo + n, ldo, nr);
+                }
+            }
+            tile += step;
+        }
+    }
+    return failed;
+}
+
 /* Returns 0, or -2 where a thread's panel could not be allocated: its tiles are then unwritten. */
 static int FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const uint8_t *w, int64_t N,
                       int64_t ldw, float *out, int64_t ldo, int nthreads) {
     const int tl = (type & TILED) != 0;
     type &= ~TILED;
-    const int64_t ntiles = (N + NRP - 1) / NRP;
     /* M chunk: activation rows whose blocks (mc * nb * 64 bytes, read by every thread) stay cached
      * while every tile passes over them; each chunk streams the weights once more (chunk_bytes) */
     int64_t mc = chunk_rows(VNNI, nb, MR);
     if (mc > M) mc = M;
-    const int tb = type_bytes(type), sup = type == T_Q4_K || type == T_Q6_K;
     /* AVX2, Q4 types: two tiles per pass (kern2), each activation broadcast feeding both */
     const int pair = !VNNI && M > DIRECT_M && (type == T_Q4_0 || type == T_Q4_1 || type == T_Q4_K);
     /* AMX for the 16-row groups of a prefill (kern_amx), where mlm_set_isa enabled it */
@@ -1168,154 +1289,65 @@ static int FN(matmul)(int type, const xblock *x, int64_t M, int64_t nb, const ui
     (void)xa;
     (void)amx;
     int failed = 0;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(| : failed)
-    {
-#if TILES
-        if (amx) {
-            FN(amx_begin)();
-#pragma omp for schedule(static)
-            for (int64_t g = 0; g < (M + 15) / 16; g++) FN(amx_pack)(x, M, nb, g, xa + (size_t)g * nb * AMX_XB);
-        }
-#endif
-        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t t0 = ntiles * t / nt, t1 = ntiles * (t + 1) / nt;
-        int by_amx = 0; /* this thread's tiles done by matmul_amx */
-#if TILES
-        if (amx) {
-            by_amx = FN(matmul_amx)(type, tl, M, nb, w, N, ldw, out, ldo, mc, xa, t0, t1);
-            FN(amx_end)();
-        }
-#endif
-        const size_t one = (size_t)KC * PB + 2 * sizeof(float) * NRP * (size_t)mc;
-        /* a panel and its accumulators per tile of a pass */
-        uint8_t *panel = by_amx ? NULL : grown(&FN(tbuf), &FN(tbuf_size), (pair ? 2 : 1) * one);
-        failed |= !by_amx && !panel && t0 < t1;
-        float *abuf = (float *)(panel + (size_t)KC * PB), *mbuf = abuf + NRP * mc;
-#if !VNNI
-        uint8_t *panel2 = panel + one;
-        float *abuf2 = (float *)(panel2 + (size_t)KC * PB), *mbuf2 = abuf2 + NRP * mc;
-#endif
-        for (int64_t m0 = 0; panel && m0 < M; m0 += mc) {
-            const int64_t m1 = m0 + mc < M ? m0 + mc : M;
-            for (int64_t tile = t0; tile < t1;) {
-                const int two = pair && tile + 1 < t1, step = two ? 2 : 1;
-                const int64_t n = tile * NRP;
-                const uint8_t *rp[NRP], *rp2[NRP];
-                int32_t off[NRP], off2[NRP];
-                const int nr = FN(tile_rows)(w, N, ldw, n, rp, off);
-                const int nr2 = two ? FN(tile_rows)(w, N, ldw, n + NRP, rp2, off2) : 0;
-#if VNNI
-                const vi_t idx = _mm512_loadu_si512(off);
-#else
-                const vi_t idx = _mm256_loadu_si256((const __m256i *)off);
-                const vi_t idx2 = two ? _mm256_loadu_si256((const __m256i *)off2) : idx;
-#endif
-                /* the tiled layout: the tile's group and, for an 8-row tile, its half */
-                const uint8_t *tw = w + (n >> 4) * 16 * ldw;
-                const int half = (int)((n >> 3) & 1) * (NRP == 8);
-                if (tl && M <= DIRECT_M) { /* AVX2: both 8-row halves of a group where this thread has them */
-                    const int halves = NRP == 8 && half == 0 && tile + 1 < t1 ? 2 : 1;
-                    for (int64_t i = m0; i < m1; i += 2)
-                        FN(run_tdirect)(type, (int)(m1 - i < 2 ? m1 - i : 2), halves, x + i * nb, nb, tw, half,
-                                        out + i * ldo + n, ldo, nr);
-                    tile += halves;
-                    continue;
-                }
-                if (M <= DIRECT_M) {
-                    for (int64_t i = m0; i < m1; i += 2)
-                        FN(run_direct)(type, (int)(m1 - i < 2 ? m1 - i : 2), x + i * nb, nb, rp, idx, ldw, out + i * ldo + n, ldo, nr);
-                    tile += step;
-                    continue;
-                }
-                for (int64_t kb = 0; kb < nb; kb += KC) {
-                    const int kc = (int)(nb - kb < KC ? nb - kb : KC);
-                    /* prefetch the next panels' weights: these tiles' next K chunk, else the next tiles' first */
-                    if (tl) {
-                        FN(tprefetch)(type, tw, kb + kc, nb);
-                    } else if (kb + kc < nb) {
-                        FN(prefetch_panel)(rp[0], off, nr, kb + kc, nb, tb, sup);
-                        if (two) FN(prefetch_panel)(rp2[0], off2, nr2, kb + kc, nb, tb, sup);
-                    } else {
-                        for (int64_t next = tile + step; next < t1 && next < tile + 2 * step; next++) {
-                            const uint8_t *nrp[NRP];
-                            int32_t noff[NRP];
-                            const int nnr = FN(tile_rows)(w, N, ldw, next * NRP, nrp, noff);
-                            FN(prefetch_panel)(nrp[0], noff, nnr, 0, nb, tb, sup);
-                        }
-                    }
-                    if (tl) FN(tunpack)(type, tw, nb, half, kb, kc, panel);
-                    else FN(unpack)(type, rp, idx, kb, kc, panel);
-#if !VNNI
-                    if (two) {
-                        if (tl) /* the pair's second tile: the next 8 rows */
-                            FN(tunpack)(type, w + ((n + NRP) >> 4) * 16 * ldw, nb, (int)(((n + NRP) >> 3) & 1), kb, kc,
-                                        panel2);
-                        else FN(unpack)(type, rp2, idx2, kb, kc, panel2);
-                        const int nrs[2] = {nr, nr2};
-                        for (int64_t i = m0; i < m1; i += 4) {
-                            const int mr = (int)(m1 - i < 4 ? m1 - i : 4);
-                            float *ab[2] = {abuf + (i - m0) * NRP, abuf2 + (i - m0) * NRP};
-                            float *mb[2] = {mbuf + (i - m0) * NRP, mbuf2 + (i - m0) * NRP};
-                            float *o[2] = {out + i * ldo + n, out + i * ldo + n + NRP};
-                            FN(run_kern2)(type, mr, x + i * nb + kb, nb, kc, panel, panel2, ab, mb, kb == 0,
-                                          kb + kc == nb, o, ldo, nrs);
-                        }
-                        continue;
-                    }
-#endif
-                    for (int64_t i = m0; i < m1; i += MR) {
-                        const int mr = (int)(m1 - i < MR ? m1 - i : MR);
-                        FN(run_kern)(type, mr, x + i * nb + kb, nb, kc, panel, abuf + (i - m0) * NRP, mbuf + (i - m0) * NRP,
-                                     kb == 0, kb + kc == nb, out + i * ldo + n, ldo, nr);
-                    }
-                }
-                tile += step;
-            }
-        }
+    if (nthreads <= 1) {
+        failed = FN(matmul_share)(type, tl, x, M, nb, w, N, ldw, out, ldo, mc, pair, amx, xa, 0, 1);
+    } else {
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+        failed |= FN(matmul_share)(type, tl, x, M, nb, w, N, ldw, out, ldo, mc, pair, amx, xa, omp_get_thread_num(),
+                                   omp_get_num_threads());
     }
     return failed ? -2 : 0;
 }
 
+/* one row of nb blocks */
+static __attribute__((unused)) void FN(quantize_row)(const float *x, int64_t nb, xblock *out) {
+    for (int64_t b = 0; b < nb; b++) {
+        const float *src = x + 32 * b;
+        xblock *dst = out + b;
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(src + 8 * k);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[k]));
+        }
+        __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
+        a4 = _mm_max_ss(a4, _mm_shuffle_ps(a4, a4, 1));
+        const float d = _mm_cvtss_f32(a4) / 127.0f;
+        memset(dst, 0, sizeof *dst);
+        dst->d = d;
+        if (d == 0.0f) continue;
+        const __m256 vd = _mm256_set1_ps(d);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) q[k] = _mm256_cvtps_epi32(_mm256_div_ps(v[k], vd));
+        /* int32 -> int8 codes in order; the sums of the first and of all 16 int32 codes */
+        __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);
+        __m256i p = _mm256_packs_epi16(p01, p23);
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)dst->q, p);
+        const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        const __m256i sl = _mm256_add_epi32(q[0], q[1]);
+        __m128i a = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        __m128i c = _mm_add_epi32(_mm256_castsi256_si128(sl), _mm256_extracti128_si256(sl, 1));
+        a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4e));
+        c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0x4e));
+        a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0xb1));
+        c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0xb1));
+        dst->sx = _mm_cvtsi128_si32(a);
+        dst->sxl = _mm_cvtsi128_si32(c);
+        dst->ds = d * (float)dst->sx;
+    }
+}
+
+/* Not one OpenMP region for a decode step's row: even a region of one thread costs 0.4-0.9 us
+ * (FN(matmul_share)). */
 static __attribute__((unused)) void FN(quantize)(const float *x, int64_t M, int64_t K, int64_t ldx, xblock *out, int nthreads) {
     const int64_t nb = K / 32;
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M * K >= 65536) schedule(static)
-    for (int64_t m = 0; m < M; m++) {
-        for (int64_t b = 0; b < nb; b++) {
-            const float *src = x + m * ldx + 32 * b;
-            xblock *dst = out + m * nb + b;
-            const __m256 sign = _mm256_set1_ps(-0.0f);
-            __m256 v[4], amax = _mm256_setzero_ps();
-            for (int k = 0; k < 4; k++) {
-                v[k] = _mm256_loadu_ps(src + 8 * k);
-                amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[k]));
-            }
-            __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-            a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
-            a4 = _mm_max_ss(a4, _mm_shuffle_ps(a4, a4, 1));
-            const float d = _mm_cvtss_f32(a4) / 127.0f;
-            memset(dst, 0, sizeof *dst);
-            dst->d = d;
-            if (d == 0.0f) continue;
-            const __m256 vd = _mm256_set1_ps(d);
-            __m256i q[4];
-            for (int k = 0; k < 4; k++) q[k] = _mm256_cvtps_epi32(_mm256_div_ps(v[k], vd));
-            /* int32 -> int8 codes in order; the sums of the first and of all 16 int32 codes */
-            __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);
-            __m256i p = _mm256_packs_epi16(p01, p23);
-            p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            _mm256_storeu_si256((__m256i *)dst->q, p);
-            const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-            const __m256i sl = _mm256_add_epi32(q[0], q[1]);
-            __m128i a = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-            __m128i c = _mm_add_epi32(_mm256_castsi256_si128(sl), _mm256_extracti128_si256(sl, 1));
-            a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4e));
-            c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0x4e));
-            a = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0xb1));
-            c = _mm_add_epi32(c, _mm_shuffle_epi32(c, 0xb1));
-            dst->sx = _mm_cvtsi128_si32(a);
-            dst->sxl = _mm_cvtsi128_si32(c);
-            dst->ds = d * (float)dst->sx;
-        }
+    if (nthreads > 1 && M * K >= 65536) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t m = 0; m < M; m++) FN(quantize_row)(x + m * ldx, nb, out + m * nb);
+    } else {
+        for (int64_t m = 0; m < M; m++) FN(quantize_row)(x + m * ldx, nb, out + m * nb);
     }
 }
 
