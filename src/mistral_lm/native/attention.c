@@ -406,37 +406,53 @@ T512 static void group_scores_kvh_512(const float *const *q, int R, const void *
     group_scores512_k(q, R, k, ks, idx, n, D, scale, s, 2);
 }
 
+/* Outputs [d, d + 16 NC) of each of R queries (NC 16-lane registers each, the last one masked
+ * by mk[NC - 1]), keys in order. NC is a constant: a share of 32 lanes (the fused step's split)
+ * does no work for the absent upper half. */
+T512 static inline __attribute__((always_inline)) void group_weighted_d(const float *const *p, const float *sums,
+                                                                       const int R, const int NC, const void *v,
+                                                                       int64_t vs, const int32_t *idx, int64_t n,
+                                                                       int64_t D, int64_t d, const __mmask16 *mk,
+                                                                       float *const *out, const int K16) {
+    __m512 a[GROUP_Q][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; c++) a[r][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        const char *vr = (const char *)v + (idx[j] * vs + d) * (K16 ? 2 : 4);
+        prefetch_value(v, vs, idx, j, n, d, (D - d < 64 ? D - d : 64) * (K16 ? 2 : 4), K16 ? 2 : 4);
+        __m512 x[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; c++)
+            x[c] = K16 ? load16x16((const uint16_t *)vr + 16 * c, mk[c], K16)
+                       : _mm512_maskz_loadu_ps(mk[c], (const float *)vr + 16 * c);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const __m512 pj = _mm512_set1_ps(p[r][j]);
+#pragma GCC unroll 4
+            for (int c = 0; c < NC; c++) a[r][c] = _mm512_fmadd_ps(pj, x[c], a[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const __m512 vs_ = _mm512_set1_ps(sums[r]);
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; c++) _mm512_mask_storeu_ps(out[r] + d + 16 * c, mk[c], _mm512_div_ps(a[r][c], vs_));
+    }
+}
+
 T512 static inline __attribute__((always_inline)) void group_weighted_r(const float *const *p, const float *sums,
                                                                        const int R, const void *v, int64_t vs,
                                                                        const int32_t *idx, int64_t n, int64_t D,
                                                                        float *const *out, const int K16) {
-    for (int64_t d = 0; d < D; d += 64) { /* 64 outputs of each query in four registers, keys in order */
+    for (int64_t d = 0; d < D; d += 64) { /* up to 64 outputs of each query in four registers */
         const __mmask16 mk[4] = {tail16(D - d), D - d > 16 ? tail16(D - d - 16) : 0,
                                  D - d > 32 ? tail16(D - d - 32) : 0, D - d > 48 ? tail16(D - d - 48) : 0};
-        __m512 a[GROUP_Q][4];
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-            for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n; j++) {
-            const char *vr = (const char *)v + (idx[j] * vs + d) * (K16 ? 2 : 4);
-            prefetch_value(v, vs, idx, j, n, d, (D - d < 64 ? D - d : 64) * (K16 ? 2 : 4), K16 ? 2 : 4);
-            __m512 x[4];
-#pragma GCC unroll 4
-            for (int c = 0; c < 4; c++)
-                x[c] = K16 ? load16x16((const uint16_t *)vr + 16 * c, mk[c], K16)
-                           : _mm512_maskz_loadu_ps(mk[c], (const float *)vr + 16 * c);
-#pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                const __m512 pj = _mm512_set1_ps(p[r][j]);
-#pragma GCC unroll 4
-                for (int c = 0; c < 4; c++) a[r][c] = _mm512_fmadd_ps(pj, x[c], a[r][c]);
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            const __m512 vs_ = _mm512_set1_ps(sums[r]);
-#pragma GCC unroll 4
-            for (int c = 0; c < 4; c++) _mm512_mask_storeu_ps(out[r] + d + 16 * c, mk[c], _mm512_div_ps(a[r][c], vs_));
+        switch (D - d > 48 ? 4 : (int)((D - d + 15) / 16)) {
+        case 1: group_weighted_d(p, sums, R, 1, v, vs, idx, n, D, d, mk, out, K16); break;
+        case 2: group_weighted_d(p, sums, R, 2, v, vs, idx, n, D, d, mk, out, K16); break;
+        case 3: group_weighted_d(p, sums, R, 3, v, vs, idx, n, D, d, mk, out, K16); break;
+        default: group_weighted_d(p, sums, R, 4, v, vs, idx, n, D, d, mk, out, K16); break;
         }
     }
 }
