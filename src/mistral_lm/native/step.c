@@ -251,7 +251,7 @@ static void rope_heads(const void *raw, const int64_t *order, int64_t N, int64_t
         for (int64_t j = 0; j < D; j++) tmp[j] = load(raw, m * N + (order ? order[h * D + j] : h * D + j), bf16);
         for (int64_t j = 0; j < D; j++) {
             const float a = tmp[j] * c[j];
-            const float b = tmp[(j + half) % D] * s[j];
+            const float b = tmp[j < half ? j + half : j - half] * s[j]; /* (j + half) mod D, no division */
             store(y, m * N + h * D + j, a + b, bf16);
         }
     }
