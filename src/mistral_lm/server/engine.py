@@ -497,8 +497,10 @@ class Engine:
         for row, choice in enumerate(self._rows):
             groups.setdefault(choice.submission, []).append(row)
         for s, rows in groups.items():
+            # a request's rows are usually adjacent: a view of them, not a (rows, V) copy
+            mine = logits[rows[0]:rows[-1] + 1] if rows[-1] - rows[0] + 1 == len(rows) else logits[rows]
             try:
-                picks, entries = self._pick(s, logits[rows], [self._rows[row] for row in rows])
+                picks, entries = self._pick(s, mine, [self._rows[row] for row in rows])
             except GenerationError as exc:
                 self._fail_one(s, exc)
                 continue
