@@ -220,6 +220,29 @@ def test_a_changed_module_or_weight_is_seen(model, calls, monkeypatch):
     assert torch.equal(after, decode(model, ids, mask, 2))
 
 
+def test_the_final_norm_is_the_models_own(model, calls, monkeypatch):
+    """step.c applies the model's final norm too: a hook on it takes the modules (and runs), and
+    a changed epsilon or weight is what the next step applies."""
+    ids, mask = prompts(2, 8)
+    norm = model.model.norm
+    seen = []
+    handle = norm.register_forward_hook(lambda *args: seen.append(1))
+    hooked = decode(model, ids, mask, 2)
+    assert not calls and len(seen) == 3
+    handle.remove()
+    assert torch.equal(hooked, decode(model, ids, mask, 2)) and len(calls) == 2
+    norm.variance_epsilon = 0.5  # large enough to move every logit
+    other_eps = decode(model, ids, mask, 2)
+    original = norm.weight.detach().clone()
+    norm.weight.data = original * torch.linspace(0.5, 1.5, norm.weight.numel())  # new storage
+    other_weight = decode(model, ids, mask, 2)
+    assert len(calls) == 6 and not torch.equal(other_eps, hooked) and not torch.equal(other_weight, other_eps)
+    modules_only(monkeypatch)
+    assert torch.equal(other_weight, decode(model, ids, mask, 2))
+    norm.weight.data = original.clone()
+    assert torch.equal(other_eps, decode(model, ids, mask, 2))
+
+
 def test_other_models_never_take_it(calls):
     from .conftest import tiny_config
 

@@ -7,8 +7,9 @@ runs the same kernels in the same order from a C loop, so its hidden states equa
 path's bit for bit, and the module path stays the definition (tests compare the two).
 
 `decode_layers` takes a step only when the modules would compute exactly what step.c does:
-- every layer is the stock decoder layer, its norms `MistralRMSNorm`s on the CPU, its activation
-  SiLU, and its seven projections, without bias, one of:
+- every layer is the stock decoder layer, its norms (and the model's final norm, which step.c
+  applies too) `MistralRMSNorm`s on the CPU, its activation SiLU, and its seven projections,
+  without bias, one of:
   float32 activations: `GGUFBlockLinear`s (q8 activations, as llama.cpp);
   bfloat16 activations: `MatvecLinear`s with bfloat16 weights (dense.c below
   `MatvecLinear.native_max_rows` rows), `Int8Linear`s computing in bfloat16 (dense.c, likewise)
@@ -149,6 +150,7 @@ class _Table(_Links):
     scale: float
     bf16: bool  # the activation type: bfloat16, else float32
     max_rows: int  # the most rows the modules run on the kernels step.c calls
+    norm: tuple[int, float]  # the final norm's weight (its address) and epsilon: step.c applies it too
     cache_arrays: tuple[list, Any, Any] | None = None  # the last cache buffers and their pointer arrays
 
     def current(self) -> bool:
@@ -156,7 +158,10 @@ class _Table(_Links):
 
 
 def _links(decoder: Any, parts: list[torch.nn.Module]) -> list[tuple[dict, str, Any]]:
-    links: list[tuple[dict, str, Any]] = [(decoder._modules, "layers", decoder.layers)]
+    norm = decoder._modules.get("norm")
+    links: list[tuple[dict, str, Any]] = [(decoder._modules, "layers", decoder.layers), (decoder._modules, "norm", norm),
+                                          (norm._parameters, "weight", norm.weight),
+                                          (norm.__dict__, "variance_epsilon", norm.variance_epsilon)]
     links += [(decoder.layers._modules, key, layer) for key, layer in decoder.layers._modules.items()]
     for i in range(0, len(parts), 12):
         layer, attn, mlp, ln1, ln2, *lins = parts[i:i + 12]
@@ -225,16 +230,18 @@ def _build(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
     if d % 2 or c % 32 or hd % 32:
         return None
     entries, pointed, max_rows = [], [], 1 << 30
+    final = decoder._modules.get("norm")
+    parts_and_final = [*parts, final]
+    if type(final) is not stock[3] or not _norm_ok(final.weight, bf16, c):
+        return None
     for i in range(0, len(parts), 12):
         layer, attn, mlp, ln1, ln2, *lins = parts[i:i + 12]
         if mlp.act_fn is not F.silu or attn.scaling != parts[1].scaling or (
                 attn.num_heads, attn.num_kv_heads, attn.head_dim) != (cfg.num_attention_heads,
                                                                       cfg.num_key_value_heads, d):
             return None
-        for norm in (ln1, ln2):
-            w = norm.weight
-            if w.dtype != _ACTIVATION[bf16] or not w.is_cpu or w.shape != (c,) or not w.is_contiguous():
-                return None
+        if not (_norm_ok(ln1.weight, bf16, c) and _norm_ok(ln2.weight, bf16, c)):
+            return None
         shapes = [(lin.out_features, lin.in_features) for lin in lins]
         if shapes != [(hd, c), (kd, c), (kd, c), (c, hd), (f, c), (f, c), (c, f)]:
             return None
@@ -252,9 +259,16 @@ def _build(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
         return None
     dims = (c, cfg.num_attention_heads, cfg.num_key_value_heads, d, f, len(entries))
     dicts, keys, values = zip(*_links(decoder, parts))
-    hooks = tuple(d for p in parts for d in (p._forward_hooks, p._forward_pre_hooks))
+    pointed.append(final.weight)
+    hooks = tuple(d for p in parts_and_final for d in (p._forward_hooks, p._forward_pre_hooks))
     return _Table(dicts, keys, values, hooks, tuple(parts[1::12]), tuple(pointed), tuple(t.data_ptr() for t in pointed),
-                  (native_step.Layer * len(entries))(*entries), dims, float(parts[1].scaling), bf16, max_rows)
+                  (native_step.Layer * len(entries))(*entries), dims, float(parts[1].scaling), bf16, max_rows,
+                  (final.weight.data_ptr(), float(final.variance_epsilon)))
+
+
+def _norm_ok(w: torch.Tensor, bf16: bool, c: int) -> bool:
+    """An RMSNorm weight step.c reads: (C,) contiguous on the CPU, in the activation type."""
+    return w.dtype == _ACTIVATION[bf16] and w.is_cpu and w.shape == (c,) and w.is_contiguous()
 
 
 def _may_qualify(decoder: Any) -> bool:
@@ -333,7 +347,7 @@ def _cache_arrays(table: _Table, cache: KVCache, plan: CachePlan) -> tuple[Any, 
 
 def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | None,
                   stock: tuple[type, type, type, type]) -> torch.Tensor | None:
-    """h (B, 1, C) after every layer (before the final norm), by step.c; None where the modules
+    """h (B, 1, C) after every layer and the final norm, by step.c; None where the modules
     must run (see the module docstring). `stock` names the module classes step.c computes
     (decoder layer, attention, MLP, RMSNorm): a subclass may compute something else. The
     cache's slot is written as `update` would."""
@@ -357,12 +371,13 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
         return None
     keys, values, stride, kv16 = arrays
     x = h.reshape(b, c).contiguous().clone()  # the input may be the caller's inputs_embeds
+    normed = torch.empty_like(x)
     cos, sin = step.cos.reshape(b, d).contiguous(), step.sin.reshape(b, d).contiguous()
     run = native_step.Step(b, c, heads, kv_heads, d, f, int(table.bf16), int(kv16), table.scale, cos.data_ptr(),
                            sin.data_ptr(),
                            mask.data_ptr(), (ctypes.c_int64 * 2)(mask.stride(0), mask.stride(3)), plan.used,
                            int(plan.write_slots[0]), ctypes.cast(keys, ctypes.c_void_p),
                            ctypes.cast(values, ctypes.c_void_p), (ctypes.c_int64 * 3)(stride[0], stride[1], stride[2]),
-                           torch.get_num_threads())
+                           torch.get_num_threads(), 0, 0, table.norm[0], table.norm[1], normed.data_ptr())
     threads_of(decoder).waited = native_step.decode_layers(table.layers, layers, run, x)
-    return x.view(b, 1, c)
+    return normed.view(b, 1, c)

@@ -291,8 +291,8 @@ class MistralModel(MistralPreTrainedModel):
         if hidden is None and attentions is None:
             # all layers in one native call, computing the same bits as the modules below
             fused = fused_step.decode_layers(self, h, step, cache, _STOCK_LAYER)
-            if fused is not None:
-                return self.norm(fused)
+            if fused is not None:  # the final norm included
+                return fused
         every = self.gradient_checkpointing["every_n_layers"] if cache is None and self._checkpointing() else 0
         # fusion.py: the fused projections that are exact right now, validated once for the step
         compiling = torch.compiler.is_compiling()

@@ -116,6 +116,10 @@ typedef struct {
     int nthreads;
     int64_t waited_ns, wall_ns;      /* out: ns the threads waited for a CPU (summed; -1: unknown, or one
                                         thread) and the step's ns */
+    const void *norm;                /* the model's final RMSNorm weight (C,) in the activation type, or
+                                        NULL: then x is left as the last layer wrote it */
+    float norm_eps;
+    void *normed;                    /* (M, C) out: rmsnorm(x), where norm is given */
 } Step;
 
 /* The step's barrier. libgomp's own sleeps almost at once as soon as its process has more OpenMP
@@ -478,6 +482,8 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
     }
     st->wall_ns = now_ns() - start;
     st->waited_ns = atomic_load(&unknown) ? -1 : atomic_load(&waited_ns);
+    if (rc == 0 && st->norm != NULL) /* the final norm: one call fewer from Python a token */
+        ew->rmsnorm(x, M, C, C, st->norm, st->norm_eps, st->normed, 1);
     free(buf);
     free(own);
     free(scores);

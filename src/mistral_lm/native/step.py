@@ -46,7 +46,8 @@ class Step(ctypes.Structure):
     _fields_ = [("M", _i64), ("C", _i64), ("H", _i64), ("Hkv", _i64), ("D", _i64), ("F", _i64), ("bf16", _i64),
                 ("kv16", _i64), ("scale", _f32), ("cos", _ptr), ("sin", _ptr), ("mask", _ptr), ("mask_s", _i64 * 2),
                 ("used", _i64), ("slot", _i64), ("keys", _ptr), ("values", _ptr), ("cache_s", _i64 * 3),
-                ("nthreads", ctypes.c_int), ("waited_ns", _i64), ("wall_ns", _i64)]
+                ("nthreads", ctypes.c_int), ("waited_ns", _i64), ("wall_ns", _i64), ("norm", _ptr), ("norm_eps", _f32),
+                ("normed", _ptr)]
 
 
 def _address(lib: ctypes.CDLL | None, name: str) -> int | None:
