@@ -359,7 +359,7 @@ class MistralModel(MistralPreTrainedModel):
             input_ids = input_ids[None]
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise InputError(f"input_ids must be (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise InputError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")

@@ -347,8 +347,10 @@ def dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int,
         return decoded if out is None else out.copy_(decoded)
     if rows is not None:
         rows = rows.reshape(-1).to(torch.int64).contiguous()
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= blocks.shape[0]):
-            raise InputError(f"row index out of range for {blocks.shape[0]} rows")
+        if rows.numel():
+            lo, hi = torch.aminmax(rows)  # one reduction: a decode step's lookup pays it every token
+            if int(lo) < 0 or int(hi) >= blocks.shape[0]:
+                raise InputError(f"row index out of range for {blocks.shape[0]} rows")
     n = blocks.shape[0] if rows is None else rows.numel()
     if out is None:
         out = torch.empty(n, in_features, dtype=torch.float32)
