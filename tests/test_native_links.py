@@ -55,7 +55,8 @@ def test_an_absent_key_is_none_and_a_present_none_is_none():
     assert not links.current((d, d), ("bias", "weight"), (None, None))
 
 
-def test_unequal_lengths_are_refused():
+@pytest.mark.parametrize("check", [links.current, links.reference_current], ids=["current", "definition"])
+def test_unequal_lengths_are_refused(check):
     d = {"a": 1}
     with pytest.raises(TypeError, match="one length"):
-        links.current((d, d), ("a",), (1,))
+        check((d, d), ("a",), (1,))

@@ -26,10 +26,15 @@ def _lib() -> Any:
     return lib
 
 
+def _refuse() -> None:
+    raise TypeError("links must be three tuples of one length")
+
+
 def reference_current(dicts: tuple[dict, ...], keys: tuple[Any, ...], values: tuple[Any, ...]) -> bool:
     """The definition."""
-    return len(dicts) == len(keys) == len(values) and all(
-        map(operator.is_, map(dict.get, dicts, keys), values))
+    if not len(dicts) == len(keys) == len(values):
+        _refuse()
+    return all(map(operator.is_, map(dict.get, dicts, keys), values))
 
 
 def current(dicts: tuple[dict, ...], keys: tuple[Any, ...], values: tuple[Any, ...]) -> bool:
@@ -38,5 +43,5 @@ def current(dicts: tuple[dict, ...], keys: tuple[Any, ...], values: tuple[Any, .
         return reference_current(dicts, keys, values)
     done = lib.mlm_links_current(dicts, keys, values, None)
     if done < 0:
-        raise TypeError("links must be three tuples of one length")
+        _refuse()
     return bool(done)
