@@ -4,6 +4,7 @@
     python bench/bench_perf.py --quick --engines ours-fp32,hf-bf16     # smoke run
     python bench/bench_perf.py --llama-python /path/to/venv/bin/python  # where llama-cpp-python lives
     python bench/bench_perf.py --baseline /tmp/old --engines ours-bf16    # before/after a change, one run
+    python bench/bench_perf.py --prompt 12 --new 256   # a short context's decode (default: 512 and 128)
 
 The model is SmolLM2-135M-Instruct (Q4_1 GGUF), batch 1, 2 threads. Every run is a fresh worker
 subprocess, so load time and peak RSS belong to that engine alone; runs are interleaved across
@@ -435,6 +436,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=None, help="fresh processes per engine (default 5; 1 with --quick)")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of: {','.join(ENGINES)}")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 run, prompt 64, 16 new tokens")
+    parser.add_argument("--prompt", type=int, default=None,
+                        help="prompt tokens (default 512; 64 with --quick): e.g. 12 for a short context's decode")
+    parser.add_argument("--new", type=int, default=None, help="new tokens (default 128; 16 with --quick)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                         help="folder for RESULTS.md and perf.png (default: bench/)")
     parser.add_argument("--llama-python", default=None,
@@ -450,6 +454,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return args
     args.runs = args.runs if args.runs is not None else (1 if args.quick else 5)
     args.prompt_len, args.new_tokens = (64, 16) if args.quick else (512, 128)
+    args.prompt_len = args.prompt if args.prompt is not None else args.prompt_len
+    args.new_tokens = args.new if args.new is not None else args.new_tokens
+    if args.prompt_len < 1 or args.new_tokens < 1:
+        parser.error("--prompt and --new must be >= 1")
     args.engine_list = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = [e for e in args.engine_list if e not in ENGINES]
     if unknown or args.runs < 1:

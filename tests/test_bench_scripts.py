@@ -24,3 +24,14 @@ def test_the_charts_are_skipped_without_matplotlib(monkeypatch, tmp_path):
     assert perf.write_chart({"ours": {"decode_tok_s": 1.0, "prefill_tok_s": 2.0}}, tmp_path, "test") is None
     assert scale.write_chart({}, "test") is None
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_perf_takes_a_prompt_and_a_token_count():
+    import pytest
+
+    perf = _load("bench_perf")
+    args = perf.parse_args(["--prompt", "12", "--new", "256", "--engines", "ours-gguf-q4_1"])
+    assert (args.prompt_len, args.new_tokens) == (12, 256)
+    assert (perf.parse_args(["--quick"]).prompt_len, perf.parse_args([]).new_tokens) == (64, 128)
+    with pytest.raises(SystemExit):
+        perf.parse_args(["--prompt", "0"])
