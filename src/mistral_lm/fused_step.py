@@ -231,7 +231,6 @@ def _build(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
         return None
     entries, pointed, max_rows = [], [], 1 << 30
     final = decoder._modules.get("norm")
-    parts_and_final = [*parts, final]
     if type(final) is not stock[3] or not _norm_ok(final.weight, bf16, c):
         return None
     for i in range(0, len(parts), 12):
@@ -260,7 +259,7 @@ def _build(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | None:
     dims = (c, cfg.num_attention_heads, cfg.num_key_value_heads, d, f, len(entries))
     dicts, keys, values = zip(*_links(decoder, parts))
     pointed.append(final.weight)
-    hooks = tuple(d for p in parts_and_final for d in (p._forward_hooks, p._forward_pre_hooks))
+    hooks = tuple(d for p in (*parts, final) for d in (p._forward_hooks, p._forward_pre_hooks))
     return _Table(dicts, keys, values, hooks, tuple(parts[1::12]), tuple(pointed), tuple(t.data_ptr() for t in pointed),
                   (native_step.Layer * len(entries))(*entries), dims, float(parts[1].scaling), bf16, max_rows,
                   (final.weight.data_ptr(), float(final.variance_epsilon)))

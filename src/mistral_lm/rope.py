@@ -66,18 +66,15 @@ def step_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
     """(cos, signed sin) tables for `positions` (B, T): `cos_sin` and `signed_sin`, read for CPU
     positions from rows cached per (head_dim, theta), so a decode step looks its rows up instead
     of computing a dozen small tensors; the same bits."""
-    if positions.device.type != "cpu" or torch.compiler.is_compiling() or not positions.numel():
-        cos, sin = cos_sin(positions, inv_frequencies(head_dim, theta, positions.device))
-        return cos, signed_sin(sin)
-    lo, hi = torch.aminmax(positions)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= _TABLE_LIMIT:
-        cos, sin = cos_sin(positions, inv_frequencies(head_dim, theta))
-        return cos, signed_sin(sin)
-    table = _TABLES.get((head_dim, theta))
-    if table is None or table[0].shape[0] <= hi:
-        table = _grown(head_dim, theta, hi + 1)
-    return table[0][positions], table[1][positions]
+    if positions.device.type == "cpu" and not torch.compiler.is_compiling() and positions.numel():
+        lo, hi = (int(v) for v in torch.aminmax(positions))
+        if lo >= 0 and hi < _TABLE_LIMIT:
+            table = _TABLES.get((head_dim, theta))
+            if table is None or table[0].shape[0] <= hi:
+                table = _grown(head_dim, theta, hi + 1)
+            return table[0][positions], table[1][positions]
+    cos, sin = cos_sin(positions, inv_frequencies(head_dim, theta, positions.device))
+    return cos, signed_sin(sin)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:

@@ -196,29 +196,37 @@ static int matmul_scalar(int type, const xblock *x, int64_t M, int64_t nb, const
     return failed ? -2 : 0;
 }
 
+/* one row of nb blocks */
+static void quantize_row_scalar(const float *x, int64_t nb, xblock *out) {
+    for (int64_t b = 0; b < nb; b++) {
+        const float *src = x + 32 * b;
+        xblock *dst = out + b;
+        float amax = 0.0f;
+        for (int e = 0; e < 32; e++) amax = fmaxf(amax, fabsf(src[e]));
+        const float d = amax / 127.0f;
+        memset(dst, 0, sizeof *dst);
+        dst->d = d;
+        if (d == 0.0f) continue;
+        int sl = 0, sx = 0;
+        for (int e = 0; e < 32; e++) {
+            dst->q[e] = (int8_t)nearbyintf(src[e] / d);
+            sx += dst->q[e];
+            if (e == 15) sl = sx;
+        }
+        dst->sx = sx;
+        dst->sxl = sl;
+        dst->ds = d * (float)sx;
+    }
+}
+
+/* As ggml_tile.h's quantize: rows it does not split run without an OpenMP region. */
 static void quantize_scalar(const float *x, int64_t M, int64_t K, int64_t ldx, xblock *out, int nthreads) {
     const int64_t nb = K / 32;
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && M * K >= 65536) schedule(static)
-    for (int64_t m = 0; m < M; m++) {
-        for (int64_t b = 0; b < nb; b++) {
-            const float *src = x + m * ldx + 32 * b;
-            xblock *dst = out + m * nb + b;
-            float amax = 0.0f;
-            for (int e = 0; e < 32; e++) amax = fmaxf(amax, fabsf(src[e]));
-            const float d = amax / 127.0f;
-            memset(dst, 0, sizeof *dst);
-            dst->d = d;
-            if (d == 0.0f) continue;
-            int sl = 0, sx = 0;
-            for (int e = 0; e < 32; e++) {
-                dst->q[e] = (int8_t)nearbyintf(src[e] / d);
-                sx += dst->q[e];
-                if (e == 15) sl = sx;
-            }
-            dst->sx = sx;
-            dst->sxl = sl;
-            dst->ds = d * (float)sx;
-        }
+    if (nthreads > 1 && M * K >= 65536) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t m = 0; m < M; m++) quantize_row_scalar(x + m * ldx, nb, out + m * nb);
+    } else {
+        for (int64_t m = 0; m < M; m++) quantize_row_scalar(x + m * ldx, nb, out + m * nb);
     }
 }
 
