@@ -31,12 +31,13 @@ def model() -> MistralForCausalLM:
 
 @pytest.fixture
 def calls(monkeypatch) -> list[int]:
-    """How many steps the fused path ran."""
+    """The steps the fused path ran, each as its tokens per row: 1 for a decode step, T for a
+    prompt's chunk of T tokens."""
     seen: list[int] = []
     run = native_step.decode_layers
 
     def counted(*args):
-        seen.append(1)
+        seen.append(args[2].T)
         return run(*args)
 
     monkeypatch.setattr(native_step, "decode_layers", counted)
@@ -78,7 +79,7 @@ def test_fused_step_equals_the_modules_bitwise(kv_cache_dtype, calls, monkeypatc
     assert model.make_cache(1).keys[0].dtype == (kv_cache_dtype or torch.float16)
     ids, mask = prompts()
     fused = decode(model, ids, mask, 12)
-    assert len(calls) == 12  # every decode step took the fused path
+    assert calls == [12] + [1] * 12  # the prompt's chunk and every decode step took the fused path
     modules_only(monkeypatch)
     assert torch.equal(fused, decode(model, ids, mask, 12))
 
@@ -87,7 +88,7 @@ def test_a_wrapping_window_and_one_thread_change_nothing(model, calls, monkeypat
     model.config.sliding_window = 8  # a rolling cache of 8 slots, wrapped three times over
     ids, mask = prompts(2, 6)
     fused = decode(model, ids, mask, 24)
-    assert len(calls) == 24 and model.make_cache(1).rolling
+    assert calls == [1] * 24 and model.make_cache(1).rolling  # a rolling cache's chunk: the modules
     with torch_threads(1):
         assert torch.equal(fused, decode(model, ids, mask, 24))
     modules_only(monkeypatch)
@@ -102,9 +103,54 @@ def test_any_thread_count_gives_the_modules_bits(model, calls, monkeypatch, thre
     ids, mask = prompts(4, 10)
     with torch_threads(threads):
         fused = decode(model, ids, mask, 6)
-    assert len(calls) == 6
+    assert calls == [10] + [1] * 6
     modules_only(monkeypatch)
     assert torch.equal(fused, decode(model, ids, mask, 6))
+
+
+def read_prompt(model, ids: torch.Tensor, mask: torch.Tensor, chunk: int) -> tuple[torch.Tensor, list, list]:
+    """Every position's logits of prompts read in chunks of `chunk` tokens, and the cache's keys
+    and values after them."""
+    with torch.inference_mode():
+        cache = model.make_cache(ids.shape[0], 64)
+        logits = [model(ids[:, s:s + chunk], attention_mask=mask[:, :s + chunk], past_key_values=cache,
+                        use_cache=True, logits_to_keep=0).logits for s in range(0, ids.shape[1], chunk)]
+    return torch.cat(logits, 1), [k.clone() for k in cache.keys], [v.clone() for v in cache.values]
+
+
+@pytest.mark.parametrize("kv_cache_dtype", [None, torch.bfloat16, torch.float32],
+                         ids=["float16_cache", "bf16_cache", "float32_cache"])
+def test_a_prompts_chunks_equal_the_modules_bitwise(kv_cache_dtype, calls, monkeypatch):
+    """A prompt's chunk of up to MAX_CHUNK_TOKENS tokens runs as one step of its tokens' rows,
+    each token attending the chunk's earlier ones through the cache: every position's logits and
+    the cache's keys and values equal the modules', for a first chunk (plain causal, no mask
+    given), chunks after it, left-padded rows, 1 and 3 threads."""
+    model = MistralForCausalLM.from_pretrained(PATH, gguf_native=True, kv_cache_dtype=kv_cache_dtype)
+    one = torch.randint(0, 2000, (1, 20))
+    cases = [(one, torch.ones_like(one), 20), (one, torch.ones_like(one), 7), (*prompts(3, 12), 5)]
+    fused = []
+    for ids, mask, chunk in cases:
+        for threads in (1, 3):
+            with torch_threads(threads):
+                fused.append(read_prompt(model, ids, mask, chunk))
+    assert calls == [20, 20, 7, 7, 6, 7, 7, 6] + [5, 5, 2] * 2
+    modules_only(monkeypatch)
+    for i, (ids, mask, chunk) in enumerate(cases):
+        modules = read_prompt(model, ids, mask, chunk)
+        for got in fused[2 * i: 2 * i + 2]:
+            assert torch.equal(got[0], modules[0])
+            assert all(torch.equal(a, b) for a, b in zip(got[1] + got[2], modules[1] + modules[2]))
+
+
+def test_longer_chunks_run_the_modules(model, calls, monkeypatch):
+    """Past MAX_CHUNK_TOKENS the modules read a chunk faster than the step (bench/RESULTS.md)."""
+    monkeypatch.setattr(fused_step, "MAX_CHUNK_TOKENS", 5)
+    ids, mask = prompts(1, 6)
+    decode(model, ids, mask, 2)
+    assert calls == [1, 1]
+    ids, mask = prompts(1, 5)
+    decode(model, ids, mask, 2)
+    assert calls == [1, 1, 5, 1, 1]
 
 
 def test_threads_step_down_while_the_machine_is_busy_and_come_back():
@@ -148,6 +194,8 @@ def test_a_step_that_waited_for_cpus_runs_the_next_on_fewer_threads(model, monke
 
     def recorded(layers, count, step, x):
         waited = run(layers, count, step, x)
+        if step.T > 1:  # the prompt's chunk: not a decode step, whose threads the policy picks
+            return waited
         seen.append((step.nthreads, waited))
         return 1.0 if len(seen) <= 2 else waited
 
@@ -187,7 +235,7 @@ def test_a_scratch_the_kernels_cannot_allocate_fails_the_step_with_memory_error(
                 Decoder(model)(logits.argmax(-1), mask.sum(1), cache)
         finally:
             lib.mlm_ggml_scratch_limit(old)
-    assert len(calls) == 1
+    assert calls == [6, 6, 1]
 
 
 def test_a_hook_or_per_layer_outputs_take_the_modules(model, calls):
@@ -197,12 +245,12 @@ def test_a_hook_or_per_layer_outputs_take_the_modules(model, calls):
     hooked = decode(model, ids, mask, 3)
     assert not calls and len(seen) == 4  # the prefill and every step ran the hooked module
     handle.remove()
-    assert torch.equal(hooked, decode(model, ids, mask, 3)) and len(calls) == 3
+    assert torch.equal(hooked, decode(model, ids, mask, 3)) and calls == [8, 1, 1, 1]
     with torch.inference_mode():
         cache = model.make_cache(1, 32)
         prefill(model, cache, ids, mask, 1024)
         out = model(ids[:, -1:], past_key_values=cache, output_hidden_states=True)
-    assert len(out.hidden_states) == model.config.num_hidden_layers + 1 and len(calls) == 3
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1 and calls == [8, 1, 1, 1, 8]
 
 
 def test_a_changed_module_or_weight_is_seen(model, calls, monkeypatch):
@@ -215,7 +263,7 @@ def test_a_changed_module_or_weight_is_seen(model, calls, monkeypatch):
     norm.weight.data = norm.weight.detach() * 1.5  # new storage under the same Parameter
     layers[3].mlp.up_proj.blocks.data = layers[4].mlp.up_proj.blocks.clone()  # and under the same buffer
     after = decode(model, ids, mask, 2)
-    assert len(calls) == 4 and not torch.equal(before, after)
+    assert calls == [8, 1, 1] * 2 and not torch.equal(before, after)
     modules_only(monkeypatch)
     assert torch.equal(after, decode(model, ids, mask, 2))
 
@@ -230,13 +278,13 @@ def test_the_final_norm_is_the_models_own(model, calls, monkeypatch):
     hooked = decode(model, ids, mask, 2)
     assert not calls and len(seen) == 3
     handle.remove()
-    assert torch.equal(hooked, decode(model, ids, mask, 2)) and len(calls) == 2
+    assert torch.equal(hooked, decode(model, ids, mask, 2)) and calls == [8, 1, 1]
     norm.variance_epsilon = 0.5  # large enough to move every logit
     other_eps = decode(model, ids, mask, 2)
     original = norm.weight.detach().clone()
     norm.weight.data = original * torch.linspace(0.5, 1.5, norm.weight.numel())  # new storage
     other_weight = decode(model, ids, mask, 2)
-    assert len(calls) == 6 and not torch.equal(other_eps, hooked) and not torch.equal(other_weight, other_eps)
+    assert calls == [8, 1, 1] * 3 and not torch.equal(other_eps, hooked) and not torch.equal(other_weight, other_eps)
     modules_only(monkeypatch)
     assert torch.equal(other_weight, decode(model, ids, mask, 2))
     norm.weight.data = original.clone()
@@ -274,11 +322,33 @@ def test_bfloat16_models_fused_step_equals_the_modules_bitwise(kind, calls, monk
         pytest.skip("the bfloat16 kernels could not be built here")
     ids, mask = prompts()
     fused = decode(model, ids, mask, 10)
-    assert len(calls) == 10 and fused.dtype == torch.bfloat16
+    # the 3 x 12 rows of the prompts' chunk: within NF4Linear's native rows, past dense.c's
+    chunked = kind in ("nf4", "fp4")
+    assert calls == [12] * chunked + [1] * 10 and fused.dtype == torch.bfloat16
     with torch_threads(1):
         assert torch.equal(fused, decode(model, ids, mask, 10))
     modules_only(monkeypatch)
     assert torch.equal(fused, decode(model, ids, mask, 10))
+
+
+@pytest.mark.parametrize("kind", ["bf16", "nf4"])
+def test_bfloat16_models_prompt_chunk_equals_the_modules_bitwise(kind, calls, monkeypatch):
+    """Under bfloat16 activations each (row, key/value head) item attends whole: a chunk's rows
+    attend after a barrier, once every row's keys are in the cache."""
+    model = bf16_model(kind)
+    kinds = {"bf16": {native_step.LIN_BF16}}.get(kind, {native_step.LIN_NF4})
+    if not native_step.available(True, frozenset(kinds)):
+        pytest.skip("the bfloat16 kernels could not be built here")
+    ids = torch.randint(0, 2000, (1, 7))
+    fused = [read_prompt(model, ids, torch.ones_like(ids), 7)]
+    with torch_threads(3):
+        fused.append(read_prompt(model, ids, torch.ones_like(ids), 7))
+    assert calls == [7, 7] and fused[0][0].dtype == torch.bfloat16
+    modules_only(monkeypatch)
+    modules = read_prompt(model, ids, torch.ones_like(ids), 7)
+    for got in fused:
+        assert torch.equal(got[0], modules[0])
+        assert all(torch.equal(a, b) for a, b in zip(got[1] + got[2], modules[1] + modules[2]))
 
 
 def test_more_rows_than_the_kernels_take_run_the_modules(calls):
@@ -324,5 +394,5 @@ def test_compile_is_skipped_where_the_fused_step_is_faster(model, calls):
     ids = torch.randint(0, 2000, (1, 8))
     with pytest.warns(RuntimeWarning, match="fused native step"):
         compiled = model.generate(ids, max_new_tokens=6, do_sample=False, compile=True)
-    assert len(calls) == 5
+    assert calls == [8] + [1] * 5
     assert torch.equal(compiled, model.generate(ids, max_new_tokens=6, do_sample=False))

@@ -159,10 +159,13 @@ class KVCache:
 
     def step_buffers(self, plan: CachePlan) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Every layer's key and value buffers, with at least `plan.size` slots, for a fused
-        decode step (fused_step.py) that writes its one token into slot `plan.write_slots[0]` of
-        each itself, as `update` does layer by layer, then attends slots `:plan.used`."""
-        if plan.mode is not StepMode.WRITE_THEN_READ or plan.write_slots.numel() != 1 or plan.keep_from:
-            raise GenerationError("step_buffers() serves single-token steps that write then read")
+        step (fused_step.py) that writes its T tokens into the consecutive slots from
+        `plan.write_slots[0]` of each itself, as `update` does layer by layer, then attends slots
+        `:plan.used`."""
+        slots = plan.write_slots
+        if plan.mode is not StepMode.WRITE_THEN_READ or plan.keep_from or (
+                slots.numel() > 1 and int(slots[-1]) - int(slots[0]) != slots.numel() - 1):
+            raise GenerationError("step_buffers() serves steps that write consecutive slots, then read")
         for layer in range(len(self.keys)):
             self._reserve(layer, plan.size)
         return self.keys, self.values

@@ -18,8 +18,10 @@ path's bit for bit, and the module path stays the definition (tests compare the 
 - no forward hook or pre-hook on any of them (nor a global one), no attention dropout in
   training, no autograd through a weight, no per-layer outputs asked for (hidden states,
   attentions);
-- one token per row, a cache step that writes one slot then reads (`StepMode.WRITE_THEN_READ`),
-  a CPU cache in the activation type, the native attention.
+- a cache step that writes then reads (`StepMode.WRITE_THEN_READ`): one token per row, or a
+  prompt's chunk of up to `MAX_CHUNK_TOKENS` tokens into consecutive slots of a cache without a
+  rolling window (a short prompt's prefill: its Python would cost more than its arithmetic); a
+  CPU cache in the activation type, the native attention.
 Anything else returns None and the modules run. The layer table (pointers to weights and norms)
 is built once per decoder and checked against the modules at every step, so swapping a module,
 wrapping it (peft), hooking it or re-pointing a weight's storage (`.data =`, a fusion released)
@@ -344,39 +346,58 @@ def _cache_arrays(table: _Table, cache: KVCache, plan: CachePlan) -> tuple[Any, 
     return key_ptrs, value_ptrs, stride, kv16
 
 
+MAX_CHUNK_TOKENS = 128  # the longest chunk a step reads; the modules read longer ones faster (bench/RESULTS.md)
+
+
+def _chunk_mask(plan: CachePlan, mask: torch.Tensor | None, t: int) -> torch.Tensor | None:
+    """The (B or 1, 1, T, used) mask step.c reads: the step's own, or for a first chunk left
+    plain causal (mask None: every key its own token, none padded) the causal one it stands for;
+    None where the mask is not of that shape."""
+    if mask is None:
+        return torch.ones(t, t, dtype=torch.bool).tril_()[None, None] if t > 1 and plan.used == t else None
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[2] != t or mask.shape[-1] != plan.used:
+        return None
+    return mask
+
+
 def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | None,
                   stock: tuple[type, type, type, type]) -> torch.Tensor | None:
-    """h (B, 1, C) after every layer and the final norm, by step.c; None where the modules
+    """h (B, T, C) after every layer and the final norm, by step.c; None where the modules
     must run (see the module docstring). `stock` names the module classes step.c computes
     (decoder layer, attention, MLP, RMSNorm): a subclass may compute something else. The
-    cache's slot is written as `update` would."""
-    if torch.compiler.is_compiling() or cache is None or step.plan is None:
+    cache's slots are written as `update` would. T > 1 (a prompt's chunk of at most
+    `MAX_CHUNK_TOKENS`) runs as B * T rows, each token attending the chunk's earlier ones
+    through the cache, as the modules' write-then-read step does."""
+    if torch.compiler.is_compiling() or cache is None or step.plan is None or h.dim() != 3:
         return None
-    plan, mask = step.plan, step.mask
-    if (plan.mode is not StepMode.WRITE_THEN_READ or plan.write_slots.numel() != 1 or h.dim() != 3
-            or h.shape[1] != 1 or h.dtype not in (torch.float32, torch.bfloat16) or not h.is_cpu or mask is None
-            or step.attn_implementation != "native" or mask.dtype != torch.bool or mask.shape[-1] != plan.used):
+    plan, t = step.plan, h.shape[1]
+    if (plan.mode is not StepMode.WRITE_THEN_READ or plan.write_slots.numel() != t or t > MAX_CHUNK_TOKENS
+            or (t > 1 and cache.rolling) or h.dtype not in (torch.float32, torch.bfloat16) or not h.is_cpu
+            or step.attn_implementation != "native"):
+        return None
+    mask = _chunk_mask(plan, step.mask, t)
+    if mask is None:
         return None
     table = table_for(decoder, stock)
-    if (table is None or h.dtype != _ACTIVATION[table.bf16] or h.shape[0] > table.max_rows
+    b = h.shape[0]
+    if (table is None or h.dtype != _ACTIVATION[table.bf16] or b * t > table.max_rows
             or not _runnable(table, decoder.config.attention_dropout) or (torch.is_grad_enabled() and h.requires_grad)):
         return None
     c, heads, kv_heads, d, f, layers = table.dims
-    b = h.shape[0]
-    if h.shape[2] != c or mask.shape[0] != b or step.cos.shape[0] != b:
+    if h.shape[2] != c or mask.shape[0] not in (1, b) or step.cos.shape[:2] != (b, t):
         return None
     arrays = _cache_arrays(table, cache, plan)
     if arrays is None:
         return None
     keys, values, stride, kv16 = arrays
-    x = h.reshape(b, c).contiguous().clone()  # the input may be the caller's inputs_embeds
+    x = h.reshape(b * t, c).contiguous().clone()  # the input may be the caller's inputs_embeds
     normed = torch.empty_like(x)
-    cos, sin = step.cos.reshape(b, d).contiguous(), step.sin.reshape(b, d).contiguous()
-    run = native_step.Step(b, c, heads, kv_heads, d, f, int(table.bf16), int(kv16), table.scale, cos.data_ptr(),
-                           sin.data_ptr(),
-                           mask.data_ptr(), (ctypes.c_int64 * 2)(mask.stride(0), mask.stride(3)), plan.used,
-                           int(plan.write_slots[0]), ctypes.cast(keys, ctypes.c_void_p),
-                           ctypes.cast(values, ctypes.c_void_p), (ctypes.c_int64 * 3)(stride[0], stride[1], stride[2]),
-                           torch.get_num_threads(), 0, 0, table.norm[0], table.norm[1], normed.data_ptr())
+    cos, sin = step.cos.reshape(b * t, d).contiguous(), step.sin.reshape(b * t, d).contiguous()
+    mask_s = (ctypes.c_int64 * 2)(mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(3))
+    run = native_step.Step(b * t, c, heads, kv_heads, d, f, int(table.bf16), int(kv16), table.scale, cos.data_ptr(),
+                           sin.data_ptr(), mask.data_ptr(), mask_s, plan.used, int(plan.write_slots[0]),
+                           ctypes.cast(keys, ctypes.c_void_p), ctypes.cast(values, ctypes.c_void_p),
+                           (ctypes.c_int64 * 3)(stride[0], stride[1], stride[2]), torch.get_num_threads(), 0, 0,
+                           table.norm[0], table.norm[1], normed.data_ptr(), t, mask.stride(2))
     threads_of(decoder).waited = native_step.decode_layers(table.layers, layers, run, x)
-    return normed.view(b, 1, c)
+    return normed.view(b, t, c)

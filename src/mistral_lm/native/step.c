@@ -22,6 +22,11 @@
  *   xn = rmsnorm(x); q, k, v = xn W^T; q, k = rope(q, k); cache[slot] = k, v;
  *   a = attention(q, cache keys 0..used-1, mask); x += a Wo^T;
  *   xn = rmsnorm(x); x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T
+ *
+ * A step may also read T > 1 tokens per cache row (a short prompt's prefill): row m is token
+ * m % T of cache row m / T and writes slot `slot + m % T`. Every row's keys are written before
+ * any row attends, so a token sees the chunk's earlier tokens through the cache, as the modules'
+ * write-then-read step does.
  */
 #pragma GCC optimize("fp-contract=off")
 #include "float_common.h"
@@ -107,7 +112,8 @@ typedef struct {
                                         2 float16 */
     float scale;                     /* attention scale */
     const float *cos, *sin;          /* (M, D) float32, sin signed */
-    const uint8_t *mask;             /* (M, used) with strides mask_s[0] (row), mask_s[1] (key) */
+    const uint8_t *mask;             /* (M / T, T, used) with strides mask_s[0] (cache row), mask_q below
+                                        (token), mask_s[1] (key) */
     int64_t mask_s[2];
     int64_t used, slot;              /* keys attended (cache slots 0..used-1), the slot written */
     void *const *keys, *const *values; /* per layer: (M, Hkv, slots, D) cache buffers, activation type
@@ -120,7 +126,16 @@ typedef struct {
                                         NULL: then x is left as the last layer wrote it */
     float norm_eps;
     void *normed;                    /* (M, C) out: rmsnorm(x), where norm is given */
+    int64_t T;                       /* tokens per cache row (1 for a decode step): row m is token m % T
+                                        of cache row m / T, written at slot + m % T */
+    int64_t mask_q;                  /* the mask's stride between one cache row's tokens */
 } Step;
+
+/* where row m's keys live, and its mask row */
+static inline int64_t cache_row(const Step *st, int64_t m) { return m / st->T * st->cache_s[0]; }
+static inline const uint8_t *mask_row(const Step *st, int64_t m) {
+    return st->mask + m / st->T * st->mask_s[0] + m % st->T * st->mask_q;
+}
 
 /* The step's barrier. libgomp's own sleeps almost at once as soon as its process has more OpenMP
  * threads than CPUs (any second thread that ever ran a parallel region counts, e.g. a server's
@@ -289,7 +304,7 @@ static void split_scores(const Kernels *kn, int kind, const Step *st, int64_t M,
         const int64_t n = count[m], j0 = n * t / nt, j1 = n * (t + 1) / nt;
         if (j1 <= j0) continue;
         for (int64_t g = 0; g < Hkv; g++) {
-            const char *kg = keys + kes * (size_t)(m * st->cache_s[0] + g * st->cache_s[1]);
+            const char *kg = keys + kes * (size_t)(cache_row(st, m) + g * st->cache_s[1]);
             for (int64_t h0 = g * rep; h0 < (g + 1) * rep; h0 += PART_Q) {
                 const int R = block_heads(h0, (g + 1) * rep);
                 const float *qr[PART_Q];
@@ -316,7 +331,7 @@ static void split_weighted(const Kernels *kn, int kind, const Step *st, int64_t 
     for (int64_t m = 0; m < M; m++) {
         const int64_t n = count[m];
         for (int64_t g = 0; g < Hkv; g++) {
-            const char *vg = values + kes * (size_t)(m * st->cache_s[0] + g * st->cache_s[1] + d0);
+            const char *vg = values + kes * (size_t)(cache_row(st, m) + g * st->cache_s[1] + d0);
             for (int64_t h0 = g * rep; h0 < (g + 1) * rep; h0 += PART_Q) {
                 const int R = block_heads(h0, (g + 1) * rep);
                 const float *pr[PART_Q];
@@ -365,6 +380,8 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
     const attention_fn attend = kv16 ? kn->attention_kv16[kv16 - 1] : ew->attention;
     if (attend == NULL) return -1;
     const int threads = st->nthreads > 0 ? st->nthreads : 1;
+    if (st->T < 1 || M % st->T) return -1;
+    const int chunk = st->T > 1; /* the rows read each other's keys: all are written before any attends */
     /* each thread's own: the residual stream (thread 0 works in x itself), its norm, the q8 blocks
      * of a projection's input, rope's gathered head; 64-byte aligned slices */
     const size_t xq_bytes = (size_t)(M * (widest / 32 + 1) * kn->xblock_bytes);
@@ -414,7 +431,7 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
         float *probs = (float *)(count + M);
         if (t != 0) memcpy(xt, x, es * (size_t)(M * C)); /* before the first barrier: x is still the input */
         for (int64_t m = 0; m < M && split; m++)
-            count[m] = kn->part_keys(st->mask + m * st->mask_s[0], st->mask_s[1], st->used, idx + m * (st->used + 1));
+            count[m] = kn->part_keys(mask_row(st, m), st->mask_s[1], st->used, idx + m * (st->used + 1));
         for (int64_t li = 0; li < L; li++) {
             const Layer *ly = layers + li;
             char *keys = st->keys[li], *values = st->values[li];
@@ -426,10 +443,10 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
             rc |= linear_part(kn, &ly->v, input_of(&ly->v, xn, xq), M, v, t, nt);
             barrier_wait(&bar, nt);
             for (int64_t it = t; it < M * Hkv; it += nt) {
-                const int64_t m = it / Hkv, g = it % Hkv, cache_at = m * st->cache_s[0] + g * st->cache_s[1];
+                const int64_t m = it / Hkv, g = it % Hkv, cache_at = cache_row(st, m) + g * st->cache_s[1];
                 rope_heads(qraw, ly->q.order, HD, m, g * rep, (g + 1) * rep, D, st->cos, st->sin, bf16, tmp, q);
                 rope_heads(kraw, ly->k.order, KD, m, g, g + 1, D, st->cos, st->sin, bf16, tmp, k);
-                const int64_t at = cache_at + st->slot * st->cache_s[2];
+                const int64_t at = cache_at + (st->slot + m % st->T) * st->cache_s[2];
                 if (kv16) { /* rounded as the cache's `.to(bfloat16 / float16)` rounds */
                     const float *kr = (const float *)k + (m * Hkv + g) * D, *vr = (const float *)v + (m * Hkv + g) * D;
                     uint16_t *kd = (uint16_t *)keys + at, *vd = (uint16_t *)values + at;
@@ -441,10 +458,17 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
                     memcpy(keys + es * at, k + es * (m * Hkv + g) * D, es * (size_t)D);
                     memcpy(values + es * at, v + es * (m * Hkv + g) * D, es * (size_t)D);
                 }
-                if (!split)
+                if (!split && !chunk)
                     rc |= attend(q + es * (m * H + g * rep) * D, keys + kes * cache_at, values + kes * cache_at,
-                                 st->mask + m * st->mask_s[0], shape, strides, st->scale,
-                                 att + es * (m * H + g * rep) * D, 1);
+                                 mask_row(st, m), shape, strides, st->scale, att + es * (m * H + g * rep) * D, 1);
+            }
+            if (!split && chunk) {
+                barrier_wait(&bar, nt); /* the chunk's keys and values all in the cache */
+                for (int64_t it = t; it < M * Hkv; it += nt) {
+                    const int64_t m = it / Hkv, g = it % Hkv, cache_at = cache_row(st, m) + g * st->cache_s[1];
+                    rc |= attend(q + es * (m * H + g * rep) * D, keys + kes * cache_at, values + kes * cache_at,
+                                 mask_row(st, m), shape, strides, st->scale, att + es * (m * H + g * rep) * D, 1);
+                }
             }
             if (split) {
                 barrier_wait(&bar, nt); /* every query roped, every new key and value in the cache */
