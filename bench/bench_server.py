@@ -22,7 +22,9 @@ answer, then a short second question (a ~1,500-token history). Measured as the l
 With `--llama-python` (a GGUF model), the same run measures llama.cpp at one stream on the same
 prompt ids and token count, in process (bench_perf.py's worker, before the server starts and after
 it stops), and through llama-cpp-python's own OpenAI server with the same client where its
-`server` extra is installed: every client count is reported against them.
+`server` extra is installed: every client count is reported against them. `--llama-server PATH`
+(llama.cpp's own C++ `llama-server` binary, built from the same source) adds one client of it,
+with the same client and prompts.
 """
 
 from __future__ import annotations
@@ -36,10 +38,15 @@ import sys
 import tempfile
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+
+# Every client opens a connection per request: llama.cpp's server closes a streamed response's
+# connection, and a kept one would then fail on the next request. A localhost connect is ~0.1 ms.
+ONE_CONNECTION_A_REQUEST = httpx.Limits(max_keepalive_connections=0)
 
 RANDOM = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
               num_attention_heads=8, num_key_value_heads=2, sliding_window=256, max_position_embeddings=2048)
@@ -135,7 +142,7 @@ def phase(url: str, clients: int, requests_each: int, max_tokens: int, mode: str
     rates: list[float] = []
 
     def client(c: int) -> int:
-        with httpx.Client() as http:
+        with httpx.Client(limits=ONE_CONNECTION_A_REQUEST) as http:
             return sum(stream_one(http, url, PROMPT.format(c=c, r=r), max_tokens, logprobs,
                                   schema=mode == "schema", rates=rates, temperature=temperature)
                        for r in range(requests_each))
@@ -222,25 +229,10 @@ class LlamaReference:
         probe = subprocess.run([self.python, "-c", "import llama_cpp.server.app"], capture_output=True)
         if probe.returncode != 0:
             return
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([self.python, "-m", "llama_cpp.server", "--model", str(self.model), "--port", str(port),
-                                   "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "2048", "--verbose", "False"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_ready(url, server, health="/v1/models")
-            with httpx.Client() as http:
-                stream_one(http, url, "Warm up.", 8, usage=False)
-                rates: list[float] = []
-                start, tokens = time.perf_counter(), 0
-                for r in range(requests):
-                    tokens += stream_one(http, url, PROMPT.format(c=0, r=r), self.new, rates=rates, usage=False)
-            self.server = {"tok_s": tokens / (time.perf_counter() - start), "stream_tok_s": statistics.median(rates)}
-        finally:
-            server.terminate()
-            server.wait(30)
+        self.server = one_client(lambda port: [self.python, "-m", "llama_cpp.server", "--model", str(self.model),
+                                               "--port", str(port), "--n_threads", "2", "--n_threads_batch", "2",
+                                               "--n_ctx", "2048", "--verbose", "False"],
+                                 "/v1/models", requests, self.new)
 
     def report(self, results: list) -> str:
         rate = statistics.median(self.rates)
@@ -262,6 +254,28 @@ class LlamaReference:
 PROMPT = "Story {c}.{r}: Once upon a time, in a city by the sea,"
 
 
+def one_client(command: Callable[[int], list[str]], health: str, requests: int, max_tokens: int) -> dict[str, float]:
+    """Another engine's OpenAI server (`command(port)` starts it): one client streaming the phases'
+    prompts one after the other, greedy; its tokens/s and one stream's rate, measured as ours are."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(url, server, health=health)
+        with httpx.Client(limits=ONE_CONNECTION_A_REQUEST) as http:
+            stream_one(http, url, "Warm up.", 8, usage=False)
+            rates: list[float] = []
+            start, tokens = time.perf_counter(), 0
+            for r in range(requests):
+                tokens += stream_one(http, url, PROMPT.format(c=0, r=r), max_tokens, rates=rates, usage=False)
+        return {"tok_s": tokens / (time.perf_counter() - start), "stream_tok_s": statistics.median(rates)}
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model folder or .gguf file (default: the packaged SmolLM2)")
@@ -275,6 +289,8 @@ def main() -> None:
                         "at one stream (bench_perf.py's worker: the same GGUF, the phase's prompt ids, --max-tokens "
                         "greedy tokens), run before and after the server, as the reference for every client count")
     parser.add_argument("--llama-runs", type=int, default=4, help="llama.cpp runs, half before and half after")
+    parser.add_argument("--llama-server", help="llama.cpp's `llama-server` binary: adds one client of it on the same "
+                        "GGUF (2 threads), with the same client and prompts, after ours")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="the clients' sampling temperature (0: greedy, the default; OpenAI's own default is 1)")
     args = parser.parse_args()
@@ -302,7 +318,7 @@ def main() -> None:
             wait_ready(url, server)
             if llama is not None:
                 llama.prepare(url)
-            with httpx.Client() as http:
+            with httpx.Client(limits=ONE_CONNECTION_A_REQUEST) as http:
                 stream_one(http, url, "Warm up.", 8)
                 stream_one(http, url, "Warm up.", 8, schema=True)  # the grammar engine's one-time setup per vocabulary
             results = [(clients, mode, phase(url, clients, args.requests, args.max_tokens, mode, args.temperature))
@@ -314,6 +330,11 @@ def main() -> None:
         if llama is not None:
             llama.run(args.llama_runs - args.llama_runs // 2)
             llama.serve(args.requests)
+        native = None
+        if args.llama_server:
+            native = one_client(lambda port: [args.llama_server, "-m", str(model), "-t", "2", "-tb", "2", "-c", "2048",
+                                              "--host", "127.0.0.1", "--port", str(port)],
+                                "/health", args.requests, args.max_tokens)
 
     label = "random 4-layer Mistral" if model == Path(tmp) else model.name
     print(f"model: {label}, max_tokens {args.max_tokens}, {args.requests} requests per client, "
@@ -333,6 +354,11 @@ def main() -> None:
               f"{1 - base[clients, 'schema'] / base[clients, 'plain']:+.0%}")
     if llama is not None:
         print(llama.report(results))
+    if native is not None:
+        ours = next(r for c, m, r in results if m == "plain")
+        print(f"llama.cpp's llama-server, one client: {native['tok_s']:.1f} tok/s, one stream's rate "
+              f"{native['stream_tok_s']:.1f}; ours at {results[0][0]} client(s): {ours['tok_s'] / native['tok_s']:.2f}x "
+              f"and {ours['stream_tok_s'] / native['stream_tok_s']:.2f}x")
     if turns:
         print(f"turn-2 time to first token on a {turns['history']}-token history: turn 1 {turns['turn1']:.2f} s, "
               f"turn 2 {turns['turn2']:.2f} s ({turns['turn2'] / turns['turn1']:.2f}x turn 1), "

@@ -8,6 +8,7 @@ talk to a real uvicorn server on 127.0.0.1 through the official `openai` client 
 from __future__ import annotations
 
 import inspect
+import os
 import json
 import shutil
 import socket
@@ -627,3 +628,36 @@ def test_default_model_smoke() -> None:
         running.close()
     assert reply.choices[0].message.content.strip()
     assert 0 < reply.usage.completion_tokens <= 12
+
+
+def test_serve_gives_back_the_loading_threads_openmp_pool() -> None:
+    """serve() loads in the main thread, whose multi-threaded OpenMP regions leave it a pool of
+    OpenMP threads; beside the engine thread's pool the process would have more OpenMP threads than
+    CPUs, so libgomp would let every idle thread sleep at once and each decode step's regions
+    would wait for one to wake. `release_openmp_threads` gives the pool back (a fresh interpreter:
+    a 2-thread region leaves one more thread, released after the call), and later regions still
+    compute."""
+    import subprocess
+    import sys
+
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("counts threads in /proc (Linux)")
+    code = """
+import os, torch
+from mistral_lm.server.app import release_openmp_threads
+def region():
+    torch.set_num_threads(2)
+    return float((torch.ones(1 << 22) * 2).sum())
+threads = lambda: len(os.listdir("/proc/self/task"))
+assert region() == 2.0 * (1 << 22)
+with_pool = threads()
+released = release_openmp_threads()
+print(released, with_pool, threads(), region() == 2.0 * (1 << 22))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    released, with_pool, after, still = done.stdout.split()
+    if released != "True":
+        pytest.skip("this torch's OpenMP runtime has no omp_pause_resource_all")
+    assert int(after) == int(with_pool) - 1 and still == "True"

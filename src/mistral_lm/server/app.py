@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import ctypes
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -233,6 +234,24 @@ async def _on_disconnect(request: Request, action: Callable[[], None]) -> None:
     action()
 
 
+def release_openmp_threads() -> bool:
+    """Give back the calling thread's OpenMP threads (OpenMP 5's `omp_pause_resource_all`, in the
+    libgomp torch and the C kernels share); False where that runtime or call is missing.
+
+    Loading runs multi-threaded OpenMP regions (torch's operators, the kernels' repacking), and a
+    thread that ran one keeps a pool of OpenMP threads. Beside the engine thread's own pool the
+    process would have more OpenMP threads than CPUs, and libgomp then lets idle threads sleep
+    almost at once instead of spinning: every region of every decode step would wait for a
+    sleeping thread to be woken (bench/RESULTS.md). A later region simply makes a new pool.
+    """
+    try:
+        pause = ctypes.CDLL("libgomp.so.1").omp_pause_resource_all  # the one already loaded
+    except (OSError, AttributeError):
+        return False
+    pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+    return pause(1) == 0  # omp_pause_soft
+
+
 def serve(model_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, *, dtype: str | None = None, quantize: str = "auto",
           kv_cache_dtype: str | None = None, max_batch_size: int = 32,
@@ -252,6 +271,7 @@ def serve(model_path: str | Path | None = None, host: str = "127.0.0.1", port: i
 
     path = resolve_model_path(model_path)
     model, tokenizer = load_for_inference(path, dtype, quantize, kv_cache_dtype)
+    release_openmp_threads()  # the engine thread's pool is then the process's only one
     runner = None
     if tensor_parallel_size() > 1:  # under torchrun: rank 0 serves, the others replay its steps
         import torch.distributed as dist
