@@ -121,7 +121,7 @@ def read_prompt(model, ids: torch.Tensor, mask: torch.Tensor, chunk: int) -> tup
 @pytest.mark.parametrize("kv_cache_dtype", [None, torch.bfloat16, torch.float32],
                          ids=["float16_cache", "bf16_cache", "float32_cache"])
 def test_a_prompts_chunks_equal_the_modules_bitwise(kv_cache_dtype, calls, monkeypatch):
-    """A prompt's chunk of up to MAX_CHUNK_TOKENS tokens runs as one step of its tokens' rows,
+    """A prompt's chunk of up to MAX_CHUNK_ROWS tokens runs as one step of its tokens' rows,
     each token attending the chunk's earlier ones through the cache: every position's logits and
     the cache's keys and values equal the modules', for a first chunk (plain causal, no mask
     given), chunks after it, left-padded rows, 1 and 3 threads."""
@@ -143,14 +143,18 @@ def test_a_prompts_chunks_equal_the_modules_bitwise(kv_cache_dtype, calls, monke
 
 
 def test_longer_chunks_run_the_modules(model, calls, monkeypatch):
-    """Past MAX_CHUNK_TOKENS the modules read a chunk faster than the step (bench/RESULTS.md)."""
-    monkeypatch.setattr(fused_step, "MAX_CHUNK_TOKENS", 5)
+    """Past MAX_CHUNK_ROWS tokens (all prompts together) the modules read a chunk faster than the
+    step (bench/RESULTS.md); decode steps of any batch still take it."""
+    monkeypatch.setattr(fused_step, "MAX_CHUNK_ROWS", 5)
     ids, mask = prompts(1, 6)
     decode(model, ids, mask, 2)
     assert calls == [1, 1]
+    ids, mask = prompts(2, 3)
+    decode(model, ids, mask, 2)
+    assert calls == [1, 1] * 2
     ids, mask = prompts(1, 5)
     decode(model, ids, mask, 2)
-    assert calls == [1, 1, 5, 1, 1]
+    assert calls == [1, 1] * 2 + [5, 1, 1]
 
 
 def test_threads_step_down_while_the_machine_is_busy_and_come_back():

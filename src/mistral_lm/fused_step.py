@@ -19,7 +19,7 @@ path's bit for bit, and the module path stays the definition (tests compare the 
   training, no autograd through a weight, no per-layer outputs asked for (hidden states,
   attentions);
 - a cache step that writes then reads (`StepMode.WRITE_THEN_READ`): one token per row, or a
-  prompt's chunk of up to `MAX_CHUNK_TOKENS` tokens into consecutive slots of a cache without a
+  prompt's chunk of up to `MAX_CHUNK_ROWS` tokens (all prompts together) into consecutive slots of a cache without a
   rolling window (a short prompt's prefill: its Python would cost more than its arithmetic); a
   CPU cache in the activation type, the native attention.
 Anything else returns None and the modules run. The layer table (pointers to weights and norms)
@@ -346,7 +346,9 @@ def _cache_arrays(table: _Table, cache: KVCache, plan: CachePlan) -> tuple[Any, 
     return key_ptrs, value_ptrs, stride, kv16
 
 
-MAX_CHUNK_TOKENS = 128  # the longest chunk a step reads; the modules read longer ones faster (bench/RESULTS.md)
+# the most tokens a prompt chunk's step reads (batch x chunk): past it the modules read them faster
+# (bench/RESULTS.md), and the step's scratch grows with them
+MAX_CHUNK_ROWS = 128
 
 
 def _chunk_mask(plan: CachePlan, mask: torch.Tensor | None, t: int) -> torch.Tensor | None:
@@ -366,12 +368,13 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
     must run (see the module docstring). `stock` names the module classes step.c computes
     (decoder layer, attention, MLP, RMSNorm): a subclass may compute something else. The
     cache's slots are written as `update` would. T > 1 (a prompt's chunk of at most
-    `MAX_CHUNK_TOKENS`) runs as B * T rows, each token attending the chunk's earlier ones
+    `MAX_CHUNK_ROWS` tokens in all) runs as B * T rows, each token attending the chunk's earlier ones
     through the cache, as the modules' write-then-read step does."""
     if torch.compiler.is_compiling() or cache is None or step.plan is None or h.dim() != 3:
         return None
     plan, t = step.plan, h.shape[1]
-    if (plan.mode is not StepMode.WRITE_THEN_READ or plan.write_slots.numel() != t or t > MAX_CHUNK_TOKENS
+    if (plan.mode is not StepMode.WRITE_THEN_READ or plan.write_slots.numel() != t
+            or (t > 1 and h.shape[0] * t > MAX_CHUNK_ROWS)
             or (t > 1 and cache.rolling) or h.dtype not in (torch.float32, torch.bfloat16) or not h.is_cpu
             or step.attn_implementation != "native"):
         return None
