@@ -357,8 +357,8 @@ def main() -> None:
     if native is not None:
         ours = next(r for c, m, r in results if m == "plain")
         print(f"llama.cpp's llama-server, one client: {native['tok_s']:.1f} tok/s, one stream's rate "
-              f"{native['stream_tok_s']:.1f}; ours at {results[0][0]} client(s): {ours['tok_s'] / native['tok_s']:.2f}x "
-              f"and {ours['stream_tok_s'] / native['stream_tok_s']:.2f}x")
+              f"{native['stream_tok_s']:.1f}; ours at {results[0][0]} client(s): "
+              f"{ours['tok_s'] / native['tok_s']:.2f}x and {ours['stream_tok_s'] / native['stream_tok_s']:.2f}x")
     if turns:
         print(f"turn-2 time to first token on a {turns['history']}-token history: turn 1 {turns['turn1']:.2f} s, "
               f"turn 2 {turns['turn2']:.2f} s ({turns['turn2'] / turns['turn1']:.2f}x turn 1), "

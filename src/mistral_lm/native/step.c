@@ -116,7 +116,7 @@ typedef struct {
                                         (token), mask_s[1] (key) */
     int64_t mask_s[2];
     int64_t used, slot;              /* keys attended (cache slots 0..used-1), the slot written */
-    void *const *keys, *const *values; /* per layer: (M, Hkv, slots, D) cache buffers, activation type
+    void *const *keys, *const *values; /* per layer: (M / T, Hkv, slots, D) cache buffers, activation type
                                           (16-bit with kv16) */
     int64_t cache_s[3];              /* their strides in elements: row, head, slot (unit along D) */
     int nthreads;
