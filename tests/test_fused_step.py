@@ -157,6 +157,60 @@ def test_longer_chunks_run_the_modules(model, calls, monkeypatch):
     assert calls == [1, 1] * 2 + [5, 1, 1]
 
 
+def test_a_vouched_span_checks_the_modules_once(model, calls, monkeypatch):
+    """Inside `fused_step.vouched` (a driver that owns the model: the server's engine thread) the
+    first fused step checks the table against the modules and later steps reuse that check, with
+    the same bits; outside a span, and after it ends, every step checks, so a hook registered
+    then runs."""
+    checks = []
+    table_for = fused_step.table_for
+    monkeypatch.setattr(fused_step, "table_for", lambda *args: checks.append(1) or table_for(*args))
+    ids, mask = prompts(1, 8)
+    plain = decode(model, ids, mask, 4)
+    assert calls == [8, 1, 1, 1, 1] and len(checks) == 5
+    with fused_step.vouched(model.model):
+        inside = decode(model, ids, mask, 4)
+    assert calls[5:] == [8, 1, 1, 1, 1] and len(checks) == 6 and torch.equal(inside, plain)
+    seen = []
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda *args: seen.append(1))
+    decode(model, ids, mask, 2)
+    handle.remove()
+    assert len(seen) == 3 and len(calls) == 10  # the prefill and both steps ran the modules
+
+
+def test_the_engine_vouches_for_its_steps(model, monkeypatch):
+    """The server's engine thread owns its model: its steps check the modules once, at its first
+    fused step (a prompt's chunk), and the span ends with the engine."""
+    import threading
+
+    from mistral_lm.server.engine import Engine, Finished
+    from mistral_lm.server.protocol import CompletionRequest
+    from mistral_lm.tokenizer import MistralTokenizer
+
+    checks = []
+    table_for = fused_step.table_for
+    monkeypatch.setattr(fused_step, "table_for", lambda *args: checks.append(1) or table_for(*args))
+    tokenizer = MistralTokenizer.from_pretrained(PATH)
+    engine = Engine(model, tokenizer)
+    done, tokens = threading.Event(), []
+
+    def emit(events):
+        for event in events:
+            if isinstance(event, Finished):
+                done.set()
+    request = CompletionRequest(chat=False, messages=None, prompts=("Once upon a time",), max_tokens=6,
+                                temperature=0.0, top_p=1.0, n=1, seed=None, stop=(), stream=True,
+                                include_usage=True)
+    engine.start()
+    try:
+        engine.submit(request, emit)
+        assert done.wait(120)
+    finally:
+        engine.close()
+    assert len(checks) == 1 and engine.counts["decode_steps"] == 5
+    assert "_fused_vouched" not in model.model.__dict__  # the span ended with the engine
+
+
 def test_threads_step_down_while_the_machine_is_busy_and_come_back():
     threads = fused_step.Threads()
 

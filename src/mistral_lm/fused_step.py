@@ -310,6 +310,23 @@ def table_for(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | No
     return _table(decoder, stock)
 
 
+_UNVOUCHED = object()  # decoder.__dict__["_fused_vouched"] outside a `vouched` span
+
+
+@contextlib.contextmanager
+def vouched(decoder: Any) -> Iterator[None]:
+    """Steps inside are vouched for by a driver that owns the model (the server's engine thread):
+    nothing changes the decoder's modules, hooks or training flags while the span lasts. The
+    first fused step checks the table against the modules as always; later ones reuse that
+    check. Outside a span every step checks: the check touches ~1,700 module objects, which the
+    step's weights push out of the caches, 0.1-0.5 ms a token (bench/RESULTS.md)."""
+    decoder.__dict__["_fused_vouched"] = None  # None: not checked yet in this span; then the table
+    try:
+        yield
+    finally:
+        decoder.__dict__.pop("_fused_vouched", None)
+
+
 def _runnable(table: _Table, dropout: float) -> bool:
     """No hooks, no attention dropout in training, no autograd through a weight: the modules
     would compute just what step.c does."""
@@ -381,11 +398,16 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
     mask = _chunk_mask(plan, step.mask, t)
     if mask is None:
         return None
-    table = table_for(decoder, stock)
+    vouch = decoder.__dict__.get("_fused_vouched", _UNVOUCHED)
+    checked = vouch is not _UNVOUCHED and vouch is not None
+    table = vouch if checked else table_for(decoder, stock)
     b = h.shape[0]
     if (table is None or h.dtype != _ACTIVATION[table.bf16] or b * t > table.max_rows
-            or not _runnable(table, decoder.config.attention_dropout) or (torch.is_grad_enabled() and h.requires_grad)):
+            or not (checked or _runnable(table, decoder.config.attention_dropout))
+            or (torch.is_grad_enabled() and (h.requires_grad or any(w.requires_grad for w in table.pointed)))):
         return None
+    if vouch is None:  # the span's first check passed: its later steps reuse it
+        decoder.__dict__["_fused_vouched"] = table
     c, heads, kv_heads, d, f, layers = table.dims
     if h.shape[2] != c or mask.shape[0] not in (1, b) or step.cos.shape[:2] != (b, t):
         return None

@@ -14,7 +14,9 @@ each forward pass instead of queueing behind each other. Every loop iteration:
    finished rows (`KVCache.select_rows`).
 
 The prefill budget lets a burst of short prompts join together, while a long prompt is read over
-several iterations so running streams keep flowing. Only the engine thread touches tensors;
+several iterations so running streams keep flowing. Only the engine thread touches tensors, and
+nothing may change the model (its modules, weights, hooks, training flags) while the engine runs:
+its fused steps check the modules at the first step only (`fused_step.vouched`);
 other threads call `submit` (tokenization and validation happen in the caller's thread) and
 `Submission.cancel`, and receive results through their `emit` callback, called from the engine
 thread.
@@ -32,12 +34,13 @@ import queue
 import secrets
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .. import grammar, sampling
+from .. import fused_step, grammar, sampling
 from ..cache import KVCache
 from ..errors import DistributedError, GenerationError
 from ..generation import GenerationConfig
@@ -355,7 +358,9 @@ class Engine:
     def _run(self) -> None:
         lost = False  # a tensor-parallel peer failed: no collective can run any more (self.lost)
         torch.set_num_threads(self.threads)
-        with torch.inference_mode():
+        # the engine thread owns the model: its fused steps check the modules once (fused_step.vouched)
+        decoder = getattr(self.model, "model", None)
+        with torch.inference_mode(), fused_step.vouched(decoder) if decoder is not None else nullcontext():
             while not self._closing:
                 try:
                     self._iterate()
