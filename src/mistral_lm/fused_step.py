@@ -25,7 +25,8 @@ path's bit for bit, and the module path stays the definition (tests compare the 
 Anything else returns None and the modules run. The layer table (pointers to weights and norms)
 is built once per decoder and checked against the modules at every step, so swapping a module,
 wrapping it (peft), hooking it or re-pointing a weight's storage (`.data =`, a fusion released)
-is seen at once.
+is seen at once; a driver that owns the model (the server's engine thread) vouches for a span of
+steps instead (`vouched`), which checks at the span's first fused step.
 """
 
 from __future__ import annotations
