@@ -73,6 +73,16 @@ def start_server(model: Path | None, port: int, threads: int | None) -> subproce
     return subprocess.Popen([sys.executable, "-c", code])
 
 
+def stop(server: subprocess.Popen) -> None:
+    """Ask a server to stop, then make it: llama.cpp's `llama-server` at times outlives a SIGTERM."""
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(30)
+
+
 def wait_ready(url: str, server: subprocess.Popen, seconds: float = 300, health: str = "/health") -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -272,8 +282,7 @@ def one_client(command: Callable[[int], list[str]], health: str, requests: int, 
                 tokens += stream_one(http, url, PROMPT.format(c=0, r=r), max_tokens, rates=rates, usage=False)
         return {"tok_s": tokens / (time.perf_counter() - start), "stream_tok_s": statistics.median(rates)}
     finally:
-        server.terminate()
-        server.wait(30)
+        stop(server)
 
 
 def main() -> None:
@@ -325,8 +334,7 @@ def main() -> None:
                        for clients in args.clients for mode in ("plain", "logprobs", "schema")]
             turns = turn_two(url, args.turns) if args.turns else None
         finally:
-            server.terminate()
-            server.wait(30)
+            stop(server)
         if llama is not None:
             llama.run(args.llama_runs - args.llama_runs // 2)
             llama.serve(args.requests)
