@@ -73,6 +73,13 @@ def start_server(model: Path | None, port: int, threads: int | None) -> subproce
     return subprocess.Popen([sys.executable, "-c", code])
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def stop(server: subprocess.Popen) -> None:
     """Ask a server to stop, then make it: llama.cpp's `llama-server` at times outlives a SIGTERM."""
     server.terminate()
@@ -267,9 +274,7 @@ PROMPT = "Story {c}.{r}: Once upon a time, in a city by the sea,"
 def one_client(command: Callable[[int], list[str]], health: str, requests: int, max_tokens: int) -> dict[str, float]:
     """Another engine's OpenAI server (`command(port)` starts it): one client streaming the phases'
     prompts one after the other, greedy; its tokens/s and one stream's rate, measured as ours are."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -317,9 +322,7 @@ def main() -> None:
             except CheckpointError as exc:
                 print(f"no default model ({exc}); using a random one", file=sys.stderr)
                 model = random_model(Path(tmp))
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         llama = LlamaReference(args, model, Path(tmp)) if args.llama_python else None
         server = start_server(model, port, args.threads)

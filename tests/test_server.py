@@ -8,8 +8,8 @@ talk to a real uvicorn server on 127.0.0.1 through the official `openai` client 
 from __future__ import annotations
 
 import inspect
-import os
 import json
+import os
 import shutil
 import socket
 import threading

@@ -329,14 +329,12 @@ def vouched(decoder: Any) -> Iterator[None]:
 
 
 def _runnable(table: _Table, dropout: float) -> bool:
-    """No hooks, no attention dropout in training, no autograd through a weight: the modules
-    would compute just what step.c does."""
+    """No hooks, no attention dropout in training: the modules would compute just what step.c
+    does (a `vouched` span checks this once; autograd is checked every step, in decode_layers)."""
     hooks = torch.nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or any(table.hooks):
         return False
-    if dropout > 0 and any(attn.training for attn in table.attention):
-        return False
-    return not (torch.is_grad_enabled() and any(w.requires_grad for w in table.pointed))
+    return not (dropout > 0 and any(attn.training for attn in table.attention))
 
 
 _KV16 = {torch.bfloat16: 1, torch.float16: 2}  # a 16-bit cache under float32 activations: step.c's kv16

@@ -13,9 +13,9 @@ refused with a 413 before they are read in full.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hmac
 import json
-import ctypes
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
