@@ -9,6 +9,7 @@ of test_gguf_cache.py: vocab 100 (not whole 16-row groups: the head stays in row
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -146,3 +147,39 @@ def test_a_layer_built_from_tiled_blocks_must_say_so():
         module(xg).backward(torch.ones(3, 48))
         grads.append(xg.grad)
     assert torch.equal(*grads) and torch.equal(layer.dequantize(), rows.dequantize())
+
+
+def test_a_tied_heads_tiles_are_cached(tmp_path, monkeypatch):
+    """Regression: with a tied head in whole 16-row groups (the default model), the loader added
+    the embedding's entry to the dict the cache writer was iterating on its thread; the write
+    ended in an error and no cache was kept. Here the writer is inside its first `add` before
+    the loader goes on, and stays there until the load has returned: the old code failed every
+    time."""
+    from . import test_gguf_cache
+
+    monkeypatch.setitem(test_gguf_cache.SHAPE, "vocab", 112)
+    path = tmp_path / "tied.gguf"
+    write_model(path, Q.Q8_0, tied=True)
+    writing, loaded = threading.Event(), threading.Event()
+    add, tiled_tensors = qgguf._CacheWriter.add, gguf_install._tiled_tensors
+
+    def add_after_the_load(self, tensors):
+        writing.set()
+        loaded.wait(30)
+        return add(self, tensors)
+
+    def tiles_then_wait_for_the_writer(*args):
+        made = tiled_tensors(*args)
+        writing.wait(30)
+        return made
+
+    monkeypatch.setattr(qgguf._CacheWriter, "add", add_after_the_load)
+    monkeypatch.setattr(gguf_install, "_tiled_tensors", tiles_then_wait_for_the_writer)
+    model = load(path)
+    loaded.set()
+    gguf_install.wait_for_cache_writes()
+    assert writing.is_set() and model.lm_head.tiled and tiled_file(path).exists()
+    monkeypatch.undo()
+    mapped = load(path)
+    assert _in_file(mapped.lm_head.blocks, tiled_file(path))
+    assert torch.equal(logits(mapped), logits(model))

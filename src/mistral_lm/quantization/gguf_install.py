@@ -121,7 +121,12 @@ def _write_behind(cache: KernelCache, tensors: dict[str, torch.Tensor]) -> None:
     """Write `tensors` to `cache` on a background thread (a 7B's 4 GB take seconds once the
     kernel holds the writer to the disk's pace). Nothing waits for it: a write that fails (a
     read-only folder, a full disk) or that the process's exit cuts short leaves no cache, and a
-    later load tiles again; a cut writer's temporary file is removed by the next writer."""
+    later load tiles again; a cut writer's temporary file is removed by the next writer. The
+    writer iterates its own copy of the dict: the loader goes on to add to the one it was given
+    (a tied head's embedding entry), which would end the iteration with an error and the cache
+    unwritten."""
+    tensors = dict(tensors)
+
     def write() -> None:
         writer = cache.writer()
         if writer is None:
