@@ -211,6 +211,74 @@ def test_the_engine_vouches_for_its_steps(model, monkeypatch):
     assert "_fused_vouched" not in model.model.__dict__  # the span ended with the engine
 
 
+def test_a_span_vouches_for_its_own_threads_steps_only(model, calls, monkeypatch):
+    """A span is its thread's: a forward on another thread while it lasts (a hook of its own
+    registered) checks the modules, so the hook runs there; the span's thread reuses its check."""
+    import threading
+
+    ids, mask = prompts(1, 8)
+    seen, other = [], []
+    with fused_step.vouched(model.model):
+        decode(model, ids, mask, 2)  # the span's check is made
+        fused = len(calls)
+
+        def elsewhere():
+            handle = model.model.layers[0].mlp.register_forward_hook(lambda *args: seen.append(1))
+            try:
+                other.append(decode(model, ids, mask, 1))
+            finally:
+                handle.remove()
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        assert len(seen) == 2 and len(calls) == fused  # the other thread's prefill and step ran the modules
+        decode(model, ids, mask, 2)  # the hook is gone: the span's thread steps fused again
+        assert calls[fused:] == [8, 1, 1]
+    assert "_fused_vouched" not in model.model.__dict__
+
+
+class _Recorder:
+    """A streamer of the user's: generate() calls its put between steps."""
+
+    def __init__(self, model, hook_at: int) -> None:
+        self.model, self.hook_at, self.puts, self.seen = model, hook_at, 0, []
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == self.hook_at:  # the prompt, then the first tokens: a hook from here on
+            self.model.model.layers[0].mlp.register_forward_hook(lambda *args: self.seen.append(1))
+
+    def end(self) -> None:
+        pass
+
+
+def test_generate_checks_once_without_callbacks_of_the_users(model, calls, monkeypatch):
+    """generate() with no streamer, or one of ours, runs no code of the user's between steps: its
+    fused steps check the modules once, with the same tokens. A streamer of the user's may change
+    the model between steps (here: a hook after the second token), and the next step sees it."""
+    from mistral_lm import TextStreamer
+    from mistral_lm.tokenizer import MistralTokenizer
+
+    checks = []
+    table_for = fused_step.table_for
+    monkeypatch.setattr(fused_step, "table_for", lambda *args: checks.append(1) or table_for(*args))
+    ids = torch.randint(0, 2000, (1, 8))
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert len(checks) == 1 and calls == [8, 1, 1, 1, 1, 1]
+    streamer = TextStreamer(MistralTokenizer.from_pretrained(PATH))
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                          streamer=streamer), want)
+    assert len(checks) == 2 and "_fused_vouched" not in model.model.__dict__
+    recorder = _Recorder(model, hook_at=3)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, streamer=recorder)
+    assert len(recorder.seen) == 4  # the hook ran in each of the four steps after it was registered
+    assert calls[12:] == [8, 1]  # only the prefill and the step before the hook were fused
+
+
 def test_threads_step_down_while_the_machine_is_busy_and_come_back():
     threads = fused_step.Threads()
 

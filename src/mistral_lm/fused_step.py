@@ -25,8 +25,9 @@ path's bit for bit, and the module path stays the definition (tests compare the 
 Anything else returns None and the modules run. The layer table (pointers to weights and norms)
 is built once per decoder and checked against the modules at every step, so swapping a module,
 wrapping it (peft), hooking it or re-pointing a weight's storage (`.data =`, a fusion released)
-is seen at once; a driver that owns the model (the server's engine thread) vouches for a span of
-steps instead (`vouched`), which checks at the span's first fused step.
+is seen at once; a driver that runs no code of the user's between its steps (the server's engine
+thread, generate() without a callback of the user's) vouches for a span of its thread's steps
+instead (`vouched`), which checks at the span's first fused step.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import operator
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -311,21 +313,31 @@ def table_for(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | No
     return _table(decoder, stock)
 
 
-_UNVOUCHED = object()  # decoder.__dict__["_fused_vouched"] outside a `vouched` span
+_UNVOUCHED = object()  # a thread's entry in decoder.__dict__["_fused_vouched"] outside a `vouched` span
 
 
 @contextlib.contextmanager
 def vouched(decoder: Any) -> Iterator[None]:
-    """Steps inside are vouched for by a driver that owns the model (the server's engine thread):
-    nothing changes the decoder's modules, hooks or training flags while the span lasts. The
-    first fused step checks the table against the modules as always; later ones reuse that
-    check. Outside a span every step checks: the check touches ~1,700 module objects, which the
-    step's weights push out of the caches, 0.1-0.5 ms a token (bench/RESULTS.md)."""
-    decoder.__dict__["_fused_vouched"] = None  # None: not checked yet in this span; then the table
+    """Steps on the calling thread inside are vouched for by a driver that runs no code that
+    could change the decoder's modules, hooks or training flags while the span lasts (the
+    server's engine thread; generate() without callbacks of the user's). The span's first fused
+    step checks the table against the modules as always; the thread's later steps reuse that
+    check. Steps on other threads check as always, so a forward of the user's elsewhere still
+    sees its hooks. Outside a span every step checks: the check touches ~1,700 module objects,
+    which the step's weights push out of the caches, 0.1-0.5 ms a token (bench/RESULTS.md)."""
+    spans = decoder.__dict__.setdefault("_fused_vouched", {})  # thread -> None (not checked yet) or the table
+    thread = threading.get_ident()
+    outer = spans.get(thread, _UNVOUCHED)
+    spans[thread] = None
     try:
         yield
     finally:
-        decoder.__dict__.pop("_fused_vouched", None)
+        if outer is _UNVOUCHED:
+            spans.pop(thread, None)
+            if not spans:
+                decoder.__dict__.pop("_fused_vouched", None)
+        else:  # an enclosing span goes on, checking again: code of its own ran before this one
+            spans[thread] = None
 
 
 def _runnable(table: _Table, dropout: float) -> bool:
@@ -397,7 +409,8 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
     mask = _chunk_mask(plan, step.mask, t)
     if mask is None:
         return None
-    vouch = decoder.__dict__.get("_fused_vouched", _UNVOUCHED)
+    spans = decoder.__dict__.get("_fused_vouched")
+    vouch = spans.get(threading.get_ident(), _UNVOUCHED) if spans else _UNVOUCHED
     checked = vouch is not _UNVOUCHED and vouch is not None
     table = vouch if checked else table_for(decoder, stock)
     b = h.shape[0]
@@ -405,8 +418,8 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
             or not (checked or _runnable(table, decoder.config.attention_dropout))
             or (torch.is_grad_enabled() and (h.requires_grad or any(w.requires_grad for w in table.pointed)))):
         return None
-    if vouch is None:  # the span's first check passed: its later steps reuse it
-        decoder.__dict__["_fused_vouched"] = table
+    if vouch is None:  # the span's first check passed: the thread's later steps reuse it
+        spans[threading.get_ident()] = table  # type: ignore[index]
     c, heads, kv_heads, d, f, layers = table.dims
     if h.shape[2] != c or mask.shape[0] not in (1, b) or step.cos.shape[:2] != (b, t):
         return None

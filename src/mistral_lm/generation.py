@@ -9,15 +9,17 @@ generation_config.py, the decode step and prefill in decoding.py (re-exported he
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from . import sampling
+from . import fused_step, sampling
 from .errors import GenerationError
 from .decoding import _DEFAULT_CHUNK, Decoder, _recompute, compiled_layers, left_padding, prefill
 from .generation_config import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput, GenerationConfig
+from .streamers import TextIteratorStreamer, TextStreamer
 
 __all__ = ["Decoder", "GenerateBeamDecoderOnlyOutput", "GenerateDecoderOnlyOutput", "GenerationConfig", "compiled_layers",
            "generate", "generate_tokens", "left_padding", "prefill"]
@@ -113,11 +115,12 @@ def generate(
     steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logits, scores) per step, when asked for
     keep = gen.return_dict_in_generate and (gen.output_scores or gen.output_logits)
     produced = 0
-    for token in generate_tokens(model, ids, mask, gen, max_new, generator, out=out, stop=stop,
-                                 record=(lambda raw, scores: steps.append((raw, scores))) if keep else None):
-        produced += 1
-        if streamer is not None:
-            streamer.put(token.cpu())
+    with _span(model, streamer):
+        for token in generate_tokens(model, ids, mask, gen, max_new, generator, out=out, stop=stop,
+                                     record=(lambda raw, scores: steps.append((raw, scores))) if keep else None):
+            produced += 1
+            if streamer is not None:
+                streamer.put(token.cpu())
     if streamer is not None:
         streamer.end()
     sequences = out[:, : prompt_len + produced] if produced else ids
@@ -125,6 +128,17 @@ def generate(
         return sequences
     return GenerateDecoderOnlyOutput(sequences, tuple(s for _, s in steps) if gen.output_scores else None,
                                      tuple(raw for raw, _ in steps) if gen.output_logits else None)
+
+
+def _span(model: Any, streamer: Any) -> contextlib.AbstractContextManager:
+    """The decode loop's fused steps checked once (`fused_step.vouched`) where no code of the
+    user's runs between them: no streamer, or one of ours, whose `put` only decodes text. A
+    streamer of the user's may change the model between steps, which the next step must see.
+    A change made from another thread while generate() runs applies from the next call."""
+    decoder = getattr(model, "model", None)
+    if decoder is None or (streamer is not None and type(streamer) not in (TextStreamer, TextIteratorStreamer)):
+        return contextlib.nullcontext()
+    return fused_step.vouched(decoder)
 
 
 def _pad_id(gen: GenerationConfig) -> int:
