@@ -298,3 +298,50 @@ def test_kv_cache_dtype_defaults_and_checks(tmp_path):
     assert native.kv_cache_dtype == torch.float16 and native.make_cache(1).values[-1].dtype == torch.float16
     kept = MistralForCausalLM.from_pretrained(path, gguf_native=True, kv_cache_dtype=torch.float32)
     assert kept.make_cache(1).keys[0].dtype == torch.float32
+
+
+# ------------------------------------------------------------------ every layer holds the bookkeeping's slots
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_OPS = st.lists(st.one_of(
+    st.tuples(st.just("step"), st.integers(1, 6), st.integers(0, 3)),  # T new tokens, layers reached (3: all)
+    st.tuples(st.just("select"), st.integers(0, 2), st.integers(0, 0)),
+    st.tuples(st.just("append"), st.integers(1, 7), st.integers(1, 2)),
+    st.tuples(st.just("reorder"), st.integers(0, 0), st.integers(0, 0)),
+    st.tuples(st.just("copy"), st.integers(0, 0), st.integers(0, 0))), max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=_OPS, size=st.integers(1, 6))
+def test_every_layer_holds_the_slots_its_bookkeeping_names(ops, size):
+    """The property a step relies on to skip growing the layers one by one (`_reserve_all`):
+    after any steps (whole, or cut short after some layers), row moves and copies, every
+    layer's key and value buffers hold at least `cache.size` slots."""
+    layers, heads, dim = 3, 2, 4
+    cache = KVCache(layers, 2, heads, dim, size, rolling=False, dtype=torch.float32, device="cpu")
+    for op, a, b in ops:
+        if op == "step" and cache.batch_size:
+            rows = cache.batch_size
+            positions = (cache.seen + torch.arange(a)).expand(rows, a)
+            plan = cache.plan(positions, torch.ones(rows, a, dtype=torch.bool))
+            for layer in range(min(b, layers) if b < 3 else layers):
+                kv = torch.randn(rows, heads, a, dim)
+                cache.update(layer, kv, kv, plan)
+            if b == 3:
+                cache.commit(plan)
+        elif op == "select":
+            cache.select_rows(list(range(min(a, cache.batch_size))))
+        elif op == "append":
+            source = KVCache(layers, 1, heads, dim, a, rolling=False, dtype=torch.float32, device="cpu")
+            plan = source.plan(torch.arange(a)[None], torch.ones(1, a, dtype=torch.bool))
+            for layer in range(layers):
+                kv = torch.randn(1, heads, a, dim)
+                source.update(layer, kv, kv, plan)
+            source.commit(plan)
+            cache.append_rows([(source, a, b)])
+        elif op == "reorder" and cache.batch_size:
+            cache.reorder_cache(torch.arange(cache.batch_size).flip(0))
+        elif op == "copy":
+            cache = cache.copy()
+        assert all(t.shape[2] >= cache.size for t in (*cache.keys, *cache.values)), op

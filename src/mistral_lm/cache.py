@@ -166,8 +166,7 @@ class KVCache:
         if plan.mode is not StepMode.WRITE_THEN_READ or plan.keep_from or (
                 slots.numel() > 1 and int(slots[-1]) - int(slots[0]) != slots.numel() - 1):
             raise GenerationError("step_buffers() serves steps that write consecutive slots, then read")
-        for layer in range(len(self.keys)):
-            self._reserve(layer, plan.size)
+        self._reserve_all(plan.size)
         return self.keys, self.values
 
     def commit(self, plan: CachePlan) -> None:
@@ -180,8 +179,7 @@ class KVCache:
                 slots = plan.write_slots.to(self.keys[layer].device)
                 self.keys[layer].index_copy_(2, slots, k)
                 self.values[layer].index_copy_(2, slots, v)
-        for layer in range(len(self.keys)):  # layers that a static step grew, and any it did not reach
-            self._reserve(layer, plan.size)
+        self._reserve_all(plan.size)  # layers that a static step grew, and any it did not reach
         self.positions, self.valid, self.seen = plan.positions, plan.valid, plan.seen
 
     # ------------------------------------------------------------------ rows (continuous batching)
@@ -276,6 +274,15 @@ class KVCache:
         self.valid = joined(self.valid, [s.valid[0] for s in sources], 1)
 
     # ------------------------------------------------------------------ storage
+    def _reserve_all(self, size: int) -> None:
+        """Every layer's buffers with at least `size` slots. Every layer holds at least `self.size`
+        slots at all times (each operation that replaces the buffers sizes them with the
+        bookkeeping; a step only grows them), so only a step that grows the cache walks the
+        layers: a decode step does not, and it runs this twice a token."""
+        if size > self.size:
+            for layer in range(len(self.keys)):
+                self._reserve(layer, size)
+
     def _reserve(self, layer: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's buffers with at least `size` slots (new slots are empty: never valid)."""
         if self.keys[layer].shape[2] < size:
