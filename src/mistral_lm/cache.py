@@ -255,11 +255,13 @@ class KVCache:
         size = self.size if self.rolling else max(self.size, self.seen)
 
         def joined(batch: torch.Tensor, sources: list[torch.Tensor], dim: int) -> torch.Tensor:
-            """`batch` padded to `size` slots along `dim`, then the new rows with each source at its `dst`."""
-            blocks = [_pad(batch, dim, size)]
+            """`batch` padded to `size` slots along `dim`, then the new rows with each source at its `dst`.
+            A layer that a step cut short had grown keeps its slots (all empty past `size`)."""
+            width = max(size, batch.shape[dim])
+            blocks = [_pad(batch, dim, width)]
             for source, (_, src, dst, copies) in zip(sources, placed):
                 shape = list(batch.shape)
-                shape[0], shape[dim] = copies, size
+                shape[0], shape[dim] = copies, width
                 block = batch.new_zeros(shape)
                 picked = source.index_select(dim - 1, src.to(source.device))
                 block[(slice(None),) * dim + (dst.to(batch.device),)] = picked
