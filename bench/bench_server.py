@@ -224,6 +224,7 @@ class LlamaReference:
         self.ids_file, self.rates = folder / "llama_ids.json", []
         self.server: dict[str, float] | None = None  # llama-cpp-python's server, once `serve` ran
         self.before = args.llama_runs // 2
+        self.pairs: list[tuple[float, float, float]] = []  # `alternate`: (ours tok/s, ours stream tok/s, llama.cpp tok/s)
 
     def prepare(self, url: str) -> None:
         """The prompt's ids as the server tokenizes it, then the runs before the server works."""
@@ -239,6 +240,24 @@ class LlamaReference:
             if "error" in result:
                 raise SystemExit(f"llama.cpp failed: {result['error']}")
             self.rates.append(result["decode_tok_s"])
+
+    def alternate(self, url: str, pairs: int) -> None:
+        """One client of ours and llama.cpp's one stream taken in turns (`pairs` of each, the order
+        swapped every pair), while the server runs: the machine's speed drifts within minutes, and
+        only a ratio of neighbours is free of it. Ours: a request's tokens over its wall time (its
+        set-up and prefill included) and its stream's rate; llama.cpp: its decode rate alone."""
+        with httpx.Client(limits=ONE_CONNECTION_A_REQUEST) as http:
+            for i in range(pairs):
+                ours: dict[str, float] = {}
+                for side in ("ours", "llama") if i % 2 == 0 else ("llama", "ours"):
+                    if side == "llama":
+                        self.run(1)
+                        continue
+                    rates: list[float] = []
+                    start = time.perf_counter()
+                    tokens = stream_one(http, url, PROMPT.format(c=1, r=i), self.new, rates=rates)
+                    ours = {"tok_s": tokens / (time.perf_counter() - start), "stream": rates[0] if rates else float("nan")}
+                self.pairs.append((ours["tok_s"], ours["stream"], self.rates.pop()))
 
     def serve(self, requests: int) -> None:
         """llama-cpp-python's own OpenAI server (its `server` extra) on the same file, one client
@@ -265,6 +284,14 @@ class LlamaReference:
             if mode == "plain":
                 lines.append(f"  {clients} clients: {r['tok_s']:.1f} tok/s = {r['tok_s'] / rate:.2f}x llama.cpp's one "
                              f"stream; one stream's rate {r['stream_tok_s']:.1f} = {r['stream_tok_s'] / rate:.2f}x")
+        pairs = self.pairs
+        if pairs:
+            whole = sorted(o / ll for o, _, ll in pairs)
+            stream = sorted(s / ll for _, s, ll in pairs)
+            lines.append(f"one client and llama.cpp's one stream in turns ({len(pairs)} pairs): ours "
+                         f"{statistics.median(whole):.2f}x a request (set-up and prefill included; pairs "
+                         f"{whole[0]:.2f}-{whole[-1]:.2f}x), its stream {statistics.median(stream):.2f}x "
+                         f"({stream[0]:.2f}-{stream[-1]:.2f}x), medians of the pairs' ratios")
         return "\n".join(lines)
 
 
@@ -303,6 +330,9 @@ def main() -> None:
                         "at one stream (bench_perf.py's worker: the same GGUF, the phase's prompt ids, --max-tokens "
                         "greedy tokens), run before and after the server, as the reference for every client count")
     parser.add_argument("--llama-runs", type=int, default=4, help="llama.cpp runs, half before and half after")
+    parser.add_argument("--alternate", type=int, default=0, metavar="PAIRS",
+                        help="with --llama-python: also this many pairs of one request of ours and one llama.cpp "
+                        "stream, taken in turns, reported as the median of the pairs' ratios")
     parser.add_argument("--llama-server", help="llama.cpp's `llama-server` binary: adds one client of it on the same "
                         "GGUF (2 threads), with the same client and prompts, after ours")
     parser.add_argument("--temperature", type=float, default=0.0,
@@ -336,6 +366,8 @@ def main() -> None:
             results = [(clients, mode, phase(url, clients, args.requests, args.max_tokens, mode, args.temperature))
                        for clients in args.clients for mode in ("plain", "logprobs", "schema")]
             turns = turn_two(url, args.turns) if args.turns else None
+            if llama is not None and args.alternate:
+                llama.alternate(url, args.alternate)
         finally:
             stop(server)
         if llama is not None:
