@@ -409,8 +409,8 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
     mask = _chunk_mask(plan, step.mask, t)
     if mask is None:
         return None
-    spans = decoder.__dict__.get("_fused_vouched")
-    vouch = spans.get(threading.get_ident(), _UNVOUCHED) if spans else _UNVOUCHED
+    spans, thread = decoder.__dict__.get("_fused_vouched"), threading.get_ident()
+    vouch = spans.get(thread, _UNVOUCHED) if spans else _UNVOUCHED
     checked = vouch is not _UNVOUCHED and vouch is not None
     table = vouch if checked else table_for(decoder, stock)
     b = h.shape[0]
@@ -419,7 +419,7 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
             or (torch.is_grad_enabled() and (h.requires_grad or any(w.requires_grad for w in table.pointed)))):
         return None
     if vouch is None:  # the span's first check passed: the thread's later steps reuse it
-        spans[threading.get_ident()] = table  # type: ignore[index]
+        spans[thread] = table  # type: ignore[index]
     c, heads, kv_heads, d, f, layers = table.dims
     if h.shape[2] != c or mask.shape[0] not in (1, b) or step.cos.shape[:2] != (b, t):
         return None
