@@ -247,17 +247,19 @@ class LlamaReference:
         only a ratio of neighbours is free of it. Ours: a request's tokens over its wall time (its
         set-up and prefill included) and its stream's rate; llama.cpp: its decode rate alone."""
         with httpx.Client(limits=ONE_CONNECTION_A_REQUEST) as http:
+            def ours(i: int) -> tuple[float, float]:
+                rates: list[float] = []
+                start = time.perf_counter()
+                tokens = stream_one(http, url, PROMPT.format(c=1, r=i), self.new, rates=rates)
+                return tokens / (time.perf_counter() - start), rates[0] if rates else float("nan")
+
             for i in range(pairs):
-                ours: dict[str, float] = {}
-                for side in ("ours", "llama") if i % 2 == 0 else ("llama", "ours"):
-                    if side == "llama":
-                        self.run(1)
-                        continue
-                    rates: list[float] = []
-                    start = time.perf_counter()
-                    tokens = stream_one(http, url, PROMPT.format(c=1, r=i), self.new, rates=rates)
-                    ours = {"tok_s": tokens / (time.perf_counter() - start), "stream": rates[0] if rates else float("nan")}
-                self.pairs.append((ours["tok_s"], ours["stream"], self.rates.pop()))
+                if i % 2:
+                    self.run(1)
+                whole, stream = ours(i)
+                if not i % 2:
+                    self.run(1)
+                self.pairs.append((whole, stream, self.rates.pop()))
 
     def serve(self, requests: int) -> None:
         """llama-cpp-python's own OpenAI server (its `server` extra) on the same file, one client

@@ -340,6 +340,12 @@ def vouched(decoder: Any) -> Iterator[None]:
             spans[thread] = None
 
 
+def vouched_model(model: Any) -> contextlib.AbstractContextManager:
+    """`vouched` for a model's decoder (`model.model`: a causal LM's); no span for a model without one."""
+    decoder = getattr(model, "model", None)
+    return vouched(decoder) if decoder is not None else contextlib.nullcontext()
+
+
 def _runnable(table: _Table, dropout: float) -> bool:
     """No hooks, no attention dropout in training: the modules would compute just what step.c
     does (a `vouched` span checks this once; autograd is checked every step, in decode_layers)."""

@@ -135,10 +135,9 @@ def _span(model: Any, streamer: Any) -> contextlib.AbstractContextManager:
     user's runs between them: no streamer, or one of ours, whose `put` only decodes text. A
     streamer of the user's may change the model between steps, which the next step must see.
     A change made from another thread while generate() runs applies from the next call."""
-    decoder = getattr(model, "model", None)
-    if decoder is None or (streamer is not None and type(streamer) not in (TextStreamer, TextIteratorStreamer)):
+    if streamer is not None and type(streamer) not in (TextStreamer, TextIteratorStreamer):
         return contextlib.nullcontext()
-    return fused_step.vouched(decoder)
+    return fused_step.vouched_model(model)
 
 
 def _pad_id(gen: GenerationConfig) -> int:

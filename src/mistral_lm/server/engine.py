@@ -34,7 +34,6 @@ import queue
 import secrets
 import threading
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -359,8 +358,7 @@ class Engine:
         lost = False  # a tensor-parallel peer failed: no collective can run any more (self.lost)
         torch.set_num_threads(self.threads)
         # the engine thread owns the model: its fused steps check the modules once (fused_step.vouched)
-        decoder = getattr(self.model, "model", None)
-        with torch.inference_mode(), fused_step.vouched(decoder) if decoder is not None else nullcontext():
+        with torch.inference_mode(), fused_step.vouched_model(self.model):
             while not self._closing:
                 try:
                     self._iterate()
