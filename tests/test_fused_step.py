@@ -15,6 +15,7 @@ import torch
 
 from mistral_lm import MistralForCausalLM, fused_step
 from mistral_lm.decoding import Decoder, prefill
+from mistral_lm.native import ggml
 from mistral_lm.native import step as native_step
 from mistral_lm.quantization.gguf_blocks import GGUFBlockLinear
 
@@ -46,6 +47,7 @@ def calls(monkeypatch) -> list[int]:
 
 def modules_only(monkeypatch) -> None:
     monkeypatch.setattr(fused_step, "decode_layers", lambda *args: None)
+    monkeypatch.setattr(fused_step, "decode_logits", lambda *args: None)
 
 
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, cache_size: int = 96) -> torch.Tensor:
@@ -415,6 +417,62 @@ def test_the_final_norm_is_the_models_own(model, calls, monkeypatch):
     assert torch.equal(other_weight, decode(model, ids, mask, 2))
     norm.weight.data = original.clone()
     assert torch.equal(other_eps, decode(model, ids, mask, 2))
+
+
+@pytest.fixture
+def heads(monkeypatch) -> list[bool]:
+    """For each fused step, whether the model's head ran inside it."""
+    seen: list[bool] = []
+    run = native_step.decode_layers
+
+    def counted(*args):
+        seen.append(bool(args[2].head))
+        return run(*args)
+
+    monkeypatch.setattr(native_step, "decode_layers", counted)
+    return seen
+
+
+def test_the_head_runs_inside_a_decode_step_with_the_modules_bits(model, heads, monkeypatch):
+    """A decode step computes the tied Q8_0 head in step.c's threads (a prompt's chunk leaves it
+    to the module): the same logits as the head module after the fused layers, and as the
+    modules alone."""
+    ids, mask = prompts(3, 8)
+    fused = decode(model, ids, mask, 5)
+    assert heads == [False] + [True] * 5
+    monkeypatch.setattr(fused_step, "_head", lambda *args: None)  # the layers fused, the head module after
+    assert torch.equal(fused, decode(model, ids, mask, 5)) and heads[6:] == [False] * 6
+    modules_only(monkeypatch)
+    assert torch.equal(fused, decode(model, ids, mask, 5))
+
+
+def test_a_hooked_or_changed_head_is_the_one_that_runs(model, heads):
+    ids, mask = prompts(2, 8)
+    before = decode(model, ids, mask, 3)
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda *args: seen.append(1))
+    assert torch.equal(before, decode(model, ids, mask, 3))
+    assert len(seen) == 4 and heads[4:] == [False] * 4  # the prefill's head and every step's: the module
+    handle.remove()
+    head = model.lm_head
+    rows = ggml.untile(head.blocks, head.kernel_type, head.in_features) if head.tiled else head.blocks
+    model.lm_head = GGUFBlockLinear.tiled_from(rows.flip(0).contiguous(), head.ggml_type, head.in_features)  # reversed
+    after = decode(model, ids, mask, 3)
+    assert heads[8:] == [False, True, True, True]
+    assert torch.equal(after[0], before[0].flip(-1))  # the prompt's logits: the same head, rows reversed
+    model.lm_head = head
+    assert torch.equal(before, decode(model, ids, mask, 3))
+
+
+def test_a_hook_on_the_model_runs_its_forward_every_step(model, heads):
+    """A hook on the causal LM or on its decoder wraps the forward: a decode step calls it."""
+    ids, mask = prompts(1, 8)
+    before = decode(model, ids, mask, 3)
+    for module in (model, model.model):
+        seen = []
+        handle = module.register_forward_pre_hook(lambda *args: seen.append(1))
+        assert torch.equal(before, decode(model, ids, mask, 3)) and len(seen) == 4
+        handle.remove()
 
 
 def test_other_models_never_take_it(calls):

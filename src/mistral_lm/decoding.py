@@ -60,6 +60,9 @@ class Decoder:
                           "torch.compile's layers; not compiling", RuntimeWarning, stacklevel=3)
             compile = False
         self.layers = compiled_layers(model.model) if compile else None
+        # the model's own one-token step (MistralForCausalLM.next_token_logits), found on its class:
+        # a wrapper that forwards attributes to a model (peft's) has a forward of its own to run
+        self.direct = getattr(model, "next_token_logits", None) if hasattr(type(model), "next_token_logits") else None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens, positions (B,) -> logits (B, V), on fewer threads while the machine is busy
@@ -69,6 +72,10 @@ class Decoder:
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if self.layers is None:
+            if self.direct is not None:
+                logits = self.direct(tokens, positions, cache)
+                if logits is not None:
+                    return logits
             out = self.model(tokens[:, None], position_ids=positions[:, None], past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
             return out.logits[:, -1]

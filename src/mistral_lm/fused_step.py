@@ -179,11 +179,17 @@ def _links(decoder: Any, parts: list[torch.nn.Module]) -> list[tuple[dict, str, 
             links += [(norm._parameters, "weight", norm.weight), (norm.__dict__, "variance_epsilon",
                                                                   norm.variance_epsilon)]
         for lin in lins:
-            links += [(lin._parameters, "bias", lin.bias)]
-            links += [(lin._parameters, name, t) for name, t in lin._parameters.items()]
-            links += [(lin._buffers, name, t) for name, t in lin._buffers.items()]
-            links += [(lin.__dict__, name, lin.__dict__[name]) for name in ("compute_dtype", "quant_type", "_native")
-                      if name in lin.__dict__]
+            links += _linear_links(lin)
+    return links
+
+
+def _linear_links(lin: torch.nn.Module) -> list[tuple[dict, str, Any]]:
+    """A projection's weights, bias and the attributes its entry copies."""
+    links: list[tuple[dict, str, Any]] = [(lin._parameters, "bias", lin.bias)]
+    links += [(lin._parameters, name, t) for name, t in lin._parameters.items()]
+    links += [(lin._buffers, name, t) for name, t in lin._buffers.items()]
+    links += [(lin.__dict__, name, lin.__dict__[name]) for name in ("compute_dtype", "quant_type", "_native",
+                                                                   "kernel_type") if name in lin.__dict__]
     return links
 
 
@@ -313,6 +319,54 @@ def table_for(decoder: Any, stock: tuple[type, type, type, type]) -> _Table | No
     return _table(decoder, stock)
 
 
+@dataclass
+class _Head(_Links):
+    """A causal LM's output projection as step.c reads it (computed in the step's threads on the
+    final norm), and the links of the module it was built from."""
+
+    hooks: tuple[dict, dict]  # the head's forward hook and pre-hook dicts: one non-empty, the module runs
+    pointed: tuple[torch.Tensor, ...]
+    pointers: tuple[int, ...]
+    entry: Any  # native_step.Lin
+    bf16: bool
+    max_rows: int
+
+    def current(self) -> bool:
+        return super().current() and all(map(operator.eq, map(torch.Tensor.data_ptr, self.pointed), self.pointers))
+
+
+_HEAD_KINDS = (GGUFBlockLinear, MatvecLinear, Int8Linear, NF4Linear)
+
+
+def _head_links(model: Any, lin: Any) -> tuple[tuple, tuple, tuple]:
+    return tuple(zip(*[(model._modules, "lm_head", lin), *_linear_links(lin)]))  # type: ignore[return-value]
+
+
+def _head(model: Any, bf16: bool, c: int) -> _Head | None:
+    """`model.lm_head` as step.c computes it under this activation type, if it can compute
+    exactly what the module does (one of the kinds `_entry` takes, no row order, C inputs);
+    the answer is kept on the model while the links hold."""
+    cached = model.__dict__.get("_fused_head")
+    if cached is not None and cached.current() and (not isinstance(cached, _Head) or cached.bf16 == bf16):
+        return cached if isinstance(cached, _Head) else None
+    lin = model._modules.get("lm_head")
+    if type(lin) not in _HEAD_KINDS:
+        model.__dict__.pop("_fused_head", None)
+        return None
+    found = None
+    if lin.in_features == c and getattr(lin, "row_order", None) is None:
+        found = _entry(lin, bf16)
+    links = _head_links(model, lin)
+    if found is None or not native_step.available(bf16, frozenset({found[0].kind})):
+        model.__dict__["_fused_head"] = _Links(*links)
+        return None
+    entry, tensors, rows = found
+    head = _Head(*links, (lin._forward_hooks, lin._forward_pre_hooks), tuple(tensors),
+                 tuple(t.data_ptr() for t in tensors), entry, bf16, rows)
+    model.__dict__["_fused_head"] = head
+    return head
+
+
 _UNVOUCHED = object()  # a thread's entry in decoder.__dict__["_fused_vouched"] outside a `vouched` span
 
 
@@ -404,6 +458,22 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
     cache's slots are written as `update` would. T > 1 (a prompt's chunk of at most
     `MAX_CHUNK_ROWS` tokens in all) runs as B * T rows, each token attending the chunk's earlier ones
     through the cache, as the modules' write-then-read step does."""
+    found = _fused(decoder, h, step, cache, stock, None)
+    return None if found is None else found[0]
+
+
+def decode_logits(model: Any, h: torch.Tensor, step: Any, cache: KVCache | None,
+                  stock: tuple[type, type, type, type]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`decode_layers` on `model.model` for one token per row (T = 1), with `model.lm_head`
+    applied in the same native call where step.c computes what the head module does:
+    (normed h (B, 1, C), logits (B, V) or None where the head module must run), or None where
+    the layers' modules must run. The head in the step's own threads spares a parallel region
+    of its own and a call from Python a token (bench/RESULTS.md)."""
+    return _fused(model.model, h, step, cache, stock, model) if h.dim() == 3 and h.shape[1] == 1 else None
+
+
+def _fused(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | None, stock: tuple[type, type, type, type],
+           model: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     if torch.compiler.is_compiling() or cache is None or step.plan is None or h.dim() != 3:
         return None
     plan, t = step.plan, h.shape[1]
@@ -432,6 +502,11 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
     arrays = _cache_arrays(table, cache, plan)
     if arrays is None:
         return None
+    head = None if model is None else _head(model, table.bf16, c)
+    if head is not None and (b > head.max_rows or any(head.hooks) or (
+            torch.is_grad_enabled() and any(w.requires_grad for w in head.pointed))):
+        head = None
+    logits = None if head is None else torch.empty(b, head.entry.n, dtype=h.dtype)
     keys, values, stride, kv16 = arrays
     x = h.reshape(b * t, c).contiguous().clone()  # the input may be the caller's inputs_embeds
     normed = torch.empty_like(x)
@@ -441,6 +516,8 @@ def decode_layers(decoder: Any, h: torch.Tensor, step: Any, cache: KVCache | Non
                            sin.data_ptr(), mask.data_ptr(), mask_s, plan.used, int(plan.write_slots[0]),
                            ctypes.cast(keys, ctypes.c_void_p), ctypes.cast(values, ctypes.c_void_p),
                            (ctypes.c_int64 * 3)(stride[0], stride[1], stride[2]), torch.get_num_threads(), 0, 0,
-                           table.norm[0], table.norm[1], normed.data_ptr(), t, mask.stride(2))
+                           table.norm[0], table.norm[1], normed.data_ptr(), t, mask.stride(2),
+                           None if head is None else ctypes.pointer(head.entry),
+                           None if logits is None else logits.data_ptr())
     threads_of(decoder).waited = native_step.decode_layers(table.layers, layers, run, x)
-    return normed.view(b, t, c)
+    return normed.view(b, t, c), logits

@@ -453,6 +453,45 @@ class MistralForCausalLM(MistralPreTrainedModel):
             loss = causal_lm_loss(logits, labels)
         return CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
 
+    def next_token_logits(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """(B, V) logits of one decode step, row i reading tokens[i] at positions[i] into `cache`:
+        what `forward(tokens[:, None], position_ids=positions[:, None], past_key_values=cache,
+        use_cache=True, logits_to_keep=1).logits[:, -1]` returns, with the head computed inside
+        the fused native step where it can be. None, with nothing done, where only the forward
+        itself computes that (a hook on this model or its decoder, a forward other than ours,
+        per-layer outputs asked for by the config, gradient checkpointing): drivers then call it."""
+        decoder = self.model
+        cfg = decoder.config
+        if (not (_stock_forward(self, MistralForCausalLM) and _stock_forward(decoder, MistralModel))
+                or not _plain_call(self, decoder) or cfg.output_attentions or cfg.output_hidden_states
+                or decoder._checkpointing() or not isinstance(cache, KVCache)):
+            return None
+        h = decoder._embed(tokens[:, None], None)
+        step = decoder.prepare_step(h, None, positions[:, None], cache)
+        fused = fused_step.decode_logits(self, h, step, cache, _STOCK_LAYER)
+        if fused is None:
+            normed, logits = decoder.decode_layers(h, step, cache), None
+        else:
+            normed, logits = fused
+        if step.plan is not None:
+            cache.commit(step.plan)
+        return self.lm_head(normed)[:, -1] if logits is None else logits
+
+
+def _stock_forward(module: nn.Module, cls: type) -> bool:
+    """Whether `module`'s forward is `cls.forward`: not a subclass's, nor one set on the instance."""
+    return type(module).forward is cls.forward and "forward" not in module.__dict__
+
+
+def _plain_call(*modules: nn.Module) -> bool:
+    """Whether calling these modules runs just their forward: no hook of theirs, none global."""
+    hooks = nn.modules.module
+    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+            or hooks._global_backward_pre_hooks):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in modules)
+
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of token i predicting label i+1; label -100 is ignored."""

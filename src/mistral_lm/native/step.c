@@ -129,6 +129,8 @@ typedef struct {
     int64_t T;                       /* tokens per cache row (1 for a decode step): row m is token m % T
                                         of cache row m / T, written at slot + m % T */
     int64_t mask_q;                  /* the mask's stride between one cache row's tokens */
+    const Lin *head;                 /* the model's output projection on the final norm, or NULL (needs norm) */
+    void *logits;                    /* (M, head->n) out in the activation type, where head is given */
 } Step;
 
 /* where row m's keys live, and its mask row */
@@ -381,6 +383,7 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
     if (attend == NULL) return -1;
     const int threads = st->nthreads > 0 ? st->nthreads : 1;
     if (st->T < 1 || M % st->T) return -1;
+    if (st->head != NULL && (st->norm == NULL || st->logits == NULL || st->head->k != C)) return -1;
     const int chunk = st->T > 1; /* the rows read each other's keys: all are written before any attends */
     /* each thread's own: the residual stream (thread 0 works in x itself), its norm, the q8 blocks
      * of a projection's input, rope's gathered head; 64-byte aligned slices */
@@ -499,6 +502,12 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
             rc |= linear_part(kn, &ly->down, input_of(&ly->down, act, xq), M, o, t, nt);
             barrier_wait(&bar, nt);
             add(xt, o, M * C, bf16); /* o is next written after the next layer's attention barrier */
+        }
+        if (st->head != NULL) { /* the head: every thread norms its own residual copy (the same bits),
+                                   then takes its share of the vocabulary's rows */
+            ew->rmsnorm(xt, M, C, C, st->norm, st->norm_eps, xn, 1);
+            quantize_input(kn, st->head, xn, M, xq);
+            rc |= linear_part(kn, st->head, input_of(st->head, xn, xq), M, st->logits, t, nt);
         }
         const int64_t delay1 = delay0 < 0 ? -1 : run_delay_ns();
         if (delay1 < 0) atomic_store(&unknown, 1);

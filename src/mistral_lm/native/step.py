@@ -47,7 +47,7 @@ class Step(ctypes.Structure):
                 ("kv16", _i64), ("scale", _f32), ("cos", _ptr), ("sin", _ptr), ("mask", _ptr), ("mask_s", _i64 * 2),
                 ("used", _i64), ("slot", _i64), ("keys", _ptr), ("values", _ptr), ("cache_s", _i64 * 3),
                 ("nthreads", ctypes.c_int), ("waited_ns", _i64), ("wall_ns", _i64), ("norm", _ptr), ("norm_eps", _f32),
-                ("normed", _ptr), ("T", _i64), ("mask_q", _i64)]
+                ("normed", _ptr), ("T", _i64), ("mask_q", _i64), ("head", ctypes.POINTER(Lin)), ("logits", _ptr)]
 
 
 def _address(lib: ctypes.CDLL | None, name: str) -> int | None:
