@@ -22,6 +22,8 @@
  *   xn = rmsnorm(x); q, k, v = xn W^T; q, k = rope(q, k); cache[slot] = k, v;
  *   a = attention(q, cache keys 0..used-1, mask); x += a Wo^T;
  *   xn = rmsnorm(x); x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T
+ * then the model's final norm, and where a head is given (one token per row) logits = xn Wh^T,
+ * each thread its share of the vocabulary's rows.
  *
  * A step may also read T > 1 tokens per cache row (a short prompt's prefill): row m is token
  * m % T of cache row m / T and writes slot `slot + m % T`. Every row's keys are written before
