@@ -24,7 +24,10 @@ prompt ids and token count, in process (bench_perf.py's worker, before the serve
 it stops), and through llama-cpp-python's own OpenAI server with the same client where its
 `server` extra is installed: every client count is reported against them. `--llama-server PATH`
 (llama.cpp's own C++ `llama-server` binary, built from the same source) adds one client of it,
-with the same client and prompts.
+with the same client and prompts. `--alternate PAIRS` takes requests in turns, ours then
+theirs, and reports the medians of the pairs' ratios: against llama.cpp's in-process stream, and
+with `--llama-server` against that server, up beside ours for the pairs. The machine's speed
+drifts within minutes; only neighbours compare.
 """
 
 from __future__ import annotations
@@ -286,14 +289,9 @@ class LlamaReference:
             if mode == "plain":
                 lines.append(f"  {clients} clients: {r['tok_s']:.1f} tok/s = {r['tok_s'] / rate:.2f}x llama.cpp's one "
                              f"stream; one stream's rate {r['stream_tok_s']:.1f} = {r['stream_tok_s'] / rate:.2f}x")
-        pairs = self.pairs
-        if pairs:
-            whole = sorted(o / ll for o, _, ll in pairs)
-            stream = sorted(s / ll for _, s, ll in pairs)
-            lines.append(f"one client and llama.cpp's one stream in turns ({len(pairs)} pairs): ours "
-                         f"{statistics.median(whole):.2f}x a request (set-up and prefill included; pairs "
-                         f"{whole[0]:.2f}-{whole[-1]:.2f}x), its stream {statistics.median(stream):.2f}x "
-                         f"({stream[0]:.2f}-{stream[-1]:.2f}x), medians of the pairs' ratios")
+        if self.pairs:  # llama.cpp's decode rate stands for both its request and its stream
+            lines.append(f"one client and llama.cpp's one stream in turns ({len(self.pairs)} pairs): ours "
+                         f"{pair_medians([(o, s, ll, ll) for o, s, ll in self.pairs])}, medians of the pairs' ratios")
         return "\n".join(lines)
 
 
@@ -319,6 +317,54 @@ def one_client(command: Callable[[int], list[str]], health: str, requests: int, 
         stop(server)
 
 
+def llama_server_command(binary: str, model: Path) -> Callable[[int], list[str]]:
+    """`llama-server` on `model` with 2 threads, as `command(port)`."""
+    return lambda port: [binary, "-m", str(model), "-t", "2", "-tb", "2", "-c", "2048", "--host", "127.0.0.1",
+                         "--port", str(port)]
+
+
+def alternate_servers(url: str, command: Callable[[int], list[str]], health: str, pairs: int,
+                      max_tokens: int) -> list[tuple[float, float, float, float]]:
+    """One request to our server at `url` and one to another server (`command(port)` starts it)
+    in turns, the order swapped every pair, both servers up the whole time: the machine's speed
+    drifts within minutes, and only neighbours compare. Per pair: (ours tok/s, ours stream tok/s,
+    theirs tok/s, theirs stream tok/s), a request's tokens over its wall time (set-up and prefill
+    included) and its stream's rate from its first token to its last."""
+    port = free_port()
+    other = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(other, server, health=health)
+        with httpx.Client(limits=ONE_CONNECTION_A_REQUEST) as http:
+            stream_one(http, other, "Warm up.", 8, usage=False)
+
+            def one(target: str, i: int) -> tuple[float, float]:
+                rates: list[float] = []
+                start = time.perf_counter()
+                tokens = stream_one(http, target, PROMPT.format(c=2, r=i), max_tokens, rates=rates,
+                                    usage=target == url)
+                return tokens / (time.perf_counter() - start), rates[0] if rates else float("nan")
+
+            found = []
+            for i in range(pairs):
+                if i % 2:
+                    theirs, ours = one(other, i), one(url, i)
+                else:
+                    ours, theirs = one(url, i), one(other, i)
+                found.append((*ours, *theirs))
+        return found
+    finally:
+        stop(server)
+
+
+def pair_medians(pairs: list[tuple[float, float, float, float]]) -> str:
+    """'Xx a request (pairs a-b), its stream Yx (c-d)': medians of the pairs' ratios, ours over theirs."""
+    whole = sorted(o / t for o, _, t, _ in pairs)
+    stream = sorted(o / t for _, o, _, t in pairs)
+    return (f"{statistics.median(whole):.2f}x a request (set-up and prefill included; pairs {whole[0]:.2f}-"
+            f"{whole[-1]:.2f}x), its stream {statistics.median(stream):.2f}x ({stream[0]:.2f}-{stream[-1]:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model folder or .gguf file (default: the packaged SmolLM2)")
@@ -334,7 +380,8 @@ def main() -> None:
     parser.add_argument("--llama-runs", type=int, default=4, help="llama.cpp runs, half before and half after")
     parser.add_argument("--alternate", type=int, default=0, metavar="PAIRS",
                         help="with --llama-python: also this many pairs of one request of ours and one llama.cpp "
-                        "stream, taken in turns, reported as the median of the pairs' ratios")
+                        "stream, taken in turns; with --llama-server, as many pairs of one request to each "
+                        "server; reported as the medians of the pairs' ratios")
     parser.add_argument("--llama-server", help="llama.cpp's `llama-server` binary: adds one client of it on the same "
                         "GGUF (2 threads), with the same client and prompts, after ours")
     parser.add_argument("--temperature", type=float, default=0.0,
@@ -358,6 +405,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         llama = LlamaReference(args, model, Path(tmp)) if args.llama_python else None
         server = start_server(model, port, args.threads)
+        in_turns = None
         try:
             wait_ready(url, server)
             if llama is not None:
@@ -370,6 +418,9 @@ def main() -> None:
             turns = turn_two(url, args.turns) if args.turns else None
             if llama is not None and args.alternate:
                 llama.alternate(url, args.alternate)
+            if args.llama_server and args.alternate:
+                in_turns = alternate_servers(url, llama_server_command(args.llama_server, model), "/health",
+                                             args.alternate, args.max_tokens)
         finally:
             stop(server)
         if llama is not None:
@@ -377,9 +428,8 @@ def main() -> None:
             llama.serve(args.requests)
         native = None
         if args.llama_server:
-            native = one_client(lambda port: [args.llama_server, "-m", str(model), "-t", "2", "-tb", "2", "-c", "2048",
-                                              "--host", "127.0.0.1", "--port", str(port)],
-                                "/health", args.requests, args.max_tokens)
+            native = one_client(llama_server_command(args.llama_server, model), "/health", args.requests,
+                                args.max_tokens)
 
     label = "random 4-layer Mistral" if model == Path(tmp) else model.name
     print(f"model: {label}, max_tokens {args.max_tokens}, {args.requests} requests per client, "
@@ -404,6 +454,9 @@ def main() -> None:
         print(f"llama.cpp's llama-server, one client: {native['tok_s']:.1f} tok/s, one stream's rate "
               f"{native['stream_tok_s']:.1f}; ours at {results[0][0]} client(s): "
               f"{ours['tok_s'] / native['tok_s']:.2f}x and {ours['stream_tok_s'] / native['stream_tok_s']:.2f}x")
+    if in_turns:
+        print(f"one client of ours and one of llama-server in turns ({len(in_turns)} pairs): ours "
+              f"{pair_medians(in_turns)}, medians of the pairs' ratios")
     if turns:
         print(f"turn-2 time to first token on a {turns['history']}-token history: turn 1 {turns['turn1']:.2f} s, "
               f"turn 2 {turns['turn2']:.2f} s ({turns['turn2'] / turns['turn1']:.2f}x turn 1), "

@@ -35,3 +35,12 @@ def test_bench_perf_takes_a_prompt_and_a_token_count():
     assert (perf.parse_args(["--quick"]).prompt_len, perf.parse_args([]).new_tokens) == (64, 128)
     with pytest.raises(SystemExit):
         perf.parse_args(["--prompt", "0"])
+
+
+def test_bench_server_reports_the_median_of_the_pairs_ratios():
+    """Pairs taken in turns compare as neighbours: the median of each pair's ratio, ours over
+    theirs (here 0.60x a request), not the ratio of the medians (3 / 4 = 0.75x)."""
+    server = _load("bench_server")
+    pairs = [(10.0, 8.0, 1.0, 2.0), (2.0, 3.0, 4.0, 6.0), (3.0, 2.0, 5.0, 8.0)]
+    assert server.pair_medians(pairs) == ("0.60x a request (set-up and prefill included; pairs 0.50-10.00x), "
+                                          "its stream 0.50x (0.25-4.00x)")
