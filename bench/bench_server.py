@@ -33,15 +33,16 @@ drifts within minutes; only neighbours compare.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
-import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -298,9 +299,10 @@ class LlamaReference:
 PROMPT = "Story {c}.{r}: Once upon a time, in a city by the sea,"
 
 
-def one_client(command: Callable[[int], list[str]], health: str, requests: int, max_tokens: int) -> dict[str, float]:
-    """Another engine's OpenAI server (`command(port)` starts it): one client streaming the phases'
-    prompts one after the other, greedy; its tokens/s and one stream's rate, measured as ours are."""
+@contextlib.contextmanager
+def other_server(command: Callable[[int], list[str]], health: str) -> Iterator[tuple[str, httpx.Client]]:
+    """Another engine's OpenAI server (`command(port)` starts it), ready and warmed up: its URL and
+    a client that opens one connection a request; stopped on leaving."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -308,13 +310,20 @@ def one_client(command: Callable[[int], list[str]], health: str, requests: int, 
         wait_ready(url, server, health=health)
         with httpx.Client(limits=ONE_CONNECTION_A_REQUEST) as http:
             stream_one(http, url, "Warm up.", 8, usage=False)
-            rates: list[float] = []
-            start, tokens = time.perf_counter(), 0
-            for r in range(requests):
-                tokens += stream_one(http, url, PROMPT.format(c=0, r=r), max_tokens, rates=rates, usage=False)
-        return {"tok_s": tokens / (time.perf_counter() - start), "stream_tok_s": statistics.median(rates)}
+            yield url, http
     finally:
         stop(server)
+
+
+def one_client(command: Callable[[int], list[str]], health: str, requests: int, max_tokens: int) -> dict[str, float]:
+    """Another engine's OpenAI server: one client streaming the phases' prompts one after the
+    other, greedy; its tokens/s and one stream's rate, measured as ours are."""
+    with other_server(command, health) as (url, http):
+        rates: list[float] = []
+        start, tokens = time.perf_counter(), 0
+        for r in range(requests):
+            tokens += stream_one(http, url, PROMPT.format(c=0, r=r), max_tokens, rates=rates, usage=False)
+        return {"tok_s": tokens / (time.perf_counter() - start), "stream_tok_s": statistics.median(rates)}
 
 
 def llama_server_command(binary: str, model: Path) -> Callable[[int], list[str]]:
@@ -330,31 +339,21 @@ def alternate_servers(url: str, command: Callable[[int], list[str]], health: str
     drifts within minutes, and only neighbours compare. Per pair: (ours tok/s, ours stream tok/s,
     theirs tok/s, theirs stream tok/s), a request's tokens over its wall time (set-up and prefill
     included) and its stream's rate from its first token to its last."""
-    port = free_port()
-    other = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(other, server, health=health)
-        with httpx.Client(limits=ONE_CONNECTION_A_REQUEST) as http:
-            stream_one(http, other, "Warm up.", 8, usage=False)
+    with other_server(command, health) as (other, http):
+        def one(target: str, i: int) -> tuple[float, float]:
+            rates: list[float] = []
+            start = time.perf_counter()
+            tokens = stream_one(http, target, PROMPT.format(c=2, r=i), max_tokens, rates=rates, usage=target == url)
+            return tokens / (time.perf_counter() - start), rates[0] if rates else float("nan")
 
-            def one(target: str, i: int) -> tuple[float, float]:
-                rates: list[float] = []
-                start = time.perf_counter()
-                tokens = stream_one(http, target, PROMPT.format(c=2, r=i), max_tokens, rates=rates,
-                                    usage=target == url)
-                return tokens / (time.perf_counter() - start), rates[0] if rates else float("nan")
-
-            found = []
-            for i in range(pairs):
-                if i % 2:
-                    theirs, ours = one(other, i), one(url, i)
-                else:
-                    ours, theirs = one(url, i), one(other, i)
-                found.append((*ours, *theirs))
+        found = []
+        for i in range(pairs):
+            if i % 2:
+                theirs, ours = one(other, i), one(url, i)
+            else:
+                ours, theirs = one(url, i), one(other, i)
+            found.append((*ours, *theirs))
         return found
-    finally:
-        stop(server)
 
 
 def pair_medians(pairs: list[tuple[float, float, float, float]]) -> str:
