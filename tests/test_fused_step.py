@@ -475,6 +475,29 @@ def test_a_hook_on_the_model_runs_its_forward_every_step(model, heads):
         handle.remove()
 
 
+@pytest.mark.parametrize("kind", ["gguf", "nf4"])
+def test_a_model_copies_after_its_fused_steps(model, kind, calls):
+    """copy.deepcopy (trl's reference model, for one) of a model that has decoded: the native
+    tables it keeps held ctypes pointers, which cannot be copied, and deepcopy raised; the copy
+    now builds its own tables, over its own tensors, and computes the same logits."""
+    import copy
+
+    if kind == "nf4":
+        model = bf16_model("nf4")
+        if not native_step.available(True, frozenset({native_step.LIN_NF4})):
+            pytest.skip("the bfloat16 kernels could not be built here")
+    ids, mask = prompts(2, 6)
+    before = decode(model, ids, mask, 3)
+    twin = copy.deepcopy(model)
+    assert torch.equal(decode(twin, ids, mask, 3), before) and len(calls) == 8
+    for name in ("_fused_step", "_fused_head"):
+        owner = twin.model if name == "_fused_step" else twin
+        mine = model.model if name == "_fused_step" else model
+        assert owner.__dict__[name] is not mine.__dict__[name]
+    twin.model.norm.weight.data = twin.model.norm.weight.detach() * 2  # the copy's own tensors
+    assert torch.equal(decode(model, ids, mask, 3), before)
+
+
 def test_other_models_never_take_it(calls):
     from .conftest import tiny_config
 

@@ -141,6 +141,16 @@ class _Links:
     def current(self) -> bool:
         return native_links.current(self.dicts, self.keys, self.values)
 
+    def __reduce__(self) -> tuple:
+        """A copy of the model (copy.deepcopy, pickle) starts without this cache: it points into
+        the original's modules and tensors, and its ctypes pointers cannot be copied; the copy's
+        first step builds its own."""
+        return _absent, ()
+
+
+def _absent() -> None:
+    return None
+
 
 @dataclass
 class _Table(_Links):
