@@ -496,6 +496,12 @@ def test_a_model_copies_after_its_fused_steps(model, kind, calls):
         assert owner.__dict__[name] is not mine.__dict__[name]
     twin.model.norm.weight.data = twin.model.norm.weight.detach() * 2  # the copy's own tensors
     assert torch.equal(decode(model, ids, mask, 3), before)
+    with fused_step.vouched_model(model):  # a copy made inside a span is not in it
+        decode(model, ids, mask, 1)
+        twin = copy.deepcopy(model)
+    assert not twin.model.__dict__.get("_fused_vouched")
+    with fused_step.vouched_model(twin):  # and opens spans of its own
+        assert torch.equal(decode(twin, ids, mask, 3), before)
 
 
 def test_other_models_never_take_it(calls):

@@ -22,7 +22,9 @@ path's bit for bit, and the module path stays the definition (tests compare the 
   prompt's chunk of up to `MAX_CHUNK_ROWS` tokens (all prompts together) into consecutive slots of a cache without a
   rolling window (a short prompt's prefill: its Python would cost more than its arithmetic); a
   CPU cache in the activation type, the native attention.
-Anything else returns None and the modules run. The layer table (pointers to weights and norms)
+Anything else returns None and the modules run. For one token per row, `decode_logits` also
+computes a causal LM's head in the same call, where the head is a projection of the kinds above
+(no row order, no hook). The layer table (pointers to weights and norms)
 is built once per decoder and checked against the modules at every step, so swapping a module,
 wrapping it (peft), hooking it or re-pointing a weight's storage (`.data =`, a fusion released)
 is seen at once; a driver that runs no code of the user's between its steps (the server's engine
@@ -380,6 +382,14 @@ def _head(model: Any, bf16: bool, c: int) -> _Head | None:
 _UNVOUCHED = object()  # a thread's entry in decoder.__dict__["_fused_vouched"] outside a `vouched` span
 
 
+class _Spans(dict):
+    """A decoder's open `vouched` spans: thread -> None (not checked yet) or the table. A copy of
+    the model has none: its threads' spans are the original's, not its own."""
+
+    def __reduce__(self) -> tuple:
+        return _absent, ()
+
+
 @contextlib.contextmanager
 def vouched(decoder: Any) -> Iterator[None]:
     """Steps on the calling thread inside are vouched for by a driver that runs no code that
@@ -389,7 +399,9 @@ def vouched(decoder: Any) -> Iterator[None]:
     check. Steps on other threads check as always, so a forward of the user's elsewhere still
     sees its hooks. Outside a span every step checks: the check touches ~1,700 module objects,
     which the step's weights push out of the caches, 0.1-0.5 ms a token (bench/RESULTS.md)."""
-    spans = decoder.__dict__.setdefault("_fused_vouched", {})  # thread -> None (not checked yet) or the table
+    if decoder.__dict__.get("_fused_vouched", _UNVOUCHED) is None:
+        decoder.__dict__.pop("_fused_vouched", None)  # a copy's: none open
+    spans = decoder.__dict__.setdefault("_fused_vouched", _Spans())  # thread -> None (not checked yet) or the table
     thread = threading.get_ident()
     outer = spans.get(thread, _UNVOUCHED)
     spans[thread] = None
