@@ -154,6 +154,11 @@ def _absent() -> None:
     return None
 
 
+def _same_storage(pointed: tuple[torch.Tensor, ...], pointers: tuple[int, ...]) -> bool:
+    """Whether each tensor still points where a table recorded (`.data =` re-points one)."""
+    return all(map(operator.eq, map(torch.Tensor.data_ptr, pointed), pointers))
+
+
 @dataclass
 class _Table(_Links):
     """step.c's layer table and the links of the modules it describes."""
@@ -171,7 +176,7 @@ class _Table(_Links):
     cache_arrays: tuple[list, Any, Any] | None = None  # the last cache buffers and their pointer arrays
 
     def current(self) -> bool:
-        return super().current() and all(map(operator.eq, map(torch.Tensor.data_ptr, self.pointed), self.pointers))
+        return super().current() and _same_storage(self.pointed, self.pointers)
 
 
 def _links(decoder: Any, parts: list[torch.nn.Module]) -> list[tuple[dict, str, Any]]:
@@ -344,7 +349,7 @@ class _Head(_Links):
     max_rows: int
 
     def current(self) -> bool:
-        return super().current() and all(map(operator.eq, map(torch.Tensor.data_ptr, self.pointed), self.pointers))
+        return super().current() and _same_storage(self.pointed, self.pointers)
 
 
 _HEAD_KINDS = (GGUFBlockLinear, MatvecLinear, Int8Linear, NF4Linear)
