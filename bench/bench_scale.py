@@ -368,6 +368,8 @@ def main() -> None:
            "long": [random.Random(1).randrange(3, 32000) for _ in range(args.long_prompt)]}
     rows = {}
     bandwidths = []
+    if args.folder:
+        Path(args.folder).mkdir(parents=True, exist_ok=True)  # a folder named on the command line is made
     with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
         for name in [f for f in args.files.split(",") if f]:
             bandwidths.append(spawn(sys.executable, ["bandwidth"])["read_gb_s"])
