@@ -513,6 +513,27 @@ def test_other_models_never_take_it(calls):
     assert not calls
 
 
+
+def test_a_refused_decode_step_asks_the_native_step_once(monkeypatch):
+    """Where the fused step refuses a decode step (here: attention on torch's kernels), the
+    step runs the modules after one refusal, not after asking again for the layers alone."""
+    asked: list[bool] = []
+    fused = fused_step._fused
+
+    def counted(decoder, h, step, cache, stock, head_of):
+        asked.append(head_of is not None)
+        return fused(decoder, h, step, cache, stock, head_of)
+
+    monkeypatch.setattr(fused_step, "_fused", counted)
+    model = MistralForCausalLM.from_pretrained(PATH, gguf_native=True, attn_implementation="sdpa")
+    ids, mask = prompts(2, 6)
+    with torch.inference_mode():
+        cache = model.make_cache(2, 32)
+        logits = prefill(model, cache, ids, mask, 1024)
+        asked.clear()
+        Decoder(model)(logits.argmax(-1), mask.sum(1), cache)
+    assert asked == [True]
+
 # ------------------------------------------------------------------ bfloat16 activations
 def bf16_model(kind: str) -> MistralForCausalLM:
     from mistral_lm import BitsAndBytesConfig

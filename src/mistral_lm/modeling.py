@@ -285,10 +285,11 @@ class MistralModel(MistralPreTrainedModel):
 
     def decode_layers(self, h: torch.Tensor, step: Step, cache: KVCache | None,
                       hidden: list[torch.Tensor] | None = None,
-                      attentions: list[torch.Tensor] | None = None) -> torch.Tensor:
+                      attentions: list[torch.Tensor] | None = None, fused: bool = True) -> torch.Tensor:
         """Every layer, then the final norm, collecting per-layer outputs into the lists given.
-        A driver may compile it for single-token steps (generation.py)."""
-        if hidden is None and attentions is None:
+        A driver may compile it for single-token steps (generation.py). `fused=False`: the caller
+        already asked the native step for this very step and was refused."""
+        if fused and hidden is None and attentions is None:
             # all layers in one native call, computing the same bits as the modules below
             fused = fused_step.decode_layers(self, h, step, cache, _STOCK_LAYER)
             if fused is not None:  # the final norm included
@@ -470,7 +471,7 @@ class MistralForCausalLM(MistralPreTrainedModel):
         step = decoder.prepare_step(h, None, positions[:, None], cache)
         fused = fused_step.decode_logits(self, h, step, cache, _STOCK_LAYER)
         if fused is None:
-            normed, logits = decoder.decode_layers(h, step, cache), None
+            normed, logits = decoder.decode_layers(h, step, cache, fused=False), None  # refused: asked once
         else:
             normed, logits = fused
         if step.plan is not None:
