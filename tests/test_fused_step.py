@@ -513,7 +513,6 @@ def test_other_models_never_take_it(calls):
     assert not calls
 
 
-
 def test_a_refused_decode_step_asks_the_native_step_once(monkeypatch):
     """Where the fused step refuses a decode step (here: attention on torch's kernels), the
     step runs the modules after one refusal, not after asking again for the layers alone."""
@@ -533,6 +532,7 @@ def test_a_refused_decode_step_asks_the_native_step_once(monkeypatch):
         asked.clear()
         Decoder(model)(logits.argmax(-1), mask.sum(1), cache)
     assert asked == [True]
+
 
 # ------------------------------------------------------------------ bfloat16 activations
 def bf16_model(kind: str) -> MistralForCausalLM:

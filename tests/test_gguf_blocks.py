@@ -174,8 +174,9 @@ def test_logits_follow_the_8bit_activation_scheme(dense):
     and an RMS of 0.27 / 0.28 (division / reciprocal form, at either thread count) while the
     kernels gave 4.10 and 0.37, and one Xeon's floors ranged 2.31-4.34 at the max. On 8 x 64
     positions the same EPYC's kernels and floors agreed within 10 % at the max and 5 % in RMS
-    over three seeds (kernels 5.17 / 0.278, floors 5.41-5.49 / 0.278-0.288 on this seed). The
-    floor is still all four roundings: each form, under one and two threads.
+    over three seeds (this seed: kernels 5.17 / 0.278; floors 5.41 / 0.278-0.288, and 5.49 with
+    the input moved by one ulp). The floor is still all four roundings: each form, under one
+    and two threads.
     The native model keeps a float32 cache here, as the dense one does: its default float16
     cache is another rounding, which tests/test_cache.py and test_native_attention.py pin."""
     native = MistralForCausalLM.from_pretrained(PATH, gguf_native=True, kv_cache_dtype=torch.float32)

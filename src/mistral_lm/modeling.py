@@ -291,9 +291,9 @@ class MistralModel(MistralPreTrainedModel):
         already asked the native step for this very step and was refused."""
         if fused and hidden is None and attentions is None:
             # all layers in one native call, computing the same bits as the modules below
-            fused = fused_step.decode_layers(self, h, step, cache, _STOCK_LAYER)
-            if fused is not None:  # the final norm included
-                return fused
+            native = fused_step.decode_layers(self, h, step, cache, _STOCK_LAYER)
+            if native is not None:  # the final norm included
+                return native
         every = self.gradient_checkpointing["every_n_layers"] if cache is None and self._checkpointing() else 0
         # fusion.py: the fused projections that are exact right now, validated once for the step
         compiling = torch.compiler.is_compiling()
