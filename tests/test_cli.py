@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -17,17 +18,34 @@ def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_generate_greedy_matches_library_call():
+def _library_answer(prompt: str, **kwargs) -> str:
     from mistral_lm import runtime
 
-    result = _run("generate", "Name a colour.", "--max-new-tokens", "12")
-    assert result.returncode == 0, result.stderr
     model, tok = runtime.load_for_inference(None)  # the CLI's defaults: the GGUF's own blocks
-    ids = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}], add_generation_prompt=True,
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                   return_tensors="pt")
-    out = model.generate(ids, max_new_tokens=12, eos_token_id=tok.eos_token_id)
-    expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    assert result.stdout.strip() == expected.strip()
+    out = model.generate(ids, eos_token_id=tok.eos_token_id, **kwargs)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_generate_greedy_matches_library_call():
+    result = _run("generate", "Name a colour.", "--max-new-tokens", "12", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert "seed" not in result.stderr
+    assert result.stdout.strip() == _library_answer("Name a colour.", max_new_tokens=12, do_sample=False).strip()
+
+
+def test_generate_samples_by_default_with_llama_cpp_settings_and_prints_its_seed():
+    """No flags: sampled with llama-cli's temperature, top-k, top-p and min-p, and a random seed
+    that the stats line prints; that seed and those settings in the library give the same text."""
+    first = _run("generate", "Write a haiku about the sea.", "--max-new-tokens", "24")
+    assert first.returncode == 0, first.stderr
+    seed = int(re.search(r"; seed (\d+)\]", first.stderr).group(1))
+    expected = _library_answer("Write a haiku about the sea.", max_new_tokens=24, do_sample=True, temperature=0.8,
+                               top_k=40, top_p=0.95, min_p=0.05, seed=seed, sampler="inverse_cdf")
+    assert first.stdout.strip() == expected.strip()
+    again = _run("generate", "Write a haiku about the sea.", "--max-new-tokens", "24", "--seed", str(seed))
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
 
 
 def test_chat_from_stdin_keeps_conversation_and_resets():

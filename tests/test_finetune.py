@@ -92,9 +92,10 @@ def test_cli_finetune_then_generate_with_the_adapter(folder, data, tmp_path, cap
                  "--lr", "1e-2", "--batch-size", "8", "--lora-r", "4"]) == 0
     capsys.readouterr()
     assert main(["generate", "What is 2 plus 3?", "--model", str(folder), "--adapter", str(out),
-                 "--max-new-tokens", "8"]) == 0
+                 "--max-new-tokens", "8", "--temperature", "0"]) == 0
     tuned = capsys.readouterr().out
-    assert main(["generate", "What is 2 plus 3?", "--model", str(folder), "--max-new-tokens", "8"]) == 0
+    assert main(["generate", "What is 2 plus 3?", "--model", str(folder), "--max-new-tokens", "8",
+                 "--temperature", "0"]) == 0
     plain = capsys.readouterr().out
     tok = MistralTokenizer.from_pretrained(folder)
     adapted = peft.PeftModel.from_pretrained(MistralForCausalLM.from_pretrained(folder), str(out)).eval()

@@ -1,10 +1,11 @@
 """`torchrun --nproc-per-node 2 -m mistral_lm generate ...`: the CLI's answer under tensor parallel
-equals the single-process CLI's (greedy, fp32), printed once; commands that cannot run in step
+equals the single-process CLI's (sampled with the seed it printed, fp32), printed once; commands that cannot run in step
 are refused with one line."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,12 +34,17 @@ def folder(tmp_path_factory, tokenizer_model_v1) -> Path:
 
 
 def test_torchrun_generate_equals_one_process(folder: Path) -> None:
+    """The CLI samples by default with a seed of its own: under torchrun rank 0's seed is every
+    rank's (ranks that drew different tokens would sum different activations), so the answer
+    equals one process's with the seed it printed."""
     args = ["-m", "mistral_lm", "generate", "--model", str(folder), "--max-new-tokens", "12", "--raw",
             "Once upon a time"]
-    single = _run([sys.executable, *args])
-    assert single.returncode == 0, single.stderr[-2000:]
     parallel = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args])
     assert parallel.returncode == 0, parallel.stderr[-3000:]
+    seeds = re.findall(r"; seed (\d+)\]", parallel.stderr)
+    assert len(seeds) == 2 and seeds[0] == seeds[1], parallel.stderr[-3000:]  # each rank's stats line
+    single = _run([sys.executable, *args, "--seed", seeds[0]])
+    assert single.returncode == 0, single.stderr[-2000:]
     assert single.stdout.strip() and parallel.stdout == single.stdout  # rank 0 alone writes the answer
 
 

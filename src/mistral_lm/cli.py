@@ -31,14 +31,36 @@ def load(model_path: str | None, dtype: str | None, quantize: str = "auto",
     return model, tokenizer
 
 
+# Sampling by default, with llama.cpp's `llama-cli` settings (Ollama's temperature too): greedy
+# decoding of a small chat model falls into loops (the default model repeats a couplet of the
+# README's haiku until the token limit, bench/RESULTS.md), and `--temperature 0` is still greedy.
+TEMPERATURE, TOP_K, TOP_P, MIN_P = 0.8, 40, 0.95, 0.05
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     do_sample = args.temperature > 0
-    kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, seed=args.seed,
+    kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample,
                                   repetition_penalty=args.repetition_penalty, compile=args.compile,
                                   sampler="inverse_cdf")
     if do_sample:
-        kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if args.seed is None:  # drawn once per command (a chat's turns reuse it); printed to reproduce the run
+            args.seed = _fresh_seed()
+        kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                      seed=args.seed)
     return kwargs
+
+
+def _fresh_seed() -> int:
+    """A random seed, the same on every rank under torchrun (rank 0's): ranks that sampled
+    different tokens would feed their collectives different inputs."""
+    import secrets
+
+    import torch.distributed as dist
+
+    seed = torch.tensor([secrets.randbits(31)], dtype=torch.long)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(seed, src=0)
+    return int(seed.item())
 
 
 def _reply(model: Any, tokenizer: Any, ids: torch.Tensor, args: argparse.Namespace) -> str:
@@ -74,7 +96,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     text = _reply(model, tokenizer, ids, args)
     elapsed = time.perf_counter() - start
     n = len(tokenizer.encode(text, add_special_tokens=False))
-    print(f"\n[{n} tokens in {elapsed:.2f} s]", file=sys.stderr)
+    seed = f"; seed {args.seed}" if args.temperature > 0 else ""
+    print(f"\n[{n} tokens in {elapsed:.2f} s{seed}]", file=sys.stderr)
     return 0
 
 
@@ -84,7 +107,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.system:
         messages.append({"role": "system", "content": args.system})
     interactive = sys.stdin.isatty()
-    print("chat: /reset clears the conversation, /exit quits", file=sys.stderr)
+    seed = f" (seed {args.seed})" if _sampling(args)["do_sample"] else ""
+    print(f"chat: /reset clears the conversation, /exit quits{seed}", file=sys.stderr)
     while True:
         if interactive:
             print(">>> ", end="", flush=True)
@@ -178,11 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     def sampling_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        p.add_argument("--top-k", type=int, default=50)
-        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--temperature", type=float, default=TEMPERATURE,
+                       help=f"0 = greedy (default {TEMPERATURE}, with top-k {TOP_K}, top-p {TOP_P} and min-p "
+                            f"{MIN_P}: llama.cpp's defaults)")
+        p.add_argument("--top-k", type=int, default=TOP_K, help="0 = off")
+        p.add_argument("--top-p", type=float, default=TOP_P, help="1 = off")
+        p.add_argument("--min-p", type=float, default=MIN_P, help="0 = off")
         p.add_argument("--repetition-penalty", type=float, default=1.0)
-        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--seed", type=int, default=None,
+                       help="for sampling (default: a random one, printed with the token count)")
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step: faster tokens after a one-off compile "
                             "(not for models the fused native step takes, which are faster without it)")
