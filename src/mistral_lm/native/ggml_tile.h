@@ -958,8 +958,8 @@ static void FN(tile_groups)(const int type, const uint8_t *src, int64_t nb, int6
 }
 #endif
 
-/* Prefetches a group's codes of the K chunk from block b (a group is one stream; its scales are
- * read a few at a time and left to the hardware's prefetcher). */
+/* Prefetches a group's codes of the K chunk from block b, for the prefill's panels (a group is one
+ * stream; its scales are read a few at a time and left to the hardware's prefetcher). */
 static AI void FN(tprefetch)(const int type, const uint8_t *tw, int64_t b, int64_t nb) {
     const int64_t cb = 16 * TCB(type), e = b + KC < nb ? b + KC : nb;
     for (int64_t o = b * cb; o < e * cb; o += 64) _mm_prefetch((const char *)(tw + o), _MM_HINT_T0);
@@ -994,11 +994,27 @@ static AI void FN(tdirect)(const int type, const int mr, const int halves, const
     for (int h = 0; h < halves; h++)
 #pragma GCC unroll 8
         for (int i = 0; i < mr; i++) acc[h][i] = accm[h][i] = V_ZEROF();
+    /* The group's scales (and Q4_1's mins) are a second stream, 32 bytes a block, that each block
+     * waits on: left to the hardware prefetcher, which starts over at every group, a token's
+     * stalls sat on their loads. Its first lines now go out with the group's first codes, the
+     * rest TPS blocks ahead (bench/RESULTS.md). */
+    const uint8_t *sbase = tw + nb * 16 * TCB(type);
+#ifndef TPS
+#define TPS 32
+#endif
+    for (int64_t b = 0; b < TPS && b < nb; b += 2) {
+        _mm_prefetch((const char *)(sbase + b * 32), _MM_HINT_T0);
+        if (has_min) _mm_prefetch((const char *)(sbase + (nb + b) * 32), _MM_HINT_T0);
+    }
     for (int64_t b = 0; b < nb; b++) {
 #ifndef TPF
 #define TPF 16
 #endif
         for (int l = 0; l < TCB(type) / 4; l++) _mm_prefetch((const char *)(tw + (b + TPF) * 16 * TCB(type) + 64 * l), _MM_HINT_T0);
+        if (!(b & 1) && b + TPS < nb) { /* a 64-byte line holds two blocks' scales */
+            _mm_prefetch((const char *)(sbase + (b + TPS) * 32), _MM_HINT_T0);
+            if (has_min) _mm_prefetch((const char *)(sbase + (nb + b + TPS) * 32), _MM_HINT_T0);
+        }
 #pragma GCC unroll 2
         for (int h = 0; h < halves; h++) {
             vi_t c[8], I[MR];
