@@ -822,3 +822,31 @@ def test_loading_for_inference_parses_the_header_once(tiny_file, monkeypatch):
     monkeypatch.setattr(checkpoint, "_parse", lambda cursor: parsed.append(1) or parse(cursor))
     model, tokenizer = load_for_inference(tiny_file[0])
     assert len(parsed) == 1 and tokenizer.encode("Hello") and model.config.vocab_size == len(tokenizer)
+
+
+def test_the_format_numbers_are_the_gguf_packages():
+    """checkpoints/gguf_spec.py keeps the package's import (about 1 s with mistral-common) off
+    the loading path; its numbers must be the package's, type by type."""
+    import gguf
+
+    from mistral_lm.checkpoints import gguf_spec
+
+    assert {t.name: int(t) for t in gguf_spec.GGUFValueType} == {t.name: int(t) for t in gguf.GGUFValueType}
+    ours = {t.name: (int(t), gguf_spec.GGML_QUANT_SIZES[t]) for t in gguf_spec.GGMLQuantizationType}
+    theirs = {t.name: (int(t), gguf.GGML_QUANT_SIZES[t]) for t in gguf.GGMLQuantizationType}
+    assert {k: v for k, v in theirs.items() if k in ours} == ours  # a newer gguf may add types
+    assert set(ours) >= {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
+
+
+@pytest.mark.parametrize("name", ["F32", "F16", "BF16"])
+def test_float_tensors_decode_as_the_gguf_package_decodes_them(name):
+    import gguf
+
+    from mistral_lm.checkpoints.gguf import _gguf_dequantize
+
+    kind = gguf.GGMLQuantizationType[name]
+    values = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    values[0, :4] = [np.inf, -np.inf, -0.0, 1e-40]
+    data = gguf.quants.quantize(values, kind) if kind != gguf.GGMLQuantizationType.F32 else values.view(np.uint8)
+    data = np.ascontiguousarray(data).view(np.uint8).reshape(3, -1)
+    assert np.array_equal(_gguf_dequantize(data, kind), gguf.quants.dequantize(data, kind), equal_nan=True)

@@ -21,8 +21,9 @@ from .runtime import QUANTIZE_CHOICES
 def load(model_path: str | None, dtype: str | None, quantize: str = "auto",
          kv_cache_dtype: str | None = None) -> tuple[Any, Any]:
     """`runtime.load_for_inference` (the loader `serve` shares), timed on stderr."""
-    from .runtime import load_for_inference, resolve_model_path
+    from .runtime import freeze_imported_objects, load_for_inference, resolve_model_path
 
+    freeze_imported_objects()
     path = resolve_model_path(model_path)
     start = time.perf_counter()
     print(f"loading {path.name} ...", end="", file=sys.stderr, flush=True)

@@ -18,6 +18,18 @@ from .errors import MistralLMError
 QUANTIZE_CHOICES = ("auto", "none", "gguf", "int8", "int4", "nf4")
 
 
+def freeze_imported_objects() -> None:
+    """`gc.freeze()` for a process of our own (the CLI, the server), before it loads a model.
+
+    Importing torch and this package leaves ~200k objects that live as long as the process; the
+    first full collection after them (during loading or the first generate) walked them all, a
+    0.2 s pause (bench/RESULTS.md), and every later one walked them again. Frozen, they are out
+    of the collector's reach. Not for the library: a user's process decides its own collector."""
+    import gc
+
+    gc.freeze()
+
+
 def resolve_model_path(model_path: str | Path | None) -> Path:
     """`model_path`, or the embedded default model when None; raises MistralLMError if it is missing."""
     if model_path is None:

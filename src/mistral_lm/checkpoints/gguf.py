@@ -8,8 +8,9 @@ Why we parse the header ourselves instead of using `gguf.GGUFReader`: the reader
 view per string and item, far slower on a 49k-token vocabulary than this parser
 (bench/RESULTS.md, "Measurements behind the code"), and it trusts every count, length and offset in the file. Here each of those is checked against the file
 size *before* it is used, so a truncated or corrupt file fails fast with a `CheckpointError` that
-names the path and never makes us allocate more than the file could hold. The `gguf` package still
-provides the constants and the block decoders (`gguf.quants.dequantize`).
+names the path and never makes us allocate more than the file could hold. The format's numbers
+are in gguf_spec.py; the `gguf` package still provides the block decoders of the types without a
+decoder of ours (`gguf.quants.dequantize`), imported when first used.
 
 File layout (little-endian): magic "GGUF", u32 version, u64 tensor_count, u64 kv_count, the
 key/value metadata, the tensor infos (name, dims with ne[0] innermost, ggml type, offset), padding
@@ -33,12 +34,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
-from gguf.quants import dequantize as _gguf_dequantize
-
 from .._util import is_int
 from ..config import MistralConfig
 from ..errors import CheckpointError, ConfigError
+from .gguf_spec import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES", "SUPPORTED_TYPES", "GGUFCheckpoint", "GGUFFile", "GGUFQuantizedTensor",
@@ -69,6 +68,21 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 _T = GGMLQuantizationType
 _FLOAT_TYPES = (_T.F32, _T.F16, _T.BF16)
 SUPPORTED_TYPES = (*_FLOAT_TYPES, _T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q5_K, _T.Q6_K)  # each tested
+
+
+
+def _gguf_dequantize(data: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """Float32 values of (rows, bytes) blocks: the float types by a view, the others by the gguf
+    package's numpy decoder, imported on first use (gguf_spec says why)."""
+    if ggml_type == GGMLQuantizationType.F32:
+        return data.view(np.float32)
+    if ggml_type == GGMLQuantizationType.F16:
+        return data.view(np.float16).astype(np.float32)
+    if ggml_type == GGMLQuantizationType.BF16:
+        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    from gguf.quants import dequantize
+
+    return dequantize(data, ggml_type)
 
 
 # --------------------------------------------------------------------------- results

@@ -38,18 +38,18 @@ import ctypes
 import functools
 import threading
 
-import gguf
 import numpy as np
 import torch
 
 from ..checkpoints.gguf_fields import f16_field, q4_k_scale_codes
+from ..checkpoints.gguf_spec import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..errors import CheckpointError, InputError
 from . import build
 
-Q = gguf.GGMLQuantizationType
+Q = GGMLQuantizationType
 SUPPORTED: frozenset[int] = frozenset(int(t) for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K))
 XBLOCK_BYTES = 64  # one quantized activation block: 32 int8 codes, int32 sums of all and of the first 16, float32 d and d*sum, padding
-_SIZES = {t: gguf.GGML_QUANT_SIZES[Q(t)] for t in SUPPORTED}  # type -> (weights per block, bytes per block)
+_SIZES = {t: GGML_QUANT_SIZES[Q(t)] for t in SUPPORTED}  # type -> (weights per block, bytes per block)
 # A flag on the type: the blocks are in the tiled layout (`tile`), not the file's rows.
 TILED = 0x100
 TILEABLE: frozenset[int] = frozenset(int(t) for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0))
@@ -281,6 +281,7 @@ def linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, bias: torch.Te
     """float (..., K) @ dequantized(blocks).T (+ bias) -> float32 (..., N), computed on the blocks.
 
     >>> w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    >>> import gguf
     >>> blocks = torch.from_numpy(gguf.quants.quantize(w, Q.Q8_0))
     >>> linear(torch.ones(2, 64), blocks, Q.Q8_0).shape
     torch.Size([2, 8])

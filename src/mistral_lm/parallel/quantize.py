@@ -80,7 +80,7 @@ def shard_gguf_blocks(tensor: Any, split: Split) -> SimpleNamespace:
     """This rank's part of a GGUF quantized tensor (`ggml_type`, `shape` (out, in), `data`: one
     row of blocks per output row, as `gguf` reads them), still as blocks, for
     `GGUFLinear.from_quantized`. Column slices must cover whole blocks (ConfigError otherwise)."""
-    import gguf
+    from ..checkpoints.gguf_spec import GGML_QUANT_SIZES, GGMLQuantizationType
 
     rows, columns = (int(v) for v in tensor.shape)
     data = tensor.data
@@ -89,8 +89,8 @@ def shard_gguf_blocks(tensor: Any, split: Split) -> SimpleNamespace:
     if split.dim == 0:
         return SimpleNamespace(ggml_type=tensor.ggml_type, shape=(split.stop - split.start, columns),
                                data=data[split.start:split.stop])
-    kind = gguf.GGMLQuantizationType(int(tensor.ggml_type))
-    block, type_size = gguf.GGML_QUANT_SIZES[kind]
+    kind = GGMLQuantizationType(int(tensor.ggml_type))
+    block, type_size = GGML_QUANT_SIZES[kind]
     if split.start % block or split.stop % block:
         raise ConfigError(f"columns {split.start}-{split.stop} of a {kind.name} "
                           f"tensor split its {block}-column blocks; choose a tp_size whose column share is a "

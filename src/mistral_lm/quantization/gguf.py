@@ -39,18 +39,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import gguf
 import numpy as np
 import torch
 
 from ..checkpoints.gguf import DECODE_ROWS, GGUFQuantizedTensor
 from ..checkpoints.gguf_fields import f16_field as _f16
 from ..checkpoints.gguf_fields import q4_k_scale_codes
+from ..checkpoints.gguf_spec import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..errors import CheckpointError
 from .kernels import INT4_ROW_ALIGN, _cpu_block_rows, int4_layout
 from .modules import Int4Linear, QuantizedLinear
 
-Q = gguf.GGMLQuantizationType
+Q = GGMLQuantizationType
 
 
 class QuantizedTensor(Protocol):
@@ -110,6 +110,7 @@ class GGUFLinear(Int4Linear):
     >>> import numpy as np
     >>> from types import SimpleNamespace
     >>> w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    >>> import gguf
     >>> qt = SimpleNamespace(ggml_type=Q.Q4_1, shape=(64, 64), data=gguf.quants.quantize(w, Q.Q4_1))
     >>> GGUFLinear.from_quantized(qt)(torch.ones(1, 64)).shape
     torch.Size([1, 64])
@@ -176,7 +177,7 @@ def _check_blocks(qt: QuantizedTensor) -> tuple[int, int, int]:
     out_features, in_features = (int(v) for v in qt.shape)
     if not GGUFLinear.supports(ggml_type):
         raise _unsupported(ggml_type)
-    block, type_size = gguf.GGML_QUANT_SIZES[Q(ggml_type)]
+    block, type_size = GGML_QUANT_SIZES[Q(ggml_type)]
     size = getattr(qt, "stored", None)
     size = np.asarray(qt.data).size if size is None else size.size
     if in_features % block or size != out_features * in_features // block * type_size:
@@ -280,7 +281,7 @@ def _fill(qt: QuantizedTensor, packed: torch.Tensor, scale_and_zero: torch.Tenso
     """Write one part's kernel layout into `packed` (rows, codes/2) and `scale_and_zero` (G, rows, 2)."""
     t = Q(int(qt.ggml_type))
     out_features, in_features = (int(v) for v in qt.shape)
-    block, type_size = gguf.GGML_QUANT_SIZES[t]
+    block, type_size = GGML_QUANT_SIZES[t]
     rows = packed.shape[0]
     for start in range(0, rows, DECODE_ROWS):  # a multiple of 64: slices hold whole blocks
         end = min(rows, start + DECODE_ROWS)
@@ -299,7 +300,7 @@ def reference_kernel_state(qt: QuantizedTensor, compute_dtype: torch.dtype = tor
     the definition `kernel_state` is tested against, and the path where it does not apply."""
     ggml_type, out_features, in_features = _check_blocks(qt)
     module = GGUFLinear(in_features, out_features, ggml_type, False, compute_dtype, "meta")
-    block, type_size = gguf.GGML_QUANT_SIZES[Q(ggml_type)]
+    block, type_size = GGML_QUANT_SIZES[Q(ggml_type)]
     packed, scale_zero = [], []
     # a slice of rows at a time: a whole large head at once would hold several float copies
     for start in range(0, out_features, DECODE_ROWS):

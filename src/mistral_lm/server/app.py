@@ -267,8 +267,9 @@ def serve(model_path: str | Path | None = None, host: str = "127.0.0.1", port: i
     import uvicorn
 
     from ..errors import DistributedError
-    from ..runtime import load_for_inference, resolve_model_path, tensor_parallel_size
+    from ..runtime import freeze_imported_objects, load_for_inference, resolve_model_path, tensor_parallel_size
 
+    freeze_imported_objects()
     path = resolve_model_path(model_path)
     model, tokenizer = load_for_inference(path, dtype, quantize, kv_cache_dtype)
     release_openmp_threads()  # the engine thread's pool is then the process's only one
