@@ -1,6 +1,6 @@
 """`torchrun --nproc-per-node 2 -m mistral_lm generate ...`: the CLI's answer under tensor parallel
-equals the single-process CLI's (sampled with the seed it printed, fp32), printed once; commands that cannot run in step
-are refused with one line."""
+equals the single-process CLI's (sampled with the seed it printed, fp32), printed once; commands
+that cannot run in step are refused with one line."""
 
 from __future__ import annotations
 

@@ -44,11 +44,20 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
                                   repetition_penalty=args.repetition_penalty, compile=args.compile,
                                   sampler="inverse_cdf")
     if do_sample:
-        if args.seed is None:  # drawn once per command (a chat's turns reuse it); printed to reproduce the run
-            args.seed = _fresh_seed()
         kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                       seed=args.seed)
     return kwargs
+
+
+def _seed_note(args: argparse.Namespace) -> str:
+    """A sampling command without `--seed` draws one, once (a chat's turns reuse it), after the
+    model has loaded (under torchrun the ranks' group exists then); returns its text for stderr,
+    which is how a run is reproduced. Greedy: nothing."""
+    if args.temperature <= 0:
+        return ""
+    if args.seed is None:
+        args.seed = _fresh_seed()
+    return f"seed {args.seed}"
 
 
 def _fresh_seed() -> int:
@@ -93,12 +102,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         model = load_adapter(model, args.adapter).eval()
     ids = _prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}], args.raw)
+    seed = _seed_note(args)
     start = time.perf_counter()
     text = _reply(model, tokenizer, ids, args)
     elapsed = time.perf_counter() - start
     n = len(tokenizer.encode(text, add_special_tokens=False))
-    seed = f"; seed {args.seed}" if args.temperature > 0 else ""
-    print(f"\n[{n} tokens in {elapsed:.2f} s{seed}]", file=sys.stderr)
+    print(f"\n[{n} tokens in {elapsed:.2f} s{'; ' + seed if seed else ''}]", file=sys.stderr)
     return 0
 
 
@@ -108,8 +117,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.system:
         messages.append({"role": "system", "content": args.system})
     interactive = sys.stdin.isatty()
-    seed = f" (seed {args.seed})" if _sampling(args)["do_sample"] else ""
-    print(f"chat: /reset clears the conversation, /exit quits{seed}", file=sys.stderr)
+    seed = _seed_note(args)
+    print(f"chat: /reset clears the conversation, /exit quits{f' ({seed})' if seed else ''}", file=sys.stderr)
     while True:
         if interactive:
             print(">>> ", end="", flush=True)

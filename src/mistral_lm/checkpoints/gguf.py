@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
 from .._util import is_int
 from ..config import MistralConfig
 from ..errors import CheckpointError, ConfigError
@@ -68,7 +69,6 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral")
 _T = GGMLQuantizationType
 _FLOAT_TYPES = (_T.F32, _T.F16, _T.BF16)
 SUPPORTED_TYPES = (*_FLOAT_TYPES, _T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q5_K, _T.Q6_K)  # each tested
-
 
 
 def _gguf_dequantize(data: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
