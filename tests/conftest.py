@@ -30,6 +30,12 @@ PARITY_CONFIGS = {
 }
 
 
+# Tests that compile through inductor share one worker (make test's --dist loadgroup): a fresh
+# process pays inductor's one-off costs, its instruction-set probe and precompiled header, before
+# its first kernel, and on two workers both would pay them at once.
+INDUCTOR = pytest.mark.xdist_group("inductor")
+
+
 def tiny_config(**overrides) -> MistralConfig:
     return MistralConfig(**{**TINY, **overrides})
 

@@ -8,7 +8,7 @@ import torch
 from mistral_lm import GenerationConfig, MistralForCausalLM
 from mistral_lm.errors import GenerationError
 
-from .conftest import tiny_config
+from .conftest import INDUCTOR, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,6 +143,7 @@ def test_out_of_vocab_prompt_and_unknown_keyword():
         model.generate(torch.tensor([[1, 2]]), top_q=0.5)
 
 
+@INDUCTOR
 @pytest.mark.parametrize("window", [None, 6])
 def test_compiled_decode_generates_what_eager_does(window):
     """generate(compile=True) runs single-token steps through torch.compile; the tokens must be

@@ -15,7 +15,7 @@ from mistral_lm.native import nf4
 from mistral_lm.quantization import NF4Linear, quantize_model
 from mistral_lm.quantization.functional import CODEBOOKS, pack_nibbles, quantize_4bit_codebook
 
-from .conftest import capped_isa, isa_levels, tiny_config, torch_threads
+from .conftest import INDUCTOR, capped_isa, isa_levels, tiny_config, torch_threads
 
 needs_lib = pytest.mark.skipif(not nf4.available(), reason="nf4 C library not built here")
 
@@ -160,6 +160,7 @@ def test_top1_agrees_with_float_model_of_dequantized_weights(compute_dtype, top1
 
 
 @needs_lib
+@INDUCTOR
 @pytest.mark.one_isa  # the graph, not its numbers: 20 s of compiling again under the AVX2 cap
 def test_compiled_module_calls_the_kernel_in_one_graph():
     module = layer(128, 64)
