@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 
@@ -28,11 +29,21 @@ def _library_answer(prompt: str, **kwargs) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_generate_greedy_matches_library_call():
-    result = _run("generate", "Name a colour.", "--max-new-tokens", "12", "--temperature", "0")
+def test_generate_greedy_matches_library_call_and_counts_its_tokens():
+    """The text is the library's greedy answer, and the stats line counts what generate() returned
+    past the prompt. This answer ends on the stop token (11 text tokens and the stop token, on the
+    default model), which the text's tokens, counted again, missed."""
+    from mistral_lm import runtime
+
+    model, tok = runtime.load_for_inference(None)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
+                                  return_tensors="pt")
+    out = model.generate(ids, eos_token_id=tok.eos_token_id, max_new_tokens=40, do_sample=False)
+    result = _run("generate", "What is 2+2?", "--max-new-tokens", "40", "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert "seed" not in result.stderr
-    assert result.stdout.strip() == _library_answer("Name a colour.", max_new_tokens=12, do_sample=False).strip()
+    assert result.stdout.strip() == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert int(re.search(r"\[(\d+) tokens in ", result.stderr).group(1)) == out.shape[1] - ids.shape[1]
 
 
 def test_generate_samples_by_default_with_llama_cpp_settings_and_prints_its_seed():
@@ -114,3 +125,21 @@ def test_kv_cache_dtype_reaches_the_model_from_every_command(monkeypatch):
     path = default_model_or_skip()
     assert load_for_inference(path)[0].kv_cache_dtype == torch.float16
     assert load_for_inference(path, kv_cache_dtype="float32")[0].make_cache(1).keys[0].dtype == torch.float32
+
+
+def test_a_one_shot_generate_waits_for_the_tile_cache_and_says_so(tmp_path):
+    """`generate` on a GGUF without its tile cache tiles at load and writes the cache behind;
+    a command shorter than the write waits for it at the end, on a line of its own, rather
+    than leave no cache (the writer slowed here so that it is still writing)."""
+    from mistral_lm.defaults import default_model_path
+
+    from .test_gguf_tiled import SLOW_WRITER
+
+    model = tmp_path / "model.gguf"
+    shutil.copyfile(default_model_path(), model)
+    code = SLOW_WRITER + ("from mistral_lm.cli import main\n"
+                          "sys.exit(main(['generate', 'Hi', '--model', sys.argv[1], '--max-new-tokens', '2']))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"saving the tiled weights beside the model, for later loads \.\.\. \d+\.\d\d s", result.stderr)
+    assert (tmp_path / "model.gguf.mistral_lm-tiled").exists() and not list(tmp_path.glob("*.tmp"))

@@ -104,7 +104,6 @@ copied = status("RssAnon:") - anon
 with torch.inference_mode():
     model.generate(torch.arange(3, 67)[None], max_new_tokens=4)
 print(json.dumps({"copied": copied, "used": status("VmRSS:") - base}))
-gguf_install.wait_for_cache_writes()  # a first load's tile cache, for the next process to map
 '''
 
 

@@ -9,6 +9,8 @@ of test_gguf_cache.py: vocab 100 (not whole 16-row groups: the head stays in row
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -183,3 +185,32 @@ def test_a_tied_heads_tiles_are_cached(tmp_path, monkeypatch):
     mapped = load(path)
     assert _in_file(mapped.lm_head.blocks, tiled_file(path))
     assert torch.equal(logits(mapped), logits(model))
+
+
+# A writer that takes a second over its first tensor: longer than the process needs to exit
+SLOW_WRITER = """
+import sys, time
+from mistral_lm.quantization import gguf as qgguf
+add, calls = qgguf._CacheWriter.add, []
+def slow_add(self, tensors):
+    calls.append(1)
+    if len(calls) == 1:
+        time.sleep(1.0)
+    return add(self, tensors)
+qgguf._CacheWriter.add = slow_add
+"""
+
+
+@pytest.mark.one_isa  # no numbers: not again under the AVX2 cap
+def test_a_process_that_exits_after_its_first_load_leaves_the_cache(tmp_path):
+    """The cache is written behind the load, and a script that loads and ends (as a one-shot
+    command does) used to exit first: the writer was cut, and every later load tiled again."""
+    path = tmp_path / "m.gguf"
+    write_model(path, Q.Q4_0)
+    code = SLOW_WRITER + "from mistral_lm import MistralForCausalLM\n" \
+        "MistralForCausalLM.from_pretrained(sys.argv[1], gguf_native=True)\n"
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert tiled_file(path).exists() and not list(tmp_path.glob("*.tmp"))
+    mapped = load(path)
+    assert _in_file(mapped.model.layers[0].mlp.up_proj.blocks, tiled_file(path))

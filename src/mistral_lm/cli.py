@@ -73,13 +73,17 @@ def _fresh_seed() -> int:
     return int(seed.item())
 
 
-def _reply(model: Any, tokenizer: Any, ids: torch.Tensor, args: argparse.Namespace) -> str:
-    """Generate, streaming text to stdout as it comes; return the new text."""
+def _reply(model: Any, tokenizer: Any, ids: torch.Tensor, args: argparse.Namespace) -> tuple[str, int]:
+    """Generate, streaming text to stdout as it comes; return the new text and how many tokens
+    the model generated (the stop token included). Counting the text's tokens again would not
+    be that count: the stop token is not in the text, and a text's tokens need not be the ones
+    generated (a random model's pieces, a merge across two tokens)."""
     from .streamers import TextStreamer
 
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = model.generate(ids, streamer=streamer, eos_token_id=_stop_ids(model, tokenizer), **_sampling(args))
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    new = out[0, ids.shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True), int(new.numel())
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -104,9 +108,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = _prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}], args.raw)
     seed = _seed_note(args)
     start = time.perf_counter()
-    text = _reply(model, tokenizer, ids, args)
+    _, n = _reply(model, tokenizer, ids, args)
     elapsed = time.perf_counter() - start
-    n = len(tokenizer.encode(text, add_special_tokens=False))
     print(f"\n[{n} tokens in {elapsed:.2f} s{'; ' + seed if seed else ''}]", file=sys.stderr)
     return 0
 
@@ -133,7 +136,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
-        reply = _reply(model, tokenizer, _prompt_ids(tokenizer, messages, raw=False), args)
+        reply, _ = _reply(model, tokenizer, _prompt_ids(tokenizer, messages, raw=False), args)
         print(flush=True)
         messages.append({"role": "assistant", "content": reply})
 
@@ -274,12 +277,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        rc = _run(args)
     except MistralLMError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    _finish_tile_cache()
+    return rc
+
+
+def _finish_tile_cache() -> None:
+    """A first load of a large GGUF writes its tiled weights beside the file while the command
+    runs; a short command ends first. Exit waits for the write (gguf_install), and here says
+    why: later loads map that file instead of tiling again."""
+    from .quantization import gguf_install
+
+    if gguf_install.cache_writes_pending():
+        start = time.perf_counter()
+        print("saving the tiled weights beside the model, for later loads ...", end="", file=sys.stderr, flush=True)
+        gguf_install.wait_for_cache_writes()
+        print(f" {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ what neither can hold is dequantized.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 from pathlib import Path
@@ -119,12 +120,12 @@ _WRITERS: list[threading.Thread] = []  # tile caches being written behind a load
 
 def _write_behind(cache: KernelCache, tensors: dict[str, torch.Tensor]) -> None:
     """Write `tensors` to `cache` on a background thread (a 7B's 4 GB take seconds once the
-    kernel holds the writer to the disk's pace). Nothing waits for it: a write that fails (a
-    read-only folder, a full disk) or that the process's exit cuts short leaves no cache, and a
-    later load tiles again; a cut writer's temporary file is removed by the next writer. The
-    writer iterates its own copy of the dict: the loader goes on to add to the one it was given
-    (a tied head's embedding entry), which would end the iteration with an error and the cache
-    unwritten."""
+    kernel holds the writer to the disk's pace). The load does not wait for it; the process's
+    exit does (`_finish_cache_writes`). A write that fails (a read-only folder, a full disk)
+    leaves no cache, and a later load tiles again; a cut writer's temporary file is removed by
+    the next writer. The writer iterates its own copy of the dict: the loader goes on to add to
+    the one it was given (a tied head's embedding entry), which would end the iteration with an
+    error and the cache unwritten."""
     tensors = dict(tensors)
 
     def write() -> None:
@@ -139,11 +140,28 @@ def _write_behind(cache: KernelCache, tensors: dict[str, torch.Tensor]) -> None:
     thread.start()
 
 
+def cache_writes_pending() -> bool:
+    """Whether a tile cache is still being written behind a load."""
+    return any(thread.is_alive() for thread in _WRITERS)
+
+
 def wait_for_cache_writes(timeout: float | None = None) -> None:
     """Block until the tile caches being written behind loads are on disk (or have failed)."""
     for thread in list(_WRITERS):
         thread.join(timeout)
     _WRITERS[:] = [thread for thread in _WRITERS if thread.is_alive()]
+
+
+@atexit.register
+def _finish_cache_writes() -> None:
+    """At exit, the writes still under way finish. The writers are daemon threads, which the
+    interpreter's exit would cut: a one-shot process on a 7B (`mistral-lm generate`) ended
+    before its 4 GB were written, left no cache, and every later run tiled again. A second
+    Ctrl-C while waiting gives the wait up, and the exit cuts the write."""
+    try:
+        wait_for_cache_writes()
+    except KeyboardInterrupt:
+        pass
 
 
 def _as_stored(qt: Any) -> tuple[Any, Any]:
