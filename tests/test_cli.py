@@ -79,6 +79,17 @@ def test_chat_from_stdin_keeps_conversation_and_resets():
     assert len(result.stdout.strip().splitlines()) >= 3
 
 
+def test_info_reads_no_weights(monkeypatch, capsys):
+    """`info` on a 7B GGUF loaded the weights, dequantized: 28 GB of float32, more than the
+    machine held. It reads the header and counts a model built on the meta device."""
+    from mistral_lm import loading
+    from mistral_lm.cli import main
+
+    monkeypatch.setattr(loading, "read_checkpoint", lambda *a, **k: pytest.fail("info read the weights"))
+    assert main(["info"]) == 0
+    assert "parameters: " in capsys.readouterr().out
+
+
 def test_info_prints_config_and_parameter_count():
     import numpy as np
 

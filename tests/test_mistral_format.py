@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mistral_lm import MistralForCausalLM
+from mistral_lm import AutoConfig, MistralForCausalLM
 from mistral_lm.checkpoints.mistral_format import config_from_params, to_half_split
 from mistral_lm.errors import CheckpointError, ConfigError
 
@@ -295,6 +295,7 @@ def test_cli_convert_layout_mistral_round_trips_the_default_model(tmp_path):
     assert (out / "params.json").is_file() and (out / "consolidated.safetensors").is_file()
     ref = MistralForCausalLM.from_pretrained(gguf).eval()
     ours = MistralForCausalLM.from_pretrained(out).eval()
+    assert AutoConfig.from_pretrained(out).to_dict() == ours.config.to_dict()  # the loader's config, from params.json
     ids = torch.randint(0, ref.config.vocab_size, (1, 16))
     with torch.no_grad():
         err = (ours(ids, use_cache=False).logits - ref(ids, use_cache=False).logits).abs().max()

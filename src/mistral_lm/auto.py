@@ -19,6 +19,10 @@ def _config_for(path: str | os.PathLike, gguf_file: str | None = None, **overrid
         from .checkpoints.gguf import config_from_gguf, read_gguf
 
         return config_from_gguf(read_gguf(target))
+    from .checkpoints.mistral_format import config_from_params, is_mistral_folder, read_params
+
+    if is_mistral_folder(target):  # params.json, no config.json: Mistral's own layout
+        return config_from_params(read_params(target), **overrides)
     return MistralConfig.from_pretrained(target, **overrides)
 
 

@@ -142,9 +142,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    model, _ = load(args.model, args.dtype, "none")
-    print(model.config.to_json_string(), end="")
-    print(f"parameters: {model.num_parameters():,}")
+    """The config and the parameter count, from the checkpoint's header and a model built on the
+    meta device: no weight is read. Loading the weights dequantized a 7B GGUF to 28 GB of float32."""
+    from .auto import AutoConfig
+    from .loading import build_on_meta
+    from .modeling import MistralForCausalLM
+    from .runtime import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(args.model))
+    print(config.to_json_string(), end="")
+    print(f"parameters: {build_on_meta(MistralForCausalLM, config).num_parameters():,}")
     return 0
 
 
