@@ -141,16 +141,60 @@ def test_kv_cache_dtype_reaches_the_model_from_every_command(monkeypatch):
 def test_a_one_shot_generate_waits_for_the_tile_cache_and_says_so(tmp_path):
     """`generate` on a GGUF without its tile cache tiles at load and writes the cache behind;
     a command shorter than the write waits for it at the end, on a line of its own, rather
-    than leave no cache (the writer slowed here so that it is still writing)."""
+    than leave no cache (the writer held here until the command is done, so that it is still
+    writing)."""
     from mistral_lm.defaults import default_model_path
 
-    from .test_gguf_tiled import SLOW_WRITER
+    from .test_gguf_tiled import HELD_WRITER
 
     model = tmp_path / "model.gguf"
     shutil.copyfile(default_model_path(), model)
-    code = SLOW_WRITER + ("from mistral_lm.cli import main\n"
-                          "sys.exit(main(['generate', 'Hi', '--model', sys.argv[1], '--max-new-tokens', '2']))\n")
+    code = HELD_WRITER + ("import mistral_lm.cli as cli\n"
+                          "run = cli._run\n"
+                          "cli._run = lambda args: (run(args), done.set())[0]\n"
+                          "sys.exit(cli.main(['generate', 'Hi', '--model', sys.argv[1], '--max-new-tokens', '2']))\n")
     result = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert re.search(r"saving the tiled weights beside the model, for later loads \.\.\. \d+\.\d\d s", result.stderr)
     assert (tmp_path / "model.gguf.mistral_lm-tiled").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_convert_of_a_gguf_writes_what_save_pretrained_writes_a_shard_at_a_time(tmp_path):
+    """`convert` decodes a GGUF's tensors as it writes each shard (a 7B's float32 weights are
+    29 GB, more than the machines it runs on hold). The files must be those the library's
+    `save_pretrained` writes of the whole model loaded in the same dtype, shard for shard, and
+    the command's memory must grow by a shard and the largest tensor, not by the model. The
+    shards are cut in the file's tensor order, not the module order, so each name's shard may
+    differ from `save_pretrained`'s: the index must map every name to the shard that holds it."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from mistral_lm import MistralForCausalLM
+    from mistral_lm.defaults import default_model_path
+
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    code = ("import resource, sys, mistral_lm.cli as cli, mistral_lm.checkpoints.gguf, mistral_lm.tokenizer\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "rc = cli.main(['convert', sys.argv[1], '--max-shard-size', '50MB'])\n"
+            "print(rc, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rc, before, after = map(int, result.stdout.split())
+    model = MistralForCausalLM.from_pretrained(default_model_path())  # float32, convert's default too
+    model.save_pretrained(ref, max_shard_size="50MB")
+    float_bytes = model.num_parameters() * 4
+    # measured: 0.3x (the 113 MB embedding, a 50 MB shard, the tokenizer); loading the model took 1.5x
+    assert rc == 0 and (after - before) * 1024 < 0.75 * float_bytes, (before, after, float_bytes)
+    assert json.loads((out / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
+
+    def shards(folder):
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        files = {p.name: load_file(p) for p in folder.glob("*.safetensors")}
+        assert set(index["weight_map"].values()) == set(files) and len(files) > 2  # sharded, every shard listed
+        assert all(name in files[file] for name, file in index["weight_map"].items())
+        return index["metadata"]["total_size"], {k: t for shard in files.values() for k, t in shard.items()}
+
+    (size, ours), (ref_size, theirs) = shards(out), shards(ref)
+    assert size == ref_size and ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)

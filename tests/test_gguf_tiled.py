@@ -187,17 +187,17 @@ def test_a_tied_heads_tiles_are_cached(tmp_path, monkeypatch):
     assert torch.equal(logits(mapped), logits(model))
 
 
-# A writer that takes a second over its first tensor: longer than the process needs to exit
-SLOW_WRITER = """
-import sys, time
+# The cache writer held until the script's work is done (`done.set()`), and half a second
+# more: the exit then finds the write under way, however busy the machine.
+HELD_WRITER = """
+import sys, threading, time
 from mistral_lm.quantization import gguf as qgguf
-add, calls = qgguf._CacheWriter.add, []
-def slow_add(self, tensors):
-    calls.append(1)
-    if len(calls) == 1:
-        time.sleep(1.0)
+add, done = qgguf._CacheWriter.add, threading.Event()
+def held_add(self, tensors):
+    if done.wait(120):
+        time.sleep(0.5)
     return add(self, tensors)
-qgguf._CacheWriter.add = slow_add
+qgguf._CacheWriter.add = held_add
 """
 
 
@@ -207,8 +207,9 @@ def test_a_process_that_exits_after_its_first_load_leaves_the_cache(tmp_path):
     command does) used to exit first: the writer was cut, and every later load tiled again."""
     path = tmp_path / "m.gguf"
     write_model(path, Q.Q4_0)
-    code = SLOW_WRITER + "from mistral_lm import MistralForCausalLM\n" \
-        "MistralForCausalLM.from_pretrained(sys.argv[1], gguf_native=True)\n"
+    code = HELD_WRITER + ("from mistral_lm import MistralForCausalLM\n"
+                          "MistralForCausalLM.from_pretrained(sys.argv[1], gguf_native=True)\n"
+                          "done.set()\n")
     result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert tiled_file(path).exists() and not list(tmp_path.glob("*.tmp"))

@@ -158,8 +158,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """GGUF (or any folder we load) -> an HF safetensors folder that transformers loads, or
     (`--layout mistral`) params.json + consolidated*.safetensors as mistral-inference reads."""
-    model, tokenizer = load(args.model, args.dtype, "none")  # float weights: what a folder holds
+    from .runtime import resolve_model_path
+
     out = Path(args.output)
+    if args.layout == "hf" and resolve_model_path(args.model).suffix == ".gguf":
+        _convert_gguf(resolve_model_path(args.model), out, args.dtype, args.max_shard_size)
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
+    model, tokenizer = load(args.model, args.dtype, "none")  # float weights: what a folder holds
     if args.layout == "mistral":
         from .checkpoints.mistral_format import save_mistral_layout
 
@@ -169,6 +175,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
     tokenizer.save_pretrained(out)
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _convert_gguf(path: Path, out: Path, dtype: str | None, max_shard_size: str) -> None:
+    """A GGUF to an HF folder a shard at a time: each tensor is decoded as its shard is written,
+    so memory holds one shard, not the model (a 7B's float32 weights are 29 GB). The files are
+    those `save_pretrained` writes of the same file loaded in `dtype`."""
+    from .checkpoints.gguf import lazy_float_tensors
+    from .checkpoints.safetensors import save_state_dict
+    from .dtypes import resolve_dtype
+    from .tokenizer import MistralTokenizer
+
+    target = resolve_dtype(dtype or "float32")
+    config, tensors = lazy_float_tensors(path, target)
+    start = time.perf_counter()
+    print(f"converting {path.name} ({sum(t.nbytes for t in tensors) / 1e9:.2f} GB in {dtype or 'float32'}) ...",
+          end="", file=sys.stderr, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    config.architectures = ["MistralForCausalLM"]
+    config.torch_dtype = target
+    config.save_pretrained(out)
+    save_state_dict(tensors, out, max_shard_size)
+    MistralTokenizer.from_pretrained(path).save_pretrained(out)
+    print(f" {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ from .._util import is_int
 from ..config import MistralConfig
 from ..errors import CheckpointError, ConfigError
 from .gguf_spec import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from .safetensors import LazyTensor
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES", "SUPPORTED_TYPES", "GGUFCheckpoint", "GGUFFile", "GGUFQuantizedTensor",
@@ -581,6 +582,27 @@ def load_gguf(path: str | os.PathLike, *, dequantize: bool = True,
     template = file.metadata.get("tokenizer.chat_template")
     return GGUFCheckpoint(config, tensors, _plain_metadata(file.metadata),
                           template if isinstance(template, str) else None)
+
+
+def lazy_float_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float32
+                       ) -> tuple[MistralConfig, list[LazyTensor]]:
+    """The config and, per tensor of `load_gguf`'s state dict, its name, shape and dtype with a
+    function that decodes it then: a writer that holds one shard at a time writes a 7B, whose
+    float32 state dict alone is 29 GB. Each decoded tensor's file pages leave the process."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    file = read_gguf(path)
+    config = config_from_gguf(file)
+
+    def decode(info: TensorInfo, entry: _Entry) -> torch.Tensor:
+        with _scratch_for_load():
+            tensor = _load_tensor(file, info, entry, config, True, dtype)
+        file.release(info)
+        return tensor
+
+    return config, [LazyTensor(hf_name, tuple(reversed(file.tensors[gguf_name].dims)), dtype,
+                               functools.partial(decode, file.tensors[gguf_name], entry))
+                    for gguf_name, (hf_name, entry) in _match_tensors(file, config).items()]
 
 
 def _plain_metadata(md: dict[str, Any]) -> dict[str, Any]:

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from .._util import is_int
 from ..config import CONFIG_NAME, MistralConfig
 from ..errors import CheckpointError, ConfigError
-from .safetensors import split_shards
+from .safetensors import eager, split_shards, write_shard
 
 PARAMS_NAME = "params.json"
 SINGLE_FILE = "consolidated.safetensors"
@@ -246,10 +245,10 @@ def save_mistral_layout(state: dict[str, torch.Tensor], config: MistralConfig, f
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("consolidated*.safetensors"):
         stale.unlink()
-    shards = split_shards(mistral_state_dict(state, config), max_shard_size)
+    shards = split_shards(eager(mistral_state_dict(state, config)), max_shard_size)
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"consolidated-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        write_shard(shard, folder / name)
     (folder / PARAMS_NAME).write_text(json.dumps(params_from_config(config), indent=2) + "\n", encoding="utf-8")
     return [folder / n for n in names]

@@ -10,12 +10,14 @@ arbitrary Python objects. Every failure becomes a CheckpointError that names the
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -96,40 +98,71 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
 
 
-def split_shards(tensors: dict[str, torch.Tensor], max_shard_size: int | str) -> list[dict[str, torch.Tensor]]:
+class LazyTensor(NamedTuple):
+    """A tensor to write, known by name, shape and dtype before `load` makes it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def split_shards(tensors: list[LazyTensor], max_shard_size: int | str) -> list[list[LazyTensor]]:
     """`tensors` in order, cut into shards of at most `max_shard_size` bytes each (a tensor
     larger than that gets a shard of its own)."""
     limit = parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[list[LazyTensor]] = [[]]
     size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > limit:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
-        size += nbytes
+        shards[-1].append(tensor)
+        size += tensor.nbytes
     return shards
 
 
+def eager(state_dict: dict[str, torch.Tensor]) -> list[LazyTensor]:
+    """A state dict's tensors as LazyTensors that are already made."""
+    return [LazyTensor(k, tuple(t.shape), t.dtype, lambda t=t: t) for k, t in state_dict.items()]
+
+
+def write_shard(shard: list[LazyTensor], file: Path) -> None:
+    """One shard's tensors made, written, and let go: a writer holds one shard at a time."""
+    tensors = {}
+    for entry in shard:
+        tensor = entry.load().detach().to("cpu").contiguous()
+        if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
+            raise CheckpointError(f"{entry.name}: made {tuple(tensor.shape)} {tensor.dtype}, "
+                                  f"announced {entry.shape} {entry.dtype}")
+        tensors[entry.name] = tensor
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
 def save_state_dict(
-    state_dict: dict[str, torch.Tensor], folder: str | os.PathLike, max_shard_size: int | str = "5GB"
+    state_dict: dict[str, torch.Tensor] | list[LazyTensor], folder: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
 ) -> list[Path]:
-    """Write safetensors, sharded with an index above `max_shard_size` (Transformers' layout)."""
+    """Write safetensors, sharded with an index above `max_shard_size` (Transformers' layout).
+    LazyTensors are made one shard at a time."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in [*folder.glob("model*.safetensors"), folder / SAFE_INDEX]:
         stale.unlink(missing_ok=True)
-    shards = split_shards({k: t.detach().to("cpu").contiguous() for k, t in state_dict.items()}, max_shard_size)
+    entries = eager(state_dict) if isinstance(state_dict, dict) else state_dict
+    shards = split_shards(entries, max_shard_size)
     if len(shards) == 1:
-        save_file(shards[0], str(folder / SAFE_WEIGHTS), metadata={"format": "pt"})
+        write_shard(shards[0], folder / SAFE_WEIGHTS)
         return [folder / SAFE_WEIGHTS]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state_dict.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        write_shard(shard, folder / name)
+        weight_map.update(dict.fromkeys((entry.name for entry in shard), name))
+    index = {"metadata": {"total_size": sum(entry.nbytes for entry in entries)}, "weight_map": weight_map}
     (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return [folder / n for n in names]
