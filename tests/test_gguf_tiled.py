@@ -192,9 +192,10 @@ def test_a_tied_heads_tiles_are_cached(tmp_path, monkeypatch):
 HELD_WRITER = """
 import sys, threading, time
 from mistral_lm.quantization import gguf as qgguf
-add, done = qgguf._CacheWriter.add, threading.Event()
+add, done, held = qgguf._CacheWriter.add, threading.Event(), []
 def held_add(self, tensors):
-    if done.wait(120):
+    if not held:
+        held.append(done.wait(120))
         time.sleep(0.5)
     return add(self, tensors)
 qgguf._CacheWriter.add = held_add
