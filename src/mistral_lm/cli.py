@@ -160,9 +160,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     (`--layout mistral`) params.json + consolidated*.safetensors as mistral-inference reads."""
     from .runtime import resolve_model_path
 
-    out = Path(args.output)
-    if args.layout == "hf" and resolve_model_path(args.model).suffix == ".gguf":
-        _convert_gguf(resolve_model_path(args.model), out, args.dtype, args.max_shard_size)
+    out, source = Path(args.output), resolve_model_path(args.model)
+    if args.layout == "hf" and source.suffix == ".gguf":
+        _convert_gguf(source, out, args.dtype, args.max_shard_size)
         print(f"wrote {out}", file=sys.stderr)
         return 0
     model, tokenizer = load(args.model, args.dtype, "none")  # float weights: what a folder holds
