@@ -198,3 +198,37 @@ def test_convert_of_a_gguf_writes_what_save_pretrained_writes_a_shard_at_a_time(
 
     (size, ours), (ref_size, theirs) = shards(out), shards(ref)
     assert size == ref_size and ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_convert_of_a_gguf_to_mistral_layout_writes_a_shard_at_a_time(tmp_path):
+    """`convert --layout mistral` of a GGUF streams too: the shards hold the tensors the in-memory
+    writer makes of the loaded model (itself checked against an independent writer in
+    test_mistral_format), and memory grows by a shard, not by the model."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mistral_lm import MistralForCausalLM
+    from mistral_lm.checkpoints.mistral_format import save_mistral_layout
+    from mistral_lm.defaults import default_model_path
+
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    code = ("import resource, sys, mistral_lm.cli as cli, mistral_lm.checkpoints.gguf, mistral_lm.tokenizer\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "rc = cli.main(['convert', sys.argv[1], '--layout', 'mistral', '--max-shard-size', '50MB'])\n"
+            "print(rc, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rc, before, after = map(int, result.stdout.split())
+    model = MistralForCausalLM.from_pretrained(default_model_path())
+    save_mistral_layout(model.state_dict(), model.config, ref, max_shard_size="50MB")
+    float_bytes = model.num_parameters() * 4
+    assert rc == 0 and (after - before) * 1024 < 0.75 * float_bytes, (before, after, float_bytes)
+    assert (out / "params.json").read_text() == (ref / "params.json").read_text()
+
+    def tensors(folder):
+        files = sorted(folder.glob("consolidated-*.safetensors"))
+        assert len(files) > 2  # sharded
+        return {k: t for f in files for k, t in load_file(f).items()}
+
+    ours, theirs = tensors(out), tensors(ref)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -161,8 +161,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .runtime import resolve_model_path
 
     out, source = Path(args.output), resolve_model_path(args.model)
-    if args.layout == "hf" and source.suffix == ".gguf":
-        _convert_gguf(source, out, args.dtype, args.max_shard_size)
+    if source.suffix == ".gguf":
+        _convert_gguf(source, out, args.dtype, args.max_shard_size, args.layout)
         print(f"wrote {out}", file=sys.stderr)
         return 0
     model, tokenizer = load(args.model, args.dtype, "none")  # float weights: what a folder holds
@@ -177,10 +177,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert_gguf(path: Path, out: Path, dtype: str | None, max_shard_size: str) -> None:
-    """A GGUF to an HF folder a shard at a time: each tensor is decoded as its shard is written,
-    so memory holds one shard, not the model (a 7B's float32 weights are 29 GB). The files are
-    those `save_pretrained` writes of the same file loaded in `dtype`."""
+def _convert_gguf(path: Path, out: Path, dtype: str | None, max_shard_size: str, layout: str = "hf") -> None:
+    """A GGUF to an HF (or Mistral-layout) folder a shard at a time: each tensor is decoded as its
+    shard is written, so memory holds one shard, not the model (a 7B's float32 weights are 29 GB).
+    The files are those `save_pretrained` (`save_mistral_layout`) writes of the same file loaded
+    in `dtype`."""
     from .checkpoints.gguf import lazy_float_tensors
     from .checkpoints.safetensors import save_state_dict
     from .dtypes import resolve_dtype
@@ -192,10 +193,15 @@ def _convert_gguf(path: Path, out: Path, dtype: str | None, max_shard_size: str)
     print(f"converting {path.name} ({sum(t.nbytes for t in tensors) / 1e9:.2f} GB in {dtype or 'float32'}) ...",
           end="", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    config.architectures = ["MistralForCausalLM"]
-    config.torch_dtype = target
-    config.save_pretrained(out)
-    save_state_dict(tensors, out, max_shard_size)
+    if layout == "mistral":
+        from .checkpoints.mistral_format import save_mistral_layout
+
+        save_mistral_layout(tensors, config, out, max_shard_size=max_shard_size)
+    else:
+        config.architectures = ["MistralForCausalLM"]
+        config.torch_dtype = target
+        config.save_pretrained(out)
+        save_state_dict(tensors, out, max_shard_size)
     MistralTokenizer.from_pretrained(path).save_pretrained(out)
     print(f" {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
 

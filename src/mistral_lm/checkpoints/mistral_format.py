@@ -15,10 +15,11 @@ HF-named tensors, so shape checks, dtype policy and assignment stay in `loading.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 from .._util import is_int
 from ..config import CONFIG_NAME, MistralConfig
 from ..errors import CheckpointError, ConfigError
-from .safetensors import eager, split_shards, write_shard
+from .safetensors import LazyTensor, eager, split_shards, write_shard
 
 PARAMS_NAME = "params.json"
 SINGLE_FILE = "consolidated.safetensors"
@@ -217,35 +218,47 @@ def params_from_config(config: MistralConfig) -> dict[str, Any]:
     return {k: getattr(config, hf) for hf, k in hf_to_params.items()}
 
 
-def mistral_state_dict(state: dict[str, torch.Tensor], config: MistralConfig) -> dict[str, torch.Tensor]:
-    """An HF-named state dict (a causal LM's) -> Mistral names, Q/K rows interleaved."""
-    embed = state["model.embed_tokens.weight"]
-    head = state.get("lm_head.weight", embed)
-    if head.data_ptr() == embed.data_ptr():  # tied: the layout always carries its own output matrix
-        state = {**state, "lm_head.weight": head.clone()}
+def mistral_tensors(entries: list[LazyTensor], config: MistralConfig) -> list[LazyTensor]:
+    """HF-named lazy tensors (a causal LM's) -> Mistral-named ones whose Q/K rows are interleaved
+    when made. Without an lm_head entry (tied embeddings) the output matrix is the embedding's:
+    the layout always carries its own."""
+    by_name = {entry.name: entry for entry in entries}
+    if "lm_head.weight" not in by_name and "model.embed_tokens.weight" in by_name:
+        embed = by_name["model.embed_tokens.weight"]
+        entries = [*entries, embed._replace(name="lm_head.weight", load=lambda: embed.load().clone())]
     to_mistral = {hf.format(i=i): m.format(i=i) for m, hf in NAME_TABLE.items()
                   for i in range(config.num_hidden_layers)}
-    out = {}
-    for hf, tensor in state.items():
-        if hf not in to_mistral:
-            raise CheckpointError(f"{hf!r} has no name in Mistral's layout (only a causal LM can be written)")
-        name = to_mistral[hf]
+    out = []
+    for entry in entries:
+        if entry.name not in to_mistral:
+            raise CheckpointError(f"{entry.name!r} has no name in Mistral's layout (only a causal LM can be written)")
+        name = to_mistral[entry.name]
         heads_field = _ROPE_HEADS.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
-        if heads_field is not None:
-            tensor = to_interleaved(tensor, getattr(config, heads_field))
-        out[name] = tensor.detach().to("cpu").contiguous()
+        heads = getattr(config, heads_field) if heads_field is not None else None
+        out.append(LazyTensor(name, entry.shape, entry.dtype, functools.partial(_made, entry.load, heads)))
     return out
 
 
-def save_mistral_layout(state: dict[str, torch.Tensor], config: MistralConfig, folder: str | os.PathLike,
-                        max_shard_size: int | str = "5GB") -> list[Path]:
+def _made(load: Callable[[], torch.Tensor], heads: int | None) -> torch.Tensor:
+    tensor = load().detach().to("cpu")
+    return (to_interleaved(tensor, heads) if heads is not None else tensor).contiguous()
+
+
+def save_mistral_layout(state: dict[str, torch.Tensor] | list[LazyTensor], config: MistralConfig,
+                        folder: str | os.PathLike, max_shard_size: int | str = "5GB") -> list[Path]:
     """Write params.json and consolidated.safetensors (or consolidated-0000N-of-0000M.safetensors
-    above `max_shard_size`), the layout mistral-inference reads; returns the weight files."""
+    above `max_shard_size`), the layout mistral-inference reads; returns the weight files.
+    LazyTensors are made one shard at a time."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("consolidated*.safetensors"):
         stale.unlink()
-    shards = split_shards(eager(mistral_state_dict(state, config)), max_shard_size)
+    if isinstance(state, dict):
+        embed = state["model.embed_tokens.weight"]
+        if state.get("lm_head.weight", embed).data_ptr() == embed.data_ptr():
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied: written from embed
+        state = eager(state)
+    shards = split_shards(mistral_tensors(state, config), max_shard_size)
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"consolidated-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
