@@ -1007,10 +1007,13 @@ static AI void FN(tdirect)(const int type, const int mr, const int halves, const
         if (has_min) _mm_prefetch((const char *)(sbase + (nb + b) * 32), _MM_HINT_T0);
     }
     for (int64_t b = 0; b < nb; b++) {
+        /* The codes' lead goes into L2, not L1: its lines waited in L1's few miss buffers, and on an
+         * AMD EPYC (Zen 4) a 16-block lead into L1 streamed a 7B's matrices at 0.8x the file's rows
+         * (bench/RESULTS.md). */
 #ifndef TPF
-#define TPF 16
+#define TPF 32
 #endif
-        for (int l = 0; l < TCB(type) / 4; l++) _mm_prefetch((const char *)(tw + (b + TPF) * 16 * TCB(type) + 64 * l), _MM_HINT_T0);
+        for (int l = 0; l < TCB(type) / 4; l++) _mm_prefetch((const char *)(tw + (b + TPF) * 16 * TCB(type) + 64 * l), _MM_HINT_T1);
         if (!(b & 1) && b + TPS < nb) { /* a 64-byte line holds two blocks' scales */
             _mm_prefetch((const char *)(sbase + (b + TPS) * 32), _MM_HINT_T0);
             if (has_min) _mm_prefetch((const char *)(sbase + (nb + b + TPS) * 32), _MM_HINT_T0);
