@@ -231,21 +231,10 @@ static inline void store(void *p, int64_t i, float v, int bf16) {
 }
 
 /* ------------------------------------------------------------------ pieces */
-/* this thread's share [n0, n1) of N outputs, in whole 16-row tiles (the kernels' unit) */
-static void share(int64_t N, int t, int nt, int64_t *n0, int64_t *n1) {
-    const int64_t tiles = (N + 15) / 16;
-    *n0 = tiles * t / nt * 16;
-    *n1 = tiles * (t + 1) / nt * 16;
-    if (*n1 > N) *n1 = N;
-    if (*n0 > N) *n0 = N;
-}
-
 /* rows [n0, n1) of out (M, N) = x . W^T, on this thread alone; no kernel's output depends on
  * which rows share its call, so the split changes no bit. `x` is the q8 blocks for LIN_GGML,
  * else the bfloat16 activations (M, K). */
-static int linear_part(const Kernels *kn, const Lin *l, const void *x, int64_t M, void *out, int t, int nt) {
-    int64_t n0, n1;
-    share(l->n, t, nt, &n0, &n1);
+static int linear_rows(const Kernels *kn, const Lin *l, const void *x, int64_t M, void *out, int64_t n0, int64_t n1) {
     if (n1 <= n0) return 0;
     const uint8_t *w = l->w + n0 * l->ldw;
     if (l->kind == LIN_GGML)
@@ -261,6 +250,133 @@ static int linear_part(const Kernels *kn, const Lin *l, const void *x, int64_t M
     for (int64_t m = 0; m < M; m++)
         rc |= kn->nf4_mm((const uint16_t *)x + m * l->k, 1, w, absmax, l->codebook, (uint16_t *)out + m * l->n + n0,
                          1, 1, n1 - n0, l->k, (int)l->blocksize, 1);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ products shared among threads
+ * A phase's products are cut into units of 16 output rows (the kernels' tile) laid end to end over
+ * its linears. Each thread starts with an even, contiguous share and walks it from the front a few
+ * units at a time, so its stream of weights stays in address order (the kernels' prefetch runs on
+ * into the next unit); a thread done with its own share takes the back half of the fullest other
+ * share. Static shares left the threads waiting at the phase's barrier whenever one of them ran
+ * slower (bench/RESULTS.md). A share is one 64-bit word, first unit | end << 32, changed only by
+ * compare-and-swap: a unit goes to exactly one thread, and which thread changes no bit. */
+typedef struct {
+    _Alignas(64) _Atomic uint64_t range;
+} Share;
+
+#define UNITS_A_CLAIM 4 /* units a thread takes from its own share at a time */
+
+static inline uint64_t span(uint64_t lo, uint64_t hi) { return lo | hi << 32; }
+
+/* thread t's first share of a phase of `units` among nt */
+static void share_init(Share *sh, int64_t units, int t, int nt) {
+    atomic_store(&sh[t].range, span((uint64_t)(units * t / nt), (uint64_t)(units * (t + 1) / nt)));
+}
+
+/* The next units [*u0, *u1) thread t computes in this phase; 0 when none is left anywhere. */
+static int claim(Share *sh, int t, int nt, int64_t *u0, int64_t *u1) {
+    _Atomic uint64_t *mine = &sh[t].range;
+    for (;;) {
+        uint64_t r = atomic_load(mine);
+        while ((uint32_t)r < (uint32_t)(r >> 32)) {
+            const uint64_t lo = (uint32_t)r, hi = r >> 32, end = lo + UNITS_A_CLAIM < hi ? lo + UNITS_A_CLAIM : hi;
+            if (atomic_compare_exchange_weak(mine, &r, span(end, hi))) {
+                *u0 = (int64_t)lo;
+                *u1 = (int64_t)end;
+                return 1;
+            }
+        }
+        int victim = -1;
+        uint64_t most = 0, seen = 0;
+        for (int s = 0; s < nt; s++) {
+            const uint64_t v = atomic_load(&sh[s].range), left = (v >> 32) - (uint32_t)v;
+            if (s != t && (uint32_t)v < (uint32_t)(v >> 32) && left > most) {
+                most = left;
+                victim = s;
+                seen = v;
+            }
+        }
+        if (victim < 0) return 0;
+        const uint64_t lo = (uint32_t)seen, hi = seen >> 32, cut = hi - (hi - lo) / 2;
+        if (cut < hi && atomic_compare_exchange_strong(&sh[victim].range, &seen, span(lo, cut)))
+            atomic_store(mine, span(cut, hi)); /* empty until now: no other thread writes it */
+        else if (cut >= hi && atomic_compare_exchange_strong(&sh[victim].range, &seen, span(hi, hi)))
+            atomic_store(mine, span(lo, hi)); /* a single unit left: take it whole */
+    }
+}
+
+/* units [u0, u1) of a phase over `count` linears laid end to end (16-row units; each linear's
+ * last unit may be short), all reading x */
+static int phase_units(const Kernels *kn, const Lin *const *ls, int count, const void *const *xs, int64_t M,
+                       void *const *outs, int64_t u0, int64_t u1) {
+    int rc = 0;
+    for (int i = 0, base = 0; i < count && u0 < u1; i++) {
+        const int64_t units = (ls[i]->n + 15) / 16, a = u0 - base, b = u1 - base;
+        if (a < units && b > 0) {
+            const int64_t n0 = (a > 0 ? a : 0) * 16, n1 = (b < units ? b : units) * 16;
+            rc |= linear_rows(kn, ls[i], xs[i], M, outs[i], n0, n1 < ls[i]->n ? n1 : ls[i]->n);
+        }
+        base += (int)units;
+    }
+    return rc;
+}
+
+static int64_t phase_size(const Lin *const *ls, int count) {
+    int64_t units = 0;
+    for (int i = 0; i < count; i++) units += (ls[i]->n + 15) / 16;
+    return units;
+}
+
+#ifndef PREFETCH_NEXT
+#define PREFETCH_NEXT 65536
+#endif
+/* Ask for the first PREFETCH_NEXT bytes of thread t's first share of the next phase into L2, as
+ * its products end: the weights come in while the thread waits at the barrier and runs the
+ * serial parts (norms, attention), when the bus would be idle (bench/RESULTS.md). */
+static void prefetch_share(const Lin *const *ls, int count, int t, int nt) {
+    if (PREFETCH_NEXT <= 0) return;
+    const int64_t u = phase_size(ls, count) * t / nt;
+    for (int i = 0, base = 0; i < count; i++) {
+        const int64_t units = (ls[i]->n + 15) / 16;
+        if (u < base + units) {
+            const uint8_t *p = ls[i]->w + (u - base) * 16 * ls[i]->ldw, *end = ls[i]->w + ls[i]->n * ls[i]->ldw;
+            const uint8_t *stop = p + PREFETCH_NEXT < end ? p + PREFETCH_NEXT : end;
+            for (; p < stop; p += 64) __builtin_prefetch(p, 0, 2);
+            return;
+        }
+        base += (int)units;
+    }
+}
+
+/* this thread's part of the phase: every unit it claims */
+static int run_phase(const Kernels *kn, Share *sh, const Lin *const *ls, int count, const void *const *xs, int64_t M,
+                     void *const *outs, int t, int nt) {
+    int rc = 0;
+    int64_t u0, u1;
+    while (claim(sh, t, nt, &u0, &u1)) rc |= phase_units(kn, ls, count, xs, M, outs, u0, u1);
+    return rc;
+}
+
+static int run_one(const Kernels *kn, Share *sh, const Lin *l, const void *x, int64_t M, void *out, int t, int nt) {
+    void *outs[1] = {out};
+    return run_phase(kn, sh, &l, 1, &x, M, outs, t, nt);
+}
+
+/* The MLP's gate and up products and their SiLU product, a unit at a time: a unit's gate and up
+ * rows are computed by the thread that multiplies them, so they need no barrier. */
+static int run_gate_up(const Kernels *kn, const Elementwise *ew, Share *sh, const Lin *gate, const Lin *up,
+                       const void *x, int64_t M, char *g, char *u, char *act, size_t es, int t, int nt) {
+    const int64_t F = gate->n;
+    int rc = 0;
+    int64_t u0, u1;
+    while (claim(sh, t, nt, &u0, &u1)) {
+        const int64_t f0 = 16 * u0, f1 = 16 * u1 < F ? 16 * u1 : F;
+        rc |= linear_rows(kn, gate, x, M, g, f0, f1);
+        rc |= linear_rows(kn, up, x, M, u, f0, f1);
+        for (int64_t m = 0; m < M; m++)
+            ew->silu_mul(g + es * (m * F + f0), F, u + es * (m * F + f0), F, 1, f1 - f0, act + es * (m * F + f0), 1);
+    }
     return rc;
 }
 
@@ -362,8 +478,8 @@ static void split_weighted(const Kernels *kn, int kind, const Step *st, int64_t 
 /* x (M, C) in the activation type, updated in place through every layer. Returns 0, -1 for a
  * kernel's refusal, -2 when scratch memory cannot be allocated.
  *
- * One parallel region for the whole step: each thread computes its share of every projection's
- * rows, the rope and cache write of its (row, kv head) items, and either those items'
+ * One parallel region for the whole step: each thread computes the units of every projection's
+ * rows it claims (run_phase), the rope and cache write of its (row, kv head) items, and either those items'
  * attention or, where attention.c's grouped kernels run (float32 activations), a share of every
  * item's keys and output lanes (split_scores, split_weighted: the same bits).
  * Starting a parallel region per kernel cost more than the kernels of a small model
@@ -405,13 +521,17 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
     char *buf = malloc(es * (size_t)(M * (C + 3 * HD + 3 * KD + 3 * F)));
     char *own = aligned_alloc(64, (own_bytes + part_bytes) * (size_t)threads);
     float *scores = split ? malloc(sizeof(float) * (size_t)(M * H * row)) : NULL;
-    if (buf == NULL || own == NULL || (split && scores == NULL) || Hkv <= 0 || H % Hkv) {
-        const int nomem = buf == NULL || own == NULL || (split && scores == NULL);
+    const int64_t phases = 4 * L + 1; /* per layer q/k/v, o, gate/up, down; then the head */
+    Share *shares = aligned_alloc(64, sizeof(Share) * (size_t)(phases * threads));
+    if (buf == NULL || own == NULL || shares == NULL || (split && scores == NULL) || Hkv <= 0 || H % Hkv) {
+        const int nomem = buf == NULL || own == NULL || shares == NULL || (split && scores == NULL);
         free(buf);
         free(own);
+        free(shares);
         free(scores);
         return nomem ? -2 : -1;
     }
+    memset(shares, 0, sizeof(Share) * (size_t)(phases * threads));
     char *o = buf, *qraw = o + es * M * C, *q = qraw + es * M * HD, *att = q + es * M * HD;
     char *kraw = att + es * M * HD, *k = kraw + es * M * KD, *v = k + es * M * KD, *gate = v + es * M * KD;
     char *up = gate + es * M * F, *act = up + es * M * F;
@@ -435,6 +555,15 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
         int64_t *count = (int64_t *)(idx + M * (st->used + 1));
         float *probs = (float *)(count + M);
         if (t != 0) memcpy(xt, x, es * (size_t)(M * C)); /* before the first barrier: x is still the input */
+        for (int64_t li = 0; li < L; li++) { /* a share another thread reads before it is set looks empty */
+            const Layer *ly = layers + li;
+            const Lin *qkv[3] = {&ly->q, &ly->k, &ly->v};
+            share_init(shares + (4 * li) * nt, phase_size(qkv, 3), t, nt);
+            share_init(shares + (4 * li + 1) * nt, (ly->o.n + 15) / 16, t, nt);
+            share_init(shares + (4 * li + 2) * nt, (ly->gate.n + 15) / 16, t, nt);
+            share_init(shares + (4 * li + 3) * nt, (ly->down.n + 15) / 16, t, nt);
+        }
+        if (st->head != NULL) share_init(shares + 4 * L * nt, (st->head->n + 15) / 16, t, nt);
         for (int64_t m = 0; m < M && split; m++)
             count[m] = kn->part_keys(mask_row(st, m), st->mask_s[1], st->used, idx + m * (st->used + 1));
         for (int64_t li = 0; li < L; li++) {
@@ -443,9 +572,14 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
             /* attention block */
             ew->rmsnorm(xt, M, C, C, ly->ln1, ly->eps1, xn, 1);
             quantize_input(kn, &ly->q, xn, M, xq); /* q, k and v read the same blocks */
-            rc |= linear_part(kn, &ly->q, input_of(&ly->q, xn, xq), M, qraw, t, nt);
-            rc |= linear_part(kn, &ly->k, input_of(&ly->k, xn, xq), M, kraw, t, nt);
-            rc |= linear_part(kn, &ly->v, input_of(&ly->v, xn, xq), M, v, t, nt);
+            {
+                const Lin *qkv[3] = {&ly->q, &ly->k, &ly->v};
+                const void *in[3] = {input_of(&ly->q, xn, xq), input_of(&ly->k, xn, xq), input_of(&ly->v, xn, xq)};
+                void *outs[3] = {qraw, kraw, v};
+                rc |= run_phase(kn, shares + (4 * li) * nt, qkv, 3, in, M, outs, t, nt);
+                const Lin *next = &ly->o;
+                prefetch_share(&next, 1, t, nt);
+            }
             barrier_wait(&bar, nt);
             for (int64_t it = t; it < M * Hkv; it += nt) {
                 const int64_t m = it / Hkv, g = it % Hkv, cache_at = cache_row(st, m) + g * st->cache_s[1];
@@ -484,24 +618,31 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
             }
             barrier_wait(&bar, nt);
             quantize_input(kn, &ly->o, att, M, xq);
-            rc |= linear_part(kn, &ly->o, input_of(&ly->o, att, xq), M, o, t, nt);
+            rc |= run_one(kn, shares + (4 * li + 1) * nt, &ly->o, input_of(&ly->o, att, xq), M, o, t, nt);
+            {
+                const Lin *next = &ly->gate;
+                prefetch_share(&next, 1, t, nt);
+            }
             barrier_wait(&bar, nt);
             /* MLP block */
             add(xt, o, M * C, bf16);
             ew->rmsnorm(xt, M, C, C, ly->ln2, ly->eps2, xn, 1);
             quantize_input(kn, &ly->gate, xn, M, xq);
-            rc |= linear_part(kn, &ly->gate, input_of(&ly->gate, xn, xq), M, gate, t, nt);
-            rc |= linear_part(kn, &ly->up, input_of(&ly->up, xn, xq), M, up, t, nt);
-            {   /* this thread's gate and up rows are its own: their product needs no barrier */
-                int64_t f0, f1;
-                share(F, t, nt, &f0, &f1);
-                for (int64_t m = 0; m < M && f1 > f0; m++)
-                    ew->silu_mul(gate + es * (m * F + f0), F, up + es * (m * F + f0), F, 1, f1 - f0,
-                                 act + es * (m * F + f0), 1);
+            rc |= run_gate_up(kn, ew, shares + (4 * li + 2) * nt, &ly->gate, &ly->up, input_of(&ly->gate, xn, xq), M,
+                              gate, up, act, es, t, nt);
+            {
+                const Lin *next = &ly->down;
+                prefetch_share(&next, 1, t, nt);
             }
             barrier_wait(&bar, nt);
             quantize_input(kn, &ly->down, act, M, xq);
-            rc |= linear_part(kn, &ly->down, input_of(&ly->down, act, xq), M, o, t, nt);
+            rc |= run_one(kn, shares + (4 * li + 3) * nt, &ly->down, input_of(&ly->down, act, xq), M, o, t, nt);
+            if (li + 1 < L) {
+                const Lin *next[3] = {&layers[li + 1].q, &layers[li + 1].k, &layers[li + 1].v};
+                prefetch_share(next, 3, t, nt);
+            } else if (st->head != NULL) {
+                prefetch_share(&st->head, 1, t, nt);
+            }
             barrier_wait(&bar, nt);
             add(xt, o, M * C, bf16); /* o is next written after the next layer's attention barrier */
         }
@@ -509,7 +650,7 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
                                    then takes its share of the vocabulary's rows */
             ew->rmsnorm(xt, M, C, C, st->norm, st->norm_eps, xn, 1);
             quantize_input(kn, st->head, xn, M, xq);
-            rc |= linear_part(kn, st->head, input_of(st->head, xn, xq), M, st->logits, t, nt);
+            rc |= run_one(kn, shares + 4 * L * nt, st->head, input_of(st->head, xn, xq), M, st->logits, t, nt);
         }
         const int64_t delay1 = delay0 < 0 ? -1 : run_delay_ns();
         if (delay1 < 0) atomic_store(&unknown, 1);
@@ -521,6 +662,7 @@ int mlm_decode_layers(const Kernels *kn, const Layer *layers, int64_t L, Step *s
         ew->rmsnorm(x, M, C, C, st->norm, st->norm_eps, st->normed, 1);
     free(buf);
     free(own);
+    free(shares);
     free(scores);
     return rc == 0 ? 0 : rc == -2 ? -2 : -1;
 }
