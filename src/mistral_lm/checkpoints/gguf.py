@@ -560,6 +560,18 @@ def _load_tensor(file: GGUFFile, info: TensorInfo, entry: _Entry, config: Mistra
                                functools.partial(file.release, info))
 
 
+def _open_for_tensors(path: str | os.PathLike, dtype: torch.dtype
+                      ) -> tuple[GGUFFile, MistralConfig, list[tuple[TensorInfo, str, _Entry]]]:
+    """The file, its config and, per tensor of the state dict, (its info, its Transformers name,
+    how to read it): what `load_gguf` and `lazy_float_tensors` both walk."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    file = read_gguf(path)
+    config = config_from_gguf(file)
+    return file, config, [(file.tensors[gguf_name], hf_name, entry)
+                          for gguf_name, (hf_name, entry) in _match_tensors(file, config).items()]
+
+
 def load_gguf(path: str | os.PathLike, *, dequantize: bool = True,
               dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
     """Read a Llama/Mistral GGUF file into a config and a state dict with Transformers' keys.
@@ -572,13 +584,10 @@ def load_gguf(path: str | os.PathLike, *, dequantize: bool = True,
     >>> ckpt.config.num_hidden_layers, type(ckpt.tensors["model.layers.0.mlp.up_proj.weight"]).__name__
     (30, 'GGUFQuantizedTensor')
     """
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    file = read_gguf(path)
-    config = config_from_gguf(file)
+    file, config, matched = _open_for_tensors(path, dtype)
     with _scratch_for_load():
-        tensors = {hf_name: _load_tensor(file, file.tensors[gguf_name], entry, config, dequantize, dtype)
-                   for gguf_name, (hf_name, entry) in _match_tensors(file, config).items()}
+        tensors = {hf_name: _load_tensor(file, info, entry, config, dequantize, dtype)
+                   for info, hf_name, entry in matched}
     template = file.metadata.get("tokenizer.chat_template")
     return GGUFCheckpoint(config, tensors, _plain_metadata(file.metadata),
                           template if isinstance(template, str) else None)
@@ -589,10 +598,7 @@ def lazy_float_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float
     """The config and, per tensor of `load_gguf`'s state dict, its name, shape and dtype with a
     function that decodes it then: a writer that holds one shard at a time writes a 7B, whose
     float32 state dict alone is 29 GB. Each decoded tensor's file pages leave the process."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    file = read_gguf(path)
-    config = config_from_gguf(file)
+    file, config, matched = _open_for_tensors(path, dtype)
 
     def decode(info: TensorInfo, entry: _Entry) -> torch.Tensor:
         with _scratch_for_load():
@@ -600,9 +606,8 @@ def lazy_float_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float
         file.release(info)
         return tensor
 
-    return config, [LazyTensor(hf_name, tuple(reversed(file.tensors[gguf_name].dims)), dtype,
-                               functools.partial(decode, file.tensors[gguf_name], entry))
-                    for gguf_name, (hf_name, entry) in _match_tensors(file, config).items()]
+    return config, [LazyTensor(hf_name, tuple(reversed(info.dims)), dtype, functools.partial(decode, info, entry))
+                    for info, hf_name, entry in matched]
 
 
 def _plain_metadata(md: dict[str, Any]) -> dict[str, Any]:
