@@ -162,16 +162,51 @@ def test_a_one_shot_generate_waits_for_the_tile_cache_and_says_so(tmp_path):
 def _convert_growth(out, *args) -> int:
     """Bytes by which `convert` of the default model into `out` (50 MB shards) grew the peak RSS
     of its process, imports excluded."""
-    code = ("import resource, sys, mistral_lm.cli as cli, mistral_lm.checkpoints.gguf, mistral_lm.tokenizer\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's RSS (a test that loaded a
+    # model before would hide the command's growth), the peak of its own memory does not
+    code = ("import re, sys, mistral_lm.cli as cli, mistral_lm.checkpoints.gguf, mistral_lm.tokenizer\n"
+            "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+            "before = peak()\n"
             "rc = cli.main(['convert', *sys.argv[1:], '--max-shard-size', '50MB'])\n"
-            "print(rc, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+            "print(rc, before, peak())\n")
     result = subprocess.run([sys.executable, "-c", code, str(out), *args], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr
     rc, before, after = map(int, result.stdout.split())
     assert rc == 0
     return (after - before) * 1024
+
+
+def _assert_same_hf_shards(out, ref) -> None:
+    """Both folders sharded, every shard in the index, and the same tensors under the same names."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    def shards(folder):
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        files = {p.name: load_file(p) for p in folder.glob("*.safetensors")}
+        assert set(index["weight_map"].values()) == set(files) and len(files) > 2  # sharded, every shard listed
+        assert all(name in files[file] for name, file in index["weight_map"].items())
+        return index["metadata"]["total_size"], {k: t for shard in files.values() for k, t in shard.items()}
+
+    (size, ours), (ref_size, theirs) = shards(out), shards(ref)
+    assert size == ref_size and ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def _assert_same_mistral_shards(out, ref) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    def tensors(folder):
+        files = sorted(folder.glob("consolidated-*.safetensors"))
+        assert len(files) > 2  # sharded
+        return {k: t for f in files for k, t in load_file(f).items()}
+
+    ours, theirs = tensors(out), tensors(ref)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert (out / "params.json").read_text() == (ref / "params.json").read_text()
 
 
 def test_convert_of_a_gguf_writes_what_save_pretrained_writes_a_shard_at_a_time(tmp_path):
@@ -197,15 +232,7 @@ def test_convert_of_a_gguf_writes_what_save_pretrained_writes_a_shard_at_a_time(
     assert grown < 0.75 * model.num_parameters() * 4, grown
     assert json.loads((out / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
 
-    def shards(folder):
-        index = json.loads((folder / "model.safetensors.index.json").read_text())
-        files = {p.name: load_file(p) for p in folder.glob("*.safetensors")}
-        assert set(index["weight_map"].values()) == set(files) and len(files) > 2  # sharded, every shard listed
-        assert all(name in files[file] for name, file in index["weight_map"].items())
-        return index["metadata"]["total_size"], {k: t for shard in files.values() for k, t in shard.items()}
-
-    (size, ours), (ref_size, theirs) = shards(out), shards(ref)
-    assert size == ref_size and ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    _assert_same_hf_shards(out, ref)
 
 
 def test_convert_of_a_gguf_to_mistral_layout_writes_a_shard_at_a_time(tmp_path):
@@ -226,10 +253,38 @@ def test_convert_of_a_gguf_to_mistral_layout_writes_a_shard_at_a_time(tmp_path):
     assert grown < 0.75 * model.num_parameters() * 4, grown  # the in-memory writer grew 1.3x
     assert (out / "params.json").read_text() == (ref / "params.json").read_text()
 
-    def tensors(folder):
-        files = sorted(folder.glob("consolidated-*.safetensors"))
-        assert len(files) > 2  # sharded
-        return {k: t for f in files for k, t in load_file(f).items()}
+    _assert_same_mistral_shards(out, ref)
 
-    ours, theirs = tensors(out), tensors(ref)
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+@pytest.mark.parametrize("layout", ["hf", "mistral"])
+def test_convert_of_an_hf_folder_writes_a_shard_at_a_time(tmp_path, layout):
+    """`convert` of an HF safetensors folder reads each tensor as its shard is written, as for a
+    GGUF (loading a 7B whole held 1.4x its weights): the files are those the loaded model's
+    writers make (`save_pretrained`, `save_mistral_layout`), here from a bfloat16 source
+    converted to convert's float32, and memory grows by a shard, not by the model."""
+    import json
+
+    import torch
+
+    from mistral_lm import MistralForCausalLM
+    from mistral_lm.checkpoints.mistral_format import save_mistral_layout
+    from mistral_lm.defaults import default_model_path
+    from mistral_lm.tokenizer import MistralTokenizer
+
+    source, out, ref = tmp_path / "source", tmp_path / "out", tmp_path / "ref"
+    MistralForCausalLM.from_pretrained(default_model_path(), torch_dtype=torch.bfloat16).save_pretrained(
+        source, max_shard_size="50MB")
+    MistralTokenizer.from_pretrained(default_model_path()).save_pretrained(source)
+    grown = _convert_growth(out, "--model", str(source), "--layout", layout)
+    model = MistralForCausalLM.from_pretrained(source)  # float32, as convert's default
+    assert next(model.parameters()).dtype == torch.float32
+    # measured: loading the model whole grew it 1.4x
+    assert grown < 0.75 * model.num_parameters() * 4, grown
+    if layout == "mistral":
+        save_mistral_layout(model.state_dict(), model.config, ref, max_shard_size="50MB")
+        _assert_same_mistral_shards(out, ref)
+    else:
+        model.save_pretrained(ref, max_shard_size="50MB")
+        assert json.loads((out / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
+        _assert_same_hf_shards(out, ref)
+    assert (out / "tokenizer.json").is_file() or any(out.glob("tokenizer*"))

@@ -111,6 +111,37 @@ class LazyTensor(NamedTuple):
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+def lazy_tensors(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> list[LazyTensor] | None:
+    """Every tensor of a safetensors checkpoint folder, in file order, as a LazyTensor that reads
+    it (with pread: one tensor's bytes, not a mapping's pages that stay resident) and casts it to
+    `dtype` when made; a writer then holds one shard at a time. None where a file is pickled or
+    a tensor is not floating point (a quantized checkpoint): those are loaded whole."""
+    files = weight_files(folder)
+    if any(file.suffix != ".safetensors" for file in files):
+        return None
+    entries = []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                slices = [(name, handle.get_slice(name)) for name in handle.keys()]
+                stored = [(name, _FLOAT_CODES.get(s.get_dtype()), tuple(s.get_shape())) for name, s in slices]
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{file} is not a valid safetensors file: {exc}") from exc
+        if any(kind is None for _, kind, _ in stored):
+            return None
+        entries += [LazyTensor(name, shape, dtype or kind, lambda f=file, n=name: _read(f, n, dtype))
+                    for name, kind, shape in stored]
+    return entries
+
+
+def _read(file: Path, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+    try:
+        with safe_open(str(file), framework="pt", backend="pread") as handle:
+            return _cast(handle.get_tensor(name), dtype)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{file}: cannot read {name}: {exc}") from exc
+
+
 def split_shards(tensors: list[LazyTensor], max_shard_size: int | str) -> list[list[LazyTensor]]:
     """`tensors` in order, cut into shards of at most `max_shard_size` bytes each (a tensor
     larger than that gets a shard of its own)."""
