@@ -186,27 +186,10 @@ def _convert_gguf(path: Path, out: Path, dtype: str | None, max_shard_size: str,
     The files are those `save_pretrained` (`save_mistral_layout`) writes of the same file loaded
     in `dtype`."""
     from .checkpoints.gguf import lazy_float_tensors
-    from .checkpoints.safetensors import save_state_dict
     from .dtypes import resolve_dtype
-    from .tokenizer import MistralTokenizer
 
-    target = resolve_dtype(dtype or "float32")
-    config, tensors = lazy_float_tensors(path, target)
-    start = time.perf_counter()
-    print(f"converting {path.name} ({sum(t.nbytes for t in tensors) / 1e9:.2f} GB in {dtype or 'float32'}) ...",
-          end="", file=sys.stderr, flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if layout == "mistral":
-        from .checkpoints.mistral_format import save_mistral_layout
-
-        save_mistral_layout(tensors, config, out, max_shard_size=max_shard_size)
-    else:
-        config.architectures = ["MistralForCausalLM"]
-        config.torch_dtype = target
-        config.save_pretrained(out)
-        save_state_dict(tensors, out, max_shard_size)
-    MistralTokenizer.from_pretrained(path).save_pretrained(out)
-    print(f" {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
+    config, tensors = lazy_float_tensors(path, resolve_dtype(dtype or "float32"))
+    _write_streamed(path, out, config, tensors, dtype, max_shard_size, layout)
 
 
 def _convert_folder(folder: Path, out: Path, dtype: str | None, max_shard_size: str, layout: str) -> bool:
@@ -215,25 +198,35 @@ def _convert_folder(folder: Path, out: Path, dtype: str | None, max_shard_size: 
     other folder (pickled or quantized weights, a Mistral-layout folder, names or shapes of
     another model): the caller loads those whole, as `from_pretrained` reads them."""
     from .checkpoints.mistral_format import is_mistral_folder
-    from .checkpoints.safetensors import lazy_tensors, save_state_dict
+    from .checkpoints.safetensors import lazy_tensors
     from .config import MistralConfig
     from .dtypes import resolve_dtype
     from .loading import build_on_meta
     from .modeling import MistralForCausalLM
-    from .tokenizer import MistralTokenizer
 
     if folder.is_file() or is_mistral_folder(folder) or not (folder / "config.json").is_file():
         return False
-    target = resolve_dtype(dtype or "float32")
     config = MistralConfig.from_pretrained(folder)
-    tensors = lazy_tensors(folder, target)
+    tensors = lazy_tensors(folder, resolve_dtype(dtype or "float32"))
     shapes = {name: tuple(p.shape) for name, p in build_on_meta(MistralForCausalLM, config).state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)  # the embedding's: save_pretrained writes it once
     if tensors is None or len(tensors) != len(shapes) or any(shapes.get(t.name) != t.shape for t in tensors):
         return False
+    _write_streamed(folder, out, config, tensors, dtype, max_shard_size, layout)
+    return True
+
+
+def _write_streamed(source: Path, out: Path, config: Any, tensors: list, dtype: str | None, max_shard_size: str,
+                    layout: str) -> None:
+    """`tensors` (LazyTensors in `dtype`, made as their shard is written) and `source`'s tokenizer
+    as an HF folder, or a Mistral-layout one."""
+    from .checkpoints.safetensors import save_state_dict
+    from .dtypes import resolve_dtype
+    from .tokenizer import MistralTokenizer
+
     start = time.perf_counter()
-    print(f"converting {folder.name} ({sum(t.nbytes for t in tensors) / 1e9:.2f} GB in {target}) ...",
+    print(f"converting {source.name} ({sum(t.nbytes for t in tensors) / 1e9:.2f} GB in {dtype or 'float32'}) ...",
           end="", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     if layout == "mistral":
@@ -242,12 +235,11 @@ def _convert_folder(folder: Path, out: Path, dtype: str | None, max_shard_size: 
         save_mistral_layout(tensors, config, out, max_shard_size=max_shard_size)
     else:
         config.architectures = ["MistralForCausalLM"]
-        config.torch_dtype = target
+        config.torch_dtype = resolve_dtype(dtype or "float32")
         config.save_pretrained(out)
         save_state_dict(tensors, out, max_shard_size)
-    MistralTokenizer.from_pretrained(folder).save_pretrained(out)
+    MistralTokenizer.from_pretrained(source).save_pretrained(out)
     print(f" {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
-    return True
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
