@@ -160,8 +160,8 @@ def test_a_one_shot_generate_waits_for_the_tile_cache_and_says_so(tmp_path):
 
 
 def _convert_growth(out, *args) -> int:
-    """Bytes by which `convert` of the default model into `out` (50 MB shards) grew the peak RSS
-    of its process, imports excluded."""
+    """Bytes by which `convert` into `out` (50 MB shards; the default model unless `args` name
+    another) grew the peak RSS of its process, imports excluded."""
     # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's RSS (a test that loaded a
     # model before would hide the command's growth), the peak of its own memory does not
     code = ("import re, sys, mistral_lm.cli as cli, mistral_lm.checkpoints.gguf, mistral_lm.tokenizer\n"
@@ -196,6 +196,7 @@ def _assert_same_hf_shards(out, ref) -> None:
 
 
 def _assert_same_mistral_shards(out, ref) -> None:
+    """Both folders sharded, the same tensors under the same names, the same params.json."""
     import torch
     from safetensors.torch import load_file
 
@@ -218,9 +219,6 @@ def test_convert_of_a_gguf_writes_what_save_pretrained_writes_a_shard_at_a_time(
     differ from `save_pretrained`'s: the index must map every name to the shard that holds it."""
     import json
 
-    import torch
-    from safetensors.torch import load_file
-
     from mistral_lm import MistralForCausalLM
     from mistral_lm.defaults import default_model_path
 
@@ -239,9 +237,6 @@ def test_convert_of_a_gguf_to_mistral_layout_writes_a_shard_at_a_time(tmp_path):
     """`convert --layout mistral` of a GGUF streams too: the shards hold the tensors the in-memory
     writer makes of the loaded model (itself checked against an independent writer in
     test_mistral_format), and memory grows by a shard, not by the model."""
-    import torch
-    from safetensors.torch import load_file
-
     from mistral_lm import MistralForCausalLM
     from mistral_lm.checkpoints.mistral_format import save_mistral_layout
     from mistral_lm.defaults import default_model_path
@@ -251,8 +246,6 @@ def test_convert_of_a_gguf_to_mistral_layout_writes_a_shard_at_a_time(tmp_path):
     model = MistralForCausalLM.from_pretrained(default_model_path())
     save_mistral_layout(model.state_dict(), model.config, ref, max_shard_size="50MB")
     assert grown < 0.75 * model.num_parameters() * 4, grown  # the in-memory writer grew 1.3x
-    assert (out / "params.json").read_text() == (ref / "params.json").read_text()
-
     _assert_same_mistral_shards(out, ref)
 
 
@@ -287,4 +280,4 @@ def test_convert_of_an_hf_folder_writes_a_shard_at_a_time(tmp_path, layout):
         model.save_pretrained(ref, max_shard_size="50MB")
         assert json.loads((out / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
         _assert_same_hf_shards(out, ref)
-    assert (out / "tokenizer.json").is_file() or any(out.glob("tokenizer*"))
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()

@@ -307,7 +307,7 @@ static int claim(Share *sh, int t, int nt, int64_t *u0, int64_t *u1) {
 }
 
 /* units [u0, u1) of a phase over `count` linears laid end to end (16-row units; each linear's
- * last unit may be short), all reading x */
+ * last unit may be short), linear i reading xs[i] and writing outs[i] */
 static int phase_units(const Kernels *kn, const Lin *const *ls, int count, const void *const *xs, int64_t M,
                        void *const *outs, int64_t u0, int64_t u1) {
     int rc = 0;
