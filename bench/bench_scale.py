@@ -8,7 +8,9 @@
 Each file is written with the `gguf` package into a temporary folder (random blocks with small
 scales; one file at a time, deleted when its rows are done): `1b` is hidden 2048, 16 layers,
 32/8 heads, ffn 5632; `7b` hidden 4096, 32 layers, 32/8 heads, ffn 14336; vocab 32000; `-sw`
-adds `sliding_window` 4096 (the ring-buffer cache should cost nothing). Every run is a fresh
+adds `sliding_window` 4096 (the ring-buffer cache should cost nothing). The type is one ggml type
+for every matrix (q4_0, q4_k, q6_k, ...) or `q4_k_m`, llama.cpp's most downloaded mix: Q4_K, with
+Q6_K for the head and for `attn_v` and `ffn_down` in the layers llama.cpp gives more bits. Every run is a fresh
 worker process, engines alternate, and no two workers run at once. Engines:
 
 - `ours`: `from_pretrained(path, gguf_native=True)`, the CLI's default; its first run builds the
@@ -61,7 +63,8 @@ def write_gguf(path: Path, name: str) -> int:
     import numpy as np
 
     shape_name, qtype_name, *rest = name.split("-")
-    s, qtype = SHAPES[shape_name], gguf.GGMLQuantizationType[qtype_name.upper()]
+    s = SHAPES[shape_name]
+    types = _mix(qtype_name, s["layers"])
     h, ff, v, d = s["hidden"], s["ffn"], s["vocab"], s["hidden"] // s["heads"]
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(32768)
@@ -89,29 +92,58 @@ def write_gguf(path: Path, name: str) -> int:
                     (f"blk.{i}.attn_v.weight", (s["kv"] * d, h)), (f"blk.{i}.attn_output.weight", (h, h)),
                     (f"blk.{i}.ffn_gate.weight", (ff, h)), (f"blk.{i}.ffn_up.weight", (ff, h)),
                     (f"blk.{i}.ffn_down.weight", (h, ff))]
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
     for tensor, shape in tensors:
         if len(shape) == 1:
             writer.add_tensor_info(tensor, shape, np.dtype(np.float32), 4 * shape[0])
         else:
+            block, size = gguf.GGML_QUANT_SIZES[types(tensor)]
             nbytes = shape[0] * shape[1] // block * size
-            writer.add_tensor_info(tensor, (shape[0], nbytes // shape[0]), np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+            writer.add_tensor_info(tensor, (shape[0], nbytes // shape[0]), np.dtype(np.uint8), nbytes,
+                                   raw_dtype=types(tensor))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     rng = np.random.default_rng(0)
-    for _, shape in tensors:
+    for tensor, shape in tensors:
         if len(shape) == 1:
             writer.write_tensor_data(np.ones(shape, np.float32))
             continue
+        qtype = types(tensor)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
         blocks = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
         scale = (rng.standard_normal(blocks.shape[:2]) * 0.004).astype(np.float16)
-        blocks[..., 0:2] = scale.view(np.uint8).reshape(*blocks.shape[:2], 2)
+        at = size - 2 if qtype == gguf.GGMLQuantizationType.Q6_K else 0  # Q6_K's d ends its block
+        blocks[..., at:at + 2] = scale.view(np.uint8).reshape(*blocks.shape[:2], 2)
         if qtype == gguf.GGMLQuantizationType.Q4_K:  # dmin; the 12 sub-block scale bytes stay random
             blocks[..., 2:4] = (np.abs(scale) / 2).astype(np.float16).view(np.uint8).reshape(*blocks.shape[:2], 2)
+        if qtype == gguf.GGMLQuantizationType.Q6_K:  # the 16 int8 sub-block scales: small, as a quantizer's
+            blocks[..., 192:208] = rng.integers(-32, 32, (*blocks.shape[:2], 16), dtype=np.int8).view(np.uint8)
         writer.write_tensor_data(blocks.reshape(shape[0], -1))
     writer.close()
     return path.stat().st_size
+
+
+def _mix(type_name: str, layers: int) -> Any:
+    """tensor name -> its ggml type: one type for all, or (`q4_k_m`) llama.cpp's Q4_K_M choice,
+    Q6_K for the head and for `attn_v` / `ffn_down` in the first and last eighth of the layers
+    and every third one between (llama.cpp's `use_more_bits`), Q4_K elsewhere."""
+    import gguf
+
+    kinds = gguf.GGMLQuantizationType
+    if type_name.lower() != "q4_k_m":
+        return lambda tensor: kinds[type_name.upper()]
+
+    def more_bits(i: int) -> bool:
+        return i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2
+
+    def choose(tensor: str) -> Any:
+        if tensor == "output.weight":
+            return kinds.Q6_K
+        parts = tensor.split(".")
+        if parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down") and more_bits(int(parts[1])):
+            return kinds.Q6_K
+        return kinds.Q4_K
+    return choose
 
 
 # ----------------------------------------------------------------------------- workers

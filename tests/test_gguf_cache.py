@@ -39,19 +39,20 @@ def random_blocks(rows: int, cols: int, qtype: Q, rng: np.random.Generator) -> n
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     data = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
     d = (rng.standard_normal((rows, cols // block)) * 0.01).astype(np.float16)
-    data[..., 0:2] = d.view(np.uint8).reshape(rows, -1, 2)
+    at = size - 2 if qtype == Q.Q6_K else 0  # Q6_K's d ends its block
+    data[..., at:at + 2] = d.view(np.uint8).reshape(rows, -1, 2)
     if qtype in (Q.Q4_1, Q.Q4_K):  # Q4_1's min, Q4_K's dmin
         data[..., 2:4] = (np.abs(d) * 3).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
     return data.reshape(rows, -1)
 
 
-# hidden 256 (Q4_K's super-block), 4 heads of 64, 1 kv head; vocab 100 and (but for Q4_K) ffn 352
+# hidden 256 (a K-quant's super-block), 4 heads of 64, 1 kv head; vocab 100 and (but for K-quants) ffn 352
 # are not whole 64-row blocks, and 352 inputs are not a multiple of 256
 SHAPE = dict(hidden=256, heads=4, kv=1, layers=2, vocab=100)
 
 
 def write_model(path: Path, qtype: Q, seed: int = 0, tied: bool = False) -> None:
-    h, v, ff = SHAPE["hidden"], SHAPE["vocab"], 768 if qtype == Q.Q4_K else 352
+    h, v, ff = SHAPE["hidden"], SHAPE["vocab"], 768 if qtype in (Q.Q4_K, Q.Q6_K) else 352
     kv_rows = SHAPE["kv"] * h // SHAPE["heads"]
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(128)

@@ -55,7 +55,7 @@ def greedy(model, steps: int = 6) -> torch.Tensor:
                               return_dict_in_generate=True).logits
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
 def test_tiled_load_gives_the_rows_bits(tmp_path, monkeypatch, qtype):
     path = tmp_path / f"{qtype.name}.gguf"
     write_model(path, qtype, tied=qtype == Q.Q8_0)

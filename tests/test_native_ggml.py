@@ -347,14 +347,19 @@ def test_c_decode_is_the_torch_definition_bit_for_bit(ggml_type):
 
 
 # ------------------------------------------------------------------ the tiled layout
-TILEABLE = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+TILEABLE = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q6_K]
+
+
+def k_tiled(ggml_type: int, k32: int) -> int:
+    """A K for the tiled tests: k32 for the 32-value types (not a multiple of 256), else 768."""
+    return 768 if ggml_type == Q.Q6_K else k32
 
 
 @pytest.mark.parametrize("ggml_type", TILEABLE, ids=lambda t: t.name)
 def test_tile_is_a_permutation_of_the_rows_bytes(ggml_type):
     """`tile` keeps every byte (same shape, same multiset), puts row r's block b codes where the
     kernels read them, and `untile` gives the file's rows back."""
-    k = 160
+    k = k_tiled(ggml_type, 160)
     blocks = random_blocks(ggml_type, 48, k, seed=3)
     tiled = ggml.tile(blocks, ggml_type, k)
     assert tiled.shape == blocks.shape and not torch.equal(tiled, blocks)
@@ -366,16 +371,27 @@ def test_tile_is_a_permutation_of_the_rows_bytes(ggml_type):
     assert torch.equal(ggml.reference_linear(x, tiled, ggml_type | ggml.TILED), ggml.reference_linear(x, blocks, ggml_type))
     assert torch.equal(ggml.reference_dequantize(ggml.untile(tiled, ggml_type | ggml.TILED, k), ggml_type, k),
                        ggml.reference_dequantize(blocks, ggml_type, k))
-    big = random_blocks(ggml_type, 16 * 37, 32 * 41, seed=4)  # several groups a thread, K not a multiple of 256
-    want = ggml.reference_tile(big, ggml_type, 32 * 41)
+    kb = k_tiled(ggml_type, 32 * 41)
+    big = random_blocks(ggml_type, 16 * 37, kb, seed=4)  # several groups a thread, K not a multiple of 256
+    want = ggml.reference_tile(big, ggml_type, kb)
     for cap in caps() if ggml.available() else ():  # the AVX-512 transposes and the scalar copy
         with isa(cap), threads(2):
-            assert torch.equal(ggml.tile(big, ggml_type, 32 * 41), want), cap
+            assert torch.equal(ggml.tile(big, ggml_type, kb), want), cap
+    g, row = 1, 5
+    flat = tiled[16 * g:16 * (g + 1)].flatten()
+    if ggml_type == Q.Q6_K:
+        # superblock 1 of group 1: 4-byte column 33 (qh bytes 4..7) of row 5, the decode's 8th
+        # vector (the scales, then ql and qh columns alternating), then row 5's d
+        sb, rb = 1, ggml.row_bytes(ggml_type, k)
+        start = sb * 16 * 210 + 7 * 64 + 4 * row
+        source = blocks[16 * g + row, :rb].view(-1, 210)[sb]
+        assert torch.equal(flat[start:start + 4], source[132:136])
+        d = sb * 16 * 210 + 52 * 64 + 2 * row
+        assert torch.equal(flat[d:d + 2], source[208:210])
+        return
     # the first 4-byte code group of group 1, row 5, block 2: right after the 16 rows' groups before it
     head, cb = (4, 16) if ggml_type == Q.Q4_1 else (2, 32 if ggml_type == Q.Q8_0 else 16)
-    g = 1
-    flat = tiled[16 * g:16 * (g + 1)].flatten()
-    row, b = 5, 2
+    b = 2
     start = b * 16 * cb + 4 * row
     assert torch.equal(flat[start:start + 4], blocks[16 * g + row, b * (head + cb) + head:b * (head + cb) + head + 4])
 
@@ -387,7 +403,7 @@ def test_tiled_kernels_equal_the_row_kernels_bit_for_bit(ggml_type):
     gives the same bits on every ISA, for decode (1-2 rows), the vector prefill and AMX's (where
     present), at 1 and 2 threads, K not a multiple of 256, and row counts around the groups."""
     lib = ggml._lib()
-    k = 800
+    k = k_tiled(ggml_type, 800)
     x = activations(40, k)
     amx_old = lib.mlm_ggml_amx(-1)
     try:

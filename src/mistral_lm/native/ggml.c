@@ -24,12 +24,27 @@
 
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 
-/* A flag on the type: the weights are in the tiled layout of ggml_tile.h (Q4_0, Q4_1, Q8_0 with
- * N % 16 == 0; ggml.py `tile`), not in the file's rows. The same bytes in all, the same results. */
+/* A flag on the type: the weights are in the tiled layout of ggml_tile.h (Q4_0, Q4_1, Q8_0, Q6_K
+ * with N % 16 == 0; ggml.py `tile`), not in the file's rows. The same bytes in all, the same
+ * results. */
 #define TILED 0x100
-/* The tileable types, and per block of one of them: its code bytes, and the bytes before them
- * (the float16 scale, and for Q4_1 the min). */
-#define TILEABLE(type) ((type) == T_Q4_0 || (type) == T_Q4_1 || (type) == T_Q8_0)
+#define TILEABLE(type) ((type) == T_Q4_0 || (type) == T_Q4_1 || (type) == T_Q8_0 || (type) == T_Q6_K)
+/* A Q6_K superblock of a 16-row group, tiled: its first 208 bytes (ql, qh, the 16 int8 scales) as
+ * 52 vectors of the 16 rows' 4-byte columns (vector v: bytes 4v..4v+3 of each row, row r at 4r),
+ * then the 16 rows' float16 d. One stream, superblock after superblock. */
+#define T6_SB (16 * 210)
+#define T6_D (52 * 64)
+/* Where column v (ql 0-31, qh 32-47, scales 48-51) lies in a tiled superblock, in vectors: in the
+ * order a decode first reads them, so that its loads run through the superblock from its start:
+ * the scales, then per half h the ql columns of its even blocks paired with the qh columns, then
+ * the ql columns of its odd blocks. */
+static inline int t6pos(int v) {
+    if (v >= 48) return v - 48;
+    if (v >= 32) return 4 + 24 * ((v - 32) >> 3) + 2 * ((v - 32) & 7) + 1;
+    return 4 + 24 * (v >> 4) + ((v & 15) < 8 ? 2 * (v & 15) : 16 + (v & 7));
+}
+/* Per block of the other tileable types: its code bytes, and the bytes before them (the float16
+ * scale, and for Q4_1 the min). */
 #define TCB(type) ((type) == T_Q8_0 ? 32 : 16)
 #define THEAD(type) ((type) == T_Q4_1 ? 4 : 2)
 
@@ -138,6 +153,15 @@ static void decode_row_block(int type, const uint8_t *w, int64_t ldw, int64_t n,
         return;
     }
     type &= ~TILED;
+    if (type == T_Q6_K) { /* the row's superblock gathered from its group's columns */
+        const uint8_t *sp = w + (n >> 4) * 16 * ldw + (b >> 3) * T6_SB;
+        const int r = (int)(n & 15);
+        uint8_t blk[210];
+        for (int v = 0; v < 52; v++) memcpy(blk + 4 * v, sp + 64 * t6pos(v) + 4 * r, 4);
+        memcpy(blk + 208, sp + T6_D + 2 * r, 2);
+        decode_scalar(type, blk, b & 7, u, sc, cw, mw);
+        return;
+    }
     const int cb = TCB(type), head = THEAD(type), r = (int)(n & 15);
     const uint8_t *g = w + (n >> 4) * 16 * ldw, *codes = g + b * 16 * cb + 4 * r, *scales = g + nb * 16 * cb + b * 32 + 2 * r;
     uint8_t blk[34];
@@ -406,7 +430,7 @@ int mlm_ggml_matmul(int type, const void *xq, int64_t M, int64_t K, const uint8_
                     float *out, int64_t ldo, int nthreads) {
     int base;
     if (!valid(type, N, K, &base)) return -1;
-    if ((type & TILED) && ldw != K / 32 * type_bytes(base)) return -1;
+    if ((type & TILED) && ldw != K / type_block(base) * type_bytes(base)) return -1;
     if (isa_level < 0) mlm_set_isa(3);
     if (M <= 0 || N <= 0) return 0;
     const int64_t nb = K / 32;
@@ -416,11 +440,25 @@ int mlm_ggml_matmul(int type, const void *xq, int64_t M, int64_t K, const uint8_
 }
 
 /* The file's rows (N, K/32 blocks each) -> the tiled layout (ggml_tile.h; ggml.py `tile` is its
- * torch definition) in dst, N a multiple of 16, for Q4_0, Q4_1 and Q8_0. A 16-row group is read
- * and written within its own 16 rows' bytes, so groups run on any thread. Returns 0, or -1. */
+ * torch definition) in dst, N a multiple of 16, for Q4_0, Q4_1, Q8_0 and Q6_K. A 16-row group is
+ * read and written within its own 16 rows' bytes, so groups run on any thread. Returns 0, or -1. */
 int mlm_ggml_tile(int type, const uint8_t *src, int64_t N, int64_t K, uint8_t *dst, int nthreads) {
-    if (N % 16 || K % 32 || !TILEABLE(type)) return -1;
-    const int64_t nb = K / 32, tb = type_bytes(type), ldw = nb * tb;
+    if (N % 16 || K % type_block(type) || !TILEABLE(type)) return -1;
+    const int64_t nb = K / 32, tb = type_bytes(type), ldw = K / type_block(type) * tb;
+    if (type == T_Q6_K) { /* a scalar copy: Q6_K is a fifth of a Q4_K_M file's bytes */
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+        for (int64_t g = 0; g < N / 16; g++) {
+            for (int r = 0; r < 16; r++) {
+                const uint8_t *row = src + (g * 16 + r) * ldw;
+                for (int64_t s = 0; s < nb / 8; s++) {
+                    uint8_t *sp = dst + g * 16 * ldw + s * T6_SB;
+                    for (int v = 0; v < 52; v++) memcpy(sp + 64 * t6pos(v) + 4 * r, row + s * 210 + 4 * v, 4);
+                    memcpy(sp + T6_D + 2 * r, row + s * 210 + 208, 2);
+                }
+            }
+        }
+        return 0;
+    }
     const int cb = TCB(type), head = THEAD(type);
     if (isa_level < 0) mlm_set_isa(3);
     if (isa_level == 2) {

@@ -52,8 +52,21 @@ XBLOCK_BYTES = 64  # one quantized activation block: 32 int8 codes, int32 sums o
 _SIZES = {t: GGML_QUANT_SIZES[Q(t)] for t in SUPPORTED}  # type -> (weights per block, bytes per block)
 # A flag on the type: the blocks are in the tiled layout (`tile`), not the file's rows.
 TILED = 0x100
-TILEABLE: frozenset[int] = frozenset(int(t) for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0))
+TILEABLE: frozenset[int] = frozenset(int(t) for t in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q6_K))
 TILE_ROWS = 16
+
+
+def _t6_position(v: int) -> int:
+    """Where a Q6_K superblock's 4-byte column v (ql 0-31, qh 32-47, scales 48-51) lies in its
+    tiled form, in 64-byte vectors: ggml.c's `t6pos`, the order a decode first reads them."""
+    if v >= 48:
+        return v - 48
+    if v >= 32:
+        return 4 + 24 * ((v - 32) >> 3) + 2 * ((v - 32) & 7) + 1
+    return 4 + 24 * (v >> 4) + (2 * (v & 15) if (v & 15) < 8 else 16 + (v & 7))
+
+
+_T6_ORDER = torch.tensor(sorted(range(52), key=_t6_position))  # the column at each position
 
 
 @functools.cache
@@ -166,7 +179,7 @@ def check_tiled(blocks: torch.Tensor, ggml_type: int) -> None:
     if ggml_type & TILED and (ggml_type & ~TILED not in TILEABLE or blocks.dim() != 2
                               or blocks.shape[0] % TILE_ROWS or not blocks.is_contiguous()):
         raise CheckpointError(f"tiled {_name(ggml_type)} weights must be a whole contiguous tensor of "
-                              f"{TILE_ROWS}-row groups of Q4_0, Q4_1 or Q8_0; got shape {tuple(blocks.shape)}, "
+                              f"{TILE_ROWS}-row groups of Q4_0, Q4_1, Q8_0 or Q6_K; got shape {tuple(blocks.shape)}, "
                               f"strides {blocks.stride()}")
 
 
@@ -388,10 +401,12 @@ def _tile_fields(ggml_type: int) -> tuple[int, int, int]:
 def tile(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
     """The file's rows (N, row bytes) -> the tiled layout ggml_tile.h reads, the same shape and
     bytes: per 16 rows, block after block, the codes as 4-byte groups of the 16 rows side by
-    side (what one vpdpbusd multiplies), then the blocks' float16 scales, then (Q4_1) their mins.
-    A decode step then reads a block of 16 rows with whole-vector loads from one stream instead
-    of 16 row loads, a gather for the scales and a lane reduction. Q4_0, Q4_1 and Q8_0 with
-    N % 16 == 0; a fresh tensor (C's copy where built, else `reference_tile`)."""
+    side (what one vpdpbusd multiplies), then the blocks' float16 scales, then (Q4_1) their mins;
+    Q6_K superblock after superblock, each its first 208 bytes as the 16 rows' 4-byte columns
+    side by side (in the order a decode reads them: `_t6_position`), then the rows' float16 d. A decode step then reads a block of 16 rows with
+    whole-vector loads from one stream instead of 16 row loads, gathers for the scales and a lane
+    reduction. Q4_0, Q4_1, Q8_0 and Q6_K with N % 16 == 0; a fresh tensor (C's copy where built,
+    else `reference_tile`)."""
     _check_tileable(blocks, ggml_type, in_features)
     lib = _lib()
     if lib is None:
@@ -416,6 +431,11 @@ def reference_tile(blocks: torch.Tensor, ggml_type: int, in_features: int) -> to
     _check_tileable(blocks, ggml_type, in_features)
     nbytes = row_bytes(ggml_type, in_features)
     n, nb, g = blocks.shape[0] // TILE_ROWS, in_features // 32, TILE_ROWS
+    if ggml_type == Q.Q6_K:
+        b = blocks.contiguous().view(n, g, nb // 8, 210)
+        columns = b[..., :208].reshape(n, g, nb // 8, 52, 4)[:, :, :, _T6_ORDER].permute(0, 2, 3, 1, 4)
+        columns = columns.reshape(n, nb // 8, -1)
+        return torch.cat([columns, b[..., 208:].permute(0, 2, 1, 3).reshape(n, nb // 8, -1)], 2).view(n * g, nbytes)
     head, cb, fields = _tile_fields(ggml_type)
     b = blocks.contiguous().view(n, g, nb, head + cb)
     codes = b[..., head:].reshape(n, g, nb, cb // 4, 4).permute(0, 2, 3, 1, 4).reshape(n, -1)
@@ -428,6 +448,13 @@ def untile(tiled: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tenso
     ggml_type &= ~TILED
     nbytes = row_bytes(ggml_type, in_features)
     n, nb, g = tiled.shape[0] // TILE_ROWS, in_features // 32, TILE_ROWS
+    if ggml_type == Q.Q6_K:
+        t = tiled.contiguous().view(n, nb // 8, 16 * 210)
+        positions = torch.tensor([_t6_position(v) for v in range(52)])
+        columns = t[..., :52 * 64].reshape(n, nb // 8, 52, g, 4)[:, :, positions].permute(0, 3, 1, 2, 4)
+        columns = columns.reshape(n, g, nb // 8, 208)
+        d = t[..., 52 * 64:].reshape(n, nb // 8, g, 2).permute(0, 2, 1, 3)
+        return torch.cat([columns, d], -1).reshape(n * g, nbytes)
     head, cb, fields = _tile_fields(ggml_type)
     flat = tiled.contiguous().view(n, g * nbytes)
     codes = flat[:, :nb * g * cb].reshape(n, nb, cb // 4, g, 4).permute(0, 3, 1, 2, 4).reshape(n, g, nb, cb)

@@ -961,13 +961,53 @@ static void FN(tile_groups)(const int type, const uint8_t *src, int64_t nb, int6
 /* Prefetches a group's codes of the K chunk from block b, for the prefill's panels (a group is one
  * stream; its scales are read a few at a time and left to the hardware's prefetcher). */
 static AI void FN(tprefetch)(const int type, const uint8_t *tw, int64_t b, int64_t nb) {
-    const int64_t cb = 16 * TCB(type), e = b + KC < nb ? b + KC : nb;
+    const int64_t e = b + KC < nb ? b + KC : nb;
+    if (type == T_Q6_K) { /* b and e are superblock starts (KC is a multiple of 8) */
+        for (int64_t o = (b >> 3) * T6_SB; o < (e >> 3) * T6_SB; o += 64) _mm_prefetch((const char *)(tw + o), _MM_HINT_T0);
+        return;
+    }
+    const int64_t cb = 16 * TCB(type);
     for (int64_t o = b * cb; o < e * cb; o += 64) _mm_prefetch((const char *)(tw + o), _MM_HINT_T0);
+}
+
+/* Code vector g of block (h, t) = 4h + t of a tiled Q6_K superblock (sp: its start, plus the
+ * AVX2 half's 32 bytes): the low or high nibbles of ql's column 16h + 8(t & 1) + g, with bits 2t
+ * and 2t + 1 of qh's column 32 + 8h + g on top, as decode_scalar reads them. */
+static AI vi_t FN(t6code)(const uint8_t *sp, const int h, const int t, const int g) {
+    const vi_t q = FN(tload)(sp + 64 * t6pos(16 * h + 8 * (t & 1) + g)), qh = FN(tload)(sp + 64 * t6pos(32 + 8 * h + g));
+    const vi_t l4 = (t & 2) ? V_AND(V_SRLI16(q, 4), V_SET1B(15)) : V_AND(q, V_SET1B(15));
+    return V_OR(l4, V_SLLI16(V_AND(V_SRL16(qh, 2 * t), V_SET1B(3)), 4));
+}
+
+/* Block j's two int8 scales of a tiled Q6_K superblock (bytes 2j and 2j + 1 of the rows' scale
+ * columns 48-51), sign-extended into each row's lane. */
+static AI void FN(t6scales)(const uint8_t *sp, const int j, vi_t *s0, vi_t *s1) {
+    const vi_t v = FN(tload)(sp + 64 * t6pos(48 + (j >> 1)));
+    const int k0 = (2 * j) & 3;
+    *s0 = V_SRAI32(V_SLLI32(v, 24 - 8 * k0), 24);
+    *s1 = V_SRAI32(V_SLLI32(v, 16 - 8 * k0), 24);
 }
 
 /* Blocks b0 .. b0 + kc - 1 of a tile into the panel (prefill). */
 static __attribute__((noinline)) void FN(tunpack)(int type, const uint8_t *tw, int64_t nb, int half, int64_t b0,
                                                   int kc, uint8_t *panel) {
+    if (type == T_Q6_K) {
+        for (int k = 0; k < kc; k++) {
+            const int64_t b = b0 + k;
+            const int j = (int)(b & 7);
+            const uint8_t *sp = tw + (b >> 3) * T6_SB;
+            uint8_t *pb = panel + (size_t)k * PB;
+            vi_t s0, s1;
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) V_STOREI(pb + g * VB, FN(t6code)(sp + half * 32, j >> 2, j & 3, g));
+            FN(t6scales)(sp + half * 32, j, &s0, &s1);
+            V_STOREF((float *)(pb + 8 * VB), FN(th16)(sp + T6_D + half * 2 * NRP));
+            V_STOREF((float *)(pb + 9 * VB), V_ZEROF());
+            V_STOREI(pb + 10 * VB, s0);
+            V_STOREI(pb + 11 * VB, s1);
+        }
+        return;
+    }
     const uint8_t *sd = tw + nb * 16 * TCB(type) + half * 2 * NRP, *sm = sd + nb * 32;
     for (int k = 0; k < kc; k++) {
         uint8_t *pb = panel + (size_t)k * PB;
@@ -981,11 +1021,133 @@ static __attribute__((noinline)) void FN(tunpack)(int type, const uint8_t *tw, i
     }
 }
 
+/* Q6_K on a tile (decode): per block, its 8 code vectors from the superblock's ql and qh columns
+ * (t6code), the two 16-element halves' exact sums scaled by the block's int8 scales, then kern's
+ * float step; no lane reductions and no gathers, which held the file's rows to about half the
+ * bus (bench/RESULTS.md). A superblock is one 3,360-byte stretch of the group's stream; the lead
+ * runs T6_LEAD superblocks ahead, into the next group past this one's end (groups lie end to
+ * end). */
+#ifndef T6_LEAD
+#define T6_LEAD 2
+#endif
+
+static AI void FN(tdirect6)(const int mr, const int halves, const xblock *x, int64_t nb, const uint8_t *tw, int half,
+                            float *out, int64_t ldo, int nr) {
+    vf_t acc[2][MR];
+#pragma GCC unroll 2
+    for (int h = 0; h < halves; h++)
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) acc[h][i] = V_ZEROF();
+    for (int64_t s = 0; s < nb >> 3; s++) {
+        const uint8_t *sp = tw + s * T6_SB;
+#if VNNI
+        /* A half h of the superblock (blocks 4h .. 4h + 3) a pass: its group g's ql columns (even
+         * and odd blocks) and qh column are loaded once and give all four blocks' codes of the
+         * group, where t6code reloads them per block (2x, 4x) and shifts qh per block. */
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *pf = sp + T6_LEAD * T6_SB + h * 28 * 64; /* half the superblock's lines */
+#pragma GCC unroll 28
+            for (int l = 0; l < 28; l++) _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T1);
+            const int64_t b = 8 * s + 4 * h;
+            vi_t I0[4][MR], I1[4][MR]; /* per block t: the sums over codes 0..15 and 16..31, offsets included */
+#pragma GCC unroll 4
+            for (int t = 0; t < 4; t++)
+#pragma GCC unroll 8
+                for (int i = 0; i < mr; i++) {
+                    const xblock *xb = x + i * nb + b + t;
+                    I0[t][i] = V_SET1I(-(xb->sxl << 5));
+                    I1[t][i] = V_SET1I(-((xb->sx - xb->sxl) << 5));
+                }
+            const vi_t m4 = V_SET1B(15), m30 = V_SET1B(0x30);
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) {
+                const vi_t qe = FN(tload)(sp + 64 * t6pos(16 * h + g)), qo = FN(tload)(sp + 64 * t6pos(16 * h + 8 + g));
+                const vi_t qh = FN(tload)(sp + 64 * t6pos(32 + 8 * h + g));
+                vi_t u[4]; /* block t's codes: a ql nibble with qh bits 2t, 2t + 1 as bits 4, 5 */
+                u[0] = V_OR(V_AND(qe, m4), V_AND(V_SLLI16(qh, 4), m30));
+                u[1] = V_OR(V_AND(qo, m4), V_AND(V_SLLI16(qh, 2), m30));
+                u[2] = V_OR(V_AND(V_SRLI16(qe, 4), m4), V_AND(qh, m30));
+                u[3] = V_OR(V_AND(V_SRLI16(qo, 4), m4), V_AND(V_SRLI16(qh, 2), m30));
+#pragma GCC unroll 4
+                for (int t = 0; t < 4; t++)
+#pragma GCC unroll 8
+                    for (int i = 0; i < mr; i++) {
+                        if (g < 4) I0[t][i] = FN(dpbusd_x)(I0[t][i], u[t], x + i * nb + b + t, g);
+                        else I1[t][i] = FN(dpbusd_x)(I1[t][i], u[t], x + i * nb + b + t, g);
+                    }
+            }
+            const vf_t cw = FN(th16)(sp + T6_D);
+#pragma GCC unroll 4
+            for (int t = 0; t < 4; t++) {
+                vi_t s0, s1;
+                FN(t6scales)(sp, 4 * h + t, &s0, &s1);
+#pragma GCC unroll 8
+                for (int i = 0; i < mr; i++) {
+                    const vi_t I = V_ADDI(V_MULLO(I0[t][i], s0), V_MULLO(I1[t][i], s1));
+                    acc[0][i] = V_FMA(V_MUL(cw, V_SET1F(x[i * nb + b + t].d)), V_CVT(I), acc[0][i]);
+                }
+            }
+        }
+        (void)half;
+#else
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            const uint8_t *pf = sp + T6_LEAD * T6_SB + j * 7 * 64; /* 7 of a superblock's 52.5 lines a block */
+#pragma GCC unroll 7
+            for (int l = 0; l < 7; l++) _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T1);
+            const int64_t b = 8 * s + j;
+#pragma GCC unroll 2
+            for (int hh = 0; hh < halves; hh++) {
+                const uint8_t *hp = sp + (half + hh) * 32;
+                vi_t I0[MR], I1[MR];
+#pragma GCC unroll 8
+                for (int i = 0; i < mr; i++) {
+                    const xblock *xb = x + i * nb + b;
+                    I0[i] = V_SET1I(-(xb->sxl << 5));
+                    I1[i] = V_SET1I(-((xb->sx - xb->sxl) << 5));
+                }
+                const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 4
+                for (int g = 0; g < 8; g += 2) { /* int16 sums of two groups cannot overflow: codes <= 63 */
+                    const vi_t u0 = FN(t6code)(hp, j >> 2, j & 3, g), u1 = FN(t6code)(hp, j >> 2, j & 3, g + 1);
+#pragma GCC unroll 8
+                    for (int i = 0; i < mr; i++) {
+                        const xblock *xb = x + i * nb + b;
+                        const __m256i p = _mm256_madd_epi16(_mm256_add_epi16(FN(mad16)(T_Q6_K, u0, FN(xword)(xb, g)),
+                                                                             FN(mad16)(T_Q6_K, u1, FN(xword)(xb, g + 1))),
+                                                            ones);
+                        if (g < 4) I0[i] = V_ADDI(I0[i], p);
+                        else I1[i] = V_ADDI(I1[i], p);
+                    }
+                }
+                vi_t s0, s1;
+                FN(t6scales)(hp, j, &s0, &s1);
+                const vf_t cw = FN(th16)(sp + T6_D + (half + hh) * 2 * NRP);
+#pragma GCC unroll 8
+                for (int i = 0; i < mr; i++) {
+                    const vi_t I = V_ADDI(V_MULLO(I0[i], s0), V_MULLO(I1[i], s1));
+                    acc[hh][i] = V_FMA(V_MUL(cw, V_SET1F(x[i * nb + b].d)), V_CVT(I), acc[hh][i]);
+                }
+            }
+        }
+#endif
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < halves; h++)
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) FN(store_row)(out + i * ldo + h * NRP, acc[h][i], nr);
+}
+
 /* Small M (decode) on a tile: kern's sequence, block after block, straight from the tiled codes.
  * `halves` = 2 (AVX2 only: a group is two 8-row tiles) takes both halves of the group in one pass,
  * so each code line is read once, from memory, for 16 rows; out then holds 16 outputs. */
 static AI void FN(tdirect)(const int type, const int mr, const int halves, const xblock *x, int64_t nb,
                            const uint8_t *tw, int half, float *out, int64_t ldo, int nr) {
+    if (type == T_Q6_K) {
+        FN(tdirect6)(mr, halves, x, nb, tw, half, out, ldo, nr);
+        return;
+    }
     const int sh = off_shift(type) - (!VNNI && type == T_Q8_0 ? 8 : 0);
     const int has_min = type == T_Q4_1;
     const uint8_t *sd = tw + nb * 16 * TCB(type) + half * 2 * NRP, *sm = sd + nb * 32;
@@ -1086,6 +1248,7 @@ static __attribute__((noinline)) void FN(run_tdirect)(int type, int mr, int halv
         TDIRECT_MR(T_Q4_0)
         TDIRECT_MR(T_Q4_1)
         TDIRECT_MR(T_Q8_0)
+        TDIRECT_MR(T_Q6_K)
     }
 }
 #undef TDIRECT_MR
