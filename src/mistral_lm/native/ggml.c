@@ -30,8 +30,9 @@ enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 #define TILED 0x100
 #define TILEABLE(type) ((type) == T_Q4_0 || (type) == T_Q4_1 || (type) == T_Q8_0 || (type) == T_Q6_K)
 /* A Q6_K superblock of a 16-row group, tiled: its first 208 bytes (ql, qh, the 16 int8 scales) as
- * 52 vectors of the 16 rows' 4-byte columns (vector v: bytes 4v..4v+3 of each row, row r at 4r),
- * then the 16 rows' float16 d. One stream, superblock after superblock. */
+ * 52 vectors, each one 4-byte column of the 16 rows (column v: bytes 4v..4v+3 of each row, row r
+ * at byte 4r of the vector), placed by t6pos, then the 16 rows' float16 d. One stream,
+ * superblock after superblock. */
 #define T6_SB (16 * 210)
 #define T6_D (52 * 64)
 /* Where column v (ql 0-31, qh 32-47, scales 48-51) lies in a tiled superblock, in vectors: in the

@@ -893,7 +893,8 @@ static __attribute__((noinline)) void FN(run_kern2)(int type, int mr, const xblo
  * row r; a Q4 byte holds codes j and j + 16), then every block's 16 float16 scales d, then (Q4_1)
  * its 16 mins. A block costs 4 (Q8_0: 8) aligned vector loads and one scale load for 16 rows,
  * where the file's row layout takes 16 row loads, their inserts, a gather and a lane reduction.
- * The AVX2 tile of 8 rows is half a group: the low or high 32 bytes of each vector. */
+ * Q6_K groups hold superblock after superblock, each as its 4-byte columns of the 16 rows (ggml.c
+ * T6_SB, t6pos). The AVX2 tile of 8 rows is half a group: the low or high 32 bytes of each vector. */
 
 /* NRP float16 values at p as floats */
 static AI vf_t FN(th16)(const uint8_t *p) {
@@ -1030,7 +1031,6 @@ static __attribute__((noinline)) void FN(tunpack)(int type, const uint8_t *tw, i
 #ifndef T6_LEAD
 #define T6_LEAD 2
 #endif
-
 static AI void FN(tdirect6)(const int mr, const int halves, const xblock *x, int64_t nb, const uint8_t *tw, int half,
                             float *out, int64_t ldo, int nr) {
     vf_t acc[2][MR];

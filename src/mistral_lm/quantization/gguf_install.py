@@ -1,7 +1,7 @@
 """The loader step that turns a GGUF's quantized tensors into modules computing on them.
 
 Where the native kernels are built and support the type, a Linear becomes a GGUFBlockLinear (on a
-tiled copy of its blocks for Q4_0, Q4_1 and Q8_0, else on the file's own pages) and the embedding
+tiled copy of its blocks for Q4_0, Q4_1, Q8_0 and Q6_K, else on the file's own pages) and the embedding
 a GGUFBlockEmbedding over the file's pages; otherwise a Linear becomes a
 GGUFLinear on torch's int4 kernel (repacked once, kept in a KernelCache beside the file), and
 what neither can hold is dequantized.
