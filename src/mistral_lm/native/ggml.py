@@ -66,7 +66,8 @@ def _t6_position(v: int) -> int:
     return 4 + 24 * (v >> 4) + (2 * (v & 15) if (v & 15) < 8 else 16 + (v & 7))
 
 
-_T6_ORDER = torch.tensor(sorted(range(52), key=_t6_position))  # the column at each position
+_T6_POSITIONS = torch.tensor([_t6_position(v) for v in range(52)])  # each column's position
+_T6_ORDER = torch.argsort(_T6_POSITIONS)  # the column at each position
 
 
 @functools.cache
@@ -403,10 +404,10 @@ def tile(blocks: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor
     bytes: per 16 rows, block after block, the codes as 4-byte groups of the 16 rows side by
     side (what one vpdpbusd multiplies), then the blocks' float16 scales, then (Q4_1) their mins;
     Q6_K superblock after superblock, each its first 208 bytes as the 16 rows' 4-byte columns
-    side by side (in the order a decode reads them: `_t6_position`), then the rows' float16 d. A decode step then reads a block of 16 rows with
-    whole-vector loads from one stream instead of 16 row loads, gathers for the scales and a lane
-    reduction. Q4_0, Q4_1, Q8_0 and Q6_K with N % 16 == 0; a fresh tensor (C's copy where built,
-    else `reference_tile`)."""
+    side by side (in the order a decode reads them: `_t6_position`), then the rows' float16 d.
+    A decode step then reads a block of 16 rows with whole-vector loads from one stream instead
+    of 16 row loads, gathers for the scales and a lane reduction. Q4_0, Q4_1, Q8_0 and Q6_K with
+    N % 16 == 0; a fresh tensor (C's copy where built, else `reference_tile`)."""
     _check_tileable(blocks, ggml_type, in_features)
     lib = _lib()
     if lib is None:
@@ -450,8 +451,7 @@ def untile(tiled: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tenso
     n, nb, g = tiled.shape[0] // TILE_ROWS, in_features // 32, TILE_ROWS
     if ggml_type == Q.Q6_K:
         t = tiled.contiguous().view(n, nb // 8, 16 * 210)
-        positions = torch.tensor([_t6_position(v) for v in range(52)])
-        columns = t[..., :52 * 64].reshape(n, nb // 8, 52, g, 4)[:, :, positions].permute(0, 3, 1, 2, 4)
+        columns = t[..., :52 * 64].reshape(n, nb // 8, 52, g, 4)[:, :, _T6_POSITIONS].permute(0, 3, 1, 2, 4)
         columns = columns.reshape(n, g, nb // 8, 208)
         d = t[..., 52 * 64:].reshape(n, nb // 8, g, 2).permute(0, 2, 1, 3)
         return torch.cat([columns, d], -1).reshape(n * g, nbytes)
