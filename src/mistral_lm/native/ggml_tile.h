@@ -972,8 +972,9 @@ static AI void FN(tprefetch)(const int type, const uint8_t *tw, int64_t b, int64
 }
 
 /* Code vector g of block (h, t) = 4h + t of a tiled Q6_K superblock (sp: its start, plus the
- * AVX2 half's 32 bytes): the low or high nibbles of ql's column 16h + 8(t & 1) + g, with bits 2t
- * and 2t + 1 of qh's column 32 + 8h + g on top, as decode_scalar reads them. */
+ * AVX2 half's 32 bytes), for the prefill's panels: the low or high nibbles of ql's column
+ * 16h + 8(t & 1) + g, with bits 2t and 2t + 1 of qh's column 32 + 8h + g on top, as
+ * decode_scalar reads them. */
 static AI vi_t FN(t6code)(const uint8_t *sp, const int h, const int t, const int g) {
     const vi_t q = FN(tload)(sp + 64 * t6pos(16 * h + 8 * (t & 1) + g)), qh = FN(tload)(sp + 64 * t6pos(32 + 8 * h + g));
     const vi_t l4 = (t & 2) ? V_AND(V_SRLI16(q, 4), V_SET1B(15)) : V_AND(q, V_SET1B(15));
@@ -1022,121 +1023,90 @@ static __attribute__((noinline)) void FN(tunpack)(int type, const uint8_t *tw, i
     }
 }
 
-/* Q6_K on a tile (decode): per block, its 8 code vectors from the superblock's ql and qh columns
- * (t6code), the two 16-element halves' exact sums scaled by the block's int8 scales, then kern's
- * float step; no lane reductions and no gathers, which held the file's rows to about half the
- * bus (bench/RESULTS.md). A superblock is one 3,360-byte stretch of the group's stream; the lead
- * runs T6_LEAD superblocks ahead, into the next group past this one's end (groups lie end to
- * end). */
+/* Q6_K on a tile (decode), half a superblock (blocks 4h .. 4h + 3) a pass: a group g's three
+ * columns (the ql of the even blocks and of the odd ones, and the qh) give all four blocks' code
+ * vectors g by a mask and a shift each; the two 16-element halves' exact sums are scaled by each
+ * block's int8 scales, then kern's float step in block order. No lane reductions and no gathers,
+ * which held the file's rows to about 18 GB/s; a block a pass (t6code: each ql column loaded
+ * twice, each qh column four times) reached no more (bench/RESULTS.md). AVX2 takes the group's
+ * 8-row halves in turn, the second from L1. A superblock is one 3,360-byte stretch of the
+ * group's stream; the lead runs T6_LEAD superblocks ahead, into the next group past this one's
+ * end (groups lie end to end). */
 #ifndef T6_LEAD
 #define T6_LEAD 2
 #endif
 static AI void FN(tdirect6)(const int mr, const int halves, const xblock *x, int64_t nb, const uint8_t *tw, int half,
                             float *out, int64_t ldo, int nr) {
+    const vi_t m4 = V_SET1B(15), m30 = V_SET1B(0x30);
     vf_t acc[2][MR];
 #pragma GCC unroll 2
-    for (int h = 0; h < halves; h++)
+    for (int hh = 0; hh < halves; hh++)
 #pragma GCC unroll 8
-        for (int i = 0; i < mr; i++) acc[h][i] = V_ZEROF();
+        for (int i = 0; i < mr; i++) acc[hh][i] = V_ZEROF();
     for (int64_t s = 0; s < nb >> 3; s++) {
         const uint8_t *sp = tw + s * T6_SB;
-#if VNNI
-        /* A half h of the superblock (blocks 4h .. 4h + 3) a pass: its group g's ql columns (even
-         * and odd blocks) and qh column are loaded once and give all four blocks' codes of the
-         * group, where t6code reloads them per block (2x, 4x) and shifts qh per block. */
 #pragma GCC unroll 2
         for (int h = 0; h < 2; h++) {
             const uint8_t *pf = sp + T6_LEAD * T6_SB + h * 28 * 64; /* half the superblock's lines */
 #pragma GCC unroll 28
             for (int l = 0; l < 28; l++) _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T1);
             const int64_t b = 8 * s + 4 * h;
-            vi_t I0[4][MR], I1[4][MR]; /* per block t: the sums over codes 0..15 and 16..31, offsets included */
-#pragma GCC unroll 4
-            for (int t = 0; t < 4; t++)
-#pragma GCC unroll 8
-                for (int i = 0; i < mr; i++) {
-                    const xblock *xb = x + i * nb + b + t;
-                    I0[t][i] = V_SET1I(-(xb->sxl << 5));
-                    I1[t][i] = V_SET1I(-((xb->sx - xb->sxl) << 5));
-                }
-            const vi_t m4 = V_SET1B(15), m30 = V_SET1B(0x30);
-#pragma GCC unroll 8
-            for (int g = 0; g < 8; g++) {
-                const vi_t qe = FN(tload)(sp + 64 * t6pos(16 * h + g)), qo = FN(tload)(sp + 64 * t6pos(16 * h + 8 + g));
-                const vi_t qh = FN(tload)(sp + 64 * t6pos(32 + 8 * h + g));
-                vi_t u[4]; /* block t's codes: a ql nibble with qh bits 2t, 2t + 1 as bits 4, 5 */
-                u[0] = V_OR(V_AND(qe, m4), V_AND(V_SLLI16(qh, 4), m30));
-                u[1] = V_OR(V_AND(qo, m4), V_AND(V_SLLI16(qh, 2), m30));
-                u[2] = V_OR(V_AND(V_SRLI16(qe, 4), m4), V_AND(qh, m30));
-                u[3] = V_OR(V_AND(V_SRLI16(qo, 4), m4), V_AND(V_SRLI16(qh, 2), m30));
+#pragma GCC unroll 2
+            for (int hh = 0; hh < halves; hh++) {
+                const uint8_t *hp = sp + (half + hh) * 32;
+                vi_t I0[4][MR], I1[4][MR]; /* per block t: the sums over codes 0..15 and 16..31, offsets included */
 #pragma GCC unroll 4
                 for (int t = 0; t < 4; t++)
 #pragma GCC unroll 8
                     for (int i = 0; i < mr; i++) {
-                        if (g < 4) I0[t][i] = FN(dpbusd_x)(I0[t][i], u[t], x + i * nb + b + t, g);
-                        else I1[t][i] = FN(dpbusd_x)(I1[t][i], u[t], x + i * nb + b + t, g);
+                        const xblock *xb = x + i * nb + b + t;
+                        I0[t][i] = V_SET1I(-(xb->sxl << 5));
+                        I1[t][i] = V_SET1I(-((xb->sx - xb->sxl) << 5));
                     }
-            }
-            const vf_t cw = FN(th16)(sp + T6_D);
+#pragma GCC unroll 8
+                for (int g = 0; g < 8; g++) {
+                    const vi_t qe = FN(tload)(hp + 64 * t6pos(16 * h + g)), qo = FN(tload)(hp + 64 * t6pos(16 * h + 8 + g));
+                    const vi_t qh = FN(tload)(hp + 64 * t6pos(32 + 8 * h + g));
 #pragma GCC unroll 4
-            for (int t = 0; t < 4; t++) {
-                vi_t s0, s1;
-                FN(t6scales)(sp, 4 * h + t, &s0, &s1);
+                    for (int t = 0; t < 4; t++) {
+                        /* block t's codes: a ql nibble, with qh bits 2t and 2t + 1 as bits 4 and 5 */
+                        const vi_t q = (t & 1) ? qo : qe;
+                        const vi_t lo = (t & 2) ? V_AND(V_SRLI16(q, 4), m4) : V_AND(q, m4);
+                        const vi_t hb = t == 0 ? V_SLLI16(qh, 4) : t == 1 ? V_SLLI16(qh, 2) : t == 2 ? qh : V_SRLI16(qh, 2);
+                        const vi_t u = V_OR(lo, V_AND(hb, m30));
 #pragma GCC unroll 8
-                for (int i = 0; i < mr; i++) {
-                    const vi_t I = V_ADDI(V_MULLO(I0[t][i], s0), V_MULLO(I1[t][i], s1));
-                    acc[0][i] = V_FMA(V_MUL(cw, V_SET1F(x[i * nb + b + t].d)), V_CVT(I), acc[0][i]);
+                        for (int i = 0; i < mr; i++) {
+                            const xblock *xb = x + i * nb + b + t;
+#if VNNI
+                            const vi_t I = FN(dpbusd_x)(g < 4 ? I0[t][i] : I1[t][i], u, xb, g);
+#else /* a group's int16 pair sums cannot overflow: codes <= 63 */
+                            const vi_t I = V_ADDI(g < 4 ? I0[t][i] : I1[t][i],
+                                                  _mm256_madd_epi16(FN(mad16)(T_Q6_K, u, FN(xword)(xb, g)),
+                                                                    _mm256_set1_epi16(1)));
+#endif
+                            if (g < 4) I0[t][i] = I;
+                            else I1[t][i] = I;
+                        }
+                    }
                 }
-            }
-        }
-        (void)half;
-#else
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; j++) {
-            const uint8_t *pf = sp + T6_LEAD * T6_SB + j * 7 * 64; /* 7 of a superblock's 52.5 lines a block */
-#pragma GCC unroll 7
-            for (int l = 0; l < 7; l++) _mm_prefetch((const char *)(pf + 64 * l), _MM_HINT_T1);
-            const int64_t b = 8 * s + j;
-#pragma GCC unroll 2
-            for (int hh = 0; hh < halves; hh++) {
-                const uint8_t *hp = sp + (half + hh) * 32;
-                vi_t I0[MR], I1[MR];
-#pragma GCC unroll 8
-                for (int i = 0; i < mr; i++) {
-                    const xblock *xb = x + i * nb + b;
-                    I0[i] = V_SET1I(-(xb->sxl << 5));
-                    I1[i] = V_SET1I(-((xb->sx - xb->sxl) << 5));
-                }
-                const __m256i ones = _mm256_set1_epi16(1);
+                const vf_t cw = FN(th16)(sp + T6_D + (half + hh) * 2 * NRP);
 #pragma GCC unroll 4
-                for (int g = 0; g < 8; g += 2) { /* int16 sums of two groups cannot overflow: codes <= 63 */
-                    const vi_t u0 = FN(t6code)(hp, j >> 2, j & 3, g), u1 = FN(t6code)(hp, j >> 2, j & 3, g + 1);
+                for (int t = 0; t < 4; t++) {
+                    vi_t s0, s1;
+                    FN(t6scales)(hp, 4 * h + t, &s0, &s1);
 #pragma GCC unroll 8
                     for (int i = 0; i < mr; i++) {
-                        const xblock *xb = x + i * nb + b;
-                        const __m256i p = _mm256_madd_epi16(_mm256_add_epi16(FN(mad16)(T_Q6_K, u0, FN(xword)(xb, g)),
-                                                                             FN(mad16)(T_Q6_K, u1, FN(xword)(xb, g + 1))),
-                                                            ones);
-                        if (g < 4) I0[i] = V_ADDI(I0[i], p);
-                        else I1[i] = V_ADDI(I1[i], p);
+                        const vi_t I = V_ADDI(V_MULLO(I0[t][i], s0), V_MULLO(I1[t][i], s1));
+                        acc[hh][i] = V_FMA(V_MUL(cw, V_SET1F(x[i * nb + b + t].d)), V_CVT(I), acc[hh][i]);
                     }
-                }
-                vi_t s0, s1;
-                FN(t6scales)(hp, j, &s0, &s1);
-                const vf_t cw = FN(th16)(sp + T6_D + (half + hh) * 2 * NRP);
-#pragma GCC unroll 8
-                for (int i = 0; i < mr; i++) {
-                    const vi_t I = V_ADDI(V_MULLO(I0[i], s0), V_MULLO(I1[i], s1));
-                    acc[hh][i] = V_FMA(V_MUL(cw, V_SET1F(x[i * nb + b].d)), V_CVT(I), acc[hh][i]);
                 }
             }
         }
-#endif
     }
 #pragma GCC unroll 2
-    for (int h = 0; h < halves; h++)
+    for (int hh = 0; hh < halves; hh++)
 #pragma GCC unroll 8
-        for (int i = 0; i < mr; i++) FN(store_row)(out + i * ldo + h * NRP, acc[h][i], nr);
+        for (int i = 0; i < mr; i++) FN(store_row)(out + i * ldo + hh * NRP, acc[hh][i], nr);
 }
 
 /* Small M (decode) on a tile: kern's sequence, block after block, straight from the tiled codes.
