@@ -971,14 +971,20 @@ static AI void FN(tprefetch)(const int type, const uint8_t *tw, int64_t b, int64
     for (int64_t o = b * cb; o < e * cb; o += 64) _mm_prefetch((const char *)(tw + o), _MM_HINT_T0);
 }
 
+/* Block t's codes (t = 0..3 of a superblock half) from a loaded ql column q (the even blocks'
+ * for t = 0, 2, the odd blocks' for t = 1, 3) and qh column: q's low (t < 2) or high nibbles,
+ * with qh's bits 2t and 2t + 1 as bits 4 and 5, as decode_scalar reads them. */
+static AI vi_t FN(t6u)(vi_t q, vi_t qh, const int t) {
+    const vi_t lo = (t & 2) ? V_AND(V_SRLI16(q, 4), V_SET1B(15)) : V_AND(q, V_SET1B(15));
+    const vi_t hb = t == 0 ? V_SLLI16(qh, 4) : t == 1 ? V_SLLI16(qh, 2) : t == 2 ? qh : V_SRLI16(qh, 2);
+    return V_OR(lo, V_AND(hb, V_SET1B(0x30)));
+}
+
 /* Code vector g of block (h, t) = 4h + t of a tiled Q6_K superblock (sp: its start, plus the
- * AVX2 half's 32 bytes), for the prefill's panels: the low or high nibbles of ql's column
- * 16h + 8(t & 1) + g, with bits 2t and 2t + 1 of qh's column 32 + 8h + g on top, as
- * decode_scalar reads them. */
+ * AVX2 half's 32 bytes), for the prefill's panels: from ql's column 16h + 8(t & 1) + g and qh's
+ * column 32 + 8h + g. */
 static AI vi_t FN(t6code)(const uint8_t *sp, const int h, const int t, const int g) {
-    const vi_t q = FN(tload)(sp + 64 * t6pos(16 * h + 8 * (t & 1) + g)), qh = FN(tload)(sp + 64 * t6pos(32 + 8 * h + g));
-    const vi_t l4 = (t & 2) ? V_AND(V_SRLI16(q, 4), V_SET1B(15)) : V_AND(q, V_SET1B(15));
-    return V_OR(l4, V_SLLI16(V_AND(V_SRL16(qh, 2 * t), V_SET1B(3)), 4));
+    return FN(t6u)(FN(tload)(sp + 64 * t6pos(16 * h + 8 * (t & 1) + g)), FN(tload)(sp + 64 * t6pos(32 + 8 * h + g)), t);
 }
 
 /* Block j's two int8 scales of a tiled Q6_K superblock (bytes 2j and 2j + 1 of the rows' scale
@@ -1037,7 +1043,6 @@ static __attribute__((noinline)) void FN(tunpack)(int type, const uint8_t *tw, i
 #endif
 static AI void FN(tdirect6)(const int mr, const int halves, const xblock *x, int64_t nb, const uint8_t *tw, int half,
                             float *out, int64_t ldo, int nr) {
-    const vi_t m4 = V_SET1B(15), m30 = V_SET1B(0x30);
     vf_t acc[2][MR];
 #pragma GCC unroll 2
     for (int hh = 0; hh < halves; hh++)
@@ -1069,11 +1074,7 @@ static AI void FN(tdirect6)(const int mr, const int halves, const xblock *x, int
                     const vi_t qh = FN(tload)(hp + 64 * t6pos(32 + 8 * h + g));
 #pragma GCC unroll 4
                     for (int t = 0; t < 4; t++) {
-                        /* block t's codes: a ql nibble, with qh bits 2t and 2t + 1 as bits 4 and 5 */
-                        const vi_t q = (t & 1) ? qo : qe;
-                        const vi_t lo = (t & 2) ? V_AND(V_SRLI16(q, 4), m4) : V_AND(q, m4);
-                        const vi_t hb = t == 0 ? V_SLLI16(qh, 4) : t == 1 ? V_SLLI16(qh, 2) : t == 2 ? qh : V_SRLI16(qh, 2);
-                        const vi_t u = V_OR(lo, V_AND(hb, m30));
+                        const vi_t u = FN(t6u)((t & 1) ? qo : qe, qh, t);
 #pragma GCC unroll 8
                         for (int i = 0; i < mr; i++) {
                             const xblock *xb = x + i * nb + b + t;
