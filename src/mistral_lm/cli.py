@@ -188,8 +188,9 @@ def _convert_gguf(path: Path, out: Path, dtype: str | None, max_shard_size: str,
     from .checkpoints.gguf import lazy_float_tensors
     from .dtypes import resolve_dtype
 
-    config, tensors = lazy_float_tensors(path, resolve_dtype(dtype or "float32"))
-    _write_streamed(path, out, config, tensors, dtype, max_shard_size, layout)
+    target = resolve_dtype(dtype or "float32")
+    config, tensors = lazy_float_tensors(path, target)
+    _write_streamed(path, out, config, tensors, target, max_shard_size, layout)
 
 
 def _convert_folder(folder: Path, out: Path, dtype: str | None, max_shard_size: str, layout: str) -> bool:
@@ -207,26 +208,27 @@ def _convert_folder(folder: Path, out: Path, dtype: str | None, max_shard_size: 
     if folder.is_file() or is_mistral_folder(folder) or not (folder / "config.json").is_file():
         return False
     config = MistralConfig.from_pretrained(folder)
-    tensors = lazy_tensors(folder, resolve_dtype(dtype or "float32"))
+    target = resolve_dtype(dtype or "float32")
+    tensors = lazy_tensors(folder, target)
     shapes = {name: tuple(p.shape) for name, p in build_on_meta(MistralForCausalLM, config).state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)  # the embedding's: save_pretrained writes it once
     if tensors is None or len(tensors) != len(shapes) or any(shapes.get(t.name) != t.shape for t in tensors):
         return False
-    _write_streamed(folder, out, config, tensors, dtype, max_shard_size, layout)
+    _write_streamed(folder, out, config, tensors, target, max_shard_size, layout)
     return True
 
 
-def _write_streamed(source: Path, out: Path, config: Any, tensors: list, dtype: str | None, max_shard_size: str,
+def _write_streamed(source: Path, out: Path, config: Any, tensors: list, dtype: Any, max_shard_size: str,
                     layout: str) -> None:
-    """`tensors` (LazyTensors in `dtype`, made as their shard is written) and `source`'s tokenizer
-    as an HF folder, or a Mistral-layout one."""
+    """`tensors` (LazyTensors in the torch `dtype`, made as their shard is written) and `source`'s
+    tokenizer as an HF folder, or a Mistral-layout one."""
     from .checkpoints.safetensors import save_state_dict
-    from .dtypes import resolve_dtype
     from .tokenizer import MistralTokenizer
 
     start = time.perf_counter()
-    print(f"converting {source.name} ({sum(t.nbytes for t in tensors) / 1e9:.2f} GB in {dtype or 'float32'}) ...",
+    name = str(dtype).removeprefix("torch.")
+    print(f"converting {source.name} ({sum(t.nbytes for t in tensors) / 1e9:.2f} GB in {name}) ...",
           end="", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     if layout == "mistral":
@@ -235,7 +237,7 @@ def _write_streamed(source: Path, out: Path, config: Any, tensors: list, dtype: 
         save_mistral_layout(tensors, config, out, max_shard_size=max_shard_size)
     else:
         config.architectures = ["MistralForCausalLM"]
-        config.torch_dtype = resolve_dtype(dtype or "float32")
+        config.torch_dtype = dtype
         config.save_pretrained(out)
         save_state_dict(tensors, out, max_shard_size)
     MistralTokenizer.from_pretrained(source).save_pretrained(out)
