@@ -403,13 +403,18 @@ def test_engine_survives_a_failed_step(tokenizer: MistralTokenizer) -> None:
 
 
 def test_engine_refuses_when_full_or_closed(model: Any, tokenizer: MistralTokenizer) -> None:
+    """The engine thread stalls in the first request's first emit, so no request can finish
+    and free its row while the loop submits: a loaded machine once descheduled the submitting
+    thread long enough for the first request to decode all its tokens, and a fourth was queued."""
     engine = Engine(model, tokenizer, max_batch_size=1, max_queue=1)
     request = parse_completion({"prompt": "x", "max_tokens": CONTEXT - 8})
     engine.start()
     submissions, refused = [], None
     finished = threading.Semaphore(0)
+    submitting = threading.Event()
 
     def emit(events: list[Any]) -> None:
+        submitting.wait(timeout=60)
         if any(isinstance(e, Finished) for e in events):
             finished.release()
 
@@ -419,6 +424,7 @@ def test_engine_refuses_when_full_or_closed(model: Any, tokenizer: MistralTokeni
         except ProtocolError as exc:
             refused = exc
             break
+    submitting.set()
     assert refused is not None and refused.status == 429 and len(submissions) <= 3
     for s in submissions:
         s.cancel()
