@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mistral_lm import MistralConfig
+from mistral_lm.native import enabled as native_enabled
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -34,6 +35,8 @@ PARITY_CONFIGS = {
 # process pays inductor's one-off costs, its instruction-set probe and precompiled header, before
 # its first kernel, and on two workers both would pay them at once.
 INDUCTOR = pytest.mark.xdist_group("inductor")
+# whether the session was started with the C kernels on (a fixture below turns them off for subprocesses)
+NATIVE_AT_START = native_enabled()
 
 
 def tiny_config(**overrides) -> MistralConfig:
@@ -156,11 +159,11 @@ def torch_threads(n: int) -> Iterator[None]:
 def torch_int4_gguf_path() -> Iterator[None]:
     """GGUF loads take GGUFLinear, the path where the C kernels cannot be built (no compiler,
     MISTRAL_LM_NATIVE=0); the block kernels' own path is tests/test_gguf_blocks.py's."""
-    from mistral_lm.native import attention, ggml, nf4
+    from mistral_lm.native import families, ggml
 
     # load the libraries first: they are looked up once per process, and one first looked up under
-    # MISTRAL_LM_NATIVE=0 would stay off for every later test (the native attention among them)
-    attention.available(), ggml.available(), nf4.library()
+    # MISTRAL_LM_NATIVE=0 would stay off for every later test of this worker (the fused step was)
+    families()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ggml, "available", lambda: False)
         patch.setenv("MISTRAL_LM_NATIVE", "0")  # for subprocesses

@@ -77,6 +77,19 @@ def test_native_generate_matches_the_dequantized_model_greedily(native, dense):
     assert_greedy_follows(native, dense)
 
 
+def test_every_native_library_stays_on_for_the_tests_after_these():
+    """Regression: this module's fixture sets MISTRAL_LM_NATIVE=0 for its subprocesses, and the
+    fused step's library, first looked up under it, stayed off for the rest of the worker: every
+    later test of the worker decoded without it."""
+    from mistral_lm.native import build, families
+
+    from .conftest import NATIVE_AT_START
+
+    if build.compiler() is None or not NATIVE_AT_START:
+        pytest.skip("the C kernels are off (no compiler, or MISTRAL_LM_NATIVE=0): the pure-torch paths run everywhere")
+    assert all(families().values()), families()
+
+
 def test_native_model_refuses_to_save_and_bad_combinations(native, tmp_path):
     with pytest.raises(CheckpointError, match="gguf_native"):
         native.save_pretrained(tmp_path)
@@ -106,15 +119,19 @@ print(json.dumps({"grown": rss() - base, "peak": rss("VmHWM:") - base, "held": h
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 @pytest.mark.one_isa
-@pytest.mark.parametrize("options", [{"gguf_native": True}, {"quantization_config": {"load_in_8bit": True}}])
-def test_resident_memory_after_loading_is_close_to_the_weights(options):
+@pytest.mark.parametrize("options, peak", [({"gguf_native": True}, 3.4),
+                                           ({"quantization_config": {"load_in_8bit": True}}, 2.2),
+                                           ({"quantization_config": {"load_in_4bit": True}}, 2.2)])
+def test_resident_memory_after_loading_is_close_to_the_weights(options, peak):
     """Decoding blocks leaves freed temporaries in a fragmented heap: RSS grew by 2.5x the
     weights before the loader handed them back to the OS, 1.7x after. The peak while loading
     was 3.9x before large tensors were decoded a slice of rows at a time, 3.0x after. A
     quantized load grew by 2.3x while the loader still held the float weights it had replaced
-    when it handed memory back (1.1x once they are dropped first)."""
+    when it handed memory back (1.1x once they are dropped first). A quantized load peaked at
+    the whole float model plus the quantized one (2.8x for int8 here, 5.0x on a CI machine; NF4
+    3.9x one run in two) until each Linear was quantized as its weight was read (1.3-1.8x)."""
     out = subprocess.run([sys.executable, "-c", _RSS_AFTER_LOAD, str(PATH), json.dumps(options)], check=True,
                          capture_output=True, text=True, timeout=300)
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["grown"] <= 2.1 * m["held"], m
-    assert m["peak"] <= 3.4 * m["held"], m
+    assert m["peak"] <= peak * m["held"], m

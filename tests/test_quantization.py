@@ -637,3 +637,33 @@ def test_direct_cpu_int4_packing_equals_torchs_packer(shape):
     ours = kernels.pack_int4(q)
     theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     assert ours.is_contiguous() and torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("qc", [
+    dict(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "k_proj"]),
+    dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+])
+@pytest.mark.parametrize("source", ["folder", "gguf"])
+def test_quantizing_as_read_gives_the_codes_of_quantizing_the_loaded_model(qc, source, tmp_path):
+    """from_pretrained quantizes each Linear as its weight is read (a load never holds the whole
+    float model); the state must be the one `quantize_model` makes of the float model loaded in
+    the compute dtype, skipped modules left in floats."""
+    from mistral_lm import MistralForCausalLM
+
+    from .conftest import default_model_or_skip, tiny_config
+
+    if source == "gguf":
+        path = default_model_or_skip()
+    else:
+        MistralForCausalLM(tiny_config(sliding_window=6)).save_pretrained(tmp_path)
+        path = tmp_path
+    config = BitsAndBytesConfig(**qc)
+    streamed = MistralForCausalLM.from_pretrained(path, quantization_config=config)
+    reference = quantize_model(MistralForCausalLM.from_pretrained(path, torch_dtype=config.compute_dtype), config)
+    ours, theirs = streamed.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+    kinds = {name: type(m).__name__ for name, m in streamed.named_modules() if name.endswith(("k_proj", "q_proj"))}
+    skipped = "k_proj" in config.skip_modules
+    assert all((kind == "MatvecLinear") == (skipped and name.endswith("k_proj")) for name, kind in kinds.items()), kinds

@@ -5,7 +5,9 @@
       checkpoint = read_checkpoint(options)         config + tensors (an HF folder, Mistral's params.json
                                                     + consolidated*.safetensors, or a .gguf file)
       model      = build_on_meta(cls, config)       modules without memory or initialization
-      tensors, blocks = match_names(...)            checkpoint names -> the model's; floats | GGUF blocks
+      tensors, blocks = match_names(...)            checkpoint names -> the model's; floats | GGUF blocks;
+                                                    with a quantization config, each Linear's weight is
+                                                    quantized as it is read (QuantizeAsRead)
       install_gguf_linears(model, blocks, ...)     blocks -> GGUFBlockLinear / GGUFBlockEmbedding on the
                                                     file's pages (native kernels), else GGUFLinear through
                                                     the kernel cache next to the .gguf; the rest dequantized
@@ -49,7 +51,8 @@ from .errors import CheckpointError, ConfigError
 from .fusion import fuse_projections
 from .matvec import install_matvec
 from .placement import place_model, single_device
-from .quantization import BitsAndBytesConfig, quantize_model
+from .quantization import BitsAndBytesConfig, quantize_linear, quantize_model
+from .quantization.modules import quantizes
 from .quantization.gguf_install import install_gguf_linears
 
 # Loader options of Transformers' from_pretrained that need nothing from us here.
@@ -137,11 +140,53 @@ def assemble(cls: type, options: LoadOptions) -> tuple[nn.Module, bool]:
     checkpoint = read_checkpoint(options)
     model = build_on_meta(cls, checkpoint.config)
     expected = expected_tensors(model)  # names and shapes of the float model, before any swap
-    tensors, blocks = match_names(checkpoint, expected, cls)
+    early = QuantizeAsRead(model, options.quantization_config, checkpoint, expected)
+    tensors, blocks = match_names(checkpoint, expected, cls, early)
     native = install_gguf_linears(model, blocks, tensors, checkpoint.dtype or torch.float32,
                                   source=options.path if options.is_gguf else None)
-    assign(model, tensors, {k: v for k, v in expected.items() if k.rsplit(".", 1)[0] not in native}, checkpoint)
+    assign(model, tensors, {k: v for k, v in expected.items()
+                            if k.rsplit(".", 1)[0] not in native and k not in early.done}, checkpoint)
     return model, checkpoint.fresh_floats
+
+
+# Freed float weights and quantization temporaries the heap may keep while a load quantizes:
+# past it they go back to the OS. glibc's fragmented heap otherwise grew with every Linear (a
+# 4x peak); trimming after every Linear cost the page faults of fresh temporaries.
+KEEP_WHILE_QUANTIZING_BYTES = 32 << 20
+
+
+class QuantizeAsRead:
+    """Quantizes each Linear a quantization config replaces as soon as its weight is read, so a
+    load holds the quantized model and one float weight rather than the whole float model too
+    (a GGUF loaded with load_in_8bit peaked at the bfloat16 model plus the int8 one, 2.8x the
+    weights it kept, and at 3.0x, 5.0x on a CI machine, with the C kernels off). The codes are those `quantize_model` would choose
+    after `assign`: the same weight, in the same dtype. Linears with a bias, a tied head or a
+    new classification head are left to `quantize_model`, which runs after `assign` as before."""
+
+    def __init__(self, model: nn.Module, config: BitsAndBytesConfig | None, checkpoint: Checkpoint,
+                 expected: dict[str, torch.Size]) -> None:
+        self.model, self.config, self.expected, self.source = model, config, expected, checkpoint.source
+        self.dtype = checkpoint.dtype  # None ("auto"): the dtype `assign` settles on is not known yet
+        self.done: set[str] = set()
+
+    def __call__(self, key: str, tensor: Any) -> bool:
+        """Quantize `tensor` into the model if it is a replaced Linear's weight; whether it did."""
+        if self.config is None or self.dtype is None or not isinstance(tensor, torch.Tensor):
+            return False
+        name, _, leaf = key.rpartition(".")
+        if leaf != "weight" or key not in self.expected:
+            return False
+        module = self.model.get_submodule(name)
+        if not quantizes(name, module, self.config) or module.bias is not None:
+            return False
+        if tensor.shape != self.expected[key]:
+            raise CheckpointError(f"tensor {key!r} in {self.source} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(self.expected[key])}")
+        module.weight = nn.Parameter(tensor.to(self.dtype), requires_grad=False)
+        self.model.set_submodule(name, quantize_linear(module, self.config, name))
+        self.done.add(key)
+        release_freed_memory(above=KEEP_WHILE_QUANTIZING_BYTES)  # the float weight and its temporaries
+        return True
 
 
 def from_config(cls: type, config: MistralConfig, *, torch_dtype: Any = None,
@@ -268,14 +313,19 @@ def _read_mistral_folder(options: LoadOptions) -> Checkpoint:
 
 
 def _read_gguf(options: LoadOptions) -> Checkpoint:
-    from .checkpoints.gguf import load_gguf
+    """Blocks kept mapped (`gguf_native`), or every tensor decoded as `match_names` walks them."""
+    from .checkpoints.gguf import iter_float_tensors, load_gguf
 
     wanted = None if options.dtype == "auto" else options.dtype  # "auto": GGUF floats come as float32
     target = torch.float32 if wanted is None else resolve_dtype(wanted)
-    checkpoint = load_gguf(options.path, dequantize=not options.gguf_native, dtype=target)
+    if options.gguf_native:
+        checkpoint = load_gguf(options.path, dequantize=False, dtype=target)
+        config, tensors = checkpoint.config, checkpoint.tensors.items()
+    else:
+        config, tensors = iter_float_tensors(options.path, target)
     for key, value in options.overrides.items():
-        setattr(checkpoint.config, key, value)
-    return Checkpoint(checkpoint.config, checkpoint.tensors.items(), target, str(options.path), fresh_floats=True)
+        setattr(config, key, value)
+    return Checkpoint(config, tensors, target, str(options.path), fresh_floats=True)
 
 
 # ------------------------------------------------------------------ build and assign
@@ -313,15 +363,17 @@ def expected_tensors(model: nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in state.items()}
 
 
-def match_names(checkpoint: Checkpoint, expected: dict[str, torch.Size],
-                cls: type) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def match_names(checkpoint: Checkpoint, expected: dict[str, torch.Size], cls: type,
+                consume: Callable[[str, Any], bool] = lambda key, tensor: False,
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The checkpoint's entries under the model's names, split into float tensors and GGUF
-    blocks; entries with no learned state or for the other head are dropped."""
+    blocks; entries with no learned state or for the other head are dropped, and so are those
+    `consume(key, tensor)` took (installed in the model as they were read)."""
     tensors: dict[str, torch.Tensor] = {}
     blocks: dict[str, Any] = {}
     for name, tensor in checkpoint.tensors:
         key = _to_model_key(name, expected, cls)
-        if key is not None:
+        if key is not None and not consume(key, tensor):
             (tensors if isinstance(tensor, torch.Tensor) else blocks)[key] = tensor
     return tensors, blocks
 
@@ -414,11 +466,26 @@ def keep_freed_memory() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
 
 
-def release_freed_memory() -> None:
-    """Hand the loader's freed temporaries back to the OS (glibc only; a no-op elsewhere).
+def release_freed_memory(above: int = 0) -> None:
+    """Hand the loader's freed temporaries back to the OS (glibc only; a no-op elsewhere), if
+    the heap holds more than `above` free bytes.
 
     Decoding and re-packing quantized blocks leaves the heap fragmented, and RSS then stays far
     above the weights' size. Freed memory is not leaked either way; this only makes RSS honest."""
     libc = _glibc()
-    if libc is not None:
+    if libc is not None and (above <= 0 or _free_heap_bytes(libc) > above):
         libc.malloc_trim(0)
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _free_heap_bytes(libc: ctypes.CDLL) -> int:
+    """Free bytes glibc's heap holds (mallinfo2, glibc 2.33 on); where it is missing, as if
+    there were many, so the caller trims."""
+    if not hasattr(libc, "mallinfo2"):
+        return 1 << 62
+    libc.mallinfo2.restype = _Mallinfo2
+    return libc.mallinfo2().fordblks

@@ -474,9 +474,10 @@ _SCRATCH: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.Contex
 
 
 @contextlib.contextmanager
-def _scratch_for_load() -> Iterator[None]:
-    """One decode scratch for a whole load, dropped at its end."""
-    token = _SCRATCH.set([])
+def _scratch_for_load(held: list[torch.Tensor] | None = None) -> Iterator[None]:
+    """One decode scratch for a whole load, dropped at its end; `held`: the list that keeps it
+    between the calls of a load that decodes one tensor at a time."""
+    token = _SCRATCH.set([] if held is None else held)
     try:
         yield
     finally:
@@ -599,15 +600,25 @@ def lazy_float_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float
     function that decodes it then: a writer that holds one shard at a time writes a 7B, whose
     float32 state dict alone is 29 GB. Each decoded tensor's file pages leave the process."""
     file, config, matched = _open_for_tensors(path, dtype)
+    held: list[torch.Tensor] = []  # one scratch for every decode
 
     def decode(info: TensorInfo, entry: _Entry) -> torch.Tensor:
-        with _scratch_for_load():
+        with _scratch_for_load(held):
             tensor = _load_tensor(file, info, entry, config, True, dtype)
         file.release(info)
         return tensor
 
     return config, [LazyTensor(hf_name, tuple(reversed(info.dims)), dtype, functools.partial(decode, info, entry))
                     for info, hf_name, entry in matched]
+
+
+def iter_float_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float32
+                       ) -> tuple[MistralConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """The config and `load_gguf`'s dequantized state dict as (name, tensor), decoded one at a
+    time as the iterator is walked: a loader that turns each tensor into something smaller (a
+    quantized Linear) never holds the whole float model, nor the whole file's pages."""
+    config, lazy = lazy_float_tensors(path, dtype)
+    return config, ((t.name, t.load()) for t in lazy)
 
 
 def _plain_metadata(md: dict[str, Any]) -> dict[str, Any]:

@@ -43,10 +43,11 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32
     The scale is rounded to `scale_dtype` before q is chosen, so q is the best code for the
     scale actually stored. An all-zero row gets scale 1 (any scale reproduces it).
     """
-    w = weight.float()
-    absmax = w.abs().amax(dim=1)
+    w = weight.to(torch.float32, copy=True)  # the one full-size temporary: the rest works in place
+    low, high = w.aminmax(dim=1)
+    absmax = torch.maximum(-low, high)
     scale = torch.where(absmax > 0, absmax / 127, 1.0).to(scale_dtype)
-    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    q = w.div_(scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 

@@ -532,6 +532,11 @@ def _is_skipped(name: str, skip: list[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
+def quantizes(name: str, module: nn.Module, config: BitsAndBytesConfig) -> bool:
+    """Whether `quantize_model` replaces the module `name` under `config`."""
+    return isinstance(module, nn.Linear) and not _is_skipped(name, config.skip_modules)
+
+
 def quantize_linear(linear: nn.Linear, config: BitsAndBytesConfig, name: str = "linear") -> QuantizedLinear:
     """The quantized twin of one nn.Linear under `config`; empty (for a later load) if on meta."""
     group = config.group_size
@@ -572,8 +577,7 @@ def quantize_model(model: nn.Module, config: BitsAndBytesConfig | dict[str, Any]
         raise ConfigError("quantize_model needs load_in_8bit=True or load_in_4bit=True in the config")
     if isinstance(model, nn.Linear):
         return quantize_linear(model, config)
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not _is_skipped(name, config.skip_modules)]
+    targets = [(name, m) for name, m in model.named_modules() if quantizes(name, m, config)]
     for name, linear in targets:
         model.set_submodule(name, quantize_linear(linear, config, name))
     if hasattr(model, "quantization_config"):
