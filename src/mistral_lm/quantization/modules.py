@@ -232,7 +232,7 @@ class Int8Linear(QuantizedLinear):
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
         """Quantize an nn.Linear (scales rounded to `compute_dtype` before codes are chosen)."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
-                     linear.weight.device)
+                     "meta")  # storage comes from _load_portable, on the weight's device
         weight, scale = quantize_int8(linear.weight.detach(), compute_dtype)
         module._load_portable({"weight": weight, "weight_scale": scale})
         _copy_bias(module, linear)
