@@ -375,3 +375,56 @@ def test_int8_model_generates_on_the_kernel(monkeypatch):
     assert out.shape == (2, 10) and torch.equal(out[:, :4], prompt)
     assert ((out >= 0) & (out < model.config.vocab_size)).all()
     assert calls  # the decode steps ran the native kernel
+
+
+QUANT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def quant_weight(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of several magnitudes, an all-zero row, a -0.0, and a row of exact ties: its largest
+    |w| is 127 / 8, so its scale is 1/8 and w / scale lands on every half-integer in [-127, 127]."""
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).mul(4).exp2()
+    if n > 2 and k > 3:
+        w[1], w[2, 3] = 0.0, -0.0
+        ties = (torch.arange(k) % 254 - 127 + 0.5) / 8
+        ties[0] = 127 / 8
+        w[0] = ties
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (37, 100), (5, 576), (64, 1040), (0, 8)])
+@pytest.mark.parametrize("weight_dtype", QUANT_DTYPES)
+def test_int8_quantize_equals_the_torch_definition_on_every_isa(shape, weight_dtype):
+    """quantize_int8 in C gives functional.quantize_int8's codes and scales bit for bit (the
+    float32 division and round-half-to-even of torch's div_ and round_), for every scale dtype,
+    ISA and thread count, on K off the 16-lane grid and on a row of exact ties."""
+    from mistral_lm.quantization.functional import quantize_int8
+
+    w = quant_weight(*shape, weight_dtype)
+    for scale_dtype in QUANT_DTYPES:
+        q, scale = quantize_int8(w, scale_dtype)
+        for cap in caps():
+            with capped_isa(dense._lib(), cap):
+                for threads in (1, 2):
+                    with torch_threads(threads):
+                        got = dense.quantize_int8(w, scale_dtype)
+                    assert got is not None, (cap, threads, scale_dtype)
+                    assert torch.equal(got[0], q) and torch.equal(got[1], scale), (cap, threads, scale_dtype)
+    if shape[0] > 2 and shape[1] > 3:
+        assert (q[0].float() % 2 == 0).any() and (q[0].abs() == 127).any()  # the ties row rounded to even
+
+
+def test_int8_quantize_leaves_rows_that_are_not_finite_and_odd_inputs_to_the_definition():
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        w = torch.randn(4, 40)
+        w[2, 5] = bad
+        assert dense.quantize_int8(w, torch.bfloat16) is None
+    tiny = torch.full((2, 8), 1e-30)  # its float16 scale rounds to 0
+    assert dense.quantize_int8(tiny, torch.float16) is None
+    assert dense.quantize_int8(torch.randn(4, 6).T, torch.bfloat16) is None  # strided along K
+    assert dense.quantize_int8(torch.randn(4, 6, dtype=torch.float64), torch.bfloat16) is None
+    strided_rows = torch.randn(8, 40)[::2]  # a row stride: read in place
+    from mistral_lm.quantization.functional import quantize_int8
+    got, want = dense.quantize_int8(strided_rows, torch.bfloat16), quantize_int8(strided_rows, torch.bfloat16)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

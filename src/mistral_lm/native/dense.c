@@ -411,3 +411,153 @@ int mlm_int8_linear(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
     run(ROWS_I8[isa_level], x, M, K, ldx, w, N, ldw, scale, out, ldo, nthreads);
     return 0;
 }
+
+/* ================================================================ int8 quantization (Int8Linear.from_linear)
+ *
+ * quantization.functional.quantize_int8, the definition in torch, row by row in two passes over the
+ * row instead of six over the whole weight:
+ *   absmax = max |w[n, k]|;  s = (absmax > 0 ? absmax / 127 : 1) rounded to the scale's dtype;
+ *   q[n, k] = (int8)clamp(rint(w[n, k] / s), -127, 127)   (w widened exactly to float32, the division
+ *   and rint in float32, ties to even, as torch's div_ and round_)
+ * A row holding a NaN or an infinity, or whose scale rounds to 0 or infinity in float16, is not
+ * quantized: the call returns 1 and the caller keeps the definition's answer for such data. */
+#define QT_F32 0
+#define QT_BF16 1
+#define QT_F16 2
+
+static AI float qwiden(const void *w, int wt, int64_t i) {
+    if (wt == QT_F32) return ((const float *)w)[i];
+    const uint16_t h = ((const uint16_t *)w)[i];
+    return wt == QT_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+static AI int8_t qcode(float x, float s) {
+    float r = rintf(x / s);
+    r = r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r);
+    return (int8_t)(int)r;
+}
+
+/* the row's largest |w| and whether any element is NaN or infinite, from k0 on (a SIMD pass did the rest) */
+static AI float qmax_s(const void *w, int wt, int64_t k0, int64_t K, float m, int *bad) {
+    for (int64_t k = k0; k < K; k++) {
+        const float a = fabsf(qwiden(w, wt, k));
+        if (!(a <= 3.402823466e38f)) *bad = 1;
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+T512 static AI __m512 qload512(const void *w, int wt, int64_t k, __mmask16 mask) {
+    if (wt == QT_F32) return _mm512_maskz_loadu_ps(mask, (const float *)w + k);
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)w + k);
+    if (wt == QT_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+T256 static AI __m256 qload256(const void *w, int wt, int64_t k) {
+    if (wt == QT_F32) return _mm256_loadu_ps((const float *)w + k);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + k));
+    if (wt == QT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+T512 static float qmax512(const void *w, int wt, int64_t K, int *bad) {
+    __m512 m = _mm512_setzero_ps();
+    const __m512 big = _mm512_set1_ps(3.402823466e38f);
+    __mmask16 nonfinite = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        const __m512 a = _mm512_abs_ps(qload512(w, wt, k, mask));
+        nonfinite |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);
+        m = _mm512_max_ps(m, a);
+    }
+    if (nonfinite) *bad = 1;
+    return _mm512_reduce_max_ps(m);
+}
+
+T512 static void qrow512(const void *w, int wt, int64_t K, float s, int8_t *q) {
+    const __m512 sv = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        __m512 r = _mm512_roundscale_ps(_mm512_div_ps(qload512(w, wt, k, mask), sv),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+        _mm512_mask_cvtsepi32_storeu_epi8(q + k, mask, _mm512_cvtps_epi32(r));
+    }
+}
+
+T256 static float qmax256(const void *w, int wt, int64_t K, int *bad) {
+    __m256 m = _mm256_setzero_ps();
+    const __m256 big = _mm256_set1_ps(3.402823466e38f), absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    int nonfinite = 0;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 a = _mm256_and_ps(qload256(w, wt, k), absmask);
+        nonfinite |= _mm256_movemask_ps(_mm256_cmp_ps(a, big, _CMP_NLE_UQ));
+        m = _mm256_max_ps(m, a);
+    }
+    float lanes[8], best = 0.0f;
+    _mm256_storeu_ps(lanes, m);
+    for (int l = 0; l < 8; l++) best = lanes[l] > best ? lanes[l] : best;
+    if (nonfinite) *bad = 1;
+    return qmax_s(w, wt, k, K, best, bad);
+}
+
+T256 static void qrow256(const void *w, int wt, int64_t K, float s, int8_t *q) {
+    const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 r = _mm256_round_ps(_mm256_div_ps(qload256(w, wt, k), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+        const __m256i i = _mm256_cvtps_epi32(r);
+        const __m128i s16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+        _mm_storel_epi64((__m128i *)(q + k), _mm_packs_epi16(s16, s16));
+    }
+    for (; k < K; k++) q[k] = qcode(qwiden(w, wt, k), s);
+}
+
+/* The stored scale for absmax in dtype st (bits written to *out), as a float; 0 where it rounds to 0 or
+ * infinity in float16 (the caller then gives the row to the definition). */
+static float qscale(float absmax, int st, void *out, int64_t n) {
+    const float s = absmax > 0.0f ? absmax / 127.0f : 1.0f;
+    if (st == QT_F32) {
+        ((float *)out)[n] = s;
+        return s;
+    }
+    const uint16_t h = st == QT_BF16 ? f32_to_bf16(s) : f32_to_f16(s);
+    ((uint16_t *)out)[n] = h;
+    const float r = st == QT_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+    return r > 0.0f && r <= 3.402823466e38f ? r : 0.0f;
+}
+
+/* w (N, K) in dtype wt (row stride ldw elements, unit stride along K) -> q (N, K) int8 (contiguous) and
+ * scale (N,) in dtype st. Returns 0, 1 if some row is left to the definition (see above; q and scale
+ * are then incomplete), or -1 on bad arguments. */
+int mlm_int8_quantize(const void *w, int wt, int64_t N, int64_t K, int64_t ldw, int8_t *q, void *scale, int st,
+                      int nthreads) {
+    if (N < 0 || K < 0 || (N > 1 && ldw < K) || wt < QT_F32 || wt > QT_F16 || st < QT_F32 || st > QT_F16) return -1;
+    if (N == 0) return 0;
+    if (q == NULL || scale == NULL || (K > 0 && w == NULL)) return -1;
+    if (isa_level < 0) mlm_set_isa(2);
+    const int level = isa_level, nt = nthreads < 1 || N * K < PARALLEL_MIN ? 1 : nthreads;
+    const int64_t eb = wt == QT_F32 ? 4 : 2;
+    int refused = 0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(| : refused)
+    for (int64_t n = 0; n < N; n++) {
+        const void *row = (const char *)w + n * ldw * eb;
+        int bad = 0;
+        const float absmax = level >= 2 ? qmax512(row, wt, K, &bad)
+                             : level == 1 ? qmax256(row, wt, K, &bad) : qmax_s(row, wt, 0, K, 0.0f, &bad);
+        const float s = bad ? 0.0f : qscale(absmax, st, scale, n);
+        if (s == 0.0f) {
+            refused |= 1;
+            continue;
+        }
+        int8_t *out = q + n * K;
+        if (level >= 2) qrow512(row, wt, K, s, out);
+        else if (level == 1) qrow256(row, wt, K, s, out);
+        else
+            for (int64_t k = 0; k < K; k++) out[k] = qcode(qwiden(row, wt, k), s);
+    }
+    return refused;
+}
