@@ -3,7 +3,8 @@
  *   mlm_bf16_linear: out[m, n] = bf16_rne(dot(x[m, :], w[n, :]))              w bfloat16
  *   mlm_int8_linear: out[m, n] = bf16_rne(dot(x[m, :], w[n, :]) * scale[n])    w int8, scale bfloat16
  *
- * x (M, K) and out (M, N) bfloat16, w (N, K).
+ * x (M, K) and out (M, N) bfloat16, w (N, K). And mlm_int8_quantize, the int8 codes and scales
+ * of a float weight (Int8Linear.from_linear), at the end of this file.
  *
  * The dot product has one fixed order, attention.c's dot_s: each bfloat16 is widened to float32
  * exactly (bits << 16); 16 float32 lane accumulators, lane l takes k = l, l+16, l+32, ... in

@@ -15,6 +15,9 @@ float32 multiply by the row's scale and one rounding. torch's `_weight_int8pack_
 batch-invariant nor reproducible from C, and streams a decode row's weights 1.4-2.5x slower
 (M = 1, 1536 x 576 and 49152 x 576, cold, 1 and 2 threads: 17-36 against 7-23 GB/s).
 
+`quantize_int8` makes an Int8Linear's codes and scales, bit for bit those of
+`quantization.functional.quantize_int8`, in two passes over each row.
+
 Eager calls go through ctypes; under torch.compile the same calls are the opaque ops
 ``mistral_lm::bf16_linear`` and ``mistral_lm::int8_linear``. `reference_linear_bf16` and
 `reference_linear_int8` are the definitions in torch: a float64 dot (times the float64 scale)
