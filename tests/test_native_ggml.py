@@ -344,6 +344,20 @@ def test_c_decode_is_the_torch_definition_bit_for_bit(ggml_type):
     assert ggml.dequantize(blocks, ggml_type, 512, rows=torch.tensor([], dtype=torch.long)).shape == (0, 512)
     with pytest.raises(InputError, match="out of range"):
         ggml.dequantize(blocks, ggml_type, 512, rows=torch.tensor([13]))
+    # into 16-bit outputs (a loader decoding into its dtype): the definition rounded by torch
+    for dtype in (torch.bfloat16, torch.float16):
+        out = torch.empty(5, 512, dtype=dtype)
+        ggml.dequantize(blocks, ggml_type, 512, rows=rows, out=out)
+        assert torch.equal(out.view(torch.int16), want[rows].to(dtype).view(torch.int16)), dtype
+    big = blocks.clone()  # scales near float16's top: values past 65504 must become infinity as torch rounds them
+    if ggml_type in (Q.Q4_0, Q.Q8_0, Q.Q6_K):
+        at = {Q.Q4_0: 0, Q.Q8_0: 0, Q.Q6_K: 208}[ggml_type]
+        big.view(-1, blocks.shape[1])[:, at:at + 2] = torch.tensor([0x7BFF], dtype=torch.int16).view(torch.uint8)
+        out = torch.empty(13, 512, dtype=torch.float16)
+        ggml.dequantize(big, ggml_type, 512, out=out)
+        assert torch.equal(out.view(torch.int16), ggml.reference_dequantize(big, ggml_type, 512).half().view(torch.int16))
+    with pytest.raises(InputError, match="contiguous float32, bfloat16 or float16"):
+        ggml.dequantize(blocks, ggml_type, 512, out=torch.empty(13, 512, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------ the tiled layout

@@ -508,7 +508,8 @@ def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: t
                      dtype: torch.dtype, order: np.ndarray | None = None) -> torch.Tensor:
     """(rows, bytes_per_row) blocks, as GGUFFile.rows gives them, -> `shape` in `dtype`; with
     `order`, row i of the result is stored row order[i]. The native decoder writes a slice at a
-    time straight into the result (float32) or through one bounded scratch (other dtypes)."""
+    time straight into the result (float32, bfloat16, float16: it rounds as `copy_` from float32
+    would) or through one bounded float32 scratch (other dtypes)."""
     n = rows.shape[0]
     native = _native_decoder(ggml_type) if rows.ndim == 2 and n else None
     if native is None:
@@ -524,9 +525,10 @@ def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: t
         end = min(n, start + step)
         part = index[start:end] if index is not None else None
         src = blocks if part is not None else blocks[start:end]
-        dst = out[start:end] if dtype == torch.float32 else _scratch_rows(end - start, k)
+        direct = dtype in (torch.float32, torch.bfloat16, torch.float16)
+        dst = out[start:end] if direct else _scratch_rows(end - start, k)
         native.dequantize(src, int(ggml_type), k, rows=part, out=dst)
-        if dtype != torch.float32:
+        if not direct:
             out[start:end].copy_(dst)
     return out.view(shape)
 

@@ -10,6 +10,7 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+#include "float_common.h"
 #include <cpuid.h>
 #include <immintrin.h>
 #include <math.h>
@@ -508,10 +509,21 @@ int mlm_ggml_linear(int type, const float *x, int64_t M, int64_t K, int64_t ldx,
  * code under a negative scale stays -0 (adding a zero min, or multiplying the integers first,
  * would make it +0). Row i is stored row rows[i] (rows NULL: row i). For the embedding's lookups,
  * a row at a time. */
+int mlm_ggml_dequantize_to(int type, const uint8_t *w, int64_t ldw, const int64_t *rows, int64_t N, int64_t K,
+                           void *out, int out_type);
+
 int mlm_ggml_dequantize(int type, const uint8_t *w, int64_t ldw, const int64_t *rows, int64_t N, int64_t K,
                         float *out) {
+    return mlm_ggml_dequantize_to(type, w, ldw, rows, N, K, out, 0);
+}
+
+/* mlm_ggml_dequantize's float32 values rounded once more into out_type: 0 float32, 1 bfloat16, 2 float16,
+ * each to nearest even as torch's copy_ from float32 rounds (a loader decoding into its dtype, without a
+ * float32 copy of the matrix to convert). */
+int mlm_ggml_dequantize_to(int type, const uint8_t *w, int64_t ldw, const int64_t *rows, int64_t N, int64_t K,
+                           void *out, int out_type) {
     int base;
-    if (!valid(type, 16, K, &base)) return -1;
+    if (!valid(type, 16, K, &base) || out_type < 0 || out_type > 2) return -1;
     const int sh = off_shift(base), off = sh < 0 ? 0 : 1 << sh, has_min = base == T_Q4_1 || base == T_Q4_K;
     /* whole matrices (a load decoding a checkpoint) on torch's threads; an embedding's few rows on one */
 #pragma omp parallel for if (N * K >= (1 << 18)) schedule(static)
@@ -520,10 +532,17 @@ int mlm_ggml_dequantize(int type, const uint8_t *w, int64_t ldw, const int64_t *
             int u[32], sc[2];
             float cw, mw;
             decode_row_block(type, w, ldw, rows ? rows[i] : i, K / 32, b, u, sc, &cw, &mw);
+            float f[32];
             for (int e = 0; e < 32; e++) {
                 const double v = ((double)cw * (double)sc[e >> 4]) * (double)(u[e] - off); /* gguf's grouping */
-                out[i * K + b * 32 + e] = (float)(has_min ? v + (double)mw : v);
+                f[e] = (float)(has_min ? v + (double)mw : v);
             }
+            const int64_t at = i * K + b * 32;
+            if (out_type == 0) memcpy((float *)out + at, f, sizeof f);
+            else if (out_type == 1)
+                for (int e = 0; e < 32; e++) ((uint16_t *)out)[at + e] = f32_to_bf16(f[e]);
+            else
+                for (int e = 0; e < 32; e++) ((uint16_t *)out)[at + e] = f32_to_f16(f[e]);
         }
     }
     return 0;
