@@ -99,10 +99,14 @@ def test_native_quantizer_equals_torch_quantizer(cap, quant_type):
     values = CODEBOOKS[quant_type].sort().values
     w[4, :15], w[4, 15] = (values[1:] + values[:-1]) / 2, 1.0  # exactly on the mid-points (absmax 1)
     w[5, :2] = torch.tensor([float.fromhex("-0x1.42p-1"), float.fromhex("0x1.14p+0")])  # w / absmax != w * (1 / absmax)
-    q, absmax = quantize_4bit_codebook(w, CODEBOOKS[quant_type], 64)
-    with isa(cap):
-        packed, absmax_native = nf4.quantize(w, CODEBOOKS[quant_type], 64)
-    assert torch.equal(packed, pack_nibbles(q)) and torch.equal(absmax_native, absmax)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # 16-bit weights are widened in C, by rows
+        held = w.to(dtype)
+        q, absmax = quantize_4bit_codebook(held, CODEBOOKS[quant_type], 64)
+        with isa(cap):
+            packed, absmax_native = nf4.quantize(held, CODEBOOKS[quant_type], 64)
+        assert torch.equal(packed, pack_nibbles(q)) and torch.equal(absmax_native, absmax), dtype
+        with isa(cap), torch_threads(2):  # 40 rows: strips of 16 over two threads, the last one partial
+            assert torch.equal(nf4.quantize(held, CODEBOOKS[quant_type], 64)[0], packed), dtype
 
 
 @needs_lib

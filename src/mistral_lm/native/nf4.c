@@ -367,18 +367,69 @@ static void quantize_rows_scalar(const float *w, int64_t n0, int64_t n1, int64_t
         quantize_row(w + n * K, K, bs, mids, order, packed + n * (K / 2), absmax + n * (K / bs));
 }
 
-void mlm_nf4_quantize(const float *w, int64_t N, int64_t K, int blocksize, const float *mids, const uint8_t *order,
-                      uint8_t *packed, float *absmax, int threads) {
+static void quantize_strip(int level, const float *w, int64_t rows, int64_t K, int bs, const float *mids,
+                           const uint8_t *order, uint8_t *packed, float *absmax) {
+    if (level == ISA_AVX512)
+        quantize_rows_avx512(w, 0, rows, K, bs, mids, order, packed, absmax);
+    else if (level == ISA_AVX2)
+        quantize_rows_avx2(w, 0, rows, K, bs, mids, order, packed, absmax);
+    else
+        quantize_rows_scalar(w, 0, rows, K, bs, mids, order, packed, absmax);
+}
+
+/* 16 bits -> float32, exactly as torch widens them: bfloat16 (wt 1) or float16 (wt 2) */
+static float widen16(uint16_t h, int wt) {
+    if (wt == 1) {
+        const uint32_t u = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F;
+    uint32_t m = h & 0x3FF, u;
+    if (e == 0x1F) u = sign | 0x7F800000u | (m << 13);
+    else if (e) u = sign | ((e + 112) << 23) | (m << 13);
+    else if (m == 0) u = sign;
+    else {
+        uint32_t x = 113;
+        while (!(m & 0x400)) {
+            m <<= 1;
+            x--;
+        }
+        u = sign | (x << 23) | ((m & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* The NF4/FP4 codes and absmax of a weight held in float32 (wt 0), bfloat16 (1) or float16 (2): 16-bit rows are
+ * widened 16 at a time into a buffer per thread (exact), so a loader needs no float32 copy of the
+ * matrix. Returns 0, or -1 if a buffer cannot be had or wt is unknown (nothing usable written). */
+int mlm_nf4_quantize_from(const void *w, int wt, int64_t N, int64_t K, int blocksize, const float *mids,
+                          const uint8_t *order, uint8_t *packed, float *absmax, int threads) {
+    if (wt < 0 || wt > 2) return -1;
     const int level = isa_now();
     const int64_t strip = 16;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += strip) {
-        const int64_t n1 = n0 + strip < N ? n0 + strip : N;
-        if (level == ISA_AVX512)
-            quantize_rows_avx512(w, n0, n1, K, blocksize, mids, order, packed, absmax);
-        else if (level == ISA_AVX2)
-            quantize_rows_avx2(w, n0, n1, K, blocksize, mids, order, packed, absmax);
-        else
-            quantize_rows_scalar(w, n0, n1, K, blocksize, mids, order, packed, absmax);
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *buf = wt ? malloc((size_t)(strip * K) * sizeof(float)) : NULL;
+        if (wt && buf == NULL) failed = 1;
+        #pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += strip) {
+            const int64_t rows = n0 + strip < N ? strip : N - n0;
+            const float *src = (const float *)w + n0 * K;
+            if (wt) {
+                if (buf == NULL) continue;
+                const uint16_t *h = (const uint16_t *)w + n0 * K;
+                for (int64_t i = 0; i < rows * K; i++) buf[i] = widen16(h[i], wt);
+                src = buf;
+            }
+            quantize_strip(level, src, rows, K, blocksize, mids, order, packed + n0 * (K / 2),
+                           absmax + n0 * (K / blocksize));
+        }
+        free(buf);
     }
+    return failed ? -1 : 0;
 }
