@@ -16,6 +16,7 @@
    instruction set does change the summation order: results agree across ISAs only up to float
    rounding. */
 
+#include "float_common.h"
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -47,21 +48,6 @@ static inline int isa_now(void) {
     if (isa < 0)
         mlm_set_isa(ISA_AVX512);
     return isa;
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 static inline void store(void *out, int dtype, int64_t i, float v) {
@@ -378,30 +364,7 @@ static void quantize_strip(int level, const float *w, int64_t rows, int64_t K, i
 }
 
 /* 16 bits -> float32, exactly as torch widens them: bfloat16 (wt 1) or float16 (wt 2) */
-static float widen16(uint16_t h, int wt) {
-    if (wt == 1) {
-        const uint32_t u = (uint32_t)h << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
-    }
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F;
-    uint32_t m = h & 0x3FF, u;
-    if (e == 0x1F) u = sign | 0x7F800000u | (m << 13);
-    else if (e) u = sign | ((e + 112) << 23) | (m << 13);
-    else if (m == 0) u = sign;
-    else {
-        uint32_t x = 113;
-        while (!(m & 0x400)) {
-            m <<= 1;
-            x--;
-        }
-        u = sign | (x << 23) | ((m & 0x3FF) << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+static inline float widen16(uint16_t h, int wt) { return wt == 1 ? bf16_to_f32(h) : f16_to_f32(h); }
 
 /* The NF4/FP4 codes and absmax of a weight held in float32 (wt 0), bfloat16 (1) or float16 (2): 16-bit rows are
  * widened 16 at a time into a buffer per thread (exact), so a loader needs no float32 copy of the
