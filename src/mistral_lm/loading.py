@@ -158,10 +158,11 @@ KEEP_WHILE_QUANTIZING_BYTES = 32 << 20
 class QuantizeAsRead:
     """Quantizes each Linear a quantization config replaces as soon as its weight is read, so a
     load holds the quantized model and one float weight rather than the whole float model too
-    (a GGUF loaded with load_in_8bit peaked at the bfloat16 model plus the int8 one, 2.8x the
-    weights it kept, and at 3.0x, 5.0x on a CI machine, with the C kernels off). The codes are those `quantize_model` would choose
-    after `assign`: the same weight, in the same dtype. Linears with a bias, a tied head or a
-    new classification head are left to `quantize_model`, which runs after `assign` as before."""
+    (a GGUF loaded with load_in_8bit peaked at the bfloat16 model plus the int8 one: 2.8x the
+    weights it kept; 3.0x, and 5.0x on a CI machine, with the C kernels off). The codes are
+    those `quantize_model` would choose after `assign`: the same weight, in the same dtype.
+    Linears with a bias, a tied head or a new classification head are left to `quantize_model`,
+    which runs after `assign` as before."""
 
     def __init__(self, model: nn.Module, config: BitsAndBytesConfig | None, checkpoint: Checkpoint,
                  expected: dict[str, torch.Size]) -> None:

@@ -101,8 +101,9 @@ _READS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # weight dtype
 
 def quantize(weight: torch.Tensor, codebook: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(packed (N, K/2) uint8, absmax (N, K/blocksize) float32) of a CPU weight, equal to
-    ``pack_nibbles`` of `quantize_4bit_codebook`'s codes and its absmax; None without the library
-    or off the CPU."""
+    ``pack_nibbles`` of `quantize_4bit_codebook`'s codes and its absmax; None without the library,
+    off the CPU, or where no buffer for the widened rows of a 16-bit weight could be had. float32,
+    bfloat16 and float16 weights are read as they are (no float32 copy of the matrix)."""
     lib = library()
     if lib is None or weight.device.type != "cpu" or weight.dim() != 2:
         return None
