@@ -464,34 +464,9 @@ def _match_tensors(file: GGUFFile, config: MistralConfig) -> dict[str, tuple[str
 DECODE_ROWS = 4096
 
 
-# Float32 values decoded per pass when the result has another dtype: a bounded scratch, reused
-# for every slice and every tensor of a load (a fresh float32 temporary per tensor left freed heap
-# above the weights a load kept, raising its peak; bench/RESULTS.md).
+# Float32 values decoded per pass where the decoder cannot write the result's dtype itself (the
+# float32 scratch of a slice; the native decoder writes float32, bfloat16 and float16 directly).
 _SCRATCH_VALUES = 1 << 22
-# Within `_scratch_for_load()`: a one-item list holding the load's scratch once made.
-_SCRATCH: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
-    "mistral_lm_gguf_scratch", default=None)
-
-
-@contextlib.contextmanager
-def _scratch_for_load(held: list[torch.Tensor] | None = None) -> Iterator[None]:
-    """One decode scratch for a whole load, dropped at its end; `held`: the list that keeps it
-    between the calls of a load that decodes one tensor at a time."""
-    token = _SCRATCH.set([] if held is None else held)
-    try:
-        yield
-    finally:
-        _SCRATCH.reset(token)
-
-
-def _scratch_rows(n: int, k: int) -> torch.Tensor:
-    """A float32 (n, k) view of the load's scratch (a fresh tensor outside a load)."""
-    held = _SCRATCH.get()
-    if held is None:
-        return torch.empty(n, k, dtype=torch.float32)
-    if not held or held[0].numel() < n * k:
-        held[:] = [torch.empty(max(n * k, _SCRATCH_VALUES), dtype=torch.float32)]
-    return held[0][:n * k].view(n, k)
 
 
 def _native_decoder(ggml_type: GGMLQuantizationType) -> Any:
@@ -509,7 +484,7 @@ def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: t
     """(rows, bytes_per_row) blocks, as GGUFFile.rows gives them, -> `shape` in `dtype`; with
     `order`, row i of the result is stored row order[i]. The native decoder writes a slice at a
     time straight into the result (float32, bfloat16, float16: it rounds as `copy_` from float32
-    would) or through one bounded float32 scratch (other dtypes)."""
+    would) or, for other dtypes, through one bounded float32 scratch reused for every slice."""
     n = rows.shape[0]
     native = _native_decoder(ggml_type) if rows.ndim == 2 and n else None
     if native is None:
@@ -521,12 +496,13 @@ def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: t
         blocks = torch.from_numpy(np.ascontiguousarray(rows))
     index = None if order is None else torch.from_numpy(np.asarray(order, dtype=np.int64))
     step = max(1, min(DECODE_ROWS, _SCRATCH_VALUES // max(1, k)))
+    direct = dtype in native.DECODE_DTYPES
+    scratch = None if direct else torch.empty(min(step, n), k, dtype=torch.float32)
     for start in range(0, n, step):
         end = min(n, start + step)
         part = index[start:end] if index is not None else None
         src = blocks if part is not None else blocks[start:end]
-        direct = dtype in (torch.float32, torch.bfloat16, torch.float16)
-        dst = out[start:end] if direct else _scratch_rows(end - start, k)
+        dst = out[start:end] if direct else scratch[:end - start]
         native.dequantize(src, int(ggml_type), k, rows=part, out=dst)
         if not direct:
             out[start:end].copy_(dst)
@@ -588,9 +564,7 @@ def load_gguf(path: str | os.PathLike, *, dequantize: bool = True,
     (30, 'GGUFQuantizedTensor')
     """
     file, config, matched = _open_for_tensors(path, dtype)
-    with _scratch_for_load():
-        tensors = {hf_name: _load_tensor(file, info, entry, config, dequantize, dtype)
-                   for info, hf_name, entry in matched}
+    tensors = {hf_name: _load_tensor(file, info, entry, config, dequantize, dtype) for info, hf_name, entry in matched}
     template = file.metadata.get("tokenizer.chat_template")
     return GGUFCheckpoint(config, tensors, _plain_metadata(file.metadata),
                           template if isinstance(template, str) else None)
@@ -602,11 +576,9 @@ def lazy_float_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float
     function that decodes it then: a writer that holds one shard at a time writes a 7B, whose
     float32 state dict alone is 29 GB. Each decoded tensor's file pages leave the process."""
     file, config, matched = _open_for_tensors(path, dtype)
-    held: list[torch.Tensor] = []  # one scratch for every decode
 
     def decode(info: TensorInfo, entry: _Entry) -> torch.Tensor:
-        with _scratch_for_load(held):
-            tensor = _load_tensor(file, info, entry, config, True, dtype)
+        tensor = _load_tensor(file, info, entry, config, True, dtype)
         file.release(info)
         return tensor
 

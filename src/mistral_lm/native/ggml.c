@@ -508,20 +508,11 @@ int mlm_ggml_linear(int type, const float *x, int64_t M, int64_t K, int64_t ldx,
  * `reference_dequantize`) bit for bit, and gguf's decoder too, down to the sign of a zero: a zero
  * code under a negative scale stays -0 (adding a zero min, or multiplying the integers first,
  * would make it +0). Row i is stored row rows[i] (rows NULL: row i). For the embedding's lookups,
- * a row at a time. */
-int mlm_ggml_dequantize_to(int type, const uint8_t *w, int64_t ldw, const int64_t *rows, int64_t N, int64_t K,
-                           void *out, int out_type);
-
+ * a row at a time. out_type 0 stores them as float32; 1 and 2 round those float32 values once
+ * more, to bfloat16 or float16 at nearest even as torch's copy_ does (a loader decoding into its
+ * dtype, without a float32 copy of the matrix to convert). */
 int mlm_ggml_dequantize(int type, const uint8_t *w, int64_t ldw, const int64_t *rows, int64_t N, int64_t K,
-                        float *out) {
-    return mlm_ggml_dequantize_to(type, w, ldw, rows, N, K, out, 0);
-}
-
-/* mlm_ggml_dequantize's float32 values rounded once more into out_type: 0 float32, 1 bfloat16, 2 float16,
- * each to nearest even as torch's copy_ from float32 rounds (a loader decoding into its dtype, without a
- * float32 copy of the matrix to convert). */
-int mlm_ggml_dequantize_to(int type, const uint8_t *w, int64_t ldw, const int64_t *rows, int64_t N, int64_t K,
-                           void *out, int out_type) {
+                        void *out, int out_type) {
     int base;
     if (!valid(type, 16, K, &base) || out_type < 0 || out_type > 2) return -1;
     const int sh = off_shift(base), off = sh < 0 ? 0 : 1 << sh, has_min = base == T_Q4_1 || base == T_Q4_K;

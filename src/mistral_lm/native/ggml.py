@@ -93,10 +93,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.mlm_ggml_chunk_bytes.restype = i64
     lib.mlm_ggml_scratch_limit.argtypes = [i64]
     lib.mlm_ggml_scratch_limit.restype = i64
-    lib.mlm_ggml_dequantize.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, i64, ptr]
+    lib.mlm_ggml_dequantize.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, i64, ptr, ctypes.c_int]
     lib.mlm_ggml_dequantize.restype = ctypes.c_int
-    lib.mlm_ggml_dequantize_to.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, i64, ptr, ctypes.c_int]
-    lib.mlm_ggml_dequantize_to.restype = ctypes.c_int
     lib.mlm_ggml_tile.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ctypes.c_int]
     lib.mlm_ggml_tile.restype = ctypes.c_int
     if lib.mlm_ggml_xblock_bytes() != XBLOCK_BYTES:
@@ -349,7 +347,7 @@ def _decode(blocks: torch.Tensor, ggml_type: int, in_features: int) -> tuple[tor
     return u, 32, scl, cw, zeros
 
 
-_OUT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # mlm_ggml_dequantize_to's out_type
+DECODE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dequantize's `out` dtypes: out_type in C
 
 
 def dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int,
@@ -375,13 +373,13 @@ def dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int,
     n = blocks.shape[0] if rows is None else rows.numel()
     if out is None:
         out = torch.empty(n, in_features, dtype=torch.float32)
-    elif out.dtype not in _OUT_TYPES or out.shape != (n, in_features) or not out.is_contiguous():
+    elif out.dtype not in DECODE_DTYPES or out.shape != (n, in_features) or not out.is_contiguous():
         raise InputError(f"out must be a contiguous float32, bfloat16 or float16 ({n}, {in_features}) tensor; "
                          f"got {out.dtype} {tuple(out.shape)}")
     if n:
-        rc = lib.mlm_ggml_dequantize_to(ggml_type, blocks.data_ptr(), blocks.stride(0) if blocks.shape[0] > 1 else nbytes,
-                                        None if rows is None else rows.data_ptr(), n, in_features, out.data_ptr(),
-                                        _OUT_TYPES[out.dtype])
+        rc = lib.mlm_ggml_dequantize(ggml_type, blocks.data_ptr(), blocks.stride(0) if blocks.shape[0] > 1 else nbytes,
+                                     None if rows is None else rows.data_ptr(), n, in_features, out.data_ptr(),
+                                     DECODE_DTYPES[out.dtype])
         if rc:
             raise CheckpointError(f"cannot decode {_name(ggml_type)} rows of {in_features} values")
     return out
