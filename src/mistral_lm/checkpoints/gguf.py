@@ -496,7 +496,7 @@ def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: t
         blocks = torch.from_numpy(np.ascontiguousarray(rows))
     index = None if order is None else torch.from_numpy(np.asarray(order, dtype=np.int64))
     step = max(1, min(DECODE_ROWS, _SCRATCH_VALUES // max(1, k)))
-    direct = dtype in native.DECODE_DTYPES
+    direct = dtype in native.build.DTYPE_CODES  # what the decoder writes itself
     scratch = None if direct else torch.empty(min(step, n), k, dtype=torch.float32)
     for start in range(0, n, step):
         end = min(n, start + step)

@@ -45,6 +45,8 @@ ISA = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3, "default": 3}
 RETRY_FLAGS = ["-DMLM_NO_AMX"]
 # torch's own levels: its avx512 is its widest, so it caps nothing of ours
 ATEN_ISA = {"default": 3, "avx2": 1, "avx512": 3}
+# The dtype codes the kernels take for their float arrays (float_common.h's DT_F32, DT_BF16, DT_F16).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def cache_dir() -> Path:

@@ -422,16 +422,6 @@ int mlm_int8_linear(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
  *   and rint in float32, ties to even, as torch's div_ and round_)
  * A row holding a NaN or an infinity, or whose scale rounds to 0 or infinity in float16, is not
  * quantized: the call returns 1 and the caller keeps the definition's answer for such data. */
-#define QT_F32 0
-#define QT_BF16 1
-#define QT_F16 2
-
-static AI float qwiden(const void *w, int wt, int64_t i) {
-    if (wt == QT_F32) return ((const float *)w)[i];
-    const uint16_t h = ((const uint16_t *)w)[i];
-    return wt == QT_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
-}
-
 static AI int8_t qcode(float x, float s) {
     float r = rintf(x / s);
     r = r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r);
@@ -441,7 +431,7 @@ static AI int8_t qcode(float x, float s) {
 /* the row's largest |w| and whether any element is NaN or infinite, from k0 on (a SIMD pass did the rest) */
 static AI float qmax_s(const void *w, int wt, int64_t k0, int64_t K, float m, int *bad) {
     for (int64_t k = k0; k < K; k++) {
-        const float a = fabsf(qwiden(w, wt, k));
+        const float a = fabsf(widen_at(w, wt, k));
         if (!(a <= 3.402823466e38f)) *bad = 1;
         m = a > m ? a : m;
     }
@@ -449,16 +439,16 @@ static AI float qmax_s(const void *w, int wt, int64_t k0, int64_t K, float m, in
 }
 
 T512 static AI __m512 qload512(const void *w, int wt, int64_t k, __mmask16 mask) {
-    if (wt == QT_F32) return _mm512_maskz_loadu_ps(mask, (const float *)w + k);
+    if (wt == DT_F32) return _mm512_maskz_loadu_ps(mask, (const float *)w + k);
     const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)w + k);
-    if (wt == QT_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    if (wt == DT_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     return _mm512_cvtph_ps(h);
 }
 
 T256 static AI __m256 qload256(const void *w, int wt, int64_t k) {
-    if (wt == QT_F32) return _mm256_loadu_ps((const float *)w + k);
+    if (wt == DT_F32) return _mm256_loadu_ps((const float *)w + k);
     const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + k));
-    if (wt == QT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    if (wt == DT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     return _mm256_cvtph_ps(h);
 }
 
@@ -514,20 +504,20 @@ T256 static void qrow256(const void *w, int wt, int64_t K, float s, int8_t *q) {
         const __m128i s16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
         _mm_storel_epi64((__m128i *)(q + k), _mm_packs_epi16(s16, s16));
     }
-    for (; k < K; k++) q[k] = qcode(qwiden(w, wt, k), s);
+    for (; k < K; k++) q[k] = qcode(widen_at(w, wt, k), s);
 }
 
 /* The stored scale for absmax in dtype st (bits written to *out), as a float; 0 where it rounds to 0 or
  * infinity in float16 (the caller then gives the row to the definition). */
 static float qscale(float absmax, int st, void *out, int64_t n) {
     const float s = absmax > 0.0f ? absmax / 127.0f : 1.0f;
-    if (st == QT_F32) {
+    if (st == DT_F32) {
         ((float *)out)[n] = s;
         return s;
     }
-    const uint16_t h = st == QT_BF16 ? f32_to_bf16(s) : f32_to_f16(s);
+    const uint16_t h = st == DT_BF16 ? f32_to_bf16(s) : f32_to_f16(s);
     ((uint16_t *)out)[n] = h;
-    const float r = st == QT_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+    const float r = st == DT_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
     return r > 0.0f && r <= 3.402823466e38f ? r : 0.0f;
 }
 
@@ -536,12 +526,12 @@ static float qscale(float absmax, int st, void *out, int64_t n) {
  * are then incomplete), or -1 on bad arguments. */
 int mlm_int8_quantize(const void *w, int wt, int64_t N, int64_t K, int64_t ldw, int8_t *q, void *scale, int st,
                       int nthreads) {
-    if (N < 0 || K < 0 || (N > 1 && ldw < K) || wt < QT_F32 || wt > QT_F16 || st < QT_F32 || st > QT_F16) return -1;
+    if (N < 0 || K < 0 || (N > 1 && ldw < K) || wt < DT_F32 || wt > DT_F16 || st < DT_F32 || st > DT_F16) return -1;
     if (N == 0) return 0;
     if (q == NULL || scale == NULL || (K > 0 && w == NULL)) return -1;
     if (isa_level < 0) mlm_set_isa(2);
     const int level = isa_level, nt = nthreads < 1 || N * K < PARALLEL_MIN ? 1 : nthreads;
-    const int64_t eb = wt == QT_F32 ? 4 : 2;
+    const int64_t eb = wt == DT_F32 ? 4 : 2;
     int refused = 0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(| : refused)
     for (int64_t n = 0; n < N; n++) {
@@ -558,7 +548,7 @@ int mlm_int8_quantize(const void *w, int wt, int64_t N, int64_t K, int64_t ldw, 
         if (level >= 2) qrow512(row, wt, K, s, out);
         else if (level == 1) qrow256(row, wt, K, s, out);
         else
-            for (int64_t k = 0; k < K; k++) out[k] = qcode(qwiden(row, wt, k), s);
+            for (int64_t k = 0; k < K; k++) out[k] = qcode(widen_at(row, wt, k), s);
     }
     return refused;
 }

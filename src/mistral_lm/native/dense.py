@@ -176,9 +176,6 @@ def reference_linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     return ((x.double() @ weight.double().T) * scale.double()).to(torch.bfloat16)
 
 
-_QUANT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
 def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`quantization.functional.quantize_int8(weight, scale_dtype)`, bit for bit, in two passes
     over each row instead of six over the whole weight (a 7B's int8 load spent most of its time
@@ -186,15 +183,15 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch
     with unit stride along K, or of a dtype the kernel does not read, or a row holding a NaN or
     an infinity (or whose scale rounds to 0 or infinity in float16)."""
     lib = _lib()
-    if (lib is None or weight.device.type != "cpu" or weight.dim() != 2 or weight.dtype not in _QUANT_TYPES
-            or scale_dtype not in _QUANT_TYPES or (weight.stride(1) != 1 and weight.shape[1] > 1)):
+    if (lib is None or weight.device.type != "cpu" or weight.dim() != 2 or weight.dtype not in build.DTYPE_CODES
+            or scale_dtype not in build.DTYPE_CODES or (weight.stride(1) != 1 and weight.shape[1] > 1)):
         return None
     n, k = weight.shape
     q = torch.empty(n, k, dtype=torch.int8)
     scale = torch.empty(n, dtype=scale_dtype)
     ldw = weight.stride(0) if n > 1 else k
-    rc = lib.mlm_int8_quantize(weight.data_ptr(), _QUANT_TYPES[weight.dtype], n, k, ldw, q.data_ptr(),
-                               scale.data_ptr(), _QUANT_TYPES[scale_dtype], torch.get_num_threads())
+    rc = lib.mlm_int8_quantize(weight.data_ptr(), build.DTYPE_CODES[weight.dtype], n, k, ldw, q.data_ptr(),
+                               scale.data_ptr(), build.DTYPE_CODES[scale_dtype], torch.get_num_threads())
     if rc < 0:
         raise InputError(f"native int8 quantization refused a weight of shape {tuple(weight.shape)}")
     return (q, scale) if rc == 0 else None

@@ -26,6 +26,9 @@ static inline uint16_t f32_to_bf16(float f) { /* c10::BFloat16's round to neares
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* The dtype codes the kernels take (build.py's DTYPE_CODES): float32, bfloat16, float16. */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
 static inline float f16_to_f32(uint16_t h) { /* exact, as torch widens float16 */
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F;
     uint32_t m = h & 0x3FF, u;
@@ -43,6 +46,13 @@ static inline float f16_to_f32(uint16_t h) { /* exact, as torch widens float16 *
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+/* Element i of an array in dtype dt (DT_*), widened to float32 exactly as torch widens it. */
+static inline float widen_at(const void *p, int dt, int64_t i) {
+    if (dt == DT_F32) return ((const float *)p)[i];
+    const uint16_t h = ((const uint16_t *)p)[i];
+    return dt == DT_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
 }
 
 /* torch's float -> float16: round to nearest even, subnormals kept, overflow to infinity, NaN ->

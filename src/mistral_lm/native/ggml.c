@@ -508,13 +508,13 @@ int mlm_ggml_linear(int type, const float *x, int64_t M, int64_t K, int64_t ldx,
  * `reference_dequantize`) bit for bit, and gguf's decoder too, down to the sign of a zero: a zero
  * code under a negative scale stays -0 (adding a zero min, or multiplying the integers first,
  * would make it +0). Row i is stored row rows[i] (rows NULL: row i). For the embedding's lookups,
- * a row at a time. out_type 0 stores them as float32; 1 and 2 round those float32 values once
- * more, to bfloat16 or float16 at nearest even as torch's copy_ does (a loader decoding into its
+ * a row at a time. out_type DT_F32 stores them as float32; DT_BF16 and DT_F16 round those values
+ * once more, to bfloat16 or float16 at nearest even as torch's copy_ does (a loader decoding into its
  * dtype, without a float32 copy of the matrix to convert). */
 int mlm_ggml_dequantize(int type, const uint8_t *w, int64_t ldw, const int64_t *rows, int64_t N, int64_t K,
                         void *out, int out_type) {
     int base;
-    if (!valid(type, 16, K, &base) || out_type < 0 || out_type > 2) return -1;
+    if (!valid(type, 16, K, &base) || out_type < DT_F32 || out_type > DT_F16) return -1;
     const int sh = off_shift(base), off = sh < 0 ? 0 : 1 << sh, has_min = base == T_Q4_1 || base == T_Q4_K;
     /* whole matrices (a load decoding a checkpoint) on torch's threads; an embedding's few rows on one */
 #pragma omp parallel for if (N * K >= (1 << 18)) schedule(static)
@@ -529,8 +529,8 @@ int mlm_ggml_dequantize(int type, const uint8_t *w, int64_t ldw, const int64_t *
                 f[e] = (float)(has_min ? v + (double)mw : v);
             }
             const int64_t at = i * K + b * 32;
-            if (out_type == 0) memcpy((float *)out + at, f, sizeof f);
-            else if (out_type == 1)
+            if (out_type == DT_F32) memcpy((float *)out + at, f, sizeof f);
+            else if (out_type == DT_BF16)
                 for (int e = 0; e < 32; e++) ((uint16_t *)out)[at + e] = f32_to_bf16(f[e]);
             else
                 for (int e = 0; e < 32; e++) ((uint16_t *)out)[at + e] = f32_to_f16(f[e]);

@@ -347,9 +347,6 @@ def _decode(blocks: torch.Tensor, ggml_type: int, in_features: int) -> tuple[tor
     return u, 32, scl, cw, zeros
 
 
-DECODE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dequantize's `out` dtypes: out_type in C
-
-
 def dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int,
                rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Weight blocks -> float32 (N, K), the values the kernels multiply with; with `rows` (int64),
@@ -373,13 +370,13 @@ def dequantize(blocks: torch.Tensor, ggml_type: int, in_features: int,
     n = blocks.shape[0] if rows is None else rows.numel()
     if out is None:
         out = torch.empty(n, in_features, dtype=torch.float32)
-    elif out.dtype not in DECODE_DTYPES or out.shape != (n, in_features) or not out.is_contiguous():
+    elif out.dtype not in build.DTYPE_CODES or out.shape != (n, in_features) or not out.is_contiguous():
         raise InputError(f"out must be a contiguous float32, bfloat16 or float16 ({n}, {in_features}) tensor; "
                          f"got {out.dtype} {tuple(out.shape)}")
     if n:
         rc = lib.mlm_ggml_dequantize(ggml_type, blocks.data_ptr(), blocks.stride(0) if blocks.shape[0] > 1 else nbytes,
                                      None if rows is None else rows.data_ptr(), n, in_features, out.data_ptr(),
-                                     DECODE_DTYPES[out.dtype])
+                                     build.DTYPE_CODES[out.dtype])
         if rc:
             raise CheckpointError(f"cannot decode {_name(ggml_type)} rows of {in_features} values")
     return out

@@ -24,7 +24,6 @@
 #include <string.h>
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
-enum { DT_F32 = 0, DT_BF16 = 1 };
 
 static int isa_best(void) {
     __builtin_cpu_init();
@@ -363,15 +362,12 @@ static void quantize_strip(int level, const float *w, int64_t rows, int64_t K, i
         quantize_rows_scalar(w, 0, rows, K, bs, mids, order, packed, absmax);
 }
 
-/* 16 bits -> float32, exactly as torch widens them: bfloat16 (wt 1) or float16 (wt 2) */
-static inline float widen16(uint16_t h, int wt) { return wt == 1 ? bf16_to_f32(h) : f16_to_f32(h); }
-
-/* The NF4/FP4 codes and absmax of a weight held in float32 (wt 0), bfloat16 (1) or float16 (2): 16-bit rows are
+/* The NF4/FP4 codes and absmax of a weight held in dtype wt (float32, bfloat16 or float16, DT_*): 16-bit rows are
  * widened 16 at a time into a buffer per thread (exact), so a loader needs no float32 copy of the
  * matrix. Returns 0, or -1 if a buffer cannot be had or wt is unknown (nothing usable written). */
 int mlm_nf4_quantize_from(const void *w, int wt, int64_t N, int64_t K, int blocksize, const float *mids,
                           const uint8_t *order, uint8_t *packed, float *absmax, int threads) {
-    if (wt < 0 || wt > 2) return -1;
+    if (wt < DT_F32 || wt > DT_F16) return -1;
     const int level = isa_now();
     const int64_t strip = 16;
     int failed = 0;
@@ -385,8 +381,7 @@ int mlm_nf4_quantize_from(const void *w, int wt, int64_t N, int64_t K, int block
             const float *src = (const float *)w + n0 * K;
             if (wt) {
                 if (buf == NULL) continue;
-                const uint16_t *h = (const uint16_t *)w + n0 * K;
-                for (int64_t i = 0; i < rows * K; i++) buf[i] = widen16(h[i], wt);
+                for (int64_t i = 0; i < rows * K; i++) buf[i] = widen_at(w, wt, n0 * K + i);
                 src = buf;
             }
             quantize_strip(level, src, rows, K, blocksize, mids, order, packed + n0 * (K / 2),

@@ -96,9 +96,6 @@ def _bucketing(codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ((values[1:] + values[:-1]) / 2).contiguous(), order.to(torch.uint8).contiguous()
 
 
-_READS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # weight dtypes mlm_nf4_quantize_from takes
-
-
 def quantize(weight: torch.Tensor, codebook: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(packed (N, K/2) uint8, absmax (N, K/blocksize) float32) of a CPU weight, equal to
     ``pack_nibbles`` of `quantize_4bit_codebook`'s codes and its absmax; None without the library,
@@ -108,12 +105,12 @@ def quantize(weight: torch.Tensor, codebook: torch.Tensor, blocksize: int) -> tu
     if lib is None or weight.device.type != "cpu" or weight.dim() != 2:
         return None
     w = weight.detach()
-    w = (w if w.dtype in _READS else w.float()).contiguous()  # bfloat16 / float16 are widened in C, by rows
+    w = (w if w.dtype in build.DTYPE_CODES else w.float()).contiguous()  # 16-bit rows are widened in C
     n, k = w.shape
     mids, order = _bucketing(codebook)
     packed = torch.empty(n, k // 2, dtype=torch.uint8)
     absmax = torch.empty(n, k // blocksize, dtype=torch.float32)
-    if lib.mlm_nf4_quantize_from(w.data_ptr(), _READS[w.dtype], n, k, blocksize, mids.data_ptr(), order.data_ptr(),
-                                 packed.data_ptr(), absmax.data_ptr(), torch.get_num_threads()):
+    if lib.mlm_nf4_quantize_from(w.data_ptr(), build.DTYPE_CODES[w.dtype], n, k, blocksize, mids.data_ptr(),
+                                 order.data_ptr(), packed.data_ptr(), absmax.data_ptr(), torch.get_num_threads()):
         return None  # no buffer for the widened rows: the torch definition decides
     return packed, absmax
