@@ -437,6 +437,11 @@ def _fused(model: nn.Module, **kwargs: Any) -> nn.Module:
     return model
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """glibc, for its malloc controls; None where the C library is another (musl, macOS)."""
@@ -444,6 +449,8 @@ def _glibc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return None
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _Mallinfo2
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
@@ -478,15 +485,9 @@ def release_freed_memory(above: int = 0) -> None:
         libc.malloc_trim(0)
 
 
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def _free_heap_bytes(libc: ctypes.CDLL) -> int:
     """Free bytes glibc's heap holds (mallinfo2, glibc 2.33 on); where it is missing, as if
     there were many, so the caller trims."""
     if not hasattr(libc, "mallinfo2"):
         return 1 << 62
-    libc.mallinfo2.restype = _Mallinfo2
     return libc.mallinfo2().fordblks
