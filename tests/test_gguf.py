@@ -742,11 +742,15 @@ def test_native_decoder_gives_the_gguf_package_bits(qtype):
     """Loading decodes blocks with the native kernels' C decoder where it covers the type; the
     values are gguf's own (the oracle transformers loads with), bit for bit: every scale field
     random, subnormal, infinite and NaN halves included (NaN where gguf has NaN), and a zero code
-    under a negative scale -0 as in gguf."""
+    under a negative scale -0 as in gguf. The decoder computes in float vectors of each
+    instruction set; bfloat16 and float16 results are gguf's values rounded as torch rounds them,
+    into a given buffer (a quantizing load reuses one)."""
     import gguf
 
     from mistral_lm.checkpoints.gguf import DECODE_ROWS, _dequantize_rows
     from mistral_lm.native import ggml
+
+    from .conftest import capped_isa, isa_levels
 
     if not ggml.available():
         pytest.skip("the native decoder is not built here")
@@ -756,10 +760,21 @@ def test_native_decoder_gives_the_gguf_package_bits(qtype):
     rows = rng.integers(0, 256, (DECODE_ROWS + 3, n_blocks * size), dtype=np.uint8)  # two slices
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and infinite scales, on purpose
         want = torch.from_numpy(gguf.quants.dequantize(rows, qtype).reshape(len(rows), -1))
-    got = _dequantize_rows(rows, qtype, (len(rows), n_blocks * block), torch.float32)
     nan = want.isnan()
-    assert nan.any() and torch.equal(got.isnan(), nan)
-    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+    assert nan.any() and (want == 0).logical_and(want.signbit()).any()
+    shape = (len(rows), n_blocks * block)
+    for cap in isa_levels(ggml._lib()):
+        with capped_isa(ggml._lib(), cap):
+            got = _dequantize_rows(rows, qtype, shape, torch.float32)
+            assert torch.equal(got.isnan(), nan), cap
+            assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32)), cap
+            for dtype in (torch.bfloat16, torch.float16):
+                out = torch.full(shape, 7.0, dtype=dtype)
+                assert _dequantize_rows(rows, qtype, shape, dtype, out=out).data_ptr() == out.data_ptr()
+                rounded = want.to(dtype)
+                assert torch.equal(out.isnan(), rounded.isnan()), (cap, dtype)
+                keep = ~rounded.isnan()
+                assert torch.equal(out[keep].view(torch.int16), rounded[keep].view(torch.int16)), (cap, dtype)
 
 
 @pytest.mark.parametrize("native", [True, False])

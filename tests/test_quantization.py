@@ -667,3 +667,30 @@ def test_quantizing_as_read_gives_the_codes_of_quantizing_the_loaded_model(qc, s
     kinds = {name: type(m).__name__ for name, m in streamed.named_modules() if name.endswith(("k_proj", "q_proj"))}
     skipped = "k_proj" in config.skip_modules
     assert all((kind == "MatvecLinear") == (skipped and name.endswith("k_proj")) for name, kind in kinds.items()), kinds
+
+
+def test_a_quantized_module_that_keeps_its_float_weight_keeps_it_intact(monkeypatch):
+    """A GGUF's weights that are quantized as read are decoded into one reused buffer; a quantizer
+    whose module kept the float weight it was given must not see it overwritten by the next
+    weight: each kept weight stays the one of a plain float load."""
+    import mistral_lm.loading as loading
+    from mistral_lm import MistralForCausalLM
+
+    from .conftest import default_model_or_skip
+
+    class Keeps(nn.Module):
+        def __init__(self, linear: nn.Linear) -> None:
+            super().__init__()
+            self.kept = linear.weight
+
+    path = default_model_or_skip()
+    config = BitsAndBytesConfig(load_in_8bit=True)
+    monkeypatch.setattr(loading, "quantize_linear", lambda linear, config, name: Keeps(linear))
+    kept = MistralForCausalLM.from_pretrained(path, quantization_config=config, fuse_projections=False)
+    monkeypatch.undo()
+    plain = MistralForCausalLM.from_pretrained(path, torch_dtype=config.compute_dtype, fuse_projections=False)
+    ours, theirs = kept.state_dict(), plain.state_dict()
+    linears = [k for k in theirs if k.endswith("proj.weight")]
+    assert len(linears) > 7
+    for key in linears:
+        assert torch.equal(ours[key.replace(".weight", ".kept")], theirs[key]), key

@@ -480,16 +480,22 @@ def _native_decoder(ggml_type: GGMLQuantizationType) -> Any:
 
 
 def _dequantize_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: tuple[int, ...],
-                     dtype: torch.dtype, order: np.ndarray | None = None) -> torch.Tensor:
-    """(rows, bytes_per_row) blocks, as GGUFFile.rows gives them, -> `shape` in `dtype`; with
+                     dtype: torch.dtype, order: np.ndarray | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows, bytes_per_row) blocks, as GGUFFile.rows gives them, -> `shape` in `dtype`, in `out`
+    where given (a loader's reused buffer: fresh memory costs a page fault per 4 KiB written); with
     `order`, row i of the result is stored row order[i]. The native decoder writes a slice at a
     time straight into the result (float32, bfloat16, float16: it rounds as `copy_` from float32
     would) or, for other dtypes, through one bounded float32 scratch reused for every slice."""
+    if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
     n = rows.shape[0]
     native = _native_decoder(ggml_type) if rows.ndim == 2 and n else None
     if native is None:
-        return _gguf_rows(rows, ggml_type, shape, dtype, order)
-    out = torch.empty(shape, dtype=dtype).view(n, -1)
+        values = _gguf_rows(rows, ggml_type, shape, dtype, order)
+        return values if out is None else out.copy_(values)
+    out = (torch.empty(shape, dtype=dtype) if out is None else out).view(n, -1)
     k = out.shape[1]
     with warnings.catch_warnings():  # a read-only map: the decoder only reads it
         warnings.simplefilter("ignore", UserWarning)
@@ -529,12 +535,13 @@ def _gguf_rows(rows: np.ndarray, ggml_type: GGMLQuantizationType, shape: tuple[i
 
 
 def _load_tensor(file: GGUFFile, info: TensorInfo, entry: _Entry, config: MistralConfig,
-                 dequantize: bool, dtype: torch.dtype) -> torch.Tensor | GGUFQuantizedTensor:
+                 dequantize: bool, dtype: torch.dtype, out: torch.Tensor | None = None
+                 ) -> torch.Tensor | GGUFQuantizedTensor:
     rows = file.rows(info)
     order = None if entry.rope_heads is None else unpermute_rope_rows(rows.shape[0], getattr(config, entry.rope_heads))
     shape = tuple(reversed(info.dims))
     if dequantize or info.ggml_type in _FLOAT_TYPES or len(shape) != 2:
-        return _dequantize_rows(rows, info.ggml_type, shape, dtype, order)
+        return _dequantize_rows(rows, info.ggml_type, shape, dtype, order, out)
     return GGUFQuantizedTensor(int(info.ggml_type), (shape[0], shape[1]), rows, order,
                                functools.partial(file.release, info))
 
@@ -574,25 +581,18 @@ def lazy_float_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float
                        ) -> tuple[MistralConfig, list[LazyTensor]]:
     """The config and, per tensor of `load_gguf`'s state dict, its name, shape and dtype with a
     function that decodes it then: a writer that holds one shard at a time writes a 7B, whose
-    float32 state dict alone is 29 GB. Each decoded tensor's file pages leave the process."""
+    float32 state dict alone is 29 GB; a loader that quantizes each Linear as it is read never
+    holds the float model. `load(out=tensor)` decodes into a buffer the caller reuses. Each
+    decoded tensor's file pages leave the process."""
     file, config, matched = _open_for_tensors(path, dtype)
 
-    def decode(info: TensorInfo, entry: _Entry) -> torch.Tensor:
-        tensor = _load_tensor(file, info, entry, config, True, dtype)
+    def decode(info: TensorInfo, entry: _Entry, out: torch.Tensor | None = None) -> torch.Tensor:
+        tensor = _load_tensor(file, info, entry, config, True, dtype, out)
         file.release(info)
         return tensor
 
     return config, [LazyTensor(hf_name, tuple(reversed(info.dims)), dtype, functools.partial(decode, info, entry))
                     for info, hf_name, entry in matched]
-
-
-def iter_float_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float32
-                       ) -> tuple[MistralConfig, Iterator[tuple[str, torch.Tensor]]]:
-    """The config and `load_gguf`'s dequantized state dict as (name, tensor), decoded one at a
-    time as the iterator is walked: a loader that turns each tensor into something smaller (a
-    quantized Linear) never holds the whole float model, nor the whole file's pages."""
-    config, lazy = lazy_float_tensors(path, dtype)
-    return config, ((t.name, t.load()) for t in lazy)
 
 
 def _plain_metadata(md: dict[str, Any]) -> dict[str, Any]:

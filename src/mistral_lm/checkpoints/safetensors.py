@@ -99,12 +99,13 @@ def parse_size(size: int | str) -> int:
 
 
 class LazyTensor(NamedTuple):
-    """A tensor to write, known by name, shape and dtype before `load` makes it."""
+    """A tensor to write or load, known by name, shape and dtype before `load` makes it (a
+    GGUF's decoded ones also take `load(out=tensor)`, a buffer of that shape and dtype)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    load: Callable[[], torch.Tensor]
+    load: Callable[..., torch.Tensor]
 
     @property
     def nbytes(self) -> int:

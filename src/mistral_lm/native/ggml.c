@@ -113,7 +113,8 @@ static float f16_scalar(const uint8_t *p) {
 
 /* Weight 32-block b of one row as unsigned codes u, the integer scales of its two 16-element
  * halves (Q6_K; else 1), cw and mw. */
-static void decode_scalar(int type, const uint8_t *row, int64_t b, int u[32], int sc[2], float *cw, float *mw) {
+__attribute__((always_inline)) static inline void decode_scalar(int type, const uint8_t *row, int64_t b, int u[32],
+                                                                int sc[2], float *cw, float *mw) {
     *mw = 0.0f;
     sc[0] = sc[1] = 1;
     if (type == T_Q4_0 || type == T_Q4_1) {
@@ -148,8 +149,9 @@ static void decode_scalar(int type, const uint8_t *row, int64_t b, int u[32], in
 }
 
 /* Block b of row n, from the file's rows or from the tiled layout (gathered into one block). */
-static void decode_row_block(int type, const uint8_t *w, int64_t ldw, int64_t n, int64_t nb, int64_t b, int u[32],
-                             int sc[2], float *cw, float *mw) {
+__attribute__((always_inline)) static inline void decode_row_block(int type, const uint8_t *w, int64_t ldw, int64_t n,
+                                                                   int64_t nb, int64_t b, int u[32], int sc[2],
+                                                                   float *cw, float *mw) {
     if (!(type & TILED)) {
         decode_scalar(type, w + n * ldw, b, u, sc, cw, mw);
         return;
@@ -166,7 +168,7 @@ static void decode_row_block(int type, const uint8_t *w, int64_t ldw, int64_t n,
     }
     const int cb = TCB(type), head = THEAD(type), r = (int)(n & 15);
     const uint8_t *g = w + (n >> 4) * 16 * ldw, *codes = g + b * 16 * cb + 4 * r, *scales = g + nb * 16 * cb + b * 32 + 2 * r;
-    uint8_t blk[34];
+    uint8_t blk[210]; /* a Q4_0, Q4_1 or Q8_0 block gathered (sized for any type, as decode_scalar is inlined) */
     memcpy(blk, scales, 2);
     if (type == T_Q4_1) memcpy(blk + 2, scales + nb * 32, 2);
     for (int v = 0; v < cb / 4; v++) memcpy(blk + head + 4 * v, codes + 64 * v, 4);
@@ -504,37 +506,59 @@ int mlm_ggml_linear(int type, const float *x, int64_t M, int64_t K, int64_t ldx,
 }
 
 /* Rows of weight blocks as float32 (N, K): w = (cw * scale) * (u - offset) (+ mw for the types
- * with a min), computed in double and rounded once, which is the torch definition (ggml.py
- * `reference_dequantize`) bit for bit, and gguf's decoder too, down to the sign of a zero: a zero
- * code under a negative scale stays -0 (adding a zero min, or multiplying the integers first,
- * would make it +0). Row i is stored row rows[i] (rows NULL: row i). For the embedding's lookups,
- * a row at a time. out_type DT_F32 stores them as float32; DT_BF16 and DT_F16 round those values
- * once more, to bfloat16 or float16 at nearest even as torch's copy_ does (a loader decoding into its
- * dtype, without a float32 copy of the matrix to convert). */
+ * with a min), rounded once, which is the torch definition (ggml.py `reference_dequantize`, in
+ * double) bit for bit, and gguf's decoder too, down to the sign of a zero: a zero code under a
+ * negative scale stays -0 (adding a zero min, or multiplying the integers first, would make it +0).
+ * Computed in float, the products are exact (a float16 d times an 8-bit scale times a 6-bit code
+ * needs at most 23 bits; Q4_K's d * scale is an exact float of at most 17 bits, times 4-bit codes)
+ * and so is the double sum with the min (every bit lies between 2^-24 and 2^26), so the float sum
+ * rounds the same exact value once: the same bits, in vectors the compiler makes. Row i is stored
+ * row rows[i] (rows NULL: row i). For the embedding's lookups, a row at a time. out_type DT_F32
+ * stores them as float32; DT_BF16 and DT_F16 round those values once more, to bfloat16 or float16
+ * at nearest even as torch's copy_ does (a loader decoding into its dtype, without a float32 copy
+ * of the matrix to convert). */
+__attribute__((always_inline)) static inline void dequantize_row(int type, const uint8_t *w, int64_t ldw, int64_t n,
+                                                                 int64_t K, void *out, int64_t at, int out_type) {
+    const int base = type & ~TILED, sh = off_shift(base), has_min = base == T_Q4_1 || base == T_Q4_K;
+    const float off = sh < 0 ? 0.0f : (float)(1 << sh);
+    for (int64_t b = 0; b < K / 32; b++, at += 32) {
+        int u[32], sc[2];
+        float cw, mw, f[32];
+        decode_row_block(type, w, ldw, n, K / 32, b, u, sc, &cw, &mw);
+        const float s0 = cw * (float)sc[0], s1 = cw * (float)sc[1]; /* exact */
+        if (has_min)
+            for (int e = 0; e < 32; e++) f[e] = (e < 16 ? s0 : s1) * ((float)u[e] - off) + mw;
+        else
+            for (int e = 0; e < 32; e++) f[e] = (e < 16 ? s0 : s1) * ((float)u[e] - off);
+        if (out_type == DT_F32) memcpy((float *)out + at, f, sizeof f);
+        else if (out_type == DT_BF16)
+            for (int e = 0; e < 32; e++) ((uint16_t *)out)[at + e] = f32_to_bf16(f[e]);
+        else
+            for (int e = 0; e < 32; e++) ((uint16_t *)out)[at + e] = f32_to_f16(f[e]);
+    }
+}
+
+/* One per instruction set, each with its own parallel loop: an OpenMP region in the shared inline
+ * body would be outlined once, for the baseline ISA. Whole matrices (a load decoding a checkpoint)
+ * on torch's threads; an embedding's few rows on one. */
+#define DEQUANTIZE_ROWS(name, attrs)                                                                          \
+    attrs static void name(int type, const uint8_t *w, int64_t ldw, const int64_t *rows, int64_t N, int64_t K, \
+                           void *out, int out_type) {                                                         \
+        _Pragma("omp parallel for if (N * K >= (1 << 18)) schedule(static)")                                  \
+        for (int64_t i = 0; i < N; i++)                                                                       \
+            dequantize_row(type, w, ldw, rows ? rows[i] : i, K, out, i * K, out_type);                        \
+    }
+DEQUANTIZE_ROWS(dequantize_rows_avx512, T512)
+DEQUANTIZE_ROWS(dequantize_rows_avx2, T256)
+DEQUANTIZE_ROWS(dequantize_rows_plain, )
+
 int mlm_ggml_dequantize(int type, const uint8_t *w, int64_t ldw, const int64_t *rows, int64_t N, int64_t K,
                         void *out, int out_type) {
     int base;
     if (!valid(type, 16, K, &base) || out_type < DT_F32 || out_type > DT_F16) return -1;
-    const int sh = off_shift(base), off = sh < 0 ? 0 : 1 << sh, has_min = base == T_Q4_1 || base == T_Q4_K;
-    /* whole matrices (a load decoding a checkpoint) on torch's threads; an embedding's few rows on one */
-#pragma omp parallel for if (N * K >= (1 << 18)) schedule(static)
-    for (int64_t i = 0; i < N; i++) {
-        for (int64_t b = 0; b < K / 32; b++) {
-            int u[32], sc[2];
-            float cw, mw;
-            decode_row_block(type, w, ldw, rows ? rows[i] : i, K / 32, b, u, sc, &cw, &mw);
-            float f[32];
-            for (int e = 0; e < 32; e++) {
-                const double v = ((double)cw * (double)sc[e >> 4]) * (double)(u[e] - off); /* gguf's grouping */
-                f[e] = (float)(has_min ? v + (double)mw : v);
-            }
-            const int64_t at = i * K + b * 32;
-            if (out_type == DT_F32) memcpy((float *)out + at, f, sizeof f);
-            else if (out_type == DT_BF16)
-                for (int e = 0; e < 32; e++) ((uint16_t *)out)[at + e] = f32_to_bf16(f[e]);
-            else
-                for (int e = 0; e < 32; e++) ((uint16_t *)out)[at + e] = f32_to_f16(f[e]);
-        }
-    }
+    if (isa_level < 0) mlm_set_isa(3);
+    if (isa_level == 2) dequantize_rows_avx512(type, w, ldw, rows, N, K, out, out_type);
+    else if (isa_level == 1) dequantize_rows_avx2(type, w, ldw, rows, N, K, out, out_type);
+    else dequantize_rows_plain(type, w, ldw, rows, N, K, out, out_type);
     return 0;
 }

@@ -381,7 +381,7 @@ int mlm_nf4_quantize_from(const void *w, int wt, int64_t N, int64_t K, int block
             const float *src = (const float *)w + n0 * K;
             if (wt) {
                 if (buf == NULL) continue;
-                for (int64_t i = 0; i < rows * K; i++) buf[i] = widen_at(w, wt, n0 * K + i);
+                widen_run(w, wt, n0 * K, rows * K, buf);
                 src = buf;
             }
             quantize_strip(level, src, rows, K, blocksize, mids, order, packed + n0 * (K / 2),
