@@ -308,14 +308,21 @@ __attribute__((always_inline)) static inline void quantize_row(const float *w, i
     }
 }
 
-/* quantize_row with 16 lanes: the count of mid-points below w * (1 / absmax) by masked adds, the
-   code by a 16-entry permute; the same products and comparisons, so the same codes. */
+/* quantize_row with 16 lanes: #(mids < v) by a binary search over the sorted mid-points (four
+   steps, each a permute and a compare; the predicate holds for a prefix of them, so the search
+   lands on the count, NaN included: no mid-point compares below it), the code by a 16-entry
+   permute, and two codes a byte by a 64-bit shift; the same products and comparisons as the
+   scalar count, so the same codes. */
 AVX512_FN void quantize_rows_avx512(const float *w, int64_t n0, int64_t n1, int64_t K, int bs, const float *mids,
                                     const uint8_t *order, uint8_t *packed, float *absmax) {
     int32_t order32[16] = {0};
-    for (int t = 0; t < 16; t++)
+    float mids16[16] = {0};
+    for (int t = 0; t < 16; t++) {
         order32[t] = order[t < 15 ? t : 15];
+        mids16[t] = mids[t < 15 ? t : 14]; /* lane 15 is never read: a search step reads lanes 0-14 */
+    }
     const __m512i codes_of = _mm512_loadu_si512(order32), one = _mm512_set1_epi32(1);
+    const __m512 midv = _mm512_loadu_ps(mids16);
     for (int64_t n = n0; n < n1; n++)
         for (int64_t g = 0; g < K / bs; g++) {
             const float *b = w + n * K + g * bs;
@@ -325,18 +332,19 @@ AVX512_FN void quantize_rows_avx512(const float *w, int64_t n0, int64_t n1, int6
             const float m = _mm512_reduce_max_ps(amax);
             absmax[n * (K / bs) + g] = m;
             const __m512 r = _mm512_set1_ps(1.0f / (m > 0 ? m : 1.0f));
-            uint8_t code[256];
+            uint8_t *out = packed + n * (K / 2) + g * bs / 2;
             for (int j = 0; j < bs; j += 16) {
                 const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(b + j), r);
                 __m512i count = _mm512_setzero_si512();
-                for (int t = 0; t < 15; t++)
-                    count = _mm512_mask_add_epi32(count, _mm512_cmp_ps_mask(_mm512_set1_ps(mids[t]), v, _CMP_LT_OQ),
-                                                  count, one);
-                _mm_storeu_si128((__m128i *)(code + j), _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(count, codes_of)));
+                for (int step = 8; step; step >>= 1) {
+                    const __m512i next = _mm512_add_epi32(count, _mm512_set1_epi32(step));
+                    const __m512 mid = _mm512_permutexvar_ps(_mm512_sub_epi32(next, one), midv);
+                    count = _mm512_mask_mov_epi32(count, _mm512_cmp_ps_mask(mid, v, _CMP_LT_OQ), next);
+                }
+                const __m512i code = _mm512_permutexvar_epi32(count, codes_of); /* < 16 */
+                const __m512i pair = _mm512_or_si512(_mm512_slli_epi64(code, 4), _mm512_srli_epi64(code, 32));
+                _mm_storel_epi64((__m128i *)(out + j / 2), _mm512_cvtepi64_epi8(pair));
             }
-            uint8_t *out = packed + n * (K / 2) + g * bs / 2;
-            for (int j = 0; j < bs / 2; j++)
-                out[j] = (uint8_t)(code[2 * j] << 4 | code[2 * j + 1]);
         }
 }
 
