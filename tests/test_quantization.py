@@ -667,6 +667,43 @@ def test_quantizing_as_read_gives_the_codes_of_quantizing_the_loaded_model(qc, s
     kinds = {name: type(m).__name__ for name, m in streamed.named_modules() if name.endswith(("k_proj", "q_proj"))}
     skipped = "k_proj" in config.skip_modules
     assert all((kind == "MatvecLinear") == (skipped and name.endswith("k_proj")) for name, kind in kinds.items()), kinds
+    if source == "gguf":  # a layer's gate/up were quantized at once: fusing them took their rows without a copy
+        mlp = streamed.model.layers[1].mlp
+        assert mlp._fusions["gate_up_proj"].module.qweight.data_ptr() == mlp.gate_proj.qweight.data_ptr()
+        assert mlp.up_proj.qweight.data_ptr() == mlp.gate_proj.qweight[-1].data_ptr() + mlp.gate_proj.qweight[-1].nbytes
+
+
+@pytest.mark.parametrize("qc", [dict(load_in_8bit=True), dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+                                dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
+                                dict(load_in_4bit=True, bnb_4bit_quant_type="int4")])
+def test_a_group_quantized_at_once_is_its_parts_quantized_alone(qc):
+    """A loader quantizes q/k/v (or gate/up) as one Linear and hands out row views of it; each
+    view must equal its part quantized alone, and fusing those parts takes their storage as it
+    is. A format that packs rows together (int4) gives no views: its parts are quantized alone."""
+    from mistral_lm.fusion import concat_linears
+
+    config = BitsAndBytesConfig(**qc)
+    sizes = [128, 64, 64]
+    weights = [torch.randn(n, 256) for n in sizes]
+    whole = nn.Linear(256, sum(sizes), bias=False)
+    whole.weight = nn.Parameter(torch.cat(weights))
+    fused = modules.quantize_linear(whole, config)
+    parts = type(fused).stacked_rows(fused, sizes)
+    if qc.get("bnb_4bit_quant_type") == "int4":
+        assert parts is None
+        return
+    x = torch.randn(3, 256)
+    for w, part in zip(weights, parts):
+        alone = nn.Linear(256, w.shape[0], bias=False)
+        alone.weight = nn.Parameter(w)
+        alone = modules.quantize_linear(alone, config)
+        assert all(torch.equal(a, b) for a, b in zip(part.state_dict().values(), alone.state_dict().values()))
+        assert torch.equal(part(x), alone(x))
+    again = concat_linears(parts)
+    assert again.qweight.data_ptr() == fused.qweight.data_ptr() == parts[0].qweight.data_ptr()
+    assert torch.equal(again(x), fused(x))
+    apart = [modules.quantize_linear(nn.Linear(256, n, bias=False), config) for n in sizes]  # own storage: copied
+    assert concat_linears(apart).qweight.data_ptr() not in {p.qweight.data_ptr() for p in apart}
 
 
 def test_a_quantized_module_that_keeps_its_float_weight_keeps_it_intact(monkeypatch):

@@ -49,11 +49,11 @@ from .checkpoints.safetensors import LazyTensor, iter_safetensors_file, iter_ten
 from .config import MistralConfig
 from .dtypes import resolve_dtype
 from .errors import CheckpointError, ConfigError
-from .fusion import fuse_projections
+from .fusion import FUSIONS, fuse_projections
 from .matvec import install_matvec
 from .placement import place_model, single_device
 from .quantization import BitsAndBytesConfig, quantize_linear, quantize_model
-from .quantization.modules import quantizes
+from .quantization.modules import QuantizedLinear, quantizes
 from .quantization.gguf_install import install_gguf_linears
 
 # Loader options of Transformers' from_pretrained that need nothing from us here.
@@ -143,6 +143,7 @@ def assemble(cls: type, options: LoadOptions) -> tuple[nn.Module, bool]:
     expected = expected_tensors(model)  # names and shapes of the float model, before any swap
     early = QuantizeAsRead(model, options.quantization_config, checkpoint, expected)
     tensors, blocks = match_names(checkpoint, expected, cls, early)
+    early.finish()
     native = install_gguf_linears(model, blocks, tensors, checkpoint.dtype or torch.float32,
                                   source=options.path if options.is_gguf else None)
     assign(model, tensors, {k: v for k, v in expected.items()
@@ -163,18 +164,28 @@ class QuantizeAsRead:
     weights it kept; 3.0x, and 5.0x on a CI machine, with the C kernels off). The codes are
     those `quantize_model` would choose after `assign`: the same weight, in the same dtype.
     Linears with a bias, a tied head or a new classification head are left to `quantize_model`,
-    which runs after `assign` as before."""
+    which runs after `assign` as before.
+
+    A GGUF's weights are decoded into buffers reused from one Linear to the next, and the parts
+    of a fusable group (q/k/v, gate/up: fusion.py) into one buffer, quantized at once when the
+    group is complete: the parts are then row views of one module's buffers, which fusing later
+    takes as they are instead of copying them (bench/RESULTS.md, "Quantized loads without page
+    faults or copies")."""
+
+    OPEN_GROUPS = 2  # groups decoded at once: a layer's attention and MLP, in any file order
 
     def __init__(self, model: nn.Module, config: BitsAndBytesConfig | None, checkpoint: Checkpoint,
                  expected: dict[str, torch.Size]) -> None:
         self.model, self.config, self.expected, self.source = model, config, expected, checkpoint.source
         self.dtype = checkpoint.dtype  # None ("auto"): the dtype `assign` settles on is not known yet
         self.done: set[str] = set()
-        self.spare: torch.Tensor | None = None  # bytes the weights decoded from a GGUF are written into
+        self.spares: list[torch.Tensor] = []  # byte buffers decoded weights are written into, for reuse
+        self.groups: dict[str, _Group] = {}  # parent module name -> its group being decoded
+        self.alone: set[str] = set()  # parents whose parts are quantized one by one
 
     def __call__(self, key: str, tensor: Any) -> bool:
         """Quantize `tensor` (a tensor, or a LazyTensor decoded now) into the model if it is a
-        replaced Linear's weight; whether it did."""
+        replaced Linear's weight; whether it took it."""
         if self.config is None or self.dtype is None or not isinstance(tensor, (torch.Tensor, LazyTensor)):
             return False
         name, _, leaf = key.rpartition(".")
@@ -186,25 +197,128 @@ class QuantizeAsRead:
         if tuple(tensor.shape) != tuple(self.expected[key]):
             raise CheckpointError(f"tensor {key!r} in {self.source} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(self.expected[key])}")
-        if isinstance(tensor, LazyTensor):
-            tensor = tensor.load(out=self._reused(tensor.shape, tensor.dtype))
-        module.weight = nn.Parameter(tensor.to(self.dtype), requires_grad=False)
-        quantized = quantize_linear(module, self.config, name)
-        if self.spare is not None and _holds(quantized, self.spare):
-            self.spare = None  # the module keeps the bytes: the next weight gets new ones
-        self.model.set_submodule(name, quantized)
         self.done.add(key)
-        release_freed_memory(above=KEEP_WHILE_QUANTIZING_BYTES)  # the float weight and its temporaries
+        group = self._group_of(name) if isinstance(tensor, LazyTensor) else None
+        if group is None:
+            if isinstance(tensor, LazyTensor):
+                buffer = self._take(tensor.shape, tensor.dtype)
+                self._give_back(buffer, [self._quantize_into(name, module, tensor.load(out=buffer))])
+            else:
+                self._quantize_into(name, module, tensor)
+            return True
+        part = name.rpartition(".")[2]
+        tensor.load(out=group.rows(part))
+        group.arrived.add(part)
+        if group.complete:
+            self._quantize_group(self.groups.pop(group.parent))
         return True
 
-    def _reused(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A buffer for a weight that lives only until it is quantized: the same bytes serve every
-        Linear (fresh ones cost a page fault per 4 KiB written, half of a 1B GGUF's decode time)."""
+    def finish(self) -> None:
+        """Quantize the parts of groups a checkpoint left incomplete one by one (the missing
+        ones are `assign`'s to report)."""
+        for group in self.groups.values():
+            for part in group.arrived:
+                name = f"{group.parent}.{part}"
+                self._quantize_into(name, self.model.get_submodule(name), group.rows(part))
+        self.groups.clear()
+        self.spares.clear()
+
+    def _quantize_into(self, name: str, linear: nn.Module, weight: torch.Tensor) -> nn.Module:
+        linear.weight = nn.Parameter(weight.to(self.dtype), requires_grad=False)
+        quantized = quantize_linear(linear, self.config, name)
+        self.model.set_submodule(name, quantized)
+        release_freed_memory(above=KEEP_WHILE_QUANTIZING_BYTES)  # the float weight and its temporaries
+        return quantized
+
+    def _group_of(self, name: str) -> _Group | None:
+        """The open group Linear `name` is decoded into, opened on its first part; None where the
+        Linear is quantized alone (not a fusable part, a part skipped or with a bias, or too many
+        groups open)."""
+        parent, _, part = name.rpartition(".")
+        attribute = parent.rpartition(".")[2]
+        if parent in self.alone or attribute not in FUSIONS or part not in FUSIONS[attribute][1]:
+            return None
+        if parent in self.groups:
+            return self.groups[parent]
+        parts = FUSIONS[attribute][1]
+        linears = [self.model.get_submodule(parent)._modules.get(p) for p in parts]
+        if (len(self.groups) >= self.OPEN_GROUPS or not self._stacks(linears[0], name)
+                or any(not isinstance(m, nn.Linear) or m.bias is not None or m.in_features != linears[0].in_features
+                       or f"{parent}.{p}.weight" not in self.expected or not quantizes(f"{parent}.{p}", m, self.config)
+                       for p, m in zip(parts, linears))):
+            self.alone.add(parent)
+            return None
+        sizes = [m.out_features for m in linears]
+        shape = (sum(sizes), linears[0].in_features)
+        group = _Group(parent, parts, sizes, self._take(shape, self.dtype), set())
+        self.groups[parent] = group
+        return group
+
+    def _stacks(self, linear: nn.Module, name: str) -> bool:
+        """Whether this config's format gives row views of a group quantized at once (the
+        quantized class of an empty twin, built on meta, tells)."""
+        if not isinstance(linear, nn.Linear):
+            return False
+        twin = quantize_linear(nn.Linear(linear.in_features, 64, bias=False, device="meta"), self.config, name)
+        return isinstance(twin, QuantizedLinear) and type(twin).portable_names == type(twin)._buffer_names
+
+    def _quantize_group(self, group: _Group) -> None:
+        """The whole group quantized as one Linear, its parts made row views of the result (or,
+        for a format that packs rows together, each part quantized from its rows)."""
+        whole = nn.Linear(group.buffer.shape[1], group.buffer.shape[0], bias=False, device="meta")
+        whole.weight = nn.Parameter(group.buffer, requires_grad=False)
+        fused = quantize_linear(whole, self.config, group.parent)
+        parts = type(fused).stacked_rows(fused, group.sizes) if isinstance(fused, QuantizedLinear) else None
+        if parts is None or any(_holds(p, group.buffer) for p in parts):
+            parts = [self._quantize_into(f"{group.parent}.{part}", self.model.get_submodule(f"{group.parent}.{part}"),
+                                         group.rows(part)) for part in group.parts]
+        else:
+            for part, module in zip(group.parts, parts):
+                self.model.set_submodule(f"{group.parent}.{part}", module)
+            del fused
+            release_freed_memory(above=KEEP_WHILE_QUANTIZING_BYTES)
+        self._give_back(group.buffer, parts)
+
+    def _take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer for weights that live only until they are quantized: the same bytes serve
+        Linear after Linear (fresh ones cost a page fault per 4 KiB written)."""
         need = math.prod(shape) * dtype.itemsize
-        if self.spare is None or self.spare.numel() < need:
-            self.spare = None  # the smaller buffer goes before the larger one is made
-            self.spare = torch.empty(need, dtype=torch.uint8)
-        return self.spare[:need].view(dtype).view(shape)
+        fits = [b for b in self.spares if b.numel() >= need]
+        if fits:
+            spare = min(fits, key=torch.Tensor.numel)
+        else:
+            if len(self.spares) >= self.OPEN_GROUPS:  # the smallest goes before a larger one is made
+                drop = min(self.spares, key=torch.Tensor.numel)
+                self.spares = [b for b in self.spares if b is not drop]
+            spare = torch.empty(need, dtype=torch.uint8)
+        self.spares = [b for b in self.spares if b is not spare]
+        return spare[:need].view(dtype).view(shape)
+
+    def _give_back(self, buffer: torch.Tensor, made: list[nn.Module]) -> None:
+        """Keep `buffer`'s bytes for the next weight, unless a module `made` from them kept them."""
+        if not any(_holds(m, buffer) for m in made):
+            whole = torch.empty(0, dtype=torch.uint8).set_(buffer.untyped_storage())
+            self.spares.append(whole)
+
+
+@dataclass
+class _Group:
+    """A fusable group's parts being decoded into one (rows, in_features) buffer."""
+
+    parent: str
+    parts: tuple[str, ...]
+    sizes: list[int]
+    buffer: torch.Tensor
+    arrived: set[str]
+
+    def rows(self, part: str) -> torch.Tensor:
+        i = self.parts.index(part)
+        start = sum(self.sizes[:i])
+        return self.buffer[start:start + self.sizes[i]]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.arrived) == len(self.parts)
 
 
 def _holds(module: nn.Module, buffer: torch.Tensor) -> bool:

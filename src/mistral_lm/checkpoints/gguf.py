@@ -456,7 +456,9 @@ def _match_tensors(file: GGUFFile, config: MistralConfig) -> dict[str, tuple[str
         if got != want:
             raise CheckpointError(f"{file.path}: tensor {gguf_name!r} ({hf_name}) has shape {list(got)}, "
                                   f"the metadata implies {list(want)}")
-    return expected
+    # in the file's order: its data is then read front to back, and a loader that quantizes a
+    # layer's q/k/v or gate/up together (loading.QuantizeAsRead) finds a layer's tensors together
+    return {name: expected[name] for name in file.tensors}
 
 
 # Rows of a quantized matrix decoded at a time, here and by quantization.gguf.GGUFLinear:

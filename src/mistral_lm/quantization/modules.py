@@ -142,11 +142,31 @@ class QuantizedLinear(nn.Module):
         fused = copy.copy(first)
         fused._parameters, fused._buffers, fused._modules = dict(fused._parameters), dict(fused._buffers), {}
         fused.out_features = sum(p.out_features for p in parts)
-        states = [p._portable_state() for p in parts]
-        fused._load_portable({name: torch.cat([s[name] for s in states]) for name in states[0]})
+        if not _stacked_in_place(fused, parts):
+            states = [p._portable_state() for p in parts]
+            fused._load_portable({name: torch.cat([s[name] for s in states]) for name in states[0]})
         if first.bias is not None:
             fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)  # type: ignore[union-attr]
         return fused
+
+    @classmethod
+    def stacked_rows(cls, fused: QuantizedLinear, sizes: Sequence[int]) -> list[QuantizedLinear] | None:
+        """Modules for consecutive row ranges of `fused` (of `sizes` rows) whose buffers are views
+        of its own, or None where this format's buffers are not its portable state (a layout
+        that packs several rows together). A loader quantizes a fusable group (q/k/v, gate/up)
+        at once this way: each format's rows are quantized independently (see `concat`), and
+        fusing the parts later finds them stacked already, with nothing to copy."""
+        if cls.portable_names != cls._buffer_names or sum(sizes) != fused.out_features:
+            return None
+        state, parts, start = fused._portable_state(), [], 0
+        for rows in sizes:
+            part = copy.copy(fused)
+            part._parameters, part._buffers, part._modules = dict(part._parameters), dict(part._buffers), {}
+            part.out_features = rows
+            part._load_portable({name: tensor[start:start + rows] for name, tensor in state.items()})
+            parts.append(part)
+            start += rows
+        return parts
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -536,6 +556,38 @@ def _is_skipped(name: str, skip: list[str]) -> bool:
 def quantizes(name: str, module: nn.Module, config: BitsAndBytesConfig) -> bool:
     """Whether `quantize_model` replaces the module `name` under `config`."""
     return isinstance(module, nn.Linear) and not _is_skipped(name, config.skip_modules)
+
+
+def _stacked_in_place(fused: QuantizedLinear, parts: Sequence[QuantizedLinear]) -> bool:
+    """Give `fused` buffers spanning the parts' own where each part's buffers already follow the
+    previous part's rows in one storage (a loader quantized the group at once); whether it did.
+    Checked against `view_rows`: each part must be exactly the rows fusing would view."""
+    if type(fused).portable_names != type(fused)._buffer_names:
+        return False
+    spans = {}
+    for name in type(fused)._buffer_names:
+        tensors = [getattr(p, name) for p in parts]
+        first, offset = tensors[0], tensors[0].storage_offset()
+        if any(t.device.type == "meta" or not t.is_contiguous() or t.dtype != first.dtype
+               or t.shape[1:] != first.shape[1:] or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+               for t in tensors):
+            return False
+        for t in tensors:
+            if t.storage_offset() != offset:
+                return False
+            offset += t.numel()
+        spans[name] = first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), first.stride())
+    fused._load_portable(spans)
+    start = 0
+    for part in parts:
+        probe = copy.copy(part)
+        probe._buffers = dict(part._buffers)
+        probe.view_rows(fused, start)
+        start += part.out_features
+        if any(getattr(probe, n).data_ptr() != getattr(part, n).data_ptr()
+               or getattr(probe, n).shape != getattr(part, n).shape for n in type(fused)._buffer_names):
+            return False
+    return all(getattr(fused, n).data_ptr() == spans[n].data_ptr() for n in spans)  # _load_portable kept them
 
 
 def quantize_linear(linear: nn.Linear, config: BitsAndBytesConfig, name: str = "linear") -> QuantizedLinear:
