@@ -237,3 +237,59 @@ def test_int4_parts_stack_in_the_kernel_layout_as_the_portable_path_does(rows):
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(fast(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+def test_stacked_view_is_cat_without_a_copy_only_for_adjacent_rows():
+    """`stacked_view` equals `torch.cat` of row blocks that follow each other in one storage,
+    and refuses (None) anything else: a gap, another storage, another dtype or row shape, a
+    non-contiguous part."""
+    from mistral_lm._util import stacked_view
+
+    buffer = torch.randn(10, 4)
+    parts = [buffer[0:3], buffer[3:4], buffer[4:10]]
+    view = stacked_view(parts)
+    assert view is not None and view.data_ptr() == buffer.data_ptr() and torch.equal(view, torch.cat(parts))
+    assert torch.equal(stacked_view([buffer[2:5], buffer[5:7]]), buffer[2:7])
+    for refused in ([buffer[0:3], buffer[4:6]],                        # a gap
+                    [buffer[0:3], buffer[3:6].clone()],                # another storage
+                    [buffer[0:3], buffer[3:6].view(torch.int32)],      # another dtype
+                    [buffer.view(-1)[:12].view(3, 4), buffer.view(-1)[12:18].view(3, 2)],  # another row shape
+                    [buffer[0:3, :2], buffer[3:6, :2]]):               # not contiguous
+        assert stacked_view(refused) is None
+
+
+@pytest.mark.parametrize("quantization_config", [None, {"load_in_8bit": True}])
+def test_a_gguf_group_decoded_at_once_is_fused_without_a_copy(quantization_config, monkeypatch):
+    """A GGUF loaded in floats (or quantized as read) decodes a layer's q/k/v and gate/up into one
+    buffer: fusing takes the parts' rows as they are, with no copy (no `torch.cat` from fusion.py
+    or the quantized modules' concat, which fusing parts of their own storage does call), and
+    every weight equals an unfused load's."""
+    import sys
+
+    from .conftest import default_model_or_skip
+
+    path = default_model_or_skip()
+    options = dict(gguf_native=False, quantization_config=quantization_config)
+    calls: list[str] = []
+    cat = torch.cat
+
+    def counting(*args, **kwargs):
+        calls.append(sys._getframe(1).f_code.co_filename)
+        return cat(*args, **kwargs)
+
+    def fusing_copies() -> int:
+        return sum(f.endswith(("fusion.py", "modules.py")) for f in calls)
+
+    monkeypatch.setattr(torch, "cat", counting)
+    fused = MistralForCausalLM.from_pretrained(path, **options)
+    assert fusing_copies() == 0 and fuse_projections(fused) == 2 * fused.config.num_hidden_layers
+    plain = MistralForCausalLM.from_pretrained(path, fuse_projections=False, **options)
+    apart = MistralForCausalLM(plain.config)  # parts in storage of their own: fusing copies them
+    apart = quantize_model(apart, quantization_config) if quantization_config else apart
+    apart.load_state_dict({k: v.clone() for k, v in plain.state_dict().items()})
+    calls.clear()
+    fuse_projections(apart.eval())
+    assert fusing_copies() >= 2 * fused.config.num_hidden_layers
+    monkeypatch.undo()
+    ours, theirs = fused.state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)

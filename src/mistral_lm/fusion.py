@@ -7,7 +7,8 @@ instead of two removes 90 of them per token on a 30-layer model.
 The parts stay the model. `q_proj`, `k_proj`, `v_proj`, `gate_proj` and `up_proj` remain
 submodules with their own Parameters, so `parameters()`, optimizers, peft and the state dict see
 every checkpoint weight under its Transformers name. Fusing moves the parts' storage into one
-buffer and leaves each part a row view of it: the fused module is a second reader of the same
+buffer (or takes the one a loader decoded them into already: `stacked_view`) and leaves each part
+a row view of it: the fused module is a second reader of the same
 memory, not a copy, and an optimizer's in-place step or a `load_state_dict` copy reaches both.
 
 Fusion is for inference: `model.train()` gives the parts their own storage back and drops the
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._util import stacked_view
 from .matvec import MatvecLinear
 from .quantization.modules import QuantizedLinear
 
@@ -83,9 +85,9 @@ def concat_linears(parts: Sequence[nn.Module], float_linears: bool = True) -> nn
         # the loader's later matvec swap would not reach it
         fused = MatvecLinear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
                              device="meta")
-        fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
+        fused.weight = nn.Parameter(_stacked([p.weight.detach() for p in parts]), requires_grad=False)
         if first.bias is not None:
-            fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+            fused.bias = nn.Parameter(_stacked([p.bias.detach() for p in parts]), requires_grad=False)
         return fused
     if isinstance(first, QuantizedLinear):
         if not all(p.can_view_rows(sum(q.out_features for q in parts[:i]))  # type: ignore[attr-defined]
@@ -93,6 +95,13 @@ def concat_linears(parts: Sequence[nn.Module], float_linears: bool = True) -> nn
             return None
         return QuantizedLinear.concat(parts)  # type: ignore[arg-type]
     return None
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The parts' rows in one tensor: a view where a loader decoded them into one buffer already,
+    else a copy."""
+    view = stacked_view(tensors)
+    return torch.cat(tensors) if view is None else view
 
 
 def _view_rows(part: nn.Module, fused: nn.Module, start: int) -> None:

@@ -142,7 +142,7 @@ def assemble(cls: type, options: LoadOptions) -> tuple[nn.Module, bool]:
     model = build_on_meta(cls, checkpoint.config)
     expected = expected_tensors(model)  # names and shapes of the float model, before any swap
     early = QuantizeAsRead(model, options.quantization_config, checkpoint, expected)
-    tensors, blocks = match_names(checkpoint, expected, cls, early)
+    tensors, blocks = match_names(checkpoint, expected, cls, early, DecodeInGroups(model, expected))
     early.finish()
     native = install_gguf_linears(model, blocks, tensors, checkpoint.dtype or torch.float32,
                                   source=options.path if options.is_gguf else None)
@@ -299,6 +299,43 @@ class QuantizeAsRead:
         if not any(_holds(m, buffer) for m in made):
             whole = torch.empty(0, dtype=torch.uint8).set_(buffer.untyped_storage())
             self.spares.append(whole)
+
+
+class DecodeInGroups:
+    """Decodes a GGUF's float weights as `match_names` reaches them, the parts of a fusable group
+    (q/k/v, gate/up: fusion.py) into rows of one buffer, so that fusing them later takes those
+    rows as they are instead of copying every part into a new buffer."""
+
+    def __init__(self, model: nn.Module, expected: dict[str, torch.Size]) -> None:
+        self.model, self.expected = model, expected
+        self.groups: dict[str, _Group] = {}
+        self.alone: set[str] = set()
+
+    def __call__(self, key: str, lazy: LazyTensor) -> torch.Tensor:
+        name, _, leaf = key.rpartition(".")
+        group = self._group_of(name, lazy.dtype) if leaf == "weight" else None
+        part = name.rpartition(".")[2]
+        if group is None or tuple(lazy.shape) != tuple(group.rows(part).shape):
+            return lazy.load()  # a wrong shape is `assign`'s to report
+        return lazy.load(out=group.rows(part))
+
+    def _group_of(self, name: str, dtype: torch.dtype) -> _Group | None:
+        parent, _, part = name.rpartition(".")
+        attribute = parent.rpartition(".")[2]
+        if parent in self.alone or attribute not in FUSIONS or part not in FUSIONS[attribute][1]:
+            return None
+        if parent in self.groups:
+            return self.groups[parent]
+        parts = FUSIONS[attribute][1]
+        linears = [self.model.get_submodule(parent)._modules.get(p) for p in parts]
+        if any(not isinstance(m, nn.Linear) or m.in_features != linears[0].in_features
+               or f"{parent}.{p}.weight" not in self.expected for p, m in zip(parts, linears)):
+            self.alone.add(parent)
+            return None
+        sizes = [m.out_features for m in linears]
+        group = _Group(parent, parts, sizes, torch.empty(sum(sizes), linears[0].in_features, dtype=dtype), set())
+        self.groups[parent] = group
+        return group
 
 
 @dataclass
@@ -506,10 +543,12 @@ def expected_tensors(model: nn.Module) -> dict[str, torch.Size]:
 
 def match_names(checkpoint: Checkpoint, expected: dict[str, torch.Size], cls: type,
                 consume: Callable[[str, Any], bool] = lambda key, tensor: False,
+                decode: Callable[[str, LazyTensor], torch.Tensor] = lambda key, lazy: lazy.load(),
                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The checkpoint's entries under the model's names, split into float tensors and GGUF
     blocks; entries with no learned state or for the other head are dropped, and so are those
-    `consume(key, tensor)` took (installed in the model as they were read)."""
+    `consume(key, tensor)` took (installed in the model as they were read). The others that are
+    still to be decoded (a GGUF's LazyTensors) are made by `decode(key, lazy)`."""
     tensors: dict[str, torch.Tensor] = {}
     blocks: dict[str, Any] = {}
     for name, tensor in checkpoint.tensors:
@@ -517,7 +556,7 @@ def match_names(checkpoint: Checkpoint, expected: dict[str, torch.Size], cls: ty
         if key is None or consume(key, tensor):
             continue
         if isinstance(tensor, LazyTensor):
-            tensor = tensor.load()
+            tensor = decode(key, tensor)
         (tensors if isinstance(tensor, torch.Tensor) else blocks)[key] = tensor
     return tensors, blocks
 

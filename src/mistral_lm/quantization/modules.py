@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._util import stacked_view
 from ..errors import CheckpointError, ConfigError, InputError
 from .config import GROUP_SIZES, BitsAndBytesConfig
 from .functional import (CODEBOOKS, dequantize_4bit_codebook, dequantize_int4, dequantize_int8,
@@ -566,17 +567,10 @@ def _stacked_in_place(fused: QuantizedLinear, parts: Sequence[QuantizedLinear]) 
         return False
     spans = {}
     for name in type(fused)._buffer_names:
-        tensors = [getattr(p, name) for p in parts]
-        first, offset = tensors[0], tensors[0].storage_offset()
-        if any(t.device.type == "meta" or not t.is_contiguous() or t.dtype != first.dtype
-               or t.shape[1:] != first.shape[1:] or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-               for t in tensors):
+        span = stacked_view([getattr(p, name) for p in parts])
+        if span is None:
             return False
-        for t in tensors:
-            if t.storage_offset() != offset:
-                return False
-            offset += t.numel()
-        spans[name] = first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), first.stride())
+        spans[name] = span
     fused._load_portable(spans)
     start = 0
     for part in parts:
