@@ -232,33 +232,20 @@ class QuantizeAsRead:
 
     def _group_of(self, name: str) -> _Group | None:
         """The open group Linear `name` is decoded into, opened on its first part; None where the
-        Linear is quantized alone (not a fusable part, a part skipped or with a bias, or too many
-        groups open)."""
-        parent, _, part = name.rpartition(".")
-        attribute = parent.rpartition(".")[2]
-        if parent in self.alone or attribute not in FUSIONS or part not in FUSIONS[attribute][1]:
-            return None
-        if parent in self.groups:
-            return self.groups[parent]
-        parts = FUSIONS[attribute][1]
-        linears = [self.model.get_submodule(parent)._modules.get(p) for p in parts]
-        if (len(self.groups) >= self.OPEN_GROUPS or not self._stacks(linears[0], name)
-                or any(not isinstance(m, nn.Linear) or m.bias is not None or m.in_features != linears[0].in_features
-                       or f"{parent}.{p}.weight" not in self.expected or not quantizes(f"{parent}.{p}", m, self.config)
-                       for p, m in zip(parts, linears))):
-            self.alone.add(parent)
-            return None
-        sizes = [m.out_features for m in linears]
-        shape = (sum(sizes), linears[0].in_features)
-        group = _Group(parent, parts, sizes, self._take(shape, self.dtype), set())
-        self.groups[parent] = group
-        return group
+        Linear is quantized alone (not a fusable part, a part skipped or with a bias, a format
+        without row views, or too many groups open)."""
+        return _group_of(name, self.model, self.expected, self.groups, self.alone, lambda part, linear: (
+            linear.bias is None and quantizes(part, linear, self.config)), self._open)
 
-    def _stacks(self, linear: nn.Module, name: str) -> bool:
+    def _open(self, linears: list[nn.Linear], name: str) -> torch.Tensor | None:
+        """The buffer a new group's rows are decoded into, or None to quantize its parts alone."""
+        if len(self.groups) >= self.OPEN_GROUPS or not self._stacks(linears[0], name):
+            return None
+        return self._take((sum(m.out_features for m in linears), linears[0].in_features), self.dtype)
+
+    def _stacks(self, linear: nn.Linear, name: str) -> bool:
         """Whether this config's format gives row views of a group quantized at once (the
         quantized class of an empty twin, built on meta, tells)."""
-        if not isinstance(linear, nn.Linear):
-            return False
         twin = quantize_linear(nn.Linear(linear.in_features, 64, bias=False, device="meta"), self.config, name)
         return isinstance(twin, QuantizedLinear) and type(twin).portable_names == type(twin)._buffer_names
 
@@ -320,22 +307,35 @@ class DecodeInGroups:
         return lazy.load(out=group.rows(part))
 
     def _group_of(self, name: str, dtype: torch.dtype) -> _Group | None:
-        parent, _, part = name.rpartition(".")
-        attribute = parent.rpartition(".")[2]
-        if parent in self.alone or attribute not in FUSIONS or part not in FUSIONS[attribute][1]:
-            return None
-        if parent in self.groups:
-            return self.groups[parent]
-        parts = FUSIONS[attribute][1]
-        linears = [self.model.get_submodule(parent)._modules.get(p) for p in parts]
-        if any(not isinstance(m, nn.Linear) or m.in_features != linears[0].in_features
-               or f"{parent}.{p}.weight" not in self.expected for p, m in zip(parts, linears)):
-            self.alone.add(parent)
-            return None
-        sizes = [m.out_features for m in linears]
-        group = _Group(parent, parts, sizes, torch.empty(sum(sizes), linears[0].in_features, dtype=dtype), set())
-        self.groups[parent] = group
-        return group
+        return _group_of(name, self.model, self.expected, self.groups, self.alone, lambda part, linear: True,
+                         lambda linears, name: torch.empty(sum(m.out_features for m in linears),
+                                                           linears[0].in_features, dtype=dtype))
+
+
+def _group_of(name: str, model: nn.Module, expected: dict[str, torch.Size], groups: dict[str, _Group],
+              alone: set[str], accepts: Callable[[str, nn.Linear], bool],
+              open_buffer: Callable[[list[nn.Linear], str], torch.Tensor | None]) -> _Group | None:
+    """The group (in `groups`, by parent module name) whose buffer Linear `name`'s weight is
+    decoded into: opened on its first part where every part of its fusable group (fusion.py
+    FUSIONS) is an nn.Linear of one in_features, in the checkpoint, that `accepts`, and
+    `open_buffer` gives a buffer; else None, and the parent joins `alone`."""
+    parent, _, part = name.rpartition(".")
+    attribute = parent.rpartition(".")[2]
+    if parent in alone or attribute not in FUSIONS or part not in FUSIONS[attribute][1]:
+        return None
+    if parent in groups:
+        return groups[parent]
+    parts = FUSIONS[attribute][1]
+    linears = [model.get_submodule(parent)._modules.get(p) for p in parts]
+    buffer = None
+    if all(isinstance(m, nn.Linear) and m.in_features == linears[0].in_features
+           and f"{parent}.{p}.weight" in expected and accepts(f"{parent}.{p}", m) for p, m in zip(parts, linears)):
+        buffer = open_buffer(linears, name)  # type: ignore[arg-type]
+    if buffer is None:
+        alone.add(parent)
+        return None
+    groups[parent] = _Group(parent, parts, [m.out_features for m in linears], buffer, set())  # type: ignore[union-attr]
+    return groups[parent]
 
 
 @dataclass

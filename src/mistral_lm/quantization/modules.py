@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._util import stacked_view
 from ..errors import CheckpointError, ConfigError, InputError
 from .config import GROUP_SIZES, BitsAndBytesConfig
 from .functional import (CODEBOOKS, dequantize_4bit_codebook, dequantize_int4, dequantize_int8,
@@ -563,6 +562,8 @@ def _stacked_in_place(fused: QuantizedLinear, parts: Sequence[QuantizedLinear]) 
     """Give `fused` buffers spanning the parts' own where each part's buffers already follow the
     previous part's rows in one storage (a loader quantized the group at once); whether it did.
     Checked against `view_rows`: each part must be exactly the rows fusing would view."""
+    from ..fusion import stacked_view  # fusion.py imports this module
+
     if type(fused).portable_names != type(fused)._buffer_names:
         return False
     spans = {}
