@@ -243,7 +243,7 @@ def test_stacked_view_is_cat_without_a_copy_only_for_adjacent_rows():
     """`stacked_view` equals `torch.cat` of row blocks that follow each other in one storage,
     and refuses (None) anything else: a gap, another storage, another dtype or row shape, a
     non-contiguous part."""
-    from mistral_lm.fusion import stacked_view
+    from mistral_lm.quantization.modules import stacked_view
 
     buffer = torch.randn(10, 4)
     parts = [buffer[0:3], buffer[3:4], buffer[4:10]]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .matvec import MatvecLinear
-from .quantization.modules import QuantizedLinear
+from .quantization.modules import QuantizedLinear, stacked_view
 
 # parent module attribute -> (fused name, the Linears it stands for, in output order)
 FUSIONS = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
@@ -94,22 +94,6 @@ def concat_linears(parts: Sequence[nn.Module], float_linears: bool = True) -> nn
             return None
         return QuantizedLinear.concat(parts)  # type: ignore[arg-type]
     return None
-
-
-def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """One tensor viewing `tensors` stacked along rows, where each already follows the previous
-    one in one storage (contiguous, same dtype and row shape); else None. What `torch.cat` would
-    return, without the copy: a loader that decoded or quantized a fusable group at once leaves
-    its parts so."""
-    first = tensors[0]
-    offset = first.storage_offset()
-    for t in tensors:
-        if (t.device != first.device or t.device.type == "meta" or t.dtype != first.dtype or t.dim() == 0
-                or not t.is_contiguous() or t.shape[1:] != first.shape[1:] or t.storage_offset() != offset
-                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
-            return None
-        offset += t.numel()
-    return first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), first.stride())
 
 
 def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -558,12 +558,26 @@ def quantizes(name: str, module: nn.Module, config: BitsAndBytesConfig) -> bool:
     return isinstance(module, nn.Linear) and not _is_skipped(name, config.skip_modules)
 
 
+def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor viewing `tensors` stacked along rows, where each already follows the previous
+    one in one storage (contiguous, same dtype and row shape); else None. What `torch.cat` would
+    return, without the copy: a loader that decoded or quantized a fusable group at once leaves
+    its parts so."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        if (t.device != first.device or t.device.type == "meta" or t.dtype != first.dtype or t.dim() == 0
+                or not t.is_contiguous() or t.shape[1:] != first.shape[1:] or t.storage_offset() != offset
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        offset += t.numel()
+    return first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), first.stride())
+
+
 def _stacked_in_place(fused: QuantizedLinear, parts: Sequence[QuantizedLinear]) -> bool:
     """Give `fused` buffers spanning the parts' own where each part's buffers already follow the
     previous part's rows in one storage (a loader quantized the group at once); whether it did.
     Checked against `view_rows`: each part must be exactly the rows fusing would view."""
-    from ..fusion import stacked_view  # fusion.py imports this module
-
     if type(fused).portable_names != type(fused)._buffer_names:
         return False
     spans = {}
