@@ -258,18 +258,23 @@ def test_stacked_view_is_cat_without_a_copy_only_for_adjacent_rows():
         assert stacked_view(refused) is None
 
 
-@pytest.mark.parametrize("quantization_config", [None, {"load_in_8bit": True}])
-def test_a_gguf_group_decoded_at_once_is_fused_without_a_copy(quantization_config, monkeypatch):
+@pytest.mark.parametrize("source, quantization_config", [("gguf", None), ("gguf", {"load_in_8bit": True}),
+                                                         ("folder", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})])
+def test_a_group_read_at_once_is_fused_without_a_copy(source, quantization_config, monkeypatch, tmp_path):
     """A GGUF loaded in floats (or quantized as read) decodes a layer's q/k/v and gate/up into one
-    buffer: fusing takes the parts' rows as they are, with no copy (no `torch.cat` from fusion.py
-    or the quantized modules' concat, which fusing parts of their own storage does call), and
-    every weight equals an unfused load's."""
+    buffer, and a quantizing load copies a folder's mapped parts into one: fusing takes the parts'
+    rows as they are, with no copy (no `torch.cat` from fusion.py or the quantized modules'
+    concat, which fusing parts of their own storage does call), and every weight equals an
+    unfused load's."""
     import sys
 
     from .conftest import default_model_or_skip
 
-    path = default_model_or_skip()
-    options = dict(gguf_native=False, quantization_config=quantization_config)
+    if source == "gguf":
+        path, options = default_model_or_skip(), dict(gguf_native=False, quantization_config=quantization_config)
+    else:
+        MistralForCausalLM(tiny_config()).save_pretrained(tmp_path)
+        path, options = tmp_path, dict(quantization_config=quantization_config)
     calls: list[str] = []
     cat = torch.cat
 

@@ -167,8 +167,8 @@ class QuantizeAsRead:
     which runs after `assign` as before.
 
     A GGUF's weights are decoded into buffers reused from one Linear to the next, and the parts
-    of a fusable group (q/k/v, gate/up: fusion.py) into one buffer, quantized at once when the
-    group is complete: the parts are then row views of one module's buffers, which fusing later
+    of a fusable group (q/k/v, gate/up: fusion.py), a folder's too, into one buffer, quantized at
+    once when the group is complete: the parts are then row views of one module's buffers, which fusing later
     takes as they are instead of copying them (bench/RESULTS.md, "Quantized loads without page
     faults or copies")."""
 
@@ -198,7 +198,7 @@ class QuantizeAsRead:
             raise CheckpointError(f"tensor {key!r} in {self.source} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(self.expected[key])}")
         self.done.add(key)
-        group = self._group_of(name) if isinstance(tensor, LazyTensor) else None
+        group = self._group_of(name)
         if group is None:
             if isinstance(tensor, LazyTensor):
                 buffer = self._take(tensor.shape, tensor.dtype)
@@ -207,7 +207,10 @@ class QuantizeAsRead:
                 self._quantize_into(name, module, tensor)
             return True
         part = name.rpartition(".")[2]
-        tensor.load(out=group.rows(part))
+        if isinstance(tensor, LazyTensor):
+            tensor.load(out=group.rows(part))
+        else:  # a folder's mapped weight: one copy into the group's rows, not the quantized parts' later
+            group.rows(part).copy_(tensor)
         group.arrived.add(part)
         if group.complete:
             self._quantize_group(self.groups.pop(group.parent))
