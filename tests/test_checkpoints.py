@@ -534,3 +534,51 @@ def test_hf_folder_key_mapping_is_shared_and_framework_free():
     assert not hf_folder.skippable("model.layers.9.mlp.up_proj.weight", head)
     code = "import sys, mistral_lm.checkpoints.hf_folder; assert not {'torch', 'jax'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_released_pages_of_a_mapped_shard_leave_the_rss_and_read_back_the_same(tmp_path):
+    """`release_file_pages` drops a mapped tensor's pages from the process (a quantizing load
+    reading a folder calls it for each weight it consumed): RSS falls by about the tensor's size,
+    the values read back from the file unchanged; a tensor on the heap is left alone."""
+    from safetensors import safe_open
+
+    from mistral_lm.checkpoints.safetensors import release_file_pages
+
+    def rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    weight = torch.randn(4096, 2048)  # 32 MiB
+    save_file({"small": torch.ones(3), "weight": weight}, str(tmp_path / "shard.safetensors"))
+    with safe_open(str(tmp_path / "shard.safetensors"), framework="pt") as handle:
+        mapped = handle.get_tensor("weight")
+    assert float(mapped.sum()) == float(weight.sum())  # every page read
+    before = rss()
+    assert release_file_pages(mapped)
+    assert before - rss() > 0.8 * mapped.nbytes
+    assert torch.equal(mapped, weight)
+    heap = weight.clone()
+    assert not release_file_pages(heap) and torch.equal(heap, weight)
+
+
+def test_a_quantizing_load_of_a_folder_does_not_keep_the_shards_in_its_rss(tmp_path):
+    """A folder's bfloat16 shards are mapped; a load that quantizes each Linear as it reads it
+    drops the pages it consumed, so its RSS grows by about the quantized model, not by the file
+    too (the kept embedding holds the shard mapped)."""
+    config = tiny_config(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=1024)
+    MistralForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="2GB")
+    file_bytes = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    code = textwrap.dedent(f"""
+        import os, torch
+        from mistral_lm import MistralForCausalLM
+        def rss():
+            with open("/proc/self/statm") as statm:
+                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        before = rss()
+        model = MistralForCausalLM.from_pretrained({str(tmp_path)!r}, quantization_config={{"load_in_8bit": True}})
+        print(rss() - before)
+    """)
+    grown = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()[-1])
+    assert file_bytes > 60e6 and grown < 0.85 * file_bytes, (grown, file_bytes)

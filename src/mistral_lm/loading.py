@@ -45,7 +45,7 @@ from .attention import check_implementation
 from .checkpoints.hf_folder import model_key, skippable
 from .checkpoints.mistral_format import config_from_params, is_mistral_folder, read_params, to_hf_tensors
 from .checkpoints.mistral_format import weight_files as mistral_weight_files
-from .checkpoints.safetensors import LazyTensor, iter_safetensors_file, iter_tensors
+from .checkpoints.safetensors import LazyTensor, iter_safetensors_file, iter_tensors, release_file_pages
 from .config import MistralConfig
 from .dtypes import resolve_dtype
 from .errors import CheckpointError, ConfigError
@@ -205,12 +205,14 @@ class QuantizeAsRead:
                 self._give_back(buffer, [self._quantize_into(name, module, tensor.load(out=buffer))])
             else:
                 self._quantize_into(name, module, tensor)
+                release_file_pages(tensor)
             return True
         part = name.rpartition(".")[2]
         if isinstance(tensor, LazyTensor):
             tensor.load(out=group.rows(part))
         else:  # a folder's mapped weight: one copy into the group's rows, not the quantized parts' later
             group.rows(part).copy_(tensor)
+            release_file_pages(tensor)
         group.arrived.add(part)
         if group.complete:
             self._quantize_group(self.groups.pop(group.parent))

@@ -9,8 +9,12 @@ arbitrary Python objects. Every failure becomes a CheckpointError that names the
 
 from __future__ import annotations
 
+import bisect
+import ctypes
+import functools
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -61,6 +65,65 @@ def iter_safetensors_file(file: Path, dtype: torch.dtype | None) -> Iterator[tup
                 yield name, _cast(handle.get_tensor(name), dtype)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{file} is not a valid safetensors file: {exc}") from exc
+
+
+def release_file_pages(tensor: torch.Tensor) -> bool:
+    """Drop the pages of `tensor` that lie in a mapping of a file from this process (MADV_DONTNEED:
+    they stay in the page cache, and fault back in from the file if read again); whether it did.
+    A loader that quantized a weight it read from a folder's mapped shard calls it, so a 7B read
+    whole does not stay whole in its RSS while its embedding keeps the shards mapped. Only for a
+    tensor never written since it was mapped (torch maps safetensors shards private and
+    writable: a written page would go back to the file's bytes); memory that is not a file's
+    mapping (the heap) is left alone."""
+    if tensor.device.type != "cpu" or not hasattr(mmap, "MADV_DONTNEED") or _libc() is None:
+        return False
+    start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+    if not (_FILE_MAPS.covers(start, end) or _FILE_MAPS.refresh().covers(start, end)):
+        return False
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    return last <= first or _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first),
+                                            mmap.MADV_DONTNEED) == 0
+
+
+class _FileMaps:
+    """The address ranges of this process's mappings of files (/proc/self/maps), read again when
+    an address is not in them."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def refresh(self) -> _FileMaps:
+        ranges = []
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[1].startswith("r") and fields[4] != "0" and fields[5].startswith("/"):
+                        lo, hi = fields[0].split("-")
+                        ranges.append((int(lo, 16), int(hi, 16)))
+        except OSError:
+            pass
+        ranges.sort()
+        self.starts, self.ends = [r[0] for r in ranges], [r[1] for r in ranges]
+        return self
+
+    def covers(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self.starts, start) - 1
+        return i >= 0 and end <= self.ends[i]
+
+
+_FILE_MAPS = _FileMaps()
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _needs_cast(code: str, dtype: torch.dtype) -> bool:
