@@ -727,3 +727,31 @@ def test_a_quantized_module_that_keeps_its_float_weight_keeps_it_intact(monkeypa
     assert len(linears) > 7
     for key in linears:
         assert torch.equal(ours[key.replace(".weight", ".kept")], theirs[key]), key
+
+
+@pytest.mark.parametrize("qc", [dict(load_in_8bit=True), dict(load_in_8bit=True, llm_int8_skip_modules=["k_proj"]),
+                                dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+                                dict(load_in_4bit=True, bnb_4bit_quant_type="int4")])
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_saved_quantized_model_loads_back_as_it_was(qc, tied, tmp_path):
+    """`save_pretrained` of a quantized model records its quantization_config; `from_pretrained`
+    of that folder builds the quantized modules and loads their codes (as Transformers reloads a
+    saved bitsandbytes model): the same state and logits, with no config passed. A head tied to
+    the embedding and quantized (an explicit skip list that leaves it out) is quantized again
+    from the embedding. A different config passed is ignored, with a warning."""
+    from mistral_lm import MistralForCausalLM
+
+    from .conftest import tiny_config
+
+    MistralForCausalLM(tiny_config(tie_word_embeddings=tied)).save_pretrained(tmp_path / "float")
+    first = MistralForCausalLM.from_pretrained(tmp_path / "float", quantization_config=BitsAndBytesConfig(**qc))
+    first.save_pretrained(tmp_path / "quantized")
+    again = MistralForCausalLM.from_pretrained(tmp_path / "quantized")
+    ours, theirs = again.state_dict(), first.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert {type(m) for m in again.modules()} == {type(m) for m in first.modules()}
+    ids = torch.tensor([[1, 5, 9, 2]])
+    assert torch.equal(again(ids).logits, first(ids).logits)
+    with pytest.warns(UserWarning, match="ignored"):
+        MistralForCausalLM.from_pretrained(tmp_path / "quantized", quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="fp4"))

@@ -27,8 +27,10 @@ own package (fusion.py, quantization/, matvec.py); this module only decides thei
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ctypes
 import functools
+import json
 import math
 import os
 import warnings
@@ -140,6 +142,8 @@ def assemble(cls: type, options: LoadOptions) -> tuple[nn.Module, bool]:
     a quantized load otherwise keeps the float weights it replaced alive until the end."""
     checkpoint = read_checkpoint(options)
     model = build_on_meta(cls, checkpoint.config)
+    if options.prequantized:
+        checkpoint = _prequantized(model, checkpoint, options.quantization_config)
     expected = expected_tensors(model)  # names and shapes of the float model, before any swap
     early = QuantizeAsRead(model, options.quantization_config, checkpoint, expected)
     tensors, blocks = match_names(checkpoint, expected, cls, early, DecodeInGroups(model, expected))
@@ -149,6 +153,20 @@ def assemble(cls: type, options: LoadOptions) -> tuple[nn.Module, bool]:
     assign(model, tensors, {k: v for k, v in expected.items()
                             if k.rsplit(".", 1)[0] not in native and k not in early.done}, checkpoint)
     return model, checkpoint.fresh_floats
+
+
+def _prequantized(model: nn.Module, checkpoint: Checkpoint, config: BitsAndBytesConfig) -> Checkpoint:
+    """Empty quantized modules for a checkpoint that holds its Linears' codes (they load into
+    them), in place in `model`. A head tied to the embedding stays a Linear, quantized after
+    `assign` from the embedding as when the model was first loaded (its saved scales, without
+    its codes, are dropped)."""
+    head = getattr(model, "lm_head", None)
+    quantize_model(model, config)
+    if head is None or not getattr(model.config, "tie_word_embeddings", False):
+        return checkpoint
+    model.lm_head = head
+    tensors = ((name, tensor) for name, tensor in checkpoint.tensors if not name.startswith("lm_head."))
+    return dataclasses.replace(checkpoint, tensors=tensors)
 
 
 # Freed float weights and quantization temporaries the heap may keep while a load quantizes:
@@ -392,6 +410,7 @@ class LoadOptions:
     device_map: Any
     attn_implementation: str | None
     quantization_config: BitsAndBytesConfig | None
+    prequantized: bool
     gguf_native: bool
     fuse: bool
     progress: bool | None
@@ -419,16 +438,35 @@ class LoadOptions:
             raise ConfigError("pass only one of torch_dtype and dtype")
         if isinstance(quantization_config, dict):
             quantization_config = BitsAndBytesConfig.from_dict(quantization_config)
+        saved = _saved_quantization(path)
+        if saved is not None:
+            if quantization_config is not None and quantization_config.to_dict() != saved.to_dict():
+                warnings.warn(f"{path} holds a model quantized with its own quantization_config; the one passed "
+                              "is ignored, as Transformers ignores it", stacklevel=3)
+            quantization_config = saved
         if gguf_native and (path.suffix != ".gguf" or quantization_config is not None):
             raise ConfigError("gguf_native=True applies to a .gguf file loaded without a quantization_config")
         return cls(
             path=path, config=config, dtype=_wanted_dtype(torch_dtype if torch_dtype is not None else dtype,
                                                           quantization_config, gguf_native),
             device_map=device_map, attn_implementation="flash_attention_2" if use_flash_attention_2 else attn_implementation,
-            quantization_config=quantization_config, gguf_native=gguf_native,
+            quantization_config=quantization_config, prequantized=saved is not None, gguf_native=gguf_native,
             fuse=fuse_projections and single_device(device_map),  # layers split over devices stay unfused
             progress=progress, overrides=overrides,
         )
+
+
+def _saved_quantization(path: Path) -> BitsAndBytesConfig | None:
+    """The quantization_config a folder's config.json records: its weights are stored quantized
+    (`save_pretrained` of a quantized model, ours or Transformers' bitsandbytes one)."""
+    file = path / "config.json"
+    if path.suffix == ".gguf" or not file.is_file():
+        return None
+    try:
+        saved = json.loads(file.read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None  # read_checkpoint reports a broken config.json
+    return None if saved is None else BitsAndBytesConfig.from_dict(saved)
 
 
 def _wanted_dtype(wanted: Any, quantization_config: BitsAndBytesConfig | None, gguf_native: bool) -> Any:
