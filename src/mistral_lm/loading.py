@@ -297,7 +297,7 @@ class QuantizeAsRead:
         if fits:
             spare = min(fits, key=torch.Tensor.numel)
         else:
-            if len(self.spares) >= self.OPEN_GROUPS:  # the smallest goes before a larger one is made
+            if self.spares and len(self.spares) >= self.OPEN_GROUPS:  # the smallest goes before a larger one is made
                 drop = min(self.spares, key=torch.Tensor.numel)
                 self.spares = [b for b in self.spares if b is not drop]
             spare = torch.empty(need, dtype=torch.uint8)

@@ -93,12 +93,25 @@ def quantize_4bit_codebook(
     a division: the two round differently, and weights that sit on a mid-point (GGUF-decoded
     weights often do) then get another code.
     """
-    w = _groups(weight, blocksize)
-    absmax = w.abs().amax(dim=-1)
-    normed = w * (1.0 / torch.where(absmax > 0, absmax, 1.0))[..., None]
-    values, order = codebook.to(w.device).sort(stable=True)
-    q = order[torch.bucketize(normed, (values[1:] + values[:-1]) / 2)]
-    return q.to(torch.uint8).reshape(weight.shape), absmax
+    n, k = weight.shape
+    if k % blocksize:
+        raise ValueError(f"in_features ({k}) is not a multiple of the group size ({blocksize})")
+    values, order = codebook.to(weight.device).sort(stable=True)
+    mids, order = (values[1:] + values[:-1]) / 2, order.to(torch.uint8)
+    q = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(n, k // blocksize, dtype=torch.float32, device=weight.device)
+    step = max(1, _CODEBOOK_VALUES // max(1, k))  # rows at a time: the float32 and index temporaries stay bounded
+    for start in range(0, n, step):
+        w = _groups(weight[start:start + step], blocksize)
+        part = w.abs().amax(dim=-1)
+        normed = w * (1.0 / torch.where(part > 0, part, 1.0))[..., None]
+        q[start:start + step] = order[torch.bucketize(normed, mids, out_int32=True)].reshape(-1, k)
+        absmax[start:start + step] = part
+    return q, absmax
+
+
+# Weight values `quantize_4bit_codebook` takes at a time (every row is quantized on its own).
+_CODEBOOK_VALUES = 1 << 20
 
 
 def dequantize_4bit_codebook(q: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
