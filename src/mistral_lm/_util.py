@@ -23,4 +23,3 @@ class Output:
 
     def keys(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]
-

@@ -27,8 +27,8 @@ own package (fusion.py, quantization/, matvec.py); this module only decides thei
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ctypes
+import dataclasses
 import functools
 import json
 import math
@@ -270,7 +270,7 @@ class QuantizeAsRead:
         """Whether this config's format gives row views of a group quantized at once (the
         quantized class of an empty twin, built on meta, tells)."""
         twin = quantize_linear(nn.Linear(linear.in_features, 64, bias=False, device="meta"), self.config, name)
-        return isinstance(twin, QuantizedLinear) and type(twin).portable_names == type(twin)._buffer_names
+        return isinstance(twin, QuantizedLinear) and type(twin).buffers_are_portable()
 
     def _quantize_group(self, group: _Group) -> None:
         """The whole group quantized as one Linear, its parts made row views of the result (or,
@@ -324,10 +324,10 @@ class DecodeInGroups:
     def __call__(self, key: str, lazy: LazyTensor) -> torch.Tensor:
         name, _, leaf = key.rpartition(".")
         group = self._group_of(name, lazy.dtype) if leaf == "weight" else None
-        part = name.rpartition(".")[2]
-        if group is None or tuple(lazy.shape) != tuple(group.rows(part).shape):
+        rows = None if group is None else group.rows(name.rpartition(".")[2])
+        if rows is None or tuple(lazy.shape) != tuple(rows.shape):
             return lazy.load()  # a wrong shape is `assign`'s to report
-        return lazy.load(out=group.rows(part))
+        return lazy.load(out=rows)
 
     def _group_of(self, name: str, dtype: torch.dtype) -> _Group | None:
         return _group_of(name, self.model, self.expected, self.groups, self.alone, lambda part, linear: True,

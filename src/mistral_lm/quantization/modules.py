@@ -139,9 +139,7 @@ class QuantizedLinear(nn.Module):
         first = parts[0]
         if any(type(p) is not type(first) or p._settings() != first._settings() for p in parts):
             return None
-        fused = copy.copy(first)
-        fused._parameters, fused._buffers, fused._modules = dict(fused._parameters), dict(fused._buffers), {}
-        fused.out_features = sum(p.out_features for p in parts)
+        fused = first._resized(sum(p.out_features for p in parts))
         if not _stacked_in_place(fused, parts):
             states = [p._portable_state() for p in parts]
             fused._load_portable({name: torch.cat([s[name] for s in states]) for name in states[0]})
@@ -156,17 +154,28 @@ class QuantizedLinear(nn.Module):
         that packs several rows together). A loader quantizes a fusable group (q/k/v, gate/up)
         at once this way: each format's rows are quantized independently (see `concat`), and
         fusing the parts later finds them stacked already, with nothing to copy."""
-        if cls.portable_names != cls._buffer_names or sum(sizes) != fused.out_features:
+        if not cls.buffers_are_portable() or sum(sizes) != fused.out_features:
             return None
         state, parts, start = fused._portable_state(), [], 0
         for rows in sizes:
-            part = copy.copy(fused)
-            part._parameters, part._buffers, part._modules = dict(part._parameters), dict(part._buffers), {}
-            part.out_features = rows
+            part = fused._resized(rows)
             part._load_portable({name: tensor[start:start + rows] for name, tensor in state.items()})
             parts.append(part)
             start += rows
         return parts
+
+    @classmethod
+    def buffers_are_portable(cls) -> bool:
+        """Whether the in-memory buffers are the portable state itself, row for row (not a
+        layout that packs several rows together): row ranges of them are then modules too."""
+        return cls.portable_names == cls._buffer_names
+
+    def _resized(self, out_features: int) -> QuantizedLinear:
+        """A shallow copy with dicts of its own and `out_features` rows, for buffers to be set."""
+        twin = copy.copy(self)
+        twin._parameters, twin._buffers, twin._modules = dict(self._parameters), dict(self._buffers), {}
+        twin.out_features = out_features
+        return twin
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -402,9 +411,7 @@ class Int4Linear(QuantizedLinear):
         if not all(type(p) is type(first) and p._settings() == first._settings() and p.can_view_rows(0)
                    and p._device() == first._device() and p.bias is None for p in parts):
             return super().concat(parts)
-        fused = copy.copy(first)
-        fused._parameters, fused._buffers, fused._modules = dict(fused._parameters), dict(fused._buffers), {}
-        fused.out_features = sum(p.out_features for p in parts)
+        fused = first._resized(sum(p.out_features for p in parts))
         fused._set_packed(torch.cat([p.packed for p in parts]), torch.cat([p.scale_and_zero for p in parts], dim=1))
         return fused
 
@@ -578,7 +585,7 @@ def _stacked_in_place(fused: QuantizedLinear, parts: Sequence[QuantizedLinear]) 
     """Give `fused` buffers spanning the parts' own where each part's buffers already follow the
     previous part's rows in one storage (a loader quantized the group at once); whether it did.
     Checked against `view_rows`: each part must be exactly the rows fusing would view."""
-    if type(fused).portable_names != type(fused)._buffer_names:
+    if not type(fused).buffers_are_portable():
         return False
     spans = {}
     for name in type(fused)._buffer_names:
@@ -589,8 +596,7 @@ def _stacked_in_place(fused: QuantizedLinear, parts: Sequence[QuantizedLinear]) 
     fused._load_portable(spans)
     start = 0
     for part in parts:
-        probe = copy.copy(part)
-        probe._buffers = dict(part._buffers)
+        probe = part._resized(part.out_features)
         probe.view_rows(fused, start)
         start += part.out_features
         if any(getattr(probe, n).data_ptr() != getattr(part, n).data_ptr()
