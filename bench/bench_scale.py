@@ -314,6 +314,24 @@ def table(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth: fl
     return "\n".join(lines)
 
 
+def ceilings(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth: float) -> list[str]:
+    """Per file, how far any engine could pass llama.cpp's decode on this bus: a token reads its
+    weights once, so decode tok/s is at most bandwidth / bytes per token, and a ratio to llama.cpp
+    is at most bandwidth / llama.cpp's own GB/s. A goal above that asks to read faster than the
+    machine's memory does."""
+    lines = []
+    for name, (_, llama_bytes, results) in rows.items():
+        llama, ours = _median(results.get("llama.cpp", [])), _median(results.get("ours", []))
+        if llama is None or ours is None:
+            continue
+        llama_gb_s = llama_bytes * llama["decode_tok_s"] / 1e9
+        ours_gb_s = (ours["weight_bytes"] or llama_bytes) * ours["decode_tok_s"] / 1e9
+        lines.append(f"- {name}: llama.cpp streams {100 * llama_gb_s / bandwidth:.0f}% of the read bandwidth and ours "
+                     f"{100 * ours_gb_s / bandwidth:.0f}%; decoding at the full bandwidth would be "
+                     f"{bandwidth / llama_gb_s:.2f}x llama.cpp (ours: {ours['decode_tok_s'] / llama['decode_tok_s']:.2f}x).")
+    return lines
+
+
 def write_chart(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], subtitle: str) -> Path | None:
     """bench/scale.png: decode and prefill tok/s per file, each engine beside llama.cpp (the
     section's table as bars); None where matplotlib (the `bench` extra) is missing."""
@@ -419,6 +437,7 @@ def main() -> None:
         f"{', '.join(f'{b:.1f}' for b in bandwidths)}).",
         "",
         table(rows, bandwidth, args.prompt, args.long_prompt), "",
+        "Decode's ceiling on this bus:", "", *ceilings(rows, bandwidth), "",
         "`first load` builds the kernel cache beside the file (once per file); the other `ours` runs map it. "
         "`first call s` is the first generate (prefill + new tokens) after loading, when mapped pages are "
         "read in. RSS / file is the worker's peak RSS (torch and the interpreter included) over the file's "

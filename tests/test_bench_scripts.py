@@ -44,3 +44,17 @@ def test_bench_server_reports_the_median_of_the_pairs_ratios():
     pairs = [(10.0, 8.0, 1.0, 2.0), (2.0, 3.0, 4.0, 6.0), (3.0, 2.0, 5.0, 8.0)]
     assert server.pair_medians(pairs) == ("0.60x a request (set-up and prefill included; pairs 0.50-10.00x), "
                                           "its stream 0.50x (0.25-4.00x)")
+
+
+def test_bench_scale_states_decode_s_ceiling_against_llama_cpp():
+    """A token reads its weights once: at 40 GB/s, llama.cpp reading 1 GB a token at 30 tok/s
+    streams 75% of the bus, so no engine can decode faster than 40 / 30 = 1.33x it."""
+    scale = _load("bench_scale")
+    run = {"load_s": 1.0, "first_call_s": 1.0, "prefill_tok_s": 1.0, "long_prefill_tok_s": None,
+           "peak_rss_gb": 1.0}
+    rows = {"7b-q4_0": (2 * 10**9, 10**9, {"ours": [{**run, "decode_tok_s": 33.0, "weight_bytes": 10**9}],
+                                          "llama.cpp": [{**run, "decode_tok_s": 30.0, "weight_bytes": None}]}),
+            "1b-q4_0": (10**9, 10**9, {"ours": [{**run, "decode_tok_s": 1.0, "weight_bytes": 10**9}]})}
+    assert scale.ceilings(rows, 40.0) == [
+        "- 7b-q4_0: llama.cpp streams 75% of the read bandwidth and ours 82%; decoding at the full bandwidth "
+        "would be 1.33x llama.cpp (ours: 1.10x)."]
