@@ -21,11 +21,12 @@ worker process, engines alternate, and no two workers run at once. Engines:
 
 Per run: load s (the constructor), first call s (the first greedy generate: mapped pages fault
 in there), prefill tok/s (a `--prompt`-token forward into a fresh cache, and a second one of
-`--long-prompt` tokens), decode tok/s (`--new` one-token steps), peak RSS (VmHWM of the worker, so it includes torch's own ~0.3 GB). The same
-run measures the machine's read bandwidth with 2 threads (a 1 GiB float32 sum, median of 7) and
-reports the fraction of it that decode streams: bytes of the quantized matrices read per token
-(every GGUFLinear's storage, counted once; llama.cpp: the file's tensors but the embedding)
-times decode tok/s. Results go to stdout, to the "## Scale" section of bench/RESULTS.md, which
+`--long-prompt` tokens), decode tok/s (`--new` one-token steps), peak RSS (VmHWM of the worker, so it includes torch's own ~0.3 GB). Before every
+worker the machine's read bandwidth is probed with 2 threads (a 1 GiB float32 sum, median of 7),
+and each row reports the fraction of its own probes that decode streams: bytes of the quantized
+matrices read per token (every GGUFLinear's storage, counted once; llama.cpp: the file's tensors
+but the embedding) times decode tok/s. Below the table, each file's decode ceiling: how many
+times llama.cpp's decode a read at the probed bandwidth would be. Results go to stdout, to the "## Scale" section of bench/RESULTS.md, which
 this script owns (bench_perf.py regenerates the file only above its kept section), and to the
 chart bench/scale.png.
 """
@@ -254,8 +255,20 @@ def cpu_description() -> tuple[str, str]:
     return info.get("model name", "?"), " ".join(sorted(flags))
 
 
+def _on_the_bus(run: Any, bandwidths: list[float]) -> dict:
+    """`run()`'s result with `bus_gb_s`, the read bandwidth probed just before it: this host's
+    bus moves with its neighbours (26-52 GB/s within one run), so a decode's share of the bus is
+    taken against the probe next to it, not against the run's median."""
+    bus = spawn(sys.executable, ["bandwidth"]).get("read_gb_s")
+    if bus is not None:
+        bandwidths.append(bus)
+    result = run()
+    return result if "error" in result else {**result, "bus_gb_s": bus}
+
+
 def bench_file(name: str, folder: Path, engines: list[str], runs: int, ids: dict[str, list[int]], new_tokens: int,
-               llama_python: str | None, baseline: Path | None) -> tuple[int, int, dict[str, list[dict]]]:
+               llama_python: str | None, baseline: Path | None, bandwidths: list[float]
+               ) -> tuple[int, int, dict[str, list[dict]]]:
     path = folder / f"{name}.gguf"
     print(f"writing {name} ...", file=sys.stderr, flush=True)
     size = write_gguf(path, name)
@@ -271,14 +284,16 @@ def bench_file(name: str, folder: Path, engines: list[str], runs: int, ids: dict
                 label = "ours, first load" if engine == "ours" and index == 0 else engine
                 print(f"[{name} run {index + 1}/{runs}] {label} ...", file=sys.stderr, flush=True)
                 if engine == "llama.cpp":
-                    result = spawn(llama_python, ["llama.cpp", *common]) if llama_python else {"error": "not installed"}
+                    result = _on_the_bus(lambda: spawn(llama_python, ["llama.cpp", *common]) if llama_python
+                                         else {"error": "not installed"}, bandwidths)
                 elif engine.endswith("@baseline"):
-                    result = spawn(sys.executable, ["ours", *common], str(baseline / "src"))
+                    result = _on_the_bus(lambda: spawn(sys.executable, ["ours", *common], str(baseline / "src")),
+                                         bandwidths)
                 else:
-                    result = spawn(sys.executable, [engine, *common])
+                    result = _on_the_bus(lambda: spawn(sys.executable, [engine, *common]), bandwidths)
                 results[label].append(result)
-                if engine == "ours" and index == 0:
-                    results["ours"].append(spawn(sys.executable, [engine, *common]))  # the cache's first user
+                if engine == "ours" and index == 0:  # the cache's first user
+                    results["ours"].append(_on_the_bus(lambda: spawn(sys.executable, [engine, *common]), bandwidths))
         return size, tensor_bytes_but_embedding(path), results
     finally:
         for leftover in folder.glob(f"{name}.gguf*"):
@@ -288,7 +303,7 @@ def bench_file(name: str, folder: Path, engines: list[str], runs: int, ids: dict
 def table(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth: float, prompt: int, long: int) -> str:
     lines = [f"| file | engine | load s | first call s | prefill tok/s ({prompt}) | vs llama.cpp | prefill tok/s "
              f"({long}) | vs llama.cpp | decode tok/s | vs llama.cpp | peak RSS GB | RSS / file | decode GB/s "
-             "| % of bandwidth |", "|" + "---|" * 14]
+             "| bus GB/s | % of bus |", "|" + "---|" * 15]
 
     def versus(row: dict, llama: dict | None, key: str) -> str:
         return f"{row[key] / llama[key]:.2f}x" if llama and row.get(key) and llama.get(key) else "-"
@@ -302,15 +317,16 @@ def table(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth: fl
             row = _median(runs)
             if row is None:
                 error = next((r["error"] for r in runs if "error" in r), "no run")
-                lines.append(f"| {name} ({size / 1e9:.2f} GB) | {engine} | {error} |" + " |" * 11)
+                lines.append(f"| {name} ({size / 1e9:.2f} GB) | {engine} | {error} |" + " |" * 12)
                 continue
             streamed = (row["weight_bytes"] or llama_bytes) * row["decode_tok_s"] / 1e9
+            bus = row.get("bus_gb_s") or bandwidth
             lines.append(
                 f"| {name} ({size / 1e9:.2f} GB) | {engine} | {row['load_s']:.2f} | {row['first_call_s']:.1f} | "
                 f"{row['prefill_tok_s']:.1f} | {versus(row, llama, 'prefill_tok_s')} | "
                 f"{rate(row.get('long_prefill_tok_s'))} | {versus(row, llama, 'long_prefill_tok_s')} | "
                 f"{row['decode_tok_s']:.2f} | {versus(row, llama, 'decode_tok_s')} | {row['peak_rss_gb']:.2f} | "
-                f"{row['peak_rss_gb'] * 2**30 / size:.2f} | {streamed:.1f} | {100 * streamed / bandwidth:.0f}% |")
+                f"{row['peak_rss_gb'] * 2**30 / size:.2f} | {streamed:.1f} | {bus:.1f} | {100 * streamed / bus:.0f}% |")
     return "\n".join(lines)
 
 
@@ -326,9 +342,10 @@ def ceilings(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth:
             continue
         llama_gb_s = llama_bytes * llama["decode_tok_s"] / 1e9
         ours_gb_s = (ours["weight_bytes"] or llama_bytes) * ours["decode_tok_s"] / 1e9
-        lines.append(f"- {name}: llama.cpp streams {100 * llama_gb_s / bandwidth:.0f}% of the read bandwidth and ours "
-                     f"{100 * ours_gb_s / bandwidth:.0f}%; decoding at the full bandwidth would be "
-                     f"{bandwidth / llama_gb_s:.2f}x llama.cpp (ours: {ours['decode_tok_s'] / llama['decode_tok_s']:.2f}x).")
+        llama_bus, ours_bus = llama.get("bus_gb_s") or bandwidth, ours.get("bus_gb_s") or bandwidth
+        lines.append(f"- {name}: llama.cpp streams {100 * llama_gb_s / llama_bus:.0f}% of the bus probed beside it and "
+                     f"ours {100 * ours_gb_s / ours_bus:.0f}%; decoding at that bus would be "
+                     f"{llama_bus / llama_gb_s:.2f}x llama.cpp (ours: {ours['decode_tok_s'] / llama['decode_tok_s']:.2f}x).")
     return lines
 
 
@@ -422,10 +439,8 @@ def main() -> None:
         Path(args.folder).mkdir(parents=True, exist_ok=True)  # a folder named on the command line is made
     with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
         for name in [f for f in args.files.split(",") if f]:
-            bandwidths.append(spawn(sys.executable, ["bandwidth"])["read_gb_s"])
             rows[name] = bench_file(name, Path(tmp), engines, args.runs, ids, args.new, llama_python,
-                                    args.baseline)
-    bandwidths.append(spawn(sys.executable, ["bandwidth"])["read_gb_s"])
+                                    args.baseline, bandwidths)
     bandwidth = statistics.median(bandwidths)
     model, flags = cpu_description()
     text = "\n".join([
@@ -433,8 +448,8 @@ def main() -> None:
         f"Measured {datetime.date.today().isoformat()} on {model} ({os.cpu_count()} CPUs visible, {THREADS} threads "
         f"used), flags: {flags}. Python {platform.python_version()}; llama.cpp: {llama_version}. "
         f"Prompt {args.prompt} random ids (and a second prefill of {args.long_prompt}), {args.new} new tokens, median of {args.runs} run(s) per engine, each "
-        f"a fresh process. 2-thread read bandwidth in the same run: {bandwidth:.1f} GB/s (median of "
-        f"{', '.join(f'{b:.1f}' for b in bandwidths)}).",
+        f"a fresh process. 2-thread read bandwidth, probed before every worker: median {bandwidth:.1f} GB/s "
+        f"({min(bandwidths):.1f}-{max(bandwidths):.1f}); `bus GB/s` is the median of a row's own probes.",
         "",
         table(rows, bandwidth, args.prompt, args.long_prompt), "",
         "Decode's ceiling on this bus:", "", *ceilings(rows, bandwidth), "",
