@@ -55,6 +55,7 @@ SHAPES = {"1b": dict(hidden=2048, layers=16, heads=32, kv=8, ffn=5632, vocab=320
 SECTION = "## Scale: Mistral-shaped GGUFs (bench/bench_scale.py)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 CACHE_SUFFIX = ".mistral_lm-cache"
+PAIRED = "ours and llama.cpp in turns"  # results' key of paired_worker's one run
 
 
 # ----------------------------------------------------------------------------- files
@@ -184,6 +185,47 @@ def ours_worker(engine: str, path: Path, ids: list[int], long_ids: list[int], ne
     return _result(load_s, first_s, len(ids) / prefill_s, new_tokens / decode_s, sum(storages.values()), long_tok_s)
 
 
+def paired_worker(path: Path, ids: list[int], new_tokens: int, rounds: int) -> dict:
+    """Both engines in one process, decoding in turns: each round times `new_tokens` greedy steps
+    of ours and of llama.cpp after the same prompt, the order swapped every round, so both see the
+    same state of the host's bus (which moves 26-52 GB/s between fresh workers). The ratio is the
+    median of the rounds' own ratios. llama_cpp comes from the --llama-python interpreter's
+    site-packages, appended to the path (this interpreter's numpy and jinja2 come first)."""
+    import torch
+
+    sys.path.append(os.environ["LLAMA_CPP_SITE"])
+    from llama_cpp import Llama
+
+    from mistral_lm import MistralForCausalLM
+
+    torch.set_num_threads(THREADS)
+    model = MistralForCausalLM.from_pretrained(path, gguf_native=True)
+    llm = Llama(model_path=str(path), n_threads=THREADS, n_threads_batch=THREADS, n_ctx=1024, n_batch=1024,
+                verbose=False)
+    prompt = torch.tensor([ids])
+
+    def ours() -> float:
+        clock = TokenClock()
+        with torch.inference_mode():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens + 1,
+                           min_new_tokens=new_tokens + 1, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           streamer=clock)
+        return new_tokens / (clock.times[-1] - clock.times[1])  # times[1]: the prefill's token
+
+    def llama() -> float:
+        return new_tokens / _llama_round(llm, ids, new_tokens)[1]
+
+    ours(), llama()  # pages mapped in, caches made
+    rates: dict[str, list[float]] = {"ours": [], "llama.cpp": []}
+    for index in range(rounds):
+        for name, run in ([("ours", ours), ("llama.cpp", llama)] if index % 2 == 0 else
+                          [("llama.cpp", llama), ("ours", ours)]):
+            rates[name].append(run())
+    ratios = [a / b for a, b in zip(rates["ours"], rates["llama.cpp"])]
+    return {"ours_tok_s": statistics.median(rates["ours"]), "llama_tok_s": statistics.median(rates["llama.cpp"]),
+            "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios), "rounds": rounds}
+
+
 def _llama_worker(path: Path, ids: list[int], long_ids: list[int], new_tokens: int) -> dict:
     from llama_cpp import Llama
 
@@ -218,8 +260,8 @@ def bandwidth_worker() -> dict:
 
 
 # ----------------------------------------------------------------------------- parent side
-def spawn(python: str, args: list[str], pythonpath: str | None = None) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+def spawn(python: str, args: list[str], pythonpath: str | None = None, env: dict[str, str] | None = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), **(env or {}))
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
     try:
@@ -266,8 +308,15 @@ def _on_the_bus(run: Any, bandwidths: list[float]) -> dict:
     return result if "error" in result else {**result, "bus_gb_s": bus}
 
 
+def _site_of_llama_cpp(llama_python: str) -> str | None:
+    """The site-packages folder that holds llama_cpp for `llama_python`."""
+    done = subprocess.run([llama_python, "-c", "import llama_cpp, os; print(os.path.dirname(os.path.dirname("
+                           "llama_cpp.__file__)))"], capture_output=True, text=True)
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
 def bench_file(name: str, folder: Path, engines: list[str], runs: int, ids: dict[str, list[int]], new_tokens: int,
-               llama_python: str | None, baseline: Path | None, bandwidths: list[float]
+               llama_python: str | None, baseline: Path | None, bandwidths: list[float], paired_rounds: int = 0
                ) -> tuple[int, int, dict[str, list[dict]]]:
     path = folder / f"{name}.gguf"
     print(f"writing {name} ...", file=sys.stderr, flush=True)
@@ -294,6 +343,11 @@ def bench_file(name: str, folder: Path, engines: list[str], runs: int, ids: dict
                 results[label].append(result)
                 if engine == "ours" and index == 0:  # the cache's first user
                     results["ours"].append(_on_the_bus(lambda: spawn(sys.executable, [engine, *common]), bandwidths))
+        if paired_rounds and "ours" in engines and "llama.cpp" in engines and llama_python:
+            print(f"[{name}] ours and llama.cpp in turns, one process ...", file=sys.stderr, flush=True)
+            site = _site_of_llama_cpp(llama_python)
+            results[PAIRED] = [spawn(sys.executable, ["paired", *common, "--rounds", str(paired_rounds)],
+                                       env={"LLAMA_CPP_SITE": site}) if site else {"error": "llama_cpp not found"}]
         return size, tensor_bytes_but_embedding(path), results
     finally:
         for leftover in folder.glob(f"{name}.gguf*"):
@@ -314,6 +368,8 @@ def table(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth: fl
     for name, (size, llama_bytes, results) in rows.items():
         llama = _median(results.get("llama.cpp", []))
         for engine, runs in results.items():
+            if engine == PAIRED:
+                continue
             row = _median(runs)
             if row is None:
                 error = next((r["error"] for r in runs if "error" in r), "no run")
@@ -349,6 +405,20 @@ def ceilings(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth:
     return lines
 
 
+def paired_lines(rows: dict[str, tuple[int, int, dict[str, list[dict]]]]) -> list[str]:
+    """Per file, the decode of both engines taken in turns in one process (paired_worker)."""
+    lines = []
+    for name, (_, _, results) in rows.items():
+        for run in results.get(PAIRED, []):
+            if "error" in run:
+                lines.append(f"- {name}: {run['error']}")
+            else:
+                lines.append(f"- {name}: ours {run['ours_tok_s']:.2f} tok/s, llama.cpp {run['llama_tok_s']:.2f} tok/s; "
+                             f"**{run['ratio']:.2f}x** (median of {run['rounds']} rounds' ratios, "
+                             f"{run['low']:.2f}-{run['high']:.2f}x).")
+    return lines
+
+
 def write_chart(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], subtitle: str) -> Path | None:
     """bench/scale.png: decode and prefill tok/s per file, each engine beside llama.cpp (the
     section's table as bars); None where matplotlib (the `bench` extra) is missing."""
@@ -359,7 +429,8 @@ def write_chart(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], subtitl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    medians = {name: {e: _median(runs) for e, runs in results.items()} for name, (_, _, results) in rows.items()}
+    medians = {name: {e: _median(runs) for e, runs in results.items() if e != PAIRED}
+               for name, (_, _, results) in rows.items()}
     engines = sorted({e for per in medians.values() for e in per}, key=lambda e: (e == "llama.cpp", e))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / max(len(engines), 1)
@@ -408,6 +479,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--long-prompt", type=int, default=512, help="a second prefill of this many ids (0: none)")
+    parser.add_argument("--paired-rounds", type=int, default=8,
+                        help="rounds of ours and llama.cpp decoding in turns in one process, per file (0: none)")
+    parser.add_argument("--rounds", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--baseline", type=Path, help="another checkout; adds ours@baseline (its src/ first on the path)")
     parser.add_argument("--llama-python", help="an interpreter that can import llama_cpp")
     parser.add_argument("--folder", type=Path, help="where to write the files (default: a temporary folder)")
@@ -422,7 +496,9 @@ def main() -> None:
             print(json.dumps(bandwidth_worker()))
             return
         ids = json.loads(args.ids_file.read_text())
-        if args.worker == "llama.cpp":
+        if args.worker == "paired":
+            print(json.dumps(paired_worker(args.model_path, ids["prompt"], args.new_tokens, args.rounds)))
+        elif args.worker == "llama.cpp":
             print(json.dumps(_llama_worker(args.model_path, ids["prompt"], ids["long"], args.new_tokens)))
         else:
             print(json.dumps(ours_worker(args.worker, args.model_path, ids["prompt"], ids["long"], args.new_tokens)))
@@ -440,7 +516,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
         for name in [f for f in args.files.split(",") if f]:
             rows[name] = bench_file(name, Path(tmp), engines, args.runs, ids, args.new, llama_python,
-                                    args.baseline, bandwidths)
+                                    args.baseline, bandwidths, args.paired_rounds)
     bandwidth = statistics.median(bandwidths)
     model, flags = cpu_description()
     text = "\n".join([
@@ -453,6 +529,9 @@ def main() -> None:
         "",
         table(rows, bandwidth, args.prompt, args.long_prompt), "",
         "Decode's ceiling on this bus:", "", *ceilings(rows, bandwidth), "",
+        *(["Decode in turns: both engines in one process, the same prompt, greedy steps timed round by "
+           "round with the order swapped each round (the pairs see the same bus):", "", *paired, ""]
+          if (paired := paired_lines(rows)) else []),
         "`first load` builds the kernel cache beside the file (once per file); the other `ours` runs map it. "
         "`first call s` is the first generate (prefill + new tokens) after loading, when mapped pages are "
         "read in. RSS / file is the worker's peak RSS (torch and the interpreter included) over the file's "

@@ -64,3 +64,18 @@ def test_bench_scale_states_decode_s_ceiling_against_llama_cpp():
     del llama["bus_gb_s"]
     assert "llama.cpp streams 150% of the bus" in scale.ceilings(rows, 20.0)[0]
     assert "| 33.0 | 44.0 | 75% |" in scale.table(rows, 20.0, 64, 512)
+
+
+def test_bench_scale_reports_the_paired_decode_apart_from_the_engines_rows():
+    """The in-turns run has its own schema: it is left out of the table and the chart's medians
+    (which would fail on its keys) and reported on its own line."""
+    scale = _load("bench_scale")
+    run = {"load_s": 1.0, "first_call_s": 1.0, "prefill_tok_s": 1.0, "long_prefill_tok_s": None,
+           "peak_rss_gb": 1.0, "decode_tok_s": 30.0, "weight_bytes": None}
+    paired = {"ours_tok_s": 9.0, "llama_tok_s": 7.5, "ratio": 1.21, "low": 1.1, "high": 1.3, "rounds": 8}
+    rows = {"7b-q4_k": (10**9, 10**9, {"llama.cpp": [run], scale.PAIRED: [paired]}),
+            "1b-q4_k": (10**9, 10**9, {scale.PAIRED: [{"error": "llama_cpp not found"}]})}
+    assert scale.paired_lines(rows) == [
+        "- 7b-q4_k: ours 9.00 tok/s, llama.cpp 7.50 tok/s; **1.21x** (median of 8 rounds' ratios, 1.10-1.30x).",
+        "- 1b-q4_k: llama_cpp not found"]
+    assert scale.PAIRED not in scale.table(rows, 30.0, 64, 512)
