@@ -1,6 +1,7 @@
 """Load, prefill and decode of Mistral-shaped GGUFs at the sizes users run (1B, 7B), ours vs llama.cpp.
 
-    python bench/bench_scale.py                                   # 1B and 7B Q4_0, 1 run each (~15 min)
+    python bench/bench_scale.py                                   # 1B and 7B Q4_0, 1 run each (~20 min)
+    python bench/bench_scale.py --paired-rounds 0                 # without the in-turns decode
     python bench/bench_scale.py --files 1b-q4_0,1b-q4_k --runs 3
     python bench/bench_scale.py --files 7b-q4_0 --baseline /tmp/old   # before/after: /tmp/old/src's mistral_lm
     python bench/bench_scale.py --llama-python /path/to/venv/bin/python
