@@ -172,14 +172,19 @@ def _llama_round(llm: Any, ids: list[int], new_tokens: int) -> tuple[float, floa
     return prefill_s, decode_s
 
 
-def llama_worker(model_path: Path, ids: list[int], new_tokens: int) -> dict:
-    """One run of llama.cpp on the same GGUF file; needs neither torch nor mistral_lm."""
+def llama_model(model_path: Path) -> Any:
+    """llama.cpp on a GGUF file with the benches' threads and a 1024-token context. n_batch = n_ctx:
+    without logits_all, llama-cpp-python keeps an (n_batch, vocab) score buffer indexed by
+    absolute position, which overflows once the context passes n_batch."""
     from llama_cpp import Llama
 
-    # n_batch = n_ctx: without logits_all, llama-cpp-python keeps an (n_batch, vocab) score
-    # buffer indexed by absolute position, which overflows once the context passes n_batch
-    llm, load_s = _timed(lambda: Llama(model_path=str(model_path), n_threads=THREADS, n_threads_batch=THREADS,
-                                       n_ctx=1024, n_batch=1024, verbose=False))
+    return Llama(model_path=str(model_path), n_threads=THREADS, n_threads_batch=THREADS, n_ctx=1024, n_batch=1024,
+                 verbose=False)
+
+
+def llama_worker(model_path: Path, ids: list[int], new_tokens: int) -> dict:
+    """One run of llama.cpp on the same GGUF file; needs neither torch nor mistral_lm."""
+    llm, load_s = _timed(lambda: llama_model(model_path))
     if len(ids) + new_tokens > llm.n_ctx():
         raise ValueError(f"prompt + new tokens ({len(ids) + new_tokens}) exceed n_ctx {llm.n_ctx()}")
     first_s = sum(_llama_round(llm, ids, new_tokens))

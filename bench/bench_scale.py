@@ -49,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_perf import (THREADS, WORKER_TIMEOUT_S, TokenClock, _error_line, _llama_round,  # noqa: E402
-                        _peak_rss_mb, _timed, resolve_llama_python)
+                        _peak_rss_mb, _timed, llama_model, resolve_llama_python)
 
 SHAPES = {"1b": dict(hidden=2048, layers=16, heads=32, kv=8, ffn=5632, vocab=32000),
           "7b": dict(hidden=4096, layers=32, heads=32, kv=8, ffn=14336, vocab=32000)}
@@ -150,6 +150,21 @@ def _mix(type_name: str, layers: int) -> Any:
 
 
 # ----------------------------------------------------------------------------- workers
+def _greedy(model: Any, prompt: Any, n: int) -> TokenClock:
+    """`n` greedy tokens after `prompt`, timed: times[0] the call, times[1] the prefill's token,
+    then one per decode step."""
+    import torch
+
+    clock = TokenClock()
+    start = time.perf_counter()
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, eos_token_id=None, pad_token_id=0, streamer=clock)
+    if out.shape[1] != prompt.shape[1] + n:
+        raise RuntimeError(f"generated {out.shape[1] - prompt.shape[1]} tokens, wanted {n}")
+    clock.times[0] = start
+    return clock
+
+
 def ours_worker(engine: str, path: Path, ids: list[int], long_ids: list[int], new_tokens: int) -> dict:
     import torch
 
@@ -166,21 +181,10 @@ def ours_worker(engine: str, path: Path, ids: list[int], long_ids: list[int], ne
                 storage = tensor.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
     prompt = torch.tensor([ids])
-
-    def generate(prompt: torch.Tensor, n: int) -> TokenClock:
-        clock = TokenClock()
-        start = time.perf_counter()
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, eos_token_id=None, pad_token_id=0, streamer=clock)
-        if out.shape[1] != prompt.shape[1] + n:
-            raise RuntimeError(f"generated {out.shape[1] - prompt.shape[1]} tokens, wanted {n}")
-        clock.times[0] = start
-        return clock
-
     with torch.inference_mode():
-        _, first_s = _timed(lambda: generate(prompt, new_tokens + 1))
-        timed = generate(prompt, new_tokens + 1)  # times[1]: the prefill's token; then one per decode step
-        long = generate(torch.tensor([long_ids]), 1) if long_ids else None
+        _, first_s = _timed(lambda: _greedy(model, prompt, new_tokens + 1))
+        timed = _greedy(model, prompt, new_tokens + 1)
+        long = _greedy(model, torch.tensor([long_ids]), 1) if long_ids else None
     prefill_s, decode_s = timed.times[1] - timed.times[0], timed.times[-1] - timed.times[1]
     long_tok_s = len(long_ids) / (long.times[1] - long.times[0]) if long else None
     return _result(load_s, first_s, len(ids) / prefill_s, new_tokens / decode_s, sum(storages.values()), long_tok_s)
@@ -194,24 +198,18 @@ def paired_worker(path: Path, ids: list[int], new_tokens: int, rounds: int) -> d
     site-packages, appended to the path (this interpreter's numpy and jinja2 come first)."""
     import torch
 
-    sys.path.append(os.environ["LLAMA_CPP_SITE"])
-    from llama_cpp import Llama
-
     from mistral_lm import MistralForCausalLM
 
+    sys.path.append(os.environ["LLAMA_CPP_SITE"])
     torch.set_num_threads(THREADS)
     model = MistralForCausalLM.from_pretrained(path, gguf_native=True)
-    llm = Llama(model_path=str(path), n_threads=THREADS, n_threads_batch=THREADS, n_ctx=1024, n_batch=1024,
-                verbose=False)
+    llm = llama_model(path)
     prompt = torch.tensor([ids])
 
     def ours() -> float:
-        clock = TokenClock()
         with torch.inference_mode():
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens + 1,
-                           min_new_tokens=new_tokens + 1, do_sample=False, eos_token_id=None, pad_token_id=0,
-                           streamer=clock)
-        return new_tokens / (clock.times[-1] - clock.times[1])  # times[1]: the prefill's token
+            clock = _greedy(model, prompt, new_tokens + 1)
+        return new_tokens / (clock.times[-1] - clock.times[1])
 
     def llama() -> float:
         return new_tokens / _llama_round(llm, ids, new_tokens)[1]
@@ -228,10 +226,7 @@ def paired_worker(path: Path, ids: list[int], new_tokens: int, rounds: int) -> d
 
 
 def _llama_worker(path: Path, ids: list[int], long_ids: list[int], new_tokens: int) -> dict:
-    from llama_cpp import Llama
-
-    llm, load_s = _timed(lambda: Llama(model_path=str(path), n_threads=THREADS, n_threads_batch=THREADS,
-                                       n_ctx=1024, n_batch=1024, verbose=False))
+    llm, load_s = _timed(lambda: llama_model(path))
     first_s = sum(_llama_round(llm, ids, new_tokens))
     prefill_s, decode_s = _llama_round(llm, ids, new_tokens)
     long_tok_s = len(long_ids) / _llama_round(llm, long_ids, 0)[0] if long_ids else None
@@ -355,6 +350,12 @@ def bench_file(name: str, folder: Path, engines: list[str], runs: int, ids: dict
             leftover.unlink()
 
 
+def _streamed_gb_s(row: dict, llama_bytes: int) -> float:
+    """GB/s of weights a row's decode reads: its own weight bytes (llama.cpp: the file's tensors
+    but the embedding) per token times tok/s."""
+    return (row["weight_bytes"] or llama_bytes) * row["decode_tok_s"] / 1e9
+
+
 def table(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth: float, prompt: int, long: int) -> str:
     lines = [f"| file | engine | load s | first call s | prefill tok/s ({prompt}) | vs llama.cpp | prefill tok/s "
              f"({long}) | vs llama.cpp | decode tok/s | vs llama.cpp | peak RSS GB | RSS / file | decode GB/s "
@@ -376,7 +377,7 @@ def table(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth: fl
                 error = next((r["error"] for r in runs if "error" in r), "no run")
                 lines.append(f"| {name} ({size / 1e9:.2f} GB) | {engine} | {error} |" + " |" * 12)
                 continue
-            streamed = (row["weight_bytes"] or llama_bytes) * row["decode_tok_s"] / 1e9
+            streamed = _streamed_gb_s(row, llama_bytes)
             bus = row.get("bus_gb_s") or bandwidth
             lines.append(
                 f"| {name} ({size / 1e9:.2f} GB) | {engine} | {row['load_s']:.2f} | {row['first_call_s']:.1f} | "
@@ -397,8 +398,7 @@ def ceilings(rows: dict[str, tuple[int, int, dict[str, list[dict]]]], bandwidth:
         llama, ours = _median(results.get("llama.cpp", [])), _median(results.get("ours", []))
         if llama is None or ours is None:
             continue
-        llama_gb_s = llama_bytes * llama["decode_tok_s"] / 1e9
-        ours_gb_s = (ours["weight_bytes"] or llama_bytes) * ours["decode_tok_s"] / 1e9
+        llama_gb_s, ours_gb_s = _streamed_gb_s(llama, llama_bytes), _streamed_gb_s(ours, llama_bytes)
         llama_bus, ours_bus = llama.get("bus_gb_s") or bandwidth, ours.get("bus_gb_s") or bandwidth
         lines.append(f"- {name}: llama.cpp streams {100 * llama_gb_s / llama_bus:.0f}% of the bus probed beside it and "
                      f"ours {100 * ours_gb_s / ours_bus:.0f}%; decoding at that bus would be "
